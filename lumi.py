@@ -1,0 +1,629 @@
+"""
+What every Lumi stage shares: configuration, the tokenizer and chat template, checkpoints, device and
+distributed setup, logging, and the training loop that train.py, sft.py and dpo.py all run.
+
+Deliberately left out: anything one stage alone needs (data formats live in data.py, the model in model.py).
+The core never imports a stage at module level; the end-to-end command imports them inside the function
+that runs them.
+"""
+import ast
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# configuration: plain Python files plus --key=value overrides, as in nanoGPT
+
+CONFIG_TYPES = (bool, int, float, str, tuple, list, dict, type(None))
+
+
+class Config(dict):
+    """A dict whose keys also read as attributes: cfg.batch_size."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key, value):
+        self[key] = value
+
+
+def config_defaults(namespace):
+    """The configurable values of a stage: its lowercase module-level constants of plain types."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith('_') and k.islower() and type(v) in CONFIG_TYPES}
+
+
+def _coerce(key, value, default, known, where):
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        if type(value) is type(default):
+            return value
+    elif isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    elif isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+        return type(default)(value)
+    elif isinstance(value, type(default)):
+        return value
+    raise ValueError(f"{where}: '{key}' must be {type(default).__name__} (default {default!r}), "
+                     f"got {type(value).__name__} {value!r}. Known keys: {', '.join(sorted(known))}")
+
+
+def load_config(defaults, argv=None):
+    """Apply an optional config file (the first argument not starting with --), then --key=value overrides.
+
+    A config file is one Python file read by several stages (configs/tiny.py drives data, model and
+    training), so its keys that this stage does not know are ignored. An override on the command line is
+    meant for this stage: an unknown key there is an error. Both are type-checked against the default.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = Config(defaults)
+    files = [a for a in argv if not a.startswith('--')]
+    if len(files) > 1:
+        raise ValueError(f"expected at most one config file, got {files}")
+    if files:
+        path = files[0]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file not found: {path}")
+        namespace = {}
+        with open(path) as f:
+            exec(compile(f.read(), path, 'exec'), namespace)
+        for key, value in config_defaults(namespace).items():
+            if key in cfg:
+                cfg[key] = _coerce(key, value, defaults[key], defaults, path)
+        cfg['config_file'] = path
+    for arg in argv:
+        if not arg.startswith('--'):
+            continue
+        key, eq, text = arg[2:].partition('=')
+        key = key.replace('-', '_')
+        if key not in defaults:
+            raise ValueError(f"unknown config key '{key}'. Known keys: {', '.join(sorted(defaults))}")
+        if not eq:  # a bare --flag means True
+            value = True
+        else:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare word is a string: --device=cpu
+            if isinstance(defaults[key], str) and not isinstance(value, str):
+                value = text  # --out_dir=123 stays a string
+        cfg[key] = _coerce(key, value, defaults[key], defaults, f"--{key}")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# files: atomic writes, hashes, JSON lines
+
+def sha256_bytes(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write_fn, mode='wb'):
+    """Write a file so that a crash leaves either the old file or the new one, never half of one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(path)
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True, default=str), mode='w')
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def append_jsonl(path, record):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def log(msg, rank=None):
+    """Print from rank 0 only, flushed, so logs of a torchrun job read like a single process."""
+    if (rank if rank is not None else int(os.environ.get('RANK', 0))) == 0:
+        print(msg, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer and chat template
+# The ids of the special tokens are fixed when the tokenizer is trained (data.py), so SFT and DPO never
+# resize the embeddings: pad 0, unk 1, bos 2, eos 3, then the chat markers in this order.
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+CHAT_TOKENS = ('<|system|>', '<|user|>', '<|assistant|>', '<|end|>')
+ROLES = ('system', 'user', 'assistant')
+
+
+class Tokenizer:
+    """A frozen SentencePiece model; its SHA256 (of the serialized model) names it everywhere."""
+
+    def __init__(self, model_proto: bytes):
+        import sentencepiece as spm
+        self.proto = bytes(model_proto)
+        self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
+        self.sha256 = sha256_bytes(self.proto)
+        self.vocab_size = self.sp.get_piece_size()
+        self.role_id = {role: self.sp.piece_to_id(f'<|{role}|>') for role in ROLES}
+        self.end_id = self.sp.piece_to_id('<|end|>')
+        for name, i in [('pad', PAD_ID), ('unk', UNK_ID), ('bos', BOS_ID), ('eos', EOS_ID)]:
+            if getattr(self.sp, f'{name}_id')() != i:
+                raise ValueError(f"tokenizer {self.sha256[:12]}: {name} id is {getattr(self.sp, f'{name}_id')()}, "
+                                 f"Lumi expects {i}; retrain it with data.py")
+        if self.end_id == UNK_ID or UNK_ID in self.role_id.values():
+            raise ValueError(f"tokenizer {self.sha256[:12]} lacks the chat tokens {CHAT_TOKENS}")
+
+    @classmethod
+    def load(cls, path):
+        with open(path, 'rb') as f:
+            return cls(f.read())
+
+    def encode(self, text):
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts, num_threads=-1):
+        return self.sp.encode(list(texts), num_threads=num_threads)
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i):
+        return self.sp.id_to_piece(int(i))
+
+
+def render_chat(tok, messages, add_generation_prompt=False):
+    """The one chat template: BOS, then <|role|> content <|end|> per message.
+
+    Returns (ids, mask) where mask is 1 exactly on the tokens the model must learn to produce: each
+    assistant reply and the <|end|> that closes it. With add_generation_prompt the ids end in
+    <|assistant|>, ready for sampling until <|end|>.
+    """
+    ids, mask = [BOS_ID], [0]
+    for i, m in enumerate(messages):
+        role, content = m.get('role'), m.get('content')
+        if role not in tok.role_id:
+            raise ValueError(f"message {i}: unknown role {role!r} (expected one of {ROLES})")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
+        body = tok.encode(content) + [tok.end_id]
+        learn = 1 if role == 'assistant' else 0
+        ids += [tok.role_id[role]] + body
+        mask += [0] + [learn] * len(body)
+    if add_generation_prompt:
+        ids.append(tok.role_id['assistant'])
+        mask.append(0)
+    return ids, mask
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: one torch file, written atomically, loadable with weights_only=True
+
+def save_checkpoint(path, state):
+    torch_save = lambda f: torch.save(state, f)
+    atomic_write(path, torch_save)
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """Load a checkpoint file, or the newest checkpoint in a directory."""
+    if os.path.isdir(path):
+        found = find_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint (ckpt_*.pt) in {path}")
+        path = found
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt['path'] = path
+    return ckpt
+
+
+def find_checkpoint(out_dir):
+    """The newest step checkpoint in out_dir (ckpt_<step>.pt), or None."""
+    if not os.path.isdir(out_dir):
+        return None
+    steps = [(int(n[5:-3]), n) for n in os.listdir(out_dir)
+             if n.startswith('ckpt_') and n.endswith('.pt') and n[5:-3].isdigit()]
+    return os.path.join(out_dir, max(steps)[1]) if steps else None
+
+
+def tokenizer_from_checkpoint(ckpt):
+    """Every checkpoint carries its tokenizer's bytes, so it is usable on its own."""
+    return Tokenizer(ckpt['tokenizer'].numpy().tobytes())
+
+
+def tokenizer_tensor(tok):
+    return torch.frombuffer(bytearray(tok.proto), dtype=torch.uint8)
+
+
+def check_tokenizer(expected_sha, actual_sha, what):
+    if expected_sha != actual_sha:
+        raise ValueError(f"{what} was built with tokenizer {str(expected_sha)[:12]}…, but this model's "
+                         f"tokenizer is {str(actual_sha)[:12]}…; they must match (re-run data.py or pick "
+                         f"the matching checkpoint)")
+
+
+def checkpoint_meta(model, tok, kind, **extra):
+    """What every checkpoint carries besides weights, so that it stands alone: the model's shape, its
+    tokenizer (bytes and hash), what stage made it, and its LoRA config if it has adapters."""
+    from dataclasses import asdict
+    return dict(kind=kind, model_args=asdict(model.cfg), tokenizer=tokenizer_tensor(tok),
+                tokenizer_sha256=tok.sha256, lora=dict(getattr(model, 'lora_config', None) or {}), **extra)
+
+
+def model_from_checkpoint(ckpt, device='cpu'):
+    """Rebuild the model a checkpoint describes (adapters included) and load its weights."""
+    from model import GPT, ModelConfig, apply_lora  # model.py imports nothing from lumi.py
+    model = GPT(ModelConfig(**ckpt['model_args']))
+    if ckpt.get('lora'):
+        apply_lora(model, **ckpt['lora'])
+    model.load_state_dict(ckpt['model'])
+    return model.to(device)
+
+
+# -----------------------------------------------------------------------------
+# device, precision, seeding, distributed
+
+def pick_device(name='auto'):
+    if name != 'auto':
+        return name
+    if torch.cuda.is_available():
+        return 'cuda'
+    return 'cpu'
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device, dtype_name):
+    """bf16 autocast where asked; 'float32' runs plain. (fp16 would need a grad scaler; Lumi uses bf16.)"""
+    if dtype_name in ('bfloat16', 'bf16'):
+        return torch.autocast(device_type=device.split(':')[0], dtype=torch.bfloat16)
+    if dtype_name not in ('float32', 'fp32'):
+        raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype_name!r}")
+    return nullcontext()
+
+
+def setup_distributed(device_name='auto'):
+    """Initialise torch.distributed when launched by torchrun; returns (device, rank, local_rank, world)."""
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    rank = int(os.environ.get('RANK', 0))
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    device = pick_device(device_name)
+    if world > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+        if device.startswith('cuda'):
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(device)
+    return device, rank, local_rank, world
+
+
+def rng_state():
+    state = {'python': random.getstate(), 'numpy': np.random.get_state()[1].tolist(),
+             'numpy_pos': int(np.random.get_state()[2]), 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    py = state['python']
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(('MT19937', np.array(state['numpy'], dtype=np.uint32), state['numpy_pos'], 0, 0.0))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# -----------------------------------------------------------------------------
+# the training loop shared by train.py, sft.py and dpo.py: each stage brings a model, a batch source with
+# state_dict()/load_state_dict(), a loss function and an evaluation; the loop brings the optimizer, the
+# schedule, accumulation, clipping, precision, compile, DDP, progress, metrics and exact resume.
+
+TRAINING_DEFAULTS = dict(
+    out_dir='out/run',
+    device='auto',            # auto: cuda when present, else cpu
+    dtype='auto',             # auto: bfloat16 on CUDA, float32 on CPU; or 'bfloat16' / 'float32'
+    compile=False,
+    seed=1337,
+    batch_size=8,             # sequences per micro-step on each process
+    gradient_accumulation_steps=1,
+    max_iters=0,              # optimizer steps; 0 lets the stage derive it (e.g. from a token budget)
+    max_minutes=0.0,          # > 0: a wall-clock cap; the schedule is fitted to the steps that fit in it
+    learning_rate=1e-3,
+    min_lr=1e-4,
+    lr_schedule='cosine',     # cosine | wsd (warmup-stable-decay) | constant
+    warmup_iters=20,
+    decay_frac=0.2,           # wsd: the fraction of steps spent decaying at the end
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.95,
+    grad_clip=1.0,
+    eval_interval=100,
+    eval_iters=20,
+    ckpt_interval=100,
+    keep_last=2,              # step checkpoints kept besides best.pt
+    resume='auto',            # auto: continue from the newest checkpoint in out_dir; never; or a path
+    peak_flops=0.0,           # for MFU; 0 guesses from the device
+)
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW over the trainable parameters: matrices decay, norms and vectors do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg.weight_decay},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.startswith('cuda'))
+
+
+def lr_at(step, max_iters, cfg):
+    """Linear warmup, then cosine to min_lr, or flat then a linear decay over the last decay_frac (wsd)."""
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
+    if cfg.lr_schedule == 'constant':
+        return cfg.learning_rate
+    if cfg.lr_schedule == 'wsd':
+        decay_start = int(max_iters * (1 - cfg.decay_frac))
+        if step < decay_start:
+            return cfg.learning_rate
+        frac = (step - decay_start) / max(1, max_iters - decay_start)
+        return cfg.learning_rate + min(frac, 1.0) * (cfg.min_lr - cfg.learning_rate)
+    if cfg.lr_schedule != 'cosine':
+        raise ValueError(f"lr_schedule must be cosine, wsd or constant, got {cfg.lr_schedule!r}")
+    frac = min(1.0, (step - cfg.warmup_iters) / max(1, max_iters - cfg.warmup_iters))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def guess_peak_flops(device, dtype):
+    if device.startswith('cuda'):
+        name = torch.cuda.get_device_name(device)
+        dense_bf16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, '4090': 165e12}
+        peak = next((v for k, v in dense_bf16.items() if k in name), 100e12)
+        return peak if dtype == 'bfloat16' else peak / 2
+    # a nominal figure for a recent x86 core with AVX-512: 2 FMA units x 16 fp32 lanes x 2 x ~2.5 GHz
+    return torch.get_num_threads() * 160e9
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def resolve_dtype(cfg, device):
+    if cfg.dtype == 'auto':
+        return 'bfloat16' if device.startswith('cuda') else 'float32'
+    return cfg.dtype
+
+
+def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
+    """Train model and return the path of the final checkpoint.
+
+    batches: has next_batch(), state_dict() and load_state_dict(); loss_fn(model, batch) returns the loss
+    or (loss, stats) where stats is a dict of floats to log (and 'tokens', the tokens the batch trained);
+    evaluate(model) returns a dict of held-out metrics, 'val_loss' among them for the best checkpoint;
+    meta is stored in every checkpoint (model_args, tokenizer, kind, ...). The model must already be on
+    the device. on_start(step) runs once after resume, before the first step.
+    """
+    from tqdm import tqdm
+    device, rank, _, world = setup_distributed(cfg.device)
+    dtype = resolve_dtype(cfg, device)
+    master = rank == 0
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    metrics_path = os.path.join(cfg.out_dir, 'metrics.jsonl')
+    raw = model
+    optimizer = make_optimizer(raw, cfg, device)
+    step, tokens_seen, best_val, max_iters = 0, 0, float('inf'), cfg.max_iters
+
+    ckpt_path = None
+    if cfg.resume == 'auto':
+        ckpt_path = find_checkpoint(cfg.out_dir)
+    elif cfg.resume != 'never':
+        ckpt_path = cfg.resume
+    if ckpt_path:
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        raw.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        step, tokens_seen, best_val = ckpt['step'], ckpt['tokens_seen'], ckpt['best_val']
+        max_iters = ckpt['max_iters']
+        sampler = ckpt['sampler']
+        batches.load_state_dict(sampler[rank] if isinstance(sampler, list) else sampler)
+        set_rng_state(ckpt['rng'][rank] if isinstance(ckpt['rng'], list) else ckpt['rng'])
+        if master and os.path.exists(metrics_path):  # drop what was logged after the checkpoint
+            kept = [r for r in read_jsonl(metrics_path) if r.get('step', 0) <= step]
+            atomic_write(metrics_path, lambda f: f.writelines(json.dumps(r) + '\n' for r in kept), mode='w')
+        log(f"resumed from {ckpt_path} at step {step}")
+        del ckpt
+    elif master and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh run starts a fresh log
+
+    model = raw
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None)
+    peak = cfg.peak_flops or guess_peak_flops(device, dtype)
+    flops_per_token = raw.flops_per_token() if hasattr(raw, 'flops_per_token') else 0
+
+    def run_eval():
+        if evaluate is None:
+            return {}
+        raw.eval()
+        with torch.no_grad(), autocast(device, dtype):
+            out = evaluate(raw)
+        raw.train()
+        return out
+
+    def save(path_step, val_metrics, last_metrics):
+        samplers, rngs = batches.state_dict(), rng_state()
+        if world > 1:
+            import torch.distributed as dist
+            gathered = [None] * world
+            dist.all_gather_object(gathered, (samplers, rngs))
+            samplers, rngs = [g[0] for g in gathered], [g[1] for g in gathered]
+        if not master:
+            return None
+        state = dict(meta or {}, model=raw.state_dict(), optimizer=optimizer.state_dict(), step=path_step,
+                     max_iters=max_iters, tokens_seen=tokens_seen, best_val=best_val, sampler=samplers,
+                     rng=rngs, config=dict(cfg), metrics=dict(last_metrics, **val_metrics))
+        path = os.path.join(cfg.out_dir, f'ckpt_{path_step:07d}.pt')
+        save_checkpoint(path, state)
+        old = sorted(n for n in os.listdir(cfg.out_dir) if n.startswith('ckpt_') and n.endswith('.pt'))
+        for name in old[:-cfg.keep_last] if cfg.keep_last > 0 else []:
+            os.remove(os.path.join(cfg.out_dir, name))
+        return path, state
+
+    if on_start is not None:
+        on_start(step)
+    t_start = time.time()
+    budget_s = cfg.max_minutes * 60
+    planned = not (budget_s > 0 and not ckpt_path)  # plan the schedule from measured speed, once
+    last, final_path = {}, None
+    raw.train()
+    bar = tqdm(total=max_iters or None, initial=step, disable=not master, dynamic_ncols=True, desc=cfg.out_dir)
+    eval_s, resumed_at = 0.0, step if ckpt_path else -1
+    while True:
+        # evaluate and checkpoint on schedule, and at the end; the step we resumed at was done before
+        done = (max_iters and step >= max_iters) or (budget_s > 0 and time.time() - t_start > budget_s * 1.05)
+        if step == resumed_at:
+            pass
+        elif step % cfg.eval_interval == 0 or done:
+            t0 = time.time()
+            val = run_eval()
+            eval_s = time.time() - t0
+            if val and master:
+                append_jsonl(metrics_path, dict(step=step, tokens=tokens_seen, **val))
+                bar.write(f"step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float)))
+            improved = 'val_loss' in val and val['val_loss'] < best_val
+            if improved:
+                best_val = val['val_loss']
+            if step > 0 and (improved or step % cfg.ckpt_interval == 0 or done):
+                saved = save(step, val, last)
+                if saved:
+                    final_path = saved[0]
+                    if improved:
+                        save_checkpoint(os.path.join(cfg.out_dir, 'best.pt'), saved[1])
+        elif step % cfg.ckpt_interval == 0:
+            saved = save(step, {}, last)
+            final_path = saved[0] if saved else final_path
+        if done:
+            break
+
+        lr = lr_at(step, max_iters or 1, cfg)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        t0 = time.time()
+        loss_sum, stats_sum, step_tokens = 0.0, {}, 0
+        for micro in range(cfg.gradient_accumulation_steps):
+            batch = _to_device(batches.next_batch(), device)
+            sync = micro == cfg.gradient_accumulation_steps - 1
+            ctx = model.no_sync() if world > 1 and not sync else nullcontext()
+            with ctx, autocast(device, dtype):
+                out = loss_fn(model, batch)
+                loss, stats = out if isinstance(out, tuple) else (out, {})
+                (loss / cfg.gradient_accumulation_steps).backward()
+            loss_sum += loss.item()
+            step_tokens += int(stats.pop('tokens', batch[0].numel() if isinstance(batch, (list, tuple)) else 0))
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
+        loss_val = loss_sum / cfg.gradient_accumulation_steps
+        if world > 1:
+            import torch.distributed as dist
+            t = torch.tensor([loss_val, step_tokens], dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            loss_val, step_tokens = t[0].item() / world, int(t[1].item())
+        if not math.isfinite(loss_val):
+            bar.close()
+            good = find_checkpoint(cfg.out_dir)
+            raise TrainingDiverged(f"loss is {loss_val} at step {step}: stopping. The last good checkpoint "
+                                   f"{good or '(none yet)'} is untouched; lower learning_rate or raise warmup_iters.")
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        step += 1
+        tokens_seen += step_tokens
+        tps = step_tokens / max(dt, 1e-9)
+        last = dict(step=step, loss=loss_val, lr=lr, tokens=tokens_seen, tokens_per_sec=round(tps, 1),
+                    mfu=round(flops_per_token * tps / peak, 5),
+                    **{k: v / cfg.gradient_accumulation_steps for k, v in stats_sum.items()})
+        if grad_norm is not None:
+            last['grad_norm'] = float(grad_norm)
+        if master:
+            append_jsonl(metrics_path, last)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * last['mfu']:.1f}%")
+        if not planned and step >= min(10, max(3, cfg.warmup_iters // 2)):
+            # fit the schedule to the clock: steps left = time left / step time, less the evals to come
+            per_step = (time.time() - t_start - eval_s) / step
+            left = budget_s - (time.time() - t_start)
+            n = int(left / (per_step + eval_s / max(1, cfg.eval_interval)))
+            max_iters = max(step + 1, min(max_iters or 10**12, step + n))
+            planned = True
+            bar.total = max_iters
+            log(f"max_minutes={cfg.max_minutes}: {per_step:.3f}s a step, planning {max_iters} steps")
+    bar.close()
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+    return final_path

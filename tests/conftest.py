@@ -1,0 +1,61 @@
+import os
+import sys
+
+# Kernels run under Triton's interpreter on machines without a GPU; this must be set before any
+# @triton.jit function is defined, so it lives here, ahead of every test module's imports.
+try:
+    import torch
+    _cuda = torch.cuda.is_available()
+except ImportError:
+    _cuda = False
+if not _cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# tests import the stages as modules from the repository root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# two cores: one torch thread per test process keeps timings stable and leaves room for the rest
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+import pytest
+
+TINY_TEXT = """The quick brown fox jumps over the lazy dog. A stitch in time saves nine.
+Shall I compare thee to a summer's day? Thou art more lovely and more temperate.
+In the beginning God created the heaven and the earth. And the earth was without form, and void.
+Hello, how are you today? I am fine, thank you. What are you doing this weekend?
+To be, or not to be, that is the question. Whether 'tis nobler in the mind to suffer.
+"""
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A small real SentencePiece model with Lumi's reserved ids (pad 0, unk 1, bos 2, eos 3, chat 4-7)."""
+    import sentencepiece as spm
+    import lumi
+    d = tmp_path_factory.mktemp("tok")
+    (d / "corpus.txt").write_text(TINY_TEXT * 20)
+    spm.SentencePieceTrainer.train(
+        input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"), vocab_size=512, model_type="bpe",
+        byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        user_defined_symbols=list(lumi.CHAT_TOKENS), minloglevel=2)
+    return lumi.Tokenizer.load(str(d / "tokenizer.model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from model import ModelConfig
+    return ModelConfig(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, ffn_hidden=128,
+                       block_size=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer, tiny_config):
+    """A randomly initialised tiny model saved as a pretrain checkpoint (path to the .pt file)."""
+    import torch
+    import lumi
+    from model import GPT
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt_0000000.pt"
+    lumi.save_checkpoint(str(path), dict(lumi.checkpoint_meta(model, tokenizer, 'pretrain'),
+                                         model=model.state_dict(), step=0, tokens_seen=0, config={}))
+    return str(path)

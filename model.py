@@ -274,7 +274,8 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's score and value
         matmuls over the full context (PaLM appendix B)."""
         c = self.cfg
-        n = self.num_params(embeddings=not c.tie_embeddings) + (c.vocab_size * c.n_embd if c.tie_embeddings else 0)
+        # the head is a matmul (tied or not); the input embedding is a lookup and costs no FLOPs
+        n = self.num_params(embeddings=False) + c.vocab_size * c.n_embd
         return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
 
     def estimate_mfu(self, tokens_per_sec, peak_flops):

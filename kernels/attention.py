@@ -17,23 +17,23 @@ Deliberately left out: non-causal masks, dropout, attention bias, queries shorte
 decoding: use attention_reference or SDPA there).
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels import TUNE, compute_dtype, kernel_flags
+
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e))
 
-# A GPU autotunes over a handful of tile shapes; the CPU interpreter (TRITON_INTERPRET=1) cannot time
-# kernels, so it gets one small config that still spans several blocks in short test sequences.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_TUNE = torch.cuda.is_available() and not _INTERPRET
 
 
 def _configs(gpu, interpret):
-    """(block_m, block_n, num_warps, num_stages) tuples -> triton.Config list for the machine at hand."""
-    chosen = gpu if _TUNE else [interpret]
+    """(block_m, block_n, num_warps, num_stages) tuples -> triton.Config list for the machine at hand.
+
+    The interpreter gets one small config that still spans several blocks in short test sequences.
+    """
+    chosen = gpu if TUNE else [interpret]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in chosen]
 
 
@@ -304,12 +304,6 @@ def _rows_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _kernel_flags(x):
-    # Under the interpreter numpy has no bf16 arithmetic, so bf16 is widened to fp32 right after loading.
-    # fp32 inputs get exact fp32 dots (tests compare them tightly) rather than TF32.
-    upcast = (not x.is_cuda) and x.dtype == torch.bfloat16
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    return dict(UPCAST=upcast, PRECISION=precision)
 
 
 class FlashAttention(torch.autograd.Function):
@@ -330,7 +324,7 @@ class FlashAttention(torch.autograd.Function):
         grid = lambda meta: (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)
         _fwd_kernel[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                           heads, heads // kv_heads, seq, triton.next_power_of_2(seq), sm_scale * LOG2E,
-                          HEAD_DIM=head_dim, **_kernel_flags(q))
+                          HEAD_DIM=head_dim, **kernel_flags(q))
         ctx.save_for_backward(q, k, v, o, lse)
         return o
 
@@ -341,7 +335,7 @@ class FlashAttention(torch.autograd.Function):
         kv_heads = k.shape[1]
         do = _rows_contiguous(do)
         sm_scale = 1.0 / math.sqrt(head_dim)
-        flags = _kernel_flags(q)
+        flags = kernel_flags(q)
 
         delta = torch.empty_like(lse)
         delta_block = 64
@@ -368,7 +362,8 @@ class FlashAttention(torch.autograd.Function):
 def flash_attention(q, k, v):
     """Causal softmax(q k^T / sqrt(head_dim)) v for (batch, heads, seq, head_dim) tensors, differentiable.
 
-    k and v may have fewer heads than q (GQA; heads must be a multiple of kv_heads). Returns a new
-    contiguous tensor shaped and typed like q.
+    k and v may have fewer heads than q (GQA; heads must be a multiple of kv_heads). Under autocast the
+    inputs are cast to its dtype first, as SDPA would. Returns a new contiguous tensor shaped like q.
     """
-    return FlashAttention.apply(q, k, v)
+    dtype = compute_dtype(q)
+    return FlashAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype))

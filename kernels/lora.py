@@ -14,30 +14,28 @@ The forward keeps mid = x A^T (tokens x rank, small) for dB, and the dx pass kee
 
 The weight is meant to be frozen. If it does require grad, dW = dy^T x is computed with a plain torch matmul
 (correct, not fused). Inputs: fp16, bf16 or fp32 (fp32 accumulation throughout); W, A and B are cast to x's
-dtype. No bias: add it outside.
+dtype (or autocast's). No bias: add it outside.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_TUNE = torch.cuda.is_available() and not _INTERPRET
+from kernels import INTERPRET, TUNE, compute_dtype, kernel_flags
 
-# (block_m, block_n, block_k, num_warps, num_stages): the usual Hopper/Ampere bf16 GEMM tiles. The
-# interpreter cannot time kernels, so it gets one small config.
+# (block_m, block_n, block_k, num_warps, num_stages): the usual Hopper/Ampere bf16 GEMM tiles; the
+# interpreter gets one small config.
 _MATMUL_TILES = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                 (64, 64, 64, 4, 3), (128, 256, 64, 8, 3)] if _TUNE else [(32, 32, 32, 4, 1)]
+                 (64, 64, 64, 4, 3), (128, 256, 64, 8, 3)] if TUNE else [(32, 32, 32, 4, 1)]
 _MATMUL_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
                    for m, n, k, w, s in _MATMUL_TILES]
 # (block_m = tokens per step, block_p = output rows per program, num_warps, num_stages)
-_REDUCE_TILES = [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)] if _TUNE else [(16, 32, 4, 1)]
+_REDUCE_TILES = ([(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)] if TUNE
+                 else [(16, 32, 4, 1)])
 _REDUCE_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_P": p}, num_warps=w, num_stages=s)
                    for m, p, w, s in _REDUCE_TILES]
 # dA and dB sum over every token; a single program per output tile would leave most of a GPU idle
 # (768 / 64 = 12 programs for dA at d=768), so tokens are cut into slices summed afterwards in torch.
-_ROWS_PER_SPLIT = 32 if _INTERPRET else 1024
+_ROWS_PER_SPLIT = 32 if INTERPRET else 1024
 
 
 def lora_linear_reference(x, weight, lora_a, lora_b, scale):
@@ -117,12 +115,6 @@ def _tokens_reduce_kernel(X, Z, PART, M, P, R, rows_per_split, stride_xm, stride
     tl.store(PART + cols[:, None] * R_PAD + ranks[None, :], acc, mask=cols[:, None] < P)
 
 
-def _kernel_flags(x):
-    # Under the interpreter numpy has no bf16 arithmetic, so bf16 is widened to fp32 right after loading.
-    # fp32 inputs get exact fp32 dots (tests compare them tightly) rather than TF32.
-    upcast = (not x.is_cuda) and x.dtype == torch.bfloat16
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    return dict(UPCAST=upcast, PRECISION=precision)
 
 
 def _rank_pad(rank):
@@ -139,7 +131,7 @@ def _lora_matmul(x, w_t, a_t, b_t, scale):
     _lora_matmul_kernel[grid](x, w_t, a_t, b_t, out, mid, M, N, K, R, scale,
                               x.stride(0), x.stride(1), w_t.stride(0), w_t.stride(1), a_t.stride(0), a_t.stride(1),
                               b_t.stride(0), b_t.stride(1), out.stride(0), out.stride(1), mid.stride(0), mid.stride(1),
-                              R_PAD=_rank_pad(R), **_kernel_flags(x))
+                              R_PAD=_rank_pad(R), **kernel_flags(x))
     return out, mid
 
 
@@ -152,7 +144,7 @@ def _tokens_reduce(x, z):
     part = torch.empty((splits, P, r_pad), dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), splits)
     _tokens_reduce_kernel[grid](x, z, part, M, P, R, _ROWS_PER_SPLIT, x.stride(0), x.stride(1),
-                                z.stride(0), z.stride(1), R_PAD=r_pad, **_kernel_flags(x))
+                                z.stride(0), z.stride(1), R_PAD=r_pad, **kernel_flags(x))
     return part.sum(0)[:, :R]
 
 
@@ -198,7 +190,8 @@ class LoRALinear(torch.autograd.Function):
 def lora_linear(x, weight, lora_a, lora_b, scale):
     """x W^T + scale * (x A^T) B^T for x (..., in), W (out, in), A (rank, in), B (out, rank); differentiable.
 
-    W, A and B are cast to x's dtype first (as autocast would), so fp32 adapters work with bf16 activations.
+    All four are cast to one dtype first: autocast's when it is on (as F.linear would), else x's; so fp32
+    adapters work with bf16 activations. The gradients come back in each input's own dtype.
     """
-    dtype = x.dtype
-    return LoRALinear.apply(x, weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype), float(scale))
+    dtype = compute_dtype(x)
+    return LoRALinear.apply(x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype), float(scale))

@@ -200,6 +200,22 @@ def test_lora_casts_fp32_adapters_to_activation_dtype():
         torch.testing.assert_close(grad, ref_grad, rtol=tol, atol=tol * ref_grad.abs().max().item())
 
 
+def test_kernels_compute_in_autocast_dtype():
+    # under autocast RMSNorm hands back fp32: the kernels must still run in bf16, as F.linear and SDPA do
+    torch.manual_seed(0)
+    x, weight, lora_a, lora_b = lora_inputs((24,), 32, 32, 8, torch.float32)
+    x, lora_a = leaves(x, lora_a)
+    q, k, v = leaves(*(randn(1, 2, 24, 16) for _ in range(3)))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = lora_linear(x, weight, lora_a, lora_b, 0.5)
+        out = flash_attention(q, k, v)
+    assert y.dtype == out.dtype == torch.bfloat16
+    (y.float().sum() + out.float().sum()).backward()
+    assert x.grad.dtype == lora_a.grad.dtype == q.grad.dtype == torch.float32
+    assert_close(y, lora_linear_reference(x.detach(), weight, lora_a.detach(), lora_b, 0.5), torch.bfloat16)
+    assert_close(out, attention_reference(q.detach(), k.detach(), v.detach()), torch.bfloat16)
+
+
 # -----------------------------------------------------------------------------
 # the contract other files rely on
 

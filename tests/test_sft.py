@@ -1,0 +1,367 @@
+"""sft.py and the LoRA of model.py: adapters against the base model and their merge, the conversation formats
+in the real shapes of the public datasets, the loss mask, the truncation rule, the cache, the batches, and
+a short end-to-end run through lumi.fit."""
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import lumi
+import sft
+from model import GPT, LoRALinear, apply_lora, lora_state_dict, merge_lora, set_lora_enabled
+
+ALL_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+
+
+def _model(tiny_config, seed=0):
+    torch.manual_seed(seed)
+    return GPT(tiny_config).eval()
+
+
+def _randomize_b(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.lora_b.data = torch.randn(m.lora_b.shape, generator=g) * 0.05
+
+
+def _idx(tiny_config, B=2, T=24):
+    return torch.randint(0, tiny_config.vocab_size, (B, T), generator=torch.Generator().manual_seed(3))
+
+
+# -----------------------------------------------------------------------------
+# LoRA (model.py)
+
+def test_lora_layers_init_and_shapes(tiny_config):
+    model = apply_lora(_model(tiny_config), r=4, alpha=8.0, targets=ALL_TARGETS)
+    layer = model.layers[0]
+    expect = {'q_proj': (64, 64), 'k_proj': (32, 64), 'v_proj': (32, 64), 'o_proj': (64, 64),  # GQA: k, v narrow
+              'gate_proj': (128, 64), 'up_proj': (128, 64), 'down_proj': (64, 128)}
+    for name, (out_f, in_f) in expect.items():
+        m = getattr(layer.attn if name[0] in 'qkvo' else layer.mlp, name)
+        assert isinstance(m, LoRALinear) and m.scale == 2.0
+        assert m.lora_a.shape == (4, in_f) and m.lora_b.shape == (out_f, 4)
+        assert torch.count_nonzero(m.lora_b) == 0
+        # Kaiming-uniform with a=sqrt(5), as nn.Linear: U(-1/sqrt(in), 1/sqrt(in)), not all zero
+        assert m.lora_a.abs().max() <= 1 / in_f ** 0.5 and m.lora_a.std() > 0.3 / in_f ** 0.5
+    with pytest.raises(ValueError, match='unknown LoRA targets'):
+        apply_lora(_model(tiny_config), targets=('q', 'ffn'))
+
+
+def test_fresh_adapter_gives_the_base_output_exactly(tiny_config):
+    base = _model(tiny_config)
+    idx = _idx(tiny_config)
+    with torch.no_grad():
+        want = base(idx)[0]
+        got = apply_lora(base, r=8, alpha=16.0, targets=ALL_TARGETS)(idx)[0]
+    assert torch.equal(got, want)
+
+
+def test_merged_logits_equal_base_plus_adapter(tiny_config):
+    model = apply_lora(_model(tiny_config), r=8, alpha=16.0, targets=ALL_TARGETS)
+    _randomize_b(model)
+    idx = _idx(tiny_config)
+    with torch.no_grad():
+        base_logits = _model(tiny_config)(idx)[0]
+        with_adapter = model(idx)[0]
+        set_lora_enabled(model, False)
+        assert torch.equal(model(idx)[0], base_logits)  # adapters off: the base, as DPO's reference
+        set_lora_enabled(model, True)
+        merged = merge_lora(model)(idx)[0]
+    assert (with_adapter - base_logits).abs().max() > 1e-3  # the adapter does change the output
+    torch.testing.assert_close(merged, with_adapter, rtol=0, atol=1e-5)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_only_adapter_parameters_reach_the_optimizer(tiny_config):
+    model = apply_lora(_model(tiny_config), r=4, alpha=8.0, targets=ALL_TARGETS).train()
+    cfg = lumi.Config(lumi.TRAINING_DEFAULTS)
+    opt = lumi.make_optimizer(model, cfg, 'cpu')
+    in_opt = {id(p) for g in opt.param_groups for p in g['params']}
+    lora = {id(p) for n, p in model.named_parameters() if '.lora_' in n}
+    assert in_opt == lora and len(lora) == 2 * len(ALL_TARGETS) * tiny_config.n_layer
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = _idx(tiny_config)
+    for _ in range(2):  # B moves on step 1, A on step 2 (its gradient is zero while B is)
+        model(idx, idx)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) != ('.lora_' in k), k  # adapters moved, nothing else did
+
+
+def test_adapter_save_load_roundtrip_and_merge_command(tiny_checkpoint, tiny_config, tmp_path):
+    base = lumi.load_checkpoint(tiny_checkpoint)
+    tok = lumi.tokenizer_from_checkpoint(base)
+    model = apply_lora(lumi.model_from_checkpoint(base), r=4, alpha=8.0, targets=('q', 'v', 'down'))
+    _randomize_b(model)
+    sft.save_adapter(str(tmp_path / 'adapter.pt'), model, tiny_checkpoint, tok)
+    assert os.path.getsize(tmp_path / 'adapter.pt') < os.path.getsize(tiny_checkpoint) / 4  # the adapter alone
+    loaded, _, _ = sft.load_adapter(tiny_checkpoint, str(tmp_path / 'adapter.pt'))
+    want, got = lora_state_dict(model), lora_state_dict(loaded)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    idx = _idx(tiny_config)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(idx)[0], model.eval()(idx)[0])
+    out = sft.main(['merge', tiny_checkpoint, str(tmp_path / 'adapter.pt'), str(tmp_path / 'merged.pt')])
+    merged_ckpt = lumi.load_checkpoint(out)
+    assert merged_ckpt['kind'] == 'sft' and merged_ckpt['lora'] == {}
+    with torch.no_grad():
+        torch.testing.assert_close(lumi.model_from_checkpoint(merged_ckpt).eval()(idx)[0], model(idx)[0],
+                                   rtol=0, atol=1e-5)
+    # an adapter refuses a base it was not trained on
+    other = dict(base, model={k: v + 1e-3 for k, v in base['model'].items()})
+    lumi.save_checkpoint(str(tmp_path / 'other.pt'), other)
+    with pytest.raises(ValueError, match='was trained on base'):
+        sft.load_adapter(str(tmp_path / 'other.pt'), str(tmp_path / 'adapter.pt'))
+
+
+# -----------------------------------------------------------------------------
+# formats, in the shapes the public datasets ship
+
+ALPACA = [  # tatsu-lab/alpaca, LLaMA-Factory's alpaca_en_demo.json (system and history are LLaMA-Factory's)
+    {'instruction': 'Give three tips for staying healthy.', 'input': '', 'output': 'Eat well, sleep and walk.'},
+    {'instruction': 'Add the numbers.', 'input': '4 and 6', 'output': 'The sum is 10.',
+     'system': 'You are terse.', 'history': [['Hi there', 'Hello! How can I help?']]},
+]
+DOLLY = [  # databricks-dolly-15k
+    {'instruction': 'When did the fox jump?', 'context': 'The quick brown fox jumps over the lazy dog at noon.',
+     'response': 'At noon.', 'category': 'closed_qa'},
+    {'instruction': 'Name a summer month.', 'context': '', 'response': 'July.', 'category': 'open_qa'},
+]
+MESSAGES = [  # chat-format datasets; LLaMA-Factory v1_sft_demo.jsonl writes content as typed parts
+    {'messages': [{'role': 'system', 'content': 'Be kind.'}, {'role': 'user', 'content': 'How are you today?'},
+                  {'role': 'assistant', 'content': 'I am fine, thank you.'}]},
+    {'messages': [{'role': 'user', 'content': [{'type': 'text', 'value': 'Who are you?'}], 'loss_weight': 0.0},
+                  {'role': 'assistant', 'content': [{'type': 'text', 'value': 'I am {{name}}.'}], 'loss_weight': 1.0}]},
+]
+SHAREGPT = [  # ShareGPT / LLaMA-Factory sharegpt
+    {'conversations': [{'from': 'human', 'value': 'Hello'}, {'from': 'gpt', 'value': 'Hello, how are you?'},
+                       {'from': 'human', 'value': 'Fine.'}, {'from': 'gpt', 'value': 'Good to hear.'}],
+     'system': 'You chat.'},
+]
+CHITCHAT = {  # chitchat-dataset's dataset.json: {id: {messages: [[utterances of one sender]]}}
+    'a07e': {'messages': [
+        [{'text': 'Hello', 'timestamp': '2018-05-02T19:38:15Z', 'sender': 'u1'},
+         {'text': 'How are you doing today?', 'timestamp': '2018-05-02T19:38:20Z', 'sender': 'u1'}],
+        [{'text': 'im doing good', 'timestamp': '2018-05-02T19:38:33Z', 'sender': 'u2'}],
+        [{'text': 'nice', 'timestamp': '2018-05-02T19:39:21Z', 'sender': 'u1'}]],
+        'prompt': 'How are you?', 'start': '2018-05-02T19:38:15Z'},
+}
+OASST_ROWS = [  # OpenAssistant/oasst1 rows: a tree of prompter/assistant messages, siblings ranked (0 best)
+    {'message_id': 'm1', 'parent_id': None, 'message_tree_id': 'm1', 'role': 'prompter', 'text': 'What is a fox?',
+     'rank': None, 'deleted': False, 'lang': 'en'},
+    {'message_id': 'm2', 'parent_id': 'm1', 'message_tree_id': 'm1', 'role': 'assistant', 'text': 'A bad answer.',
+     'rank': 1, 'deleted': False, 'lang': 'en'},
+    {'message_id': 'm5', 'parent_id': 'm3', 'message_tree_id': 'm1', 'role': 'prompter', 'text': 'Is it quick?',
+     'rank': 0, 'deleted': False, 'lang': 'en'},  # rows need not come in tree order
+    {'message_id': 'm3', 'parent_id': 'm1', 'message_tree_id': 'm1', 'role': 'assistant', 'text': 'A small wild dog.',
+     'rank': 0, 'deleted': False, 'lang': 'en'},
+    {'message_id': 'm4', 'parent_id': 'm1', 'message_tree_id': 'm1', 'role': 'assistant', 'text': 'Deleted.',
+     'rank': None, 'deleted': True, 'lang': 'en'},
+    {'message_id': 'm6', 'parent_id': 'm5', 'message_tree_id': 'm1', 'role': 'assistant', 'text': 'Very quick.',
+     'rank': None, 'deleted': False, 'lang': 'en'},
+    {'message_id': 'n1', 'parent_id': None, 'message_tree_id': 'n1', 'role': 'prompter', 'text': 'Unanswered?',
+     'rank': None, 'deleted': False, 'lang': 'en'},
+]
+OASST_TREE = {'message_tree_id': 't1', 'tree_state': 'ready_for_export', 'prompt': {  # *.trees.jsonl
+    'message_id': 't1', 'role': 'prompter', 'text': 'Say hello.', 'replies': [
+        {'message_id': 't2', 'role': 'assistant', 'text': 'Hi!', 'rank': 1, 'replies': []},
+        {'message_id': 't3', 'role': 'assistant', 'text': 'Hello!', 'rank': 0, 'replies': []}]}}
+
+EXPECTED = {
+    'alpaca': [[('user', 'Give three tips for staying healthy.'), ('assistant', 'Eat well, sleep and walk.')],
+               [('system', 'You are terse.'), ('user', 'Hi there'), ('assistant', 'Hello! How can I help?'),
+                ('user', 'Add the numbers.\n4 and 6'), ('assistant', 'The sum is 10.')]],
+    'dolly': [[('user', 'When did the fox jump?\n\nThe quick brown fox jumps over the lazy dog at noon.'),
+               ('assistant', 'At noon.')], [('user', 'Name a summer month.'), ('assistant', 'July.')]],
+    'messages': [[('system', 'Be kind.'), ('user', 'How are you today?'), ('assistant', 'I am fine, thank you.')],
+                 [('user', 'Who are you?'), ('assistant', 'I am Lumi.')]],
+    'sharegpt': [[('system', 'You chat.'), ('user', 'Hello'), ('assistant', 'Hello, how are you?'),
+                  ('user', 'Fine.'), ('assistant', 'Good to hear.')]],
+    'chitchat': [[('user', 'Hello\nHow are you doing today?'), ('assistant', 'im doing good')]],
+    'oasst': [[('user', 'What is a fox?'), ('assistant', 'A small wild dog.'), ('user', 'Is it quick?'),
+               ('assistant', 'Very quick.')]],
+    'oasst_tree': [[('user', 'Say hello.'), ('assistant', 'Hello!')]],
+}
+
+
+def _write(path, records, jsonl):
+    with open(path, 'w') as f:
+        if jsonl:
+            f.writelines(json.dumps(r) + '\n' for r in records)
+        else:
+            json.dump(records, f)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def format_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp('formats')
+    return {'alpaca': _write(d / 'alpaca.json', ALPACA, False), 'dolly': _write(d / 'dolly.jsonl', DOLLY, True),
+            'messages': _write(d / 'messages.jsonl', MESSAGES, True),
+            'sharegpt': _write(d / 'sharegpt.json', SHAREGPT, False),
+            'chitchat': _write(d / 'chitchat.json', CHITCHAT, False),
+            'oasst': _write(d / 'oasst.jsonl', OASST_ROWS, True),
+            'oasst_tree': _write(d / 'trees.jsonl', [OASST_TREE], True)}
+
+
+def _assistant_spans(tok, ids):
+    """The reference mask, read off the ids alone: from after each <|assistant|> to its <|end|>, inclusive."""
+    mask, inside = [], False
+    for i in ids:
+        mask.append(int(inside))
+        if i == tok.role_id['assistant']:
+            inside = True
+        elif i == tok.end_id:
+            inside = False
+    return mask
+
+
+@pytest.mark.parametrize('fmt', list(EXPECTED))
+def test_formats_render_with_the_mask_on_assistant_spans_only(fmt, format_files, tokenizer):
+    stats = Counter()
+    convs = list(sft.load_conversations(format_files[fmt], stats=stats, template_vars={'name': 'Lumi'}))
+    assert [[(m['role'], m['content']) for m in c] for c in convs] == EXPECTED[fmt]
+    assert stats['conversations'] == len(convs)
+    for msgs in convs:
+        ids, mask = sft.render_example(tokenizer, msgs, block_size=256)
+        assert mask == _assistant_spans(tokenizer, ids)
+        replies = [m['content'] for m in msgs if m['role'] == 'assistant']
+        spans = ''.join(tokenizer.id_to_piece(i) if i == tokenizer.end_id else tokenizer.decode([i])
+                        for i, k in zip(ids, mask) if k)
+        assert spans.replace(' ', '') == ''.join(r + '<|end|>' for r in replies).replace(' ', '')
+
+
+def test_oasst_skips_unanswered_trees_and_counts_them(format_files):
+    stats = Counter()
+    assert len(list(sft.load_conversations(format_files['oasst'], stats=stats))) == 1
+    assert stats['skipped'] == 1 and stats['skipped: no assistant reply'] == 1
+    assert stats['oasst deleted messages'] == 1
+
+
+def test_bad_records_raise_clear_errors_and_are_skipped_and_counted(tmp_path):
+    with pytest.raises(ValueError, match="field 'output' is missing"):
+        sft.to_messages({'instruction': 'x', 'input': ''})
+    with pytest.raises(ValueError, match=r"conversations\[1\].from': unsupported role 'function_call'"):
+        sft.to_messages({'conversations': [{'from': 'human', 'value': 'a'}, {'from': 'function_call', 'value': 'b'}]})
+    with pytest.raises(ValueError, match='image content is not supported'):
+        sft.to_messages({'messages': [{'role': 'user', 'content': [{'type': 'image', 'image': 'x.png'}]},
+                                      {'role': 'assistant', 'content': 'a'}]})
+    with pytest.raises(ValueError, match='unknown record format'):
+        sft.to_messages({'question': 'q', 'answer': 'a'})
+    path = tmp_path / 'mixed.jsonl'
+    path.write_text('\n'.join([json.dumps(ALPACA[0]), json.dumps({'instruction': 'no output'}), '{not json',
+                               json.dumps({'instruction': 'i', 'output': '   '}), json.dumps(ALPACA[1])]) + '\n')
+    stats = Counter()
+    with pytest.warns(UserWarning, match='malformed JSON line'):
+        convs = list(sft.load_conversations(str(path), stats=stats))
+    assert len(convs) == 2 and stats['skipped'] == 2 and stats['malformed_lines'] == 1
+    assert stats["skipped: field 'output' is missing"] == 1 and stats['skipped: message 1 (assistant) is empty'] == 1
+
+
+def test_truncation_rule(tokenizer):
+    msgs = [{'role': 'user', 'content': 'Hello, how are you today?'},
+            {'role': 'assistant', 'content': 'I am fine, thank you.'},
+            {'role': 'user', 'content': 'What are you doing this weekend?'},
+            {'role': 'assistant', 'content': 'To be, or not to be, that is the question.'}]
+    full, full_mask = lumi.render_chat(tokenizer, msgs)
+    first = lumi.render_chat(tokenizer, msgs[:2])[0]
+    assert sft.render_example(tokenizer, msgs, len(full) - 1) == (full, full_mask)  # fits: untouched
+    # too long by one token: keep up to the last whole reply that fits, with its <|end|>
+    ids, mask = sft.render_example(tokenizer, msgs, len(full) - 2)
+    assert ids == first and ids[-1] == tokenizer.end_id and mask == full_mask[:len(first)]
+    # not even the first reply fits: cut at the limit, that reply learned in part
+    prompt_len = len(lumi.render_chat(tokenizer, msgs[:1], add_generation_prompt=True)[0])
+    ids, mask = sft.render_example(tokenizer, msgs, prompt_len + 2)
+    assert ids == full[:prompt_len + 3] and sum(mask) == 3
+    # the prompt alone fills the context: nothing to learn
+    assert sft.render_example(tokenizer, msgs, prompt_len - 1) is None
+
+
+# -----------------------------------------------------------------------------
+# preparation, cache, batches
+
+def _chat_file(tmp_path, n=40, name='chats.jsonl'):
+    words = 'the quick brown fox jumps over the lazy dog and a stitch in time saves nine'.split()
+    rng = np.random.default_rng(0)
+    recs = [{'conversations': [{'from': 'human', 'value': ' '.join(rng.choice(words, 3 + i % 5))},
+                               {'from': 'gpt', 'value': ' '.join(rng.choice(words, 2 + i % 7))}]} for i in range(n)]
+    recs.append(recs[0])  # an exact duplicate
+    return _write(tmp_path / name, recs, True)
+
+
+def test_prepare_caches_by_tokenizer_sources_and_block_size(tokenizer, tmp_path):
+    spec = _chat_file(tmp_path)
+    prep = sft.prepare_sft_data(tokenizer, [spec], 48, str(tmp_path / 'cache'), val_frac=0.2)
+    assert len(prep['lengths']) == 40 and prep['stats'][spec]['duplicates dropped'] == 1
+    assert prep['tokenizer_sha256'] == tokenizer.sha256 and 0 < int(prep['val'].sum()) < 40
+    again = sft.prepare_sft_data(tokenizer, [spec], 48, str(tmp_path / 'cache'), val_frac=0.2)
+    assert torch.equal(again['ids'], prep['ids']) and len(os.listdir(tmp_path / 'cache')) == 1
+    sft.prepare_sft_data(tokenizer, [spec], 40, str(tmp_path / 'cache'), val_frac=0.2)
+    assert len(os.listdir(tmp_path / 'cache')) == 2  # another block size is another cache entry
+
+
+def test_batches_mask_targets_weight_sources_and_resume_exactly(tokenizer, tmp_path):
+    a, b = _chat_file(tmp_path, 30, 'a.jsonl'), _chat_file(tmp_path, 20, 'b.jsonl')
+    prep = sft.prepare_sft_data(tokenizer, [a, b], 48, str(tmp_path / 'cache'), val_frac=0.0)
+    n_a = int((prep['source'] == 0).sum())
+    examples = np.arange(len(prep['lengths']))
+    batches = sft.SFTBatches(prep, examples, [2.0, 0.0], batch_size=4, seed=0)
+    seen = np.concatenate(batches.batches)
+    assert len(seen) == 2 * n_a and set(seen) == set(range(n_a))  # weight 2: twice; weight 0: never
+    x, y = batches.next_batch()
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), prep['lengths'].cumsum(0)])
+    for row, i in enumerate(batches.batches[0]):
+        n = int(prep['lengths'][i])
+        ids = prep['ids'][offsets[i]:offsets[i] + n].long()
+        mask = prep['mask'][offsets[i]:offsets[i] + n]
+        assert torch.equal(x[row, :n - 1], ids[:-1]) and (x[row, n - 1:] == lumi.PAD_ID).all()
+        assert torch.equal(y[row, :n - 1], torch.where(mask[1:], ids[1:], -1)) and (y[row, n - 1:] == -1).all()
+    for _ in range(len(batches) + 2):  # into the next epoch
+        batches.next_batch()
+    state = batches.state_dict()
+    want = [batches.next_batch() for _ in range(3)]
+    other = sft.SFTBatches(prep, examples, [2.0, 0.0], batch_size=4, seed=0)
+    other.load_state_dict(state)
+    for (x1, y1), (x2, y2) in zip(want, [other.next_batch() for _ in range(3)]):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    # two processes share an epoch without overlap
+    r0, r1 = (sft.SFTBatches(prep, examples, [1.0, 1.0], 4, 0, rank, 2) for rank in (0, 1))
+    assert len(r0) == len(r1) and not set(np.concatenate(r0.batches)) & set(np.concatenate(r1.batches))
+
+
+# -----------------------------------------------------------------------------
+# end to end through lumi.fit
+
+def test_sft_end_to_end_writes_adapter_and_merged(tiny_checkpoint, tiny_config, tmp_path, capsys):
+    spec = _chat_file(tmp_path, 60)
+    out = tmp_path / 'out'
+    args = [f'--init_from={tiny_checkpoint}', f'--out_dir={out}', f"--sources=['{spec}']", '--max_iters=6',
+            '--batch_size=4', '--eval_interval=3', '--eval_iters=2', '--warmup_iters=2', '--lora_r=4',
+            '--val_frac=0.2', f'--cache_dir={tmp_path / "cache"}', '--format_samples=4',
+            '--format_max_new_tokens=8', '--device=cpu']
+    merged_path = sft.main(args)
+    printed = capsys.readouterr().out
+    assert 'trainable' in printed and 'format check' in printed
+    metrics = lumi.read_jsonl(out / 'metrics.jsonl')
+    assert [m['step'] for m in metrics if 'val_loss' in m] == [0, 3, 6]
+    assert sum('loss' in m and 'val_loss' not in m for m in metrics) == 6
+    assert metrics[-1]['format_prompts'] == 4 and 0 <= metrics[-1]['format_end_rate'] <= 1
+    adapter = torch.load(out / 'adapter.pt', weights_only=True)
+    assert adapter['kind'] == 'adapter' and adapter['lora']['r'] == 4
+    assert adapter['base_sha256'] == lumi.sha256_file(tiny_checkpoint)
+    merged = lumi.load_checkpoint(merged_path)
+    assert merged['kind'] == 'sft' and merged['parent_sha256'] == adapter['base_sha256']
+    idx = _idx(tiny_config)
+    with torch.no_grad():
+        with_adapter = sft.load_adapter(tiny_checkpoint, str(out / 'adapter.pt'))[0].eval()(idx)[0]
+        from_step_ckpt = lumi.model_from_checkpoint(lumi.load_checkpoint(str(out))).eval()(idx)[0]
+        torch.testing.assert_close(lumi.model_from_checkpoint(merged).eval()(idx)[0], with_adapter, rtol=0, atol=1e-5)
+    assert torch.equal(from_step_ckpt, with_adapter)
+    base = lumi.load_checkpoint(tiny_checkpoint)['model']
+    assert any(not torch.equal(base[k], v) for k, v in merged['model'].items())  # training moved something

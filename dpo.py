@@ -1,0 +1,595 @@
+"""
+Direct Preference Optimization, written by hand: tune a chat model so that it prefers the chosen reply of
+each (prompt, chosen, rejected) pair over the rejected one, relative to a frozen reference model, with no
+reward model and no sampling (Rafailov et al. 2023).
+
+    python dpo.py configs/dpo_tiny.py --init_from=out/sft/merged.pt --out_dir=out/dpo --max_iters=200
+
+What it does, top to bottom: read preference pairs in the formats people have (HH-RLHF, orca_dpo_pairs,
+UltraFeedback binarized, llamafactory's dpo demo) and optionally build more from SFT data; render them with
+the chat template; train with lumi.fit on one of three losses (sigmoid DPO with label smoothing, IPO,
+hinge); save the result as LoRA adapters and as a merged standalone checkpoint (kind 'dpo').
+
+The reference model costs nothing extra with LoRA: it is the policy itself with its adapters switched off.
+With full fine-tuning (--lora_r=0) the reference log-probs are computed once before training and kept with
+the pairs. Chosen and rejected replies go through the model together, as one batch of 2B rows.
+
+Deliberately left out: online or sampled methods (PPO, online DPO), reward models, length-normalised
+variants (SimPO, ORPO), and a copy of the reference model in memory.
+"""
+import math
+import os
+import random
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import lumi
+import sft
+from model import apply_lora, merge_lora, set_lora_enabled
+
+# -----------------------------------------------------------------------------
+# defaults (a config file and --key=value override them; the training loop's own defaults are in lumi.py)
+
+init_from = ''                # the SFT model to start from: a checkpoint file, or an SFT out_dir (its merged.pt)
+out_dir = 'out/dpo'
+# preference pairs: any data.py source (path, glob, dir, url:, hf:, pypi-sdist:NAME==VER:GLOB); '' for none
+data = 'pypi-sdist:llamafactory==0.9.5:data/dpo_en_demo.json'
+data_format = 'auto'          # auto | hh | orca | ultrafeedback | llamafactory
+sft_data = []                 # SFT sources (sft.py's formats) to build pairs from: the reply is chosen, another
+sft_format = 'auto'           #   prompt's reply rejected; e.g. ['pypi-sdist:llamafactory==0.9.5:data/alpaca_en_demo.json']
+max_sft_pairs = 0             # 0: every usable SFT dialogue makes a pair
+val_frac = 0.1                # held out from each source before anything is trained
+max_length = 0                # prompt + reply tokens; 0: the model's block_size
+max_prompt_length = 0         # a longer prompt keeps BOS and its last tokens; 0: max_length // 2
+loss_type = 'sigmoid'         # sigmoid (DPO) | ipo | hinge
+beta = 0.1                    # how far the policy may move from the reference: the KL penalty's weight
+label_smoothing = 0.0         # sigmoid only: the assumed rate of flipped labels (conservative DPO)
+lora_r = 8                    # 0: full fine-tuning, with reference log-probs cached before training
+lora_alpha = 16.0
+lora_dropout = 0.0
+lora_targets = ('q', 'k', 'v', 'o')
+save = 'both'                 # adapter | merged | both (full fine-tuning saves merged only)
+epochs = 1.0                  # when max_iters is 0: passes over the training pairs
+batch_size = 4                # pairs per micro-step: 2 * batch_size rows go through the model
+learning_rate = 5e-5
+min_lr = 5e-6
+warmup_iters = 10
+weight_decay = 0.0
+eval_interval = 50
+eval_iters = 25               # held-out batches per evaluation (the same ones each time); 0: all
+ckpt_interval = 100
+
+HH_USER, HH_ASSISTANT = '\n\nHuman:', '\n\nAssistant:'
+FORMATS = ('auto', 'hh', 'orca', 'ultrafeedback', 'llamafactory')
+
+
+# -----------------------------------------------------------------------------
+# preference formats, all normalised to (prompt_messages, chosen_text, rejected_text). Message lists go
+# through sft.py's parsers (role names, text parts), so a turn reads the same in SFT and in DPO.
+
+def _turns(turns, field):
+    """A message list as {role, content} or ShareGPT {from, value} turns -> checked messages."""
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"field '{field}' must be a non-empty list of messages")
+    try:
+        if all(isinstance(t, dict) and 'from' in t for t in turns):
+            return sft.from_sharegpt({'conversations': turns})
+        return sft.from_messages({'messages': turns})
+    except ValueError as e:
+        raise ValueError(f"field '{field}': {e}") from None
+
+
+def _reply(value, field):
+    """A reply given as text, as one message, or as a message list whose last message is the assistant's."""
+    if isinstance(value, str):
+        return value
+    last = _turns([value] if isinstance(value, dict) else value, field)[-1]
+    if last['role'] != 'assistant':
+        raise ValueError(f"field '{field}': the last message is from {last['role']!r}, expected the assistant")
+    return last['content']
+
+
+def parse_hh_dialogue(text):
+    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> messages."""
+    if not text.startswith(HH_USER):
+        raise ValueError(f"field 'chosen' does not start with {HH_USER!r}")
+    messages, pos = [], 0
+    while pos < len(text):
+        mark = HH_USER if text.startswith(HH_USER, pos) else HH_ASSISTANT
+        start = pos + len(mark)
+        found = [i for i in (text.find(HH_USER, start), text.find(HH_ASSISTANT, start)) if i >= 0]
+        end = min(found) if found else len(text)
+        messages.append({'role': 'user' if mark == HH_USER else 'assistant', 'content': text[start:end].strip()})
+        pos = end
+    return messages
+
+
+def split_hh(chosen, rejected):
+    """HH-RLHF stores two whole dialogues; the prompt is their common prefix up to its last Assistant turn."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    cut = chosen.rfind(HH_ASSISTANT, 0, n)
+    if cut < 0:
+        raise ValueError(f"fields 'chosen'/'rejected' share no prefix ending in {HH_ASSISTANT!r}")
+    prompt = parse_hh_dialogue(chosen[:cut])
+    start = cut + len(HH_ASSISTANT)
+    return prompt, chosen[start:].strip(), rejected[start:].strip()
+
+
+def detect_format(record):
+    if 'conversations' in record:
+        return 'llamafactory'
+    if 'question' in record:
+        return 'orca'
+    if 'prompt' in record:
+        return 'ultrafeedback'
+    if isinstance(record.get('chosen'), str) and isinstance(record.get('rejected'), str):
+        return 'hh'
+    raise ValueError(f"unknown preference format (fields {sorted(record)[:12]}); expected HH-RLHF chosen/rejected, "
+                     f"orca system/question/chosen/rejected, UltraFeedback prompt/chosen/rejected or "
+                     f"llamafactory conversations/chosen/rejected")
+
+
+def to_pair(record, fmt='auto'):
+    """One preference record -> (prompt_messages, chosen_text, rejected_text); a ValueError names the field."""
+    if not isinstance(record, dict):
+        raise ValueError(f"record is {type(record).__name__}, expected an object")
+    fmt = detect_format(record) if fmt == 'auto' else fmt
+    for field in ('chosen', 'rejected'):
+        if record.get(field) is None:
+            raise ValueError(f"{fmt} record: field '{field}' is missing")
+    if fmt == 'hh':
+        if not isinstance(record['chosen'], str) or not isinstance(record['rejected'], str):
+            raise ValueError("hh record: fields 'chosen' and 'rejected' must be dialogue strings")
+        prompt, chosen, rejected = split_hh(record['chosen'], record['rejected'])
+    elif fmt == 'orca':
+        question, system = record.get('question'), record.get('system') or ''
+        if not isinstance(question, str) or not isinstance(system, str):
+            raise ValueError("orca record: fields 'question' and 'system' must be strings")
+        prompt = [{'role': 'system', 'content': system}] if system.strip() else []
+        prompt.append({'role': 'user', 'content': question})
+        chosen, rejected = _reply(record['chosen'], 'chosen'), _reply(record['rejected'], 'rejected')
+    elif fmt == 'ultrafeedback':
+        # chosen/rejected are whole dialogues (prompt included) or the reply alone; prompt is text or messages
+        c, r = record['chosen'], record['rejected']
+        if isinstance(c, list) and len(c) > 1:
+            prompt = _turns(c[:-1], 'chosen')
+            if isinstance(r, list) and len(r) > 1 and _turns(r[:-1], 'rejected') != prompt:
+                raise ValueError("ultrafeedback record: fields 'chosen' and 'rejected' differ before their last message")
+        elif isinstance(record['prompt'], str):
+            prompt = [{'role': 'user', 'content': record['prompt']}]
+        else:
+            prompt = _turns(record['prompt'], 'prompt')
+        chosen, rejected = _reply(c, 'chosen'), _reply(r, 'rejected')
+    elif fmt == 'llamafactory':
+        prompt = _turns(record['conversations'], 'conversations')
+        if isinstance(record.get('system'), str) and record['system'].strip():
+            prompt.insert(0, {'role': 'system', 'content': record['system']})
+        chosen, rejected = _reply(record['chosen'], 'chosen'), _reply(record['rejected'], 'rejected')
+    else:
+        raise ValueError(f"data_format must be one of {FORMATS}, got {fmt!r}")
+    if not prompt or prompt[-1]['role'] != 'user':
+        raise ValueError(f"{fmt} record: the prompt must end with a user message")
+    if chosen == rejected:
+        raise ValueError(f"{fmt} record: fields 'chosen' and 'rejected' hold the same reply")
+    return prompt, chosen, rejected
+
+
+def load_pairs(spec, fmt='auto', stats=None):
+    """Preference pairs from any data.py source; a bad record is reported with where it came from, counted
+    in stats['bad_pairs'] and skipped."""
+    import data
+    if fmt not in FORMATS:
+        raise ValueError(f"data_format must be one of {FORMATS}, got {fmt!r}")
+    stats = Counter() if stats is None else stats
+    pairs = []
+    for i, record in enumerate(data.iter_records(spec, stats=stats)):
+        try:
+            pairs.append(to_pair(record, fmt))
+        except ValueError as e:
+            stats['bad_pairs'] += 1
+            if stats['bad_pairs'] <= 5:
+                lumi.log(f"skipping preference record {i} of {spec}: {e}")
+    if stats['bad_pairs'] > 5:
+        lumi.log(f"skipped {stats['bad_pairs']} bad preference records of {spec} in all")
+    return pairs
+
+
+def pairs_from_conversations(conversations, seed, stats=None):
+    """SFT dialogues -> pairs: the dialogue's own last reply is chosen, the last reply of another dialogue
+    (a seeded derangement) rejected. Dialogues that do not end in an assistant reply are skipped."""
+    stats = Counter() if stats is None else stats
+    usable = [m for m in conversations if len(m) >= 2 and m[-1]['role'] == 'assistant' and m[-2]['role'] == 'user']
+    stats['sft_unusable'] += len(conversations) - len(usable)
+    order = list(range(len(usable)))
+    random.Random(seed).shuffle(order)
+    pairs = []
+    for k, i in enumerate(order):  # each takes the reply of the next one in the shuffled cycle: never its own
+        j = order[(k + 1) % len(order)]
+        chosen, rejected = usable[i][-1]['content'], usable[j][-1]['content']
+        if j == i or chosen == rejected:
+            stats['sft_same_reply'] += 1
+            continue
+        pairs.append((usable[i][:-1], chosen, rejected))
+    return pairs
+
+
+# -----------------------------------------------------------------------------
+# rendering: prompt tokens end in <|assistant|>; a reply is its tokens and <|end|>
+
+def render_pair(tok, pair, max_length, max_prompt_length, stats=None):
+    """Token ids of one pair, truncated by Lumi's rule:
+    1. a prompt longer than max_prompt_length keeps BOS and its LAST max_prompt_length - 1 tokens (the latest
+       turn and the <|assistant|> marker matter most);
+    2. a reply longer than the room left (max_length - prompt) keeps its FIRST tokens and loses its <|end|>.
+    Both are counted in stats. A pair whose replies are equal after truncation teaches nothing: None."""
+    stats = Counter() if stats is None else stats
+    prompt_messages, chosen, rejected = pair
+    prompt, _ = lumi.render_chat(tok, prompt_messages, add_generation_prompt=True)
+    if len(prompt) > max_prompt_length:
+        prompt = prompt[:1] + prompt[len(prompt) - (max_prompt_length - 1):]
+        stats['prompt_truncated'] += 1
+    room = max_length - len(prompt)
+    replies = []
+    for text in (chosen, rejected):
+        ids = tok.encode(text) + [tok.end_id]
+        if len(ids) > room:
+            ids = ids[:room]
+            stats['reply_truncated'] += 1
+        replies.append(ids)
+    if replies[0] == replies[1]:
+        stats['same_after_truncation'] += 1
+        return None
+    return {'prompt': prompt, 'chosen': replies[0], 'rejected': replies[1]}
+
+
+def collate(pairs):
+    """B rendered pairs -> one right-padded batch of 2B rows, chosen first, then rejected.
+
+    idx holds the inputs, targets the next tokens with -1 everywhere but the reply, so that the sum of the
+    per-token log-probs over a row is the log-prob of its reply given its prompt. Cached reference log-probs
+    (full fine-tuning) come along as 'ref', aligned with targets."""
+    rows = [(p['prompt'], p['chosen'], p.get('ref_chosen')) for p in pairs] + \
+           [(p['prompt'], p['rejected'], p.get('ref_rejected')) for p in pairs]
+    T = max(len(prompt) + len(reply) for prompt, reply, _ in rows) - 1
+    idx = torch.full((len(rows), T), lumi.PAD_ID, dtype=torch.long)
+    targets = torch.full((len(rows), T), -1, dtype=torch.long)
+    cached = rows[0][2] is not None
+    ref = torch.zeros((len(rows), T), dtype=torch.float32) if cached else None
+    for i, (prompt, reply, ref_logps) in enumerate(rows):
+        seq = prompt + reply
+        idx[i, :len(seq) - 1] = torch.tensor(seq[:-1])
+        targets[i, len(prompt) - 1:len(seq) - 1] = torch.tensor(reply)
+        if cached:
+            ref[i, len(prompt) - 1:len(seq) - 1] = ref_logps
+    batch = {'idx': idx, 'targets': targets}
+    if cached:
+        batch['ref'] = ref
+    return batch
+
+
+class PairBatches:
+    """Shuffled passes over the training pairs, one seeded permutation per epoch, rows strided by rank;
+    state_dict() is enough for lumi.fit to resume at the exact next batch."""
+
+    def __init__(self, pairs, batch_size, seed, rank=0, world_size=1):
+        if len(pairs) < batch_size * world_size:
+            raise ValueError(f"{len(pairs)} training pairs cannot fill a batch of {batch_size} pairs on "
+                             f"{world_size} process(es); lower batch_size or add data")
+        self.pairs, self.batch_size, self.seed = pairs, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.pos = 0, 0
+        self._order()
+
+    def _order(self):
+        order = np.random.default_rng(self.seed + self.epoch).permutation(len(self.pairs))
+        self.order = order[self.rank::self.world_size]
+
+    def next_batch(self):
+        if self.pos + self.batch_size > len(self.order):  # the remainder waits for the next epoch's shuffle
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order()
+        chunk = [self.pairs[i] for i in self.order[self.pos:self.pos + self.batch_size]]
+        self.pos += self.batch_size
+        return collate(chunk)
+
+    def state_dict(self):
+        return {'epoch': self.epoch, 'pos': self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos = state['epoch'], state['pos']
+        self._order()
+
+
+# -----------------------------------------------------------------------------
+# the method
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers."""
+    model = getattr(model, 'module', model)
+    return getattr(model, '_orig_mod', model)
+
+
+def token_logps(model, idx, targets):
+    """log p(target | prefix) at every position, 0 where targets is -1; float32 (B, T).
+
+    cross_entropy rather than log_softmax + gather: it keeps one (B, T, V) tensor for backward, not two,
+    which is what holds a DPO step to the memory of an SFT step."""
+    logits, _ = model(idx)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction='none')
+    return -nll.view(targets.shape)
+
+
+def reference_token_logps(model, idx, targets):
+    """The reference under LoRA: the same weights with the adapters off, in eval mode, without a graph."""
+    raw = unwrap(model)
+    was_training = raw.training
+    raw.eval()
+    set_lora_enabled(raw, False)
+    try:
+        with torch.no_grad():
+            return token_logps(raw, idx, targets)
+    finally:
+        set_lora_enabled(raw, True)
+        raw.train(was_training)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type='sigmoid',
+             label_smoothing=0.0):
+    """Per-pair losses and implicit rewards from sequence log-probs (each a (B,) tensor).
+
+    h = (log pi(yc) - log pi(yr)) - (log ref(yc) - log ref(yr)), the policy's preference beyond the
+    reference's. sigmoid: -log sigmoid(beta h), with label_smoothing e the expected loss when a fraction e
+    of labels is flipped (cDPO); ipo: (h - 1 / (2 beta))^2, a squared target that stops pushing once the
+    margin is reached; hinge: max(0, 1 - beta h) (SLiC). The reward of a reply is beta * (log pi - log ref).
+    """
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == 'sigmoid':
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == 'ipo':
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == 'hinge':
+        losses = F.relu(1 - beta * h)
+    else:
+        raise ValueError(f"loss_type must be sigmoid, ipo or hinge, got {loss_type!r}")
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def score_batch(model, batch, cfg):
+    """Everything a step and an evaluation need, per pair: the losses (with their graph) and detached
+    rewards, sequence log-probs and the KL estimate's per-pair sums."""
+    idx, targets = batch['idx'], batch['targets']
+    B = idx.size(0) // 2
+    policy = token_logps(model, idx, targets)  # chosen and rejected in one forward pass
+    ref = batch['ref'] if 'ref' in batch else reference_token_logps(model, idx, targets)
+    mask = (targets != -1).float()
+    pol_seq, ref_seq = policy.sum(-1), ref.sum(-1)
+    losses, rc, rr = dpo_loss(pol_seq[:B], pol_seq[B:], ref_seq[:B], ref_seq[B:], cfg.beta, cfg.loss_type,
+                              cfg.label_smoothing)
+    # KL(policy || reference) on the reply tokens, Schulman's k3 estimator per token:
+    # r = ref/policy, k3 = r - 1 - log r >= 0, zero exactly when they agree. It is taken at the dataset's
+    # tokens under teacher forcing, not at samples from the policy, so it is a drift gauge, not an exact KL.
+    log_r = (ref - policy.detach()) * mask
+    k3 = (log_r.exp() - 1 - log_r) * mask
+    return {'loss': losses, 'rewards_chosen': rc, 'rewards_rejected': rr,
+            'logps_chosen': pol_seq[:B].detach(), 'logps_rejected': pol_seq[B:].detach(),
+            'kl_sum': k3[:B].sum(-1) + k3[B:].sum(-1), 'kl_tokens': mask[:B].sum(-1) + mask[B:].sum(-1)}
+
+
+def summarize(scores, prefix=''):
+    """Means over pairs; a tie in reward counts half toward accuracy (no preference is a coin flip), so an
+    untouched policy scores 50%, not 0%."""
+    rc, rr = scores['rewards_chosen'], scores['rewards_rejected']
+    out = {'loss': scores['loss'].detach().mean(), 'rewards_chosen': rc.mean(), 'rewards_rejected': rr.mean(),
+           'reward_margin': (rc - rr).mean(),
+           'reward_accuracy': ((rc > rr).float() + 0.5 * (rc == rr).float()).mean(),
+           'logps_chosen': scores['logps_chosen'].mean(), 'logps_rejected': scores['logps_rejected'].mean(),
+           'kl': scores['kl_sum'].sum() / scores['kl_tokens'].sum().clamp(min=1)}
+    return {prefix + k: float(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def cache_reference(model, pairs, batch_size, device, dtype):
+    """Full fine-tuning: the starting model's per-token log-probs of every reply, computed once."""
+    from tqdm import tqdm
+    model.eval()
+    for i in tqdm(range(0, len(pairs), batch_size), desc='reference log-probs', disable=len(pairs) <= batch_size):
+        chunk = pairs[i:i + batch_size]
+        batch = collate(chunk)
+        with lumi.autocast(device, dtype):
+            logps = token_logps(model, batch['idx'].to(device), batch['targets'].to(device)).float().cpu()
+        for j, p in enumerate(chunk):
+            start = len(p['prompt']) - 1
+            p['ref_chosen'] = logps[j, start:start + len(p['chosen'])].clone()
+            p['ref_rejected'] = logps[len(chunk) + j, start:start + len(p['rejected'])].clone()
+    model.train()
+
+
+# -----------------------------------------------------------------------------
+# the starting model
+
+def resolve_init(path):
+    """An SFT out_dir means its merged.pt; otherwise a checkpoint file, or a dir's newest ckpt_*.pt."""
+    if not path:
+        raise ValueError("init_from is required: the SFT checkpoint to start from (a .pt file or an SFT out_dir)")
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, 'merged.pt')):
+        return os.path.join(path, 'merged.pt')
+    return lumi.find_checkpoint(path) if os.path.isdir(path) else path
+
+
+def load_start(path, device):
+    """(model, tokenizer, ckpt path) with any adapters already folded in, so DPO's own adapters sit on the
+    SFT model exactly as it answers."""
+    path = resolve_init(path)
+    ckpt = lumi.load_checkpoint(path)
+    if ckpt.get('kind') == 'adapter':
+        raise ValueError(f"{path} holds adapters only; start from the SFT run's merged.pt (a standalone model)")
+    if ckpt.get('kind') not in ('sft', 'dpo'):
+        lumi.log(f"note: {path} is a '{ckpt.get('kind')}' checkpoint, not an SFT model; DPO works best on one "
+                 f"that already follows the chat template")
+    model = lumi.model_from_checkpoint(ckpt, device)
+    if getattr(model, 'lora_config', None):
+        merge_lora(model)
+    return model, lumi.tokenizer_from_checkpoint(ckpt), ckpt['path']
+
+
+# -----------------------------------------------------------------------------
+# data: pairs from every source, split before training, rendered
+
+def prepare_pairs(cfg, tok):
+    """(train, val) rendered pairs, each tagged with its source, held-out split made per source."""
+    stats, sources = Counter(), []
+    if cfg.data:
+        sources.append(('pref', load_pairs(cfg.data, cfg.data_format, stats), True))
+    if cfg.sft_data:
+        specs = [cfg.sft_data] if isinstance(cfg.sft_data, str) else list(cfg.sft_data)
+        dialogues = [m for spec in specs for m in sft.load_conversations(spec, cfg.sft_format, stats, sft.template_vars)]
+        random.Random(cfg.seed).shuffle(dialogues)
+        if cfg.max_sft_pairs:
+            dialogues = dialogues[:cfg.max_sft_pairs]
+        sources.append(('sft', dialogues, False))
+    if not sources:
+        raise ValueError("no preference data: set data (pairs) and/or sft_data (SFT sources to build pairs from)")
+    train, val = [], []
+    for name, items, are_pairs in sources:
+        items = list(items)
+        if are_pairs:
+            random.Random(cfg.seed).shuffle(items)
+        n_val = min(len(items) - 1, max(1, round(cfg.val_frac * len(items)))) if cfg.val_frac > 0 else 0
+        held, kept = items[:n_val], items[n_val:]
+        if not are_pairs:  # split the dialogues first, so no held-out reply is ever a training pair's rejected one
+            held, kept = (pairs_from_conversations(held, cfg.seed, stats),
+                          pairs_from_conversations(kept, cfg.seed, stats))
+        n_train, n_val = len(train), len(val)
+        for split, out in ((kept, train), (held, val)):
+            for pair in split:
+                r = render_pair(tok, pair, cfg.max_length, cfg.max_prompt_length, stats)
+                if r is not None:
+                    r['source'] = name
+                    out.append(r)
+        lumi.log(f"{name}: {len(train) - n_train} training and {len(val) - n_val} held-out pairs")
+    lumi.log("data: " + ', '.join(f"{k} {v}" for k, v in sorted(stats.items()) if isinstance(v, (int, float))))
+    if not train:
+        raise ValueError("no training pairs left after parsing and truncation")
+    return train, val, stats
+
+
+def val_batches(val, cfg):
+    """Fixed held-out batches, one source per batch so that each source can be scored on its own."""
+    batches = []
+    for name in sorted({p['source'] for p in val}):
+        group = [p for p in val if p['source'] == name]
+        batches += [(name, collate(group[i:i + cfg.batch_size])) for i in range(0, len(group), cfg.batch_size)]
+    return batches[:cfg.eval_iters] if cfg.eval_iters else batches
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = lumi.load_config({**lumi.TRAINING_DEFAULTS, **lumi.config_defaults(globals())}, argv)
+    device, rank, _, world = lumi.setup_distributed(cfg.device)
+    dtype = lumi.resolve_dtype(cfg, device)
+    lumi.seed_everything(cfg.seed)
+    t0 = time.time()
+
+    model, tok, init_path = load_start(cfg.init_from, device)
+    cfg.max_length = cfg.max_length or model.cfg.block_size
+    cfg.max_prompt_length = cfg.max_prompt_length or cfg.max_length // 2
+    if cfg.max_length > model.cfg.block_size:
+        raise ValueError(f"max_length {cfg.max_length} exceeds the model's block_size {model.cfg.block_size}")
+    if not 1 < cfg.max_prompt_length < cfg.max_length:
+        raise ValueError(f"max_prompt_length must be in 2..max_length-1, got {cfg.max_prompt_length}")
+    if cfg.save not in ('adapter', 'merged', 'both'):
+        raise ValueError(f"save must be adapter, merged or both, got {cfg.save!r}")
+    dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), cfg.beta, cfg.loss_type)  # fail early
+
+    train, val, data_stats = prepare_pairs(cfg, tok)
+    if cfg.lora_r > 0:
+        apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets))
+    else:
+        cache_reference(model, train + val, cfg.batch_size, device, dtype)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lumi.log(f"policy: {model.num_params() / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
+             f"({'LoRA r=%d, reference = adapters off' % cfg.lora_r if cfg.lora_r else 'full, reference cached'})")
+
+    if not cfg.max_iters and not cfg.max_minutes:
+        per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
+        cfg.max_iters = max(1, math.ceil(cfg.epochs * len(train) / per_step))
+    held_out = val_batches(val, cfg)
+
+    def loss_fn(m, batch):
+        scores = score_batch(m, batch, cfg)
+        stats = summarize(scores)
+        del stats['loss']  # fit logs the loss itself
+        stats['tokens'] = int((batch['idx'] != lumi.PAD_ID).sum())
+        return scores['loss'].mean(), stats
+
+    def evaluate(m):
+        if not held_out:
+            return {}
+        per_source = {}
+        for name, batch in held_out:
+            s = score_batch(m, {k: v.to(device) for k, v in batch.items()}, cfg)
+            per_source.setdefault(name, []).append(s)
+        cat = lambda groups: {k: torch.cat([g[k] for g in groups]) for k in groups[0]}
+        out = summarize(cat(sum(per_source.values(), [])), 'val_')
+        if len(per_source) > 1:
+            for name, groups in per_source.items():
+                s = summarize(cat(groups))
+                out[f'val_reward_accuracy_{name}'] = s['reward_accuracy']
+                out[f'val_reward_margin_{name}'] = s['reward_margin']
+        return out
+
+    meta = lumi.checkpoint_meta(model, tok, 'dpo', parent=init_path)
+    batches = PairBatches(train, cfg.batch_size, cfg.seed, rank, world)
+    lumi.fit(cfg, model, batches, loss_fn, evaluate, meta=meta)
+
+    if rank == 0:
+        save_result(cfg, model, tok, init_path)
+        report(cfg, time.time() - t0)
+    return cfg.out_dir
+
+
+def save_result(cfg, model, tok, init_path):
+    """adapter.pt (sft.py's format: the adapters, their config, the base's path and SHA256) and merged.pt,
+    a standalone checkpoint of kind 'dpo' for sample.py and eval.py."""
+    if cfg.lora_r > 0 and cfg.save in ('adapter', 'both'):
+        sft.save_adapter(os.path.join(cfg.out_dir, 'adapter.pt'), model, init_path, tok)
+    if cfg.save in ('merged', 'both') or cfg.lora_r == 0:
+        if cfg.lora_r > 0:
+            merge_lora(model)
+        extra = dict(parent=init_path, parent_sha256=lumi.sha256_file(init_path),
+                     dpo=dict(loss_type=cfg.loss_type, beta=cfg.beta, label_smoothing=cfg.label_smoothing))
+        lumi.save_checkpoint(os.path.join(cfg.out_dir, 'merged.pt'),
+                             dict(lumi.checkpoint_meta(model, tok, 'dpo', **extra), model=model.state_dict()))
+    saved = [n for n in ('adapter.pt', 'merged.pt') if os.path.exists(os.path.join(cfg.out_dir, n))]
+    lumi.log(f"wrote {' and '.join(saved)} in {cfg.out_dir}")
+
+
+def report(cfg, seconds):
+    """The held-out figures at the first and the last evaluation, and the time taken."""
+    path = os.path.join(cfg.out_dir, 'metrics.jsonl')
+    evals = [r for r in lumi.read_jsonl(path) if 'val_reward_accuracy' in r] if os.path.exists(path) else []
+    if not evals:
+        lumi.log(f"done in {seconds / 60:.1f} min (no held-out evaluation)")
+        return
+    first, last = evals[0], evals[-1]
+    keys = [k for k in last if k.startswith(('val_reward_accuracy', 'val_reward_margin', 'val_kl', 'val_loss'))]
+    for k in keys:
+        lumi.log(f"{k:32s} step {first['step']}: {first.get(k, float('nan')):8.4f}   "
+                 f"step {last['step']}: {last[k]:8.4f}")
+    lumi.log(f"done in {seconds / 60:.1f} min")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

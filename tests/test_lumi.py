@@ -1,0 +1,279 @@
+"""lumi.py: the shared core (config loading, atomic files, the chat template, the training loop's exact
+resume) and the lab's command line (plot, info, and `run`, the whole pipeline end to end)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+
+import lumi
+from model import GPT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SVG = '{http://www.w3.org/2000/svg}'
+
+
+# -----------------------------------------------------------------------------
+# configuration
+
+DEFAULTS = dict(batch_size=8, learning_rate=1e-3, out_dir='out/x', compile=False, lora_targets=('q', 'v'),
+                sources=[('a', 1.0)], init_from='', seed=None)
+
+
+def test_config_file_then_overrides(tmp_path):
+    cfg_file = tmp_path / 'c.py'
+    cfg_file.write_text("batch_size = 4\nlearning_rate = 3\nlora_targets = ['q', 'k']\n"
+                        "n_layer = 12  # a key for another stage: ignored here\n_private = 1\n")
+    cfg = lumi.load_config(DEFAULTS, [str(cfg_file), '--batch_size=16', '--compile', '--out_dir=123',
+                                      '--init-from=ckpt.pt', '--seed=7'])
+    assert cfg.batch_size == 16 and cfg['compile'] is True
+    assert cfg.learning_rate == 3.0 and isinstance(cfg.learning_rate, float)  # an int where a float is due
+    assert cfg.lora_targets == ('q', 'k')  # a list where a tuple is due
+    assert cfg.out_dir == '123'  # a string key keeps a numeric-looking value as text
+    assert cfg.init_from == 'ckpt.pt' and cfg.seed == 7  # dashes read as underscores; None takes any type
+    assert 'n_layer' not in cfg and '_private' not in cfg and cfg.config_file == str(cfg_file)
+    assert DEFAULTS['batch_size'] == 8  # the defaults are not modified
+
+
+def test_later_override_wins_and_literals_parse():
+    cfg = lumi.load_config(DEFAULTS, ['--batch_size=2', '--batch_size=3', "--sources=[('b', 2.0)]"])
+    assert cfg.batch_size == 3 and cfg.sources == [('b', 2.0)]
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--batch_size=abc'], "'batch_size' must be int"),
+    (['--batch_size=2.5'], "'batch_size' must be int"),
+    (['--compile=1'], "'compile' must be bool"),
+    (['--learning_rate=fast'], "'learning_rate' must be float"),
+    (['--no_such_key=1'], "unknown config key 'no_such_key'"),
+    (['a.py', 'b.py'], 'at most one config file'),
+])
+def test_config_errors_name_the_key(argv, message):
+    with pytest.raises(ValueError, match=message) as e:
+        lumi.load_config(DEFAULTS, argv)
+    if 'must be' in message:
+        assert 'Known keys' in str(e.value)
+
+
+def test_config_file_with_a_wrong_type_names_the_file(tmp_path):
+    (tmp_path / 'bad.py').write_text("batch_size = 'eight'\n")
+    with pytest.raises(ValueError, match=r"bad\.py: 'batch_size' must be int"):
+        lumi.load_config(DEFAULTS, [str(tmp_path / 'bad.py')])
+    with pytest.raises(FileNotFoundError, match='config file not found'):
+        lumi.load_config(DEFAULTS, [str(tmp_path / 'missing.py')])
+
+
+# -----------------------------------------------------------------------------
+# files
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / 'state.json'
+    lumi.write_json(str(path), {'step': 1})
+
+    def half_then_crash(f):
+        f.write('{"step": 2, "half')
+        raise OSError('disk full')
+    with pytest.raises(OSError, match='disk full'):
+        lumi.atomic_write(str(path), half_then_crash, mode='w')
+    assert lumi.read_json(str(path)) == {'step': 1}
+    assert os.listdir(tmp_path) == ['state.json']  # no temp file left behind
+    lumi.atomic_write(str(tmp_path / 'new' / 'x.bin'), lambda f: f.write(b'\x00\x01'))
+    assert (tmp_path / 'new' / 'x.bin').read_bytes() == b'\x00\x01'
+
+
+def test_checkpoint_round_trip_and_newest(tmp_path, tokenizer, tiny_checkpoint):
+    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    for step in (5, 40, 7):
+        lumi.save_checkpoint(str(tmp_path / f'ckpt_{step:07d}.pt'), dict(ckpt, step=step))
+    (tmp_path / 'ckpt_notes.pt').write_text('not a step checkpoint')
+    assert lumi.find_checkpoint(str(tmp_path)).endswith('ckpt_0000040.pt')
+    newest = lumi.load_checkpoint(str(tmp_path))
+    assert newest['step'] == 40 and lumi.tokenizer_from_checkpoint(newest).sha256 == tokenizer.sha256
+    a, b = lumi.model_from_checkpoint(ckpt), lumi.model_from_checkpoint(newest)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match='checkpoint not found'):
+        lumi.load_checkpoint(str(tmp_path / 'missing.pt'))
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(FileNotFoundError, match=r'no checkpoint \(ckpt_\*\.pt\) in'):
+        lumi.load_checkpoint(str(tmp_path / 'empty'))
+    with pytest.raises(ValueError, match='must match'):
+        lumi.check_tokenizer('a' * 64, tokenizer.sha256, 'train.bin')
+
+
+# -----------------------------------------------------------------------------
+# the chat template
+
+def test_render_chat_masks_exactly_the_assistant_replies(tokenizer):
+    tok = tokenizer
+    messages = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hello there'},
+                {'role': 'assistant', 'content': 'Hi, how are you?'}, {'role': 'user', 'content': 'Fine.'},
+                {'role': 'assistant', 'content': 'Good to hear.'}]
+    ids, mask = lumi.render_chat(tok, messages)
+    # the reference, built piece by piece: BOS, then per message its role token, content and <|end|>
+    want_ids, want_mask = [lumi.BOS_ID], [0]
+    for m in messages:
+        body = tok.encode(m['content']) + [tok.end_id]
+        want_ids += [tok.role_id[m['role']]] + body
+        want_mask += [0] + [int(m['role'] == 'assistant')] * len(body)
+    assert ids == want_ids and mask == want_mask
+    learned = [i for i, k in zip(ids, mask) if k]
+    assert tok.decode(learned).replace('<|end|>', '|') .startswith('Hi, how are you?')
+    assert learned.count(tok.end_id) == 2 and sum(mask) == len(learned)
+    gen_ids, gen_mask = lumi.render_chat(tok, messages[:2], add_generation_prompt=True)
+    assert gen_ids[-1] == tok.role_id['assistant'] and sum(gen_mask) == 0
+    with pytest.raises(ValueError, match="message 1: unknown role 'bot'"):
+        lumi.render_chat(tok, [messages[0], {'role': 'bot', 'content': 'x'}])
+    with pytest.raises(ValueError, match='content must be a string'):
+        lumi.render_chat(tok, [{'role': 'user', 'content': None}])
+
+
+# -----------------------------------------------------------------------------
+# the training loop: an interrupted run, resumed, logs what the uninterrupted run logs, bit for bit
+
+class RandomBatches:
+    """Random token windows from a torch generator whose state is the sampler position."""
+
+    def __init__(self, vocab, seed=0):
+        self.vocab, self.g = vocab, torch.Generator().manual_seed(seed)
+
+    def next_batch(self):
+        x = torch.randint(0, 16, (4, 33), generator=self.g)  # a skewed unigram: learnable in a few steps
+        return x[:, :-1], x[:, 1:]
+
+    def state_dict(self):
+        return {'g': self.g.get_state()}
+
+    def load_state_dict(self, state):
+        self.g.set_state(state['g'])
+
+
+class Crash(Exception):
+    pass
+
+
+def _fit(out_dir, tiny_checkpoint, crash_at=None, resume='auto'):
+    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    model = lumi.model_from_checkpoint(ckpt)
+    model.cfg.dropout = 0.0
+    tok = lumi.tokenizer_from_checkpoint(ckpt)
+    cfg = lumi.load_config(lumi.TRAINING_DEFAULTS, [f'--out_dir={out_dir}', '--max_iters=12', '--eval_interval=5',
+                                                    '--ckpt_interval=4', '--warmup_iters=3', '--keep_last=1',
+                                                    '--device=cpu', '--dtype=float32', f'--resume={resume}'])
+    val = RandomBatches(model.cfg.vocab_size, seed=99).next_batch()
+    steps = []
+
+    def loss_fn(m, batch):
+        if crash_at is not None and len(steps) == crash_at:
+            raise Crash()
+        steps.append(1)
+        return m(batch[0], batch[1])[1]
+
+    def evaluate(m):
+        return {'val_loss': m(val[0], val[1])[1].item()}
+    path = lumi.fit(cfg, model, RandomBatches(model.cfg.vocab_size), loss_fn, evaluate,
+                    meta=lumi.checkpoint_meta(model, tok, 'pretrain'))
+    return path, lumi.read_jsonl(os.path.join(out_dir, 'metrics.jsonl'))
+
+
+def test_fit_resume_matches_the_uninterrupted_run(tmp_path, tiny_checkpoint):
+    path, full = _fit(str(tmp_path / 'a'), tiny_checkpoint)
+    assert path.endswith('ckpt_0000012.pt') and os.path.exists(tmp_path / 'a' / 'best.pt')
+    assert [r['step'] for r in full if 'loss' in r] == list(range(1, 13))
+    with pytest.raises(Crash):  # dies during step 7, after the checkpoints of steps 4 (interval) and 5 (best)
+        _fit(str(tmp_path / 'b'), tiny_checkpoint, crash_at=6)
+    assert lumi.load_checkpoint(str(tmp_path / 'b'))['step'] == 5
+    assert max(r['step'] for r in lumi.read_jsonl(str(tmp_path / 'b' / 'metrics.jsonl'))) == 6  # 6 is redone
+    path, resumed = _fit(str(tmp_path / 'b'), tiny_checkpoint)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ('tokens_per_sec', 'mfu')} for r in rs]
+    assert strip(resumed) == strip(full)  # losses, lr, grad norms and val losses: identical floats
+    a = lumi.load_checkpoint(str(tmp_path / 'a'))['model']
+    b = lumi.load_checkpoint(path)['model']
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    svg = ET.parse(tmp_path / 'b' / 'loss.svg')  # fit draws its curves at the end
+    assert svg.getroot().tag == SVG + 'svg'
+
+
+# -----------------------------------------------------------------------------
+# plot: a well-formed SVG whose polylines hold the logged points
+
+def _polylines(path):
+    root = ET.parse(path).getroot()
+    assert root.tag == SVG + 'svg'
+    out = {}
+    for p in root.iter(SVG + 'polyline'):
+        pts = [tuple(map(float, xy.split(','))) for xy in p.get('points').split()]
+        out[(p.get('data-run'), p.get('data-series'))] = pts
+    return out
+
+
+def _assert_linear_map(data, drawn, tol=0.02):
+    """Screen coordinates must be one affine map of the data (up to the 2-decimal rounding)."""
+    (d0, s0), (d1, s1) = min(zip(data, drawn)), max(zip(data, drawn))
+    scale = (s1 - s0) / (d1 - d0)
+    for d, s in zip(data, drawn):
+        assert abs(s0 + (d - d0) * scale - s) < tol
+
+
+def test_plot_svg_holds_every_point(tmp_path):
+    runs = []
+    for name, scale in (('small', 1.0), ('wide', 1.3)):
+        recs = []
+        for step in range(1, 31):
+            recs.append(dict(step=step, tokens=step * 128, loss=scale * (3 + 5 * math.exp(-step / 6)),
+                             lr=1e-3 * min(1, step / 5)))
+            if step % 10 == 0:
+                recs.append(dict(step=step, tokens=step * 128, val_loss=scale * (3.2 + 5 * math.exp(-step / 6))))
+        d = tmp_path / name
+        d.mkdir()
+        (d / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs) + '{"step": 31, "lo\n')
+        runs.append((str(d), recs))
+    out = str(tmp_path / 'both.svg')
+    lumi.main(['plot', runs[0][0], runs[1][0], f'--out={out}', '--title=loss <&> lr'])
+    lines = _polylines(out)
+    assert len(lines) == 6  # train loss, val loss, lr for each run
+    text = open(out).read()
+    assert 'loss &lt;&amp;&gt; lr' in text  # escaped, or the XML would not have parsed
+    for run_dir, recs in runs:
+        label = os.path.basename(run_dir)
+        for series, key in (('train loss', 'loss'), ('val loss', 'val_loss'), ('learning rate', 'lr')):
+            pts = lines[(label, series)]
+            rows = [r for r in recs if key in r]
+            assert len(pts) == len(rows)
+            _assert_linear_map([r['tokens'] for r in rows], [x for x, _ in pts])
+            _assert_linear_map([r[key] for r in rows], [y for _, y in pts])
+            # SVG's y grows downwards: a larger value is drawn higher up
+            assert (pts[0][1] < pts[-1][1]) == (rows[0][key] > rows[-1][key])
+    # both runs share the x axis: the same token count lands at the same x
+    assert lines[('small', 'train loss')][4][0] == lines[('wide', 'train loss')][4][0]
+
+
+def test_plot_without_anything_to_draw_is_an_error(tmp_path):
+    (tmp_path / 'metrics.jsonl').write_text('{"step": 1}\n')
+    with pytest.raises(ValueError, match='nothing to plot'):
+        lumi.plot_svg([lumi.read_run(str(tmp_path))], str(tmp_path / 'x.svg'))
+
+
+# -----------------------------------------------------------------------------
+# info
+
+def test_info_reports_the_checkpoint(tmp_path, tokenizer, tiny_checkpoint, capsys):
+    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    model = lumi.model_from_checkpoint(ckpt)
+    path = tmp_path / 'ckpt_0000042.pt'
+    lumi.save_checkpoint(str(path), dict(ckpt, step=42, max_iters=50, tokens_seen=12345, best_val=3.5,
+                                         metrics={'loss': 3.25}, config={'batch_size': 8}))
+    lumi.append_jsonl(str(tmp_path / 'metrics.jsonl'), {'step': 42, 'loss': 3.25, 'lr': 1e-4, 'tokens': 12345})
+    lumi.append_jsonl(str(tmp_path / 'metrics.jsonl'), {'step': 42, 'tokens': 12345, 'val_loss': 3.5})
+    info = lumi.main(['info', str(tmp_path)])
+    assert info['params'] == model.num_params() and info['params_no_embeddings'] == model.num_params(False)
+    assert info['tokens_seen'] == 12345 and info['step'] == 42 and info['kind'] == 'pretrain'
+    assert info['tokenizer_sha256'] == tokenizer.sha256 and info['vocab_size'] == tokenizer.vocab_size
+    assert info['last_eval']['val_loss'] == 3.5
+    out = capsys.readouterr().out
+    assert f"{model.num_params():,}" in out and tokenizer.sha256 in out and '12,345' in out and 'batch_size' in out

@@ -179,10 +179,12 @@ def from_chitchat(r):
             raise ValueError(f"chitchat record: field 'messages[{i}]' must be a non-empty list of utterances")
         if not all(isinstance(u, dict) and isinstance(u.get('text'), str) for u in turn):
             raise ValueError(f"chitchat record: field 'messages[{i}]' has an utterance without a string 'text'")
+        text = '\n'.join(u['text'].strip() for u in turn if u['text'].strip())
+        if not text:  # a turn of empty utterances says nothing
+            continue
         sender = turn[0].get('sender')
         first = sender if first is None else first
         role = 'user' if sender == first else 'assistant'
-        text = '\n'.join(u['text'].strip() for u in turn)
         if out and out[-1]['role'] == role:  # one sender twice in a row: one turn
             out[-1]['content'] += '\n' + text
         else:
@@ -214,7 +216,7 @@ def check_conversation(msgs):
     """Drop trailing turns nobody answers; require text in every turn and at least one reply to learn."""
     for i, m in enumerate(msgs):
         if not m['content'].strip():
-            raise ValueError(f"message {i} ({m['role']}) is empty")
+            raise ValueError(f"message {i}: empty {m['role']} message")
         if m['role'] == 'system' and i > 0:
             raise ValueError(f"message {i}: a system message may only come first")
     while msgs and msgs[-1]['role'] != 'assistant':
@@ -371,16 +373,16 @@ def prepare_sft_data(tok, srcs, block_size, cache_dir='data/sft', val_frac=0.02,
             text = json.dumps(msgs, sort_keys=True, ensure_ascii=False).encode()
             digest = hashlib.sha256(text).digest()
             if digest in seen:
-                src['duplicates dropped'] = src.get('duplicates dropped', 0) + 1
+                src['duplicates dropped'] += 1
                 continue
             seen.add(digest)
             full = len(lumi.render_chat(tok, msgs)[0])
             out = render_example(tok, msgs, block_size)
             if out is None:
-                src['dropped: prompt fills the context'] = src.get('dropped: prompt fills the context', 0) + 1
+                src['dropped: prompt fills the context'] += 1
                 continue
             if len(out[0]) < full:
-                src['truncated'] = src.get('truncated', 0) + 1
+                src['truncated'] += 1
             ids.append(np.asarray(out[0], dtype=np.int32))
             masks.append(np.asarray(out[1], dtype=np.bool_))
             lengths.append(len(out[0]))

@@ -261,7 +261,7 @@ def test_bad_records_raise_clear_errors_and_are_skipped_and_counted(tmp_path):
     with pytest.warns(UserWarning, match='malformed JSON line'):
         convs = list(sft.load_conversations(str(path), stats=stats))
     assert len(convs) == 2 and stats['skipped'] == 2 and stats['malformed_lines'] == 1
-    assert stats["skipped: field 'output' is missing"] == 1 and stats['skipped: message 1 (assistant) is empty'] == 1
+    assert stats["skipped: field 'output' is missing"] == 1 and stats['skipped: empty assistant message'] == 1
 
 
 def test_truncation_rule(tokenizer):

@@ -1,0 +1,133 @@
+"""
+Step time and peak memory of LoRA fine-tuning against full fine-tuning, one fresh process per arm so that
+each arm's peak memory is its own.
+
+    python benchmarks/bench_lora.py                      # the model of configs/tiny.py, batch 8 x 256
+    python benchmarks/bench_lora.py --batch_size=4 --steps=5
+
+Arms: full fine-tuning, then LoRA (all seven projections) at r=8 and r=16 through the torch path. On CUDA
+two more: LoRA r=16 through the fused Triton kernel, and the torch path beside it, in bf16 autocast.
+A step is forward + backward + grad clip + AdamW on random tokens (the data does not change the cost).
+Memory: CPU, the peak resident set (ru_maxrss) of the arm's process above what it held once torch was
+imported; CUDA, torch.cuda.max_memory_allocated. Ratios are against the full fine-tuning arm of this run.
+"""
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import lumi  # noqa: E402
+import model as model_lib  # noqa: E402
+from model import GPT, ModelConfig, apply_lora  # noqa: E402
+
+config = os.path.join(ROOT, 'configs', 'tiny.py')  # model shape: its n_layer, n_embd, ... (if present)
+batch_size = 8
+seq_len = 256
+steps = 10
+warmup = 3
+threads = 2
+arm = ''  # set by the parent for each child process
+device = 'auto'
+DEFAULTS = lumi.config_defaults(globals())
+TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+
+
+def model_config(path):
+    """ModelConfig from the model keys of a config file (the rest of it is other stages' business)."""
+    fields = ModelConfig.__dataclass_fields__
+    values = {}
+    if path and os.path.exists(path):
+        namespace = {}
+        exec(compile(open(path).read(), path, 'exec'), namespace)
+        values = {k: v for k, v in namespace.items() if k in fields}
+    return ModelConfig(**values)
+
+
+def run_arm(cfg):
+    """One arm in this process: returns its timings and memory as a dict."""
+    dev = lumi.pick_device(cfg.device)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    torch.manual_seed(0)
+    torch.set_num_threads(cfg.threads)
+    mcfg = model_config(cfg.config)
+    mcfg.block_size = max(mcfg.block_size, cfg.seq_len)
+    model = GPT(mcfg)
+    kind, _, rest = cfg.arm.partition('_r')
+    if kind != 'full':
+        r, _, path = rest.partition('_')
+        apply_lora(model, r=int(r), alpha=2.0 * int(r), targets=TARGETS)
+        if path == 'torch':  # the LoRA dispatch alone falls back to torch; attention keeps its kernel
+            kernel = model_lib._kernel
+            model_lib._kernel = lambda name: None if name == 'lora' else kernel(name)
+    model.to(dev).train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    opt = lumi.make_optimizer(model, lumi.Config(lumi.TRAINING_DEFAULTS), dev)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(4, mcfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), generator=g).to(dev)
+    dtype = 'bfloat16' if dev.startswith('cuda') else 'float32'
+    if dev.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(cfg.warmup + cfg.steps):
+        if dev.startswith('cuda'):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with lumi.autocast(dev, dtype):
+            _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.startswith('cuda'):
+            torch.cuda.synchronize()
+        if i >= cfg.warmup:
+            times.append(time.perf_counter() - t0)
+    if dev.startswith('cuda'):
+        mem = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
+    return dict(arm=cfg.arm, device=torch.cuda.get_device_name() if dev.startswith('cuda') else 'cpu',
+                step_ms=1000 * statistics.median(times), tok_s=cfg.batch_size * cfg.seq_len / statistics.median(times),
+                mem_mb=mem, trainable=trainable, total=total, loss=float(loss))
+
+
+def main(argv):
+    cfg = lumi.load_config(DEFAULTS, argv)
+    if cfg.arm:
+        print(json.dumps(run_arm(cfg)))
+        return
+    arms = ['full', 'lora_r8_torch', 'lora_r16_torch']
+    if torch.cuda.is_available() and cfg.device != 'cpu':
+        arms.append('lora_r16_fused')
+    mcfg = model_config(cfg.config)
+    print(f"model {mcfg.n_layer} layers, d {mcfg.n_embd}, ffn {mcfg.ffn_hidden}, heads {mcfg.n_head}/{mcfg.n_kv_head}, "
+          f"vocab {mcfg.vocab_size}; batch {cfg.batch_size} x {cfg.seq_len}, {cfg.steps} timed steps after "
+          f"{cfg.warmup}, {cfg.threads} threads", flush=True)
+    results = []
+    for name in arms:
+        args = [sys.executable, os.path.abspath(__file__), f'--arm={name}'] + [a for a in argv if not a.startswith('--arm')]
+        out = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(cfg.threads)))
+        if out.returncode:
+            raise SystemExit(f"arm {name} failed:\n{out.stderr[-3000:]}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"  {name}: done", flush=True)
+    full = results[0]
+    mem_name = 'peak CUDA MB' if full['device'] != 'cpu' else 'peak RSS MB'
+    print(f"\ndevice {full['device']}")
+    print(f"{'arm':16s} {'trainable':>16s} {'step ms':>9s} {'tok/s':>9s} {'time/full':>10s} {mem_name:>13s} {'mem/full':>9s}")
+    for r in results:
+        print(f"{r['arm']:16s} {r['trainable']:>9,d} {100 * r['trainable'] / r['total']:5.2f}% {r['step_ms']:9.1f} "
+              f"{r['tok_s']:9,.0f} {r['step_ms'] / full['step_ms']:10.2f} {r['mem_mb']:13.0f} {r['mem_mb'] / full['mem_mb']:9.2f}")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

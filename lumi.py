@@ -512,6 +512,12 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
         with torch.no_grad(), autocast(device, dtype):
             out = evaluate(raw)
         raw.train()
+        if world > 1 and out:  # ranks must agree on `improved`, or only some of them enter save()'s gather
+            import torch.distributed as dist
+            keys = sorted(k for k, v in out.items() if isinstance(v, (int, float)))
+            t = torch.tensor([float(out[k]) for k in keys], dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            out = dict(out, **{k: t[i].item() / world for i, k in enumerate(keys)})
         return out
 
     def save(path_step, val_metrics, last_metrics):
@@ -538,13 +544,20 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
     t_start = time.time()
     budget_s = cfg.max_minutes * 60
     planned = not (budget_s > 0 and not ckpt_path)  # plan the schedule from measured speed, once
-    last, final_path = {}, None
+    last, final_path = {}, ckpt_path  # resuming a finished run returns the checkpoint it resumed
+    timed_steps, timed_s = 0, 0.0  # for the plan: steps after the first one (compile, warm-up) and their time
     raw.train()
     bar = tqdm(total=max_iters or None, initial=step, disable=not master, dynamic_ncols=True, desc=cfg.out_dir)
     eval_s, resumed_at = 0.0, step if ckpt_path else -1
     while True:
         # evaluate and checkpoint on schedule, and at the end; the step we resumed at was done before
-        done = (max_iters and step >= max_iters) or (budget_s > 0 and time.time() - t_start > budget_s * 1.05)
+        done = bool(max_iters and step >= max_iters)
+        if budget_s > 0 and not done:  # the clock is a safety net past the plan; every rank must agree on it
+            over = torch.tensor(float(time.time() - t_start > budget_s * 1.05), device=device)
+            if world > 1:
+                import torch.distributed as dist
+                dist.all_reduce(over, op=dist.ReduceOp.MAX)
+            done = bool(over.item())
         if step == resumed_at:
             pass
         elif step % cfg.eval_interval == 0 or done:
@@ -602,6 +615,8 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         step += 1
+        if step > 1:
+            timed_steps, timed_s = timed_steps + 1, timed_s + dt
         tokens_seen += step_tokens
         tps = step_tokens / max(dt, 1e-9)
         last = dict(step=step, loss=loss_val, lr=lr, tokens=tokens_seen, tokens_per_sec=round(tps, 1),
@@ -613,11 +628,17 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
             append_jsonl(metrics_path, last)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * last['mfu']:.1f}%")
-        if not planned and step >= min(10, max(3, cfg.warmup_iters // 2)):
-            # fit the schedule to the clock: steps left = time left / step time, less the evals to come
-            per_step = (time.time() - t_start - eval_s) / step
+        if not planned and timed_steps >= max(2, min(10, cfg.warmup_iters // 2)):
+            # fit the schedule to the clock: steps left = time left / step time, less the evals to come. The
+            # first step is not timed: it holds torch.compile's compilation (~30 s on a 2-core CPU).
+            per_step = timed_s / timed_steps
             left = budget_s - (time.time() - t_start)
             n = int(left / (per_step + eval_s / max(1, cfg.eval_interval)))
+            if world > 1:  # rank 0's plan for all: ranks that stopped at different steps would hang
+                import torch.distributed as dist
+                t = torch.tensor([n], dtype=torch.int64, device=device)
+                dist.broadcast(t, 0)
+                n = int(t.item())
             max_iters = max(step + 1, min(max_iters or 10**12, step + n))
             planned = True
             bar.total = max_iters

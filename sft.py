@@ -36,8 +36,8 @@ import hashlib
 import json
 import math
 import os
-import sys
 import itertools
+import sys
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -66,7 +66,7 @@ lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 learning_rate = 1e-3            # LoRA wants a larger step than full fine-tuning (use ~1e-4 with lora_r=0)
 min_lr = 1e-4
 warmup_iters = 20
-weight_decay = 0.0              # decaying adapters pulls them towards the base model, not towards zero risk
+weight_decay = 0.0              # on adapters, decay pulls the model back to the base; most LoRA recipes skip it
 batch_size = 16
 eval_interval = 50
 eval_iters = 10
@@ -196,6 +196,11 @@ FORMATS = {'alpaca': from_alpaca, 'dolly': from_dolly, 'messages': from_messages
            'chitchat': from_chitchat}
 
 
+def _is_oasst(r):
+    return isinstance(r, dict) and ('message_id' in r and 'parent_id' in r
+                                    or isinstance(r.get('prompt'), dict) and 'replies' in r['prompt'])
+
+
 def detect_format(r):
     if not isinstance(r, dict):
         raise ValueError(f"record must be a JSON object, got {type(r).__name__}")
@@ -206,7 +211,7 @@ def detect_format(r):
         return 'chitchat' if isinstance(msgs, list) and msgs and isinstance(msgs[0], list) else 'messages'
     if 'instruction' in r:
         return 'dolly' if 'response' in r or 'context' in r and 'output' not in r else 'alpaca'
-    if 'message_id' in r and 'parent_id' in r or isinstance(r.get('prompt'), dict) and 'replies' in r['prompt']:
+    if _is_oasst(r):
         return 'oasst'
     raise ValueError(f"unknown record format, fields {sorted(r)[:12]}: expected alpaca (instruction/input/output), "
                      f"dolly (instruction/context/response), messages, sharegpt (conversations) or oasst")
@@ -298,7 +303,7 @@ def load_conversations(spec, fmt='auto', stats=None, template_vars=None):
         if first is None:
             return
         records = itertools.chain([first], records)
-        if fmt == 'oasst' or fmt == 'auto' and detect_format(first) == 'oasst':
+        if fmt == 'oasst' or fmt == 'auto' and _is_oasst(first):
             convs = oasst_conversations(records, stats)
         else:
             convs = _convert(records, fmt, spec, stats)
@@ -321,13 +326,15 @@ def _convert(records, fmt, spec, stats):
 # -----------------------------------------------------------------------------
 # the chat template with the truncation rule
 
-def render_example(tok, messages, block_size):
+def render_example(tok, messages, block_size, stats=None):
     """(ids, mask) of at most block_size + 1 tokens (block_size input/target pairs), cut by the rule in the
-    module docstring; None when the prompt alone fills the context and nothing is left to learn."""
+    module docstring (and counted in stats['truncated']); None when the prompt alone fills the context."""
     ids, mask = lumi.render_chat(tok, messages)
     limit = block_size + 1
     if len(ids) <= limit:
         return ids, mask
+    if stats is not None:
+        stats['truncated'] = stats.get('truncated', 0) + 1
     ends = [i + 1 for i in range(limit) if mask[i] and ids[i] == tok.end_id]  # whole replies that fit
     cut = ends[-1] if ends else limit
     if not any(mask[1:cut]):
@@ -376,13 +383,10 @@ def prepare_sft_data(tok, srcs, block_size, cache_dir='data/sft', val_frac=0.02,
                 src['duplicates dropped'] += 1
                 continue
             seen.add(digest)
-            full = len(lumi.render_chat(tok, msgs)[0])
-            out = render_example(tok, msgs, block_size)
+            out = render_example(tok, msgs, block_size, src)
             if out is None:
                 src['dropped: prompt fills the context'] += 1
                 continue
-            if len(out[0]) < full:
-                src['truncated'] += 1
             ids.append(np.asarray(out[0], dtype=np.int32))
             masks.append(np.asarray(out[1], dtype=np.bool_))
             lengths.append(len(out[0]))

@@ -478,11 +478,20 @@ def sft_loss(model, batch):
     return loss, {'tokens': int((x != lumi.PAD_ID).sum()), 'assistant_tokens': int((y != -1).sum())}
 
 
+def mixed_order(prepared, examples, weights, seed):
+    """examples in a seeded random order whose every prefix mixes the sources as training does (weight x
+    size): a weighted shuffle (Efraimidis-Spirakis keys u^(1/w)); weight-0 sources are left out."""
+    examples = np.asarray(examples, dtype=np.int64)
+    w = np.asarray(weights, dtype=np.float64)[prepared['source'].numpy()[examples]]
+    keys = np.random.default_rng(seed).random(len(examples)) ** (1 / np.maximum(w, 1e-12))
+    return examples[np.argsort(-keys, kind='stable')][:int((w > 0).sum())]
+
+
 def make_evaluate(prepared, val_examples, batch_size, max_batches, names):
-    """Held-out loss on assistant tokens, token-weighted, over a fixed set of held-out conversations, overall
-    and per source."""
+    """Held-out loss on assistant tokens, token-weighted, over a fixed set of held-out conversations (the
+    first of val_examples), overall and per source."""
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), prepared['lengths'].cumsum(0)])
-    picked = np.random.default_rng(0).permutation(np.asarray(val_examples, dtype=np.int64))[:batch_size * max_batches]
+    picked = np.asarray(val_examples[:batch_size * max_batches], dtype=np.int64)
     picked = picked[np.argsort(prepared['lengths'].numpy()[picked], kind='stable')]
     batches = [picked[i:i + batch_size] for i in range(0, len(picked), batch_size)]
 
@@ -575,29 +584,34 @@ def sample_replies(model, tok, prompts, max_new_tokens, temperature, seed=0):
     return out
 
 
-def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperature, batch_size=16):
-    """The share of n held-out prompts (first user turn) whose sampled reply ends with <|end|> within
-    max_new_tokens, and the same share for the reference replies."""
+def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperature, names, batch_size=16):
+    """Sample replies to n held-out prompts (the first user turn of the first val_examples that leave room
+    for max_new_tokens) and count those that end with <|end|> within max_new_tokens, overall and per source;
+    the same count for the reference replies shows what the data itself allows."""
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), prepared['lengths'].cumsum(0)])
-    prompts, ref_ok = [], 0
-    for i in np.random.default_rng(1).permutation(np.asarray(val_examples, dtype=np.int64)):
+    prompts, ref_ok, src = [], [], []
+    for i in val_examples:
         a, b = int(offsets[i]), int(offsets[i + 1])
         ids, mask = prepared['ids'][a:b].tolist(), prepared['mask'][a:b].tolist()
         start = mask.index(1)  # the prompt ends with <|assistant|>, the first learned token follows
         if start + max_new_tokens > model.cfg.block_size:
             continue
         prompts.append(ids[:start])
-        reply = ids[start:]
-        ref_ok += tok.end_id in reply and reply.index(tok.end_id) < max_new_tokens
+        ref_ok.append(tok.end_id in ids[start:start + max_new_tokens])
+        src.append(names[int(prepared['source'][i])])
         if len(prompts) == n:
             break
     model.eval()
-    ended = 0
+    ended = []
     for s in range(0, len(prompts), batch_size):
-        for reply in sample_replies(model, tok, prompts[s:s + batch_size], max_new_tokens, temperature, seed=s):
-            ended += bool(reply) and reply[-1] == tok.end_id
-    return dict(format_prompts=len(prompts), format_end_rate=ended / max(1, len(prompts)),
-                format_reference_end_rate=ref_ok / max(1, len(prompts)))
+        replies = sample_replies(model, tok, prompts[s:s + batch_size], max_new_tokens, temperature, seed=s)
+        ended += [bool(r) and r[-1] == tok.end_id for r in replies]
+    out = dict(format_prompts=len(prompts), format_end_rate=float(np.mean(ended)) if ended else 0.0,
+               format_reference_end_rate=float(np.mean(ref_ok)) if ref_ok else 0.0)
+    for name in dict.fromkeys(src):
+        out[f'format_end_rate_{name}'] = float(np.mean([e for e, s in zip(ended, src) if s == name]))
+        out[f'format_prompts_{name}'] = src.count(name)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -633,7 +647,8 @@ def main(argv=None):
     if world > 1 and rank == 0:
         torch.distributed.barrier()
     val_mask = prepared['val'].numpy()
-    train_ex, val_ex = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+    train_ex = np.flatnonzero(~val_mask)
+    val_ex = mixed_order(prepared, np.flatnonzero(val_mask), [w for _, w in srcs], cfg.seed)  # mixed as in training
     lengths = prepared['lengths'].float()
     lumi.log(f"{len(train_ex)} train / {len(val_ex)} held-out conversations, mean {lengths.mean():.0f} tokens, "
              f"{prepared['mask'].float().mean():.0%} of them assistant tokens")
@@ -668,12 +683,18 @@ def main(argv=None):
     lumi.log(f"wrote {'adapter.pt and ' if cfg.lora_r > 0 else ''}merged.pt in {cfg.out_dir}")
     if cfg.format_samples and len(val_ex):
         fc = format_check(model, tok, prepared, val_ex, cfg.format_samples, cfg.format_max_new_tokens,
-                          cfg.format_temperature)  # in fp32: the cache holds what the layers produce
-        lumi.log(f"format check: {fc['format_end_rate']:.0%} of {fc['format_prompts']} sampled replies to held-out "
-                 f"prompts end with <|end|> within {cfg.format_max_new_tokens} tokens (reference replies: "
-                 f"{fc['format_reference_end_rate']:.0%})")
+                          cfg.format_temperature, names)  # in fp32: the cache holds what the layers produce
+        per_source = ', '.join(f"{k[16:]} {v:.0%} of {fc['format_prompts_' + k[16:]]}" for k, v in fc.items()
+                               if k.startswith('format_end_rate_'))
+        lumi.log(f"format check: {fc['format_end_rate']:.1%} of {fc['format_prompts']} sampled replies to held-out "
+                 f"prompts (T={cfg.format_temperature}) end with <|end|> within {cfg.format_max_new_tokens} tokens "
+                 f"({per_source}); reference replies: {fc['format_reference_end_rate']:.1%}")
         step = int(os.path.basename(final)[5:-3]) if final else 0
         lumi.append_jsonl(os.path.join(cfg.out_dir, 'metrics.jsonl'), dict(step=step, **fc))
+    evals = [r for r in lumi.read_jsonl(os.path.join(cfg.out_dir, 'metrics.jsonl')) if 'val_loss' in r]
+    if len(evals) > 1:
+        lumi.log(f"held-out assistant loss: {evals[0]['val_loss']:.4f} at step {evals[0]['step']} -> "
+                 f"{evals[-1]['val_loss']:.4f} at step {evals[-1]['step']}")
     return os.path.join(cfg.out_dir, 'merged.pt')
 
 

@@ -20,6 +20,7 @@ The report is JSON (one entry per task, plus 'meta') and a Markdown table printe
 Deliberately left out: few-shot prompting, generation-based tasks (GSM8K), and chat-formatted choice
 prompts for SFT models (plain prompts are how zero-shot choice tasks are scored, so runs compare).
 """
+import itertools
 import math
 import os
 import re
@@ -121,8 +122,8 @@ def score(model, requests, device='cpu', dtype='float32', batch_tokens=16384, de
         b_i, p_i, t_i, r_i = (torch.from_numpy(np.concatenate(a)).to(device) for a in (b_i, p_i, t_i, r_i))
         with lumi.autocast(device, dtype):
             hidden = model(torch.from_numpy(idx).to(device), return_hidden=True)
-        for s in range(0, len(t_i), 2048):  # chunks keep the logits at 2048 x vocab
-            sl = slice(s, s + 2048)
+        for s in range(0, len(t_i), 1024):  # chunks keep the logits at 1024 x vocab
+            sl = slice(s, s + 1024)
             with lumi.autocast(device, dtype):
                 logits = model.lm_head(hidden[b_i[sl], p_i[sl]])
             logp = F.log_softmax(logits.float(), dim=-1).gather(1, t_i[sl, None]).squeeze(1)
@@ -241,17 +242,20 @@ def load_examples(name, source, limit=0):
 
 def choice_requests(tok, examples, block_size):
     """One scoring request per (example, choice): BOS + context + choice, left-truncated to block_size + 1
-    tokens (the end holds the answer). The choice's tokens are those the joint encoding adds after the
-    context's, as a tokenizer would split them in running text. Returns (requests, truncated count)."""
+    tokens (the end holds the answer). The text is encoded whole, as running text would be, and the
+    choice's tokens are those after the longest prefix it shares with the context's own encoding (all of
+    the context's tokens, unless a piece merged across the boundary). Returns (requests, truncated)."""
     contexts = tok.encode_batch([c for c, _, _ in examples])
     joint = tok.encode_batch([c + ch for c, chs, _ in examples for ch in chs])
     requests, truncated, k = [], 0, 0
     for (c, chs, _), ctx in zip(examples, contexts):
-        for ch in chs:
+        for _ in chs:
             full = joint[k]
             k += 1
-            cont = full[len(ctx):] if full[:len(ctx)] == ctx and len(full) > len(ctx) else tok.encode(ch)
-            seq = [BOS_ID] + ctx + cont
+            n = min(len(ctx), len(full) - 1)  # at least one token of the choice
+            differ = np.flatnonzero(np.asarray(ctx[:n]) != np.asarray(full[:n]))
+            split = int(differ[0]) if len(differ) else n
+            seq, cont = [BOS_ID] + full, full[split:]
             if len(seq) > block_size + 1:
                 seq, truncated = seq[-(block_size + 1):], truncated + 1
                 cont = cont[-block_size:]
@@ -346,7 +350,9 @@ def ppl_result(nats, tokens, nbytes, t0, **extra):
 
 
 def ppl_bins(model, tok, data_dir, stride=0, limit=0, device='cpu', dtype='float32', batch_tokens=16384):
-    """Loss, perplexity and bits per byte over the whole val.bin (memory-mapped), in strided windows."""
+    """Loss, perplexity and bits per byte over the whole val.bin (memory-mapped), in strided windows. The
+    targets are every token after the first, each document's EOS and the next BOS included, as training
+    saw them; those carry no bytes."""
     import data
     t0 = time.time()
     meta = data.load_meta(data_dir)
@@ -354,6 +360,8 @@ def ppl_bins(model, tok, data_dir, stride=0, limit=0, device='cpu', dtype='float
     tokens = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.uint16, mode='r')
     block = model.cfg.block_size
     spans = window_spans(len(tokens), block, stride or block)
+    if not spans:
+        raise ValueError(f"{data_dir}/val.bin holds {len(tokens)} tokens: nothing to score")
     if limit:
         spans = spans[:limit]
     table, opens_with_space = token_bytes(tok)
@@ -478,8 +486,7 @@ def parse_tasks(spec):
 def evaluate(path, cfg):
     """Run every task in cfg.tasks on one checkpoint; returns the report (task -> metrics, plus 'meta')."""
     device = lumi.pick_device(cfg.device)
-    dtype = 'bfloat16' if cfg.dtype == 'auto' and device.startswith('cuda') else \
-        'float32' if cfg.dtype == 'auto' else cfg.dtype
+    dtype = lumi.resolve_dtype(cfg, device)
     lumi.seed_everything(cfg.seed)
     model, tok, ckpt = load_model(path, device)
     run_cfg = ckpt.get('config') or {}
@@ -495,7 +502,7 @@ def evaluate(path, cfg):
             import data
             docs = data.iter_documents(cfg.text, max_chars=1 << 62)  # whole documents: windows handle length
             if cfg.limit:
-                docs = (d for i, d in zip(range(cfg.limit), docs))
+                docs = itertools.islice(docs, cfg.limit)
             report[name] = ppl_documents(model, tok, docs, cfg.stride, source=cfg.text, **common)
         elif name == 'ppl':
             dirs = run_cfg.get('data_dir') or run_cfg.get('data_dirs') or 'data/starter'

@@ -71,6 +71,8 @@ def test_batched_scorer_matches_a_full_forward_per_request(gpt, tokenizer):
                 ("To be, or not to be, " * 12 + "that is the", [" question", " answer", " quick brown fox"], 0)]
     requests, truncated = ev.choice_requests(tokenizer, examples, gpt.cfg.block_size)
     assert truncated >= 1  # the long context was cut to the block
+    inp = requests[0][0]
+    requests += [(inp, len(inp) - 1, [17]), (inp, len(inp) - 1, [42])]  # one-token answers: one shared row
     for batch_tokens in (64, 100_000):  # one row per pass (padding-free) and everything padded into one pass
         got = ev.score(gpt, requests, batch_tokens=batch_tokens)
         want = [reference_sum(gpt, *r) for r in requests]
@@ -85,6 +87,13 @@ def test_contexts_are_truncated_from_the_left(tokenizer):
     assert list(inp) + [cont[-1]] == full[-33:]  # the end (the answer) is kept
     assert list(cont) == full[-len(cont):] and pos == 32 - len(cont)
     assert tokenizer.decode(cont).strip() == choice.strip()
+
+
+def test_a_choice_that_merges_with_its_context_is_scored_as_running_text(tokenizer):
+    (inp, pos, cont), = ev.choice_requests(tokenizer, [("the quick bro", ["wn fox"], 0)], 64)[0]
+    full = [lumi.BOS_ID] + tokenizer.encode("the quick brown fox")
+    assert list(inp) + [cont[-1]] == full and list(cont) == full[pos + 1:]
+    assert tokenizer.decode(cont).endswith("fox") and 0 < len(cont) < len(full) - 1
 
 
 def test_rigged_model_forces_the_answer_and_baselines(tokenizer):
@@ -276,3 +285,12 @@ def test_bad_records_are_counted_and_two_checkpoints_compare(tiny_checkpoint, bo
     assert '| task | metric | A | B | B - A |' in md and '| boolq | accuracy |' in md and '+0.0000' in md
     with pytest.raises(ValueError, match='unknown tasks'):
         ev.main([tiny_checkpoint, '--tasks=ppl,mmlu'])
+
+
+def test_ppl_on_a_text_file(tiny_checkpoint, tmp_path):
+    text = "To be, or not to be, that is the question. " * 30 + "Thou art more lovely and more temperate."
+    (tmp_path / 'sonnet.txt').write_text(text)
+    report = ev.main([tiny_checkpoint, '--tasks=ppl', f'--text={tmp_path / "sonnet.txt"}', '--stride=32'])
+    r = report['ppl']
+    assert r['documents'] == 1 and r['bytes'] == len(text.encode('utf-8')) and r['tokens'] > 64
+    assert r['bpb'] == pytest.approx(r['loss'] * r['tokens'] / math.log(2) / r['bytes'])

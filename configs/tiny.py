@@ -1,0 +1,36 @@
+# tiny: the seed design's smallest model, 14,683,392 parameters (6,294,784 without the tied 32768 x 256
+# embedding). Sized for a 2-core CPU, where ten minutes take the val loss far below the unigram entropy:
+#   python train.py configs/tiny.py --max_minutes=10
+# Without --max_minutes it trains 20 tokens per parameter (294M tokens: minutes on a GPU, days on a CPU).
+
+# data: the built-in starter corpus (data.py's default sources); data.py builds it here on first use
+data_dir = 'data/starter'
+vocab_size = 32768
+out_dir = 'out/tiny'
+
+# model
+n_layer = 6
+n_head = 4                  # head_dim 64
+n_kv_head = 4
+n_embd = 256
+ffn_hidden = 1024
+block_size = 1024
+dropout = 0.0
+tie_embeddings = True
+
+# training: 4 x 1024 tokens a step. On a CPU a short run is step-bound, so a small batch and a high peak
+# learning rate buy more updates; compile + bf16 autocast (dtype auto on a CPU with AVX512-BF16) is the
+# fastest correct setting measured on 2 cores (docs/BENCHMARKS.md), and compiling costs ~30-60 s once.
+batch_size = 4
+gradient_accumulation_steps = 1
+learning_rate = 2e-3
+min_lr = 1e-4
+warmup_iters = 20
+lr_schedule = 'cosine'
+weight_decay = 0.1
+grad_clip = 1.0
+compile = True
+dtype = 'auto'
+eval_interval = 100
+eval_iters = 10
+ckpt_interval = 100

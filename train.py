@@ -1,0 +1,210 @@
+"""
+Stage 40: pretrain a LLaMA-style model (model.py) from scratch on the uint16 token bins that data.py writes.
+
+    python train.py configs/tiny.py                      # prepares data/starter first if its bins are missing
+    python train.py configs/tiny.py --max_minutes=10     # the LR schedule is fitted to a 10-minute budget
+    python train.py configs/tiny.py --data_dir=D --out_dir=O --max_iters=N --n_layer=4 --batch_size=16
+    torchrun --nproc_per_node=2 train.py configs/tiny.py # DDP: nccl on GPU, gloo on CPU
+
+The loop itself (AdamW with decay groups, warmup + cosine or warmup-stable-decay, accumulation, clipping,
+bf16 autocast, torch.compile, DDP, metrics.jsonl, atomic checkpoints with every RNG and the sampler's
+position, --resume=auto, the NaN stop) is lumi.fit, which sft.py and dpo.py run too. This file decides what
+pretraining is: the model's shape, the token budget, the batches, the held-out loss, and the report at the
+end (val loss against the unigram entropy of the val set, the loss of a model that ignores context).
+
+Deliberately left out: initialising from another checkpoint (sft.py's init_from does that), curriculum or
+sequence-length warm-up, and mixing several bin sets (data.BinLoader can, one data_dir is enough here).
+"""
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import data
+import lumi
+from model import GPT, ModelConfig
+
+# -----------------------------------------------------------------------------
+# defaults: any of them can be set in a config file (configs/tiny.py) or as --key=value; lumi.TRAINING_DEFAULTS
+# adds the loop's keys (learning_rate, batch_size, max_iters, max_minutes, compile, dtype, out_dir, ...)
+
+# model: the seed design's tiny model
+n_layer = 6
+n_head = 4
+n_kv_head = 4               # < n_head: grouped-query attention
+n_embd = 256
+ffn_hidden = 1024
+block_size = 1024
+dropout = 0.0
+tie_embeddings = True
+rope_theta = 10000.0
+# (no vocab_size here: the model's is the tokenizer's, read from the bins' meta.json. A config file's
+# vocab_size is data.py's, the size of the tokenizer it trains when the bins are missing.)
+# data
+data_dir = 'data/starter'   # the built-in starter corpus; bins missing here are built first through data.py
+# budget: max_iters = 0 trains tokens_per_param tokens per parameter (Chinchilla: 20)
+tokens_per_param = 20.0
+# precision: auto is bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 elsewhere
+dtype = 'auto'
+out_dir = 'out/pretrain'
+
+DEFAULTS = {**lumi.TRAINING_DEFAULTS, **lumi.config_defaults(globals())}
+MODEL_KEYS = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden', 'block_size', 'dropout',
+              'tie_embeddings', 'rope_theta')
+
+
+# -----------------------------------------------------------------------------
+# pieces main() is made of
+
+def resolve_dtype(name, device):
+    """bf16 autocast where the hardware computes in it natively. On this project's 2-core AVX512-BF16 CPU it
+    trains the tiny model faster than fp32 (docs/BENCHMARKS.md); without native bf16 it is emulated, slower."""
+    if name != 'auto':
+        return name
+    if device.startswith('cuda'):
+        return 'bfloat16'
+    native = [getattr(torch.cpu, f, lambda: False) for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
+    return 'bfloat16' if any(f() for f in native) else 'float32'
+
+
+def prepare_data(cfg, rank):
+    """Make sure finished bins exist in cfg.data_dir; on a fresh machine rank 0 builds them with data.py,
+    reading the same config file (its sources and vocab_size), while the other ranks wait for meta.json."""
+    if data.data_ready(cfg.data_dir):
+        return
+    if rank == 0:
+        lumi.log(f"{cfg.data_dir} has no finished bins: preparing them with data.py first")
+        data.main(([cfg.config_file] if cfg.get('config_file') else []) + [f'--data_dir={cfg.data_dir}'])
+    else:  # polling, not a barrier: building the starter corpus outlasts NCCL's default collective timeout
+        while not data.data_ready(cfg.data_dir):
+            time.sleep(2)
+
+
+def resume_path(cfg):
+    """The checkpoint lumi.fit will resume from (the same rule), or None."""
+    if cfg.resume == 'auto':
+        return lumi.find_checkpoint(cfg.out_dir)
+    return None if cfg.resume == 'never' else cfg.resume
+
+
+def check_resume(path, model_args, tokenizer_sha, data_dir):
+    """Refuse to resume onto other bins or another model shape: the run would silently become another run."""
+    ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    lumi.check_tokenizer(ckpt['tokenizer_sha256'], tokenizer_sha, f"the bins in {data_dir}")
+    differ = {k: (v, model_args[k]) for k, v in ckpt['model_args'].items() if model_args.get(k) != v}
+    if differ:
+        raise ValueError(f"{path} holds a model with other settings ({', '.join(f'{k}: checkpoint {a!r}, config {b!r}' for k, (a, b) in differ.items())}); "
+                         f"use another --out_dir or --resume=never")
+
+
+class GlobalBatches:
+    """Each step's global batch (batch_size rows per rank) is drawn once from one stream, and each rank keeps
+    its own rows. So N processes train on exactly the batches one process with N times the batch size sees,
+    and a DDP run reproduces a single-process run (tests/test_train.py holds them to each other)."""
+
+    def __init__(self, loader, rank, world):
+        self.loader, self.rank, self.world = loader, rank, world
+
+    def next_batch(self):
+        x, y = self.loader.next_batch()
+        rows = slice(self.rank * x.size(0) // self.world, (self.rank + 1) * x.size(0) // self.world)
+        return x[rows], y[rows]
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state)
+
+
+def make_batches(cfg, split, seed, rank, world):
+    loader = data.BinLoader(cfg.data_dir, split, block_size=cfg.block_size, batch_size=cfg.batch_size * world,
+                            seed=seed, tokenizer_sha256=cfg.tokenizer_sha256)
+    return GlobalBatches(loader, rank, world)
+
+
+def make_evaluate(cfg, rank, world):
+    """Mean loss over the same eval_iters val batches at every eval, so the curve compares like with like
+    (lumi.fit averages it over ranks; each rank scores its rows of the global batch)."""
+    def evaluate(model):
+        val = make_batches(cfg, 'val', cfg.seed, rank, world)
+        device = next(model.parameters()).device
+        losses = [model(x.to(device), y.to(device))[1].item() for x, y in (val.next_batch() for _ in range(cfg.eval_iters))]
+        return {'val_loss': sum(losses) / len(losses)}
+    return evaluate
+
+
+def pretrain_loss(model, batch):
+    x, y = batch
+    return model(x, y)[1]
+
+
+def unigram_entropy(path, vocab_size):
+    """Entropy in nats/token of the token frequencies in a bin: the val loss of the best model that ignores
+    context, which a language model must get far below."""
+    counts = np.bincount(np.memmap(path, dtype=np.uint16, mode='r'), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    """Train; returns the path of the final checkpoint (None on ranks other than 0)."""
+    cfg = lumi.load_config(DEFAULTS, argv)
+    device, rank, _, world = lumi.setup_distributed(cfg.device)
+    cfg.dtype = resolve_dtype(cfg.dtype, device)
+    if device.startswith('cuda'):
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts (optimizer, loss) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+
+    prepare_data(cfg, rank)
+    meta = data.load_meta(cfg.data_dir)
+    tok = lumi.Tokenizer.load(os.path.join(cfg.data_dir, 'tokenizer', 'tokenizer.model'))
+    lumi.check_tokenizer(meta['tokenizer_sha256'], tok.sha256, f"the bins in {cfg.data_dir}")
+    cfg.tokenizer_sha256 = tok.sha256
+    model_args = dict({k: cfg[k] for k in MODEL_KEYS}, vocab_size=meta['vocab_size'])
+    model_args['norm_eps'] = ModelConfig.norm_eps
+    resuming = resume_path(cfg)
+    if resuming:
+        check_resume(resuming, model_args, tok.sha256, cfg.data_dir)
+
+    lumi.seed_everything(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
+    model = GPT(ModelConfig(**model_args)).to(device)
+    n_params, n_body = model.num_params(), model.num_params(embeddings=False)
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
+    if not cfg.max_iters:
+        cfg.max_iters = max(1, math.ceil(cfg.tokens_per_param * n_params / tokens_per_step))
+    lumi.log(f"model: {n_params:,} parameters ({n_body:,} without embeddings), {cfg.n_layer} layers x "
+             f"{cfg.n_embd}, {cfg.n_head} heads ({cfg.n_kv_head} kv), context {cfg.block_size}, vocab "
+             f"{model_args['vocab_size']}")
+    lumi.log(f"data: {cfg.data_dir}, {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens; "
+             f"{tokens_per_step:,} tokens a step on {world} process(es), {device} {cfg.dtype}"
+             f"{', compiled' if cfg.compile else ''}")
+    budget = f"{cfg.max_iters:,} steps = {cfg.max_iters * tokens_per_step / 1e6:,.1f}M tokens"
+    if cfg.max_minutes:
+        budget += f", or fewer: the schedule is fitted to {cfg.max_minutes:g} minutes"
+    lumi.log(f"budget: {budget} ({cfg.max_iters * tokens_per_step / n_params:.2f} tokens per parameter; "
+             f"{cfg.tokens_per_param:g} is compute-optimal)")
+
+    batches = make_batches(cfg, 'train', cfg.seed, rank, world)
+    ckpt_meta = lumi.checkpoint_meta(model, tok, 'pretrain', data_dir=cfg.data_dir)
+    final = lumi.fit(cfg, model, batches, pretrain_loss, make_evaluate(cfg, rank, world), ckpt_meta)
+
+    if rank != 0:
+        return None
+    evals = [r for r in lumi.read_jsonl(os.path.join(cfg.out_dir, 'metrics.jsonl')) if 'val_loss' in r]
+    entropy = unigram_entropy(os.path.join(cfg.data_dir, 'val.bin'), model_args['vocab_size'])
+    if evals:
+        lumi.log(f"final val loss {evals[-1]['val_loss']:.4f} nats/token at step {evals[-1]['step']} "
+                 f"(best {min(r['val_loss'] for r in evals):.4f}); unigram entropy of the val set "
+                 f"{entropy:.4f} nats/token, ln(vocab) {math.log(model_args['vocab_size']):.4f}")
+    lumi.log(f"final checkpoint: {final}")
+    return final
+
+
+if __name__ == '__main__':
+    main()

@@ -521,6 +521,9 @@ def main(argv=None):
     dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), cfg.beta, cfg.loss_type)  # fail early
 
     train, val, data_stats = prepare_pairs(cfg, tok)
+    if rank == 0:  # what was read, skipped and cut, next to the metrics
+        lumi.write_json(os.path.join(cfg.out_dir, 'data_stats.json'),
+                        dict(data_stats, train_pairs=len(train), val_pairs=len(val)))
     if cfg.lora_r > 0:
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets))
     else:

@@ -294,6 +294,8 @@ def test_dpo_run_with_lora_end_to_end(tmp_path, tiny_checkpoint, tokenizer):
     assert evals[-1]['val_reward_margin'] > 0 and evals[-1]['val_reward_accuracy'] > 0.5
     assert evals[-1]['val_kl'] > 0
     assert {'val_reward_accuracy_pref', 'val_reward_accuracy_sft', 'val_reward_margin_sft'} <= set(evals[-1])
+    counts = lumi.read_json(out / 'data_stats.json')
+    assert (counts['train_pairs'], counts['val_pairs'], counts['conversations']) == (12 + 6, 4 + 2, 8)
 
     adapter = lumi.load_checkpoint(str(out / 'adapter.pt'))
     assert adapter['kind'] == 'adapter' and adapter['lora']['r'] == 4

@@ -347,7 +347,8 @@ def _decode(name, data, stats):
         stats['bad_utf8_files'] += 1
         stats['bad_utf8_chars'] += bad
         _warn(f"{name}: {bad} invalid UTF-8 sequences replaced by U+FFFD")
-    return text.removeprefix('\ufeff').replace('\r\n', '\n').replace('\r', '\n')
+    text = text.removeprefix('\ufeff').replace('\r\n', '\n').replace('\r', '\n')
+    return text.replace('\u2028', '\n').replace('\u2029', '\n\n')
 
 
 def _files(spec, cache_dir, stats):
@@ -559,25 +560,34 @@ def iter_documents(spec, cache_dir=None, stats=None, max_chars=None):
 # cleaning, filters, deduplication
 
 
-_CONTROL = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u2028\u2029\ufeff\ufffd]')
+_CONTROL = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\ufeff\ufffd]')
 _EMAIL = re.compile(r'\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b')
 _URL = re.compile(r'\b(?:https?://|www\.)[^\s<>"\')\]]+')
-_TRAILING_SPACE = re.compile(r'[ \t]+$', re.M)
-_INNER_SPACE = re.compile(r'(?<=\S)(?:[ \t]{2,}|\t)')  # leading indentation (verse) is kept
+_TRAILING_SPACE = re.compile(r'[ \t]+\n')
+_RUN_OF_SPACES = re.compile(r' {2,}|\t')
 _BLANK_LINES = re.compile(r'\n{3,}')
-_LETTERS = re.compile(r'[^\W\d_]+')
-_SPACES = re.compile(r'\s+')
 _WORD = re.compile(r'\w+')
+# byte classes for the letter ratio: 0 UTF-8 continuation byte, 1 space, 2 letter, 3 other. A non-ASCII
+# character counts as a letter: one table lookup instead of a regex over every character (5x faster)
+_BYTE_CLASS = np.full(256, 3, dtype=np.uint8)
+_BYTE_CLASS[0x80:0xC0], _BYTE_CLASS[0xC0:] = 0, 2
+_BYTE_CLASS[[ord(c) for c in ' \t\n\r\x0b\x0c']] = 1
+_BYTE_CLASS[[ord(c) for c in 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ']] = 2
+
+
+def _one_space(m):  # runs of spaces become one, but indentation at the start of a line (verse) stays
+    i = m.start()
+    return m.group() if i == 0 or m.string[i - 1] == '\n' else ' '
 
 
 def clean_text(text, urls=True, emails=True):
     """NFC, no control characters, optional URL/e-mail scrubbing, tidy whitespace."""
     text = _CONTROL.sub('', unicodedata.normalize('NFC', text))
-    if emails:
+    if emails and '@' in text:
         text = _EMAIL.sub('[email]', text)
-    if urls:
+    if urls and ('://' in text or 'www.' in text):
         text = _URL.sub('[url]', text)
-    text = _INNER_SPACE.sub(' ', _TRAILING_SPACE.sub('', text))
+    text = _RUN_OF_SPACES.sub(_one_space, _TRAILING_SPACE.sub('\n', text))
     return _BLANK_LINES.sub('\n\n', text).strip()
 
 
@@ -585,13 +595,11 @@ def reject_reason(text, cfg):
     """Why a cleaned document is dropped (None to keep it)."""
     if len(text) < cfg.min_doc_chars:
         return 'too_short'
-    nonspace = len(text) - sum(len(m) for m in _SPACES.findall(text))
-    letters = sum(len(m) for m in _LETTERS.findall(text))
-    if letters < cfg.min_alpha_ratio * nonspace:
+    _, space, letters, other = np.bincount(_BYTE_CLASS[np.frombuffer(text.encode(), np.uint8)], minlength=4)
+    if letters < cfg.min_alpha_ratio * (letters + other):
         return 'low_alpha'
     lines = [ln.strip() for ln in text.split('\n') if ln.strip()]
-    counts = Counter(lines)
-    repeated = sum((c - 1) * len(ln) for ln, c in counts.items() if c > 1)
+    repeated = sum((c - 1) * len(ln) for ln, c in Counter(lines).items() if c > 1)
     if repeated > cfg.max_dup_line_frac * sum(map(len, lines)):
         return 'repetitive'
     return None
@@ -616,7 +624,7 @@ def minhash_signatures(texts, num_perm=128, ngram=5, seed=0, batch=4096):
     for lo in tqdm(range(0, len(texts), batch), desc='minhash', unit='batch', leave=False):
         arrays = []
         for t in texts[lo:lo + batch]:
-            ws = _WORD.findall(t.lower())
+            ws = _WORD.findall(t.lower())  # words without punctuation: editions that differ in it still match
             for w in set(ws).difference(words):
                 words[w] = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), 'little')
             arrays.append(np.fromiter(map(words.__getitem__, ws), np.uint64, len(ws)))
@@ -634,8 +642,11 @@ def minhash_signatures(texts, num_perm=128, ngram=5, seed=0, batch=4096):
         if not len(doc):
             continue
         docs, starts = np.unique(doc, return_index=True)
-        for p in range(num_perm):
-            v = ((shingle * a[p] + b[p]) >> np.uint64(32)).astype(np.uint32)
+        v = np.empty_like(shingle)
+        for p in range(num_perm):  # in place: 3 passes over the n-grams per permutation, no allocation
+            np.multiply(shingle, a[p], out=v)
+            np.add(v, b[p], out=v)
+            np.right_shift(v, np.uint64(32), out=v)
             sig[lo + docs, p] = np.minimum.reduceat(v, starts)
     return sig
 

@@ -1,0 +1,85 @@
+"""
+Data stage throughput on the starter corpus: cleaning + dedupe MB/s, packing tokens/s against a
+one-document-at-a-time encode loop measured in the same run, and sources-to-bins wall time (fetch excluded:
+the archives are fetched into the cache first, untimed).
+
+    python benchmarks/bench_data.py [--vocab_size=32768] [--out=/tmp/lumi_bench_data]
+"""
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import lumi  # noqa: E402
+
+out = '/tmp/lumi_bench_data'
+vocab_size = 32768
+cfg = lumi.load_config(lumi.config_defaults(globals()), sys.argv[1:])
+D = os.path.join(cfg.out, 'starter')
+shutil.rmtree(D, ignore_errors=True)
+args = [f'--data_dir={D}', f'--vocab_size={cfg.vocab_size}']
+settings = lumi.load_config(lumi.config_defaults(vars(data)), args)
+
+# fetch (untimed): every archive into the cache
+for spec, _ in data.sources:
+    for _ in data.iter_files(spec):
+        pass
+
+# 1. sources to bins, the real command
+t0 = time.time()
+data.main(args)
+total = time.time() - t0
+man = lumi.read_json(os.path.join(D, 'corpus', 'manifest.json'))
+meta = data.load_meta(D)
+tok_card = lumi.read_json(os.path.join(D, 'tokenizer', 'tokenizer.json'))
+
+# 2. cleaning + dedupe alone, on documents already read from the archives
+t0 = time.time()
+raw = [d for spec, _ in data.sources for d in data.iter_documents(spec, stats=Counter())]
+t_read = time.time() - t0
+mb = sum(len(d.encode()) for d in raw) / 1e6
+t0 = time.time()
+kept, seen = [], set()
+for d in raw:
+    text = data.clean_text(d)
+    if data.reject_reason(text, settings) is None and (k := data.exact_key(text)) not in seen:
+        seen.add(k)
+        kept.append(text)
+t_clean = time.time() - t0
+t0 = time.time()
+dup = data.near_duplicates(data.minhash_signatures(kept, settings.num_perm, settings.shingle_words), settings.near_dup_threshold)
+t_near = time.time() - t0
+
+# 3. packing: batched multi-threaded encode (data.pack) vs one document at a time, same documents
+tok = lumi.Tokenizer.load(os.path.join(D, 'tokenizer', 'tokenizer.model'))
+docs = [r['text'] for r in data.iter_corpus(D)]
+threads = os.cpu_count()
+t0 = time.time()
+n_loop = 0
+for d in docs:
+    n_loop += len(np.array([lumi.BOS_ID, *tok.encode(d), lumi.EOS_ID], dtype=np.uint16))
+t_loop = time.time() - t0
+t0 = time.time()
+os.remove(os.path.join(D, 'meta.json'))
+meta2 = data.pack(settings, tok, tok_card, man)
+t_pack = time.time() - t0
+n_pack = sum(s.get('train_tokens', 0) // max(s['weight'], 1) + s.get('val_tokens', 0) for s in meta2['sources'])
+
+load = os.getloadavg()[0]
+print(f"\n## bench_data ({time.strftime('%Y-%m-%d %H:%M')}, {threads} cores, load average {load:.1f}, vocab {cfg.vocab_size})")
+print(f"sources to bins (data.main, fetch excluded): {total:.1f}s for {man['bytes_in'] / 1e6:.1f} MB of files, "
+      f"{meta['docs']:,} docs, {meta['train_tokens'] + meta['val_tokens']:,} tokens "
+      f"(corpus {man['seconds']:.1f}s, tokenizer {tok_card['train_seconds']:.1f}s, packing {meta['pack_seconds']:.1f}s)")
+print(f"read + adapters: {mb:.1f} MB of documents in {t_read:.1f}s ({mb / t_read:.1f} MB/s)")
+print(f"cleaning + filters + exact dedupe: {mb / t_clean:.1f} MB/s ({t_clean:.1f}s); MinHash + LSH on "
+      f"{len(kept):,} docs: {t_near:.1f}s ({mb / t_near:.1f} MB/s), {int(dup.sum())} near-duplicates; "
+      f"cleaning + dedupe together {mb / (t_clean + t_near):.1f} MB/s")
+print(f"packing: data.pack {n_pack / t_pack / 1e6:.2f}M tokens/s ({t_pack:.1f}s) vs one-document loop "
+      f"{n_loop / t_loop / 1e6:.2f}M tokens/s ({t_loop:.1f}s): {t_loop / t_pack * n_pack / n_loop:.2f}x")
+print(f"chars/token {meta['chars_per_token']:.3f}, byte fallback {tok_card['held_out']['byte_fallback_rate']:.2e}, "
+      f"round trip {tok_card['held_out']['roundtrip_exact']:.1%}")

@@ -51,6 +51,7 @@ Left out: streaming corpora larger than memory (stage 10 holds the cleaned corpu
 import glob
 import gzip
 import hashlib
+import http.client
 import io
 import itertools
 import json
@@ -201,7 +202,7 @@ def download(url, cache_dir=None, sha256='', headers=None, retries=3):
                 os.remove(part)
                 continue
             raise ConnectionError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
-        except (OSError, urllib.error.URLError, ValueError) as e:
+        except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as e:
             # retry only a transfer that was making progress; a refused connection is not retried
             if got == 0 or attempt == retries:
                 raise ConnectionError(f"could not download {url}: {getattr(e, 'reason', e)}") from e
@@ -874,6 +875,8 @@ def build_tokenizer(cfg, manifest):
 def pack(cfg, tok, card, manifest, batch_docs=512):
     """Stage 30: encode in parallel, split by document, weight sources; train.bin, val.bin, meta.json."""
     weights = dict(_source_list(cfg))
+    if os.path.exists(os.path.join(cfg.data_dir, 'meta.json')):  # re-packing: unmark the old bins first
+        os.remove(os.path.join(cfg.data_dir, 'meta.json'))
     paths = {s: os.path.join(cfg.data_dir, f'{s}.bin') for s in ('train', 'val')}
     tmp = {s: f"{p}.tmp.{os.getpid()}" for s, p in paths.items()}
     files = {s: open(p, 'wb') for s, p in tmp.items()}
@@ -934,7 +937,7 @@ def pack(cfg, tok, card, manifest, batch_docs=512):
         'sources': [{'spec': spec, 'weight': weights[spec], **dict(sorted(c.items())),
                      'train_share': round(c['train_tokens'] / max(1, tokens['train']), 4)}
                     for spec, c in per_source.items()],
-        'tokenizer': 'tokenizer/tokenizer.model', 'settings': _settings(cfg), 'settings_sha256': _digest(_settings(cfg)),
+        'tokenizer': 'tokenizer/tokenizer.model', 'settings': _settings(cfg),
         'created': time.strftime('%Y-%m-%d %H:%M:%S'), 'chars': chars,
     }
     lumi.write_json(os.path.join(cfg.data_dir, 'meta.json'), meta)  # last: the "finished" marker
@@ -1026,7 +1029,14 @@ class BinLoader:
 
 
 def _settings(cfg):
-    return {k: cfg[k] for k in lumi.config_defaults(globals()) if k not in ('data_dir', 'cache_dir', 'num_threads')}
+    """Every setting that shapes the bins, as plain JSON values (what meta.json records)."""
+    keys = [k for k in lumi.config_defaults(globals()) if k not in ('data_dir', 'cache_dir', 'num_threads')]
+    return json.loads(json.dumps({**{k: cfg[k] for k in keys}, 'sources': _source_list(cfg)}))
+
+
+def _frozen(settings):
+    """The settings that decide the corpus and the tokenizer: all but the source weights (re-packing only)."""
+    return {**settings, 'sources': [s[0] for s in settings.get('sources', [])]}
 
 
 def write_data_card(data_dir):
@@ -1086,16 +1096,17 @@ def main(argv=None):
         raise ValueError(f"vocab_size {cfg.vocab_size} > {MAX_UINT16_VOCAB}: token ids would not fit the uint16 "
                          f"bins; pick a vocab of at most {MAX_UINT16_VOCAB}")
     _source_list(cfg)
-    t0, D = time.time(), cfg.data_dir
-    if data_ready(D):
+    t0, D, settings = time.time(), cfg.data_dir, _settings(cfg)
+    if os.path.exists(os.path.join(D, 'meta.json')):  # bins exist: never rebuild them on another tokenizer
+        old = load_meta(D).get('settings', {})
+        if _frozen(old) != _frozen(settings):
+            diff = sorted(k for k in set(old) | set(settings) if _frozen(old).get(k) != _frozen(settings).get(k))
+            raise ValueError(f"{D} holds bins built with other settings ({', '.join(diff)} differ), which would "
+                             f"change the corpus or tokenizer; use another --data_dir, or delete {D} to rebuild")
+    if data_ready(D) and load_meta(D)['settings'] == settings:
         meta = load_meta(D)
-        if meta.get('settings_sha256') != _digest(_settings(cfg)):
-            diff = sorted(k for k in set(meta.get('settings', {})) | set(_settings(cfg))
-                          if meta.get('settings', {}).get(k) != _settings(cfg).get(k))
-            raise ValueError(f"{D} holds finished bins built with other settings ({', '.join(diff)} differ); "
-                             f"use another --data_dir or delete {D} to rebuild")
         lumi.log(f"{D}: finished bins exist for these settings, nothing to do")
-    else:
+    else:  # each stage skips itself when its output exists for the same inputs
         manifest = build_corpus(cfg)
         tok, card = build_tokenizer(cfg, manifest)
         meta = pack(cfg, tok, card, manifest)

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import random
+import shutil
 import socket
 import sys
 import tarfile
@@ -451,20 +452,28 @@ def test_train_val_split_by_document(built):
     assert all(data._unit(ids[t], 'split') < 0.2 for t in val)
 
 
-def test_rerun_skips_and_other_settings_are_refused(built, tmp_path):
-    d, _ = built
-    before = {f: os.path.getmtime(os.path.join(d, f)) for f in ('meta.json', 'train.bin', 'tokenizer/tokenizer.model')}
+def test_rerun_skips_repacks_weights_and_refuses_other_corpus(built, tmp_path):
+    d0, _ = built
+    d = str(tmp_path / 'copy')
+    shutil.copytree(d0, d)
+    files = ('meta.json', 'train.bin', 'tokenizer/tokenizer.model', 'corpus/manifest.json')
+    before = {f: os.path.getmtime(os.path.join(d, f)) for f in files}
     src = data.load_meta(d)['sources'][0]['spec']
-    data.main(small_args(d, src))
-    assert before == {f: os.path.getmtime(os.path.join(d, f)) for f in before}
-    with pytest.raises(ValueError, match='min_doc_chars'):
+    data.main(small_args(d, src))  # same settings: nothing to do
+    assert before == {f: os.path.getmtime(os.path.join(d, f)) for f in files}
+    meta = data.load_meta(d)
+    data.main(small_args(d, src) + [f"--sources=[({src!r}, 2.0)]"])  # a new weight only re-packs
+    again = data.load_meta(d)
+    assert again['tokenizer_sha256'] == meta['tokenizer_sha256'] and again['val_tokens'] == meta['val_tokens']
+    assert again['train_tokens'] == 2 * meta['train_tokens']
+    assert os.path.getmtime(os.path.join(d, 'tokenizer/tokenizer.model')) == before['tokenizer/tokenizer.model']
+    with pytest.raises(ValueError, match='min_doc_chars'):  # would change the corpus and the tokenizer
         data.main(small_args(d, src, '--min_doc_chars=10'))
 
 
 def test_interrupted_run_recovers_and_keeps_tokenizer(built, tmp_path):
     d0, docs = built
     d = str(tmp_path / 'copy')
-    import shutil
     shutil.copytree(d0, d)
     src = data.load_meta(d)['sources'][0]['spec']
     sha = data.load_meta(d)['tokenizer_sha256']

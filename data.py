@@ -45,7 +45,8 @@ deduplication, no near-copy) is in both. Bins are BOS text EOS per document, uin
 
 Outputs in data_dir: corpus/ (JSONL shards, manifest.json, DATA_CARD.md), tokenizer/ (tokenizer.model,
 tokenizer.json), train.bin, val.bin and meta.json, written last: it is the "finished" marker. Each stage
-skips when its output exists for the same settings; finished bins built with other settings are refused.
+skips when its output exists for the same inputs. Once bins exist, new source weights only re-pack them;
+a change that would alter the corpus or the tokenizer is refused (use a new data_dir).
 Left out: streaming corpora larger than memory (stage 10 holds the cleaned corpus in RAM, ~3x its size).
 """
 import glob
@@ -706,6 +707,15 @@ def _digest(obj):
     return lumi.sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
 
 
+def _fingerprint(spec):
+    """Local files can change under the same spec: their paths, sizes and mtimes stand for their content.
+    (url:, hf: and pypi: content is pinned by the spec and kept in the cache.)"""
+    s = parse_spec(spec)
+    if s.kind != 'local':
+        return None
+    return _digest([(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in _local_files(s.where)])
+
+
 def _unit(doc_id, salt):
     """A uniform number in [0, 1) fixed by a document id: the same split and subsample on every run."""
     return int.from_bytes(hashlib.blake2b(f"{salt}:{doc_id}".encode(), digest_size=8).digest(), 'little') / 2**64
@@ -724,11 +734,15 @@ def build_corpus(cfg):
     """Stage 10: load every source, clean, filter, dedupe; JSONL shards + manifest.json + DATA_CARD.md."""
     out = os.path.join(cfg.data_dir, 'corpus')
     specs = [s for s, _ in _source_list(cfg)]
-    settings = {'sources': specs, **{k: cfg[k] for k in _CORPUS_KEYS}}
+    settings = {'sources': specs, 'source_files': [_fingerprint(s) for s in specs], **{k: cfg[k] for k in _CORPUS_KEYS}}
     path = os.path.join(out, 'manifest.json')
-    if os.path.exists(path) and (old := lumi.read_json(path)).get('settings_sha256') == _digest(settings):
-        lumi.log(f"[10] corpus: reusing {out} ({old['kept_docs']:,} docs)")
-        return old
+    if os.path.exists(path):
+        old = lumi.read_json(path)
+        if old.get('settings_sha256') == _digest(settings) and all(
+                lumi.sha256_file(os.path.join(out, s['name'])) == s['sha256'] for s in old['shards']):
+            lumi.log(f"[10] corpus: reusing {out} ({old['kept_docs']:,} docs)")
+            return old
+        os.remove(path)  # unmark the old corpus before its shards are overwritten
     t0, texts, src, seen, reports = time.time(), [], [], set(), []
     cache = cfg.cache_dir or None
     for si, spec in enumerate(specs):
@@ -828,10 +842,11 @@ def build_tokenizer(cfg, manifest):
         if card.get('input_sha256') == _digest(inputs) and lumi.sha256_file(model_path) == card['sha256']:
             lumi.log(f"[20] tokenizer: reusing {card['sha256'][:12]} (same corpus and settings)")
             return lumi.Tokenizer.load(model_path), card
-        lumi.log(f"[20] tokenizer: {out} was built from another corpus or settings; training a new one")
+        lumi.log(f"[20] tokenizer: {out} was built from another corpus or settings (no bins use it); replacing it")
+        os.remove(card_path)
     t0 = time.time()
     if cfg.tokenizer_from:
-        proto = open(src, 'rb').read()
+        proto = _read(src)
     else:
         buf = io.BytesIO()
         spm.SentencePieceTrainer.train(
@@ -855,6 +870,8 @@ def build_tokenizer(cfg, manifest):
         if _unit(rec['id'], 'split') < cfg.val_fraction and chars < 2_000_000:
             held_out.append(rec['text'])
             chars += len(rec['text'])
+    if not held_out:  # val_fraction 0: measure on training text rather than on nothing
+        held_out = [r['text'] for r, _ in zip(iter_corpus(cfg.data_dir), range(200))]
     card = {'sha256': lumi.sha256_file(model_path), 'vocab_size': tok.vocab_size,
             'model_type': 'from ' + cfg.tokenizer_from if cfg.tokenizer_from else cfg.tokenizer_type,
             'input_sha256': _digest(inputs), 'inputs': inputs, 'train_seconds': round(time.time() - t0, 2),
@@ -902,6 +919,7 @@ def pack(cfg, tok, card, manifest, batch_docs=512):
                     stats[f'{split}_docs'] += 1
                     stats[f'{split}_tokens'] += len(arr) * copies
                     stats[f'{split}_chars'] += len(rec['text'])
+                    stats['encoded_tokens'] += len(doc)
                     if split == 'train':
                         if copies > 1:
                             repeats.append((offset, len(arr), copies - 1))
@@ -928,11 +946,12 @@ def pack(cfg, tok, card, manifest, batch_docs=512):
     tokens = {s: os.path.getsize(p) // 2 for s, p in paths.items()}
     chars = sum(c['train_chars'] + c['val_chars'] for c in per_source.values())
     docs = sum(c['train_docs'] + c['val_docs'] for c in per_source.values())
+    encoded = sum(c['encoded_tokens'] for c in per_source.values())
     meta = {
         'tokenizer_sha256': tok.sha256, 'vocab_size': tok.vocab_size, 'dtype': 'uint16',
         'train_tokens': tokens['train'], 'val_tokens': tokens['val'], 'docs': docs,
         'bos_id': lumi.BOS_ID, 'eos_id': lumi.EOS_ID, 'doc_format': 'BOS text EOS',
-        'chars_per_token': round(card['held_out']['chars_per_token'], 4),
+        'chars_per_token': round(chars / max(1, encoded), 4),  # over the corpus, BOS/EOS not counted
         'val_fraction': cfg.val_fraction, 'pack_seconds': round(time.time() - t0, 2),
         'sources': [{'spec': spec, 'weight': weights[spec], **dict(sorted(c.items())),
                      'train_share': round(c['train_tokens'] / max(1, tokens['train']), 4)}
@@ -1031,7 +1050,9 @@ class BinLoader:
 def _settings(cfg):
     """Every setting that shapes the bins, as plain JSON values (what meta.json records)."""
     keys = [k for k in lumi.config_defaults(globals()) if k not in ('data_dir', 'cache_dir', 'num_threads')]
-    return json.loads(json.dumps({**{k: cfg[k] for k in keys}, 'sources': _source_list(cfg)}))
+    sources = _source_list(cfg)
+    return json.loads(json.dumps({**{k: cfg[k] for k in keys}, 'sources': sources,
+                                  'source_files': [_fingerprint(spec) for spec, _ in sources]}))
 
 
 def _frozen(settings):

@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import socket
+import subprocess
 import sys
 import tarfile
 import threading
@@ -504,6 +505,41 @@ def test_source_weights(tmp_path):
     assert set(copies) <= {2, 3} and sum(k * v for k, v in copies.items()) / sum(copies.values()) == pytest.approx(2.5, abs=0.35)
     assert all(n == 1 for t, n in train.items() if t not in b_docs)
     assert sum(x['train_tokens'] for x in meta['sources'] if 'train_tokens' in x) == meta['train_tokens']
+
+
+def test_cli_with_config_file(tmp_path):
+    """The contract outside checks use: python data.py CONFIG --data_dir=D."""
+    write_corpus(tmp_path / 'src', make_docs(60, seed=31))
+    cfg = tmp_path / 'tiny.py'
+    cfg.write_text(f"sources = [({str(tmp_path / 'src')!r}, 1.0)]\nvocab_size = 400\nmax_doc_chars = 1000\n"
+                   "n_layer = 2  # another stage's key: ignored here\n")
+    d = tmp_path / 'D'
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(repo, 'data.py'), str(cfg), f'--data_dir={d}'],
+                       capture_output=True, text=True, cwd=repo)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = data.load_meta(str(d))
+    assert meta['vocab_size'] == 400 and meta['train_tokens'] > 0 and 'chars/token' in r.stdout
+    assert os.path.isfile(d / 'tokenizer' / 'tokenizer.model') and os.path.isfile(d / 'corpus' / 'DATA_CARD.md')
+
+
+def test_tokenizer_retrained_only_without_bins(tmp_path):
+    write_corpus(tmp_path / 'src', make_docs(60, seed=41))
+    d = str(tmp_path / 'D')
+    data.main(small_args(d, str(tmp_path / 'src')))
+    first = data.load_meta(d)['tokenizer_sha256']
+    os.remove(os.path.join(d, 'meta.json'))
+    data.main(small_args(d, str(tmp_path / 'src')))  # same sources: corpus and tokenizer reused
+    assert data.load_meta(d)['tokenizer_sha256'] == first
+    with open(tmp_path / 'src' / 'extra.txt', 'w') as f:  # a source file changes under the same spec
+        f.write('\n\n'.join(make_docs(30, seed=42)))
+    with pytest.raises(ValueError, match='source_files'):  # bins exist: refused
+        data.main(small_args(d, str(tmp_path / 'src')))
+    os.remove(os.path.join(d, 'meta.json'))  # no bins any more: the new corpus gets a new tokenizer
+    data.main(small_args(d, str(tmp_path / 'src')))
+    meta = data.load_meta(d)
+    assert meta['tokenizer_sha256'] != first
+    assert lumi.read_json(os.path.join(d, 'tokenizer', 'tokenizer.json'))['sha256'] == meta['tokenizer_sha256']
 
 
 def test_vocab_over_uint16_refused(tmp_path):

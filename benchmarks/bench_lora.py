@@ -36,6 +36,7 @@ warmup = 3
 threads = 2
 arm = ''  # set by the parent for each child process
 device = 'auto'
+dtype = 'float32'  # CPU: float32 or bfloat16 autocast; CUDA arms always run bf16 autocast
 DEFAULTS = lumi.config_defaults(globals())
 TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 
@@ -73,7 +74,7 @@ def run_arm(cfg):
     opt = lumi.make_optimizer(model, lumi.Config(lumi.TRAINING_DEFAULTS), dev)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(4, mcfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), generator=g).to(dev)
-    dtype = 'bfloat16' if dev.startswith('cuda') else 'float32'
+    dtype = 'bfloat16' if dev.startswith('cuda') else cfg.dtype
     if dev.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -111,7 +112,7 @@ def main(argv):
     mcfg = model_config(cfg.config)
     print(f"model {mcfg.n_layer} layers, d {mcfg.n_embd}, ffn {mcfg.ffn_hidden}, heads {mcfg.n_head}/{mcfg.n_kv_head}, "
           f"vocab {mcfg.vocab_size}; batch {cfg.batch_size} x {cfg.seq_len}, {cfg.steps} timed steps after "
-          f"{cfg.warmup}, {cfg.threads} threads", flush=True)
+          f"{cfg.warmup}, {cfg.threads} threads, CPU dtype {cfg.dtype}", flush=True)
     results = []
     for name in arms:
         args = [sys.executable, os.path.abspath(__file__), f'--arm={name}'] + [a for a in argv if not a.startswith('--arm')]

@@ -365,3 +365,8 @@ def test_sft_end_to_end_writes_adapter_and_merged(tiny_checkpoint, tiny_config, 
     assert torch.equal(from_step_ckpt, with_adapter)
     base = lumi.load_checkpoint(tiny_checkpoint)['model']
     assert any(not torch.equal(base[k], v) for k, v in merged['model'].items())  # training moved something
+    # killed after step 3: resuming from ckpt_3 redoes steps 4-6 exactly (sampler position, RNG, optimizer)
+    os.remove(out / 'ckpt_0000006.pt')
+    sft.main(args)
+    resumed = torch.load(out / 'adapter.pt', weights_only=True)['lora_state']
+    assert all(torch.equal(resumed[k], v) for k, v in adapter['lora_state'].items())

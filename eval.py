@@ -45,7 +45,7 @@ data_dir = ''              # val bins for ppl; '' takes the checkpoint's data_di
 text = ''                  # score ppl on this source (path, glob, url:, pypi:, hf:) instead of the val bins
 stride = 0                 # ppl window stride in tokens; 0 = block_size (non-overlapping windows)
 limit = 0                  # > 0: at most this many examples per choice task / windows or documents for ppl
-batch_tokens = 16384       # padded tokens per forward pass
+batch_tokens = 0           # padded tokens per forward pass; 0: 2048 on CPU, 32768 on CUDA (see below)
 device = 'auto'
 dtype = 'auto'             # auto: bfloat16 on CUDA, float32 on CPU
 seed = 1337
@@ -69,6 +69,10 @@ smoke_max_new_tokens = 96
 smoke_temperature = 0.0    # 0: greedy, so a rerun gives the same text
 smoke_top_k = 50
 
+# On a CPU a big batch is slower, not faster: 16384 tokens a pass took 2.5x as long as 1024-2048 for the
+# same BoolQ rows (benchmarks/bench_eval.py), as the activations outgrow the caches. A GPU wants many rows.
+BATCH_TOKENS = {'cpu': 2048, 'cuda': 32768}
+
 CHOICE_TASKS = ('boolq', 'piqa', 'siqa', 'openbookqa', 'commonsenseqa')
 ALL_TASKS = ('ppl',) + CHOICE_TASKS + ('smoke',)
 
@@ -77,7 +81,7 @@ ALL_TASKS = ('ppl',) + CHOICE_TASKS + ('smoke',)
 # the scorer: sums of log-probabilities of target tokens, many requests per forward pass
 
 @torch.no_grad()
-def score(model, requests, device='cpu', dtype='float32', batch_tokens=16384, dedupe=True, desc='score'):
+def score(model, requests, device='cpu', dtype='float32', batch_tokens=2048, dedupe=True, desc='score'):
     """requests: (input_ids, pos, targets) triples; the log-probability of targets[j] as the token after
     input_ids[:pos + j + 1]. Returns a float64 array of the sum over each request's targets.
 
@@ -268,7 +272,7 @@ def accuracy_stats(correct):
     return p, math.sqrt(p * (1 - p) / len(correct))
 
 
-def run_choice(model, tok, examples, device='cpu', dtype='float32', batch_tokens=16384, desc='choices'):
+def run_choice(model, tok, examples, device='cpu', dtype='float32', batch_tokens=2048, desc='choices'):
     """Score every choice of every example; accuracy by sum, per token and per byte, with baselines."""
     t0 = time.time()
     requests, truncated = choice_requests(tok, examples, model.cfg.block_size)
@@ -349,7 +353,7 @@ def ppl_result(nats, tokens, nbytes, t0, **extra):
                 tokens_per_s=round(tokens / max(seconds, 1e-9), 1), **extra)
 
 
-def ppl_bins(model, tok, data_dir, stride=0, limit=0, device='cpu', dtype='float32', batch_tokens=16384):
+def ppl_bins(model, tok, data_dir, stride=0, limit=0, device='cpu', dtype='float32', batch_tokens=2048):
     """Loss, perplexity and bits per byte over the whole val.bin (memory-mapped), in strided windows. The
     targets are every token after the first, each document's EOS and the next BOS included, as training
     saw them; those carry no bytes."""
@@ -380,7 +384,7 @@ def ppl_bins(model, tok, data_dir, stride=0, limit=0, device='cpu', dtype='float
     return ppl_result(nats, nscored, nbytes, t0, source=os.path.join(data_dir, 'val.bin'), windows=len(spans))
 
 
-def ppl_documents(model, tok, documents, stride=0, device='cpu', dtype='float32', batch_tokens=16384, source=''):
+def ppl_documents(model, tok, documents, stride=0, device='cpu', dtype='float32', batch_tokens=2048, source=''):
     """Loss, perplexity and bits per byte of text documents, each scored on its own after BOS; bytes are
     those of the text as given, so a tokenizer that normalises text away pays for it."""
     t0 = time.time()
@@ -495,7 +499,8 @@ def evaluate(path, cfg):
                            tokens_seen=ckpt.get('tokens_seen'), tokenizer_sha256=tok.sha256,
                            params=model.num_params(), block_size=model.cfg.block_size, device=device,
                            dtype=dtype, limit=cfg.limit, date=time.strftime('%Y-%m-%d %H:%M'))}
-    common = dict(device=device, dtype=dtype, batch_tokens=cfg.batch_tokens)
+    batch_tokens = cfg.batch_tokens or BATCH_TOKENS.get(device.split(':')[0], 2048)
+    common = dict(device=device, dtype=dtype, batch_tokens=batch_tokens)
     for name in parse_tasks(cfg.tasks):
         lumi.log(f"{name}: {os.path.basename(ckpt['path'])}")
         if name == 'ppl' and cfg.text:

@@ -3,7 +3,7 @@ BoolQ examples per second on CPU: eval.py's batched scorer against scoring one (
 forward pass with the full vocabulary's logits at every position (how a plain loop does it), on the same
 examples in the same run, with the log-likelihoods checked to agree.
 
-    python benchmarks/bench_eval.py [--n=200] [--batch_tokens=16384] [--threads=1]
+    python benchmarks/bench_eval.py [--n=200] [--batch_tokens=2048] [--threads=1]
 
 Model: the shape of configs/tiny.py (ModelConfig defaults when that file is missing), random init; what is
 measured is the scoring, not the answers. Tokenizer: data/starter's if data.py has built it, else a BPE of
@@ -27,7 +27,8 @@ import lumi
 from model import GPT, ModelConfig
 
 n = 200                      # BoolQ examples (the first n of dev.jsonl)
-batch_tokens = ev.batch_tokens
+batch_tokens = ev.BATCH_TOKENS['cpu']   # eval.py's CPU default
+big_batch_tokens = 16384     # a GPU-sized batch, to show what it costs on a CPU
 tokenizer = 'data/starter/tokenizer/tokenizer.model'
 model_config = 'configs/tiny.py'
 seed = 0
@@ -93,8 +94,9 @@ def main(argv=None):
     plain, t_plain = timed(lambda: score_plain(model, requests))
     one_row, t_one = timed(lambda: ev.score(model, requests, batch_tokens=1))
     batched, t_batched = timed(lambda: ev.score(model, requests, batch_tokens=cfg.batch_tokens))
+    big, t_big = timed(lambda: ev.score(model, requests, batch_tokens=cfg.big_batch_tokens))
     bf16, t_bf16 = timed(lambda: ev.score(model, requests, dtype='bfloat16', batch_tokens=cfg.batch_tokens))
-    for name, got in (('one row per pass', one_row), ('batched', batched)):
+    for name, got in (('one row per pass', one_row), ('batched', batched), ('big batches', big)):
         diff = float(np.abs(got - plain).max())
         assert diff < 1e-2, f"{name} disagrees with the plain loop by {diff}"
 
@@ -102,8 +104,9 @@ def main(argv=None):
         return np.array([int(np.argmax(ll[2 * i:2 * i + 2])) for i in range(len(examples))])
     rows = [('plain loop: one pair per pass, full logits', t_plain, plain),
             ('eval.score, one row per pass (deduplicated rows, LM head at answers only)', t_one, one_row),
-            (f'eval.score, batched (batch_tokens={cfg.batch_tokens})', t_batched, batched),
-            (f'eval.score, batched, bf16 autocast (--dtype=bfloat16)', t_bf16, bf16)]
+            (f'eval.score, batched (batch_tokens={cfg.batch_tokens}, the CPU default)', t_batched, batched),
+            (f'eval.score, batched (batch_tokens={cfg.big_batch_tokens})', t_big, big),
+            ('eval.score, batched, bf16 autocast (--dtype=bfloat16)', t_bf16, bf16)]
     print("\n| scorer | seconds | examples/s | speed-up | max abs Δ log-lik | same answers |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, t, ll in rows:

@@ -319,7 +319,9 @@ class FlashAttention(torch.autograd.Function):
         assert head_dim in (16, 32, 64, 128), f"head_dim must be 16, 32, 64 or 128, got {head_dim}"
         q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
         sm_scale = 1.0 / math.sqrt(head_dim)
-        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        # Laid out like q: for the usual (B, T, H, D) -> (B, H, T, D) transposed view, the caller's transpose
+        # back to (B, T, H * D) is then free instead of a copy.
+        o = torch.empty_like(q)
         lse = torch.empty((batch * heads, seq), dtype=torch.float32, device=q.device)
         grid = lambda meta: (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)
         _fwd_kernel[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
@@ -342,9 +344,7 @@ class FlashAttention(torch.autograd.Function):
         _bwd_delta_kernel[(triton.cdiv(seq, delta_block), batch * heads)](
             o, do, delta, *_strides(o), *_strides(do), heads, seq, HEAD_DIM=head_dim, BLOCK_M=delta_block)
 
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # gradients laid out as inputs
         seq_bucket = triton.next_power_of_2(seq)
         grid_kv = lambda meta: (triton.cdiv(seq, meta["BLOCK_N"]), batch * kv_heads)
         _bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv,
@@ -363,7 +363,8 @@ def flash_attention(q, k, v):
     """Causal softmax(q k^T / sqrt(head_dim)) v for (batch, heads, seq, head_dim) tensors, differentiable.
 
     k and v may have fewer heads than q (GQA; heads must be a multiple of kv_heads). Under autocast the
-    inputs are cast to its dtype first, as SDPA would. Returns a new contiguous tensor shaped like q.
+    inputs are cast to its dtype first, as SDPA would. Returns a tensor shaped, and when q is dense laid out,
+    like q.
     """
     dtype = compute_dtype(q)
     return FlashAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype))

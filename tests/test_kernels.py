@@ -92,6 +92,11 @@ def test_attention_non_contiguous_inputs():
     v = randn(batch, kv_heads, head_dim, seq).transpose(-2, -1)
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     check_attention(q, k, v, torch.float32)
+    # the output keeps the (B, T, H, D) memory order of a dense q, so the model's transpose back is a view
+    q = randn(batch, seq, heads, head_dim).transpose(1, 2)
+    out = flash_attention(q, k, v)
+    assert out.stride() == q.stride()
+    out.transpose(1, 2).view(batch, seq, heads * head_dim)
 
 
 def test_attention_non_contiguous_grad_output():

@@ -27,7 +27,6 @@ from kernels import TUNE, compute_dtype, kernel_flags
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e))
 
 
-
 def _configs(gpu, interpret):
     """(block_m, block_n, num_warps, num_stages) tuples -> triton.Config list for the machine at hand.
 
@@ -302,8 +301,6 @@ def _rows_contiguous(x):
     # Any (batch, head, seq) layout works, e.g. the (B, T, H, D) -> (B, H, T, D) transpose a model makes;
     # only a strided head_dim is copied, since it would break vector loads.
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
 
 
 class FlashAttention(torch.autograd.Function):

@@ -115,8 +115,6 @@ def _tokens_reduce_kernel(X, Z, PART, M, P, R, rows_per_split, stride_xm, stride
     tl.store(PART + cols[:, None] * R_PAD + ranks[None, :], acc, mask=cols[:, None] < P)
 
 
-
-
 def _rank_pad(rank):
     return max(16, triton.next_power_of_2(rank))
 

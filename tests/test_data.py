@@ -219,6 +219,24 @@ def test_duplicates_exact_and_near_in_manifest(tmp_path):
     assert 'near_duplicate' in open(os.path.join(d, 'corpus', 'DATA_CARD.md')).read()
 
 
+def test_bad_input_is_reported_in_manifest_and_card(tmp_path):
+    src = tmp_path / 'src'
+    write_corpus(src, make_docs(20, seed=51))
+    (src / 'empty.txt').write_text('')
+    (src / 'latin1.txt').write_bytes('Caf\xe9 au lait, '.encode('latin-1') + ' '.join(WORDS).encode())
+    jl = tmp_path / 'recs.jsonl'
+    jl.write_text('\n'.join([json.dumps({'text': d}) for d in make_docs(5, seed=52)] + ['{"text": oops', '{"title": 1}']))
+    d = str(tmp_path / 'out')
+    with pytest.warns(UserWarning):
+        data.main(small_args(d, 'x') + [f"--sources=[({str(src)!r}, 1.0), ({str(jl)!r}, 1.0)]"])
+    man = lumi.read_json(os.path.join(d, 'corpus', 'manifest.json'))
+    a, b = man['sources']
+    assert (a['files'], a['empty_files'], a['bad_utf8_files'], a['bad_utf8_chars']) == (6, 1, 1, 1)
+    assert (b['malformed_lines'], b['missing_field'], b['docs'], b['kept_docs']) == (1, 1, 5, 5)
+    card = open(os.path.join(d, 'corpus', 'DATA_CARD.md')).read()
+    assert 'empty_files 1' in card and 'malformed_lines 1' in card and 'missing_field 1' in card
+
+
 def test_unreachable_url_names_it(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(('127.0.0.1', 0))

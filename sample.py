@@ -32,7 +32,7 @@ adapter = ''               # a LoRA adapter file (sft.py) applied on top of ckpt
 tokenizer = ''             # a tokenizer.model or data dir: refuse a checkpoint built with another tokenizer
 out_root = 'out'
 device = 'auto'            # auto: cuda when present, else cpu
-dtype = 'auto'             # auto: bfloat16 on CUDA, float32 on CPU
+dtype = 'auto'             # the weights' dtype: auto is bfloat16 on CUDA, float32 on CPU; or bfloat16 | float32
 seed = 1337
 mode = 'auto'              # auto: chat for sft/dpo checkpoints and adapters, completion otherwise
 system = ''                # chat: the system message
@@ -85,13 +85,17 @@ def is_adapter(ckpt):
     return ckpt.get('kind') == 'adapter' or ('lora_state' in ckpt and 'model' not in ckpt)
 
 
-def load_model(ckpt_path, adapter_path='', tokenizer_path='', device='cpu'):
+def load_model(ckpt_path, adapter_path='', tokenizer_path='', device='cpu', dtype='float32'):
     """The model in eval mode on device, its tokenizer, and what it is: info has kind, path, adapter.
 
     ckpt_path may also be an adapter alone (its base is the one it names). LoRA adapters, in the checkpoint or
-    in an adapter file, are merged into the base weights: the same outputs at the cost of a plain model.
+    in an adapter file, are merged into the base weights: the same outputs at the cost of a plain model. The
+    weights are cast to dtype once (autocast would cast every matrix again at every decoding step, which costs
+    more than it saves when each step reads each weight once); the RoPE tables stay float32.
     Refuses a --tokenizer whose SHA256 differs from the checkpoint's (and, through sft.load_adapter, an adapter
     made for another base or tokenizer)."""
+    if dtype not in ('float32', 'bfloat16'):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     ckpt_path = resolve_checkpoint(ckpt_path)
     ckpt = lumi.load_checkpoint(ckpt_path)
     if is_adapter(ckpt):
@@ -120,6 +124,8 @@ def load_model(ckpt_path, adapter_path='', tokenizer_path='', device='cpu'):
     if getattr(model, 'lora_config', None):
         merge_lora(model)
     model.requires_grad_(False)
+    for p in model.parameters():  # a tied LM head is the embedding's Parameter: cast once, still tied
+        p.data = p.data.to(getattr(torch, dtype))
     info = dict(kind=kind, path=ckpt['path'], adapter=adapter_path, created=int(os.path.getmtime(ckpt['path'])))
     return model.eval().to(device), tok, info
 
@@ -200,7 +206,7 @@ def _last_logits(model, idx, cache=None):
 
 
 @torch.no_grad()
-def generate_ids(model, prompts, params, stop_ids=(), generator=None, finished=None, dtype='float32'):
+def generate_ids(model, prompts, params, stop_ids=(), generator=None, finished=None):
     """Continue each prompt (a list of token ids), yielding after every step (rows, tokens): the index of each
     row still generating and the token it just got.
 
@@ -208,9 +214,10 @@ def generate_ids(model, prompts, params, stop_ids=(), generator=None, finished=N
     (prefill), then one pass per step over the newest token alone. A row ends after a token in stop_ids, after
     params.max_new_tokens, or when the caller adds its index to `finished` (a stop string, found in text), and
     leaves the batch. A prompt longer than the window keeps its end; when the cache fills, the newest half of
-    the window is prefilled again (a context shift), so generation runs on past block_size.
+    the window is prefilled again (a context shift), so generation runs on past block_size. The model runs in
+    its weights' dtype (load_model casts them), and so does the cache.
     """
-    device, cfg = _device(model), model.cfg
+    device, cfg, dtype = _device(model), model.cfg, next(model.parameters()).dtype
     generator = generator if generator is not None else make_generator(None, device)
     finished = set() if finished is None else finished
     prompts = [list(p[-cfg.block_size:]) or [BOS_ID] for p in prompts]
@@ -220,35 +227,33 @@ def generate_ids(model, prompts, params, stop_ids=(), generator=None, finished=N
     counts = torch.zeros(len(prompts), cfg.vocab_size, dtype=torch.int32, device=device)
     counts.scatter_add_(1, seq, (torch.arange(width, device=device)[None] >= pad[:, None]).int())
     rows = torch.arange(len(prompts), device=device)
-    cache_dtype = torch.bfloat16 if dtype in ('bfloat16', 'bf16') else torch.float32
 
     def prefill(seq, pad, left):
-        cache = KVCache(cfg, seq.size(0), min(cfg.block_size, seq.size(1) + left), device, cache_dtype,
+        cache = KVCache(cfg, seq.size(0), min(cfg.block_size, seq.size(1) + left), device, dtype,
                         pad=pad if bool(pad.any()) else None)
         return cache, _last_logits(model, seq, cache)
 
-    with lumi.autocast(device.type, dtype):
-        cache, logits = prefill(seq, pad, params.max_new_tokens)
-        for step in range(params.max_new_tokens):
-            token = sample_next(logits, counts, params, generator)
-            counts[torch.arange(len(rows), device=device), token] += 1
-            row_list, token_list = rows.tolist(), token.tolist()
-            yield row_list, token_list
-            left = params.max_new_tokens - step - 1
-            keep = [i for i, (r, t) in enumerate(zip(row_list, token_list)) if t not in stop_ids and r not in finished]
-            if not keep or not left:
-                return
-            seq = torch.cat([seq, token[:, None]], dim=1)
-            if len(keep) < len(row_list):  # finished rows leave the batch
-                index = torch.tensor(keep, device=device)
-                rows, seq, pad, counts, token = rows[index], seq[index], pad[index], counts[index], token[index]
-                cache.reorder(index)
-            if cache.pos == cache.max_len:  # the window is full: slide it by half
-                seq = seq[:, -(cfg.block_size // 2):]
-                pad = (pad - (cache.pos + 1 - seq.size(1))).clamp(min=0)
-                cache, logits = prefill(seq, pad, left)
-            else:
-                logits = _last_logits(model, token[:, None], cache)
+    cache, logits = prefill(seq, pad, params.max_new_tokens)
+    for step in range(params.max_new_tokens):
+        token = sample_next(logits, counts, params, generator)
+        counts[torch.arange(len(rows), device=device), token] += 1
+        row_list, token_list = rows.tolist(), token.tolist()
+        yield row_list, token_list
+        left = params.max_new_tokens - step - 1
+        keep = [i for i, (r, t) in enumerate(zip(row_list, token_list)) if t not in stop_ids and r not in finished]
+        if not keep or not left:
+            return
+        seq = torch.cat([seq, token[:, None]], dim=1)
+        if len(keep) < len(row_list):  # finished rows leave the batch
+            index = torch.tensor(keep, device=device)
+            rows, seq, pad, counts, token = rows[index], seq[index], pad[index], counts[index], token[index]
+            cache.reorder(index)
+        if cache.pos == cache.max_len:  # the window is full: slide it, keeping its newest half
+            dropped = seq.size(1) - cfg.block_size // 2
+            seq, pad = seq[:, dropped:], (pad - dropped).clamp(min=0)
+            cache, logits = prefill(seq, pad, left)
+        else:
+            logits = _last_logits(model, token[:, None], cache)
 
 
 @torch.no_grad()
@@ -334,13 +339,13 @@ def stop_ids_for(tok, chat, ignore_eos=False):
     return {EOS_ID, BOS_ID} | ({tok.end_id, *tok.role_id.values()} if chat else set())
 
 
-def stream_text(model, tok, prompts, params, chat=False, generator=None, dtype='float32'):
+def stream_text(model, tok, prompts, params, chat=False, generator=None):
     """Generate for a batch of prompts (token ids), yielding (row, delta, finish_reason, tokens) as text
     arrives; tokens counts the row's new tokens so far. finish_reason is None until a row's last event:
     'stop' (an end token or a stop string) or 'length'."""
     streams = [TextStream(tok, params.stop, context=() if chat else p[-1:]) for p in prompts]
     finished, stop_ids = set(), stop_ids_for(tok, chat, params.ignore_eos)
-    for rows, tokens in generate_ids(model, prompts, params, stop_ids, generator, finished, dtype):
+    for rows, tokens in generate_ids(model, prompts, params, stop_ids, generator, finished):
         for r, t in zip(rows, tokens):
             s = streams[r]
             if t in stop_ids:
@@ -357,10 +362,10 @@ def stream_text(model, tok, prompts, params, chat=False, generator=None, dtype='
                 yield r, delta, None, s.tokens
 
 
-def complete(model, tok, prompts, params, chat=False, generator=None, dtype='float32'):
+def complete(model, tok, prompts, params, chat=False, generator=None):
     """Generate without streaming: one (text, finish_reason, tokens) per prompt."""
     out = [['', None, 0] for _ in prompts]
-    for r, delta, finish, n in stream_text(model, tok, prompts, params, chat, generator, dtype):
+    for r, delta, finish, n in stream_text(model, tok, prompts, params, chat, generator):
         out[r] = [out[r][0] + delta, finish, n]
     return [tuple(o) for o in out]
 
@@ -396,8 +401,8 @@ SETTINGS = {'temp': ('temperature', float, lambda v: v >= 0), 'top_p': ('top_p',
 class Prompt:
     """The state of an interactive session: settings, mode, and the chat so far."""
 
-    def __init__(self, model, tok, params, chat, system='', seed=1337, dtype='float32'):
-        self.model, self.tok, self.params, self.chat, self.dtype = model, tok, params, chat, dtype
+    def __init__(self, model, tok, params, chat, system='', seed=1337):
+        self.model, self.tok, self.params, self.chat = model, tok, params, chat
         self.system, self.messages = system, []
         self.generator = make_generator(seed, _device(model))
 
@@ -453,8 +458,7 @@ class Prompt:
             ids = [BOS_ID] + self.tok.encode(text)
         answer, n, t0 = '', 0, time.time()
         try:
-            for _, delta, _, n in stream_text(self.model, self.tok, [ids], self.params, self.chat,
-                                              self.generator, self.dtype):
+            for _, delta, _, n in stream_text(self.model, self.tok, [ids], self.params, self.chat, self.generator):
                 out.write(delta)
                 out.flush()
                 answer += delta
@@ -502,7 +506,7 @@ def main(argv=None):
     dt = ('bfloat16' if dev.startswith('cuda') else 'float32') if cfg.dtype == 'auto' else cfg.dtype
     lumi.seed_everything(cfg.seed)
     source = cfg.ckpt or cfg.adapter or newest_checkpoint(cfg.out_root)
-    model, tok, info = load_model(source, cfg.adapter if cfg.ckpt else '', cfg.tokenizer, dev)
+    model, tok, info = load_model(source, cfg.adapter if cfg.ckpt else '', cfg.tokenizer, dev, dt)
     chat = (info['kind'] in CHAT_KINDS or bool(info['adapter'])) if cfg.mode == 'auto' else cfg.mode == 'chat'
     params = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty,
                       tuple(cfg.stop), cfg.ignore_eos)
@@ -512,7 +516,7 @@ def main(argv=None):
         from serve import Server  # the HTTP side lives in serve.py; it is handed the generation
 
         def generate(prompts, p, chat, seed):
-            return stream_text(model, tok, prompts, p, chat, make_generator(seed, dev), dt)
+            return stream_text(model, tok, prompts, p, chat, make_generator(seed, dev))
         server = Server(generate, tok, model.cfg.block_size, params, cfg.model_name or f"lumi-{info['kind']}",
                         cfg.host, cfg.port, cfg.max_tokens_limit, cfg.max_batch, cfg.max_body_bytes, info['created'])
         host, port = server.server_address[:2]
@@ -524,7 +528,7 @@ def main(argv=None):
         finally:
             server.server_close()
         return 0
-    session = Prompt(model, tok, params, chat, cfg.system, cfg.seed, dt)
+    session = Prompt(model, tok, params, chat, cfg.system, cfg.seed)
     if cfg.prompt:
         session.reset()
         session.reply(cfg.prompt)

@@ -357,3 +357,16 @@ def test_interactive_chat_slash_command_ctrl_c_and_quit(loaded, sft_checkpoint):
         except ProcessLookupError:
             pass
         os.close(term.fd)
+
+
+def test_bfloat16_weights_decode_with_a_bfloat16_cache(lively_checkpoint, loaded):
+    half, _, _ = S.load_model(lively_checkpoint, dtype='bfloat16')
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert half.rope_cos.dtype == torch.float32 and half.lm_head.weight is half.tok_emb.weight
+    prompts = prompts_of([5, 17, 30], half.cfg.vocab_size)
+    got = run_cached(half, prompts, greedy(12))
+    want = run_cached(loaded[0], prompts, greedy(12))
+    assert [len(r) for r in got] == [12] * 3
+    assert sum(a == b for g, w in zip(got, want) for a, b in zip(g, w)) >= 30  # bf16 rounding flips a few
+    with pytest.raises(ValueError, match='dtype'):
+        S.load_model(lively_checkpoint, dtype='float16')

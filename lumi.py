@@ -644,12 +644,12 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
             bar.total = max_iters
             log(f"max_minutes={cfg.max_minutes}: {per_step:.3f}s a step, planning {max_iters} steps")
     bar.close()
+    if master:
+        write_loss_plot(cfg.out_dir)  # defined with the command line below; it never raises
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
     return final_path
-    if master:
-        write_loss_plot(cfg.out_dir)  # defined with the command line below; it never raises
 
 
 # =============================================================================
@@ -685,7 +685,7 @@ def _fmt_tick(v, step):
         return f"{v / 1e9:g}B"
     if abs(v) >= 1e6:
         return f"{v / 1e6:g}M"
-    if abs(v) >= 1e4:
+    if abs(v) >= 1e3 and step >= 100:
         return f"{v / 1e3:g}k"
     if step < 1e-2:
         return f"{v:.0e}" if abs(v) < 1e-2 else f"{v:.3g}"
@@ -727,7 +727,7 @@ def plot_svg(runs, path, title=''):
     x_key, series = plot_series(runs)
     if not series:
         raise ValueError("nothing to plot: the runs have no loss, val_loss or lr records")
-    W, left, right, top = 960, 80, 230, 50
+    W, left, right, top = 1000, 80, 250, 50
     panels = {'loss': (top, 300), 'lr': (top + 300 + 70, 140)}  # panel -> (y of its top, height)
     H = panels['lr'][0] + panels['lr'][1] + 60
     pw = W - left - right
@@ -770,16 +770,20 @@ def plot_svg(runs, path, title=''):
                 out += [f'<circle cx="{X(x):.2f}" cy="{Y(y):.2f}" r="2.8" fill="{s["color"]}"/>'
                         for x, y in s['points']]
         out.append('</g>')
-    ly = top + 10  # the legend: one line per series, right of the panels
-    for s in series:
-        if s['panel'] != 'loss':
+    ly, lx = top + 10, left + pw + 20  # the legend, right of the panels: each run, then its loss curves
+    for label, _ in runs:
+        mine = [s for s in series if s['run'] == label and s['panel'] == 'loss']
+        if not mine:
             continue
-        lx = left + pw + 20
-        dash = ' stroke-dasharray="6,4"' if s['dashed'] else ''
-        last = s['points'][-1][1]
-        out.append(f'<line x1="{lx}" y1="{ly}" x2="{lx + 28}" y2="{ly}" stroke="{s["color"]}" stroke-width="2"{dash}/>')
-        out.append(f'<text x="{lx + 34}" y="{ly + 4}">{escape(s["run"][:18])} {s["name"]} ({last:.3f})</text>')
+        out.append(f'<text x="{lx}" y="{ly + 4}" font-weight="bold" fill="{mine[0]["color"]}">'
+                   f'{escape(label if len(label) <= 30 else "…" + label[-29:])}</text>')
         ly += 18
+        for s in mine:
+            dash = ' stroke-dasharray="6,4"' if s['dashed'] else ''
+            out.append(f'<line x1="{lx}" y1="{ly}" x2="{lx + 28}" y2="{ly}" stroke="{s["color"]}" stroke-width="2"{dash}/>')
+            out.append(f'<text x="{lx + 34}" y="{ly + 4}">{s["name"]}, last {s["points"][-1][1]:.3f}</text>')
+            ly += 18
+        ly += 8
     out.append('</svg>')
     text = '\n'.join(out) + '\n'
     atomic_write(path, lambda f: f.write(text), mode='w')
@@ -1114,6 +1118,11 @@ class Pipeline:
         return status
 
     def run(self):
+        import signal
+
+        def terminated(*_):  # a kill stops the running stage too (subprocess.run kills it on any exception)
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, terminated)
         t0 = time.time()
         log(f"lumi run: {', '.join(self.stages)} -> {self.run_dir} (data {self.data_dir})")
         for stage in self.stages:
@@ -1232,7 +1241,7 @@ def main(argv=None):
             cfg = load_config({'out': '', 'title': ''}, [a for a in rest if a.startswith('--')])
             out = cfg.out or (os.path.join(runs[0], 'loss.svg') if len(runs) == 1 and os.path.isdir(runs[0])
                               else 'loss.svg')
-            path = plot_svg([read_run(r) for r in runs], out, title=cfg.title or ', '.join(runs))
+            path = plot_svg([read_run(r) for r in runs], out, title=cfg.title or ', '.join(map(os.path.normpath, runs)))
             log(f"wrote {path}")
             return path
         pos = [a for a in rest if not a.startswith('--')]

@@ -356,10 +356,11 @@ sample_tokens = 8
     return str(root / 'lab.py')
 
 
-def _lumi_run(config, **kw):
+def _lumi_run(config, *overrides, **kw):
     # one thread per stage process: on a shared 2-core machine, spinning OpenMP threads make tiny steps slow
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'lumi.py'), 'run', config], cwd=str(kw.pop('cwd')),
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'lumi.py'), 'run', config, *overrides],
+                            cwd=str(kw.pop('cwd')),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw)
 
 
@@ -402,6 +403,13 @@ def test_run_interrupted_resumes_then_skips_everything(tmp_path):
     assert proc.returncode == 0, third[-3000:]
     assert third.count('up to date: skipped') == 8 and '$ python' not in third
     assert {p: p.stat().st_mtime_ns for p in run.glob('*/.lumi_stage.json')} == stamps
+    # 4. a changed input re-runs that stage alone, from scratch
+    (run / 'sample' / 'leftover.txt').write_text('from the previous run')
+    proc = _lumi_run(config, '--sample_tokens=4', cwd=tmp_path)
+    fourth = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, fourth[-3000:]
+    assert fourth.count('up to date: skipped') == 7 and '[sample] its inputs changed' in fourth
+    assert not (run / 'sample' / 'leftover.txt').exists() and (run / 'sample' / 'reply.txt').is_file()
 
 
 def test_run_routes_overrides_and_refuses_unknown_keys(tmp_path, capsys):

@@ -83,7 +83,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        y = F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        if torch.is_autocast_enabled(y.device.type):
+            # cast once here, not once in each projection that reads y (q, k, v; gate, up): the same values,
+            # and 2x fewer activation copies under bf16 autocast on CPU
+            y = y.to(torch.get_autocast_dtype(y.device.type))
+        return y
 
 
 def rope_cache(cfg, device=None):
@@ -98,7 +103,9 @@ def rope_cache(cfg, device=None):
 
 
 def apply_rope(x, cos, sin):
-    # x (B, H, T, D); cos/sin (T, D) or (B, 1, T, D) for per-row positions
+    # x (B, H, T, D); cos/sin (T, D) or (B, 1, T, D) for per-row positions. In x's dtype: under bf16
+    # autocast, fp32 tables would promote q and k to fp32 and cost two full-size copies back
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)

@@ -1136,13 +1136,16 @@ class Pipeline:
 
     # --- the summary table
 
+    def _done(self, stage):
+        return bool((self.stamp(stage) or {}).get('done'))
+
     def _report(self, stage):
         path = os.path.join(self.dir(stage), 'report.json')
-        return read_json(path) if os.path.isfile(path) else None
+        return read_json(path) if self._done(stage) and os.path.isfile(path) else None
 
     def _metrics(self, stage):
         path = os.path.join(self.dir(stage), 'metrics.jsonl')
-        return read_run(path)[1] if os.path.isfile(path) else []
+        return read_run(path)[1] if self._done(stage) and os.path.isfile(path) else []
 
     def summary(self, seconds):
         lines = [f"# Lumi run: {self.run_dir}", "",
@@ -1166,7 +1169,9 @@ class Pipeline:
                                            if limit else " (whole sets)") + ":", "",
                       "| task | metric | " + " | ".join(name for name, _ in evals) + " | baseline |",
                       "|---|---|" + "---|" * len(evals) + "---|"]
-            tasks = list(dict.fromkeys(t for _, r in evals for t in r if t != 'meta' and isinstance(r[t], dict)))
+            order = (self.cfg.eval_tasks + ',' + self.cfg.tuned_eval_tasks).split(',')
+            tasks = sorted({t for _, r in evals for t in r if t != 'meta' and isinstance(r[t], dict)},
+                           key=lambda t: (order.index(t) if t in order else len(order), t))
             for t in tasks:
                 if t == 'ppl':
                     for k, name in (('loss', 'val loss'), ('bpb', 'bits per byte')):
@@ -1177,18 +1182,21 @@ class Pipeline:
                     first = next(r[t] for _, r in evals if t in r)
                     base = f"{first.get('baseline', float('nan')):.3f} majority, {first.get('random_baseline', float('nan')):.3f} random"
                     lines.append(f"| {t} (n={first.get('n', '?')}) | accuracy | " + " | ".join(vals) + f" | {base} |")
-        sft = [r for r in self._metrics('sft') if 'val_loss' in r]
-        if sft:
-            lines.append(f"\n- SFT held-out assistant loss: {sft[0]['val_loss']:.4f} -> {sft[-1]['val_loss']:.4f} "
-                         f"(step {sft[0]['step']} -> {sft[-1]['step']})")
-        dpo = [r for r in self._metrics('dpo') if 'val_reward_accuracy' in r or 'val_loss' in r]
-        if dpo:
-            last = dpo[-1]
-            acc = last.get('val_reward_accuracy')
-            lines.append(f"- DPO held-out preference accuracy: {acc:.3f}" if acc is not None else
-                         f"- DPO held-out loss: {last['val_loss']:.4f}")
-            if 'val_reward_margin' in last:
-                lines[-1] += f", reward margin {last['val_reward_margin']:.3f} (step {last['step']})"
+        def trained(records):
+            last = next((r for r in reversed(records) if 'loss' in r), None)
+            return f" ({last['step']:,} steps, {last.get('tokens', 0):,} tokens)" if last else ''
+        sft = self._metrics('sft')
+        held = [r for r in sft if 'val_loss' in r]
+        if held:
+            lines.append(f"\n- SFT held-out assistant loss: {held[0]['val_loss']:.4f} at step {held[0]['step']} -> "
+                         f"{held[-1]['val_loss']:.4f} at step {held[-1]['step']}" + trained(sft))
+        dpo = self._metrics('dpo')
+        held = [r for r in dpo if 'val_reward_accuracy' in r]
+        if held:
+            first, last = held[0], held[-1]
+            lines.append(f"- DPO held-out preference accuracy: {first['val_reward_accuracy']:.3f} at step "
+                         f"{first['step']} -> {last['val_reward_accuracy']:.3f} at step {last['step']}, reward "
+                         f"margin {last.get('val_reward_margin', float('nan')):.3f}" + trained(dpo))
         reply_path = os.path.join(self.dir('sample'), 'reply.txt')
         if os.path.isfile(reply_path):
             with open(reply_path) as f:

@@ -94,9 +94,10 @@ def check_resume(path, model_args, tokenizer_sha, data_dir):
     """Refuse to resume onto other bins or another model shape: the run would silently become another run."""
     ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     lumi.check_tokenizer(ckpt['tokenizer_sha256'], tokenizer_sha, f"the bins in {data_dir}")
-    differ = {k: (v, model_args[k]) for k, v in ckpt['model_args'].items() if model_args.get(k) != v}
+    differ = [f"{k}: checkpoint {v!r}, config {model_args.get(k)!r}" for k, v in ckpt['model_args'].items()
+              if model_args.get(k) != v]
     if differ:
-        raise ValueError(f"{path} holds a model with other settings ({', '.join(f'{k}: checkpoint {a!r}, config {b!r}' for k, (a, b) in differ.items())}); "
+        raise ValueError(f"{path} holds a model with other settings ({'; '.join(differ)}); "
                          f"use another --out_dir or --resume=never")
 
 
@@ -132,7 +133,8 @@ def make_evaluate(cfg, rank, world):
     def evaluate(model):
         val = make_batches(cfg, 'val', cfg.seed, rank, world)
         device = next(model.parameters()).device
-        losses = [model(x.to(device), y.to(device))[1].item() for x, y in (val.next_batch() for _ in range(cfg.eval_iters))]
+        losses = [model(x.to(device), y.to(device))[1].item()
+                  for x, y in (val.next_batch() for _ in range(cfg.eval_iters))]
         return {'val_loss': sum(losses) / len(losses)}
     return evaluate
 

@@ -33,7 +33,8 @@ def write_bins(d, tok, train_tokens=6000, val_tokens=1000, seed=0):
     os.makedirs(os.path.join(d, 'tokenizer'), exist_ok=True)
     with open(os.path.join(d, 'tokenizer', 'tokenizer.model'), 'wb') as f:
         f.write(tok.proto)
-    docs = [[lumi.BOS_ID] + tok.encode(s) + [lumi.EOS_ID] for s in TINY_TEXT.replace('?', '.').split('.') if s.strip()]
+    sentences = [s for s in TINY_TEXT.replace('?', '.').split('.') if s.strip()]
+    docs = [[lumi.BOS_ID] + tok.encode(s) + [lumi.EOS_ID] for s in sentences]
     rng = np.random.default_rng(seed)
     sizes = {}
     for split, n in (('train', train_tokens), ('val', val_tokens)):
@@ -42,7 +43,8 @@ def write_bins(d, tok, train_tokens=6000, val_tokens=1000, seed=0):
             ids += docs[rng.integers(len(docs))]
         np.array(ids[:n], dtype=np.uint16).tofile(os.path.join(d, f'{split}.bin'))
         sizes[f'{split}_tokens'] = n
-    lumi.write_json(os.path.join(d, 'meta.json'), dict(tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size, **sizes))
+    lumi.write_json(os.path.join(d, 'meta.json'),
+                    dict(tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size, **sizes))
     return str(d)
 
 
@@ -87,7 +89,8 @@ def run_train(args, kill_at=None, launcher=None, check=True):
 
 
 def metrics(out_dir):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in lumi.read_jsonl(os.path.join(out_dir, 'metrics.jsonl'))]
+    records = lumi.read_jsonl(os.path.join(out_dir, 'metrics.jsonl'))
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
 # -----------------------------------------------------------------------------
@@ -117,8 +120,8 @@ def test_contract_config_file_overrides_metrics_and_checkpoints(bins, tmp_path, 
 
 def test_token_budget_defaults_to_tokens_per_param(bins, tmp_path):
     out = str(tmp_path / 'o')
-    final = train.main([f'--data_dir={bins}', f'--out_dir={out}', '--tokens_per_param=0.02', '--eval_interval=1000']
-                       + TINY)
+    final = train.main([f'--data_dir={bins}', f'--out_dir={out}', '--tokens_per_param=0.02',
+                        '--eval_interval=1000'] + TINY)
     # 106,816 parameters x 0.02 tokens / (4 x 32 tokens a step) = 16.7 -> 17 steps
     assert lumi.load_checkpoint(final)['max_iters'] == 17 == math.ceil(106_816 * 0.02 / 128)
 

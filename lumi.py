@@ -1174,9 +1174,14 @@ class Pipeline:
                            key=lambda t: (order.index(t) if t in order else len(order), t))
             for t in tasks:
                 if t == 'ppl':
-                    for k, name in (('loss', 'val loss'), ('bpb', 'bits per byte')):
+                    source = next(r[t].get('source', '') for _, r in evals if t in r)
+                    base = ''
+                    if source.endswith('.bin') and os.path.isfile(source):  # the loss of a context-blind model
+                        import train
+                        base = f"{train.unigram_entropy(source, 1 << 16):.4f} (unigram entropy of val.bin)"
+                    for k, name, b in (('loss', 'val loss', base), ('bpb', 'bits per byte', '')):
                         vals = [f"{r[t][k]:.4f}" if t in r and k in r[t] else '-' for _, r in evals]
-                        lines.append(f"| ppl | {name} | " + " | ".join(vals) + " | |")
+                        lines.append(f"| ppl | {name} | " + " | ".join(vals) + f" | {b} |")
                 elif any('accuracy' in r.get(t, {}) for _, r in evals):
                     vals = [f"{r[t]['accuracy']:.3f} ± {r[t].get('stderr', 0):.3f}" if t in r else '-' for _, r in evals]
                     first = next(r[t] for _, r in evals if t in r)

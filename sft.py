@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 import lumi
-from model import KVCache, apply_lora, lora_state_dict, merge_lora
+from model import apply_lora, lora_state_dict, merge_lora
 
 # -----------------------------------------------------------------------------
 # defaults: any of them can be set in a config file or as --key=value
@@ -566,30 +566,6 @@ def merge(base, adapter_path, out):
 # -----------------------------------------------------------------------------
 # the format check: do sampled replies to held-out prompts end with <|end|>?
 
-@torch.no_grad()
-def sample_replies(model, tok, prompts, max_new_tokens, temperature, seed=0):
-    """Sample a reply for each prompt (lists of ids ending in <|assistant|>), batched with left padding;
-    returns the generated ids, each ending at its first <|end|> when there is one."""
-    device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
-    L = max(len(p) for p in prompts)
-    pad = torch.tensor([L - len(p) for p in prompts], device=device)
-    idx = torch.tensor([[lumi.PAD_ID] * (L - len(p)) + list(p) for p in prompts], device=device)
-    cache = KVCache(model.cfg, len(prompts), L + max_new_tokens, device, pad=pad)
-    logits, _ = model(idx, cache=cache)
-    out, done = [[] for _ in prompts], torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        probs = torch.softmax(logits[:, -1].float() / max(temperature, 1e-5), dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=g)[:, 0]
-        for row in (~done).nonzero()[:, 0].tolist():
-            out[row].append(int(nxt[row]))
-        done |= nxt == tok.end_id
-        if bool(done.all()):
-            break
-        logits, _ = model(nxt[:, None], cache=cache)
-    return out
-
-
 def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperature, names, batch_size=16):
     """Sample replies to n held-out prompts (the first user turn of the first val_examples that leave room
     for max_new_tokens) and count those that end with <|end|> within max_new_tokens, overall and per source;
@@ -607,11 +583,18 @@ def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperat
         src.append(names[int(prepared['source'][i])])
         if len(prompts) == n:
             break
+    import sample  # its generation engine (left-padded batch, KV cache); imported here, as only this needs it
+    params = sample.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0)
+    device = next(model.parameters()).device
     model.eval()
     ended = []
     for s in range(0, len(prompts), batch_size):
-        replies = sample_replies(model, tok, prompts[s:s + batch_size], max_new_tokens, temperature, seed=s)
-        ended += [bool(r) and r[-1] == tok.end_id for r in replies]
+        last = [None] * len(prompts[s:s + batch_size])
+        for rows, tokens in sample.generate_ids(model, prompts[s:s + batch_size], params, (tok.end_id, lumi.EOS_ID),
+                                                sample.make_generator(s, device)):
+            for r, t in zip(rows, tokens):
+                last[r] = t
+        ended += [t == tok.end_id for t in last]  # a row stops at <|end|> (or EOS), else at the limit
     out = dict(format_prompts=len(prompts), format_end_rate=float(np.mean(ended)) if ended else 0.0,
                format_reference_end_rate=float(np.mean(ref_ok)) if ref_ok else 0.0)
     for name in dict.fromkeys(src):

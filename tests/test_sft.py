@@ -16,6 +16,15 @@ from model import GPT, LoRALinear, apply_lora, lora_state_dict, merge_lora, set_
 ALL_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """The tiny model's ops are too small to split; on a busy 2-core machine two threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model(tiny_config, seed=0):
     torch.manual_seed(seed)
     return GPT(tiny_config).eval()
@@ -353,6 +362,32 @@ def test_sft_loss_is_the_models_loss_on_assistant_tokens(tokenizer, tiny_config,
         got = sft.make_evaluate(prep, np.arange(12), 5, 3, ['chats'])(model)
         torch.testing.assert_close(got['val_loss'], float(model(xs, ys)[1]), rtol=1e-5, atol=1e-5)
     assert got['val_loss_chats'] == got['val_loss']
+
+
+class _AlwaysSays(torch.nn.Module):
+    """An LM head that puts all the probability on one token."""
+    def __init__(self, token, vocab):
+        super().__init__()
+        self.token, self.vocab = token, vocab
+
+    def forward(self, h):
+        return torch.nn.functional.one_hot(torch.full(h.shape[:-1], self.token), self.vocab).float() * 100
+
+
+def test_format_check_counts_replies_that_end(tokenizer, tiny_config, tmp_path):
+    prep = sft.prepare_sft_data(tokenizer, [_chat_file(tmp_path, 12)], 48, str(tmp_path / 'cache'), val_frac=0.0)
+    model = _model(tiny_config)
+    args = (tokenizer, prep, np.arange(12), 5)
+    model.lm_head = _AlwaysSays(tokenizer.end_id, tiny_config.vocab_size)
+    got = sft.format_check(model, *args, max_new_tokens=8, temperature=0.7, names=['chats'], batch_size=3)
+    assert got['format_prompts'] == 5 and got['format_end_rate'] == 1.0 and got['format_end_rate_chats'] == 1.0
+    model.lm_head = _AlwaysSays(tokenizer.encode('fox')[0], tiny_config.vocab_size)
+    got = sft.format_check(model, *args, max_new_tokens=2, temperature=0.7, names=['chats'], batch_size=3)
+    assert got['format_end_rate'] == 0.0
+    # the reference replies: a reply of n tokens ends within the limit when n + 1 (its <|end|>) <= 2
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), prep['lengths'].cumsum(0)])
+    reply_len = [int(prep['mask'][offsets[i]:offsets[i + 1]].sum()) for i in range(5)]
+    assert got['format_reference_end_rate'] == np.mean([n <= 2 for n in reply_len])
 
 
 # -----------------------------------------------------------------------------

@@ -33,10 +33,11 @@ per-language filtering of OpenAssistant.
 """
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
-import itertools
+import re
 import sys
 from collections import Counter, defaultdict
 
@@ -351,6 +352,14 @@ def _source_key(spec):
                            for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
 
 
+def source_name(spec):
+    """A short name for per-source metrics: the file's stem, or its folder's for a generic stem."""
+    path = re.sub(r':sha256=\w+$', '', spec).rsplit(':', 1)[-1].split('@')[0].split('#')[0]
+    parts = re.sub(r'[^\w/.-]+', '_', path).strip('/').split('/')
+    stem = parts[-1].split('.')[0]
+    return parts[-2] if stem in ('dataset', 'data', 'train', 'test', 'val', 'validation', '_') and len(parts) > 1 else stem
+
+
 def normalize_sources(srcs):
     out = [(s, 1.0) if isinstance(s, str) else (str(s[0]), float(s[1])) for s in (srcs or DEFAULT_SOURCES)]
     for spec, w in out:
@@ -657,7 +666,7 @@ def main(argv=None):
     if not cfg.max_iters and not cfg.max_minutes:
         cfg.max_iters = max(1, math.ceil(cfg.epochs * len(batches) / cfg.gradient_accumulation_steps))
         lumi.log(f"max_iters={cfg.max_iters} ({cfg.epochs} epochs)")
-    names = [os.path.splitext(os.path.basename(s.rsplit(':', 1)[-1]))[0] for s in prepared['sources']]
+    names = [source_name(s) for s in prepared['sources']]
     evaluate = make_evaluate(prepared, val_ex, cfg.batch_size, cfg.eval_iters, names) if len(val_ex) else None
     base_sha = lumi.sha256_file(base['path'])
     meta = lumi.checkpoint_meta(model, tok, 'sft', parent=base['path'], parent_sha256=base_sha)
@@ -672,7 +681,7 @@ def main(argv=None):
     lumi.log(f"wrote {'adapter.pt and ' if cfg.lora_r > 0 else ''}merged.pt in {cfg.out_dir}")
     if cfg.format_samples and len(val_ex):
         fc = format_check(model, tok, prepared, val_ex, cfg.format_samples, cfg.format_max_new_tokens,
-                          cfg.format_temperature, names)  # in fp32: the cache holds what the layers produce
+                          cfg.format_temperature, names)
         per_source = ', '.join(f"{k[16:]} {v:.0%} of {fc['format_prompts_' + k[16:]]}" for k, v in fc.items()
                                if k.startswith('format_end_rate_'))
         lumi.log(f"format check: {fc['format_end_rate']:.1%} of {fc['format_prompts']} sampled replies to held-out "

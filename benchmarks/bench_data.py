@@ -56,19 +56,25 @@ sig = data.minhash_signatures(kept, settings.num_perm, settings.shingle_words)
 dup = data.near_duplicates(sig, settings.near_dup_threshold)
 t_near, c_near = time.time() - t0, time.process_time() - c0
 
-# 3. packing: batched multi-threaded encode (data.pack) vs one document at a time, same documents
+# 3. packing: data.pack end to end, then its encode step (batched, multi-threaded) against a one-document-at-a-time
+# loop, in lockstep chunk by chunk so that other work on the machine falls on both alike
 tok = lumi.Tokenizer.load(os.path.join(D, 'tokenizer', 'tokenizer.model'))
 docs = [r['text'] for r in data.iter_corpus(D)]
 threads = os.cpu_count()
 t0, c0 = time.time(), time.process_time()
-n_loop = 0
-for d in docs:
-    n_loop += len(np.array([lumi.BOS_ID, *tok.encode(d), lumi.EOS_ID], dtype=np.uint16))
-t_loop, c_loop = time.time() - t0, time.process_time() - c0
-t0, c0 = time.time(), time.process_time()
 meta2 = data.pack(settings, tok, tok_card, man)
 t_pack, c_pack = time.time() - t0, time.process_time() - c0
 n_pack = meta2['train_tokens'] + meta2['val_tokens']  # the starter weights are all 1: each document once
+wall, cpu, n_tok = Counter(), Counter(), 0
+for i in range(0, len(docs), 512):
+    chunk = docs[i:i + 512]
+    for arm in ('batch', 'loop'):
+        t0, c0 = time.time(), time.process_time()
+        ids = tok.encode_batch(chunk, num_threads=threads) if arm == 'batch' else [tok.encode(d) for d in chunk]
+        arrays = [np.array([lumi.BOS_ID, *x, lumi.EOS_ID], dtype=np.uint16) for x in ids]
+        wall[arm] += time.time() - t0
+        cpu[arm] += time.process_time() - c0
+    n_tok += sum(map(len, arrays))
 
 load = os.getloadavg()[0]  # other work on the machine slows every wall-clock figure
 print(f"\n## bench_data ({time.strftime('%Y-%m-%d %H:%M')}, {threads} cores, load average {load:.1f}, "
@@ -83,8 +89,12 @@ print(f"cleaning + filters + exact dedupe: {mb / t_clean:.1f} MB/s ({t_clean:.1f
       f"{len(kept):,} docs: {t_near:.1f}s ({mb / t_near:.1f} MB/s), {int(dup.sum())} near-duplicates; "
       f"cleaning + dedupe together {mb / (t_clean + t_near):.1f} MB/s wall, "
       f"{mb / (c_clean + c_near):.1f} MB per CPU-second")
-print(f"packing: data.pack {n_pack / t_pack / 1e6:.2f}M tokens/s ({t_pack:.1f}s wall, {c_pack:.1f}s CPU) vs "
-      f"one-document loop {n_loop / t_loop / 1e6:.2f}M tokens/s ({t_loop:.1f}s wall, {c_loop:.1f}s CPU): "
-      f"{t_loop / t_pack * n_pack / n_loop:.2f}x")
+print(f"packing: data.pack {n_pack / t_pack / 1e6:.2f}M tokens/s ({t_pack:.1f}s wall, {c_pack:.1f}s CPU, "
+      f"shards read to bins written)")
+print(f"encode, lockstep: batched with {threads} threads {n_tok / wall['batch'] / 1e6:.2f}M tokens/s "
+      f"({wall['batch']:.1f}s wall, {cpu['batch']:.1f}s CPU) vs one document at a time "
+      f"{n_tok / wall['loop'] / 1e6:.2f}M tokens/s ({wall['loop']:.1f}s wall, {cpu['loop']:.1f}s CPU): "
+      f"{wall['loop'] / wall['batch']:.2f}x; per CPU-second {n_tok / cpu['batch'] / 1e6:.2f}M vs "
+      f"{n_tok / cpu['loop'] / 1e6:.2f}M tokens")
 print(f"chars/token {meta['chars_per_token']:.3f}, byte fallback {tok_card['held_out']['byte_fallback_rate']:.2e}, "
       f"round trip {tok_card['held_out']['roundtrip_exact']:.1%}")

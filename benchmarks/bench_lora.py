@@ -7,7 +7,11 @@ each arm's peak memory is its own.
 
 Arms: full fine-tuning, then LoRA (all seven projections) at r=8 and r=16 through the torch path. On CUDA
 two more: LoRA r=16 through the fused Triton kernel, and the torch path beside it, in bf16 autocast.
-A step is forward + backward + grad clip + AdamW on random tokens (the data does not change the cost).
+A step is an SFT step: sft.sft_loss (logits on the learned positions only; here the second half of each
+row, as a prompt then a reply) + backward + grad clip + AdamW, on random tokens (the data does not change
+the cost). Step time is the median over the timed steps,
+by the wall clock and by the process's CPU time (on a shared machine the CPU time is what an idle core would
+take with one thread).
 Memory: CPU, the peak resident set (ru_maxrss) of the arm's process above what it held once torch was
 imported; CUDA, torch.cuda.max_memory_allocated. Ratios are against the full fine-tuning arm of this run.
 """
@@ -25,6 +29,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import lumi  # noqa: E402
+import sft  # noqa: E402
 import model as model_lib  # noqa: E402
 from model import GPT, ModelConfig, apply_lora  # noqa: E402
 
@@ -33,7 +38,7 @@ batch_size = 8
 seq_len = 256
 steps = 10
 warmup = 3
-threads = 2
+threads = 1  # the tiny model's ops are too small to split; on a shared machine two threads wait on each other
 arm = ''  # set by the parent for each child process
 device = 'auto'
 dtype = 'float32'  # CPU: float32 or bfloat16 autocast; CUDA arms always run bf16 autocast
@@ -74,16 +79,18 @@ def run_arm(cfg):
     opt = lumi.make_optimizer(model, lumi.Config(lumi.TRAINING_DEFAULTS), dev)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(4, mcfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), generator=g).to(dev)
+    y = x[:, 1:].clone()
+    y[:, :cfg.seq_len // 2] = -1  # the prompt: no loss
     dtype = 'bfloat16' if dev.startswith('cuda') else cfg.dtype
     if dev.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu_times = [], []
     for i in range(cfg.warmup + cfg.steps):
         if dev.startswith('cuda'):
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with lumi.autocast(dev, dtype):
-            _, loss = model(x[:, :-1], x[:, 1:])
+            loss, _ = sft.sft_loss(model, (x[:, :-1], y))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -92,12 +99,13 @@ def run_arm(cfg):
             torch.cuda.synchronize()
         if i >= cfg.warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     if dev.startswith('cuda'):
         mem = torch.cuda.max_memory_allocated() / 2**20
     else:
         mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
     return dict(arm=cfg.arm, device=torch.cuda.get_device_name() if dev.startswith('cuda') else 'cpu',
-                step_ms=1000 * statistics.median(times), tok_s=cfg.batch_size * cfg.seq_len / statistics.median(times),
+                step_ms=1000 * statistics.median(times), cpu_ms=1000 * statistics.median(cpu_times),
                 mem_mb=mem, trainable=trainable, total=total, loss=float(loss))
 
 
@@ -124,10 +132,12 @@ def main(argv):
     full = results[0]
     mem_name = 'peak CUDA MB' if full['device'] != 'cpu' else 'peak RSS MB'
     print(f"\ndevice {full['device']}")
-    print(f"{'arm':16s} {'trainable':>16s} {'step ms':>9s} {'tok/s':>9s} {'time/full':>10s} {mem_name:>13s} {'mem/full':>9s}")
+    print(f"{'arm':16s} {'trainable':>16s} {'wall ms':>9s} {'/full':>6s} {'CPU ms':>9s} {'/full':>6s} "
+          f"{mem_name:>13s} {'/full':>6s}")
     for r in results:
         print(f"{r['arm']:16s} {r['trainable']:>9,d} {100 * r['trainable'] / r['total']:5.2f}% {r['step_ms']:9.1f} "
-              f"{r['tok_s']:9,.0f} {r['step_ms'] / full['step_ms']:10.2f} {r['mem_mb']:13.0f} {r['mem_mb'] / full['mem_mb']:9.2f}")
+              f"{r['step_ms'] / full['step_ms']:6.2f} {r['cpu_ms']:9.1f} {r['cpu_ms'] / full['cpu_ms']:6.2f} "
+              f"{r['mem_mb']:13.0f} {r['mem_mb'] / full['mem_mb']:6.2f}")
 
 
 if __name__ == '__main__':

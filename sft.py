@@ -575,7 +575,7 @@ def merge(base, adapter_path, out):
 # -----------------------------------------------------------------------------
 # the format check: do sampled replies to held-out prompts end with <|end|>?
 
-def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperature, names, batch_size=16):
+def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperature, names, batch_size=64):
     """Sample replies to n held-out prompts (the first user turn of the first val_examples that leave room
     for max_new_tokens) and count those that end with <|end|> within max_new_tokens, overall and per source;
     the same count for the reference replies shows what the data itself allows."""

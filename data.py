@@ -247,6 +247,10 @@ def pypi_archive(pkg, sdist=False, cache_dir=None):
         cmd += ['--no-index', '--find-links', os.environ['LUMI_PIP_FIND_LINKS']]
     lumi.log(f"fetching {pkg} ({kind}) with pip download")
     r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 and sdist and not os.environ.get('LUMI_PIP_FIND_LINKS'):
+        # the sdist's build backend (llamafactory's hatchling) is not in this venv: let pip fetch it into
+        # an isolated build environment, as a plain `pip download` does on a fresh machine
+        r = subprocess.run([a for a in cmd if a != '--no-build-isolation'], capture_output=True, text=True)
     if r.returncode != 0 or not os.path.isdir(tmp) or not os.listdir(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         other = 'pypi:' if sdist else 'pypi-sdist:'

@@ -545,9 +545,9 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
         on_start(step)
     t_start = time.time()
     budget_s = cfg.max_minutes * 60
-    planned = not (budget_s > 0 and not ckpt_path)  # plan the schedule from measured speed, once
+    replan = budget_s > 0 and not ckpt_path  # fit the schedule to the clock; a resumed run keeps its plan
+    planned, cap, recent = False, max_iters or 10**12, []  # recent: the last step times, for the plan
     last, final_path = {}, ckpt_path  # resuming a finished run returns the checkpoint it resumed
-    timed_steps, timed_s = 0, 0.0  # for the plan: steps after the first one (compile, warm-up) and their time
     raw.train()
     bar = tqdm(total=max_iters or None, initial=step, disable=not master, dynamic_ncols=True, desc=cfg.out_dir)
     eval_s, resumed_at = 0.0, step if ckpt_path else -1
@@ -617,8 +617,8 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         step += 1
-        if step > 1:
-            timed_steps, timed_s = timed_steps + 1, timed_s + dt
+        if step > 1:  # the first step is not timed: it holds torch.compile's compilation (~30 s on 2 cores)
+            recent = (recent + [dt])[-10:]
         tokens_seen += step_tokens
         tps = step_tokens / max(dt, 1e-9)
         last = dict(step=step, loss=loss_val, lr=lr, tokens=tokens_seen, tokens_per_sec=round(tps, 1),
@@ -630,21 +630,23 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
             append_jsonl(metrics_path, last)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * last['mfu']:.1f}%")
-        if not planned and timed_steps >= max(2, min(10, cfg.warmup_iters // 2)):
-            # fit the schedule to the clock: steps left = time left / step time, less the evals to come. The
-            # first step is not timed: it holds torch.compile's compilation (~30 s on a 2-core CPU).
-            per_step = timed_s / timed_steps
-            left = budget_s - (time.time() - t_start)
-            n = int(left / (per_step + eval_s / max(1, cfg.eval_interval)))
+        if replan and len(recent) >= max(2, min(10, cfg.warmup_iters // 2)):
+            # fit the schedule to the clock: steps left = (time left - the final eval) / (step time + the evals
+            # to come), planned again after every step from the last ten, so that a machine that slows down
+            # midway (a shared one does) still finishes its cosine on time instead of being cut off high
+            per_step = sum(recent) / len(recent)
+            left = budget_s - (time.time() - t_start) - eval_s
+            n = max(0, int(left / (per_step + eval_s / max(1, cfg.eval_interval))))
             if world > 1:  # rank 0's plan for all: ranks that stopped at different steps would hang
                 import torch.distributed as dist
                 t = torch.tensor([n], dtype=torch.int64, device=device)
                 dist.broadcast(t, 0)
                 n = int(t.item())
-            max_iters = max(step + 1, min(max_iters or 10**12, step + n))
-            planned = True
+            max_iters = max(step, min(cap, step + n))
             bar.total = max_iters
-            log(f"max_minutes={cfg.max_minutes}: {per_step:.3f}s a step, planning {max_iters} steps")
+            if not planned:
+                log(f"max_minutes={cfg.max_minutes}: {per_step:.3f}s a step, planning {max_iters} steps")
+            planned = True
     bar.close()
     if master:
         write_loss_plot(cfg.out_dir)  # defined with the command line below; it never raises

@@ -49,6 +49,9 @@ data_dir = 'data/starter'   # the built-in starter corpus; bins missing here are
 tokens_per_param = 20.0
 # precision: auto is bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 elsewhere
 dtype = 'auto'
+# CPU threads for torch; 0 keeps torch's default (one per core). On a machine shared with other jobs, 1 is
+# faster: with two, each op waits for the thread the neighbours' load has descheduled
+num_threads = 0
 out_dir = 'out/pretrain'
 
 DEFAULTS = {**lumi.TRAINING_DEFAULTS, **lumi.config_defaults(globals())}
@@ -159,6 +162,8 @@ def main(argv=None):
     cfg = lumi.load_config(DEFAULTS, argv)
     device, rank, _, world = lumi.setup_distributed(cfg.device)
     cfg.dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     if device.startswith('cuda'):
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts (optimizer, loss) on tensor cores
         torch.backends.cudnn.allow_tf32 = True

@@ -32,5 +32,5 @@ grad_clip = 1.0
 compile = True
 dtype = 'auto'
 eval_interval = 100
-eval_iters = 10
+eval_iters = 5              # 5 x 4 x 1024 = 20k val tokens an eval: evals cost a short run little
 ckpt_interval = 100

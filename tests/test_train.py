@@ -126,6 +126,19 @@ def test_token_budget_defaults_to_tokens_per_param(bins, tmp_path):
     assert lumi.load_checkpoint(final)['max_iters'] == 17 == math.ceil(106_816 * 0.02 / 128)
 
 
+def test_max_minutes_fits_the_schedule_to_the_clock(bins, tmp_path):
+    """--max_minutes plans the steps from the measured step time (re-planned as it goes), so the run ends on
+    its planned last step with the cosine finished, instead of being cut off by the clock at a high LR."""
+    out = str(tmp_path / 'o')
+    final = train.main([f'--data_dir={bins}', f'--out_dir={out}', '--max_minutes=0.2', '--min_lr=1e-4'] + TINY)
+    ckpt = lumi.load_checkpoint(final)
+    steps = [r for r in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl')) if 'loss' in r]
+    assert ckpt['max_iters'] < math.ceil(20 * 106_816 / 128)  # planned below the 20 tokens/param budget
+    assert steps[-1]['step'] == ckpt['step'] == ckpt['max_iters']
+    assert steps[-1]['lr'] < 1.2e-4  # the cosine reached min_lr
+    assert 'val_loss' in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl'))[-1]  # and the final eval ran
+
+
 def test_kill9_while_checkpointing_then_resume_is_bit_exact(bins, tmp_path):
     args = [f'--data_dir={bins}', '--max_iters=24', '--eval_interval=6', '--ckpt_interval=6', '--keep_last=2'] + TINY
     full = str(tmp_path / 'full')

@@ -430,8 +430,7 @@ def generation_scores(ids, text):
                 repeat_4=1 - distinct(ids, 4) if len(ids) >= 4 else 0.0)
 
 
-def run_smoke(model, tok, prompts, chat, max_new_tokens=96, temperature=0.0, top_k=50, device='cpu',
-              dtype='float32', seed=1337):
+def run_smoke(model, tok, prompts, chat, max_new_tokens=96, temperature=0.0, top_k=50, device='cpu', seed=1337):
     """Generate for every prompt in one batch with sample.py's engine (KV cache, left padding) and score
     each completion; the samples are kept in full."""
     import sample  # stage 100's engine, so eval sees exactly what users will
@@ -440,7 +439,7 @@ def run_smoke(model, tok, prompts, chat, max_new_tokens=96, temperature=0.0, top
     stop_ids = sample.stop_ids_for(tok, chat)
     new, stopped = [[] for _ in prompts], [False] * len(prompts)
     steps = sample.generate_ids(model, [prompt_ids(tok, p, chat) for p in prompts], params, stop_ids,
-                                sample.make_generator(seed, device), dtype=dtype)
+                                sample.make_generator(seed, device))
     for rows, tokens in tqdm(steps, desc='smoke', total=max_new_tokens, leave=False, dynamic_ncols=True):
         for r, t in zip(rows, tokens):
             if t in stop_ids:
@@ -515,7 +514,7 @@ def evaluate(path, cfg):
             report[name] = ppl_bins(model, tok, found, cfg.stride, cfg.limit, **common)
         elif name == 'smoke':
             report[name] = run_smoke(model, tok, cfg.smoke_prompts, kind in ('sft', 'dpo'), cfg.smoke_max_new_tokens,
-                                     cfg.smoke_temperature, cfg.smoke_top_k, device, dtype, cfg.seed)
+                                     cfg.smoke_temperature, cfg.smoke_top_k, device, cfg.seed)
         else:
             source = cfg[f'{name}_source']
             examples, skipped = load_examples(name, source, cfg.limit)

@@ -320,12 +320,34 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)
 
 
+class TokenRows(nn.Module):
+    """An embedding (int input) or LM head (float input) whose weight is frozen except a few rows, trained as
+    lora_rows. For the chat tokens of a base pretrained on plain text: it never saw them, and every
+    pretraining step lowered their logits (<|end|> starts near log p = -15), which a low-rank update of the
+    layers alone takes many steps to undo. Tied embeddings share one TokenRows weight and rows."""
+
+    def __init__(self, weight, ids, rows=None):
+        super().__init__()
+        self.weight = weight
+        self.register_buffer('ids', torch.tensor(ids, dtype=torch.long, device=weight.device), persistent=False)
+        self.lora_rows = rows if rows is not None else nn.Parameter(weight.detach()[self.ids].clone())
+        self.enabled = True
+
+    def full_weight(self):
+        return self.weight.index_put((self.ids,), self.lora_rows.to(self.weight.dtype)) if self.enabled else self.weight
+
+    def forward(self, x):
+        w = self.full_weight()
+        return F.linear(x, w) if x.is_floating_point() else F.embedding(x, w)
+
+
 def _lora_modules(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, TokenRows))]
 
 
-def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=('q', 'v')):
-    """Replace the target projections of every block by LoRA linears and freeze everything else."""
+def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=('q', 'v'), tokens=()):
+    """Replace the target projections of every block by LoRA linears, make the embedding rows of `tokens`
+    trainable (TokenRows), and freeze everything else."""
     unknown = set(targets) - set(LORA_TARGETS)
     if unknown:
         raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {list(LORA_TARGETS)}")
@@ -338,12 +360,17 @@ def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=('q', 'v')):
             base = getattr(parent, attr)
             if not isinstance(base, LoRALinear):
                 setattr(parent, attr, LoRALinear(base, r, alpha, dropout))
-    model.lora_config = dict(r=r, alpha=float(alpha), dropout=float(dropout), targets=tuple(targets))
+    tokens = tuple(int(t) for t in tokens)
+    if tokens and not isinstance(model.tok_emb, TokenRows):
+        model.tok_emb = TokenRows(model.tok_emb.weight, tokens)
+        tied = model.cfg.tie_embeddings
+        model.lm_head = TokenRows(model.lm_head.weight, tokens, model.tok_emb.lora_rows if tied else None)
+    model.lora_config = dict(r=r, alpha=float(alpha), dropout=float(dropout), targets=tuple(targets), tokens=tokens)
     return model
 
 
 def lora_state_dict(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if '.lora_a' in k or '.lora_b' in k}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if '.lora_' in k}
 
 
 def set_lora_enabled(model, enabled):
@@ -353,13 +380,24 @@ def set_lora_enabled(model, enabled):
 
 @torch.no_grad()
 def merge_lora(model):
-    """Fold every adapter into its base weight (W += scale * B A) and put plain linears back."""
-    for name, m in _lora_modules(model):
+    """Fold every adapter into its base weight (W += scale * B A, trained token rows written in) and put
+    plain modules back."""
+    for name, m in [(n, m) for n, m in _lora_modules(model) if isinstance(m, LoRALinear)]:
         parent = model.get_submodule(name.rsplit('.', 1)[0])
         merged = nn.Linear(m.weight.size(1), m.weight.size(0), bias=False,
                            device=m.weight.device, dtype=m.weight.dtype)
         merged.weight.copy_(m.weight + m.scale * (m.lora_b.float() @ m.lora_a.float()).to(m.weight.dtype))
         setattr(parent, name.rsplit('.', 1)[1], merged)
+    if isinstance(model.tok_emb, TokenRows):  # plain modules again, the trained rows written in, still tied
+        emb, head = model.tok_emb, model.lm_head
+        model.tok_emb = nn.Embedding(*emb.weight.shape, device=emb.weight.device, dtype=emb.weight.dtype)
+        model.tok_emb.weight.copy_(emb.full_weight())
+        model.lm_head = nn.Linear(head.weight.size(1), head.weight.size(0), bias=False,
+                                  device=head.weight.device, dtype=head.weight.dtype)
+        if model.cfg.tie_embeddings:
+            model.lm_head.weight = model.tok_emb.weight
+        else:
+            model.lm_head.weight.copy_(head.full_weight())
     if hasattr(model, 'lora_config'):
         del model.lora_config
     for p in model.parameters():

@@ -64,6 +64,8 @@ lora_r = 16                     # 0: full fine-tuning
 lora_alpha = 32.0
 lora_dropout = 0.0              # > 0 forgoes the fused CUDA kernel while training
 lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+lora_chat_tokens = True         # also train the embedding rows of <|system|> <|user|> <|assistant|> <|end|>,
+                                # which a base pretrained on plain text never saw (model.TokenRows)
 learning_rate = 1e-3            # LoRA wants a larger step than full fine-tuning (use ~1e-4 with lora_r=0)
 min_lr = 1e-4
 warmup_iters = 20
@@ -652,7 +654,9 @@ def main(argv=None):
              f"{prepared['mask'].float().mean():.0%} of them assistant tokens")
 
     if cfg.lora_r > 0:
-        apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=tuple(cfg.lora_targets))
+        chat_ids = [tok.role_id[r] for r in lumi.ROLES] + [tok.end_id] if cfg.lora_chat_tokens else []
+        apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                   targets=tuple(cfg.lora_targets), tokens=chat_ids)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     lumi.log(f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora_r else 'full fine-tuning'}: trainable "

@@ -11,9 +11,10 @@ import torch
 
 import lumi
 import sft
-from model import GPT, LoRALinear, apply_lora, lora_state_dict, merge_lora, set_lora_enabled
+from model import GPT, LoRALinear, TokenRows, apply_lora, lora_state_dict, merge_lora, set_lora_enabled
 
 ALL_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+CHAT_IDS = (4, 5, 6, 7)  # the tiny tokenizer's <|system|> <|user|> <|assistant|> <|end|>
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -31,10 +32,13 @@ def _model(tiny_config, seed=0):
 
 
 def _randomize_b(model, seed=1):
+    """What training does to a fresh adapter: B and the token rows move away from where they started."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.lora_b.data = torch.randn(m.lora_b.shape, generator=g) * 0.05
+        if isinstance(m, TokenRows):
+            m.lora_rows.data += torch.randn(m.lora_rows.shape, generator=g) * 0.05  # tied: the same rows twice
 
 
 def _idx(tiny_config, B=2, T=24):
@@ -65,14 +69,15 @@ def test_fresh_adapter_gives_the_base_output_exactly(tiny_config):
     idx = _idx(tiny_config)
     with torch.no_grad():
         want = base(idx)[0]
-        got = apply_lora(base, r=8, alpha=16.0, targets=ALL_TARGETS)(idx)[0]
+        got = apply_lora(base, r=8, alpha=16.0, targets=ALL_TARGETS, tokens=CHAT_IDS)(idx)[0]
     assert torch.equal(got, want)
 
 
 def test_merged_logits_equal_base_plus_adapter(tiny_config):
-    model = apply_lora(_model(tiny_config), r=8, alpha=16.0, targets=ALL_TARGETS)
+    model = apply_lora(_model(tiny_config), r=8, alpha=16.0, targets=ALL_TARGETS, tokens=CHAT_IDS)
     _randomize_b(model)
     idx = _idx(tiny_config)
+    idx[:, ::3] = CHAT_IDS[0]  # the trained rows feed in as well as out
     with torch.no_grad():
         base_logits = _model(tiny_config)(idx)[0]
         with_adapter = model(idx)[0]
@@ -82,31 +87,35 @@ def test_merged_logits_equal_base_plus_adapter(tiny_config):
         merged = merge_lora(model)(idx)[0]
     assert (with_adapter - base_logits).abs().max() > 1e-3  # the adapter does change the output
     torch.testing.assert_close(merged, with_adapter, rtol=0, atol=1e-5)
-    assert not any(isinstance(m, LoRALinear) for m in model.modules())
-    assert all(p.requires_grad for p in model.parameters())
+    assert not any(isinstance(m, (LoRALinear, TokenRows)) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters()) and model.lm_head.weight is model.tok_emb.weight
 
 
 def test_only_adapter_parameters_reach_the_optimizer(tiny_config):
-    model = apply_lora(_model(tiny_config), r=4, alpha=8.0, targets=ALL_TARGETS).train()
+    model = apply_lora(_model(tiny_config), r=4, alpha=8.0, targets=ALL_TARGETS, tokens=CHAT_IDS).train()
     cfg = lumi.Config(lumi.TRAINING_DEFAULTS)
     opt = lumi.make_optimizer(model, cfg, 'cpu')
     in_opt = {id(p) for g in opt.param_groups for p in g['params']}
     lora = {id(p) for n, p in model.named_parameters() if '.lora_' in n}
-    assert in_opt == lora and len(lora) == 2 * len(ALL_TARGETS) * tiny_config.n_layer
+    assert in_opt == lora and len(lora) == 2 * len(ALL_TARGETS) * tiny_config.n_layer + 1  # + the tied token rows
     before = {k: v.clone() for k, v in model.state_dict().items()}
     idx = _idx(tiny_config)
+    idx[:, 5] = CHAT_IDS[3]
     for _ in range(2):  # B moves on step 1, A on step 2 (its gradient is zero while B is)
         model(idx, idx)[1].backward()
         opt.step()
         opt.zero_grad()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]) != ('.lora_' in k), k  # adapters moved, nothing else did
+    merge_lora(model)
+    changed = (model.tok_emb.weight != before['tok_emb.weight']).any(1).nonzero()[:, 0].tolist()
+    assert changed == list(CHAT_IDS)  # of the embedding, the chat rows alone
 
 
 def test_adapter_save_load_roundtrip_and_merge_command(tiny_checkpoint, tiny_config, tmp_path):
     base = lumi.load_checkpoint(tiny_checkpoint)
     tok = lumi.tokenizer_from_checkpoint(base)
-    model = apply_lora(lumi.model_from_checkpoint(base), r=4, alpha=8.0, targets=('q', 'v', 'down'))
+    model = apply_lora(lumi.model_from_checkpoint(base), r=4, alpha=8.0, targets=('q', 'v', 'down'), tokens=CHAT_IDS)
     _randomize_b(model)
     sft.save_adapter(str(tmp_path / 'adapter.pt'), model, tiny_checkpoint, tok)
     assert os.path.getsize(tmp_path / 'adapter.pt') < os.path.getsize(tiny_checkpoint) / 4  # the adapter alone
@@ -114,6 +123,7 @@ def test_adapter_save_load_roundtrip_and_merge_command(tiny_checkpoint, tiny_con
     want, got = lora_state_dict(model), lora_state_dict(loaded)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     idx = _idx(tiny_config)
+    idx[:, 1] = CHAT_IDS[1]
     with torch.no_grad():
         assert torch.equal(loaded.eval()(idx)[0], model.eval()(idx)[0])
     out = sft.main(['merge', tiny_checkpoint, str(tmp_path / 'adapter.pt'), str(tmp_path / 'merged.pt')])

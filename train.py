@@ -17,7 +17,6 @@ sequence-length warm-up, and mixing several bin sets (data.BinLoader can, one da
 """
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -206,9 +205,11 @@ def main(argv=None):
     evals = [r for r in lumi.read_jsonl(os.path.join(cfg.out_dir, 'metrics.jsonl')) if 'val_loss' in r]
     entropy = unigram_entropy(os.path.join(cfg.data_dir, 'val.bin'), model_args['vocab_size'])
     if evals:
-        lumi.log(f"final val loss {evals[-1]['val_loss']:.4f} nats/token at step {evals[-1]['step']} "
-                 f"(best {min(r['val_loss'] for r in evals):.4f}); unigram entropy of the val set "
-                 f"{entropy:.4f} nats/token, ln(vocab) {math.log(model_args['vocab_size']):.4f}")
+        final_val = evals[-1]['val_loss']
+        lumi.log(f"final val loss {final_val:.4f} nats/token at step {evals[-1]['step']} (best "
+                 f"{min(r['val_loss'] for r in evals):.4f}); unigram entropy of the val set {entropy:.4f} "
+                 f"nats/token ({entropy - final_val:+.4f} above the val loss), ln(vocab) "
+                 f"{math.log(model_args['vocab_size']):.4f}")
     lumi.log(f"final checkpoint: {final}")
     return final
 

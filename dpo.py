@@ -66,6 +66,7 @@ eval_iters = 25               # held-out batches per evaluation (the same ones e
 ckpt_interval = 100
 
 HH_USER, HH_ASSISTANT = '\n\nHuman:', '\n\nAssistant:'
+LOGP_CHUNK = 64  # reply positions per softmax: 8 MB of float32 at a 32768 vocabulary
 FORMATS = ('auto', 'hh', 'orca', 'ultrafeedback', 'llamafactory')
 
 
@@ -205,22 +206,32 @@ def load_pairs(spec, fmt='auto', stats=None):
 
 
 def pairs_from_conversations(conversations, seed, stats=None):
-    """SFT dialogues -> pairs: the dialogue's own last reply is chosen, the last reply of another dialogue
-    (a seeded derangement) rejected. Dialogues that do not end in an assistant reply are skipped."""
+    """SFT dialogues -> groups of pairs: the dialogue's own last reply is chosen, the reply of another
+    dialogue rejected. Dialogues are taken in seeded twos that swap replies (three in a cycle when the count
+    is odd), and lumi.fit sees a group in one batch: what a reply gains under its own prompt it loses under
+    its twin's, so the step teaches which reply fits which prompt, not which replies are likely.
+    Dialogues that do not end in a user turn and an assistant reply are skipped and counted."""
     stats = Counter() if stats is None else stats
     usable = [m for m in conversations if len(m) >= 2 and m[-1]['role'] == 'assistant' and m[-2]['role'] == 'user']
     stats['sft_unusable'] += len(conversations) - len(usable)
+    if len(usable) < 2:
+        return []
     order = list(range(len(usable)))
     random.Random(seed).shuffle(order)
-    pairs = []
-    for k, i in enumerate(order):  # each takes the reply of the next one in the shuffled cycle: never its own
-        j = order[(k + 1) % len(order)]
-        chosen, rejected = usable[i][-1]['content'], usable[j][-1]['content']
-        if j == i or chosen == rejected:
-            stats['sft_same_reply'] += 1
-            continue
-        pairs.append((usable[i][:-1], chosen, rejected))
-    return pairs
+    cuts = list(range(0, len(order) - 3, 2)) + [len(order) - 3 if len(order) % 2 else len(order) - 2]
+    groups = []
+    for a, b in zip(cuts, cuts[1:] + [len(order)]):
+        members = order[a:b]
+        group = []
+        for k, i in enumerate(members):  # each rejects the next one's reply in the cycle: never its own
+            chosen, rejected = usable[i][-1]['content'], usable[members[(k + 1) % len(members)]][-1]['content']
+            if chosen == rejected:
+                stats['sft_same_reply'] += 1
+                continue
+            group.append((usable[i][:-1], chosen, rejected))
+        if group:
+            groups.append(group)
+    return groups
 
 
 # -----------------------------------------------------------------------------
@@ -278,7 +289,8 @@ def collate(pairs):
 
 
 class PairBatches:
-    """Shuffled passes over the training pairs, one seeded permutation per epoch, rows strided by rank;
+    """Shuffled passes over the training pairs, one seeded permutation of their groups per epoch (a pair
+    alone is a group; SFT-built twins stay together), cut into batches that the ranks take in turn;
     state_dict() is enough for lumi.fit to resume at the exact next batch."""
 
     def __init__(self, pairs, batch_size, seed, rank=0, world_size=1):
@@ -287,28 +299,34 @@ class PairBatches:
                              f"{world_size} process(es); lower batch_size or add data")
         self.pairs, self.batch_size, self.seed = pairs, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        groups = {}
+        for i, p in enumerate(pairs):
+            groups.setdefault(p.get('group', ('pair', i)), []).append(i)
+        self.groups = list(groups.values())
         self.epoch, self.pos = 0, 0
-        self._order()
+        self._plan()
 
-    def _order(self):
-        order = np.random.default_rng(self.seed + self.epoch).permutation(len(self.pairs))
-        usable = len(order) - len(order) % self.world_size  # every process gets as many pairs
-        self.order = order[self.rank:usable:self.world_size]
+    def _plan(self):
+        rng = np.random.default_rng(self.seed + self.epoch)
+        order = [i for g in rng.permutation(len(self.groups)) for i in self.groups[g]]
+        batches = [order[b:b + self.batch_size] for b in range(0, len(order) - self.batch_size + 1, self.batch_size)]
+        usable = len(batches) - len(batches) % self.world_size  # every rank takes as many steps
+        self.batches = batches[self.rank:usable:self.world_size]
 
     def next_batch(self):
-        if self.pos + self.batch_size > len(self.order):  # the remainder waits for the next epoch's shuffle
+        if self.pos >= len(self.batches):  # the remainder waits for the next epoch's shuffle
             self.epoch, self.pos = self.epoch + 1, 0
-            self._order()
-        chunk = [self.pairs[i] for i in self.order[self.pos:self.pos + self.batch_size]]
-        self.pos += self.batch_size
+            self._plan()
+        chunk = [self.pairs[i] for i in self.batches[self.pos]]
+        self.pos += 1
         return collate(chunk)
 
     def state_dict(self):
         return {'epoch': self.epoch, 'pos': self.pos}
 
     def load_state_dict(self, state):
-        self.epoch, self.pos = state['epoch'], state['pos']
-        self._order()
+        self.epoch, self.pos = int(state['epoch']), int(state['pos'])
+        self._plan()
 
 
 # -----------------------------------------------------------------------------
@@ -320,28 +338,60 @@ def unwrap(model):
     return getattr(model, '_orig_mod', model)
 
 
+def reply_logits(model, idx, targets):
+    """The LM head's logits at the reply positions (targets != -1) only: (N, V), in row order.
+
+    Prompts and padding need no logits; with a 32768-token vocabulary the head is the largest tensor of a
+    small model's step, so this (as sft.sft_loss does) keeps a DPO step, reference included, within the
+    memory of an SFT step on the same rows."""
+    hidden = model(idx, return_hidden=True)  # through the DDP / compile wrappers, so they see the forward
+    return unwrap(model).lm_head(hidden[targets != -1])
+
+
+def reply_logps(logits, targets):
+    """log p(target | prefix) from reply_logits, put back at the reply positions: float32 (B, T), 0 elsewhere.
+
+    The softmax runs LOGP_CHUNK positions at a time: the reference pass, which holds no graph, then never
+    makes an (N, V) temporary, and policy and reference go through the very same arithmetic."""
+    mask = targets != -1
+    tgt = targets[mask]
+    logps = [F.log_softmax(logits[i:i + LOGP_CHUNK].float(), -1).gather(-1, tgt[i:i + LOGP_CHUNK, None])
+             for i in range(0, len(tgt), LOGP_CHUNK)]
+    flat = torch.cat(logps).squeeze(-1) if logps else logits.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(targets.shape, dtype=torch.float32, device=logits.device).masked_scatter(mask, flat)
+
+
 def token_logps(model, idx, targets):
-    """log p(target | prefix) at every position, 0 where targets is -1; float32 (B, T).
-
-    cross_entropy rather than log_softmax + gather: it keeps one (B, T, V) tensor for backward, not two,
-    which is what holds a DPO step to the memory of an SFT step."""
-    logits, _ = model(idx)
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction='none')
-    return -nll.view(targets.shape)
+    return reply_logps(reply_logits(model, idx, targets), targets)
 
 
-def reference_token_logps(model, idx, targets):
+@torch.no_grad()
+def reference_logits(model, idx, targets):
     """The reference under LoRA: the same weights with the adapters off, in eval mode, without a graph."""
     raw = unwrap(model)
     was_training = raw.training
     raw.eval()
     set_lora_enabled(raw, False)
     try:
-        with torch.no_grad():
-            return token_logps(raw, idx, targets)
+        return reply_logits(raw, idx, targets)
     finally:
         set_lora_enabled(raw, True)
         raw.train(was_training)
+
+
+@torch.no_grad()
+def reply_kl(policy_logits, ref_logits, targets):
+    """The exact KL(policy || reference) of the two next-token distributions at each reply position,
+    (B, T) with 0 elsewhere: the policy's drift on the data's contexts, summed over the whole vocabulary,
+    rather than a one-sample estimate at the data's own tokens (which DPO pushes down on purpose in the
+    rejected replies)."""
+    kl = []
+    for i in range(0, len(ref_logits), LOGP_CHUNK):
+        log_p = F.log_softmax(policy_logits[i:i + LOGP_CHUNK].float(), -1)
+        log_q = F.log_softmax(ref_logits[i:i + LOGP_CHUNK].float(), -1)
+        kl.append((log_p.exp() * (log_p - log_q)).sum(-1))
+    flat = torch.cat(kl) if kl else ref_logits.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(targets.shape, dtype=torch.float32, device=flat.device).masked_scatter(targets != -1, flat)
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type='sigmoid',
@@ -370,35 +420,49 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
 
 
 def score_batch(model, batch, cfg):
-    """Everything a step and an evaluation need, per pair: the losses (with their graph) and detached
-    rewards, sequence log-probs and the KL estimate's per-pair sums."""
+    """Everything a step and an evaluation need, per pair: the losses (with their graph), and detached
+    rewards, sequence log-probs and the sums behind the KL figure.
+
+    kl: with LoRA, the exact per-token KL(policy || reference) over the reply positions (reply_kl).
+    With full fine-tuning only the reference's log-probs of the data's tokens are kept, so the figure is
+    kl_chosen_k3, Schulman's k3 = r - 1 - log r (r = ref / policy) at the chosen replies' tokens: >= 0, 0
+    when nothing moved, but a drift gauge rather than a KL (the tokens are the data's, not the policy's)."""
     idx, targets = batch['idx'], batch['targets']
     B = idx.size(0) // 2
-    policy = token_logps(model, idx, targets)  # chosen and rejected in one forward pass
-    ref = batch['ref'] if 'ref' in batch else reference_token_logps(model, idx, targets)
-    mask = (targets != -1).float()
+    out, ref_logits = {}, None
+    if 'ref' in batch:
+        ref = batch['ref']
+    else:  # the reference first: its logits wait through the policy's forward, not through its backward
+        ref_logits = reference_logits(model, idx, targets)
+        ref = reply_logps(ref_logits, targets)
+    logits = reply_logits(model, idx, targets)  # chosen and rejected in one forward pass
+    policy = reply_logps(logits, targets)
+    n = (targets != -1).float().sum(-1)
+    if ref_logits is not None:
+        kl = reply_kl(logits.detach(), ref_logits, targets).sum(-1)
+        out['kl_sum'], out['kl_tokens'] = kl[:B] + kl[B:], n[:B] + n[B:]
+    else:
+        mask = (targets[:B] != -1).float()
+        log_r = (ref[:B] - policy[:B].detach()) * mask
+        out['kl_chosen_k3_sum'], out['kl_chosen_k3_tokens'] = ((log_r.exp() - 1 - log_r) * mask).sum(-1), n[:B]
     pol_seq, ref_seq = policy.sum(-1), ref.sum(-1)
     losses, rc, rr = dpo_loss(pol_seq[:B], pol_seq[B:], ref_seq[:B], ref_seq[B:], cfg.beta, cfg.loss_type,
                               cfg.label_smoothing)
-    # KL(policy || reference) on the reply tokens, Schulman's k3 estimator per token:
-    # r = ref/policy, k3 = r - 1 - log r >= 0, zero exactly when they agree. It is taken at the dataset's
-    # tokens under teacher forcing, not at samples from the policy, so it is a drift gauge, not an exact KL.
-    log_r = (ref - policy.detach()) * mask
-    k3 = (log_r.exp() - 1 - log_r) * mask
-    return {'loss': losses, 'rewards_chosen': rc, 'rewards_rejected': rr,
-            'logps_chosen': pol_seq[:B].detach(), 'logps_rejected': pol_seq[B:].detach(),
-            'kl_sum': k3[:B].sum(-1) + k3[B:].sum(-1), 'kl_tokens': mask[:B].sum(-1) + mask[B:].sum(-1)}
+    return dict(out, loss=losses, rewards_chosen=rc, rewards_rejected=rr,
+                logps_chosen=pol_seq[:B].detach(), logps_rejected=pol_seq[B:].detach())
 
 
 def summarize(scores, prefix=''):
-    """Means over pairs; a tie in reward counts half toward accuracy (no preference is a coin flip), so an
-    untouched policy scores 50%, not 0%."""
+    """Means over pairs (the KL figure per reply token); a tie in reward counts half toward accuracy (no
+    preference is a coin flip), so an untouched policy scores 50%, not 0%."""
     rc, rr = scores['rewards_chosen'], scores['rewards_rejected']
     out = {'loss': scores['loss'].detach().mean(), 'rewards_chosen': rc.mean(), 'rewards_rejected': rr.mean(),
            'reward_margin': (rc - rr).mean(),
            'reward_accuracy': ((rc > rr).float() + 0.5 * (rc == rr).float()).mean(),
-           'logps_chosen': scores['logps_chosen'].mean(), 'logps_rejected': scores['logps_rejected'].mean(),
-           'kl': scores['kl_sum'].sum() / scores['kl_tokens'].sum().clamp(min=1)}
+           'logps_chosen': scores['logps_chosen'].mean(), 'logps_rejected': scores['logps_rejected'].mean()}
+    for name in ('kl', 'kl_chosen_k3'):
+        if name + '_sum' in scores:
+            out[name] = scores[name + '_sum'].sum() / scores[name + '_tokens'].sum().clamp(min=1)
     return {prefix + k: float(v) for k, v in out.items()}
 
 
@@ -467,23 +531,26 @@ def prepare_pairs(cfg, tok):
         sources.append(('sft', dialogues, False))
     if not sources:
         raise ValueError("no preference data: set data (pairs) and/or sft_data (SFT sources to build pairs from)")
-    train, val = [], []
+    train, val, n_groups = [], [], 0
     for name, items, are_pairs in sources:
         items = list(items)
         if are_pairs:
             random.Random(cfg.seed).shuffle(items)
         n_val = min(len(items) - 1, max(1, round(cfg.val_frac * len(items)))) if cfg.val_frac > 0 else 0
         held, kept = items[:n_val], items[n_val:]
-        if not are_pairs:  # split the dialogues first, so no held-out reply is ever a training pair's rejected one
+        if are_pairs:
+            held, kept = [[p] for p in held], [[p] for p in kept]
+        else:  # split the dialogues first, so no held-out reply is ever a training pair's rejected one
             held, kept = (pairs_from_conversations(held, cfg.seed, stats),
                           pairs_from_conversations(kept, cfg.seed, stats))
         n_train, n_val = len(train), len(val)
         for split, out in ((kept, train), (held, val)):
-            for pair in split:
-                r = render_pair(tok, pair, cfg.max_length, cfg.max_prompt_length, stats)
-                if r is not None:
-                    r['source'] = name
-                    out.append(r)
+            for group in split:
+                n_groups += 1
+                for pair in group:
+                    r = render_pair(tok, pair, cfg.max_length, cfg.max_prompt_length, stats)
+                    if r is not None:
+                        out.append(dict(r, source=name, group=n_groups))
         lumi.log(f"{name}: {len(train) - n_train} training and {len(val) - n_val} held-out pairs")
     lumi.log("data: " + ', '.join(f"{k} {v}" for k, v in sorted(stats.items()) if isinstance(v, (int, float))))
     if not train:

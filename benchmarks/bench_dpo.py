@@ -6,9 +6,12 @@ Peak memory of one DPO step against one SFT step on the same batch, both with Lo
 
 The same 2B rows (B pairs: chosen then rejected, right-padded) go through both arms. SFT: sft.sft_loss, the
 mean cross-entropy on the reply tokens. DPO: dpo.score_batch, the reference pass with the adapters off
-(no graph) and the policy pass with one, then the sigmoid loss. Each arm runs in a fresh process, so one
-arm's freed memory cannot hide the other's peak; on CPU the figure is ru_maxrss after the steps less
-ru_maxrss just before them (the model, its adapters, the optimizer and the batch are already built).
+(no graph) and the policy pass with one, the exact KL between them, then the sigmoid loss. Each arm runs in
+a fresh process, so one arm's freed memory cannot hide the other's peak; on CPU the figure is ru_maxrss
+after the steps less ru_maxrss just before them (model, adapters, optimizer and batch already built).
+The arms run with glibc's mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_): by default glibc raises
+it as large blocks are freed, after which freed temporaries stay resident and RSS measures the allocator's
+history (a loop over 8 MB temporaries grew RSS by 140 MB) rather than the tensors alive at the peak.
 The target (issue 8): DPO within 1.3x of SFT.
 """
 import json
@@ -113,7 +116,8 @@ def main(argv=None):
     for r in range(cfg.repeats):
         for name in ('sft', 'dpo'):
             out = subprocess.run([sys.executable, os.path.abspath(__file__), f'--arm={name}'] + args,
-                                 capture_output=True, text=True, cwd=ROOT)
+                                 capture_output=True, text=True, cwd=ROOT,
+                                 env=dict(os.environ, MALLOC_MMAP_THRESHOLD_='131072'))
             if out.returncode != 0:
                 raise SystemExit(f"arm {name} failed:\n{out.stderr[-3000:]}")
             res = json.loads(out.stdout.strip().splitlines()[-1])

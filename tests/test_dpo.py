@@ -114,14 +114,24 @@ def test_adapters_off_reference_is_the_starting_policy_exactly(tiny_checkpoint, 
     policy = apply_lora(_model(tiny_checkpoint), r=4, alpha=8.0, targets=('q', 'k', 'v', 'o', 'up'))
     with torch.no_grad():
         assert torch.equal(dpo.token_logps(policy, batch['idx'], batch['targets']), start)  # B = 0: no change
-        assert torch.equal(dpo.reference_token_logps(policy, batch['idx'], batch['targets']), start)
+        ref_logits = dpo.reference_logits(policy, batch['idx'], batch['targets'])
+        assert torch.equal(dpo.reply_logps(ref_logits, batch['targets']), start)
         for name, p in policy.named_parameters():  # as if trained: the adapters now change the outputs
             if 'lora_b' in name:
                 p.normal_(0, 0.2)
         moved = dpo.token_logps(policy, batch['idx'], batch['targets'])
-        ref = dpo.reference_token_logps(policy, batch['idx'], batch['targets'])
+        mask = batch['targets'] != -1
+        ref_logits = dpo.reference_logits(policy, batch['idx'], batch['targets'])
+        ref = dpo.reply_logps(ref_logits, batch['targets'])
+        kl = dpo.reply_kl(dpo.reply_logits(policy, batch['idx'], batch['targets']), ref_logits, batch['targets'])
     assert not torch.allclose(moved, start)
     assert torch.equal(ref, start)
+    # the KL at each reply position, against torch's own KL divergence of the two distributions
+    with torch.no_grad():
+        log_p = torch.log_softmax(policy(batch['idx'])[0][mask], -1)
+        log_q = torch.log_softmax(plain(batch['idx'])[0][mask], -1)
+    expect = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction='none').sum(-1)
+    assert torch.allclose(kl[mask], expect, atol=1e-6) and (kl[mask] > 0).all() and (kl[~mask] == 0).all()
     assert all(m.enabled for m in policy.modules() if hasattr(m, 'enabled'))  # switched back on
 
 
@@ -174,6 +184,9 @@ def test_orca_ultrafeedback_llamafactory():
           'chosen': [{'role': 'user', 'content': 'Say hi'}, {'role': 'assistant', 'content': 'Hi!'}],
           'rejected': [{'role': 'user', 'content': 'Say hi'}, {'role': 'assistant', 'content': 'Bye.'}]}
     assert dpo.to_pair(uf) == ([{'role': 'user', 'content': 'Say hi'}], 'Hi!', 'Bye.')
+    trl = {'prompt': [{'role': 'user', 'content': 'Say hi'}], 'chosen': [{'role': 'assistant', 'content': 'Hi!'}],
+           'rejected': [{'role': 'assistant', 'content': 'Bye.'}]}  # TRL's conversational shape: the reply alone
+    assert dpo.to_pair(trl) == dpo.to_pair(uf)
     lf = {'conversations': [{'from': 'system', 'value': 'Be kind.'}, {'from': 'human', 'value': 'Hello?'}],
           'chosen': {'from': 'gpt', 'value': 'Hello, friend.'}, 'rejected': {'from': 'gpt', 'value': 'Go away.'}}
     assert dpo.to_pair(lf) == ([{'role': 'system', 'content': 'Be kind.'}, {'role': 'user', 'content': 'Hello?'}],
@@ -234,14 +247,30 @@ def test_pairs_from_sft_dialogues_never_reject_their_own_reply():
                  for i in range(7)]
     dialogues.append([{'role': 'user', 'content': 'no reply'}])
     stats = Counter()
-    pairs = dpo.pairs_from_conversations(dialogues, seed=1, stats=stats)
-    assert len(pairs) == 7 and stats['sft_unusable'] == 1
+    groups = dpo.pairs_from_conversations(dialogues, seed=1, stats=stats)
+    assert sorted(len(g) for g in groups) == [2, 2, 3] and stats['sft_unusable'] == 1
+    pairs = [p for g in groups for p in g]
     for prompt, chosen, rejected in pairs:
         i = prompt[0]['content'].split()[-1]
         assert chosen == f'answer {i}' and rejected != chosen and rejected.startswith('answer ')
     assert sorted(p[2] for p in pairs) == sorted(p[1] for p in pairs)  # each reply is rejected exactly once
-    assert pairs == dpo.pairs_from_conversations(dialogues, seed=1)
-    assert [p[2] for p in pairs] != [p[2] for p in dpo.pairs_from_conversations(dialogues, seed=2)]
+    for g in groups:  # ... by a member of its own group: twins swap replies, a trio rotates them
+        assert sorted(p[2] for p in g) == sorted(p[1] for p in g)
+    assert groups == dpo.pairs_from_conversations(dialogues, seed=1)
+    other = dpo.pairs_from_conversations(dialogues, seed=2)
+    assert [p[2] for g in groups for p in g] != [p[2] for g in other for p in g]
+    assert dpo.pairs_from_conversations(dialogues[:1], seed=1) == []
+
+
+def test_pair_batches_keep_groups_together(tokenizer):
+    rendered = [dict(r, group=k // 2) for k, r in enumerate(_rendered(tokenizer) * 4)]  # 6 twins
+    for seed in range(3):
+        for batch in dpo.PairBatches(rendered, 4, seed=seed).batches:
+            groups = [rendered[i]['group'] for i in batch]
+            assert all(groups.count(g) == 2 for g in groups)
+    shards = [dpo.PairBatches(rendered, 2, seed=3, rank=r, world_size=2).batches for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 3
+    assert not set(sum(shards[0], [])) & set(sum(shards[1], []))  # ranks see different pairs
 
 
 def test_pair_batches_resume_exactly(tokenizer):
@@ -330,4 +359,5 @@ def test_full_fine_tuning_caches_the_reference(tmp_path, tiny_checkpoint, tokeni
               '--device=cpu', '--resume=never'])
     assert (out / 'merged.pt').exists() and not (out / 'adapter.pt').exists()
     assert lumi.load_checkpoint(str(out / 'merged.pt'))['kind'] == 'dpo'
-    assert 'val_reward_accuracy' in lumi.read_jsonl(out / 'metrics.jsonl')[-1]
+    last = lumi.read_jsonl(out / 'metrics.jsonl')[-1]
+    assert 'val_reward_accuracy' in last and last['val_kl_chosen_k3'] >= 0 and 'val_kl' not in last

@@ -692,9 +692,7 @@ def _fmt_tick(v, step):
         return f"{v / 1e6:g}M"
     if abs(v) >= 1e3 and step >= 100:
         return f"{v / 1e3:g}k"
-    if step < 1e-2:
-        return f"{v:.0e}" if abs(v) < 1e-2 else f"{v:.3g}"
-    return f"{round(v, 10):g}"
+    return f"{round(v, 12):.3g}"
 
 
 def _thin(points):

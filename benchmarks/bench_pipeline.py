@@ -22,6 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import lumi  # noqa: E402
+import pipeline  # noqa: E402
 
 
 def run_once(clone, config, log_path):
@@ -48,10 +49,10 @@ def main():
     first, first_cpu = run_once(clone, cfg.config, os.path.join(clone, 'run1.log'))
     second, _ = run_once(clone, cfg.config, os.path.join(clone, 'run2.log'))
     os.chdir(clone)  # the config's paths are relative to the clone
-    pipe = lumi.Pipeline([cfg.config])
+    pipe = pipeline.Pipeline([cfg.config])
     print(f"\n{'stage':<14} {'seconds':>8}")
-    for stage in lumi.PIPELINE_STAGES:
-        path = os.path.join(pipe.run_dir, stage, lumi.STAMP)
+    for stage in pipeline.PIPELINE_STAGES:
+        path = os.path.join(pipe.run_dir, stage, pipeline.STAMP)
         seconds = json.load(open(path)).get('seconds') if os.path.exists(path) else None
         print(f"{stage:<14} {seconds if seconds is not None else '-':>8}")
     print(f"\nfirst run (everything, downloads included): {first:,.1f} s = {first / 60:.1f} min wall, "

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import lumi
-from model import GPT
+import pipeline
+import plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SVG = '{http://www.w3.org/2000/svg}'
@@ -265,7 +266,7 @@ def test_plot_svg_holds_every_point(tmp_path):
 def test_plot_without_anything_to_draw_is_an_error(tmp_path):
     (tmp_path / 'metrics.jsonl').write_text('{"step": 1}\n')
     with pytest.raises(ValueError, match='nothing to plot'):
-        lumi.plot_svg([lumi.read_run(str(tmp_path))], str(tmp_path / 'x.svg'))
+        plot.plot_svg([plot.read_run(str(tmp_path))], str(tmp_path / 'x.svg'))
 
 
 # -----------------------------------------------------------------------------
@@ -413,7 +414,7 @@ def test_run_interrupted_resumes_then_skips_everything(tmp_path):
 
 
 def test_run_routes_overrides_and_refuses_unknown_keys(tmp_path, capsys):
-    p = lumi.Pipeline(['--n_layer=3', '--device=cpu', '--eval_limit=5', f'--run_dir={tmp_path}'])
+    p = pipeline.Pipeline(['--n_layer=3', '--device=cpu', '--eval_limit=5', f'--run_dir={tmp_path}'])
     assert p.cfg.eval_limit == 5 and p.run_dir == str(tmp_path)
     assert [s for s, args in p.routed.items() if '--n_layer=3' in args] == ['train']
     assert {s for s, args in p.routed.items() if '--device=cpu' in args} >= {'train', 'sft', 'dpo', 'eval', 'sample'}
@@ -426,7 +427,7 @@ def test_run_routes_overrides_and_refuses_unknown_keys(tmp_path, capsys):
 
 
 def test_run_names_a_missing_stage(monkeypatch, capsys):
-    monkeypatch.setitem(lumi.STAGE_SCRIPT, 'sample', 'no_such_stage')
+    monkeypatch.setitem(pipeline.STAGE_SCRIPT, 'sample', 'no_such_stage')
     with pytest.raises(SystemExit) as e:
         lumi.main(['run'])
     assert e.value.code == 1 and 'stage no_such_stage.py is missing' in capsys.readouterr().out

@@ -13,7 +13,9 @@ the cost). Step time is the median over the timed steps,
 by the wall clock and by the process's CPU time (on a shared machine the CPU time is what an idle core would
 take with one thread).
 Memory: CPU, the peak resident set (ru_maxrss) of the arm's process above what it held once torch was
-imported; CUDA, torch.cuda.max_memory_allocated. Ratios are against the full fine-tuning arm of this run.
+imported (the allocator keeps freed blocks, so temporaries count too); CUDA, torch.cuda.max_memory_allocated.
+Counted exactly besides: the training state (weights, plus gradients and AdamW's two moments of the
+trainable ones) and the activations one forward saves for backward. Ratios are against the full fine-tuning arm of this run.
 """
 import json
 import os
@@ -104,9 +106,23 @@ def run_arm(cfg):
         mem = torch.cuda.max_memory_allocated() / 2**20
     else:
         mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
+    # what the two ways must hold, counted exactly: activations saved for backward (unique storages, weights
+    # excluded), and the training state (weights + gradients and AdamW's two moments of what trains)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), lumi.autocast(dev, dtype):
+        loss, _ = sft.sft_loss(model, (x[:, :-1], y))
+    state = sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
     return dict(arm=cfg.arm, device=torch.cuda.get_device_name() if dev.startswith('cuda') else 'cpu',
                 step_ms=1000 * statistics.median(times), cpu_ms=1000 * statistics.median(cpu_times),
-                mem_mb=mem, trainable=trainable, total=total, loss=float(loss))
+                mem_mb=mem, saved_mb=sum(saved.values()) / 2**20, state_mb=state / 2**20, trainable=trainable,
+                total=total, loss=float(loss))
 
 
 def main(argv):
@@ -133,11 +149,13 @@ def main(argv):
     mem_name = 'peak CUDA MB' if full['device'] != 'cpu' else 'peak RSS MB'
     print(f"\ndevice {full['device']}")
     print(f"{'arm':16s} {'trainable':>16s} {'wall ms':>9s} {'/full':>6s} {'CPU ms':>9s} {'/full':>6s} "
-          f"{mem_name:>13s} {'/full':>6s}")
+          f"{mem_name:>13s} {'/full':>6s} {'state MB':>9s} {'saved MB':>9s} {'sum/full':>9s}")
     for r in results:
+        both = (r['state_mb'] + r['saved_mb']) / (full['state_mb'] + full['saved_mb'])
         print(f"{r['arm']:16s} {r['trainable']:>9,d} {100 * r['trainable'] / r['total']:5.2f}% {r['step_ms']:9.1f} "
               f"{r['step_ms'] / full['step_ms']:6.2f} {r['cpu_ms']:9.1f} {r['cpu_ms'] / full['cpu_ms']:6.2f} "
-              f"{r['mem_mb']:13.0f} {r['mem_mb'] / full['mem_mb']:6.2f}")
+              f"{r['mem_mb']:13.0f} {r['mem_mb'] / full['mem_mb']:6.2f} {r['state_mb']:9.0f} {r['saved_mb']:9.0f} "
+              f"{both:9.2f}")
 
 
 if __name__ == '__main__':

@@ -77,6 +77,7 @@ ckpt_interval = 100
 format_samples = 50             # after training: sample replies to held-out prompts and count <|end|>
 format_max_new_tokens = 128
 format_temperature = 0.7
+num_threads = 0                 # torch threads; 0 leaves torch's default (1 is faster on a busy 2-core machine)
 
 DEFAULT_SOURCES = [
     # 999 Alpaca-format instructions and 500 chat records (identity questions, 255 repeats of the former)
@@ -484,8 +485,9 @@ class SFTBatches:
 
 
 def sft_loss(model, batch):
-    """Mean cross-entropy over the assistant tokens. The LM head runs on those positions alone: with a
-    32768-token vocabulary it is about half of a tiny model's step, and prompts and padding need no logits."""
+    """Mean cross-entropy over the assistant tokens. The LM head runs on those positions alone: prompts and
+    padding need no logits, and with a 32768-token vocabulary the head is ~57 % of a tiny LoRA step's FLOPs
+    (2 x 32768 x 256 a token forward, as much for dx, against 2 x 6.3M twice for the frozen body)."""
     x, y = batch
     hidden = model(x, return_hidden=True)  # through the DDP / compile wrappers, so they see the forward
     head = getattr(model, 'module', model).lm_head  # DDP hides it under .module; compile forwards it
@@ -627,6 +629,8 @@ def main(argv=None):
             raise SystemExit("usage: python sft.py merge BASE_CKPT ADAPTER OUT")
         return merge(*argv[1:])
     cfg = lumi.load_config(DEFAULTS, argv)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     device, rank, _, world = lumi.setup_distributed(cfg.device)
     lumi.seed_everything(cfg.seed)
 

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from collections import Counter
@@ -96,32 +97,17 @@ def _reply(value, field):
     return last['content']
 
 
-def parse_hh_dialogue(text):
-    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> messages."""
-    if not text.startswith(HH_USER):
-        raise ValueError(f"field 'chosen' does not start with {HH_USER!r}")
-    messages, pos = [], 0
-    while pos < len(text):
-        mark = HH_USER if text.startswith(HH_USER, pos) else HH_ASSISTANT
-        start = pos + len(mark)
-        found = [i for i in (text.find(HH_USER, start), text.find(HH_ASSISTANT, start)) if i >= 0]
-        end = min(found) if found else len(text)
-        messages.append({'role': 'user' if mark == HH_USER else 'assistant', 'content': text[start:end].strip()})
-        pos = end
-    return messages
-
-
 def split_hh(chosen, rejected):
-    """HH-RLHF stores two whole dialogues; the prompt is their common prefix up to its last Assistant turn."""
-    n = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
-            break
-        n += 1
-    cut = chosen.rfind(HH_ASSISTANT, 0, n)
+    """HH-RLHF stores two whole dialogues ('\\n\\nHuman: ...\\n\\nAssistant: ...'); the prompt is their
+    common prefix up to its last Assistant turn."""
+    cut = chosen.rfind(HH_ASSISTANT, 0, len(os.path.commonprefix([chosen, rejected])))
     if cut < 0:
         raise ValueError(f"fields 'chosen'/'rejected' share no prefix ending in {HH_ASSISTANT!r}")
-    prompt = parse_hh_dialogue(chosen[:cut])
+    parts = re.split(r'\n\n(Human|Assistant):', chosen[:cut])
+    if parts[0].strip():
+        raise ValueError(f"field 'chosen' does not start with {HH_USER!r}")
+    prompt = [{'role': 'user' if who == 'Human' else 'assistant', 'content': text.strip()}
+              for who, text in zip(parts[1::2], parts[2::2])]
     start = cut + len(HH_ASSISTANT)
     return prompt, chosen[start:].strip(), rejected[start:].strip()
 
@@ -486,20 +472,14 @@ def cache_reference(model, pairs, batch_size, device, dtype):
 # -----------------------------------------------------------------------------
 # the starting model
 
-def resolve_init(path):
-    """An SFT out_dir means its merged.pt; otherwise a checkpoint file, or a dir's newest ckpt_*.pt."""
+def load_start(path, device):
+    """(model, tokenizer, checkpoint path) from an SFT checkpoint file or an SFT out_dir (its merged.pt),
+    with any adapters folded in, so that DPO's own adapters sit on the SFT model exactly as it answers."""
     if not path:
         raise ValueError("init_from is required: the SFT checkpoint to start from (a .pt file or an SFT out_dir)")
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, 'merged.pt')):
-        return os.path.join(path, 'merged.pt')
-    return lumi.find_checkpoint(path) if os.path.isdir(path) else path
-
-
-def load_start(path, device):
-    """(model, tokenizer, ckpt path) with any adapters already folded in, so DPO's own adapters sit on the
-    SFT model exactly as it answers."""
-    path = resolve_init(path)
-    ckpt = lumi.load_checkpoint(path)
+    if os.path.isfile(os.path.join(path, 'merged.pt')):
+        path = os.path.join(path, 'merged.pt')
+    ckpt = lumi.load_checkpoint(path)  # a directory without merged.pt: its newest ckpt_*.pt
     if ckpt.get('kind') == 'adapter':
         raise ValueError(f"{path} holds adapters only; start from the SFT run's merged.pt (a standalone model)")
     if ckpt.get('kind') not in ('sft', 'dpo'):

@@ -361,3 +361,16 @@ def test_full_fine_tuning_caches_the_reference(tmp_path, tiny_checkpoint, tokeni
     assert lumi.load_checkpoint(str(out / 'merged.pt'))['kind'] == 'dpo'
     last = lumi.read_jsonl(out / 'metrics.jsonl')[-1]
     assert 'val_reward_accuracy' in last and last['val_kl_chosen_k3'] >= 0 and 'val_kl' not in last
+
+
+def test_start_from_an_sft_out_dir_and_refuse_an_adapter(tmp_path, tiny_checkpoint):
+    import shutil
+    shutil.copy(tiny_checkpoint, tmp_path / 'merged.pt')
+    shutil.copy(tiny_checkpoint, tmp_path / 'ckpt_0000005.pt')
+    model, tok, path = dpo.load_start(str(tmp_path), 'cpu')
+    assert path == str(tmp_path / 'merged.pt') and tok.vocab_size == model.cfg.vocab_size
+    lumi.save_checkpoint(str(tmp_path / 'adapter.pt'), {'kind': 'adapter', 'lora': {}, 'lora_state': {}})
+    with pytest.raises(ValueError, match='merged.pt'):
+        dpo.load_start(str(tmp_path / 'adapter.pt'), 'cpu')
+    with pytest.raises(ValueError, match='init_from is required'):
+        dpo.load_start('', 'cpu')

@@ -22,6 +22,10 @@ Prepared data is cached in cache_dir as sft_<key>.pt, keyed by the tokenizer's S
 format, block_size, val_frac and template_vars; any change rebuilds it. A held-out split (by conversation,
 chosen by a hash of its text so it does not move when sources are added) gives the held-out assistant loss.
 
+LoRA (model.py): r, alpha, dropout on any of q, k, v, o, gate, up, down, plus trainable embedding rows for
+the four chat tokens (lora_chat_tokens): a base pretrained on plain text never saw them, and LoRA alone was
+slow to learn to say <|end|> (docs/BENCHMARKS.md). lora_r=0 is full fine-tuning.
+
 Outputs in out_dir: metrics.jsonl and ckpt_<step>.pt / best.pt as train.py writes them (these carry the
 adapters: lumi.model_from_checkpoint rebuilds them), adapter.pt (the adapter alone, with its base's path and
 SHA256 and the LoRA config) and merged.pt (a standalone checkpoint, kind 'sft', adapters folded in: the file
@@ -639,9 +643,9 @@ def main(argv=None):
     model = lumi.model_from_checkpoint(base)
     if getattr(model, 'lora_config', None):
         merge_lora(model)  # fine-tuning an SFT checkpoint that still carries adapters: they join the base
-    block = cfg.block_size or model.cfg.block_size
-    if block > model.cfg.block_size:
-        raise ValueError(f"block_size {block} exceeds the model's context {model.cfg.block_size}")
+    block = min(cfg.block_size or model.cfg.block_size, model.cfg.block_size)
+    if cfg.block_size > block:
+        lumi.log(f"block_size {cfg.block_size} exceeds the model's context: using {block}")
 
     srcs = normalize_sources(cfg.sources)
     prep = lambda: prepare_sft_data(tok, srcs, block, cfg.cache_dir, cfg.val_frac, cfg.data_format, cfg.template_vars)

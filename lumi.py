@@ -472,6 +472,10 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
     dtype = resolve_dtype(cfg, device)
     master = rank == 0
     os.makedirs(cfg.out_dir, exist_ok=True)
+    if master:  # a kill during a checkpoint write leaves its temp file; it was never a checkpoint
+        for name in os.listdir(cfg.out_dir):
+            if name.startswith(('ckpt_', 'best.pt')) and '.tmp.' in name:
+                os.remove(os.path.join(cfg.out_dir, name))
     metrics_path = os.path.join(cfg.out_dir, 'metrics.jsonl')
     raw = model
     optimizer = make_optimizer(raw, cfg, device)

@@ -153,6 +153,7 @@ def test_kill9_while_checkpointing_then_resume_is_bit_exact(bins, tmp_path):
     assert max(r['step'] for r in metrics(cut)) == 18  # steps 13-18 were logged, then lost with the process
 
     run_train(args + [f'--out_dir={cut}', '--resume=auto'])
+    assert not any('.tmp.' in n for n in os.listdir(cut))  # the resumed run cleared the half-written file
     assert metrics(cut) == metrics(full)  # every loss, lr, grad norm and val loss: the same floats
     a = torch.load(os.path.join(full, 'ckpt_0000024.pt'), weights_only=True)
     b = torch.load(os.path.join(cut, 'ckpt_0000024.pt'), weights_only=True)

@@ -338,12 +338,12 @@ def reply_logps(logits, targets):
     """log p(target | prefix) from reply_logits, put back at the reply positions: float32 (B, T), 0 elsewhere.
 
     The softmax runs LOGP_CHUNK positions at a time: the reference pass, which holds no graph, then never
-    makes an (N, V) temporary, and policy and reference go through the very same arithmetic."""
+    makes an (N, V) temporary, and policy and reference go through the very same arithmetic. (split, not
+    slicing: a slice's backward writes its gradient into a zero tensor of the whole input, once per chunk.)"""
     mask = targets != -1
-    tgt = targets[mask]
-    logps = [F.log_softmax(logits[i:i + LOGP_CHUNK].float(), -1).gather(-1, tgt[i:i + LOGP_CHUNK, None])
-             for i in range(0, len(tgt), LOGP_CHUNK)]
-    flat = torch.cat(logps).squeeze(-1) if logps else logits.new_zeros(0, dtype=torch.float32)
+    nll = [F.cross_entropy(x.float(), y, reduction='none')
+           for x, y in zip(logits.split(LOGP_CHUNK), targets[mask].split(LOGP_CHUNK))]
+    flat = -torch.cat(nll) if nll else logits.new_zeros(0, dtype=torch.float32)
     return torch.zeros(targets.shape, dtype=torch.float32, device=logits.device).masked_scatter(mask, flat)
 
 
@@ -372,9 +372,8 @@ def reply_kl(policy_logits, ref_logits, targets):
     rather than a one-sample estimate at the data's own tokens (which DPO pushes down on purpose in the
     rejected replies)."""
     kl = []
-    for i in range(0, len(ref_logits), LOGP_CHUNK):
-        log_p = F.log_softmax(policy_logits[i:i + LOGP_CHUNK].float(), -1)
-        log_q = F.log_softmax(ref_logits[i:i + LOGP_CHUNK].float(), -1)
+    for p, q in zip(policy_logits.split(LOGP_CHUNK), ref_logits.split(LOGP_CHUNK)):
+        log_p, log_q = F.log_softmax(p.float(), -1), F.log_softmax(q.float(), -1)
         kl.append((log_p.exp() * (log_p - log_q)).sum(-1))
     flat = torch.cat(kl) if kl else ref_logits.new_zeros(0, dtype=torch.float32)
     return torch.zeros(targets.shape, dtype=torch.float32, device=flat.device).masked_scatter(targets != -1, flat)

@@ -56,7 +56,7 @@ lora_alpha = 32.0
 lora_dropout = 0.0
 lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 save = 'both'                 # adapter | merged | both (full fine-tuning saves merged only)
-epochs = 1.0                  # when max_iters is 0: passes over the training pairs
+epochs = 1.0                  # when max_iters is 0: passes over the training pairs (max_minutes caps it)
 batch_size = 4                # pairs per micro-step: 2 * batch_size rows go through the model
 learning_rate = 2e-4          # a fifth of sft.py's LoRA rate: DPO sharpens a model, it does not teach a format
 min_lr = 2e-5
@@ -578,7 +578,7 @@ def main(argv=None):
     lumi.log(f"policy: {model.num_params() / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
              f"({'LoRA r=%d, reference = adapters off' % cfg.lora_r if cfg.lora_r else 'full, reference cached'})")
 
-    if not cfg.max_iters and not cfg.max_minutes:
+    if not cfg.max_iters:  # epochs set the length; max_minutes, if given, can only shorten it
         per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
         cfg.max_iters = max(1, math.ceil(cfg.epochs * len(train) / per_step))
     held_out = val_batches(val, cfg)

@@ -1,6 +1,7 @@
 # DPO of the tiny SFT model (configs/sft_tiny.py, out/sft_tiny) on the offline preference data: the 300
 # llamafactory demo pairs plus ~1,000 pairs built from the Alpaca demo (its own reply chosen, another
-# prompt's reply rejected): 4 epochs, 580 steps, about 12 minutes on a 2-core CPU for a 3M-parameter model:
+# prompt's reply rejected): 4 epochs = 580 steps, 6 minutes on a 2-core CPU for a 3M-parameter SFT model
+# (docs/BENCHMARKS.md), cut to fit in 15 minutes for a larger one:
 #   python dpo.py configs/dpo_tiny.py
 #   python dpo.py configs/dpo_tiny.py --init_from=out/sft_tiny/merged.pt --out_dir=out/dpo_tiny --max_iters=150
 init_from = 'out/sft_tiny'  # an SFT out_dir means its merged.pt
@@ -16,6 +17,7 @@ lora_r = 16                 # LoRA on q, k, v, o, gate, up, down; the reference 
 lora_alpha = 32.0
 epochs = 4.0                # measured on the small chain: held-out accuracy levels off after ~4 epochs and
                             # the held-out loss rises past ~5 as the margins on training pairs keep growing
+max_minutes = 15.0          # a cap: the schedule is fitted to the steps that fit in it, if fewer
 batch_size = 8              # pairs: 16 rows a step
 learning_rate = 1e-3        # as sft_tiny: the tiny model's adapters move slowly at real-model rates
 min_lr = 1e-4

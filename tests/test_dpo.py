@@ -9,17 +9,8 @@ import torch
 
 import dpo
 import lumi
-from model import apply_lora, set_lora_enabled
+from model import apply_lora
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the tiny model's tensors are too small to split across threads; a second thread only waits on the
-    # first, and on a busy shared machine that wait costs 100x
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _sig(x):

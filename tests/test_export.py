@@ -2,7 +2,6 @@
 With `transformers` installed, the exported directory must give LlamaForCausalLM the same logits and
 LlamaTokenizer the same ids (skipped otherwise: transformers is never a dependency of Lumi)."""
 import json
-import os
 import struct
 
 import pytest

@@ -23,15 +23,6 @@ CHILD_ENV = dict(os.environ, OMP_NUM_THREADS='1', TERM='dumb', PYTHONIOENCODING=
 NEG = float('-inf')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to share between threads; on a busy 2-core machine two threads wait
-    on each other whenever one is descheduled."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope='module')
 def loaded(lively_checkpoint):

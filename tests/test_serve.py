@@ -14,7 +14,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 import lumi
 import sample as S
@@ -27,15 +26,6 @@ CHILD_ENV = dict(os.environ, OMP_NUM_THREADS='1')
 def greedy(n, **kw):
     return S.Sampling(max_new_tokens=n, temperature=0.0, top_p=1.0, **kw)
 
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to share between threads; on a busy 2-core machine two threads wait
-    on each other whenever one is descheduled."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')

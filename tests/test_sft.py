@@ -17,14 +17,6 @@ ALL_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 CHAT_IDS = (4, 5, 6, 7)  # the tiny tokenizer's <|system|> <|user|> <|assistant|> <|end|>
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to split; on a busy 2-core machine two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _model(tiny_config, seed=0):
     torch.manual_seed(seed)

@@ -53,14 +53,6 @@ def bins(tmp_path_factory, tokenizer):
     return write_bins(tmp_path_factory.mktemp('bins'), tokenizer)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Other test processes share the two cores: with one thread a tiny step does not wait on a busy peer."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def run_train(args, kill_at=None, launcher=None, check=True):
     """train.py in a fresh process, as a user runs it. kill_at=N: SIGKILL the process while it writes the

@@ -9,7 +9,7 @@ Deliberately left out: training, sampling policy and tokenization (lumi.py, samp
 nothing from the rest of Lumi except the optional Triton kernels, chosen at one dispatch point each.
 """
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -13,7 +13,6 @@ import io
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import fields
 

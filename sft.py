@@ -153,30 +153,27 @@ def from_dolly(r):
     return [{'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': _field(r, 'response', 'dolly')}]
 
 
-def from_messages(r):
-    msgs = r.get('messages')
-    if not isinstance(msgs, list):
-        raise ValueError("messages record: field 'messages' must be a list")
+def _turns(r, fmt, field, role_key, content_key):
+    """A list of {role_key, content_key} objects under r[field], as messages; errors name the field."""
+    turns = r.get(field)
+    if not isinstance(turns, list):
+        raise ValueError(f"{fmt} record: field '{field}' must be a list")
     out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise ValueError(f"messages record: field 'messages[{i}]' must be an object")
-        out.append({'role': _role(m.get('role'), f'messages[{i}].role'),
-                    'content': _content(m.get('content'), f'messages[{i}].content')})
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise ValueError(f"{fmt} record: field '{field}[{i}]' must be an object")
+        out.append({'role': _role(t.get(role_key), f'{field}[{i}].{role_key}'),
+                    'content': _content(t.get(content_key), f'{field}[{i}].{content_key}')})
     return out
+
+
+def from_messages(r):
+    return _turns(r, 'messages', 'messages', 'role', 'content')
 
 
 def from_sharegpt(r):
-    turns = r.get('conversations')
-    if not isinstance(turns, list):
-        raise ValueError("sharegpt record: field 'conversations' must be a list")
-    out = [{'role': 'system', 'content': r['system']}] if isinstance(r.get('system'), str) and r['system'] else []
-    for i, t in enumerate(turns):
-        if not isinstance(t, dict):
-            raise ValueError(f"sharegpt record: field 'conversations[{i}]' must be an object")
-        out.append({'role': _role(t.get('from'), f'conversations[{i}].from'),
-                    'content': _content(t.get('value'), f'conversations[{i}].value')})
-    return out
+    system = [{'role': 'system', 'content': r['system']}] if isinstance(r.get('system'), str) and r['system'] else []
+    return system + _turns(r, 'sharegpt', 'conversations', 'from', 'value')
 
 
 def from_chitchat(r):

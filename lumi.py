@@ -467,6 +467,7 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
     meta is stored in every checkpoint (model_args, tokenizer, kind, ...). The model must already be on
     the device. on_start(step) runs once after resume, before the first step.
     """
+    import torch.distributed as dist
     from tqdm import tqdm
     device, rank, _, world = setup_distributed(cfg.device)
     dtype = resolve_dtype(cfg, device)
@@ -520,7 +521,6 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
             out = evaluate(raw)
         raw.train()
         if world > 1 and out:  # ranks must agree on `improved`, or only some of them enter save()'s gather
-            import torch.distributed as dist
             keys = sorted(k for k, v in out.items() if isinstance(v, (int, float)))
             t = torch.tensor([float(out[k]) for k in keys], dtype=torch.float64, device=device)
             dist.all_reduce(t)
@@ -530,7 +530,6 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
     def save(path_step, val_metrics, last_metrics):
         samplers, rngs = batches.state_dict(), rng_state()
         if world > 1:
-            import torch.distributed as dist
             gathered = [None] * world
             dist.all_gather_object(gathered, (samplers, rngs))
             samplers, rngs = [g[0] for g in gathered], [g[1] for g in gathered]
@@ -562,7 +561,6 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
         if budget_s > 0 and not done:  # the clock is a safety net past the plan; every rank must agree on it
             over = torch.tensor(float(time.time() - t_start > budget_s * 1.05), device=device)
             if world > 1:
-                import torch.distributed as dist
                 dist.all_reduce(over, op=dist.ReduceOp.MAX)
             done = bool(over.item())
         if step == resumed_at:
@@ -608,7 +606,6 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
                 stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
         loss_val = loss_sum / cfg.gradient_accumulation_steps
         if world > 1:
-            import torch.distributed as dist
             t = torch.tensor([loss_val, step_tokens], dtype=torch.float64, device=device)
             dist.all_reduce(t)
             loss_val, step_tokens = t[0].item() / world, int(t[1].item())
@@ -643,7 +640,6 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
             left = budget_s - (time.time() - t_start) - eval_s
             n = max(0, int(left / (per_step + eval_s / max(1, cfg.eval_interval))))
             if world > 1:  # rank 0's plan for all: ranks that stopped at different steps would hang
-                import torch.distributed as dist
                 t = torch.tensor([n], dtype=torch.int64, device=device)
                 dist.broadcast(t, 0)
                 n = int(t.item())
@@ -657,7 +653,6 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
         import plot  # imported here: the pictures are not part of the core
         plot.write_loss_plot(cfg.out_dir)  # never raises
     if world > 1:
-        import torch.distributed as dist
         dist.barrier()
     return final_path
 

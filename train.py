@@ -46,8 +46,6 @@ rope_theta = 10000.0
 data_dir = 'data/starter'   # the built-in starter corpus; bins missing here are built first through data.py
 # budget: max_iters = 0 trains tokens_per_param tokens per parameter (Chinchilla: 20)
 tokens_per_param = 20.0
-# precision: auto is bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 elsewhere
-dtype = 'auto'
 # CPU threads for torch; 0 keeps torch's default (one per core). On a machine shared with other jobs, 1 is
 # faster: with two, each op waits for the thread the neighbours' load has descheduled
 num_threads = 0
@@ -60,17 +58,6 @@ MODEL_KEYS = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden', 'block_s
 
 # -----------------------------------------------------------------------------
 # pieces main() is made of
-
-def resolve_dtype(name, device):
-    """bf16 autocast where the hardware computes in it natively. On this project's 2-core AVX512-BF16 CPU it
-    trains the tiny model faster than fp32 (docs/BENCHMARKS.md); without native bf16 it is emulated, slower."""
-    if name != 'auto':
-        return name
-    if device.startswith('cuda'):
-        return 'bfloat16'
-    native = [getattr(torch.cpu, f, lambda: False) for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
-    return 'bfloat16' if any(f() for f in native) else 'float32'
-
 
 def prepare_data(cfg, rank):
     """Make sure finished bins exist in cfg.data_dir; on a fresh machine rank 0 builds them with data.py,
@@ -154,13 +141,21 @@ def unigram_entropy(path, vocab_size):
     return float(-(p * np.log(p)).sum())
 
 
+def baseline_verdict(val_loss, entropy):
+    """The val loss beside the unigram entropy in words, with a positive number: below it is learning."""
+    gap = entropy - val_loss
+    where = f"{abs(gap):.4f} {'below' if gap > 0 else 'above'}"
+    text = f"unigram entropy of the val set {entropy:.4f} nats/token, the val loss is {where} it"
+    return text if gap > 0 else text + " (WORSE THAN A UNIGRAM MODEL: the model has not learned from context)"
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
     """Train; returns the path of the final checkpoint (None on ranks other than 0)."""
     cfg = lumi.load_config(DEFAULTS, argv)
     device, rank, _, world = lumi.setup_distributed(cfg.device)
-    cfg.dtype = resolve_dtype(cfg.dtype, device)
+    cfg.dtype = lumi.resolve_dtype(cfg.dtype, device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if device.startswith('cuda'):
@@ -189,7 +184,7 @@ def main(argv=None):
              f"{model_args['vocab_size']}")
     lumi.log(f"data: {cfg.data_dir}, {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens; "
              f"{tokens_per_step:,} tokens a step on {world} process(es), {device} {cfg.dtype}"
-             f"{', compiled' if cfg.compile else ''}")
+             f"{', compiled' if lumi.resolve_compile(cfg.compile, device) else ''}")
     budget = f"{cfg.max_iters:,} steps = {cfg.max_iters * tokens_per_step / 1e6:,.1f}M tokens"
     if cfg.max_minutes:
         budget += f", or fewer: the schedule is fitted to {cfg.max_minutes:g} minutes"
@@ -207,8 +202,7 @@ def main(argv=None):
     if evals:
         final_val = evals[-1]['val_loss']
         lumi.log(f"final val loss {final_val:.4f} nats/token at step {evals[-1]['step']} (best "
-                 f"{min(r['val_loss'] for r in evals):.4f}); unigram entropy of the val set {entropy:.4f} "
-                 f"nats/token ({entropy - final_val:+.4f} above the val loss), ln(vocab) "
+                 f"{min(r['val_loss'] for r in evals):.4f}); {baseline_verdict(final_val, entropy)}; ln(vocab) "
                  f"{math.log(model_args['vocab_size']):.4f}")
     lumi.log(f"final checkpoint: {final}")
     return final

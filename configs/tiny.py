@@ -29,7 +29,7 @@ warmup_iters = 20
 lr_schedule = 'cosine'
 weight_decay = 0.1
 grad_clip = 1.0
-compile = True
+compile = 'auto'            # torch.compile on CUDA, not on a CPU (lumi.resolve_compile)
 dtype = 'auto'
 eval_interval = 100
 eval_iters = 5              # 5 x 4 x 1024 = 20k val tokens an eval: evals cost a short run little

@@ -422,3 +422,53 @@ def test_run_names_a_missing_stage(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         lumi.main(['run'])
     assert e.value.code == 1 and 'stage no_such_stage.py is missing' in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# one dtype rule, compile='auto', and the CPU peak behind the printed MFU
+
+def test_dtype_auto_means_one_thing_in_every_stage(monkeypatch):
+    monkeypatch.setattr(lumi, 'native_bf16', lambda: True)
+    assert lumi.resolve_dtype('auto', 'cpu') == 'bfloat16' and lumi.resolve_dtype('auto', 'cuda:0') == 'bfloat16'
+    monkeypatch.setattr(lumi, 'native_bf16', lambda: False)
+    assert lumi.resolve_dtype('auto', 'cpu') == 'float32' and lumi.resolve_dtype('auto', 'cuda') == 'bfloat16'
+    assert lumi.resolve_dtype('float32', 'cuda') == 'float32' and lumi.resolve_dtype('bfloat16', 'cpu') == 'bfloat16'
+    # no stage keeps a rule of its own
+    for name in ('train', 'sft', 'dpo', 'eval', 'sample'):
+        source = open(os.path.join(ROOT, f'{name}.py')).read()
+        assert 'def resolve_dtype' not in source and "dtype == 'auto'" not in source, name
+
+
+def test_compile_auto_compiles_on_cuda_only_and_takes_booleans():
+    assert lumi.resolve_compile('auto', 'cuda:0') is True and lumi.resolve_compile('auto', 'cpu') is False
+    assert lumi.resolve_compile(True, 'cpu') is True and lumi.resolve_compile(False, 'cuda') is False
+    defaults = dict(lumi.TRAINING_DEFAULTS)
+    assert lumi.load_config(defaults, ['--compile=True']).compile is True
+    assert lumi.load_config(defaults, ['--compile=False']).compile is False
+    assert lumi.load_config(defaults, []).compile == 'auto'
+
+
+AVX2 = {'fma', 'avx', 'avx2', 'sse4_2'}
+AVX512_BF16 = AVX2 | {'avx512f', 'avx512bw', 'avx512vl', 'avx512_bf16'}
+
+
+@pytest.mark.parametrize('flags, vendor, mhz, cores, dtype, gflops', [
+    (AVX2, 'AuthenticAMD', 2450, 1, 'float32', 78.4),             # Zen 3: 2 FMA x 8 lanes x 2 x 2.45 GHz
+    (AVX2, 'AuthenticAMD', 2450, 2, 'bfloat16', 156.8),           # no bf16 units: emulated, fp32 rate
+    (AVX512_BF16, 'GenuineIntel', 2000, 2, 'float32', 256.0),     # 16 lanes
+    (AVX512_BF16, 'GenuineIntel', 2000, 2, 'bfloat16', 512.0),    # bf16 dot products: twice
+    (AVX512_BF16, 'AuthenticAMD', 2600, 2, 'bfloat16', 332.8),    # Zen 4: 512-bit ops as two 256-bit halves
+    (AVX512_BF16 | {'avx512_vp2intersect'}, 'AuthenticAMD', 2600, 1, 'float32', 166.4),  # Zen 5: full width
+])
+def test_cpu_peak_comes_from_flags_clock_and_cores(flags, vendor, mhz, cores, dtype, gflops):
+    peak, how = lumi.cpu_peak_flops(flags, mhz, cores, dtype, vendor)
+    assert peak == pytest.approx(gflops * 1e9)
+    assert f"{cores} core(s)" in how and f"{gflops:,.0f} GFLOP/s" in how
+
+
+def test_cpu_peak_counts_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(lumi, 'cpu_facts', lambda: ('GenuineIntel', AVX2, 2000.0))
+    monkeypatch.setattr(torch, 'get_num_threads', lambda: 8)
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})  # taskset to two cores: eight threads
+    peak, how = lumi.guess_peak_flops('cpu', 'float32')              # still run on two
+    assert peak == pytest.approx(2 * 64e9) and how.startswith('2 core(s)')

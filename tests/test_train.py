@@ -243,3 +243,11 @@ def test_unigram_entropy_against_hand_computation(tmp_path):
     np.array([5, 5, 5, 5, 7, 7, 9, 9], dtype=np.uint16).tofile(path)
     expected = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
     assert train.unigram_entropy(path, 16) == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_closing_line_says_below_or_above_with_a_positive_number():
+    assert train.baseline_verdict(5.0, 6.5) == ("unigram entropy of the val set 6.5000 nats/token, the val loss "
+                                                "is 1.5000 below it")
+    worse = train.baseline_verdict(7.0, 6.5)
+    assert 'the val loss is 0.5000 above it' in worse and 'WORSE THAN A UNIGRAM MODEL' in worse
+    assert '-' not in train.baseline_verdict(5.0, 6.5) + worse

@@ -580,10 +580,11 @@ def merge(base, adapter_path, out):
 # -----------------------------------------------------------------------------
 # the format check: do sampled replies to held-out prompts end with <|end|>?
 
-def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperature, names, batch_size=64):
+def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperature, names, batch_size=64, greedy=20):
     """Sample replies to n held-out prompts (the first user turn of the first val_examples that leave room
     for max_new_tokens) and count those that end with <|end|> within max_new_tokens, overall and per source;
-    the same count for the reference replies shows what the data itself allows."""
+    the same count for the reference replies shows what the data itself allows. Then greedy replies to the
+    first `greedy` of those prompts: how many are one token repeated, and their distinct-bigram ratio."""
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), prepared['lengths'].cumsum(0)])
     prompts, ref_ok, src = [], [], []
     for i in val_examples:
@@ -598,22 +599,32 @@ def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperat
         if len(prompts) == n:
             break
     import sample  # its generation engine (left-padded batch, KV cache); imported here, as only this needs it
-    params = sample.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0)
     device = next(model.parameters()).device
     model.eval()
-    ended = []
-    for s in range(0, len(prompts), batch_size):
-        last = [None] * len(prompts[s:s + batch_size])
-        for rows, tokens in sample.generate_ids(model, prompts[s:s + batch_size], params, (tok.end_id, lumi.EOS_ID),
-                                                sample.make_generator(s, device)):
-            for r, t in zip(rows, tokens):
-                last[r] = t
-        ended += [t == tok.end_id for t in last]  # a row stops at <|end|> (or EOS), else at the limit
+
+    def replies(prompts, temperature):
+        params = sample.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0)
+        out = []
+        for s in range(0, len(prompts), batch_size):
+            rows = [[] for _ in prompts[s:s + batch_size]]
+            for idx, tokens in sample.generate_ids(model, prompts[s:s + batch_size], params,
+                                                   (tok.end_id, lumi.EOS_ID), sample.make_generator(s, device)):
+                for r, t in zip(idx, tokens):
+                    rows[r].append(t)
+            out += rows
+        return out
+
+    ended = [bool(r) and r[-1] == tok.end_id for r in replies(prompts, temperature)]  # a row stops at <|end|>
     out = dict(format_prompts=len(prompts), format_end_rate=float(np.mean(ended)) if ended else 0.0,
                format_reference_end_rate=float(np.mean(ref_ok)) if ref_ok else 0.0)
     for name in dict.fromkeys(src):
         out[f'format_end_rate_{name}'] = float(np.mean([e for e, s in zip(ended, src) if s == name]))
         out[f'format_prompts_{name}'] = src.count(name)
+    if greedy and prompts:
+        texts = [[t for t in r if t not in (tok.end_id, lumi.EOS_ID)] for r in replies(prompts[:greedy], 0.0)]
+        out.update(greedy_prompts=len(texts), greedy_loops=sum(lumi.one_token_loop(t) for t in texts),
+                   greedy_distinct2=lumi.distinct_ngrams(texts, 2),
+                   greedy_examples=[tok.decode(t) for t in texts[:3]])
     return out
 
 
@@ -696,6 +707,9 @@ def main(argv=None):
         lumi.log(f"format check: {fc['format_end_rate']:.1%} of {fc['format_prompts']} sampled replies to held-out "
                  f"prompts (T={cfg.format_temperature}) end with <|end|> within {cfg.format_max_new_tokens} tokens "
                  f"({per_source}); reference replies: {fc['format_reference_end_rate']:.1%}")
+        if 'greedy_prompts' in fc:
+            lumi.log(f"greedy replies to {fc['greedy_prompts']} of those prompts: {fc['greedy_loops']} one token "
+                     f"repeated, distinct-bigram ratio {fc['greedy_distinct2']:.2f}; e.g. {fc['greedy_examples'][0]!r}")
         step = int(os.path.basename(final)[5:-3]) if final else 0
         lumi.append_jsonl(os.path.join(cfg.out_dir, 'metrics.jsonl'), dict(step=step, **fc))
     evals = [r for r in lumi.read_jsonl(os.path.join(cfg.out_dir, 'metrics.jsonl')) if 'val_loss' in r]

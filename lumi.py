@@ -230,7 +230,7 @@ def proto_fields(buf):
     return fields
 
 
-def _proto_field(number, value):
+def encode_proto_field(number, value):
     """One serialized field: a varint for an int, length-delimited for bytes."""
     if isinstance(value, int):
         return _varint_bytes(number << 3) + _varint_bytes(value)
@@ -238,7 +238,7 @@ def _proto_field(number, value):
 
 
 def _submessage(number, fields, keep):
-    return _proto_field(number, b''.join(raw for n, _, raw in fields if keep(n)))
+    return encode_proto_field(number, b''.join(raw for n, _, raw in fields if keep(n)))
 
 
 # The TrainerSpec fields that encoding or decoding reads: model type, whitespace handling, digit splitting,
@@ -273,7 +273,8 @@ def _chat_markers_as_control(model_proto):
         if number == 1:
             piece = proto_fields(value)
             if any(n == 1 and v in markers for n, v, _ in piece):
-                raw = _proto_field(1, b''.join(r for n, _, r in piece if n != 3) + _proto_field(3, PIECE_CONTROL))
+                retyped = b''.join(r for n, _, r in piece if n != 3) + encode_proto_field(3, PIECE_CONTROL)
+                raw = encode_proto_field(1, retyped)
         out.append(raw)
     return b''.join(out)
 

@@ -199,9 +199,12 @@ def hf_config(cfg, dtype_name):
 # a message's '<|end|>' from its own. It writes every '<' of a message as '<' + ESCAPE, which matches no added
 # token, and the normalizer's first step turns the pair back into '<'. ESCAPE is a Unicode noncharacter
 # (reserved for a program's internal use): text holding '<' + U+FDD0 itself is the one input the plain
-# tokenizer reads differently from Lumi.
+# tokenizer reads differently from Lumi. A role other than Lumi's three is an error there too, as in render_chat.
 ESCAPE = '\ufdd0'
-CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>' }}"
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                 "{% if message['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception("
+                 "'unknown role ' + message['role'] + ' (expected system, user or assistant)') }}{% endif %}"
+                 "{{ '<|' + message['role'] + '|>' }}"
                  "{{ message['content'] | replace('<', '<" + ESCAPE + "') }}{{ '<|end|>' }}{% endfor %}"
                  "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 

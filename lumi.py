@@ -270,7 +270,7 @@ def _chat_markers_as_control(model_proto):
     markers = {t.encode() for t in CHAT_TOKENS}
     out = []
     for number, value, raw in proto_fields(model_proto):
-        if number == 1:
+        if number == 1 and b'<|' in value:  # parse only the few pieces that can be markers
             piece = proto_fields(value)
             if any(n == 1 and v in markers for n, v, _ in piece):
                 retyped = b''.join(r for n, _, r in piece if n != 3) + encode_proto_field(3, PIECE_CONTROL)

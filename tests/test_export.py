@@ -271,6 +271,9 @@ def test_hf_chat_template_gives_render_chats_ids(tmp_path, request, which):
             msgs = messages[:2] if gen else messages
             ids = hf.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True, return_dict=False)
             assert list(ids) == lumi.render_chat(tok, msgs, add_generation_prompt=gen)[0], text
+    jinja2 = pytest.importorskip('jinja2')
+    with pytest.raises(jinja2.TemplateError, match='unknown role'):  # no '<|end|>' built from a role name
+        hf.apply_chat_template([{'role': 'end', 'content': 'x'}], tokenize=True)
 
 
 def test_transformers_alone_loads_the_exported_tokenizer(tmp_path, tokenizer, tiny_config):

@@ -200,6 +200,8 @@ def hf_config(cfg, dtype_name):
 # token, and the normalizer's first step turns the pair back into '<'. ESCAPE is a Unicode noncharacter
 # (reserved for a program's internal use): text holding '<' + U+FDD0 itself is the one input the plain
 # tokenizer reads differently from Lumi. A role other than Lumi's three is an error there too, as in render_chat.
+# (transformers' own apply_chat_template(..., sanitize_control_tokens=True) is then not needed; it would also keep
+# markers out, but encodes the text on each side of one apart, so its ids can differ from Lumi's.)
 ESCAPE = '\ufdd0'
 CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
                  "{% if message['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception("

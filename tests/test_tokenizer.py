@@ -1,12 +1,12 @@
 """The tokenizer section of lumi.py: a tokenizer's identity (what it does, not its bytes), and chat-marker text
 inside any message encoded as text on every path that builds a chat: render_chat, the server, the
 interactive prompt, SFT records and DPO pairs."""
+import io
 import os
 import struct
 
 import numpy as np
 import pytest
-import torch
 
 import data
 import dpo
@@ -43,7 +43,7 @@ def test_thread_count_changes_the_file_not_the_identity(by_threads):
     text = "Shall I compare thee to a summer's day? 42 <|end|> naïve"
     assert one.encode(text) == two.encode(text)
     for split in ('train', 'val'):
-        a, b = (open(os.path.join(by_threads[n], f'{split}.bin'), 'rb').read() for n in (1, 2))
+        a, b = (np.fromfile(os.path.join(by_threads[n], f'{split}.bin'), np.uint16).tobytes() for n in (1, 2))
         assert a == b and len(a) > 0
     assert data.load_meta(by_threads[1])['tokenizer_sha256'] == data.load_meta(by_threads[2])['tokenizer_sha256']
     lumi.check_tokenizer(data.load_meta(by_threads[2])['tokenizer_sha256'], one.sha256, 'the 2-thread bins')
@@ -161,10 +161,10 @@ def test_interactive_prompt(tokenizer, tiny_checkpoint, monkeypatch):
     model = lumi.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint))
     prompt = sample.Prompt(model, tokenizer, sample.Sampling(max_new_tokens=4), chat=True, system=EVIL[1])
     prompt.reset()
-    prompt.reply(EVIL[0], out=open(os.devnull, 'w'))
+    prompt.reply(EVIL[0], out=io.StringIO())
     check_turns(tokenizer, seen[0], [{'role': 'system', 'content': EVIL[1]}, {'role': 'user', 'content': EVIL[0]}])
     prompt.chat = False  # completion mode: the text to continue is text too
-    prompt.reply(EVIL[2], out=open(os.devnull, 'w'))
+    prompt.reply(EVIL[2], out=io.StringIO())
     assert seen[1][0] == lumi.BOS_ID and not set(seen[1][1:]) & chat_ids(tokenizer)
     assert tokenizer.decode(seen[1][1:]) == EVIL[2]
 
@@ -186,9 +186,16 @@ def test_dpo_pairs(tokenizer):
         assert tokenizer.decode(reply[:-1]) == text
 
 
-def test_checkpoint_tokenizer_keeps_both_hashes(tokenizer, tiny_checkpoint):
+def test_checkpoint_of_an_older_lumi_still_loads(tokenizer, tiny_checkpoint, tmp_path):
+    """Such a checkpoint names its tokenizer by the file's hash; loading it checks that hash against the
+    identity of the tokenizer it carries."""
     ckpt = lumi.load_checkpoint(tiny_checkpoint)
-    tok = lumi.tokenizer_from_checkpoint(ckpt)
+    assert ckpt['tokenizer_sha256'] == tokenizer.sha256 != tokenizer.file_sha256
+    ckpt['tokenizer_sha256'] = tokenizer.file_sha256
+    lumi.save_checkpoint(str(tmp_path / 'old.pt'), ckpt)
+    _, tok, _ = sample.load_model(str(tmp_path / 'old.pt'))
     assert (tok.sha256, tok.file_sha256) == (tokenizer.sha256, tokenizer.file_sha256)
-    assert ckpt['tokenizer_sha256'] == tokenizer.sha256
-    assert torch.equal(lumi.tokenizer_tensor(tok), ckpt['tokenizer'])
+    ckpt['tokenizer_sha256'] = 'ef' * 32
+    lumi.save_checkpoint(str(tmp_path / 'other.pt'), ckpt)
+    with pytest.raises(ValueError, match='must match'):
+        sample.load_model(str(tmp_path / 'other.pt'))

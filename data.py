@@ -1017,7 +1017,8 @@ def build_tokenizer(cfg, manifest):
         inputs = {'shards': [s['sha256'] for s in manifest['shards']], **{k: cfg[k] for k in _TOKENIZER_KEYS}}
     if os.path.exists(card_path) and os.path.exists(model_path):
         card = lumi.read_json(card_path)
-        if card.get('input_sha256') == _digest(inputs) and lumi.sha256_file(model_path) == card['sha256']:
+        file_sha = card.get('file_sha256', card['sha256'])  # cards before the identity held the file's hash only
+        if card.get('input_sha256') == _digest(inputs) and lumi.sha256_file(model_path) == file_sha:
             lumi.log(f"[20] tokenizer: reusing {card['sha256'][:12]} (same corpus and settings)")
             return lumi.Tokenizer.load(model_path), card
         lumi.log(f"[20] tokenizer: {out} was built from another corpus or settings (no bins use it); replacing it")
@@ -1052,7 +1053,7 @@ def build_tokenizer(cfg, manifest):
             chars += len(rec['text'])
     if not held_out:  # val_fraction 0: measure on training text rather than on nothing
         held_out = [r['text'] for r, _ in zip(iter_corpus(cfg.data_dir), range(200))]
-    card = {'sha256': lumi.sha256_file(model_path), 'vocab_size': tok.vocab_size,
+    card = {'sha256': tok.sha256, 'file_sha256': lumi.sha256_file(model_path), 'vocab_size': tok.vocab_size,
             'model_type': 'from ' + cfg.tokenizer_from if cfg.tokenizer_from else cfg.tokenizer_type,
             'input_sha256': _digest(inputs), 'inputs': inputs, 'train_seconds': round(time.time() - t0, 2),
             'special_tokens': {'<pad>': 0, '<unk>': 1, '<s>': 2, '</s>': 3,
@@ -1181,7 +1182,7 @@ class BinLoader:
         metas = [load_meta(d) for d in self.dirs]
         want = tokenizer_sha256 or metas[0]['tokenizer_sha256']
         for d, m in zip(self.dirs, metas):
-            if m['tokenizer_sha256'] != want:
+            if not lumi.same_tokenizer(m['tokenizer_sha256'], want):  # bins of older Lumis store the file hash
                 raise ValueError(f"{d}: bins were built with tokenizer {m['tokenizer_sha256']}, expected {want}")
         self.paths = [os.path.join(d, f'{split}.bin') for d in self.dirs]
         self.sizes = np.array([m[f'{split}_tokens'] for m in metas], dtype=np.int64)

@@ -238,7 +238,7 @@ def render_pair(tok, pair, max_length, max_prompt_length, stats=None):
     room = max_length - len(prompt)
     replies = []
     for text in (chosen, rejected):
-        ids = tok.encode(text) + [tok.end_id]
+        ids = lumi.encode_turn(tok, text)  # as render_chat encodes an assistant turn
         if len(ids) > room:
             ids = ids[:room]
             stats['reply_truncated'] += 1

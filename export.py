@@ -2,8 +2,10 @@
 Export a Lumi checkpoint for the rest of the ecosystem.
 
 `python lumi.py export CKPT OUT --format=hf` writes a directory that Hugging Face `transformers` loads as
-`LlamaForCausalLM`: config.json, model.safetensors, the SentencePiece model with its tokenizer config, and a
-generation config. `--format=pt` writes a plain state dict (Lumi's names, LoRA merged) for torch users.
+`LlamaForCausalLM`: config.json, model.safetensors, the tokenizer twice (tokenizer.json, a fast tokenizer that
+transformers loads alone and that gives Lumi's ids, and the SentencePiece tokenizer.model) with its config and
+chat template, and a generation config. `--format=pt` writes a plain state dict (Lumi's names, LoRA merged)
+for torch users.
 
 The safetensors format is simple enough to write by hand, so Lumi does not take a dependency for it:
 8 bytes (little-endian u64) giving the length N of a JSON header, N bytes of that header, then the raw
@@ -12,10 +14,13 @@ of the byte buffer, plus an optional "__metadata__" dict of strings. The buffer 
 without holes or overlaps. A reader sits beside the writer so that an export can be checked bit for bit.
 
 Deliberately left out: other architectures' layouts, GGUF, quantisation, sharding into several files
-(Lumi's models are small), and the fast tokenizer.json (transformers converts tokenizer.model on load).
+(Lumi's models are small), and unigram tokenizers (tokenizer.json's unigram model would match special pieces
+inside text, which SentencePiece never does).
 """
+import base64
 import json
 import os
+import struct
 import sys
 
 import torch
@@ -179,16 +184,104 @@ def hf_config(cfg, dtype_name):
     }
 
 
-# The chat template of lumi.render_chat in Jinja: BOS, then <|role|> content <|end|> per message. Each
-# content is encoded on its own there, so it starts with SentencePiece's word-boundary mark; the slow
-# LlamaTokenizer in legacy mode does the same after a special token, so the ids agree.
-CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>' }}"
-                 "{{ message['content'] }}{{ '<|end|>' }}{% endfor %}"
+# -----------------------------------------------------------------------------
+# tokenizer.json: the SentencePiece model as a Hugging Face fast tokenizer, written by hand, so that
+# transformers alone loads it (no sentencepiece, no protobuf) and gives Lumi's ids.
+#
+# SentencePiece BPE merges, again and again, the adjacent pair whose union is the piece with the highest
+# score; a BPE model whose merges are every (left, right) split of every piece, ranked by that piece's score,
+# does the same. The text is one "word" (no pre-tokenizer): SentencePiece never splits at spaces when it
+# encodes, and its pieces may hold runs of spaces. The dummy prefix and the space -> U+2581 escape are
+# normalizer steps, so they apply to the whole text as they do in SentencePiece (a Metaspace pre-tokenizer
+# would not add the prefix before a leading space).
+
+# Lumi's Tokenizer.encode treats marker text inside text as text; the chat template must let transformers tell
+# a message's '<|end|>' from its own. It writes every '<' of a message as '<' + ESCAPE, which matches no added
+# token, and the normalizer's first step turns the pair back into '<'. ESCAPE is a Unicode noncharacter
+# (reserved for a program's internal use): text holding '<' + U+FDD0 itself is the one input the plain
+# tokenizer reads differently from Lumi. A role other than Lumi's three is an error there too, as in render_chat.
+# (transformers' own apply_chat_template(..., sanitize_control_tokens=True) is then not needed; it would also keep
+# markers out, but encodes the text on each side of one apart, so its ids can differ from Lumi's.)
+ESCAPE = '\ufdd0'
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                 "{% if message['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception("
+                 "'unknown role ' + message['role'] + ' (expected system, user or assistant)') }}{% endif %}"
+                 "{{ '<|' + message['role'] + '|>' }}"
+                 "{{ message['content'] | replace('<', '<" + ESCAPE + "') }}{{ '<|end|>' }}{% endfor %}"
                  "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
+def _spm_pieces_and_specs(tok):
+    """[(piece, score, type)] in id order, and the trainer and normalizer specs as {field number: value}."""
+    import lumi
+    pieces, specs = [], {2: {}, 3: {}}
+    for number, value, _ in lumi.proto_fields(tok.proto):
+        if number == 1:
+            f = {n: v for n, v, _ in lumi.proto_fields(value)}
+            pieces.append((f[1].decode('utf-8'), struct.unpack('<f', f.get(2, bytes(4)))[0],
+                           f.get(3, lumi.PIECE_NORMAL)))
+        elif number in specs:
+            specs[number] = {n: v for n, v, _ in lumi.proto_fields(value)}
+    return pieces, specs[2], specs[3]
+
+
+def _replace(pattern, content, regex=False):
+    return {'type': 'Replace', 'pattern': {'Regex' if regex else 'String': pattern}, 'content': content}
+
+
+def tokenizer_json(tok):
+    """The tokenizer.json of a fast tokenizer that encodes as tok does (tested against it)."""
+    import lumi
+    pieces, trainer, norm = _spm_pieces_and_specs(tok)
+    if trainer.get(3, 1) != 2:  # proto default: unigram
+        # a unigram tokenizer.json would match '<|end|>' or '<0x3C>' in text as those pieces, which
+        # SentencePiece never does: it cannot encode as Lumi does
+        raise ValueError(f"tokenizer {tok.sha256[:12]} is not BPE: only SentencePiece BPE models export to "
+                         f"tokenizer.json (export with --format=pt, or train with tokenizer_type='bpe')")
+    if trainer.get(24):
+        raise ValueError(f"tokenizer {tok.sha256[:12]}: treat_whitespace_as_suffix has no tokenizer.json form")
+    steps = [_replace('<' + ESCAPE, '<')]
+    if norm.get(2):
+        steps.append({'type': 'Precompiled', 'precompiled_charsmap': base64.b64encode(norm[2]).decode()})
+    if norm.get(4, 1):  # remove_extra_whitespaces: no leading or trailing space, none doubled
+        steps += [_replace('^ +| +$', '', regex=True), _replace(' {2,}', ' ', regex=True)]
+    if norm.get(5, 1):
+        steps.append(_replace(' ', '\u2581'))
+    if norm.get(3, 1):
+        steps.append({'type': 'Prepend', 'prepend': '\u2581'})
+    # markers and pad/unk/bos/eos are special; other user-defined symbols stay whole as SentencePiece keeps them
+    whole = (lumi.PIECE_UNKNOWN, lumi.PIECE_CONTROL, lumi.PIECE_USER_DEFINED)
+    added = [{'id': i, 'content': p, 'single_word': False, 'lstrip': False, 'rstrip': False, 'normalized': False,
+              'special': t != lumi.PIECE_USER_DEFINED or p in lumi.CHAT_TOKENS}
+             for i, (p, _, t) in enumerate(pieces) if t in whole]
+    # text pieces only: a merge never builds a control, byte or marker piece from text
+    rank = {p: (-s, i) for i, (p, s, t) in enumerate(pieces) if t == lumi.PIECE_NORMAL}
+    merges = sorted(((p[:k], p[k:]) for p in rank for k in range(1, len(p)) if p[:k] in rank and p[k:] in rank),
+                    key=lambda lr: (rank[lr[0] + lr[1]], rank[lr[0]]))
+    model = {'type': 'BPE', 'dropout': None, 'unk_token': pieces[lumi.UNK_ID][0], 'continuing_subword_prefix': None,
+             'end_of_word_suffix': None, 'fuse_unk': True, 'byte_fallback': bool(trainer.get(35, 0)),
+             'ignore_merges': False, 'vocab': {p: i for i, (p, _, _) in enumerate(pieces)},
+             'merges': [list(m) for m in merges]}
+    bos = pieces[lumi.BOS_ID][0]
+    decoder = [_replace('\u2581', ' '), {'type': 'ByteFallback'}, {'type': 'Fuse'}]
+    if norm.get(3, 1):  # the dummy prefix's space goes again
+        decoder.append({'type': 'Strip', 'content': ' ', 'start': 1, 'stop': 0})
+    return {
+        'version': '1.0', 'truncation': None, 'padding': None, 'added_tokens': added,
+        'normalizer': {'type': 'Sequence', 'normalizers': steps}, 'pre_tokenizer': None,
+        'post_processor': {  # BOS first, as Lumi's documents and chats start
+            'type': 'TemplateProcessing',
+            'single': [{'SpecialToken': {'id': bos, 'type_id': 0}}, {'Sequence': {'id': 'A', 'type_id': 0}}],
+            'pair': [{'SpecialToken': {'id': bos, 'type_id': 0}}, {'Sequence': {'id': 'A', 'type_id': 0}},
+                     {'SpecialToken': {'id': bos, 'type_id': 0}}, {'Sequence': {'id': 'B', 'type_id': 0}}],
+            'special_tokens': {bos: {'id': bos, 'ids': [lumi.BOS_ID], 'tokens': [bos]}}},
+        'decoder': {'type': 'Sequence', 'decoders': decoder},
+        'model': model,
+    }
+
+
 def tokenizer_files(tok, block_size):
-    """tokenizer_config.json and special_tokens_map.json for transformers' LlamaTokenizer."""
+    """tokenizer_config.json and special_tokens_map.json for transformers' fast tokenizer."""
     import lumi
     piece = tok.id_to_piece
     specials = {'bos_token': piece(lumi.BOS_ID), 'eos_token': piece(lumi.EOS_ID),
@@ -196,12 +289,25 @@ def tokenizer_files(tok, block_size):
     ids = [lumi.PAD_ID, lumi.UNK_ID, lumi.BOS_ID, lumi.EOS_ID] + [tok.sp.piece_to_id(t) for t in lumi.CHAT_TOKENS]
     added = {str(i): {'content': piece(i), 'lstrip': False, 'normalized': False, 'rstrip': False,
                       'single_word': False, 'special': True} for i in ids}
-    config = dict(specials, tokenizer_class='LlamaTokenizer', model_max_length=block_size,
-                  add_bos_token=True, add_eos_token=False, legacy=True, clean_up_tokenization_spaces=False,
-                  sp_model_kwargs={}, added_tokens_decoder=added,
-                  additional_special_tokens=list(lumi.CHAT_TOKENS), chat_template=CHAT_TEMPLATE)
+    config = dict(specials, tokenizer_class='PreTrainedTokenizerFast', model_max_length=block_size,
+                  add_bos_token=True, add_eos_token=False, clean_up_tokenization_spaces=False,
+                  added_tokens_decoder=added, additional_special_tokens=list(lumi.CHAT_TOKENS),
+                  chat_template=CHAT_TEMPLATE)
     special_map = dict(specials, additional_special_tokens=list(lumi.CHAT_TOKENS))
     return config, special_map
+
+
+def write_hf_tokenizer(tok, out_dir, block_size):
+    """tokenizer.json, tokenizer.model, tokenizer_config.json (with the chat template) and
+    special_tokens_map.json: what AutoTokenizer.from_pretrained(out_dir) reads."""
+    import lumi
+    tok_json = json.dumps(tokenizer_json(tok), ensure_ascii=False).encode('utf-8')
+    os.makedirs(out_dir, exist_ok=True)
+    lumi.atomic_write(os.path.join(out_dir, 'tokenizer.json'), lambda f: f.write(tok_json))
+    lumi.atomic_write(os.path.join(out_dir, 'tokenizer.model'), lambda f: f.write(tok.proto))
+    tok_config, special_map = tokenizer_files(tok, block_size)
+    lumi.write_json(os.path.join(out_dir, 'tokenizer_config.json'), tok_config)
+    lumi.write_json(os.path.join(out_dir, 'special_tokens_map.json'), special_map)
 
 
 def export_hf(ckpt_path, out_dir, dtype='float32'):
@@ -213,16 +319,12 @@ def export_hf(ckpt_path, out_dir, dtype='float32'):
     cfg = model.cfg
     if tok.vocab_size != cfg.vocab_size:
         raise ValueError(f"{ckpt['path']}: tokenizer has {tok.vocab_size} pieces but the model {cfg.vocab_size} rows")
-    os.makedirs(out_dir, exist_ok=True)
+    write_hf_tokenizer(tok, out_dir, cfg.block_size)  # first: it refuses a tokenizer it cannot write
     weights = hf_state_dict(model, EXPORT_DTYPES[dtype])
     save_safetensors(weights, os.path.join(out_dir, 'model.safetensors'),
                      metadata={'format': 'pt', 'lumi_kind': ckpt.get('kind', ''),
                                'lumi_tokenizer_sha256': tok.sha256, 'lumi_source': os.path.basename(ckpt['path'])})
     lumi.write_json(os.path.join(out_dir, 'config.json'), hf_config(cfg, dtype))
-    lumi.atomic_write(os.path.join(out_dir, 'tokenizer.model'), lambda f: f.write(tok.proto))
-    tok_config, special_map = tokenizer_files(tok, cfg.block_size)
-    lumi.write_json(os.path.join(out_dir, 'tokenizer_config.json'), tok_config)
-    lumi.write_json(os.path.join(out_dir, 'special_tokens_map.json'), special_map)
     # chat models stop at <|end|>; base models at EOS; listing both serves either
     lumi.write_json(os.path.join(out_dir, 'generation_config.json'), {
         'bos_token_id': lumi.BOS_ID, 'eos_token_id': [lumi.EOS_ID, tok.end_id], 'pad_token_id': lumi.PAD_ID,

@@ -570,7 +570,7 @@ def test_main_end_to_end(built):
     tok = lumi.Tokenizer.load(os.path.join(d, 'tokenizer', 'tokenizer.model'))
     card = lumi.read_json(os.path.join(d, 'tokenizer', 'tokenizer.json'))
     model_sha = lumi.sha256_file(os.path.join(d, 'tokenizer', 'tokenizer.model'))
-    assert meta['tokenizer_sha256'] == tok.sha256 == card['sha256'] == model_sha
+    assert meta['tokenizer_sha256'] == tok.sha256 == card['sha256'] and card['file_sha256'] == model_sha
     assert meta['vocab_size'] == tok.vocab_size == 400
     assert [tok.sp.piece_to_id(t) for t in ('<pad>', '<unk>', '<s>', '</s>', *lumi.CHAT_TOKENS)] == list(range(8))
     train, val = np.fromfile(os.path.join(d, 'train.bin'), np.uint16), np.fromfile(os.path.join(d, 'val.bin'), np.uint16)

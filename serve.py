@@ -216,6 +216,7 @@ class _DeadlineReader(io.RawIOBase):
 class Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'  # keep-alive for JSON answers; a stream ends by closing the connection
     server_version = 'lumi'
+    default_request_version = 'HTTP/1.0'  # not 0.9, whose answers have no status line: requests without one are refused
 
     def setup(self):
         super().setup()
@@ -339,7 +340,9 @@ class Handler(BaseHTTPRequestHandler):
             self.generate(parse_request(parse_json(data, self.server.max_json_depth), self.server, chat), chat)
         except APIError as e:
             self.send_json(e.status, e.body)
-        except OSError:  # the client left or stalled; its generation stopped with it
+        except TimeoutError:  # answered 408 by handle_one_request if nothing went out yet
+            raise
+        except OSError:  # the client left; its generation stopped with it
             self.close_connection = True
         except Exception as e:  # a bug must not take the server down; the client learns what happened
             self.log_error('%s', repr(e))
@@ -461,6 +464,7 @@ class Server(HTTPServer):
             raise TypeError(f"unknown server options {sorted(unknown)}")
         for key, (default, _) in OPTIONS.items():
             setattr(self, key, options.get(key, default))
+        self.threads = []  # server_close runs if binding fails
         try:
             super().__init__((host, port), Handler)
         except OSError as e:  # a user's error (port taken, no such address): one line, not a traceback

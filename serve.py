@@ -223,6 +223,18 @@ class Handler(BaseHTTPRequestHandler):
         self.reader = _DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self.reader)
 
+    def finish(self):
+        super().finish()
+        # a lingering close: closing a socket with unread request bytes resets the connection, and the reset can
+        # destroy the answer before the client reads it, so take what the client still sends, briefly, first
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.reader.until, self.reader.got = time.monotonic() + 1, 0
+            while self.reader.got < 1 << 20 and self.reader.readinto(bytearray(1 << 16)):
+                pass
+        except OSError:
+            pass
+
     def handle_one_request(self):
         """The standard library's, with deadlines, no HTTP/0.9 (whose requests have no headers to wait for), and
         every answer JSON; a request's body is read before its answer, or the connection closes after it."""

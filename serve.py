@@ -224,16 +224,17 @@ class Handler(BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(self.reader)
 
     def finish(self):
-        super().finish()
         # a lingering close: closing a socket with unread request bytes resets the connection, and the reset can
         # destroy the answer before the client reads it, so take what the client still sends, briefly, first
         try:
+            self.wfile.flush()
             self.connection.shutdown(socket.SHUT_WR)
             self.reader.until, self.reader.got = time.monotonic() + 1, 0
             while self.reader.got < 1 << 20 and self.reader.readinto(bytearray(1 << 16)):
                 pass
         except OSError:
             pass
+        super().finish()
 
     def handle_one_request(self):
         """The standard library's, with deadlines, no HTTP/0.9 (whose requests have no headers to wait for), and
@@ -255,7 +256,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send_error(400, f"a request line is 'METHOD PATH HTTP/1.1', got {self.requestline!r}")
             if not self.parse_request():  # it answered already
                 return
-            self.body_pending = 'Content-Length' in self.headers or 'Transfer-Encoding' in self.headers
+            self.body_pending = self.headers.get('Content-Length', '0') != '0' or 'Transfer-Encoding' in self.headers
             method = getattr(self, 'do_' + self.command, None)
             if method is None:
                 return self.send_error(405, f"method {self.command!r} is not allowed: use {ALLOWED_METHODS}")
@@ -389,7 +390,9 @@ class Handler(BaseHTTPRequestHandler):
         return data
 
     def client_gone(self):
-        """True once the client has closed its side of the connection (a pipelined request does not count)."""
+        """True once the client has closed its side of the connection (a pipelined request does not count). A
+        client that half-closes after sending and still reads counts as gone too: without writing to it, the two
+        look the same."""
         try:
             if not select.select([self.connection], [], [], 0)[0]:
                 return False

@@ -482,6 +482,33 @@ def test_full_pool_answers_503(loaded):
         srv.server_close()
 
 
+def test_waiting_for_the_generation_is_bounded_with_503(loaded):
+    _, tok, _ = loaded
+    release = threading.Event()
+
+    def generate(prompts, params, chat, seed):  # holds the generation lock until released
+        release.wait(20)
+        yield 0, 'x', 'length', 1
+    srv = Server(generate, tok, 64, greedy(4), port=0, quiet=True, generation_wait=0.3)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f'http://127.0.0.1:{srv.server_address[1]}'
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(call, url, '/v1/completions', {'prompt': 'hi'})
+            for _ in range(200):
+                if srv.lock.locked():
+                    break
+                time.sleep(0.01)
+            status, r = call(url, '/v1/completions', {'prompt': 'hi'})
+            assert status == 503 and r['error']['code'] == 'overloaded'
+            release.set()
+            assert first.result(timeout=20)[0] == 200
+    finally:
+        release.set()
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_port_in_use_is_one_line(loaded, lively_checkpoint, tough):
     port, _ = tough
     _, tok, _ = loaded

@@ -479,7 +479,7 @@ class Server(HTTPServer):
             raise TypeError(f"unknown server options {sorted(unknown)}")
         for key, (default, _) in OPTIONS.items():
             setattr(self, key, options.get(key, default))
-        self.threads = []  # server_close runs if binding fails
+        self.threads, self.open = [], set()  # workers, and the connections they serve: server_close needs both
         try:
             super().__init__((host, port), Handler)
         except OSError as e:  # a user's error (port taken, no such address): one line, not a traceback
@@ -490,42 +490,57 @@ class Server(HTTPServer):
         self.origins = {f'http://{host}:{port}', f'http://localhost:{port}', f'http://127.0.0.1:{port}',
                         self.cors_origin}
         self.lock = threading.Lock()
-        self.pending = queue.Queue(self.queue_size)
+        self.pending = queue.Queue()  # connections waiting for a worker
         self.threads = [threading.Thread(target=self._work, daemon=True) for _ in range(self.workers)]
         for t in self.threads:
             t.start()
 
     def process_request(self, request, client_address):
+        if self.pending.qsize() < self.queue_size:  # only this thread adds, so the check holds until the put
+            return self.pending.put((request, client_address))
+        # answered here, on the accepting thread: briefly, and without reading the request
+        body = json.dumps(APIError(503, "the server is busy: too many connections", code='overloaded',
+                                   kind='server_error').body).encode()
         try:
-            self.pending.put_nowait((request, client_address))
-        except queue.Full:  # answered here, on the accepting thread: briefly, and without reading the request
-            body = json.dumps(APIError(503, "the server is busy: too many connections", code='overloaded',
-                                       kind='server_error').body).encode()
-            try:
-                request.settimeout(1)
-                request.sendall(b'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n'
-                                b'Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n' % len(body) + body)
-            except OSError:
-                pass
-            self.shutdown_request(request)
+            request.settimeout(1)
+            request.sendall(b'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n'
+                            b'Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n' % len(body) + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
 
     def _work(self):
         while (item := self.pending.get()) is not None:
             request, client_address = item
+            self.open.add(request)
             try:
                 self.finish_request(request, client_address)
             except Exception:
                 self.handle_error(request, client_address)
             finally:
+                self.open.discard(request)
                 self.shutdown_request(request)
 
     def server_close(self):
+        """Stop listening, cut every connection, and wait for the workers: a thread that ran torch and is still
+        ending while the interpreter shuts down can abort the process."""
         super().server_close()
-        for _ in self.threads:
+        while True:
             try:
-                self.pending.put_nowait(None)
-            except queue.Full:  # the workers are daemons: they end with the process
+                item = self.pending.get_nowait()
+            except queue.Empty:
                 break
+            if item is not None:
+                self.shutdown_request(item[0])
+        for request in list(self.open):
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for _ in self.threads:
+            self.pending.put(None)
+        for t in self.threads:
+            t.join(timeout=5)
 
     def model_card(self):
         return dict(id=self.model_name, object='model', created=self.created, owned_by='lumi')

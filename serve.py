@@ -479,7 +479,8 @@ class Server(HTTPServer):
             raise TypeError(f"unknown server options {sorted(unknown)}")
         for key, (default, _) in OPTIONS.items():
             setattr(self, key, options.get(key, default))
-        self.threads, self.open = [], set()  # workers, and the connections they serve: server_close needs both
+        # the workers, the connections waiting for one and those being served: server_close needs them all
+        self.threads, self.pending, self.open = [], queue.Queue(), set()
         try:
             super().__init__((host, port), Handler)
         except OSError as e:  # a user's error (port taken, no such address): one line, not a traceback
@@ -490,7 +491,6 @@ class Server(HTTPServer):
         self.origins = {f'http://{host}:{port}', f'http://localhost:{port}', f'http://127.0.0.1:{port}',
                         self.cors_origin}
         self.lock = threading.Lock()
-        self.pending = queue.Queue()  # connections waiting for a worker
         self.threads = [threading.Thread(target=self._work, daemon=True) for _ in range(self.workers)]
         for t in self.threads:
             t.start()

@@ -118,7 +118,8 @@ def parse_request(body, server, chat):
     for key, value in body.items():
         if key in NEUTRAL:
             if value is not None and value not in NEUTRAL[key]:
-                raise APIError(400, f"'{key}' is not supported by this server", key, 'unsupported_parameter')
+                hint = "; use 'repetition_penalty'" if key.endswith('_penalty') else ''
+                raise APIError(400, f"'{key}' is not supported by this server{hint}", key, 'unsupported_parameter')
         elif key not in KNOWN and key != ('messages' if chat else 'prompt'):
             raise APIError(400, f"unknown parameter '{key[:100]}'", key[:100], 'unknown_parameter')
     name = _field(body, 'model', (str,), server.model_name, rule='a string')
@@ -185,6 +186,10 @@ def render_messages(tok, messages):
         if isinstance(content, list) and all(isinstance(p, dict) and p.get('type') == 'text'
                                              and isinstance(p.get('text'), str) for p in content):
             content = ''.join(p['text'] for p in content)
+        extra = [k for k in m if k not in ('role', 'content') and m[k] is not None] if isinstance(m, dict) else []
+        if extra:  # name, tool_calls, ...: the chat template has no place for them
+            raise APIError(400, f"messages[{i}].{extra[0][:100]} is not supported by this server",
+                           f'messages[{i}].{extra[0][:100]}', 'unsupported_parameter')
         role = 'system' if role == 'developer' else role
         if role not in lumi.ROLES or not isinstance(content, str):
             raise APIError(400, f"messages[{i}] must be {{'role': one of {list(lumi.ROLES)}, 'content': text}}, "

@@ -387,6 +387,12 @@ def test_parameters_it_cannot_honour_are_refused(tough, key, value):
     assert_refused(exchange(port, post('/v1/completions', {'prompt': 'hi', key: value}, port)), 400, param)
 
 
+def test_message_fields_it_cannot_honour_are_refused(tough):
+    port, _ = tough
+    body = {'messages': [{'role': 'user', 'content': 'hi'}, {'role': 'user', 'content': 'x', 'name': 'bob'}]}
+    assert_refused(exchange(port, post('/v1/chat/completions', body, port)), 400, 'messages[1].name')
+
+
 def test_neutral_values_of_unsupported_parameters_are_accepted(tough):
     port, _ = tough
     body = {'prompt': 'hi', 'max_tokens': 2, 'best_of': 1, 'echo': False, 'logprobs': None, 'presence_penalty': 0,

@@ -174,8 +174,8 @@ def apply_top_p(logits, p):
     return logits.masked_fill(drop.scatter(-1, order, drop), float('-inf'))
 
 
-# A temperature this small is argmax in all but name (logits 1e-5 apart already differ e-fold), and a far smaller
-# one overflows logits / temperature to inf, whose softmax is NaN: sample it as greedy.
+# Below this temperature a draw is the argmax in all but name (logits 1e-5 apart differ by e^10 in probability),
+# and a far smaller one overflows logits / temperature to inf, whose softmax is NaN: sample those as greedy.
 GREEDY_BELOW = 1e-6
 
 
@@ -312,8 +312,8 @@ class StopMatcher:
         return fail
 
     def feed(self, text, offset):
-        """Advance over text (which starts at offset in the whole); the start of the earliest stop string that
-        begins in any match completed here, or None."""
+        """Advance over text, which starts at offset in the whole; the start of the earliest stop string that
+        text completes, or None."""
         first = None
         for j, (s, fail) in enumerate(zip(self.stops, self.fail)):
             k = self.state[j]

@@ -303,7 +303,8 @@ class Handler(BaseHTTPRequestHandler):
     def send_body(self, status, data, content_type='application/json', **headers):
         self.answered = True
         self.send_response(status)
-        self.send_header('Content-Type', content_type)
+        if content_type:
+            self.send_header('Content-Type', content_type)
         self.send_header('Content-Length', str(len(data)))
         for key, value in headers.items():
             self.send_header(key.replace('_', '-'), value)
@@ -318,17 +319,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_body(status, json.dumps(obj).encode(), **headers)
 
     def do_OPTIONS(self):  # a browser's CORS preflight
-        self.send_response(204)
-        self.answered = True
-        self.send_header('Allow', ALLOWED_METHODS)
-        self.send_header('Access-Control-Allow-Methods', ALLOWED_METHODS)
-        self.send_header('Access-Control-Allow-Headers', 'Content-Type, Authorization')
-        self.send_header('Access-Control-Max-Age', '600')
-        self.cors_headers()
-        self.send_header('Content-Length', '0')
-        if self.body_pending:
-            self.send_header('Connection', 'close')
-        self.end_headers()
+        self.send_body(204, b'', None, Allow=ALLOWED_METHODS, Access_Control_Allow_Methods=ALLOWED_METHODS,
+                       Access_Control_Allow_Headers='Content-Type, Authorization', Access_Control_Max_Age='600')
 
     def do_HEAD(self):
         self.head_only = True

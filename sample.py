@@ -51,6 +51,14 @@ model_name = ''            # the id the server answers to; '' is lumi-<kind>
 max_tokens_limit = 4096    # the most new tokens one request may ask for
 max_batch = 8              # the most sequences (prompts x n) one request may ask for
 max_body_bytes = 1 << 20   # a larger request body gets 413
+max_json_depth = 32        # the deepest nesting of arrays and objects a request body may have
+max_stop_chars = 256       # the longest stop string a request may give (at most 4 of them)
+header_timeout = 10.0      # seconds for a request's line and headers, idle keep-alive included (then 408)
+body_timeout = 30.0        # seconds to read a request's body, and for each write of the answer (then 408)
+workers = 16               # threads serving connections: a connection holds one while it is open
+queue_size = 32            # connections waiting for a worker; one more is answered 503
+generation_wait = 120.0    # seconds a request waits for the generation in front of it (then 503)
+cors_origin = ''           # a web origin besides the server's own that may call the API from a browser ('*': any)
 DEFAULTS = lumi.config_defaults(globals())
 
 CHAT_KINDS = ('sft', 'dpo')
@@ -166,10 +174,15 @@ def apply_top_p(logits, p):
     return logits.masked_fill(drop.scatter(-1, order, drop), float('-inf'))
 
 
+# Below this temperature a draw is the argmax in all but name (logits 1e-5 apart differ by e^10 in probability),
+# and a far smaller one overflows logits / temperature to inf, whose softmax is NaN: sample those as greedy.
+GREEDY_BELOW = 1e-6
+
+
 def sample_next(logits, counts, params, generator=None):
     """The next token of each row: argmax at temperature 0, else a draw from the filtered distribution."""
     logits = apply_repetition_penalty(logits.float(), counts, params.repetition_penalty)
-    if params.temperature <= 0:
+    if params.temperature < GREEDY_BELOW:
         return logits.argmax(-1)
     logits = apply_top_p(apply_top_k(apply_temperature(logits, params.temperature), params.top_k), params.top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
@@ -277,6 +290,50 @@ def generate_ids_recompute(model, prompt, params, stop_ids=(), generator=None):
 # -----------------------------------------------------------------------------
 # text: streaming deltas with stop strings
 
+class StopMatcher:
+    """Finds stop strings in text that arrives a piece at a time, in time linear in the text: one
+    Knuth-Morris-Pratt automaton per stop string, each fed every character once. Its state is how much of each
+    stop string the text so far ends with, which is also how much text must be held back."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.fail = [self._failure(s) for s in self.stops]
+        self.state = [0] * len(self.stops)
+
+    @staticmethod
+    def _failure(s):
+        # fail[k]: the longest proper prefix of s[:k + 1] that is also its suffix
+        fail, k = [0] * len(s), 0
+        for i in range(1, len(s)):
+            while k and s[i] != s[k]:
+                k = fail[k - 1]
+            k += s[i] == s[k]
+            fail[i] = k
+        return fail
+
+    def feed(self, text, offset):
+        """Advance over text, which starts at offset in the whole; the start of the earliest stop string that
+        text completes, or None."""
+        first = None
+        for j, (s, fail) in enumerate(zip(self.stops, self.fail)):
+            k = self.state[j]
+            for i, c in enumerate(text):
+                while k and c != s[k]:
+                    k = fail[k - 1]
+                if c == s[k]:
+                    k += 1
+                if k == len(s):
+                    start = offset + i + 1 - k
+                    first = start if first is None else min(first, start)
+                    k = fail[k - 1]
+            self.state[j] = k
+        return first
+
+    def held(self):
+        """How many characters at the end of the text could still become a stop string."""
+        return max(self.state, default=0)
+
+
 class TextStream:
     """Turns one row's new tokens into text deltas as they arrive.
 
@@ -288,7 +345,7 @@ class TextStream:
     """
 
     def __init__(self, tok, stop=(), context=()):
-        self.tok, self.stop = tok, [s for s in stop if s]
+        self.tok, self.stops = tok, StopMatcher(stop)
         self.ids = list(context)
         self.prefix, self.read = 0, len(self.ids)
         self.text, self.sent = '', 0  # all text so far, and how much of it went out
@@ -302,8 +359,7 @@ class TextStream:
         self.ids.append(token)
         if self._decode(final=False):
             return self._send(len(self.text))
-        held = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        return self._send(len(self.text) - held)
+        return self._send(len(self.text) - self.stops.held())
 
     def flush(self):
         """The rest of the text, held-back tail and any half character included (the row has ended)."""
@@ -317,12 +373,12 @@ class TextStream:
         after = self.tok.decode(self.ids[self.prefix:])
         if len(after) <= len(before) or (after.endswith('\ufffd') and not final):
             return False
-        searched = max(self.sent, len(self.text) - max(map(len, self.stop), default=0))
-        self.text += after[len(before):]
+        new, offset = after[len(before):], len(self.text)
+        self.text += new
         self.prefix, self.read = self.read, len(self.ids)
-        hits = [i for i in (self.text.find(s, searched) for s in self.stop) if i >= 0]
-        if hits:
-            self.text, self.stopped = self.text[:min(hits)], True
+        cut = self.stops.feed(new, offset)
+        if cut is not None:
+            self.text, self.stopped = self.text[:cut], True
         return self.stopped
 
     def _send(self, end):
@@ -393,9 +449,10 @@ HELP = """/temp X        temperature (0 is greedy)      /top_p X   nucleus thres
 /chat, /completion   switch mode              /reset     forget the conversation
 /settings      show settings                  /quit      leave (or Ctrl-D); Ctrl-C stops a reply"""
 
-SETTINGS = {'temp': ('temperature', float, lambda v: v >= 0), 'top_p': ('top_p', float, lambda v: 0 < v <= 1),
+# the ranges serve.py also holds requests to: a repetition penalty beyond them turns logits into inf and NaN
+SETTINGS = {'temp': ('temperature', float, lambda v: 0 <= v <= 100), 'top_p': ('top_p', float, lambda v: 0 < v <= 1),
             'top_k': ('top_k', int, lambda v: v >= 0), 'max': ('max_new_tokens', int, lambda v: v >= 1),
-            'rep': ('repetition_penalty', float, lambda v: v > 0)}
+            'rep': ('repetition_penalty', float, lambda v: 0.01 <= v <= 100)}
 
 
 class Prompt:
@@ -513,12 +570,12 @@ def main(argv=None):
     what = info['path'] + (f" + adapter {info['adapter']}" if info['adapter'] else '')
     print(f"{what}: {info['kind']} model, {model.num_params() / 1e6:.1f}M parameters, {dev} {dt}", file=sys.stderr)
     if cfg.serve:
-        from serve import Server  # the HTTP side lives in serve.py; it is handed the generation
+        from serve import OPTIONS, Server  # the HTTP side lives in serve.py; it is handed the generation
 
         def generate(prompts, p, chat, seed):
             return stream_text(model, tok, prompts, p, chat, make_generator(seed, dev))
         server = Server(generate, tok, model.cfg.block_size, params, cfg.model_name or f"lumi-{info['kind']}",
-                        cfg.host, cfg.port, cfg.max_tokens_limit, cfg.max_batch, cfg.max_body_bytes, info['created'])
+                        cfg.host, cfg.port, info['created'], **{key: cfg[key] for key in OPTIONS})
         host, port = server.server_address[:2]
         print(f"serving '{server.model_name}' at http://{host}:{port}/ (API under /v1)", file=sys.stderr, flush=True)
         try:

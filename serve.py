@@ -1,21 +1,57 @@
 """
 The HTTP face of sample.py: OpenAI's completions and chat completions APIs, plain and streamed as
-server-sent events, with /v1/models, /health and a small chat page at /, on the standard library's threaded
-HTTP server. `python sample.py --serve` starts it; generation is handed in (sample.stream_text), so this
-file knows HTTP and OpenAI's shapes and nothing of models.
+server-sent events, with /v1/models, /health and a small chat page at /, on the standard library's HTTP
+server. `python sample.py --serve` starts it (`python serve.py --help` lists its options); generation is
+handed in (sample.stream_text), so this file knows HTTP and OpenAI's shapes and nothing of models.
+
+Hostile clients are expected: every request the server cannot or will not honour is answered 4xx with
+OpenAI's error body, a fixed pool of worker threads serves connections (a full queue is answered 503), and
+each request has deadlines for its headers and its body, so a slow client only ever holds a worker for those.
 
 Deliberately left out: batching across requests (one generation runs at a time behind a lock; one request
-may carry several prompts, which share a batch), logprobs, tools, authentication, TLS.
+may carry several prompts, which share a batch), logprobs, tools, authentication, TLS, chunked bodies.
 """
+import io
 import json
+import math
+import os
+import queue
+import select
+import socket
+import sys
 import threading
 import time
 import uuid
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import lumi
 from lumi import BOS_ID
+
+# Server's options, as `python sample.py --serve --key=value` takes them: (default, what it bounds)
+OPTIONS = {
+    'max_tokens_limit': (4096, "the most new tokens one request may ask for"),
+    'max_batch': (8, "the most sequences (prompts x n) one request may ask for"),
+    'max_body_bytes': (1 << 20, "a larger request body gets 413"),
+    'max_json_depth': (32, "the deepest nesting of arrays and objects a request body may have"),
+    'max_stop_chars': (256, "the longest stop string a request may give (at most 4 of them)"),
+    'header_timeout': (10.0, "seconds for a request's line and headers, idle keep-alive included (then 408)"),
+    'body_timeout': (30.0, "seconds to read a request's body, and for each write of the answer (then 408)"),
+    'workers': (16, "threads serving connections: a connection holds one while it is open"),
+    'queue_size': (32, "connections waiting for a worker; one more is answered 503"),
+    'generation_wait': (120.0, "seconds a request waits for the generation in front of it (then 503)"),
+    'cors_origin': ('', "a web origin besides the server's own that may call the API from a browser ('*': any)"),
+}
+ALLOWED_METHODS = 'GET, HEAD, POST, OPTIONS'
+# parameters OpenAI's APIs have and this server cannot honour: accepted only with a value that asks for nothing
+NEUTRAL = {'logprobs': (False, 0), 'top_logprobs': (0,), 'echo': (False,), 'suffix': ('',), 'logit_bias': ({},),
+           'tools': ([],), 'functions': ([],), 'tool_choice': ('none',), 'function_call': ('none',),
+           'parallel_tool_calls': (False,), 'best_of': (1,), 'response_format': ({'type': 'text'},),
+           'presence_penalty': (0,), 'frequency_penalty': (0,)}
+KNOWN = {'model', 'max_tokens', 'max_completion_tokens', 'temperature', 'top_k', 'top_p', 'repetition_penalty',
+         'stop', 'n', 'seed', 'stream', 'stream_options', 'user'}
+
 
 class APIError(Exception):
     """A refused request, answered with OpenAI's error body."""
@@ -26,48 +62,94 @@ class APIError(Exception):
 
 
 def _field(body, key, types, default, valid=None, rule=''):
-    """body[key] if it has one of types (a bool is never a number) and passes valid; absent or null: default."""
+    """body[key] if it has one of types (a bool is never a number, a float is finite) and passes valid; absent
+    or null: default."""
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) != (bool in types) or not isinstance(value, types) or (valid and not valid(value)):
+    if (isinstance(value, bool) != (bool in types) or not isinstance(value, types)
+            or (isinstance(value, float) and not math.isfinite(value)) or (valid and not valid(value))):
         raise APIError(400, f"'{key}' must be {rule}, got {json.dumps(value)[:100]}", key, 'invalid_value')
     return value
+
+
+def parse_json(data, max_depth):
+    """The JSON object in data, refused (400) if it is not one, nests deeper than max_depth, or holds text that
+    is not Unicode (a lone UTF-16 surrogate, which json lets through and no tokenizer can encode)."""
+    try:
+        body = json.loads(data, parse_constant=_no_constant)
+    except RecursionError:  # deeper than Python can parse, far deeper than max_depth
+        raise APIError(400, f"the body nests deeper than {max_depth} levels", code='too_deep') from None
+    except ValueError as e:  # json's errors and UnicodeDecodeError both are ValueErrors
+        raise APIError(400, f"the body is not valid JSON: {str(e)[:200]}", code='invalid_json') from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object", code='invalid_json')
+    todo = [(body, None, 1)]  # a stack, not recursion: the depth is what is being checked
+    while todo:
+        value, path, depth = todo.pop()
+        if depth > max_depth:
+            raise APIError(400, f"'{path}' nests deeper than {max_depth} levels", path, 'too_deep')
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, f"a key in '{path}'" if path else 'a key of the body', path)
+                todo.append((item, f'{path}.{key}' if path else key, depth + 1))
+        elif isinstance(value, list):
+            todo.extend((item, f'{path}[{i}]', depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, f"'{path}'", path)
+    return body
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_text(text, where, param):
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{where} is not valid Unicode: a lone surrogate {text[e.start]!a} at character "
+                            f"{e.start}", param, 'invalid_unicode') from None
 
 
 def parse_request(body, server, chat):
     """What a request asks for: the token ids of each sequence (prompts x n), the Sampling, the seed, whether
     to stream. Refuses what Lumi cannot honour rather than ignore it."""
+    for key, value in body.items():
+        if key in NEUTRAL:
+            if value is not None and value not in NEUTRAL[key]:
+                hint = "; use 'repetition_penalty'" if key.endswith('_penalty') else ''
+                raise APIError(400, f"'{key}' is not supported by this server{hint}", key, 'unsupported_parameter')
+        elif key not in KNOWN and key != ('messages' if chat else 'prompt'):
+            raise APIError(400, f"unknown parameter '{key[:100]}'", key[:100], 'unknown_parameter')
     name = _field(body, 'model', (str,), server.model_name, rule='a string')
     if name != server.model_name:
-        raise APIError(404, f"The model '{name}' does not exist; this server serves '{server.model_name}'",
+        raise APIError(404, f"The model '{name[:100]}' does not exist; this server serves '{server.model_name}'",
                        'model', 'model_not_found')
-    for key in ('logprobs', 'top_logprobs', 'echo', 'suffix', 'logit_bias', 'tools', 'functions'):
-        if body.get(key):
-            raise APIError(400, f"'{key}' is not supported by this server", key, 'unsupported_parameter')
-    for key in ('presence_penalty', 'frequency_penalty'):
-        if _field(body, key, (int, float), 0, rule='a number'):
-            raise APIError(400, f"'{key}' is not supported; use 'repetition_penalty'", key, 'unsupported_parameter')
     d = server.defaults
     key = 'max_completion_tokens' if body.get('max_completion_tokens') is not None else 'max_tokens'
     max_tokens = _field(body, key, (int,), d.max_new_tokens, lambda v: v >= 1, 'an integer >= 1')
     if max_tokens > server.max_tokens_limit:
         raise APIError(400, f"'{key}' is {max_tokens}, over this server's limit of {server.max_tokens_limit}",
                        key, 'max_tokens_exceeded')
-    stop = _field(body, 'stop', (str, list), [], lambda v: isinstance(v, str) or (
-        len(v) <= 4 and all(isinstance(s, str) for s in v)), 'a string or a list of at most 4 strings')
+    longest = server.max_stop_chars
+    stop = _field(body, 'stop', (str, list), [], lambda v: (isinstance(v, str) and len(v) <= longest) or (
+        isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) and len(s) <= longest for s in v)),
+        f'a string or a list of at most 4 strings, each at most {longest} characters')
     params = replace(
         d, max_new_tokens=max_tokens,
         temperature=_field(body, 'temperature', (int, float), d.temperature, lambda v: 0 <= v <= 2, 'in [0, 2]'),
         top_k=max(0, _field(body, 'top_k', (int,), d.top_k, lambda v: v >= -1, 'an integer >= -1')),
         top_p=_field(body, 'top_p', (int, float), d.top_p, lambda v: 0 < v <= 1, 'in (0, 1]'),
-        repetition_penalty=_field(body, 'repetition_penalty', (int, float), d.repetition_penalty, lambda v: v > 0,
-                                  'a number > 0'),
+        repetition_penalty=_field(body, 'repetition_penalty', (int, float), d.repetition_penalty,
+                                  lambda v: 0.01 <= v <= 100, 'in [0.01, 100]'),
         stop=(stop,) if isinstance(stop, str) else tuple(stop))
     n = _field(body, 'n', (int,), 1, lambda v: 1 <= v <= server.max_batch, f'in [1, {server.max_batch}]')
-    seed = _field(body, 'seed', (int,), None, rule='an integer')
+    seed = _field(body, 'seed', (int,), None, lambda v: 0 <= v < 2 ** 63, 'an integer in [0, 2**63)')
     stream = _field(body, 'stream', (bool,), False, rule='a boolean')
-    options = _field(body, 'stream_options', (dict,), {}, rule='an object')
+    _field(body, 'user', (str,), '', rule='a string')
+    options = _field(body, 'stream_options', (dict,), {}, lambda v: set(v) <= {'include_usage'},
+                     "an object with only 'include_usage'")
     include_usage = _field(options, 'include_usage', (bool,), False, rule='a boolean')
 
     tok = server.tok
@@ -104,6 +186,10 @@ def render_messages(tok, messages):
         if isinstance(content, list) and all(isinstance(p, dict) and p.get('type') == 'text'
                                              and isinstance(p.get('text'), str) for p in content):
             content = ''.join(p['text'] for p in content)
+        extra = [k for k in m if k not in ('role', 'content') and m[k] is not None] if isinstance(m, dict) else []
+        if extra:  # name, tool_calls, ...: the chat template has no place for them
+            raise APIError(400, f"messages[{i}].{extra[0][:100]} is not supported by this server",
+                           f'messages[{i}].{extra[0][:100]}', 'unsupported_parameter')
         role = 'system' if role == 'developer' else role
         if role not in lumi.ROLES or not isinstance(content, str):
             raise APIError(400, f"messages[{i}] must be {{'role': one of {list(lumi.ROLES)}, 'content': text}}, "
@@ -112,24 +198,133 @@ def render_messages(tok, messages):
     return lumi.render_chat(tok, plain, add_generation_prompt=True)[0]
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads, each allowed only the time left until `until`: a per-read timeout alone lets a client
+    that trickles one byte at a time hold its connection for ever."""
+
+    def __init__(self, sock):
+        self.sock, self.until, self.got = sock, math.inf, 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self.until - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request's deadline passed")
+        self.sock.settimeout(left)
+        n = self.sock.recv_into(buffer)
+        self.got += n
+        return n
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'  # keep-alive for JSON answers; a stream ends by closing the connection
     server_version = 'lumi'
-    timeout = 120  # seconds a silent client may hold its connection's thread
+    default_request_version = 'HTTP/1.0'  # not 0.9, whose answers have no status line: requests without one are refused
+
+    def setup(self):
+        super().setup()
+        self.reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def finish(self):
+        # a lingering close: closing a socket with unread request bytes resets the connection, and the reset can
+        # destroy the answer before the client reads it, so take what the client still sends, briefly, first
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.reader.until, self.reader.got = time.monotonic() + 1, 0
+            while self.reader.got < 1 << 20 and self.reader.readinto(bytearray(1 << 16)):
+                pass
+        except OSError:
+            pass
+        super().finish()
+
+    def handle_one_request(self):
+        """The standard library's, with deadlines, no HTTP/0.9 (whose requests have no headers to wait for), and
+        every answer JSON; a request's body is read before its answer, or the connection closes after it."""
+        s = self.server
+        self.reader.until, self.reader.got = time.monotonic() + s.header_timeout, 0
+        self.head_only = self.streaming = self.answered = self.body_pending = False
+        self.command, self.request_version, self.requestline, self.headers = None, 'HTTP/1.1', '', None
+        self.requests = getattr(self, 'requests', 0) + 1
+        try:
+            line = self.raw_requestline = self.rfile.readline(65537)
+            if not line:
+                self.close_connection = True
+                return
+            self.requestline = line.decode('iso-8859-1').rstrip('\r\n')[:200]
+            if len(line) > 65536:
+                return self.send_error(414, "the request line is over 65536 bytes")
+            if len(line.split()) != 3:
+                return self.send_error(400, f"a request line is 'METHOD PATH HTTP/1.1', got {self.requestline!r}")
+            if not self.parse_request():  # it answered already
+                return
+            self.body_pending = self.headers.get('Content-Length', '0') != '0' or 'Transfer-Encoding' in self.headers
+            method = getattr(self, 'do_' + self.command, None)
+            if method is None:
+                return self.send_error(405, f"method {self.command!r} is not allowed: use {ALLOWED_METHODS}")
+            self.reader.until = time.monotonic() + s.body_timeout
+            self.connection.settimeout(s.body_timeout)  # for the answer's writes: a client that never reads
+            method()
+            self.wfile.flush()
+        except TimeoutError:
+            self.close_connection = True
+            # an idle keep-alive connection just closes: a 408 there could be read as the answer to the
+            # request the client is about to send
+            if not self.answered and (self.reader.got or self.requests == 1):
+                try:
+                    self.send_error(408, "the request was not received in time")
+                except OSError:
+                    pass
+        except OSError:  # the client reset or left
+            self.close_connection = True
 
     def log_message(self, fmt, *args):
         if not self.server.quiet:
             super().log_message(fmt, *args)
 
-    def send_body(self, status, data, content_type='application/json'):
-        self.send_response(status)
-        self.send_header('Content-Type', content_type)
-        self.send_header('Content-Length', str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    def send_error(self, code, message=None, explain=None):
+        """Errors the standard library finds (bad request line, headers, version) as OpenAI's JSON: never 5xx,
+        which would blame the server for a client's request."""
+        code = 400 if code >= 500 else code
+        self.close_connection = True
+        phrase = HTTPStatus(code).phrase
+        headers = {'Allow': ALLOWED_METHODS} if code == 405 else {}
+        self.send_json(code, APIError(code, message or phrase, code=phrase.lower().replace(' ', '_')).body, **headers)
 
-    def send_json(self, status, obj):
-        self.send_body(status, json.dumps(obj).encode())
+    def cors_headers(self):
+        origin, s = self.headers and self.headers.get('Origin'), self.server
+        if origin and (origin in s.origins or s.cors_origin == '*'):
+            self.send_header('Access-Control-Allow-Origin', origin)
+            self.send_header('Vary', 'Origin')
+
+    def send_body(self, status, data, content_type='application/json', **headers):
+        self.answered = True
+        self.send_response(status)
+        if content_type:
+            self.send_header('Content-Type', content_type)
+        self.send_header('Content-Length', str(len(data)))
+        for key, value in headers.items():
+            self.send_header(key.replace('_', '-'), value)
+        self.cors_headers()
+        if self.body_pending or self.close_connection:  # unread bytes would be taken for the next request
+            self.send_header('Connection', 'close')
+        self.end_headers()
+        if not self.head_only:
+            self.wfile.write(data)
+
+    def send_json(self, status, obj, **headers):
+        self.send_body(status, json.dumps(obj).encode(), **headers)
+
+    def do_OPTIONS(self):  # a browser's CORS preflight
+        self.send_body(204, b'', None, Allow=ALLOWED_METHODS, Access_Control_Allow_Methods=ALLOWED_METHODS,
+                       Access_Control_Allow_Headers='Content-Type, Authorization', Access_Control_Max_Age='600')
+
+    def do_HEAD(self):
+        self.head_only = True
+        self.do_GET()
 
     def do_GET(self):
         s, path = self.server, self.path.split('?')[0]
@@ -143,34 +338,41 @@ class Handler(BaseHTTPRequestHandler):
             page = CHAT_PAGE.replace('MODEL_NAME', json.dumps(s.model_name))
             self.send_body(200, page.encode(), 'text/html; charset=utf-8')
         else:
-            self.send_json(404, APIError(404, f"no such endpoint: GET {path}", code='not_found').body)
+            self.send_json(404, APIError(404, f"no such endpoint: GET {path[:200]}", code='not_found').body)
 
     def do_POST(self):
-        path, self.streaming = self.path.split('?')[0], False
+        path = self.path.split('?')[0]
         try:
+            data = self.read_body()  # first, so that even a refused request leaves the connection clean
             if path not in ('/v1/completions', '/v1/chat/completions'):
-                raise APIError(404, f"no such endpoint: POST {path}", code='not_found')
+                raise APIError(404, f"no such endpoint: POST {path[:200]}", code='not_found')
             chat = path == '/v1/chat/completions'
-            self.generate(parse_request(self.read_json(), self.server, chat), chat)
+            self.generate(parse_request(parse_json(data, self.server.max_json_depth), self.server, chat), chat)
         except APIError as e:
             self.send_json(e.status, e.body)
-        except (BrokenPipeError, ConnectionResetError):  # the client left; its generation stopped with it
+        except TimeoutError:  # answered 408 by handle_one_request if nothing went out yet
+            raise
+        except OSError:  # the client left; its generation stopped with it
             self.close_connection = True
         except Exception as e:  # a bug must not take the server down; the client learns what happened
             self.log_error('%s', repr(e))
             self.close_connection = True
-            error = APIError(500, f"internal error: {e!r}", kind='server_error').body
+            error = APIError(500, "internal error (the server's log has it)", kind='server_error').body
             if self.streaming:  # the 200 went out already: end the stream with an error event, as OpenAI does
                 self.sse(error)
-            else:
+            elif not self.answered:
                 self.send_json(500, error)
 
-    def read_json(self):
-        length = self.headers.get('Content-Length')
-        if length is None:
+    def read_body(self):
+        if 'Transfer-Encoding' in self.headers:
+            raise APIError(411, "chunked bodies are not supported: send a Content-Length", code='length_required')
+        lengths = self.headers.get_all('Content-Length') or []
+        if not lengths:
             raise APIError(411, "a Content-Length header is required", code='length_required')
-        if not length.isdigit():
-            raise APIError(400, f"bad Content-Length {length!r}", code='invalid_value')
+        length = lengths[0].strip()
+        # isdigit alone passes '²' and other digits int() refuses; 18 digits is far past any limit
+        if len(set(lengths)) > 1 or not (length.isascii() and length.isdigit() and len(length) <= 18):
+            raise APIError(400, f"bad Content-Length {', '.join(lengths)[:40]!r}", code='invalid_value')
         length, limit = int(length), self.server.max_body_bytes
         if length > limit:
             self.close_connection = True  # the body stays unread unless small enough to drain
@@ -178,13 +380,22 @@ class Handler(BaseHTTPRequestHandler):
                 chunk = self.rfile.read(min(length, 1 << 16))
                 length = length - len(chunk) if chunk else 0
             raise APIError(413, f"the request body is over this server's limit of {limit} bytes", code='too_large')
+        data = self.rfile.read(length)
+        if len(data) < length:
+            raise ConnectionError("the client closed the connection before sending its whole body")
+        self.body_pending = False
+        return data
+
+    def client_gone(self):
+        """True once the client has closed its side of the connection (a pipelined request does not count). A
+        client that half-closes after sending and still reads counts as gone too: without writing to it, the two
+        look the same."""
         try:
-            body = json.loads(self.rfile.read(length))
-        except ValueError as e:  # json's errors and UnicodeDecodeError both are ValueErrors
-            raise APIError(400, f"the body is not valid JSON: {e}", code='invalid_json') from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the body must be a JSON object", code='invalid_json')
-        return body
+            if not select.select([self.connection], [], [], 0)[0]:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b''
+        except OSError:
+            return True
 
     def sse(self, obj):
         self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
@@ -206,11 +417,18 @@ class Handler(BaseHTTPRequestHandler):
                 return dict(index=r, delta=text, logprobs=None, finish_reason=reason)
             return dict(index=r, text=text, logprobs=None, finish_reason=reason)
 
-        with s.lock:  # one generation at a time: bounded memory, and each request runs at full speed
+        # one generation at a time: bounded memory, and each request runs at full speed
+        if not s.lock.acquire(timeout=s.generation_wait):
+            raise APIError(503, f"the server is busy: no generation slot within {s.generation_wait:g} s",
+                           code='overloaded', kind='server_error')
+        events = None
+        try:
             events = s.generate(job['prompts'], job['params'], chat, job['seed'])
             if not job['stream']:
                 for r, delta, reason, n in events:
                     texts[r], finish[r], tokens[r] = texts[r] + delta, reason, n
+                    if self.client_gone():  # nobody will read the answer: free the model for the next request
+                        raise ConnectionAbortedError("the client left")
                 choices = [dict(index=r, message=dict(role='assistant', content=texts[r]), logprobs=None,
                                 finish_reason=finish[r]) if chat else choice(r, texts[r], finish[r])
                            for r in range(rows)]
@@ -219,8 +437,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header('Content-Type', 'text/event-stream')
             self.send_header('Cache-Control', 'no-cache')
             self.send_header('Connection', 'close')
+            self.cors_headers()
             self.end_headers()
-            self.close_connection, self.streaming = True, True
+            self.close_connection, self.streaming, self.answered = True, True, True
             chunk = dict(head, object='chat.completion.chunk') if chat else head
             if chat:
                 for r in range(rows):
@@ -237,26 +456,109 @@ class Handler(BaseHTTPRequestHandler):
             if job['include_usage']:
                 self.sse(dict(chunk, choices=[], usage=usage()))
             self.wfile.write(b'data: [DONE]\n\n')
+        finally:
+            if events is not None:
+                events.close()  # stops the generation, if it is still running, before the next one starts
+            s.lock.release()
 
 
-class Server(ThreadingHTTPServer):
+class Server(HTTPServer):
     """OpenAI's API on host:port (port 0 picks a free one) for one model.
 
     generate(prompts, params, chat, seed) runs a batch of token-id prompts with a sample.Sampling and yields
     (row, text delta, finish_reason, tokens so far), as sample.stream_text does; defaults is the Sampling a
-    request starts from; window is the model's context length."""
-    daemon_threads = True  # a client that hangs on never holds up shutdown
+    request starts from; window is the model's context length. The keyword options are OPTIONS."""
 
     def __init__(self, generate, tok, window, defaults, model_name='lumi', host='127.0.0.1', port=8000,
-                 max_tokens_limit=4096, max_batch=8, max_body_bytes=1 << 20, created=0, quiet=False):
-        super().__init__((host, port), Handler)
+                 created=0, quiet=False, **options):
+        unknown = set(options) - set(OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown server options {sorted(unknown)}")
+        for key, (default, _) in OPTIONS.items():
+            setattr(self, key, options.get(key, default))
+        # the workers, the connections waiting for one and those being served: server_close needs them all
+        self.threads, self.pending, self.open = [], queue.Queue(), set()
+        try:
+            super().__init__((host, port), Handler)
+        except OSError as e:  # a user's error (port taken, no such address): one line, not a traceback
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
         self.generate, self.tok, self.window, self.defaults = generate, tok, window, defaults
         self.model_name, self.created, self.quiet = model_name, created, quiet
-        self.max_tokens_limit, self.max_batch, self.max_body_bytes = max_tokens_limit, max_batch, max_body_bytes
+        port = self.server_address[1]
+        self.origins = {f'http://{host}:{port}', f'http://localhost:{port}', f'http://127.0.0.1:{port}',
+                        self.cors_origin}
         self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._work, daemon=True) for _ in range(self.workers)]
+        for t in self.threads:
+            t.start()
+
+    def process_request(self, request, client_address):
+        if self.pending.qsize() < self.queue_size:  # only this thread adds, so the check holds until the put
+            return self.pending.put((request, client_address))
+        # answered here, on the accepting thread: briefly, and without reading the request
+        body = json.dumps(APIError(503, "the server is busy: too many connections", code='overloaded',
+                                   kind='server_error').body).encode()
+        try:
+            request.settimeout(1)
+            request.sendall(b'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n'
+                            b'Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n' % len(body) + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def _work(self):
+        while (item := self.pending.get()) is not None:
+            request, client_address = item
+            self.open.add(request)
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.open.discard(request)
+                self.shutdown_request(request)
+
+    def server_close(self):
+        """Stop listening, cut every connection, and wait for the workers: a thread that ran torch and is still
+        ending while the interpreter shuts down can abort the process."""
+        super().server_close()
+        while True:
+            try:
+                item = self.pending.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self.shutdown_request(item[0])
+        for request in list(self.open):
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for _ in self.threads:
+            self.pending.put(None)
+        for t in self.threads:
+            t.join(timeout=5)
 
     def model_card(self):
         return dict(id=self.model_name, object='model', created=self.created, owned_by='lumi')
+
+
+HELP = """usage: python sample.py --serve [--ckpt=PATH] [--host=127.0.0.1] [--port=8000] [--key=value ...]
+   or: python serve.py [the same --key=value ...]
+
+Serves sample.py's model over OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models), with /health
+and a chat page at /. sample.py's keys (ckpt, temperature, ...) set the model and the default sampling;
+these bound what a request may ask and how long it may take:
+"""
+
+
+def main(argv):
+    if any(a in ('-h', '--help') for a in argv):
+        print(HELP + '\n'.join(f"  --{k}={d!r}".ljust(28) + f" {doc}" for k, (d, doc) in OPTIONS.items()))
+        return 0
+    # serving is sample.py's --serve (it loads the model); run it rather than import a stage
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sample.py')
+    os.execv(sys.executable, [sys.executable, script, '--serve', *argv])
 
 
 CHAT_PAGE = """<!doctype html>
@@ -308,3 +610,7 @@ $('input').onkeydown = e => {
 $('reset').onclick = () => { history = []; $('log').innerHTML = ''; };
 </script></body></html>
 """
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))

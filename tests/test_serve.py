@@ -4,11 +4,16 @@ urllib (and the official openai client when it is installed), answers equal to s
 several prompts and n in one request, concurrent clients, malformed requests answered 4xx with OpenAI's error
 body while the server keeps serving, and `python sample.py --serve` on its port.
 """
+import http.client
 import json
 import os
+import random
+import select
+import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +22,7 @@ import pytest
 
 import lumi
 import sample as S
-from serve import Server
+from serve import OPTIONS, Server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD_ENV = dict(os.environ, OMP_NUM_THREADS='1')
@@ -47,13 +52,13 @@ def server(loaded):
     srv.server_close()
 
 
-def call(url, path, body=None, raw=None, headers=None, method=None):
+def call(url, path, body=None, raw=None, headers=None, method=None, timeout=60):
     """(status, parsed JSON or the SSE events or text) of one request."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(url + path, data=data, method=method,
                                  headers=headers or ({'Content-Type': 'application/json'} if data else {}))
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             status, kind, text = r.status, r.headers.get('Content-Type'), r.read().decode()
     except urllib.error.HTTPError as e:
         status, kind, text = e.code, e.headers.get('Content-Type'), e.read().decode()
@@ -207,3 +212,332 @@ def test_cli_serve_answers_on_its_port(lively_checkpoint):
     finally:
         proc.kill()
         proc.stderr.close()
+
+
+# -----------------------------------------------------------------------------
+# hostile clients: one test per way a probe once got a 5xx, a traceback, a hang or a held thread. Each ends in
+# seconds, and the server still answers a normal request at once afterwards.
+
+NEXT_WITHIN = 2  # seconds the next normal request may take after a hostile one
+
+
+@pytest.fixture(scope='module')
+def tough(loaded):
+    """A server with short deadlines, room for large bodies and long generations (EOS ignored, so each runs to
+    max_tokens), and a small worker pool."""
+    model, tok, _ = loaded
+    generate = lambda prompts, params, chat, seed: S.stream_text(model, tok, prompts, params, chat,
+                                                                 S.make_generator(seed, 'cpu'))
+    srv = Server(generate, tok, model.cfg.block_size, greedy(4, ignore_eos=True), 'lumi-pretrain', port=0, quiet=True,
+                 max_tokens_limit=4096, max_batch=8, max_body_bytes=1 << 20, header_timeout=1, body_timeout=1,
+                 workers=4, queue_size=4, max_stop_chars=64)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv.server_address[1], srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def exchange(port, data, timeout=10, half_close=False):
+    """Send raw bytes on a fresh connection; (status, headers, parsed JSON or raw body) of the answer."""
+    with socket.create_connection(('127.0.0.1', port), timeout=timeout) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        r = http.client.HTTPResponse(sock)
+        r.begin()
+        body = r.read()
+        kind = r.getheader('Content-Type', '')
+        return r.status, r, json.loads(body) if kind == 'application/json' else body
+
+
+def post(path, body, port, headers=''):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return (f'POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}'
+            f'Content-Length: {len(data)}\r\n\r\n').encode() + data
+
+
+def assert_refused(answer, status, param=None):
+    got, _, r = answer
+    assert got == status, r
+    assert set(r['error']) == {'message', 'type', 'param', 'code'} and r['error']['param'] == param, r
+    assert 'Traceback' not in r['error']['message'] and 'Error(' not in r['error']['message'], r
+
+
+def assert_serving(port):
+    status, r = call(f'http://127.0.0.1:{port}', '/v1/completions', {'prompt': 'To be', 'max_tokens': 2},
+                     timeout=NEXT_WITHIN)
+    assert status == 200 and r['usage']['completion_tokens'] >= 1
+
+
+def nest(value, depth):
+    return '[' * depth + json.dumps(value) + ']' * depth
+
+
+@pytest.mark.parametrize('depth', [40, 1000, 400_000])
+def test_deep_json_is_refused(tough, depth):
+    port, _ = tough
+    for field in ('prompt', 'stop', 'messages', 'surprise'):
+        path = '/v1/chat/completions' if field == 'messages' else '/v1/completions'
+        raw = f'{{"prompt": "hi", "{field}": {nest("x", depth)}}}'.encode()
+        got, _, r = exchange(port, post(path, raw, port))
+        assert got == 400 and r['error']['code'] == 'too_deep', r
+    assert_serving(port)
+
+
+def test_lone_surrogates_are_refused_naming_the_field(tough):
+    port, _ = tough
+    assert_refused(exchange(port, post('/v1/completions', b'{"prompt": "a\\ud800b"}', port)), 400, 'prompt')
+    assert_refused(exchange(port, post('/v1/completions', b'{"prompt": "x", "stop": ["\\udfff"]}', port)), 400,
+                   'stop[0]')
+    chat = b'{"messages": [{"role": "user", "content": "hi \xed\xa0\x80"}]}'  # a surrogate as raw UTF-8 bytes
+    assert_refused(exchange(port, post('/v1/chat/completions', chat, port)), 400, 'messages[0].content')
+    assert_serving(port)
+
+
+@pytest.mark.parametrize('length', ['\u00b2', '\u0661\u0662', '1' * 5000, '-1', '12, 13'])
+def test_bad_content_length_is_refused(tough, length):
+    port, _ = tough
+    data = f'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n{{}}'.encode()
+    got, r, body = exchange(port, data)
+    assert got == 400 and body['error']['code'] == 'invalid_value' and r.getheader('Connection') == 'close'
+    assert_serving(port)
+
+
+def test_short_body_times_out_with_408(tough):
+    port, _ = tough
+    data = post('/v1/completions', {'prompt': 'hi'}, port)
+    got, r, body = exchange(port, data.replace(b'Content-Length: ', b'Content-Length: 9'))  # 9 + the real length
+    assert got == 408 and body['error']['code'] == 'request_timeout' and r.getheader('Connection') == 'close'
+    assert_serving(port)
+
+
+@pytest.mark.parametrize('data', [b'GET /\r\n', b'\x16\x03\x01\x02\x00garbage with no line end',
+                                  b'\r\n', b'GET / HTTP/2.0\r\n\r\n', b'GET / HTTP/1.1\r\n' + b'X: y\r\n' * 101])
+def test_garbage_request_lines_get_400_or_408(tough, data):
+    port, _ = tough
+    got, r, body = exchange(port, data)
+    assert got in (400, 408, 431) and set(body['error']) == {'message', 'type', 'param', 'code'}
+    assert r.getheader('Connection') == 'close'
+    assert_serving(port)
+
+
+def test_empty_request_gets_an_answer(tough):
+    port, _ = tough
+    got, _, body = exchange(port, b'')  # connected, and sent nothing
+    assert got == 408 and body['error']['code'] == 'request_timeout'
+
+
+def test_trickling_client_is_cut_off_at_the_deadline(tough):
+    port, _ = tough
+    with socket.create_connection(('127.0.0.1', port), timeout=10) as sock:
+        for byte in post('/v1/completions', {'prompt': 'hi'}, port)[:30]:  # 6 s of headers that never end
+            sock.sendall(bytes([byte]))
+            # a byte every 0.2 s is well within any per-read timeout; the whole is not
+            if select.select([sock], [], [], 0.2)[0]:
+                break
+        assert b' 408 ' in sock.recv(1 << 16).split(b'\r\n')[0]
+    assert_serving(port)
+
+
+def test_keep_alive_survives_every_error(tough):
+    port, _ = tough
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=10)
+    for method, path, body, status in [('POST', '/v1/nothing', b'{"input":"hi"}', 404),
+                                       ('POST', '/v1/completions', b'{"prompt": 5}', 400),
+                                       ('POST', '/v1/completions', b'{nope', 400), ('GET', '/nowhere', None, 404),
+                                       ('DELETE', '/health', None, 405), ('GET', '/health', None, 200)]:
+        conn.request(method, path, body, {'Content-Type': 'application/json'})
+        r = conn.getresponse()
+        assert r.status == status and r.getheader('Content-Type') == 'application/json'
+        json.loads(r.read())
+        conn.request('GET', '/health')  # the same connection, next request
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())['status'] == 'ok'
+    conn.close()
+
+
+def test_options_and_head(tough):
+    port, _ = tough
+    origin = f'http://127.0.0.1:{port}'
+    got, r, body = exchange(port, f'OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\n'
+                                  'Access-Control-Request-Method: POST\r\n\r\n'.encode())
+    assert got == 204 and r.getheader('Access-Control-Allow-Origin') == origin and body == b''
+    assert 'POST' in r.getheader('Access-Control-Allow-Methods')
+    got, r, _ = exchange(port, b'OPTIONS / HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\n\r\n')
+    assert got == 204 and r.getheader('Access-Control-Allow-Origin') is None
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=10)
+    conn.request('GET', '/health')
+    get = conn.getresponse()
+    want = get.read()
+    conn.request('HEAD', '/health')
+    head = conn.getresponse()
+    assert head.status == 200 and head.read() == b'' and int(head.getheader('Content-Length')) == len(want)
+    conn.request('GET', '/health')  # nothing of a body was sent after the HEAD's headers
+    assert conn.getresponse().read() == want
+    conn.close()
+
+
+@pytest.mark.parametrize('key, value', [('response_format', {'type': 'json_object'}), ('best_of', 2),
+                                        ('tool_choice', 'auto'), ('echo', True), ('logit_bias', {'1': 5}),
+                                        ('surprise', 1), ('messages', []), ('stream_options', {'bogus': True})])
+def test_parameters_it_cannot_honour_are_refused(tough, key, value):
+    port, _ = tough
+    param = 'stream_options' if key == 'stream_options' else key
+    assert_refused(exchange(port, post('/v1/completions', {'prompt': 'hi', key: value}, port)), 400, param)
+
+
+def test_message_fields_it_cannot_honour_are_refused(tough):
+    port, _ = tough
+    body = {'messages': [{'role': 'user', 'content': 'hi'}, {'role': 'user', 'content': 'x', 'name': 'bob'}]}
+    assert_refused(exchange(port, post('/v1/chat/completions', body, port)), 400, 'messages[1].name')
+
+
+def test_neutral_values_of_unsupported_parameters_are_accepted(tough):
+    port, _ = tough
+    body = {'prompt': 'hi', 'max_tokens': 2, 'best_of': 1, 'echo': False, 'logprobs': None, 'presence_penalty': 0,
+            'response_format': {'type': 'text'}, 'user': 'someone'}
+    assert exchange(port, post('/v1/completions', body, port))[0] == 200
+
+
+def test_abandoned_request_stops_generating(tough):
+    port, _ = tough
+    body = {'prompt': 'To be', 'n': 8, 'max_tokens': 4096}  # ~10 s of generation: the server ignores EOS
+    with socket.create_connection(('127.0.0.1', port), timeout=10) as sock:
+        sock.sendall(post('/v1/completions', body, port))
+        time.sleep(0.2)  # the generation has started
+    assert_serving(port)
+
+
+@pytest.mark.parametrize('stop, param', [(['x'] * 5, 'stop'), ('y' * 65, 'stop'), (['a', 'z' * 250_000], 'stop'),
+                                         ([['a']], 'stop')])
+def test_stop_strings_are_bounded(tough, stop, param):
+    port, _ = tough
+    assert_refused(exchange(port, post('/v1/completions', {'prompt': 'hi', 'stop': stop}, port)), 400, param)
+    assert_serving(port)
+
+
+def test_stop_matcher_agrees_with_a_plain_search():
+    rng = random.Random(0)
+    for _ in range(300):
+        stops = [''.join(rng.choice('ab') for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 4))]
+        text = ''.join(rng.choice('abc') for _ in range(rng.randint(0, 40)))
+        m, seen, cut = S.StopMatcher(stops), '', None
+        for piece in [text[i:i + 3] for i in range(0, len(text), 3)]:
+            cut = m.feed(piece, len(seen))
+            seen += piece
+            if cut is not None:
+                break
+            held = max((k for s in stops for k in range(1, len(s)) if seen.endswith(s[:k])), default=0)
+            assert m.held() == held, (stops, seen)
+        hits = [i for i in (seen.find(s) for s in stops) if i >= 0]
+        assert cut == (min(hits) if hits else None), (stops, text)
+
+
+def test_long_stop_strings_cost_linear_time(tokenizer):
+    # four stop strings of 50,000 characters that the text keeps almost matching: the old held-back check was
+    # quadratic in them (seconds a token); the automaton is a few operations a character
+    stops = ['ab' * 25_000 + c for c in 'wxyz']
+    s = S.TextStream(tokenizer, stop=stops)
+    ids = tokenizer.encode('ab' * 300)
+    out = ''.join(s.push(t) for t in ids)
+    assert out == '' and not s.stopped  # all of it could still grow into a stop string
+    assert s.flush() == 'ab' * 300
+
+
+@pytest.mark.parametrize('key, value', [('repetition_penalty', 'Infinity'), ('repetition_penalty', '1e999'),
+                                        ('repetition_penalty', '0'), ('temperature', 'NaN'), ('seed', str(2 ** 64)),
+                                        ('seed', '-1'), ('top_p', '-Infinity'), ('temperature', '1e999')])
+def test_sampling_numbers_are_validated(tough, key, value):
+    port, _ = tough
+    got, _, r = exchange(port, post('/v1/completions', f'{{"prompt": "hi", "{key}": {value}}}'.encode(), port))
+    assert got == 400 and r['error']['param'] in (key, None), r  # None: a constant json itself refuses
+    assert_serving(port)
+
+
+def test_tiny_temperature_samples_as_greedy(tough):
+    port, _ = tough
+    body = {'prompt': 'Shall I compare', 'max_tokens': 6}
+    greedy_text = exchange(port, post('/v1/completions', dict(body, temperature=0), port))[2]
+    tiny = exchange(port, post('/v1/completions', dict(body, temperature=1e-300, seed=2 ** 63 - 1), port))
+    assert tiny[0] == 200 and tiny[2]['choices'][0]['text'] == greedy_text['choices'][0]['text']
+
+
+def test_full_pool_answers_503(loaded):
+    model, tok, _ = loaded
+    srv = Server(None, tok, model.cfg.block_size, greedy(4), port=0, quiet=True, workers=1, queue_size=1,
+                 header_timeout=5)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    try:
+        worker = http.client.HTTPConnection('127.0.0.1', port, timeout=10)
+        worker.request('GET', '/health')  # answered: the worker now waits on this kept-alive connection
+        assert worker.getresponse().read()
+        held = [worker, socket.create_connection(('127.0.0.1', port), timeout=10)]  # and this one in the queue
+        for _ in range(100):
+            if srv.pending.qsize() == 1:
+                break
+            time.sleep(0.05)
+        got, r, body = exchange(port, b'')
+        assert got == 503 and body['error']['code'] == 'overloaded' and r.getheader('Connection') == 'close'
+        for sock in held:
+            sock.close()
+        for _ in range(100):  # the worker notices both are gone
+            if srv.pending.qsize() == 0 and not srv.open:
+                break
+            time.sleep(0.05)
+        assert call(f'http://127.0.0.1:{port}', '/health', timeout=NEXT_WITHIN)[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_waiting_for_the_generation_is_bounded_with_503(loaded):
+    _, tok, _ = loaded
+    release = threading.Event()
+
+    def generate(prompts, params, chat, seed):  # holds the generation lock until released
+        release.wait(20)
+        yield 0, 'x', 'length', 1
+    srv = Server(generate, tok, 64, greedy(4), port=0, quiet=True, generation_wait=0.3)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f'http://127.0.0.1:{srv.server_address[1]}'
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(call, url, '/v1/completions', {'prompt': 'hi'})
+            for _ in range(200):
+                if srv.lock.locked():
+                    break
+                time.sleep(0.01)
+            status, r = call(url, '/v1/completions', {'prompt': 'hi'})
+            assert status == 503 and r['error']['code'] == 'overloaded'
+            release.set()
+            assert first.result(timeout=20)[0] == 200
+    finally:
+        release.set()
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_port_in_use_is_one_line(loaded, lively_checkpoint, tough):
+    port, _ = tough
+    _, tok, _ = loaded
+    with pytest.raises(ValueError, match=f'cannot listen on 127.0.0.1:{port}'):
+        Server(None, tok, 64, greedy(4), port=port)
+    proc = subprocess.run([sys.executable, 'sample.py', '--serve', f'--ckpt={lively_checkpoint}', f'--port={port}'],
+                          cwd=REPO, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f'sample.py: cannot listen on 127.0.0.1:{port}')
+
+
+def test_serve_help_lists_its_options():
+    proc = subprocess.run([sys.executable, 'serve.py', '--help'], cwd=REPO, env=CHILD_ENV, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0
+    for key in OPTIONS:
+        assert f'--{key}=' in proc.stdout
+
+
+def test_sample_defaults_are_the_server_options():
+    # sample.py's --key=value reaches Server through these keys: the two tables must agree
+    assert {k: S.DEFAULTS[k] for k in OPTIONS} == {k: d for k, (d, _) in OPTIONS.items()}

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from lumi import (ROOT, TRAINING_DEFAULTS, atomic_write, checkpoint_info, config_defaults, find_checkpoint,
+from lumi import (ROOT, TRAINING_DEFAULTS, LumiError, atomic_write, checkpoint_info, config_defaults, find_checkpoint,
                   load_config, log, read_json, sha256_bytes, sha256_file, write_json)
 from plot import read_run
 
@@ -39,7 +39,7 @@ STAGE_SCRIPT = {'data': 'data', 'pretrain': 'train', 'eval_pretrain': 'eval', 's
 STAMP = '.lumi_stage.json'
 
 
-class PipelineError(RuntimeError):
+class PipelineError(LumiError, RuntimeError):
     pass
 
 

@@ -381,10 +381,13 @@ def prepare_sft_data(tok, srcs, block_size, cache_dir='data/sft', val_frac=0.02,
                                        sort_keys=True).encode())[:16]
     path = os.path.join(cache_dir, f'sft_{key}.pt')
     if os.path.exists(path):
-        prepared = torch.load(path, weights_only=True)
-        lumi.check_tokenizer(prepared['tokenizer_sha256'], tok.sha256, path)
-        lumi.log(f"SFT data from cache {path}: {len(prepared['lengths'])} conversations")
-        return prepared
+        try:  # a cache is rebuilt from its sources, never trusted when it cannot be used
+            prepared = lumi.load_checkpoint(path)
+            lumi.check_tokenizer(prepared.get('tokenizer_sha256'), tok.sha256, path)
+            lumi.log(f"SFT data from cache {path}: {len(prepared['lengths'])} conversations")
+            return prepared
+        except (lumi.LumiError, KeyError) as e:
+            lumi.log(f"SFT cache {path} is unusable ({' '.join(str(e).split())[:200]}): rebuilding it")
     ids, masks, lengths, source, val, seen, stats = [], [], [], [], [], set(), {}
     for si, spec in enumerate(specs):
         src, before = Counter(), len(lengths)
@@ -542,9 +545,12 @@ def save_adapter(path, model, base_path, tok):
 def load_adapter(base, adapter_path, device='cpu'):
     """The base checkpoint's model with the adapter applied; refuses an adapter trained on another base."""
     base_ckpt = lumi.load_checkpoint(base)
-    adapter = torch.load(adapter_path, map_location='cpu', weights_only=True)
+    adapter = lumi.load_checkpoint(adapter_path)
     if adapter.get('kind') != 'adapter':
-        raise ValueError(f"{adapter_path} is not an adapter (kind {adapter.get('kind')!r})")
+        raise lumi.LumiError(f"{adapter_path} is not an adapter (kind {adapter.get('kind')!r})")
+    lacking = [k for k in ('lora', 'lora_state', 'base_sha256', 'tokenizer_sha256') if k not in adapter]
+    if lacking:
+        raise lumi.LumiError(f"{adapter_path} is not a usable adapter: it has no {', '.join(lacking)}")
     sha = lumi.sha256_file(base_ckpt['path'])
     if sha != adapter['base_sha256']:
         raise ValueError(f"{adapter_path} was trained on base {adapter['base_sha256'][:12]}… "
@@ -554,11 +560,14 @@ def load_adapter(base, adapter_path, device='cpu'):
     model = lumi.model_from_checkpoint(base_ckpt)
     if getattr(model, 'lora_config', None):
         merge_lora(model)  # a base that itself carries adapters: they are part of the base
-    apply_lora(model, **adapter['lora'])
-    missing, unexpected = model.load_state_dict(adapter['lora_state'], strict=False)
+    try:
+        apply_lora(model, **adapter['lora'])
+        missing, unexpected = model.load_state_dict(adapter['lora_state'], strict=False)
+    except (TypeError, RuntimeError) as e:  # another LoRA shape: load_state_dict names the tensors
+        raise lumi.LumiError(f"{adapter_path} does not fit {base_ckpt['path']}: {' '.join(str(e).split())[:300]}") from e
     lora_missing = [k for k in missing if '.lora_' in k]
     if unexpected or lora_missing:
-        raise ValueError(f"{adapter_path} does not fit {base_ckpt['path']}: missing {lora_missing[:3]}, "
+        raise lumi.LumiError(f"{adapter_path} does not fit {base_ckpt['path']}: missing {lora_missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     return model.to(device), tok, base_ckpt
 
@@ -627,7 +636,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == 'merge':
         if len(argv) != 4:
-            raise SystemExit("usage: python sft.py merge BASE_CKPT ADAPTER OUT")
+            raise lumi.LumiError("usage: python sft.py merge BASE_CKPT ADAPTER OUT")
         return merge(*argv[1:])
     cfg = lumi.load_config(DEFAULTS, argv)
     if cfg.num_threads:
@@ -706,4 +715,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    lumi.cli(main, DEFAULTS, "usage: python sft.py [CONFIG.py] [--key=value ...]   or   python sft.py merge BASE_CKPT ADAPTER OUT")

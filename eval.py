@@ -64,9 +64,9 @@ smoke_prompts = [          # a string, or a list of {'role', 'content'} messages
     [{'role': 'system', 'content': 'You are a helpful assistant.'},
      {'role': 'user', 'content': 'Give me three tips for sleeping better.'}],
 ]
-smoke_max_new_tokens = 96
+smoke_max_new_tokens = 96  # new tokens per smoke prompt
 smoke_temperature = 0.0    # 0: greedy, so a rerun gives the same text
-smoke_top_k = 50
+smoke_top_k = 50           # smoke sampling keeps the k likeliest tokens (with temperature > 0)
 
 # On a CPU a big batch is slower, not faster: 16384 tokens a pass took 2.5x as long as 1024-2048 for the
 # same BoolQ rows (benchmarks/bench_eval.py), as the activations outgrow the caches. A GPU wants many rows.

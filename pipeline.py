@@ -20,18 +20,18 @@ PIPELINE_DEFAULTS = dict(
     run_dir='',                       # '' -> runs/<config name>; one folder per stage inside
     train_config='',                  # what data.py and train.py read; '' -> the config file given to `run`
     sft_config='configs/sft_tiny.py',  # skipped when it does not exist (sft.py's defaults then)
-    dpo_config='configs/dpo_tiny.py',
+    dpo_config='configs/dpo_tiny.py',  # skipped when it does not exist (dpo.py's defaults then)
     data_dir='',                      # '' -> the train config's data_dir
     pretrain_minutes=0.0,             # > 0: train.py --max_minutes (the LR schedule is fitted to it)
-    sft_minutes=0.0,
-    dpo_minutes=0.0,
+    sft_minutes=0.0,                  # > 0: sft.py --max_minutes
+    dpo_minutes=0.0,                  # > 0: dpo.py --max_minutes
     data_args=[], pretrain_args=[], sft_args=[], dpo_args=[], eval_args=[], sample_args=[],  # --key=value per stage
     eval_tasks='ppl,boolq,piqa,siqa,openbookqa,commonsenseqa',  # after pretraining
     tuned_eval_tasks='ppl,boolq',     # after SFT and after DPO: did tuning keep what pretraining learned
     eval_limit=0,                     # > 0: examples per choice task (and ppl windows) in these evals
-    sample_prompt='What should I read to learn about the sea?',
-    sample_tokens=64,
-    stages='data,pretrain,eval_pretrain,sft,eval_sft,dpo,eval_dpo,sample',
+    sample_prompt='What should I read to learn about the sea?',  # the last stage's one greedy reply
+    sample_tokens=64,                 # new tokens of that reply
+    stages='data,pretrain,eval_pretrain,sft,eval_sft,dpo,eval_dpo,sample',  # the stages to run, in this order
 )
 PIPELINE_STAGES = ('data', 'pretrain', 'eval_pretrain', 'sft', 'eval_sft', 'dpo', 'eval_dpo', 'sample')
 STAGE_SCRIPT = {'data': 'data', 'pretrain': 'train', 'eval_pretrain': 'eval', 'sft': 'sft', 'eval_sft': 'eval',

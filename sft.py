@@ -59,15 +59,15 @@ init_from = 'out/tiny'          # a pretrain checkpoint: a .pt file, or a direct
 out_dir = 'out/sft'
 sources = []                    # [(spec, weight), ...] or [spec, ...]; empty: DEFAULT_SOURCES
 data_format = 'auto'            # auto | alpaca | dolly | messages | sharegpt | chitchat | oasst
-cache_dir = 'data/sft'
+cache_dir = 'data/sft'          # rendered conversations are cached here (sft_<key>.pt)
 block_size = 0                  # 0: the model's context
 val_frac = 0.02                 # share of conversations held out for the held-out assistant loss
 epochs = 3.0                    # sets max_iters when neither max_iters nor max_minutes is given
 template_vars = {'name': 'Lumi', 'author': 'the Lumi project'}  # fills {{name}} in identity data
 lora_r = 16                     # 0: full fine-tuning
-lora_alpha = 32.0
+lora_alpha = 32.0               # LoRA scale alpha / r
 lora_dropout = 0.0              # > 0 forgoes the fused CUDA kernel while training
-lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # the projections that get adapters
 lora_chat_tokens = True         # also train the embedding rows of <|system|> <|user|> <|assistant|> <|end|>,
                                 # which a base pretrained on plain text never saw (model.TokenRows)
 learning_rate = 1e-3            # LoRA wants a larger step than full fine-tuning (use ~1e-4 with lora_r=0)
@@ -79,8 +79,8 @@ eval_interval = 50
 eval_iters = 10
 ckpt_interval = 100
 format_samples = 50             # after training: sample replies to held-out prompts and count <|end|>
-format_max_new_tokens = 128
-format_temperature = 0.7
+format_max_new_tokens = 128     # the format check's reply length limit
+format_temperature = 0.7        # the format check's sampling temperature
 num_threads = 0                 # torch threads; 0 leaves torch's default (1 is faster on a busy 2-core machine)
 
 DEFAULT_SOURCES = [

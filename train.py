@@ -99,6 +99,7 @@ def check_resume(path, model_args, tokenizer_sha, data_dir):
     if not isinstance(ckpt.get('model_args'), dict) or 'tokenizer_sha256' not in ckpt:
         raise lumi.LumiError(f"{path}: not a pretraining checkpoint (no model_args or tokenizer_sha256); use "
                              f"another --out_dir or --resume=never")
+    lumi.tokenizer_from_checkpoint(ckpt)  # its stored hash is its tokenizer's, before it is compared
     lumi.check_tokenizer(tokenizer_sha, ckpt['tokenizer_sha256'], f"the bins in {data_dir} (resuming {path})")
     differ = [f"{k}: checkpoint {v!r}, config {model_args.get(k)!r}" for k, v in ckpt['model_args'].items()
               if model_args.get(k) != v]

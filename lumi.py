@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import time
+import tokenize
 from contextlib import nullcontext
 
 import numpy as np
@@ -1041,22 +1042,26 @@ PLOT_DEFAULTS = dict(
 )
 
 
+def _usage(line):
+    return 'usage: python lumi.py ' + USAGE.splitlines()[line].strip()
+
+
 def _command(argv):
     command, rest = argv[0], argv[1:]
     wants_help = '--help' in rest or '-h' in rest
     if command == 'run':
         import pipeline
         if wants_help:
-            return print(config_help(pipeline.PIPELINE_DEFAULTS, USAGE.splitlines()[1].strip(), pipeline.__file__))
+            return print(config_help(pipeline.PIPELINE_DEFAULTS, _usage(1), pipeline.__file__))
         return pipeline.run_pipeline(rest)
     if command == 'export':
         import export
         if wants_help:
-            return print(config_help(export.DEFAULTS, USAGE.splitlines()[2].strip(), export.__file__))
+            return print(config_help(export.DEFAULTS, _usage(2), export.__file__))
         return export.main(rest)
     if command == 'plot':
         if wants_help:
-            return print(config_help(PLOT_DEFAULTS, USAGE.splitlines()[3].strip()))
+            return print(config_help(PLOT_DEFAULTS, _usage(3)))
         runs, flags = split_args(rest, PLOT_DEFAULTS)
         if not runs:
             raise LumiError("usage: python lumi.py plot RUN [RUN ...] [--out=FILE.svg]")
@@ -1068,7 +1073,7 @@ def _command(argv):
         log(f"wrote {path}")
         return path
     if wants_help:
-        return print("usage: python lumi.py info CKPT")
+        return print(_usage(4))
     pos, flags = split_args(rest, {})
     if len(pos) != 1 or flags:
         raise LumiError("usage: python lumi.py info CKPT")

@@ -544,39 +544,40 @@ def checkpoint_meta(model, tok, kind, **extra):
                 tokenizer_sha256=tok.sha256, lora=dict(getattr(model, 'lora_config', None) or {}), **extra)
 
 
-def model_from_checkpoint(ckpt, device='cpu'):
-    """Rebuild the model a checkpoint describes (adapters included) and load its weights. The shapes that
-    model_args imply are held against the stored tensors first, on the meta device, so that a crafted
-    model_args (n_embd=10**9) is refused in one line instead of allocating."""
+def check_fit(where, weights, model_args, lora=None, against='its model_args', keys=None):
+    """Refuse, in one line naming `where`, tensors whose names and shapes are not those that model_args (and
+    lora) imply; keys picks the names to compare (an adapter holds the LoRA tensors alone). The model is
+    built on the meta device, shapes without storage, so a crafted n_embd=10**9 or r=10**6 allocates nothing."""
     from model import GPT, ModelConfig, apply_lora  # model.py imports nothing from lumi.py
-    where = ckpt.get('path', 'checkpoint')
-    weights = ckpt.get('model')
-    if not isinstance(weights, dict) or not isinstance(ckpt.get('model_args'), dict):
-        raise LumiError(f"{where}: not a Lumi model checkpoint: it has no 'model' weights and 'model_args'")
-
-    def build():
-        model = GPT(ModelConfig(**ckpt['model_args']))
-        if ckpt.get('lora'):
-            apply_lora(model, **ckpt['lora'])
-        return model
-    # 1. the model on the meta device: shapes without storage
     try:
         with torch.device('meta'):
-            expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+            model = GPT(ModelConfig(**model_args))
+            if lora:
+                apply_lora(model, **lora)
     except (TypeError, ValueError, AssertionError) as e:
-        raise LumiError(f"{where}: its model_args or lora do not describe a Lumi model: {e}") from e
-    # 2. its names and shapes against the stored tensors
+        raise LumiError(f"{where}: {against} do not describe a Lumi model: {e}") from e
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if keys is None or keys(k)}
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
-        raise LumiError(f"{where}: its weights do not fit its model_args: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
+        raise LumiError(f"{where}: its weights do not fit {against}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     wrong = [f"{k} is {tuple(weights[k].shape)}, expected {s}" for k, s in expected.items()
              if tuple(weights[k].shape) != s]
     if wrong:
-        raise LumiError(f"{where}: its weights do not fit its model_args: {'; '.join(wrong[:3])}")
-    # 3. the real model, whose size the stored tensors have now vouched for
-    model = build()
-    model.load_state_dict(weights)
+        raise LumiError(f"{where}: its weights do not fit {against}: {'; '.join(wrong[:3])}")
+
+
+def model_from_checkpoint(ckpt, device='cpu'):
+    """Rebuild the model a checkpoint describes (adapters included) and load its weights, once check_fit has
+    held the shapes its model_args imply against the stored tensors."""
+    from model import GPT, ModelConfig, apply_lora
+    where = ckpt.get('path', 'checkpoint')
+    if not isinstance(ckpt.get('model'), dict) or not isinstance(ckpt.get('model_args'), dict):
+        raise LumiError(f"{where}: not a Lumi model checkpoint: it has no 'model' weights and 'model_args'")
+    check_fit(where, ckpt['model'], ckpt['model_args'], ckpt.get('lora'), 'its model_args or lora')
+    model = GPT(ModelConfig(**ckpt['model_args']))
+    if ckpt.get('lora'):
+        apply_lora(model, **ckpt['lora'])
+    model.load_state_dict(ckpt['model'])
     return model.to(device)
 
 

@@ -557,18 +557,13 @@ def load_adapter(base, adapter_path, device='cpu'):
                          f"({adapter['base_path']}), but {base_ckpt['path']} is {sha[:12]}…")
     tok = lumi.tokenizer_from_checkpoint(base_ckpt)
     lumi.check_tokenizer(adapter['tokenizer_sha256'], tok.sha256, adapter_path)
+    lumi.check_fit(adapter_path, adapter['lora_state'], base_ckpt['model_args'], adapter['lora'],
+                   f"its base {base_ckpt['path']} with its lora config", keys=lambda k: '.lora_' in k)
     model = lumi.model_from_checkpoint(base_ckpt)
     if getattr(model, 'lora_config', None):
         merge_lora(model)  # a base that itself carries adapters: they are part of the base
-    try:
-        apply_lora(model, **adapter['lora'])
-        missing, unexpected = model.load_state_dict(adapter['lora_state'], strict=False)
-    except (TypeError, RuntimeError) as e:  # another LoRA shape: load_state_dict names the tensors
-        raise lumi.LumiError(f"{adapter_path} does not fit {base_ckpt['path']}: {' '.join(str(e).split())[:300]}") from e
-    lora_missing = [k for k in missing if '.lora_' in k]
-    if unexpected or lora_missing:
-        raise lumi.LumiError(f"{adapter_path} does not fit {base_ckpt['path']}: missing {lora_missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+    apply_lora(model, **adapter['lora'])
+    model.load_state_dict(adapter['lora_state'], strict=False)
     return model.to(device), tok, base_ckpt
 
 

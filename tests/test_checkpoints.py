@@ -121,12 +121,36 @@ def test_crafted_model_args_are_refused_before_anything_is_allocated(tiny_checkp
     monkeypatch.setattr(model_py.GPT, '__init__', spy)
     ckpt = lumi.load_checkpoint(tiny_checkpoint)
     huge = dict(ckpt, model_args=dict(ckpt['model_args'], n_embd=1 << 16, n_head=4, ffn_hidden=1 << 18))
-    with pytest.raises(lumi.LumiError, match=r"ckpt_0000000\.pt: its weights do not fit its model_args: "
+    with pytest.raises(lumi.LumiError, match=r"ckpt_0000000\.pt: its weights do not fit its model_args or lora: "
                                              r"tok_emb\.weight is \(512, 64\), expected \(512, 65536\)"):
         lumi.model_from_checkpoint(huge)
     assert built_on == ['meta']  # 65536 wide would have been 9 GB of float32
     lumi.model_from_checkpoint(ckpt)
     assert built_on == ['meta', 'meta', 'cpu']
+
+
+def test_an_adapter_with_a_crafted_lora_config_is_refused_before_allocating(tmp_path, tiny_checkpoint, tokenizer,
+                                                                            monkeypatch):
+    import sft
+    from model import apply_lora
+    model = apply_lora(lumi.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint)), r=2, alpha=4.0, targets=('q',))
+    path = str(tmp_path / 'adapter.pt')
+    sft.save_adapter(path, model, tiny_checkpoint, tokenizer)
+    adapter = lumi.load_checkpoint(path)
+    del adapter['path']
+    lumi.save_checkpoint(path, dict(adapter, lora=dict(adapter['lora'], r=1 << 20)))
+    real_apply = model_py.apply_lora
+    applied_on = []
+    def spy(m, **kw):
+        applied_on.append(m.tok_emb.weight.device.type)
+        return real_apply(m, **kw)
+    monkeypatch.setattr(model_py, 'apply_lora', spy)
+    monkeypatch.setattr(sft, 'apply_lora', spy)
+    with pytest.raises(lumi.LumiError, match=r"adapter\.pt: its weights do not fit its base .*ckpt_0000000\.pt with "
+                                             r"its lora config: layers\.0\.attn\.q_proj\.lora_a is \(2, 64\), "
+                                             r"expected \(1048576, 64\)"):
+        sft.load_adapter(tiny_checkpoint, path)
+    assert applied_on == ['meta']  # r = 2**20 on a real model: 2 x 2 layers x 2**20 x 64 floats
 
 
 @pytest.mark.parametrize('change, message', [

@@ -842,7 +842,7 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
         old = sorted(n for n in os.listdir(cfg.out_dir) if n.startswith('ckpt_') and n.endswith('.pt'))
         for name in old[:-cfg.keep_last] if cfg.keep_last > 0 else []:
             os.remove(os.path.join(cfg.out_dir, name))
-        return path, state
+        return path
 
     if on_start is not None:
         on_start(step)
@@ -875,11 +875,9 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
             if improved:
                 best_val = val['val_loss']
             if step > 0 and (improved or step % cfg.ckpt_interval == 0 or done):
-                saved = save(step, val, last, best=improved)
-                final_path = saved[0] if saved else final_path
+                final_path = save(step, val, last, best=improved) or final_path
         elif step % cfg.ckpt_interval == 0:
-            saved = save(step, {}, last)
-            final_path = saved[0] if saved else final_path
+            final_path = save(step, {}, last) or final_path
         if done:
             break
 
@@ -1034,7 +1032,8 @@ USAGE = """usage: python lumi.py COMMAND ...
   run [CONFIG] [--key=value ...]     every stage in order: data, pretrain, eval, SFT, eval, DPO, eval, a sample
   export CKPT OUT [--format=hf|pt]   a Hugging Face Llama directory (safetensors) or a plain state dict
   plot RUN [RUN ...] [--out=FILE]    train/val loss and LR against tokens as an SVG
-  info CKPT                          config, parameters, tokenizer, tokens seen, last metrics"""
+  info CKPT                          config, parameters, tokenizer, tokens seen, last metrics
+every command takes --help; --debug shows the traceback of an error"""
 
 
 PLOT_DEFAULTS = dict(

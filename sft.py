@@ -710,4 +710,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    lumi.cli(main, DEFAULTS, "usage: python sft.py [CONFIG.py] [--key=value ...]   or   python sft.py merge BASE_CKPT ADAPTER OUT")
+    lumi.cli(main, DEFAULTS, "usage: python sft.py [CONFIG.py] [--key=value ...]\n"
+                             "       python sft.py merge BASE_CKPT ADAPTER OUT")

@@ -61,7 +61,8 @@ def test_a_tensor_added_or_removed_after_saving_is_refused(tmp_path, tiny_checkp
     state['model']['extra'] = torch.zeros(3)
     path = str(tmp_path / 'added.pt')
     torch.save(state, path)
-    with pytest.raises(lumi.LumiError, match=r"added\.pt: its tensors differ from those its checksums list \(model\.extra\)"):
+    with pytest.raises(lumi.LumiError, match=r"added\.pt: its tensors differ from those its checksums list "
+                                             r"\(model\.extra\)"):
         lumi.load_checkpoint(path)
 
 
@@ -199,13 +200,15 @@ def _fit(out_dir, tiny_checkpoint, *flags, die_writing=None):
 
     def save(path, state):
         last = state['step'] == cfg.max_iters
-        if last and die_writing and os.path.basename(path) == ('best.pt' if die_writing == 'best' else f"ckpt_{state['step']:07d}.pt"):
+        dying = 'best.pt' if die_writing == 'best' else f"ckpt_{state['step']:07d}.pt"
+        if last and die_writing and os.path.basename(path) == dying:
             raise Crash()
         real_save(path, state)
     lumi.save_checkpoint = save
     try:
         return lumi.fit(cfg, model, batches, lambda m, b: m(b[0], b[1])[1],
-                        lambda m: {'val_loss': m(*batches.batch)[1].item()}, meta=lumi.checkpoint_meta(model, tok, 'pretrain'))
+                        lambda m: {'val_loss': m(*batches.batch)[1].item()},
+                        meta=lumi.checkpoint_meta(model, tok, 'pretrain'))
     finally:
         lumi.save_checkpoint = real_save
 

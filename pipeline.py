@@ -13,7 +13,7 @@ import sys
 import time
 
 from lumi import (ROOT, TRAINING_DEFAULTS, LumiError, atomic_write, checkpoint_info, config_defaults, find_checkpoint,
-                  load_config, log, read_json, sha256_bytes, sha256_file, write_json)
+                  load_config, log, read_json, sha256_bytes, sha256_file, split_args, write_json)
 from plot import read_run
 
 PIPELINE_DEFAULTS = dict(
@@ -76,8 +76,11 @@ class Pipeline:
     """The stages of one `lumi.py run`, their inputs and products, and the stamps that make reruns cheap."""
 
     def __init__(self, argv):
-        files = [a for a in argv if not a.startswith('--')]
-        flags = [a for a in argv if a.startswith('--')]
+        # every script is imported now, so that a missing stage fails before hours of pretraining, and so that
+        # every key's type is known: `--key value` takes the next word unless the key is a bool flag
+        self.defaults = {s: stage_defaults(s) for s in dict.fromkeys(STAGE_SCRIPT.values())}
+        files, flags = split_args(argv, {**{k: v for d in self.defaults.values() for k, v in d.items()},
+                                         **PIPELINE_DEFAULTS})
         own = [a for a in flags if _flag_key(a) in PIPELINE_DEFAULTS]
         self.cfg = cfg = load_config(PIPELINE_DEFAULTS, files + own)
         self.config_file = files[0] if files else ''
@@ -87,8 +90,6 @@ class Pipeline:
         bad = [s for s in self.stages if s not in PIPELINE_STAGES]
         if bad:
             raise PipelineError(f"unknown stage(s) {bad} in --stages; the stages are {', '.join(PIPELINE_STAGES)}")
-        # every script is imported now, so that a missing stage fails before hours of pretraining
-        self.defaults = {s: stage_defaults(s) for s in dict.fromkeys(STAGE_SCRIPT.values())}
         self.routed = {s: [] for s in self.defaults}
         for arg in flags:  # an override the pipeline does not know goes to each stage that does
             if arg in own:

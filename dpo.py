@@ -22,7 +22,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 from collections import Counter
 
@@ -38,12 +37,13 @@ from model import apply_lora, merge_lora, set_lora_enabled
 # defaults (a config file and --key=value override them; the training loop's own defaults are in lumi.py)
 
 init_from = ''                # the SFT model to start from: a checkpoint file, or an SFT out_dir (its merged.pt)
-out_dir = 'out/dpo'
+out_dir = 'out/dpo'           # checkpoints, metrics.jsonl, data_stats.json, adapter.pt and merged.pt
 # preference pairs: any data.py source (path, glob, dir, url:, hf:, pypi-sdist:NAME==VER:GLOB); '' for none
 data = 'pypi-sdist:llamafactory==0.9.5:data/dpo_en_demo.json'
 data_format = 'auto'          # auto | hh | orca | ultrafeedback | llamafactory
 sft_data = []                 # SFT sources (sft.py's formats) to build pairs from: the reply is chosen, another
-sft_format = 'auto'           #   prompt's reply rejected; e.g. ['pypi-sdist:llamafactory==0.9.5:data/alpaca_en_demo.json']
+                              # prompt's reply rejected; e.g. ['pypi-sdist:llamafactory==0.9.5:data/alpaca_en_demo.json']
+sft_format = 'auto'           # the format of sft_data, as sft.py's data_format
 max_sft_pairs = 0             # 0: every usable SFT dialogue makes a pair
 val_frac = 0.1                # held out from each source before anything is trained
 max_length = 0                # prompt + reply tokens; 0: the model's block_size
@@ -52,9 +52,9 @@ loss_type = 'sigmoid'         # sigmoid (DPO) | ipo | hinge
 beta = 0.1                    # how far the policy may move from the reference: the KL penalty's weight
 label_smoothing = 0.0         # sigmoid only: the assumed rate of flipped labels (conservative DPO)
 lora_r = 16                   # 0: full fine-tuning, with reference log-probs cached before training
-lora_alpha = 32.0
-lora_dropout = 0.0
-lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+lora_alpha = 32.0             # LoRA scale alpha / r
+lora_dropout = 0.0            # dropout on the LoRA path
+lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # the projections that get adapters
 save = 'both'                 # adapter | merged | both (full fine-tuning saves merged only)
 epochs = 1.0                  # when max_iters is 0: passes over the training pairs (max_minutes caps it)
 batch_size = 4                # pairs per micro-step: 2 * batch_size rows go through the model
@@ -548,8 +548,11 @@ def val_batches(val, cfg):
 
 # -----------------------------------------------------------------------------
 
+DEFAULTS = {**lumi.TRAINING_DEFAULTS, **lumi.config_defaults(globals())}
+
+
 def main(argv=None):
-    cfg = lumi.load_config({**lumi.TRAINING_DEFAULTS, **lumi.config_defaults(globals())}, argv)
+    cfg = lumi.load_config(DEFAULTS, argv)
     device, rank, _, world = lumi.setup_distributed(cfg.device)
     dtype = lumi.resolve_dtype(cfg.dtype, device)
     lumi.seed_everything(cfg.seed)
@@ -648,4 +651,4 @@ def report(cfg, seconds):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    lumi.cli(main, DEFAULTS)

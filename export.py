@@ -338,17 +338,27 @@ def export_pt(ckpt_path, out_path):
     model, _, _ = load_for_export(ckpt_path)
     if os.path.isdir(out_path) or not out_path.endswith('.pt'):
         out_path = os.path.join(out_path, 'model.pt')
-    lumi.save_checkpoint(out_path, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    lumi.atomic_write(out_path, lambda f: torch.save(state, f))  # as is: no checksums beside the weights
     return out_path
+
+
+DEFAULTS = dict(
+    format='hf',      # hf: a Hugging Face Llama directory (safetensors); pt: a plain state dict for torch.load
+    dtype='float32',  # the exported weights' dtype: float32 | bfloat16 | float16
+)
+USAGE = "usage: python lumi.py export CKPT OUT [--format=hf|pt] [--dtype=float32|bfloat16|float16]"
 
 
 def main(argv):
     """`lumi.py export CKPT OUT [--format=hf|pt] [--dtype=float32|bfloat16|float16]`."""
     import lumi
-    pos = [a for a in argv if not a.startswith('--')]
+    pos, flags = lumi.split_args(argv, DEFAULTS)
     if len(pos) != 2:
-        raise SystemExit("usage: python lumi.py export CKPT OUT [--format=hf|pt] [--dtype=float32|bfloat16|float16]")
-    cfg = lumi.load_config({'format': 'hf', 'dtype': 'float32'}, [a for a in argv if a.startswith('--')])
+        raise lumi.LumiError(USAGE)
+    cfg = lumi.load_config(DEFAULTS, flags)
+    if cfg.format not in ('hf', 'pt'):
+        raise lumi.LumiError(f"--format must be hf or pt, got {cfg.format!r}")
     ckpt_path, out = pos
     if cfg.format == 'hf':
         export_hf(ckpt_path, out, cfg.dtype)
@@ -357,6 +367,4 @@ def main(argv):
     elif cfg.format == 'pt':
         path = export_pt(ckpt_path, out)
         lumi.log(f"wrote a plain state dict to {path}")
-    else:
-        raise SystemExit(f"--format must be hf or pt, got {cfg.format!r}")
     return out

@@ -7,6 +7,7 @@ The core never imports a stage at module level; the end-to-end command imports t
 that runs them.
 """
 import ast
+import difflib
 import hashlib
 import json
 import math
@@ -14,6 +15,7 @@ import os
 import random
 import sys
 import time
+import tokenize
 from contextlib import nullcontext
 
 import numpy as np
@@ -23,6 +25,11 @@ import torch
 # configuration: plain Python files plus --key=value overrides, as in nanoGPT
 
 CONFIG_TYPES = (bool, int, float, str, tuple, list, dict, type(None))
+
+
+class LumiError(ValueError):
+    """A user's error (a bad flag, file or checkpoint), said in one line that names what to fix. lumi.cli
+    prints it without a traceback; a ValueError, so callers that catch bad values catch it too."""
 
 
 class Config(dict):
@@ -44,9 +51,50 @@ def config_defaults(namespace):
             if not k.startswith('_') and k.islower() and type(v) in CONFIG_TYPES}
 
 
+# The allowed values of every numeric key, by name, in interval notation; a key means the same in every
+# stage. A value outside is refused in one line, before it can do harm: lora_r=-4 silently became full
+# fine-tuning, eval_interval=0 a ZeroDivisionError an hour into a run. A stage may narrow a range
+# (load_config's `ranges`), e.g. train.py's eval_iters, where dpo.py's 0 means "all".
+RANGES = {
+    'batch_size': '[1, inf)', 'gradient_accumulation_steps': '[1, inf)', 'max_iters': '[0, inf)',
+    'max_minutes': '[0, inf)', 'learning_rate': '[0, inf)', 'min_lr': '[0, inf)', 'warmup_iters': '[0, inf)',
+    'decay_frac': '[0, 1]', 'weight_decay': '[0, inf)', 'beta1': '[0, 1)', 'beta2': '[0, 1)',
+    'grad_clip': '[0, inf)', 'eval_interval': '[1, inf)', 'eval_iters': '[0, inf)', 'ckpt_interval': '[1, inf)',
+    'keep_last': '[0, inf)', 'peak_flops': '[0, inf)', 'seed': '[0, inf)', 'num_threads': '[0, inf)',
+    'n_layer': '[1, inf)', 'n_head': '[1, inf)', 'n_kv_head': '[1, inf)', 'n_embd': '[1, inf)',
+    'ffn_hidden': '[1, inf)', 'block_size': '[0, inf)', 'dropout': '[0, 1)', 'rope_theta': '(0, inf)',
+    'tokens_per_param': '(0, inf)',
+    'val_frac': '[0, 1)', 'val_fraction': '[0, 1)', 'epochs': '(0, inf)', 'lora_r': '[0, inf)',
+    'lora_alpha': '(0, inf)', 'lora_dropout': '[0, 1)', 'format_samples': '[0, inf)',
+    'format_max_new_tokens': '[1, inf)', 'format_temperature': '[0, inf)',
+    'max_sft_pairs': '[0, inf)', 'max_length': '[0, inf)', 'max_prompt_length': '[0, inf)', 'beta': '(0, inf)',
+    'label_smoothing': '[0, 0.5)',
+    'max_new_tokens': '[1, inf)', 'temperature': '[0, inf)', 'top_k': '[0, inf)', 'top_p': '(0, 1]',
+    'repetition_penalty': '(0, inf)', 'port': '[0, 65535]', 'max_tokens_limit': '[1, inf)',
+    'max_batch': '[1, inf)', 'max_body_bytes': '[1, inf)',
+    'stride': '[0, inf)', 'limit': '[0, inf)', 'batch_tokens': '[0, inf)', 'smoke_max_new_tokens': '[1, inf)',
+    'smoke_temperature': '[0, inf)', 'smoke_top_k': '[0, inf)',
+    'max_doc_chars': '[1, inf)', 'min_doc_chars': '[0, inf)', 'min_alpha_ratio': '[0, 1]',
+    'max_dup_line_frac': '[0, 1]', 'near_dup_threshold': '[0, 1]', 'num_perm': '[1, inf)',
+    'shingle_words': '[1, inf)', 'tokenizer_sample_chars': '[1, inf)',
+    'pretrain_minutes': '[0, inf)', 'sft_minutes': '[0, inf)', 'dpo_minutes': '[0, inf)', 'eval_limit': '[0, inf)',
+    'sample_tokens': '[1, inf)',
+}
+
+
+def in_range(value, interval):
+    """Whether value lies in an interval written '[0, 1)', '(0, inf)', ..."""
+    lo, hi = (float(x) for x in interval[1:-1].split(','))
+    return ((lo <= value) if interval[0] == '[' else (lo < value)) and \
+           ((value <= hi) if interval[-1] == ']' else (value < hi))
+
+
+AUTO_OR_BOOL = {'compile'}  # keys whose default is 'auto' that also take True / False
+
+
 def _coerce(key, value, default, known, where):
-    if default is None or value is None or default == 'auto' and isinstance(value, bool):
-        return value  # an 'auto' key (compile) also takes True / False
+    if default is None or value is None or key in AUTO_OR_BOOL and isinstance(value, bool):
+        return value
     if isinstance(default, bool) or isinstance(value, bool):
         if type(value) is type(default):
             return value
@@ -56,22 +104,64 @@ def _coerce(key, value, default, known, where):
         return type(default)(value)
     elif isinstance(value, type(default)):
         return value
-    raise ValueError(f"{where}: '{key}' must be {type(default).__name__} (default {default!r}), "
-                     f"got {type(value).__name__} {value!r}. Known keys: {', '.join(sorted(known))}")
+    raise LumiError(f"{where}: '{key}' must be {type(default).__name__} (default {default!r}), "
+                    f"got {type(value).__name__} {value!r}. Known keys: {', '.join(sorted(known))}")
 
 
-def load_config(defaults, argv=None):
+def _unknown_key(key, known):
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"known keys: {', '.join(sorted(known))}"
+    return LumiError(f"unknown config key '{key}' ({hint}; --help lists every key)")
+
+
+def split_args(argv, defaults):
+    """(positional arguments, overrides as --key=value) from a command line that may also say `--key value`.
+
+    A bool key's bare --flag means True and takes no value (`--compile configs/tiny.py` keeps the file
+    positional), unless the next word is True or False; any other key takes the next word whatever it looks
+    like, so `--temperature -1` is a negative number, not a flag."""
+    pos, flags, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith('--'):
+            pos.append(arg)
+            continue
+        key, eq, _ = arg[2:].partition('=')
+        key = key.replace('-', '_')
+        flag = key in defaults and (isinstance(defaults[key], bool) or key in AUTO_OR_BOOL)
+        if not eq and key in defaults and i < len(argv) and not argv[i].startswith('--'):
+            if not flag:
+                arg, i = f'--{key}={argv[i]}', i + 1
+            elif argv[i] in ('True', 'False', 'auto'):
+                arg, i = f'--{key}={argv[i]}', i + 1
+        elif not eq and key in defaults and not flag:
+            raise LumiError(f"--{key} needs a value: --{key}=VALUE or --{key} VALUE")
+        flags.append(arg)
+    return pos, flags
+
+
+def load_config(defaults, argv=None, ranges=None):
     """Apply an optional config file (the first argument not starting with --), then --key=value overrides.
 
     A config file is one Python file read by several stages (configs/tiny.py drives data, model and
     training), so its keys that this stage does not know are ignored. An override on the command line is
-    meant for this stage: an unknown key there is an error. Both are type-checked against the default.
+    meant for this stage: an unknown key there is an error. Both are type-checked against the default and
+    range-checked against RANGES (updated by `ranges`, this stage's own).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    ranges = dict(RANGES, **(ranges or {}))
+    files, flags = split_args(argv, defaults)
+    overrides = []
+    for arg in flags:  # every key is checked before the config file runs: a typo is the first thing said
+        key, eq, text = arg[2:].partition('=')
+        key = key.replace('-', '_')
+        if key not in defaults:
+            raise _unknown_key(key, defaults)
+        overrides.append((key, eq, text))
     cfg = Config(defaults)
-    files = [a for a in argv if not a.startswith('--')]
     if len(files) > 1:
-        raise ValueError(f"expected at most one config file, got {files}")
+        raise LumiError(f"expected at most one config file, got {files}")
     if files:
         path = files[0]
         if not os.path.isfile(path):
@@ -81,15 +171,9 @@ def load_config(defaults, argv=None):
             exec(compile(f.read(), path, 'exec'), namespace)
         for key, value in config_defaults(namespace).items():
             if key in cfg:
-                cfg[key] = _coerce(key, value, defaults[key], defaults, path)
+                cfg[key] = _check_range(key, _coerce(key, value, defaults[key], defaults, path), ranges, path)
         cfg['config_file'] = path
-    for arg in argv:
-        if not arg.startswith('--'):
-            continue
-        key, eq, text = arg[2:].partition('=')
-        key = key.replace('-', '_')
-        if key not in defaults:
-            raise ValueError(f"unknown config key '{key}'. Known keys: {', '.join(sorted(defaults))}")
+    for key, eq, text in overrides:
         if not eq:  # a bare --flag means True
             value = True
         else:
@@ -98,10 +182,118 @@ def load_config(defaults, argv=None):
             except (ValueError, SyntaxError):
                 value = text  # a bare word is a string: --device=cpu
             if isinstance(defaults[key], str) and not isinstance(value, str) and \
-                    not (defaults[key] == 'auto' and isinstance(value, bool)):
+                    not (key in AUTO_OR_BOOL and isinstance(value, bool)):
                 value = text  # --out_dir=123 stays a string
-        cfg[key] = _coerce(key, value, defaults[key], defaults, f"--{key}")
+        cfg[key] = _check_range(key, _coerce(key, value, defaults[key], defaults, f"--{key}"), ranges, f"--{key}")
     return cfg
+
+
+def _check_range(key, value, ranges, where):
+    if key in ranges and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not in_range(value, ranges[key]):
+            raise LumiError(f"{where}: '{key}' must be in {ranges[key]}, got {value!r}")
+    return value
+
+
+# -----------------------------------------------------------------------------
+# the command line of every stage: --help from the comments beside the defaults, and user errors in one line
+
+def key_comments(*paths):
+    """{key: the comment that explains it} for the defaults in these source files: the comment on the line of
+    `key = value` (or `key=value,` inside a dict(...) of defaults), with the comment-only lines indented under
+    it, else the comment block just above it. The first file that explains a key wins."""
+    import tokenize
+    found = {}
+    for path in paths:
+        with open(path, 'rb') as f:
+            source = f.read()
+        comments, code_lines = {}, set()
+        for t in tokenize.tokenize(iter(source.splitlines(keepends=True)).__next__):
+            if t.type == tokenize.COMMENT:
+                comments[t.start[0]] = (t.string.lstrip('#').strip(), t.start[1])
+            elif t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                                tokenize.ENCODING, tokenize.ENDMARKER):
+                code_lines.update(range(t.start[0], t.end[0] + 1))
+        targets = []  # (key, first line, last line)
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                targets.append((node.targets[0].id, node.lineno, node.end_lineno))
+                if isinstance(node.value, ast.Call) and getattr(node.value.func, 'id', '') == 'dict':
+                    targets += [(k.arg, k.value.lineno, k.value.end_lineno) for k in node.value.keywords if k.arg]
+
+        def inline(line):
+            return comments[line][0] if line in comments and line in code_lines else ''
+        for key, first, last in targets:
+            if key in found:
+                continue
+            text = next((inline(n) for n in range(first, last + 1) if inline(n)), '')
+            if text:  # comment-only lines indented under it continue it
+                n, col = last + 1, comments.get(last, comments.get(first, ('', 0)))[1]
+                while n in comments and n not in code_lines and comments[n][1] >= col > 0:
+                    text, n = f"{text} {comments[n][0]}", n + 1
+            else:
+                n, block = first - 1, []
+                while n in comments and n not in code_lines and not comments[n][0].startswith('---'):
+                    block.insert(0, comments[n][0])
+                    n -= 1
+                text = ' '.join(block)
+            if text:
+                found[key] = text
+    return found
+
+
+def config_help(defaults, usage, *sources):
+    """The --help text: usage, then every key with its default and what it is for."""
+    notes = key_comments(*sources, os.path.abspath(__file__))
+    rows = [(f"--{k}={_short(v, 40)}", notes.get(k, '')) for k, v in sorted(defaults.items())]
+    width = min(44, max(len(r[0]) for r in rows) + 2) if rows else 0
+    lines = [usage, "  (--key value works too; --debug or LUMI_DEBUG=1 shows the traceback of an error)", "", "keys:"]
+    lines += [f"  {flag:<{width}}{note}" if len(flag) < width else f"  {flag}\n  {'':<{width}}{note}"
+              for flag, note in rows]
+    return '\n'.join(lines)
+
+
+# What counts as the user's error: a bad flag, value, file or checkpoint (LumiError and the ValueErrors of
+# parsing), a file that is missing or unreadable, a port in use (OSError). Anything else is a bug in Lumi
+# and keeps its traceback.
+USER_ERRORS = (LumiError, ValueError, OSError)
+
+
+def guard(main, argv, interrupted='interrupted'):
+    """main(argv), with a user error said in one line on stderr (`error: ...`, exit 1) and Ctrl-C in one
+    (exit 130). --debug in argv (or LUMI_DEBUG=1) shows the traceback instead, in the stages a pipeline runs
+    too, which inherit the variable."""
+    if '--debug' in argv:
+        os.environ['LUMI_DEBUG'] = '1'
+        argv = [a for a in argv if a != '--debug']
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except USER_ERRORS as e:
+        if os.environ.get('LUMI_DEBUG') == '1':
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def cli(main, defaults=None, usage=''):
+    """Run a stage's main(argv) as its command, in its `if __name__ == '__main__'` block: --help (or -h)
+    prints the usage and every key with its default and the comment beside it in the source; errors go
+    through guard; the exit status is main's return value when it is an int, else 0."""
+    argv, source = sys.argv[1:], sys.modules[main.__module__].__file__
+    if defaults is not None and ('--help' in argv or '-h' in argv):
+        print(config_help(defaults, usage or f"usage: python {os.path.basename(source)} [CONFIG.py] [--key=value ...]",
+                          source))
+        sys.exit(0)
+    code = guard(main, argv)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def one_line(e):
+    """An exception as one line: its message with newlines folded (a FileNotFoundError's file included)."""
+    return ' '.join(str(e).split()) or type(e).__name__
 
 
 # -----------------------------------------------------------------------------
@@ -369,15 +561,41 @@ def one_token_loop(ids):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: one torch file, written atomically, loadable with weights_only=True
+# checkpoints: one torch file, written atomically, loadable with weights_only=True, its tensors checksummed
+
+def _tensors(obj, prefix=''):
+    """(dotted name, tensor) for every tensor in a nested checkpoint, in a stable order."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            if k != 'tensor_sha256':
+                yield from _tensors(obj[k], f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{i}")
+
+
+def tensor_sha256(t):
+    """SHA256 of a tensor's dtype, shape and bytes (about 2 GB/s: a 60 MB checkpoint costs 0.03 s)."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
 
 def save_checkpoint(path, state):
-    torch_save = lambda f: torch.save(state, f)
-    atomic_write(path, torch_save)
+    """Write state to path atomically, with the SHA256 of every tensor in it, so that a flipped bit is
+    found when the file is loaded instead of training or answering on silently wrong weights."""
+    state = dict(state, tensor_sha256={name: tensor_sha256(t) for name, t in _tensors(state)})
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, map_location='cpu'):
-    """Load a checkpoint file, or the newest checkpoint in a directory."""
+    """Load a checkpoint file, or the newest checkpoint in a directory, and verify its tensors' checksums
+    (a file saved before they existed loads unchecked). Any file that cannot be used, for any reason, is
+    refused in one line naming it (LumiError): not a checkpoint, cut short, pickled objects beyond plain
+    data, a tensor whose bytes changed."""
     if os.path.isdir(path):
         found = find_checkpoint(path)
         if found is None:
@@ -385,7 +603,27 @@ def load_checkpoint(path, map_location='cpu'):
         path = found
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch says why in several types: UnpicklingError, RuntimeError, EOFError, ...
+        said = (str(e).strip().splitlines() or [type(e).__name__])[0].split('. ')[0][:120]
+        if 'Weights only load failed' in said:
+            reason = "it holds pickled objects other than tensors and plain data, which Lumi never writes"
+        else:
+            reason = f"not a torch checkpoint, or cut short ({type(e).__name__}: {said})"
+        raise LumiError(f"{path}: cannot load this checkpoint: {reason}") from e
+    if not isinstance(ckpt, dict):
+        raise LumiError(f"{path}: not a Lumi checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    stored = ckpt.pop('tensor_sha256', None)
+    if stored is not None:
+        names = dict(_tensors(ckpt))
+        if set(names) != set(stored):
+            odd = sorted(set(names) ^ set(stored))
+            raise LumiError(f"{path}: its tensors differ from those its checksums list ({', '.join(odd[:3])}): "
+                            f"the file was altered")
+        for name, t in names.items():
+            if tensor_sha256(t) != stored[name]:
+                raise LumiError(f"{path}: tensor '{name}' does not match its checksum: the file is corrupt")
     ckpt['path'] = path
     return ckpt
 
@@ -400,8 +638,22 @@ def find_checkpoint(out_dir):
 
 
 def tokenizer_from_checkpoint(ckpt):
-    """Every checkpoint carries its tokenizer's bytes, so it is usable on its own."""
-    return Tokenizer(ckpt['tokenizer'].numpy().tobytes())
+    """Every checkpoint carries its tokenizer's bytes, so it is usable on its own. Refuses bytes that are not
+    a tokenizer, or that do not match the stored tokenizer_sha256 (which may be the hash of the bytes or
+    Tokenizer.sha256)."""
+    where = ckpt.get('path', 'checkpoint')
+    if not isinstance(ckpt.get('tokenizer'), torch.Tensor):
+        raise LumiError(f"{where}: not a Lumi checkpoint: it has no 'tokenizer'")
+    raw = ckpt['tokenizer'].numpy().tobytes()
+    try:
+        tok = Tokenizer(raw)
+    except Exception as e:  # sentencepiece raises RuntimeError on bytes that are not a model
+        raise LumiError(f"{where}: its stored tokenizer is unusable: {' '.join(str(e).split())[:200]}") from e
+    stored = ckpt.get('tokenizer_sha256')
+    if stored is not None and stored not in (sha256_bytes(raw), tok.sha256):
+        raise LumiError(f"{where}: its tokenizer_sha256 {str(stored)[:12]}… is not the hash of the tokenizer it "
+                        f"carries ({sha256_bytes(raw)[:12]}…): the file was altered or assembled from two models")
+    return tok
 
 
 def tokenizer_tensor(tok):
@@ -416,9 +668,9 @@ def same_tokenizer(sha_a, sha_b):
 
 def check_tokenizer(expected_sha, actual_sha, what):
     if not same_tokenizer(expected_sha, actual_sha):
-        raise ValueError(f"{what} was built with tokenizer {str(expected_sha)[:12]}…, but this model's "
-                         f"tokenizer is {str(actual_sha)[:12]}…; they must match (re-run data.py or pick "
-                         f"the matching checkpoint)")
+        raise LumiError(f"{what} was built with tokenizer {str(expected_sha)[:12]}…, but this model's "
+                        f"tokenizer is {str(actual_sha)[:12]}…; they must match (re-run data.py or pick "
+                        f"the matching checkpoint)")
 
 
 def checkpoint_meta(model, tok, kind, **extra):
@@ -429,9 +681,36 @@ def checkpoint_meta(model, tok, kind, **extra):
                 tokenizer_sha256=tok.sha256, lora=dict(getattr(model, 'lora_config', None) or {}), **extra)
 
 
-def model_from_checkpoint(ckpt, device='cpu'):
-    """Rebuild the model a checkpoint describes (adapters included) and load its weights."""
+def check_fit(where, weights, model_args, lora=None, against='its model_args', keys=None):
+    """Refuse, in one line naming `where`, tensors whose names and shapes are not those that model_args (and
+    lora) imply; keys picks the names to compare (an adapter holds the LoRA tensors alone). The model is
+    built on the meta device, shapes without storage, so a crafted n_embd=10**9 or r=10**6 allocates nothing."""
     from model import GPT, ModelConfig, apply_lora  # model.py imports nothing from lumi.py
+    try:
+        with torch.device('meta'):
+            model = GPT(ModelConfig(**model_args))
+            if lora:
+                apply_lora(model, **lora)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise LumiError(f"{where}: {against} do not describe a Lumi model: {e}") from e
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if keys is None or keys(k)}
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise LumiError(f"{where}: its weights do not fit {against}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    wrong = [f"{k} is {tuple(weights[k].shape)}, expected {s}" for k, s in expected.items()
+             if tuple(weights[k].shape) != s]
+    if wrong:
+        raise LumiError(f"{where}: its weights do not fit {against}: {'; '.join(wrong[:3])}")
+
+
+def model_from_checkpoint(ckpt, device='cpu'):
+    """Rebuild the model a checkpoint describes (adapters included) and load its weights, once check_fit has
+    held the shapes its model_args imply against the stored tensors."""
+    from model import GPT, ModelConfig, apply_lora
+    where = ckpt.get('path', 'checkpoint')
+    if not isinstance(ckpt.get('model'), dict) or not isinstance(ckpt.get('model_args'), dict):
+        raise LumiError(f"{where}: not a Lumi model checkpoint: it has no 'model' weights and 'model_args'")
+    check_fit(where, ckpt['model'], ckpt['model_args'], ckpt.get('lora'), 'its model_args or lora')
     model = GPT(ModelConfig(**ckpt['model_args']))
     if ckpt.get('lora'):
         apply_lora(model, **ckpt['lora'])
@@ -504,27 +783,27 @@ def set_rng_state(state):
 # schedule, accumulation, clipping, precision, compile, DDP, progress, metrics and exact resume.
 
 TRAINING_DEFAULTS = dict(
-    out_dir='out/run',
+    out_dir='out/run',        # where checkpoints, metrics.jsonl and loss.svg go
     device='auto',            # auto: cuda when present, else cpu
     dtype='auto',             # auto: bfloat16 on CUDA and on CPUs with native bf16, else float32; or 'bfloat16' / 'float32'
     compile='auto',           # auto: torch.compile on CUDA only (on a CPU it costs minutes and gains nothing); True / False
-    seed=1337,
+    seed=1337,                # seeds init, batches and dropout; a resumed run restores its RNGs
     batch_size=8,             # sequences per micro-step on each process
-    gradient_accumulation_steps=1,
+    gradient_accumulation_steps=1,  # micro-steps per optimizer step
     max_iters=0,              # optimizer steps; 0 lets the stage derive it (e.g. from a token budget)
     max_minutes=0.0,          # > 0: a wall-clock cap; the schedule is fitted to the steps that fit in it
-    learning_rate=1e-3,
-    min_lr=1e-4,
+    learning_rate=1e-3,       # peak AdamW learning rate, after warmup
+    min_lr=1e-4,              # where cosine and wsd end
     lr_schedule='cosine',     # cosine | wsd (warmup-stable-decay) | constant
-    warmup_iters=20,
+    warmup_iters=20,          # steps of linear warmup
     decay_frac=0.2,           # wsd: the fraction of steps spent decaying at the end
-    weight_decay=0.1,
-    beta1=0.9,
-    beta2=0.95,
-    grad_clip=1.0,
-    eval_interval=100,
-    eval_iters=20,
-    ckpt_interval=100,
+    weight_decay=0.1,         # AdamW decay on matrices (norms and vectors never decay)
+    beta1=0.9,                # AdamW's first-moment decay
+    beta2=0.95,               # AdamW's second-moment decay
+    grad_clip=1.0,            # clip the gradient norm to this; 0 is off
+    eval_interval=100,        # steps between held-out evaluations
+    eval_iters=20,            # held-out batches per evaluation
+    ckpt_interval=100,        # steps between step checkpoints (an improved val loss saves too)
     keep_last=2,              # step checkpoints kept besides best.pt
     resume='auto',            # auto: continue from the newest checkpoint in out_dir; never; or a path
     peak_flops=0.0,           # for MFU; 0 guesses from the device
@@ -620,7 +899,7 @@ def _to_device(batch, device):
     return batch
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(LumiError, RuntimeError):
     pass
 
 
@@ -675,10 +954,32 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
         ckpt_path = cfg.resume
     if ckpt_path:
         ckpt = load_checkpoint(ckpt_path, map_location=device)
-        raw.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
+        lacking = [k for k in ('model', 'optimizer', 'step', 'tokens_seen', 'best_val', 'max_iters', 'sampler', 'rng')
+                   if k not in ckpt]
+        if lacking:
+            raise LumiError(f"{ckpt_path}: not a training checkpoint to resume (it has no {', '.join(lacking)}); "
+                            f"use another --out_dir or --resume=never")
+        try:
+            raw.load_state_dict(ckpt['model'])
+            optimizer.load_state_dict(ckpt['optimizer'])
+        except (RuntimeError, ValueError) as e:
+            raise LumiError(f"{ckpt_path}: its weights do not fit this model ({' '.join(str(e).split())[:200]}); "
+                            f"use another --out_dir or --resume=never") from e
         step, tokens_seen, best_val = ckpt['step'], ckpt['tokens_seen'], ckpt['best_val']
         max_iters = ckpt['max_iters']
+        # a resumed run keeps its plan unless asked for another length: then the schedule is re-planned over
+        # the new one (a plan fitted to max_minutes is kept: the clock made it)
+        if cfg.max_iters and cfg.max_iters != max_iters:
+            if cfg.max_minutes:
+                log(f"keeping the checkpoint's plan of {max_iters} steps (fitted to max_minutes), not max_iters="
+                    f"{cfg.max_iters}; pass --max_minutes=0 for max_iters")
+            elif cfg.max_iters < step:
+                raise LumiError(f"{ckpt_path} is at step {step}, past max_iters={cfg.max_iters}: raise max_iters "
+                                f"or start afresh with --resume=never")
+            else:
+                log(f"max_iters={cfg.max_iters}: the checkpoint planned {max_iters} steps; the learning-rate "
+                    f"schedule is re-planned over {cfg.max_iters}")
+                max_iters = cfg.max_iters
         sampler = ckpt['sampler']
         batches.load_state_dict(sampler[rank] if isinstance(sampler, list) else sampler)
         set_rng_state(ckpt['rng'][rank] if isinstance(ckpt['rng'], list) else ckpt['rng'])
@@ -715,7 +1016,7 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
             out = dict(out, **{k: t[i].item() / world for i, k in enumerate(keys)})
         return out
 
-    def save(path_step, val_metrics, last_metrics):
+    def save(path_step, val_metrics, last_metrics, best=False):
         samplers, rngs = batches.state_dict(), rng_state()
         if world > 1:
             gathered = [None] * world
@@ -727,11 +1028,13 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
                      max_iters=max_iters, tokens_seen=tokens_seen, best_val=best_val, sampler=samplers,
                      rng=rngs, config=dict(cfg), metrics=dict(last_metrics, **val_metrics))
         path = os.path.join(cfg.out_dir, f'ckpt_{path_step:07d}.pt')
+        if best:  # best.pt first: a kill before the step checkpoint resumes from an earlier one and redoes both
+            save_checkpoint(os.path.join(cfg.out_dir, 'best.pt'), state)
         save_checkpoint(path, state)
         old = sorted(n for n in os.listdir(cfg.out_dir) if n.startswith('ckpt_') and n.endswith('.pt'))
         for name in old[:-cfg.keep_last] if cfg.keep_last > 0 else []:
             os.remove(os.path.join(cfg.out_dir, name))
-        return path, state
+        return path
 
     if on_start is not None:
         on_start(step)
@@ -764,14 +1067,9 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
             if improved:
                 best_val = val['val_loss']
             if step > 0 and (improved or step % cfg.ckpt_interval == 0 or done):
-                saved = save(step, val, last)
-                if saved:
-                    final_path = saved[0]
-                    if improved:
-                        save_checkpoint(os.path.join(cfg.out_dir, 'best.pt'), saved[1])
+                final_path = save(step, val, last, best=improved) or final_path
         elif step % cfg.ckpt_interval == 0:
-            saved = save(step, {}, last)
-            final_path = saved[0] if saved else final_path
+            final_path = save(step, {}, last) or final_path
         if done:
             break
 
@@ -926,47 +1224,67 @@ USAGE = """usage: python lumi.py COMMAND ...
   run [CONFIG] [--key=value ...]     every stage in order: data, pretrain, eval, SFT, eval, DPO, eval, a sample
   export CKPT OUT [--format=hf|pt]   a Hugging Face Llama directory (safetensors) or a plain state dict
   plot RUN [RUN ...] [--out=FILE]    train/val loss and LR against tokens as an SVG
-  info CKPT                          config, parameters, tokenizer, tokens seen, last metrics"""
+  info CKPT                          config, parameters, tokenizer, tokens seen, last metrics
+every command takes --help; --debug shows the traceback of an error"""
+
+
+PLOT_DEFAULTS = dict(
+    out='',                   # the SVG to write; '' is RUN/loss.svg for one run directory, else loss.svg
+    title='',                 # '' names the runs
+)
+
+
+def _usage(line):
+    return 'usage: python lumi.py ' + USAGE.splitlines()[line].strip()
+
+
+def _command(argv):
+    command, rest = argv[0], argv[1:]
+    wants_help = '--help' in rest or '-h' in rest
+    if command == 'run':
+        import pipeline
+        if wants_help:
+            return print(config_help(pipeline.PIPELINE_DEFAULTS, _usage(1), pipeline.__file__))
+        return pipeline.run_pipeline(rest)
+    if command == 'export':
+        import export
+        if wants_help:
+            return print(config_help(export.DEFAULTS, _usage(2), export.__file__))
+        return export.main(rest)
+    if command == 'plot':
+        if wants_help:
+            return print(config_help(PLOT_DEFAULTS, _usage(3)))
+        runs, flags = split_args(rest, PLOT_DEFAULTS)
+        if not runs:
+            raise LumiError("usage: python lumi.py plot RUN [RUN ...] [--out=FILE.svg]")
+        cfg = load_config(PLOT_DEFAULTS, flags)
+        out = cfg.out or (os.path.join(runs[0], 'loss.svg') if len(runs) == 1 and os.path.isdir(runs[0])
+                          else 'loss.svg')
+        import plot
+        path = plot.plot_svg([plot.read_run(r) for r in runs], out, title=cfg.title or ', '.join(map(os.path.normpath, runs)))
+        log(f"wrote {path}")
+        return path
+    if wants_help:
+        return print(_usage(4))
+    pos, flags = split_args(rest, {})
+    if len(pos) != 1 or flags:
+        raise LumiError("usage: python lumi.py info CKPT")
+    info = checkpoint_info(pos[0])
+    print_info(info)
+    return info
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     # run as a script, this file is __main__; the stages it imports must find it as `lumi`, not load it again
     sys.modules.setdefault('lumi', sys.modules[__name__])
+    if argv and argv[0] in ('--help', '-h'):
+        print(USAGE)
+        sys.exit(0)
     if not argv or argv[0] not in ('run', 'export', 'plot', 'info'):
         print(USAGE, file=sys.stderr)
         sys.exit(2)
-    command, rest = argv[0], argv[1:]
-    try:
-        if command == 'run':
-            import pipeline
-            return pipeline.run_pipeline(rest)
-        if command == 'export':
-            import export
-            return export.main(rest)
-        if command == 'plot':
-            runs = [a for a in rest if not a.startswith('--')]
-            if not runs:
-                sys.exit("usage: python lumi.py plot RUN [RUN ...] [--out=FILE.svg]")
-            cfg = load_config({'out': '', 'title': ''}, [a for a in rest if a.startswith('--')])
-            out = cfg.out or (os.path.join(runs[0], 'loss.svg') if len(runs) == 1 and os.path.isdir(runs[0])
-                              else 'loss.svg')
-            import plot
-            path = plot.plot_svg([plot.read_run(r) for r in runs], out, title=cfg.title or ', '.join(map(os.path.normpath, runs)))
-            log(f"wrote {path}")
-            return path
-        pos = [a for a in rest if not a.startswith('--')]
-        if len(pos) != 1:
-            sys.exit("usage: python lumi.py info CKPT")
-        info = checkpoint_info(pos[0])
-        print_info(info)
-        return info
-    except KeyboardInterrupt:
-        log("\ninterrupted: run the same command again to resume")
-        sys.exit(130)
-    except (RuntimeError, FileNotFoundError, ValueError) as e:  # PipelineError is a RuntimeError
-        log(f"error: {e}")
-        sys.exit(1)
+    return guard(_command, argv, interrupted="interrupted: run the same command again to resume")
 
 
 if __name__ == '__main__':

@@ -12,26 +12,26 @@ import os
 import sys
 import time
 
-from lumi import (ROOT, TRAINING_DEFAULTS, atomic_write, checkpoint_info, config_defaults, find_checkpoint,
-                  load_config, log, read_json, sha256_bytes, sha256_file, write_json)
+from lumi import (ROOT, TRAINING_DEFAULTS, LumiError, atomic_write, checkpoint_info, config_defaults, find_checkpoint,
+                  load_config, log, read_json, sha256_bytes, sha256_file, split_args, write_json)
 from plot import read_run
 
 PIPELINE_DEFAULTS = dict(
     run_dir='',                       # '' -> runs/<config name>; one folder per stage inside
     train_config='',                  # what data.py and train.py read; '' -> the config file given to `run`
     sft_config='configs/sft_tiny.py',  # skipped when it does not exist (sft.py's defaults then)
-    dpo_config='configs/dpo_tiny.py',
+    dpo_config='configs/dpo_tiny.py',  # skipped when it does not exist (dpo.py's defaults then)
     data_dir='',                      # '' -> the train config's data_dir
     pretrain_minutes=0.0,             # > 0: train.py --max_minutes (the LR schedule is fitted to it)
-    sft_minutes=0.0,
-    dpo_minutes=0.0,
+    sft_minutes=0.0,                  # > 0: sft.py --max_minutes
+    dpo_minutes=0.0,                  # > 0: dpo.py --max_minutes
     data_args=[], pretrain_args=[], sft_args=[], dpo_args=[], eval_args=[], sample_args=[],  # --key=value per stage
     eval_tasks='ppl,boolq,piqa,siqa,openbookqa,commonsenseqa',  # after pretraining
     tuned_eval_tasks='ppl,boolq',     # after SFT and after DPO: did tuning keep what pretraining learned
     eval_limit=0,                     # > 0: examples per choice task (and ppl windows) in these evals
-    sample_prompt='What should I read to learn about the sea?',
-    sample_tokens=64,
-    stages='data,pretrain,eval_pretrain,sft,eval_sft,dpo,eval_dpo,sample',
+    sample_prompt='What should I read to learn about the sea?',  # the last stage's one greedy reply
+    sample_tokens=64,                 # new tokens of that reply
+    stages='data,pretrain,eval_pretrain,sft,eval_sft,dpo,eval_dpo,sample',  # the stages to run, in this order
 )
 PIPELINE_STAGES = ('data', 'pretrain', 'eval_pretrain', 'sft', 'eval_sft', 'dpo', 'eval_dpo', 'sample')
 STAGE_SCRIPT = {'data': 'data', 'pretrain': 'train', 'eval_pretrain': 'eval', 'sft': 'sft', 'eval_sft': 'eval',
@@ -39,7 +39,7 @@ STAGE_SCRIPT = {'data': 'data', 'pretrain': 'train', 'eval_pretrain': 'eval', 's
 STAMP = '.lumi_stage.json'
 
 
-class PipelineError(RuntimeError):
+class PipelineError(LumiError, RuntimeError):
     pass
 
 
@@ -76,8 +76,11 @@ class Pipeline:
     """The stages of one `lumi.py run`, their inputs and products, and the stamps that make reruns cheap."""
 
     def __init__(self, argv):
-        files = [a for a in argv if not a.startswith('--')]
-        flags = [a for a in argv if a.startswith('--')]
+        # every script is imported now, so that a missing stage fails before hours of pretraining, and so that
+        # every key's type is known: `--key value` takes the next word unless the key is a bool flag
+        self.defaults = {s: stage_defaults(s) for s in dict.fromkeys(STAGE_SCRIPT.values())}
+        files, flags = split_args(argv, {**{k: v for d in self.defaults.values() for k, v in d.items()},
+                                         **PIPELINE_DEFAULTS})
         own = [a for a in flags if _flag_key(a) in PIPELINE_DEFAULTS]
         self.cfg = cfg = load_config(PIPELINE_DEFAULTS, files + own)
         self.config_file = files[0] if files else ''
@@ -87,8 +90,6 @@ class Pipeline:
         bad = [s for s in self.stages if s not in PIPELINE_STAGES]
         if bad:
             raise PipelineError(f"unknown stage(s) {bad} in --stages; the stages are {', '.join(PIPELINE_STAGES)}")
-        # every script is imported now, so that a missing stage fails before hours of pretraining
-        self.defaults = {s: stage_defaults(s) for s in dict.fromkeys(STAGE_SCRIPT.values())}
         self.routed = {s: [] for s in self.defaults}
         for arg in flags:  # an override the pipeline does not know goes to each stage that does
             if arg in own:

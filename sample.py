@@ -30,23 +30,23 @@ from model import KVCache, merge_lora
 ckpt = ''                  # checkpoint file or directory; '' = the newest .pt under out_root/*/
 adapter = ''               # a LoRA adapter file (sft.py) applied on top of ckpt, or alone (its base_path)
 tokenizer = ''             # a tokenizer.model or data dir: refuse a checkpoint built with another tokenizer
-out_root = 'out'
+out_root = 'out'           # where ckpt='' looks for the newest checkpoint
 device = 'auto'            # auto: cuda when present, else cpu
 dtype = 'auto'             # the weights' dtype: auto is lumi.resolve_dtype's (bf16 on CUDA and native-bf16 CPUs); or bfloat16 | float32
-seed = 1337
+seed = 1337                # sampling seed
 mode = 'auto'              # auto: chat for sft/dpo checkpoints and adapters, completion otherwise
 system = ''                # chat: the system message
 prompt = ''                # print one completion of this prompt and exit
-max_new_tokens = 256
+max_new_tokens = 256       # new tokens per reply at most
 temperature = 0.8          # 0 is greedy
 top_k = 0                  # 0 is off
 top_p = 0.95               # 1 is off
 repetition_penalty = 1.0   # 1 is off; 1.1-1.3 curbs the loops small models fall into
 stop = ()                  # stop strings: --stop="['\n\n']"
 ignore_eos = False         # generate past the end tokens (benchmarks)
-serve = False
-host = '127.0.0.1'
-port = 8000
+serve = False              # serve the OpenAI-compatible HTTP API and chat page (serve.py)
+host = '127.0.0.1'         # the address to serve on; 0.0.0.0 for every interface
+port = 8000                # the port to serve on; 0 picks a free one
 model_name = ''            # the id the server answers to; '' is lumi-<kind>
 max_tokens_limit = 4096    # the most new tokens one request may ask for
 max_batch = 8              # the most sequences (prompts x n) one request may ask for
@@ -115,9 +115,8 @@ def load_model(ckpt_path, adapter_path='', tokenizer_path='', device='cpu', dtyp
         ckpt = lumi.load_checkpoint(resolve_checkpoint(ckpt_path))
     for key in ('model', 'model_args', 'tokenizer', 'tokenizer_sha256'):
         if key not in ckpt:
-            raise ValueError(f"{ckpt_path} is not a Lumi checkpoint: it has no '{key}'")
-    tok = lumi.tokenizer_from_checkpoint(ckpt)
-    lumi.check_tokenizer(ckpt['tokenizer_sha256'], tok.sha256, f"the tokenizer stored in {ckpt['path']}")
+            raise lumi.LumiError(f"{ckpt_path} is not a Lumi checkpoint: it has no '{key}'")
+    tok = lumi.tokenizer_from_checkpoint(ckpt)  # refuses bytes that do not match the stored hash
     if tokenizer_path:
         if os.path.isdir(tokenizer_path):  # a data dir from data.py
             tokenizer_path = os.path.join(tokenizer_path, 'tokenizer', 'tokenizer.model')
@@ -595,7 +594,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(main())
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"sample.py: {e}")
+    lumi.cli(main, DEFAULTS)

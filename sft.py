@@ -59,15 +59,15 @@ init_from = 'out/tiny'          # a pretrain checkpoint: a .pt file, or a direct
 out_dir = 'out/sft'
 sources = []                    # [(spec, weight), ...] or [spec, ...]; empty: DEFAULT_SOURCES
 data_format = 'auto'            # auto | alpaca | dolly | messages | sharegpt | chitchat | oasst
-cache_dir = 'data/sft'
+cache_dir = 'data/sft'          # rendered conversations are cached here (sft_<key>.pt)
 block_size = 0                  # 0: the model's context
 val_frac = 0.02                 # share of conversations held out for the held-out assistant loss
 epochs = 3.0                    # sets max_iters when neither max_iters nor max_minutes is given
 template_vars = {'name': 'Lumi', 'author': 'the Lumi project'}  # fills {{name}} in identity data
 lora_r = 16                     # 0: full fine-tuning
-lora_alpha = 32.0
+lora_alpha = 32.0               # LoRA scale alpha / r
 lora_dropout = 0.0              # > 0 forgoes the fused CUDA kernel while training
-lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # the projections that get adapters
 lora_chat_tokens = True         # also train the embedding rows of <|system|> <|user|> <|assistant|> <|end|>,
                                 # which a base pretrained on plain text never saw (model.TokenRows)
 learning_rate = 1e-3            # LoRA wants a larger step than full fine-tuning (use ~1e-4 with lora_r=0)
@@ -79,8 +79,8 @@ eval_interval = 50
 eval_iters = 10
 ckpt_interval = 100
 format_samples = 50             # after training: sample replies to held-out prompts and count <|end|>
-format_max_new_tokens = 128
-format_temperature = 0.7
+format_max_new_tokens = 128     # the format check's reply length limit
+format_temperature = 0.7        # the format check's sampling temperature
 num_threads = 0                 # torch threads; 0 leaves torch's default (1 is faster on a busy 2-core machine)
 
 DEFAULT_SOURCES = [
@@ -381,10 +381,13 @@ def prepare_sft_data(tok, srcs, block_size, cache_dir='data/sft', val_frac=0.02,
                                        sort_keys=True).encode())[:16]
     path = os.path.join(cache_dir, f'sft_{key}.pt')
     if os.path.exists(path):
-        prepared = torch.load(path, weights_only=True)
-        lumi.check_tokenizer(prepared['tokenizer_sha256'], tok.sha256, path)
-        lumi.log(f"SFT data from cache {path}: {len(prepared['lengths'])} conversations")
-        return prepared
+        try:  # a cache is rebuilt from its sources, never trusted when it cannot be used
+            prepared = lumi.load_checkpoint(path)
+            lumi.check_tokenizer(prepared.get('tokenizer_sha256'), tok.sha256, path)
+            lumi.log(f"SFT data from cache {path}: {len(prepared['lengths'])} conversations")
+            return prepared
+        except (lumi.LumiError, KeyError) as e:
+            lumi.log(f"SFT cache {path} is unusable ({' '.join(str(e).split())[:200]}): rebuilding it")
     ids, masks, lengths, source, val, seen, stats = [], [], [], [], [], set(), {}
     for si, spec in enumerate(specs):
         src, before = Counter(), len(lengths)
@@ -542,24 +545,25 @@ def save_adapter(path, model, base_path, tok):
 def load_adapter(base, adapter_path, device='cpu'):
     """The base checkpoint's model with the adapter applied; refuses an adapter trained on another base."""
     base_ckpt = lumi.load_checkpoint(base)
-    adapter = torch.load(adapter_path, map_location='cpu', weights_only=True)
+    adapter = lumi.load_checkpoint(adapter_path)
     if adapter.get('kind') != 'adapter':
-        raise ValueError(f"{adapter_path} is not an adapter (kind {adapter.get('kind')!r})")
+        raise lumi.LumiError(f"{adapter_path} is not an adapter (kind {adapter.get('kind')!r})")
+    lacking = [k for k in ('lora', 'lora_state', 'base_sha256', 'tokenizer_sha256') if k not in adapter]
+    if lacking:
+        raise lumi.LumiError(f"{adapter_path} is not a usable adapter: it has no {', '.join(lacking)}")
     sha = lumi.sha256_file(base_ckpt['path'])
     if sha != adapter['base_sha256']:
         raise ValueError(f"{adapter_path} was trained on base {adapter['base_sha256'][:12]}… "
                          f"({adapter['base_path']}), but {base_ckpt['path']} is {sha[:12]}…")
     tok = lumi.tokenizer_from_checkpoint(base_ckpt)
     lumi.check_tokenizer(adapter['tokenizer_sha256'], tok.sha256, adapter_path)
+    lumi.check_fit(adapter_path, adapter['lora_state'], base_ckpt['model_args'], adapter['lora'],
+                   f"its base {base_ckpt['path']} with its lora config", keys=lambda k: '.lora_' in k)
     model = lumi.model_from_checkpoint(base_ckpt)
     if getattr(model, 'lora_config', None):
         merge_lora(model)  # a base that itself carries adapters: they are part of the base
     apply_lora(model, **adapter['lora'])
-    missing, unexpected = model.load_state_dict(adapter['lora_state'], strict=False)
-    lora_missing = [k for k in missing if '.lora_' in k]
-    if unexpected or lora_missing:
-        raise ValueError(f"{adapter_path} does not fit {base_ckpt['path']}: missing {lora_missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+    model.load_state_dict(adapter['lora_state'], strict=False)
     return model.to(device), tok, base_ckpt
 
 
@@ -638,7 +642,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == 'merge':
         if len(argv) != 4:
-            raise SystemExit("usage: python sft.py merge BASE_CKPT ADAPTER OUT")
+            raise lumi.LumiError("usage: python sft.py merge BASE_CKPT ADAPTER OUT")
         return merge(*argv[1:])
     cfg = lumi.load_config(DEFAULTS, argv)
     if cfg.num_threads:
@@ -720,4 +724,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    lumi.cli(main, DEFAULTS, "usage: python sft.py [CONFIG.py] [--key=value ...]\n"
+                             "       python sft.py merge BASE_CKPT ADAPTER OUT")

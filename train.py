@@ -31,15 +31,15 @@ from model import GPT, ModelConfig
 # adds the loop's keys (learning_rate, batch_size, max_iters, max_minutes, compile, dtype, out_dir, ...)
 
 # model: the seed design's tiny model
-n_layer = 6
-n_head = 4
+n_layer = 6                 # transformer blocks
+n_head = 4                  # attention heads (n_embd must divide by it)
 n_kv_head = 4               # < n_head: grouped-query attention
-n_embd = 256
-ffn_hidden = 1024
-block_size = 1024
-dropout = 0.0
-tie_embeddings = True
-rope_theta = 10000.0
+n_embd = 256                # width of the residual stream
+ffn_hidden = 1024           # SwiGLU hidden width
+block_size = 1024           # context length in tokens
+dropout = 0.0               # on attention and MLP outputs while training
+tie_embeddings = True       # the LM head shares the token embedding's weights
+rope_theta = 10000.0        # RoPE base frequency
 # (no vocab_size here: the model's is the tokenizer's, read from the bins' meta.json. A config file's
 # vocab_size is data.py's, the size of the tokenizer it trains when the bins are missing.)
 # data
@@ -52,6 +52,7 @@ num_threads = 0
 out_dir = 'out/pretrain'
 
 DEFAULTS = {**lumi.TRAINING_DEFAULTS, **lumi.config_defaults(globals())}
+RANGES = {'block_size': '[1, inf)', 'eval_iters': '[1, inf)'}  # the val loss averages eval_iters batches
 MODEL_KEYS = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden', 'block_size', 'dropout',
               'tie_embeddings', 'rope_theta')
 
@@ -81,12 +82,16 @@ def resume_path(cfg):
 
 def check_resume(path, model_args, tokenizer_sha, data_dir):
     """Refuse to resume onto other bins or another model shape: the run would silently become another run."""
-    ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    lumi.check_tokenizer(ckpt['tokenizer_sha256'], tokenizer_sha, f"the bins in {data_dir}")
+    ckpt = lumi.load_checkpoint(path)
+    if not isinstance(ckpt.get('model_args'), dict) or 'tokenizer_sha256' not in ckpt:
+        raise lumi.LumiError(f"{path}: not a pretraining checkpoint (no model_args or tokenizer_sha256); use "
+                             f"another --out_dir or --resume=never")
+    lumi.tokenizer_from_checkpoint(ckpt)  # its stored hash is its tokenizer's, before it is compared
+    lumi.check_tokenizer(tokenizer_sha, ckpt['tokenizer_sha256'], f"the bins in {data_dir} (resuming {path})")
     differ = [f"{k}: checkpoint {v!r}, config {model_args.get(k)!r}" for k, v in ckpt['model_args'].items()
               if model_args.get(k) != v]
     if differ:
-        raise ValueError(f"{path} holds a model with other settings ({'; '.join(differ)}); "
+        raise lumi.LumiError(f"{path} holds a model with other settings ({'; '.join(differ)}); "
                          f"use another --out_dir or --resume=never")
 
 
@@ -153,7 +158,7 @@ def baseline_verdict(val_loss, entropy):
 
 def main(argv=None):
     """Train; returns the path of the final checkpoint (None on ranks other than 0)."""
-    cfg = lumi.load_config(DEFAULTS, argv)
+    cfg = lumi.load_config(DEFAULTS, argv, RANGES)
     device, rank, _, world = lumi.setup_distributed(cfg.device)
     cfg.dtype = lumi.resolve_dtype(cfg.dtype, device)
     if cfg.num_threads:
@@ -209,4 +214,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    lumi.cli(main, DEFAULTS)

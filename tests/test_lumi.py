@@ -414,14 +414,14 @@ def test_run_routes_overrides_and_refuses_unknown_keys(tmp_path, capsys):
                           (['--sft_config=missing.py'], 'config file not found: missing.py')):
         with pytest.raises(SystemExit) as e:
             lumi.main(['run'] + argv)
-        assert e.value.code == 1 and message in capsys.readouterr().out
+        assert e.value.code == 1 and message in capsys.readouterr().err
 
 
 def test_run_names_a_missing_stage(monkeypatch, capsys):
     monkeypatch.setitem(pipeline.STAGE_SCRIPT, 'sample', 'no_such_stage')
     with pytest.raises(SystemExit) as e:
         lumi.main(['run'])
-    assert e.value.code == 1 and 'stage no_such_stage.py is missing' in capsys.readouterr().out
+    assert e.value.code == 1 and 'stage no_such_stage.py is missing' in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------

@@ -3,7 +3,9 @@ Data stage throughput on the starter corpus: cleaning + dedupe MB/s, packing tok
 one-document-at-a-time encode loop measured in the same run, and sources-to-bins wall time (fetch excluded:
 the archives are fetched into the cache first, untimed).
 
-    python benchmarks/bench_data.py [--vocab_size=32768] [--out=/tmp/lumi_bench_data]
+    python benchmarks/bench_data.py [--vocab_size=32768] [--num_threads=0] [--out=/tmp/lumi_bench_data]
+
+num_threads is data.py's key (0: all cores) and sizes the data stage and the batched encode alike.
 """
 import os
 import shutil
@@ -19,10 +21,11 @@ import lumi  # noqa: E402
 
 out = '/tmp/lumi_bench_data'
 vocab_size = 32768
+num_threads = 0
 cfg = lumi.load_config(lumi.config_defaults(globals()), sys.argv[1:])
 D = os.path.join(cfg.out, 'starter')
 shutil.rmtree(D, ignore_errors=True)
-args = [f'--data_dir={D}', f'--vocab_size={cfg.vocab_size}']
+args = [f'--data_dir={D}', f'--vocab_size={cfg.vocab_size}', f'--num_threads={cfg.num_threads}']
 settings = lumi.load_config(lumi.config_defaults(vars(data)), args)
 
 # fetch (untimed): every archive into the cache
@@ -60,7 +63,7 @@ t_near, c_near = time.time() - t0, time.process_time() - c0
 # loop, in lockstep chunk by chunk so that other work on the machine falls on both alike
 tok = lumi.Tokenizer.load(os.path.join(D, 'tokenizer', 'tokenizer.model'))
 docs = [r['text'] for r in data.iter_corpus(D)]
-threads = os.cpu_count()
+threads = settings.num_threads or os.cpu_count()  # data.py's rule for 0
 t0, c0 = time.time(), time.process_time()
 meta2 = data.pack(settings, tok, tok_card, man)
 t_pack, c_pack = time.time() - t0, time.process_time() - c0

@@ -263,15 +263,6 @@ def test_a_missing_file_and_a_bad_flag_are_one_line_too(tmp_path):
     assert_one_line_error(run('data.py', '--vocab_sise=512'), "did you mean vocab_size?")
 
 
-def test_a_port_in_use_is_one_line(lively_checkpoint):
-    with socket.socket() as taken:
-        taken.bind(('127.0.0.1', 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        proc = run('sample.py', '--serve', f'--ckpt={lively_checkpoint}', f'--port={port}')
-    assert_one_line_error(proc, f'cannot serve on 127.0.0.1:{port}', 'in use')
-
-
 def test_a_corrupt_sft_cache_is_rebuilt(tmp_path, tokenizer, capsys):
     spec = str(tmp_path / 'chat.jsonl')
     rows = [{'instruction': f'Say {w}.', 'output': f'{w.title()}!'} for w in ('hello', 'goodbye', 'yes', 'no', 'maybe')]

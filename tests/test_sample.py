@@ -267,7 +267,7 @@ def test_base_plus_adapter_equals_the_lora_model(tmp_path, lively_checkpoint, to
 def test_cli_prompt_prints_the_greedy_completion(loaded, lively_checkpoint):
     model, tok, _ = loaded
     run = subprocess.run([sys.executable, 'sample.py', f'--ckpt={os.path.dirname(lively_checkpoint)}',
-                          '--prompt=To be, or', '--max_new_tokens=15', '--temperature=0'],
+                          '--prompt=To be, or', '--max_new_tokens=15', '--temperature=0', '--dtype=float32'],
                          cwd=REPO, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     text, _, _ = S.complete(model, tok, [[lumi.BOS_ID] + tok.encode('To be, or')], greedy(15))[0]

@@ -527,7 +527,7 @@ def test_port_in_use_is_one_line(loaded, lively_checkpoint, tough):
     proc = subprocess.run([sys.executable, 'sample.py', '--serve', f'--ckpt={lively_checkpoint}', f'--port={port}'],
                           cwd=REPO, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and 'Traceback' not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(f'sample.py: cannot listen on 127.0.0.1:{port}')
+    assert proc.stderr.strip().splitlines()[-1].startswith(f'error: cannot listen on 127.0.0.1:{port}')
 
 
 def test_serve_help_lists_its_options():

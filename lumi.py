@@ -202,7 +202,6 @@ def key_comments(*paths):
     """{key: the comment that explains it} for the defaults in these source files: the comment on the line of
     `key = value` (or `key=value,` inside a dict(...) of defaults), with the comment-only lines indented under
     it, else the comment block just above it. The first file that explains a key wins."""
-    import tokenize
     found = {}
     for path in paths:
         with open(path, 'rb') as f:

@@ -6,7 +6,6 @@ an unusable checkpoint or adapter in one line naming the file. Also eval.py's --
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 

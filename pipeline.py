@@ -365,7 +365,8 @@ class Pipeline:
             lines += [f"- ⚠ {w}" for w in warnings]
         try:
             final = self.product(self.last_model_stage())['path']
-            lines += ["", "Chat with the result:", "", f"    python sample.py --ckpt={final}"]
+            chat = ' '.join([f'--ckpt={final}'] + [_quote(a) for a in self.cfg.sample_args])  # the reply's settings
+            lines += ["", "Chat with the result:", "", f"    python sample.py {chat}"]
         except PipelineError:
             pass
         return '\n'.join(lines) + '\n'

@@ -81,6 +81,7 @@ ckpt_interval = 100
 format_samples = 50             # after training: sample replies to held-out prompts and count <|end|>
 format_max_new_tokens = 128     # the format check's reply length limit
 format_temperature = 0.7        # the format check's sampling temperature
+format_repetition_penalty = 1.0  # the format check's --repetition_penalty (sample.py), for its sampled and greedy replies
 num_threads = 0                 # torch threads; 0 leaves torch's default (1 is faster on a busy 2-core machine)
 
 DEFAULT_SOURCES = [
@@ -584,7 +585,8 @@ def merge(base, adapter_path, out):
 # -----------------------------------------------------------------------------
 # the format check: do sampled replies to held-out prompts end with <|end|>?
 
-def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperature, names, batch_size=64, greedy=20):
+def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperature, names, batch_size=64, greedy=20,
+                 repetition_penalty=1.0):
     """Sample replies to n held-out prompts (the first user turn of the first val_examples that leave room
     for max_new_tokens) and count those that end with <|end|> within max_new_tokens, overall and per source;
     the same count for the reference replies shows what the data itself allows. Then greedy replies to the
@@ -607,7 +609,8 @@ def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperat
     model.eval()
 
     def replies(prompts, temperature):
-        params = sample.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0)
+        params = sample.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0,
+                                 repetition_penalty=repetition_penalty)
         out = []
         for s in range(0, len(prompts), batch_size):
             rows = [[] for _ in prompts[s:s + batch_size]]
@@ -705,7 +708,7 @@ def main(argv=None):
     lumi.log(f"wrote {'adapter.pt and ' if cfg.lora_r > 0 else ''}merged.pt in {cfg.out_dir}")
     if cfg.format_samples and len(val_ex):
         fc = format_check(model, tok, prepared, val_ex, cfg.format_samples, cfg.format_max_new_tokens,
-                          cfg.format_temperature, names)
+                          cfg.format_temperature, names, repetition_penalty=cfg.format_repetition_penalty)
         per_source = ', '.join(f"{k[16:]} {v:.0%} of {fc['format_prompts_' + k[16:]]}" for k, v in fc.items()
                                if k.startswith('format_end_rate_'))
         lumi.log(f"format check: {fc['format_end_rate']:.1%} of {fc['format_prompts']} sampled replies to held-out "

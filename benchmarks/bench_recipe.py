@@ -13,13 +13,16 @@ below the unigram entropy of val.bin is the acceptance figure of the CPU profile
     python benchmarks/bench_recipe.py                                   # every arm, 4 minutes each, core 0
     python benchmarks/bench_recipe.py --arms=v4k_l4_d256,v8k_l4_d256 --minutes=2 --cores=0,1 --threads=2
     python benchmarks/bench_recipe.py --list
+    python benchmarks/bench_recipe.py --compile_check --minutes=3 --cores=0,1 --threads=2   # configs/cpu.py
+
+--compile_check trains the CPU profile (configs/cpu.py) twice for the same minutes, compile=True and False,
+and prints the steps each made, the first step (which holds the compilation) and the median step after it.
 
 Prints one row per arm and writes them to runs/bench_recipe/results.json (arms already there are not run
 again unless --fresh). Say which CPU you ran on: the script prints `lscpu`'s model name and whether the CPU
 has AVX512-BF16 (dtype 'auto' then trains in bf16).
 """
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -104,6 +107,29 @@ def run_arm(name, spec, args, out_root):
     return row
 
 
+def compile_check(args):
+    """Does torch.compile pay inside a short CPU budget? Same config, same minutes, compiled and eager."""
+    import statistics
+    pin = ['taskset', '-c', args.cores] if args.cores else []
+    rows = []
+    for compiled in (True, False):
+        out = os.path.join(args.out, f"compile_{compiled}_{args.minutes:g}min_{args.threads}t")
+        t0 = time.time()
+        subprocess.run(pin + [sys.executable, 'train.py', 'configs/cpu.py', f'--out_dir={out}', f'--compile={compiled}',
+                              f'--max_minutes={args.minutes}', f'--num_threads={args.threads}', '--resume=never',
+                              '--eval_interval=1000000', '--ckpt_interval=1000000'],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        steps = [r for r in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl')) if 'loss' in r]
+        # a step's time is its tokens over its tokens/s, as fit logs them
+        dts = [(b['tokens'] - a['tokens']) / b['tokens_per_sec'] for a, b in zip(steps, steps[1:])]
+        first = steps[0]['tokens'] / steps[0]['tokens_per_sec']
+        rows.append((compiled, len(steps), first, statistics.median(dts), steps[-1]['loss'], time.time() - t0))
+    print(f"{cpu_facts()}; configs/cpu.py, {args.minutes:g} min, {args.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M')}")
+    print("compile | steps | first step s | median step s after it | last train loss | wall s")
+    for r in rows:
+        print(f"{r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.3f} | {r[4]:.4f} | {r[5]:.0f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--arms', default=','.join(ARMS), help='comma-separated arm names (--list shows them)')
@@ -115,7 +141,10 @@ def main():
     ap.add_argument('--out', default=os.path.join(ROOT, 'runs', 'bench_recipe'))
     ap.add_argument('--fresh', action='store_true', help='run arms again that results.json already has')
     ap.add_argument('--list', action='store_true')
+    ap.add_argument('--compile_check', action='store_true', help='configs/cpu.py compiled vs eager, same minutes')
     args = ap.parse_args()
+    if args.compile_check:
+        return compile_check(args)
     if args.list:
         for name, spec in ARMS.items():
             print(name, spec)

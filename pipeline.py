@@ -341,7 +341,7 @@ class Pipeline:
         if fmt:
             lines.append(f"- SFT replies to held-out prompts ending with <|end|>: {fmt['format_end_rate']:.1%} of "
                          f"{fmt['format_prompts']} sampled" + (f"; greedy replies: distinct-bigram ratio "
-                         f"{fmt['greedy_distinct2']:.2f}, {fmt['greedy_loops']} of {fmt['greedy_prompts']} one token "
+                         f"{fmt['greedy_distinct2']:.3f}, {fmt['greedy_loops']} of {fmt['greedy_prompts']} one token "
                          f"repeated" if 'greedy_distinct2' in fmt else ''))
         dpo = self._metrics('dpo')
         held = [r for r in dpo if 'val_reward_accuracy' in r]

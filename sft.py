@@ -716,7 +716,7 @@ def main(argv=None):
                  f"({per_source}); reference replies: {fc['format_reference_end_rate']:.1%}")
         if 'greedy_prompts' in fc:
             lumi.log(f"greedy replies to {fc['greedy_prompts']} of those prompts: {fc['greedy_loops']} one token "
-                     f"repeated, distinct-bigram ratio {fc['greedy_distinct2']:.2f}; e.g. {fc['greedy_examples'][0]!r}")
+                     f"repeated, distinct-bigram ratio {fc['greedy_distinct2']:.3f}; e.g. {fc['greedy_examples'][0]!r}")
         step = int(os.path.basename(final)[5:-3]) if final else 0
         lumi.append_jsonl(os.path.join(cfg.out_dir, 'metrics.jsonl'), dict(step=step, **fc))
     evals = [r for r in lumi.read_jsonl(os.path.join(cfg.out_dir, 'metrics.jsonl')) if 'val_loss' in r]

@@ -19,6 +19,12 @@ torch.set_num_threads(1)
 
 import pytest
 
+
+def pytest_configure(config):
+    # `pytest -m "not slow"` runs the suite without the whole-pipeline, torchrun and every-entry-point
+    # subprocess tests, in about a minute on 2 cores
+    config.addinivalue_line("markers", "slow: runs stages as subprocesses (pipeline, torchrun, every entry point)")
+
 TINY_TEXT = """The quick brown fox jumps over the lazy dog. A stitch in time saves nine.
 Shall I compare thee to a summer's day? Thou art more lovely and more temperate.
 In the beginning God created the heaven and the earth. And the earth was without form, and void.

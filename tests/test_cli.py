@@ -225,6 +225,7 @@ def _cases():
     return cases
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('entry, kind', _cases())
 def test_every_entry_point_refuses_an_unusable_file_in_one_line(entry, kind, tmp_path, tiny_checkpoint, adapter,
                                                                 tokenizer):

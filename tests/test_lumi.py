@@ -356,6 +356,7 @@ def _lumi_run(config, *overrides, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw)
 
 
+@pytest.mark.slow
 def test_run_interrupted_resumes_then_skips_everything(tmp_path):
     config = _pipeline_files(tmp_path)
     run = tmp_path / 'run'

@@ -131,6 +131,7 @@ def test_max_minutes_fits_the_schedule_to_the_clock(bins, tmp_path):
     assert 'val_loss' in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl'))[-1]  # and the final eval ran
 
 
+@pytest.mark.slow
 def test_kill9_while_checkpointing_then_resume_is_bit_exact(bins, tmp_path):
     args = [f'--data_dir={bins}', '--max_iters=24', '--eval_interval=6', '--ckpt_interval=6', '--keep_last=2'] + TINY
     full = str(tmp_path / 'full')
@@ -152,6 +153,7 @@ def test_kill9_while_checkpointing_then_resume_is_bit_exact(bins, tmp_path):
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_at_the_same_global_batch(bins, tmp_path):
     """torchrun --nproc_per_node=2 (gloo) with batch 2 per rank against one process with batch 4: the same
     rows each step (GlobalBatches), so the losses agree up to fp32 summation order. Tolerance 1e-4 nats; a run

@@ -909,8 +909,8 @@ def native_bf16():
 
 def resolve_dtype(name, device):
     """The one meaning of dtype='auto' in every stage: bf16 on CUDA and on CPUs that compute it natively
-    (there it trains the CPU profile's model 1.9x faster than fp32 and decodes 1.24x faster, docs/BENCHMARKS.md),
-    fp32 elsewhere."""
+    (there bf16 autocast trained the tiny model 1.85x faster than fp32 and bf16 weights decode 1.24x faster:
+    docs/BENCHMARKS.md, "Training" and "Sampling"), fp32 elsewhere."""
     if name != 'auto':
         return name
     return 'bfloat16' if device.startswith('cuda') or native_bf16() else 'float32'

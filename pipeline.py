@@ -5,18 +5,27 @@ own --resume=auto. A stamp (<stage dir>/.lumi_stage.json) records the hash of wh
 resolved config, the data's meta.json and its parent checkpoint. Done with the same inputs: skipped.
 Started with the same inputs but never finished: run again, which resumes. Other inputs: started afresh.
 
-`python lumi.py run [CONFIG] [--key=value ...]` is the command; this module is what it runs.
+`python lumi.py run [CONFIG] [--key=value ...]` is the command; this file is what it runs. It imports no other
+stage: it reads each stage file's defaults from its source (lumi.file_defaults) and runs it as a process.
+
+Deliberately left out: running stages in parallel, and retrying a failed stage (run the command again).
 """
 import json
 import os
+import shlex
+import signal
+import subprocess
 import sys
 import time
 
-from lumi import (ROOT, TRAINING_DEFAULTS, LumiError, atomic_write, checkpoint_info, config_defaults, find_checkpoint,
-                  load_config, log, read_json, sha256_bytes, sha256_file, split_args, write_json)
-from plot import read_run
+import data
+import lumi
+from checkpoint import checkpoint_info, checkpoint_of
+from lumi import (ROOT, LumiError, atomic_write, file_defaults, load_config, log, read_json, read_jsonl,
+                  sha256_bytes, sha256_file, split_args, write_json)
+from training import unigram_entropy
 
-PIPELINE_DEFAULTS = dict(
+DEFAULTS = dict(
     run_dir='',                       # '' -> runs/<config name>; one folder per stage inside
     train_config='',                  # what data.py and train.py read; '' -> the config file given to `run`
     sft_config='configs/sft_tiny.py',  # skipped when it does not exist (sft.py's defaults then)
@@ -43,24 +52,25 @@ class PipelineError(LumiError, RuntimeError):
     pass
 
 
+# a config file given to `run` may be a training config (configs/tiny.py) as well as the pipeline's own, so
+# the pipeline's keys share a file with every stage's
+SHARES_WITH = tuple(f'{s}.py' for s in dict.fromkeys(STAGE_SCRIPT.values())) + ('pipeline.py',)
+
+
 def stage_defaults(script):
-    """The keys a stage script resolves its config against: its module constants over the training loop's."""
-    import importlib
-    try:
-        mod = importlib.import_module(script)
-    except ModuleNotFoundError as e:
-        if e.name != script:
-            raise
-        raise PipelineError(f"stage {script}.py is missing from {ROOT}: the pipeline needs every stage") from None
-    base = dict(TRAINING_DEFAULTS) if script in ('train', 'sft', 'dpo') else {}
-    return {**base, **config_defaults(vars(mod))}
+    """The keys a stage script resolves its config against, read from its source: its module constants over
+    the training loop's."""
+    path = os.path.join(ROOT, f'{script}.py')
+    if not os.path.isfile(path):
+        raise PipelineError(f"stage {script}.py is missing from {ROOT}: the pipeline needs every stage")
+    return file_defaults(path)
 
 
-def _digest(obj):
+def inputs_digest(obj):
     return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
 
 
-def _fingerprint(path, known=None):
+def file_fingerprint(path, known=None):
     """path's sha256, reusing a known fingerprint when size and mtime are unchanged (a rerun stays fast)."""
     st = os.stat(path)
     if known and known.get('path') == path and known.get('size') == st.st_size and known.get('mtime_ns') == st.st_mtime_ns:
@@ -76,13 +86,13 @@ class Pipeline:
     """The stages of one `lumi.py run`, their inputs and products, and the stamps that make reruns cheap."""
 
     def __init__(self, argv):
-        # every script is imported now, so that a missing stage fails before hours of pretraining, and so that
-        # every key's type is known: `--key value` takes the next word unless the key is a bool flag
+        # every script's defaults are read now, so that a missing stage fails before hours of pretraining, and
+        # so that every key's type is known: `--key value` takes the next word unless the key is a bool flag
         self.defaults = {s: stage_defaults(s) for s in dict.fromkeys(STAGE_SCRIPT.values())}
         files, flags = split_args(argv, {**{k: v for d in self.defaults.values() for k, v in d.items()},
-                                         **PIPELINE_DEFAULTS})
-        own = [a for a in flags if _flag_key(a) in PIPELINE_DEFAULTS]
-        self.cfg = cfg = load_config(PIPELINE_DEFAULTS, files + own)
+                                         **DEFAULTS})
+        own = [a for a in flags if _flag_key(a) in DEFAULTS]
+        self.cfg = cfg = load_config(DEFAULTS, files + own, shares_with=SHARES_WITH)
         self.config_file = files[0] if files else ''
         name = os.path.splitext(os.path.basename(self.config_file))[0] or 'default'
         self.run_dir = cfg.run_dir or os.path.join('runs', name)
@@ -97,19 +107,19 @@ class Pipeline:
             targets = [s for s in self.defaults if _flag_key(arg) in self.defaults[s]]
             if not targets:
                 raise PipelineError(f"unknown key '{_flag_key(arg)}': neither a pipeline key "
-                                    f"({', '.join(sorted(PIPELINE_DEFAULTS))}) nor a key of any stage")
+                                    f"({', '.join(sorted(DEFAULTS))}) nor a key of any stage")
             for s in targets:
                 self.routed[s].append(arg)
         self.train_config = cfg.train_config or self.config_file
         self.sft_config = self._optional_config(cfg.sft_config, 'sft_config')
         self.dpo_config = self._optional_config(cfg.dpo_config, 'dpo_config')
-        base = load_config(self.defaults['train'], [self.train_config] if self.train_config else [])
+        base = self._config('train', [self.train_config] if self.train_config else [])
         self.data_dir = cfg.data_dir or base.data_dir
         self.report = {}
 
     def _optional_config(self, path, key):
         if path and not os.path.isfile(path):
-            if path == PIPELINE_DEFAULTS[key]:
+            if path == DEFAULTS[key]:
                 return ''  # the default file is optional: the stage's own defaults then
             raise PipelineError(f"--{key}: config file not found: {path}")
         return path
@@ -126,12 +136,16 @@ class Pipeline:
         stamp = self.stamp(stage)
         if not stamp or not stamp.get('done') or not os.path.exists(stamp['product']['path']):
             raise PipelineError(f"stage {stage} has not finished in {self.run_dir}: include it in --stages")
-        return _fingerprint(stamp['product']['path'], stamp['product'])
+        return file_fingerprint(stamp['product']['path'], stamp['product'])
 
     # --- what each stage reads, and the command line that runs it
 
+    def _config(self, script, args):
+        # the stage itself refuses a key that no stage knows; here a file's keys for other stages are ignored
+        return load_config(self.defaults[script], args, shares_with=SHARES_WITH)
+
     def _resolved(self, script, args):
-        cfg = load_config(self.defaults[script], args)
+        cfg = self._config(script, args)
         return {k: v for k, v in cfg.items() if k not in ('config_file', 'resume')}
 
     def _trainer_args(self, stage, config, minutes, extra, forced):
@@ -181,13 +195,12 @@ class Pipeline:
     def find_product(self, stage):
         d = self.dir(stage)
         if stage == 'data':
-            import data
             return os.path.join(self.data_dir, 'meta.json') if data.data_ready(self.data_dir) else None
-        if stage == 'pretrain':
-            return find_checkpoint(d)
-        if stage in ('sft', 'dpo'):
-            merged = os.path.join(d, 'merged.pt')
-            return merged if os.path.isfile(merged) else find_checkpoint(d)
+        if stage in ('pretrain', 'sft', 'dpo'):  # the one rule: merged.pt, else the newest step checkpoint
+            try:
+                return checkpoint_of(d)
+            except FileNotFoundError:
+                return None
         name = 'reply.txt' if stage == 'sample' else 'report.json'
         return os.path.join(d, name) if os.path.isfile(os.path.join(d, name)) else None
 
@@ -196,7 +209,7 @@ class Pipeline:
     def run_stage(self, stage):
         """Skip, resume or (re)start one stage; returns what happened: skipped, ran, resumed or restarted."""
         script, argv, inputs = self.command(stage)
-        key = _digest(inputs)
+        key = inputs_digest(inputs)
         d, stamp = self.dir(stage), self.stamp(stage)
         product = self.find_product(stage)
         if stamp and stamp['inputs'] == key and stamp.get('done') and product:
@@ -218,7 +231,6 @@ class Pipeline:
                 raise PipelineError(f"{d} exists but was not made by `lumi.py run`; move it or pick another --run_dir")
         os.makedirs(d, exist_ok=True)
         write_json(os.path.join(d, STAMP), dict(stage=stage, inputs=key, done=False, argv=argv, started=time.time()))
-        import subprocess
         cmd = [sys.executable, os.path.join(ROOT, f'{script}.py')] + argv
         log(f"[{stage}] $ python {script}.py " + ' '.join(_quote(a) for a in argv))
         t0 = time.time()
@@ -236,11 +248,10 @@ class Pipeline:
         if not product:
             raise PipelineError(f"stage {stage} exited 0 but left no output in {d}")
         write_json(os.path.join(d, STAMP), dict(stage=stage, inputs=key, done=True, argv=argv, finished=time.time(),
-                                                seconds=round(time.time() - t0, 1), product=_fingerprint(product)))
+                                                seconds=round(time.time() - t0, 1), product=file_fingerprint(product)))
         return status
 
     def run(self):
-        import signal
 
         def terminated(*_):  # a kill stops the running stage too (subprocess.run kills it on any exception)
             raise KeyboardInterrupt
@@ -265,7 +276,7 @@ class Pipeline:
 
     def _metrics(self, stage):
         path = os.path.join(self.dir(stage), 'metrics.jsonl')
-        return read_run(path)[1] if self._done(stage) and os.path.isfile(path) else []
+        return read_jsonl(path) if self._done(stage) and os.path.isfile(path) else []
 
     def summary(self, seconds):
         lines = [f"# Lumi run: {self.run_dir}", "",
@@ -298,8 +309,7 @@ class Pipeline:
                     source = next(r[t].get('source', '') for _, r in evals if t in r)
                     entropy, base = None, ''
                     if source.endswith('.bin') and os.path.isfile(source):  # the loss of a context-blind model
-                        import train
-                        entropy = train.unigram_entropy(source, 1 << 16)
+                        entropy = unigram_entropy(source, 1 << 16)
                         base = f"{entropy:.4f} (unigram entropy of val.bin)"
                     for k, name, b in (('loss', 'val loss', base), ('bpb', 'bits per byte', '')):
                         vals = []
@@ -383,10 +393,15 @@ def looks_like_words(text):
 
 
 def _quote(arg):
-    import shlex
     return shlex.quote(arg)
 
 
 def run_pipeline(argv):
     """`lumi.py run [CONFIG] [--key=value ...]`: every stage in order; returns the summary text."""
     return Pipeline(argv).run()
+
+
+USAGE = 'usage: python lumi.py run [CONFIG] [--key=value ...]   (python pipeline.py ... is the same)'
+
+if __name__ == '__main__':
+    lumi.cli(run_pipeline, DEFAULTS, USAGE, interrupted="interrupted: run the same command again to resume")

@@ -1,169 +1,35 @@
 """
-Pictures of a run: train/val loss and the learning rate against tokens, as an SVG written by hand (axes,
-ticks, a legend, one polyline per series), so a browser shows it and no plotting library is needed.
+The plot stage: train and val loss against tokens, with the learning rate below, for one or several runs,
+as an SVG written without matplotlib (the drawing is curves.py's, which every training run also uses for
+its own loss.svg).
 
-`python lumi.py plot RUN [RUN ...]` draws several runs together; lumi.fit draws loss.svg at the end of
-every run through write_loss_plot, which never raises.
+    python lumi.py plot RUN [RUN ...] [--out=FILE.svg] [--title=TEXT]     # or python plot.py ...
+
+Deliberately left out: any picture but loss curves.
 """
-import json
-import math
 import os
 
-from lumi import atomic_write, log
+import lumi
+from curves import plot_svg, read_run
 
-PALETTE = ('#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#17becf', '#8c564b', '#e377c2')
-MAX_PLOT_POINTS = 5000  # a longer series keeps every k-th point (its first and last included)
-
-
-def _nice_ticks(lo, hi, count=5):
-    """Round tick values covering [lo, hi]: steps of 1, 2 or 5 times a power of ten."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        lo, hi = 0.0, 1.0
-    if hi - lo < 1e-12 * max(1.0, abs(hi)):
-        lo, hi = lo - 0.5 * (abs(lo) or 1), hi + 0.5 * (abs(hi) or 1)
-    raw = (hi - lo) / count
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw * (1 - 1e-9))
-    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
-    return [i * step for i in range(first, last + 1)]
+DEFAULTS = dict(
+    out='',                   # the SVG to write; '' is RUN/loss.svg for one run directory, else loss.svg
+    title='',                 # '' names the runs
+)
+USAGE = "usage: python lumi.py plot RUN [RUN ...] [--out=FILE.svg] [--title=TEXT]"
 
 
-def _fmt_tick(v, step):
-    if v == 0:
-        return '0'
-    if abs(v) >= 1e9:
-        return f"{v / 1e9:g}B"
-    if abs(v) >= 1e6:
-        return f"{v / 1e6:g}M"
-    if abs(v) >= 1e3 and step >= 100:
-        return f"{v / 1e3:g}k"
-    return f"{round(v, 12):.3g}"
-
-
-def _thin(points):
-    if len(points) <= MAX_PLOT_POINTS:
-        return points
-    k = math.ceil(len(points) / MAX_PLOT_POINTS)
-    return points[::k] + ([points[-1]] if (len(points) - 1) % k else [])
-
-
-def plot_series(runs):
-    """From (label, metrics records) pairs, the series to draw: per run its train loss, val loss and LR
-    against tokens (or steps when the records lack token counts)."""
-    x_key = 'tokens' if all('tokens' in r for _, recs in runs for r in recs) else 'step'
-    series = []
-    for i, (label, recs) in enumerate(runs):
-        color = PALETTE[i % len(PALETTE)]
-        for panel, key, name, dashed in (('loss', 'loss', 'train loss', False), ('loss', 'val_loss', 'val loss', True),
-                                         ('lr', 'lr', 'learning rate', False)):
-            pts = [(float(r[x_key]), float(r[key])) for r in recs
-                   if isinstance(r.get(key), (int, float)) and isinstance(r.get(x_key), (int, float))
-                   and math.isfinite(r[key])]
-            if pts:
-                series.append(dict(run=label, name=name, panel=panel, color=color, dashed=dashed, points=_thin(pts)))
-    return x_key, series
-
-
-def plot_svg(runs, path, title=''):
-    """Draw loss against tokens (top panel) and the learning rate (bottom) for one or several runs.
-
-    runs: (label, records) pairs, records as in metrics.jsonl. Written without matplotlib: axes, ticks,
-    labels, a legend and one <polyline> per series, which carries data-run and data-series attributes so
-    that a reader (or a test) can find each curve. Returns path.
-    """
-    from xml.sax.saxutils import escape, quoteattr
-    x_key, series = plot_series(runs)
-    if not series:
-        raise ValueError("nothing to plot: the runs have no loss, val_loss or lr records")
-    W, left, right, top = 1000, 80, 250, 50
-    panels = {'loss': (top, 300), 'lr': (top + 300 + 70, 140)}  # panel -> (y of its top, height)
-    H = panels['lr'][0] + panels['lr'][1] + 60
-    pw = W - left - right
-    xs = [x for s in series for x, _ in s['points']]
-    xticks = _nice_ticks(min(xs), max(xs), 6)
-    x0, x1 = xticks[0], xticks[-1]
-    X = lambda x: left + (x - x0) / (x1 - x0) * pw
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
-           'font-family="Helvetica, Arial, sans-serif" font-size="12">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{left}" y="28" font-size="16" font-weight="bold">{escape(title or "Lumi training curves")}</text>']
-    for panel, (py, ph) in panels.items():
-        ps = [s for s in series if s['panel'] == panel]
-        ys = [y for s in ps for _, y in s['points']] or [0.0, 1.0]
-        yticks = _nice_ticks(min(ys), max(ys), 5)
-        y0, y1 = yticks[0], yticks[-1]
-        Y = lambda y, py=py, ph=ph, y0=y0, y1=y1: py + ph - (y - y0) / (y1 - y0) * ph
-        out.append(f'<g class="panel" data-panel="{panel}">')
-        out.append(f'<rect x="{left}" y="{py}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>')
-        ystep = yticks[1] - yticks[0] if len(yticks) > 1 else 1
-        for t in yticks:
-            y = Y(t)
-            out.append(f'<line x1="{left}" y1="{y:.2f}" x2="{left + pw}" y2="{y:.2f}" stroke="#e5e5e5"/>')
-            out.append(f'<text x="{left - 6}" y="{y + 4:.2f}" text-anchor="end">{_fmt_tick(t, ystep)}</text>')
-        xstep = xticks[1] - xticks[0] if len(xticks) > 1 else 1
-        for t in xticks:
-            x = X(t)
-            out.append(f'<line x1="{x:.2f}" y1="{py}" x2="{x:.2f}" y2="{py + ph}" stroke="#f0f0f0"/>')
-            out.append(f'<text x="{x:.2f}" y="{py + ph + 16}" text-anchor="middle">{_fmt_tick(t, xstep)}</text>')
-        out.append(f'<text x="{left + pw / 2}" y="{py + ph + 34}" text-anchor="middle">{x_key}</text>')
-        label = 'loss (nats/token)' if panel == 'loss' else 'learning rate'
-        out.append(f'<text transform="translate({left - 58},{py + ph / 2}) rotate(-90)" '
-                   f'text-anchor="middle">{label}</text>')
-        for s in ps:
-            pts = ' '.join(f"{X(x):.2f},{Y(y):.2f}" for x, y in s['points'])
-            dash = ' stroke-dasharray="6,4"' if s['dashed'] else ''
-            out.append(f'<polyline fill="none" stroke="{s["color"]}" stroke-width="1.6"{dash} '
-                       f'data-run={quoteattr(s["run"])} data-series="{s["name"]}" points="{pts}"/>')
-            if s['dashed'] or len(s['points']) == 1:  # evals are few: mark each; a lone point needs a dot
-                out += [f'<circle cx="{X(x):.2f}" cy="{Y(y):.2f}" r="2.8" fill="{s["color"]}"/>'
-                        for x, y in s['points']]
-        out.append('</g>')
-    ly, lx = top + 10, left + pw + 20  # the legend, right of the panels: each run, then its loss curves
-    for label, _ in runs:
-        mine = [s for s in series if s['run'] == label and s['panel'] == 'loss']
-        if not mine:
-            continue
-        out.append(f'<text x="{lx}" y="{ly + 4}" font-weight="bold" fill="{mine[0]["color"]}">'
-                   f'{escape(label if len(label) <= 30 else "…" + label[-29:])}</text>')
-        ly += 18
-        for s in mine:
-            dash = ' stroke-dasharray="6,4"' if s['dashed'] else ''
-            out.append(f'<line x1="{lx}" y1="{ly}" x2="{lx + 28}" y2="{ly}" stroke="{s["color"]}" stroke-width="2"{dash}/>')
-            out.append(f'<text x="{lx + 34}" y="{ly + 4}">{s["name"]}, last {s["points"][-1][1]:.3f}</text>')
-            ly += 18
-        ly += 8
-    out.append('</svg>')
-    text = '\n'.join(out) + '\n'
-    atomic_write(path, lambda f: f.write(text), mode='w')
+def main(argv):
+    """Draw the runs (directories or metrics.jsonl files); returns the SVG's path."""
+    runs, flags = lumi.split_args(argv, DEFAULTS)
+    if not runs:
+        raise lumi.LumiError(USAGE)
+    cfg = lumi.load_config(DEFAULTS, flags, shares_with=())
+    out = cfg.out or (os.path.join(runs[0], 'loss.svg') if len(runs) == 1 and os.path.isdir(runs[0]) else 'loss.svg')
+    path = plot_svg([read_run(r) for r in runs], out, title=cfg.title or ', '.join(map(os.path.normpath, runs)))
+    lumi.log(f"wrote {path}")
     return path
 
 
-def _run_label(path):
-    path = os.path.normpath(path)
-    return os.path.basename(os.path.dirname(path)) if path.endswith('.jsonl') else os.path.basename(path)
-
-
-def read_run(path):
-    """(label, records) of a run directory or a metrics.jsonl file."""
-    metrics = os.path.join(path, 'metrics.jsonl') if os.path.isdir(path) else path
-    if not os.path.isfile(metrics):
-        raise FileNotFoundError(f"no metrics.jsonl at {path}")
-    records = []
-    with open(metrics) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:  # a line cut by a kill: skip it, say so
-                log(f"{metrics}:{n}: skipped a malformed line ({e.msg})")
-    return _run_label(path), records
-
-
-def write_loss_plot(out_dir):
-    """fit()'s picture at the end of a run: out_dir/loss.svg. Never lets a plotting problem fail training."""
-    try:
-        path = plot_svg([read_run(out_dir)], os.path.join(out_dir, 'loss.svg'), title=f"{out_dir}")
-        log(f"wrote {path}")
-    except Exception as e:  # noqa: BLE001 - a picture is never worth a failed run
-        log(f"could not draw {out_dir}/loss.svg: {type(e).__name__}: {e}")
+if __name__ == '__main__':
+    lumi.cli(main, DEFAULTS, USAGE)

@@ -1,8 +1,9 @@
 """
-The HTTP face of sample.py: OpenAI's completions and chat completions APIs, plain and streamed as
-server-sent events, with /v1/models, /health and a small chat page at /, on the standard library's HTTP
-server. `python sample.py --serve` starts it (`python serve.py --help` lists its options); generation is
-handed in (sample.stream_text), so this file knows HTTP and OpenAI's shapes and nothing of models.
+The serving stage: OpenAI's completions and chat completions APIs, plain and streamed as server-sent
+events, with /v1/models, /health and a small chat page at / (assets/chat.html), on the standard library's HTTP
+server. `python serve.py --ckpt=...` (or `python sample.py --serve ...`) loads the model with sample.py's keys
+(checkpoint.load_model) and serves engine.stream_text; the Server itself is handed its generation, so it knows
+HTTP and OpenAI's shapes and nothing of models.
 
 Hostile clients are expected: every request the server cannot or will not honour is answered 4xx with
 OpenAI's error body, a fixed pool of worker threads serves connections (a full queue is answered 503), and
@@ -27,9 +28,11 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import lumi
+from checkpoint import load_model, newest_checkpoint
+from engine import Sampling, make_generator, stream_text
 from lumi import BOS_ID
 
-# Server's options, as `python sample.py --serve --key=value` takes them: (default, what it bounds)
+# Server's options, as `python serve.py --key=value` takes them: (default, what it bounds)
 OPTIONS = {
     'max_tokens_limit': (4096, "the most new tokens one request may ask for"),
     'max_batch': (8, "the most sequences (prompts x n) one request may ask for"),
@@ -61,7 +64,7 @@ class APIError(Exception):
         self.status, self.body = status, {'error': dict(message=message, type=kind, param=param, code=code)}
 
 
-def _field(body, key, types, default, valid=None, rule=''):
+def _body_field(body, key, types, default, valid=None, rule=''):
     """body[key] if it has one of types (a bool is never a number, a float is finite) and passes valid; absent
     or null: default."""
     value = body.get(key)
@@ -122,41 +125,41 @@ def parse_request(body, server, chat):
                 raise APIError(400, f"'{key}' is not supported by this server{hint}", key, 'unsupported_parameter')
         elif key not in KNOWN and key != ('messages' if chat else 'prompt'):
             raise APIError(400, f"unknown parameter '{key[:100]}'", key[:100], 'unknown_parameter')
-    name = _field(body, 'model', (str,), server.model_name, rule='a string')
+    name = _body_field(body, 'model', (str,), server.model_name, rule='a string')
     if name != server.model_name:
         raise APIError(404, f"The model '{name[:100]}' does not exist; this server serves '{server.model_name}'",
                        'model', 'model_not_found')
     d = server.defaults
     key = 'max_completion_tokens' if body.get('max_completion_tokens') is not None else 'max_tokens'
-    max_tokens = _field(body, key, (int,), d.max_new_tokens, lambda v: v >= 1, 'an integer >= 1')
+    max_tokens = _body_field(body, key, (int,), d.max_new_tokens, lambda v: v >= 1, 'an integer >= 1')
     if max_tokens > server.max_tokens_limit:
         raise APIError(400, f"'{key}' is {max_tokens}, over this server's limit of {server.max_tokens_limit}",
                        key, 'max_tokens_exceeded')
     longest = server.max_stop_chars
-    stop = _field(body, 'stop', (str, list), [], lambda v: (isinstance(v, str) and len(v) <= longest) or (
+    stop = _body_field(body, 'stop', (str, list), [], lambda v: (isinstance(v, str) and len(v) <= longest) or (
         isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) and len(s) <= longest for s in v)),
         f'a string or a list of at most 4 strings, each at most {longest} characters')
     params = replace(
         d, max_new_tokens=max_tokens,
-        temperature=_field(body, 'temperature', (int, float), d.temperature, lambda v: 0 <= v <= 2, 'in [0, 2]'),
-        top_k=max(0, _field(body, 'top_k', (int,), d.top_k, lambda v: v >= -1, 'an integer >= -1')),
-        top_p=_field(body, 'top_p', (int, float), d.top_p, lambda v: 0 < v <= 1, 'in (0, 1]'),
-        repetition_penalty=_field(body, 'repetition_penalty', (int, float), d.repetition_penalty,
+        temperature=_body_field(body, 'temperature', (int, float), d.temperature, lambda v: 0 <= v <= 2, 'in [0, 2]'),
+        top_k=max(0, _body_field(body, 'top_k', (int,), d.top_k, lambda v: v >= -1, 'an integer >= -1')),
+        top_p=_body_field(body, 'top_p', (int, float), d.top_p, lambda v: 0 < v <= 1, 'in (0, 1]'),
+        repetition_penalty=_body_field(body, 'repetition_penalty', (int, float), d.repetition_penalty,
                                   lambda v: 0.01 <= v <= 100, 'in [0.01, 100]'),
         stop=(stop,) if isinstance(stop, str) else tuple(stop))
-    n = _field(body, 'n', (int,), 1, lambda v: 1 <= v <= server.max_batch, f'in [1, {server.max_batch}]')
-    seed = _field(body, 'seed', (int,), None, lambda v: 0 <= v < 2 ** 63, 'an integer in [0, 2**63)')
-    stream = _field(body, 'stream', (bool,), False, rule='a boolean')
-    _field(body, 'user', (str,), '', rule='a string')
-    options = _field(body, 'stream_options', (dict,), {}, lambda v: set(v) <= {'include_usage'},
+    n = _body_field(body, 'n', (int,), 1, lambda v: 1 <= v <= server.max_batch, f'in [1, {server.max_batch}]')
+    seed = _body_field(body, 'seed', (int,), None, lambda v: 0 <= v < 2 ** 63, 'an integer in [0, 2**63)')
+    stream = _body_field(body, 'stream', (bool,), False, rule='a boolean')
+    _body_field(body, 'user', (str,), '', rule='a string')
+    options = _body_field(body, 'stream_options', (dict,), {}, lambda v: set(v) <= {'include_usage'},
                      "an object with only 'include_usage'")
-    include_usage = _field(options, 'include_usage', (bool,), False, rule='a boolean')
+    include_usage = _body_field(options, 'include_usage', (bool,), False, rule='a boolean')
 
     tok = server.tok
     if chat:
         prompts = [render_messages(tok, body.get('messages'))]
     else:
-        texts = _field(body, 'prompt', (str, list), None, lambda v: isinstance(v, str) or (
+        texts = _body_field(body, 'prompt', (str, list), None, lambda v: isinstance(v, str) or (
             0 < len(v) <= server.max_batch and all(isinstance(t, str) for t in v)), 'a string or a list of strings')
         if texts is None:
             raise APIError(400, "'prompt' is required", 'prompt', 'missing_required_parameter')
@@ -465,8 +468,8 @@ class Handler(BaseHTTPRequestHandler):
 class Server(HTTPServer):
     """OpenAI's API on host:port (port 0 picks a free one) for one model.
 
-    generate(prompts, params, chat, seed) runs a batch of token-id prompts with a sample.Sampling and yields
-    (row, text delta, finish_reason, tokens so far), as sample.stream_text does; defaults is the Sampling a
+    generate(prompts, params, chat, seed) runs a batch of token-id prompts with an engine.Sampling and yields
+    (row, text delta, finish_reason, tokens so far), as engine.stream_text does; defaults is the Sampling a
     request starts from; window is the model's context length. The keyword options are OPTIONS."""
 
     def __init__(self, generate, tok, window, defaults, model_name='lumi', host='127.0.0.1', port=8000,
@@ -543,12 +546,23 @@ class Server(HTTPServer):
         return dict(id=self.model_name, object='model', created=self.created, owned_by='lumi')
 
 
-HELP = """usage: python sample.py --serve [--ckpt=PATH] [--host=127.0.0.1] [--port=8000] [--key=value ...]
-   or: python serve.py [the same --key=value ...]
+with open(os.path.join(lumi.ROOT, 'assets', 'chat.html'), encoding='utf-8') as _f:
+    CHAT_PAGE = _f.read()
+# -----------------------------------------------------------------------------
+# the stage: sample.py's keys choose the model and the default sampling; these say where to serve it
 
-Serves sample.py's model over OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models), with /health
-and a chat page at /. sample.py's keys (ckpt, temperature, ...) set the model and the default sampling;
-these bound what a request may ask and how long it may take:
+host = '127.0.0.1'         # the address to serve on; 0.0.0.0 for every interface
+port = 8000                # the port to serve on; 0 picks a free one
+model_name = ''            # the id the server answers to; '' is lumi-<kind>
+SAMPLE_KEYS = ('ckpt', 'adapter', 'tokenizer', 'out_root', 'device', 'dtype', 'seed', 'max_new_tokens', 'temperature',
+               'top_k', 'top_p', 'repetition_penalty', 'stop', 'ignore_eos')
+DEFAULTS = {**{k: v for k, v in lumi.file_defaults('sample.py').items() if k in SAMPLE_KEYS},
+            **lumi.config_defaults(globals()), **{k: default for k, (default, _) in OPTIONS.items()}}
+
+HELP = """usage: python serve.py [--ckpt=PATH] [--host=127.0.0.1] [--port=8000] [--key=value ...]   (or sample.py --serve)
+Serves a model over OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models), /health and a chat page at /.
+sample.py's keys (ckpt, temperature, ...: python sample.py --help) choose the model and the default sampling;
+--host, --port and --model_name where and as what it is served; these bound what a request may ask, and how long:
 """
 
 
@@ -556,61 +570,31 @@ def main(argv):
     if any(a in ('-h', '--help') for a in argv):
         print(HELP + '\n'.join(f"  --{k}={d!r}".ljust(28) + f" {doc}" for k, (d, doc) in OPTIONS.items()))
         return 0
-    # serving is sample.py's --serve (it loads the model); run it rather than import a stage
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sample.py')
-    os.execv(sys.executable, [sys.executable, script, '--serve', *argv])
+    cfg = lumi.load_config(DEFAULTS, argv, shares_with=('sample.py',))
+    dev = lumi.pick_device(cfg.device)
+    dt = lumi.resolve_dtype(cfg.dtype, dev)
+    lumi.seed_everything(cfg.seed)
+    source = cfg.ckpt or cfg.adapter or newest_checkpoint(cfg.out_root)
+    model, tok, info = load_model(source, dev, dt, adapter=cfg.adapter if cfg.ckpt else '', tokenizer=cfg.tokenizer)
+    params = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty,
+                      tuple(cfg.stop), cfg.ignore_eos)
+    what = info['path'] + (f" + adapter {info['adapter']}" if info['adapter'] else '')
+    print(f"{what}: {info['kind']} model, {model.num_params() / 1e6:.1f}M parameters, {dev} {dt}", file=sys.stderr)
 
-
-CHAT_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>Lumi</title>
-<style>
- body { font: 15px/1.45 system-ui, sans-serif; max-width: 46em; margin: 2em auto; padding: 0 1em; color: #222 }
- #log p { white-space: pre-wrap; margin: .6em 0 } .user { color: #555 }
- .user::before { content: "you: "; font-weight: bold }
- form { display: flex; gap: .5em } textarea { flex: 1; font: inherit } small { color: #777 }
-</style></head><body>
-<h3>Lumi <small id="name"></small></h3>
-<div id="log"></div>
-<form id="form"><textarea id="input" rows="2" placeholder="Message (Enter sends, Shift+Enter is a new line)"></textarea>
-<button>Send</button></form>
-<p><small>system <input id="system" size="30"> temperature <input id="temp" type="number" step="0.1" min="0" max="2"
-value="0.8" style="width:4em"> max tokens <input id="max" type="number" min="1" value="256" style="width:5em">
-<button id="reset" type="button">New chat</button></small></p>
-<script>
-const MODEL = MODEL_NAME, $ = id => document.getElementById(id);
-let history = [];
-$('name').textContent = MODEL;
-function show(cls, text) { const p = document.createElement('p'); p.className = cls; p.textContent = text;
-  $('log').append(p); return p; }
-async function send(text) {
-  history.push({role: 'user', content: text}); show('user', text);
-  const out = show('assistant', ''); let reply = '';
-  const messages = ($('system').value ? [{role: 'system', content: $('system').value}] : []).concat(history);
-  const r = await fetch('/v1/chat/completions', {method: 'POST', headers: {'Content-Type': 'application/json'},
-    body: JSON.stringify({model: MODEL, messages, stream: true, temperature: +$('temp').value,
-                          max_tokens: +$('max').value})});
-  if (!r.ok) { out.textContent = 'error: ' + (await r.json()).error.message; history.pop(); return; }
-  const reader = r.body.getReader(), utf8 = new TextDecoder(); let buf = '';
-  for (;;) {
-    const {value, done} = await reader.read(); if (done) break;
-    buf += utf8.decode(value, {stream: true}); let i;
-    while ((i = buf.indexOf('\\n\\n')) >= 0) {
-      const line = buf.slice(0, i); buf = buf.slice(i + 2);
-      if (!line.startsWith('data: ') || line === 'data: [DONE]') continue;
-      const c = JSON.parse(line.slice(6)).choices[0];
-      if (c && c.delta.content) { reply += c.delta.content; out.textContent = reply; }
-    }
-  }
-  history.push({role: 'assistant', content: reply});
-}
-$('form').onsubmit = e => {
-  e.preventDefault(); const t = $('input').value.trim(); $('input').value = ''; if (t) send(t); };
-$('input').onkeydown = e => {
-  if (e.key === 'Enter' && !e.shiftKey) { e.preventDefault(); $('form').requestSubmit(); } };
-$('reset').onclick = () => { history = []; $('log').innerHTML = ''; };
-</script></body></html>
-"""
+    def generate(prompts, p, chat, seed):
+        return stream_text(model, tok, prompts, p, chat, make_generator(seed, dev))
+    server = Server(generate, tok, model.cfg.block_size, params, cfg.model_name or f"lumi-{info['kind']}",
+                    cfg.host, cfg.port, info['created'], **{key: cfg[key] for key in OPTIONS})
+    host, port = server.server_address[:2]
+    print(f"serving '{server.model_name}' at http://{host}:{port}/ (API under /v1)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(lumi.guard(main, sys.argv[1:]))

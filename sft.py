@@ -1,17 +1,14 @@
 """
-Supervised fine-tuning (stages 60-70): conversations in the formats people have -> the one chat template ->
-token ids with a loss mask on the assistant's tokens -> LoRA (or full) fine-tuning through lumi.fit.
+The supervised fine-tuning stage: conversations in the formats people have (conversations.py) -> the one chat
+template -> token ids with a loss mask on the assistant's tokens -> LoRA (or full) fine-tuning through
+training.fit.
 
     python sft.py configs/sft_tiny.py --init_from=out/tiny --out_dir=out/sft --max_iters=200
     python sft.py merge BASE_CKPT ADAPTER OUT          # fold an adapter into its base, standalone
 
-Formats (to_messages, auto-detected per record): alpaca {instruction, input, output[, system, history]},
-dolly {instruction, context, response}, messages {messages: [{role, content}]} (content a string or a list
-of text parts), sharegpt {conversations: [{from, value}][, system]}, chitchat {messages: [[{text, sender}]]}
-and OpenAssistant message trees (flat rows with message_id/parent_id/rank, or nested trees with replies),
-rebuilt by following the top-ranked reply. Sources are any data.py spec (local path or glob, url:, hf:,
-pypi:, pypi-sdist:) with a weight: how often each of its examples is seen per epoch (0.25 = a fresh
-quarter of them each epoch). Exact duplicate conversations across sources are dropped and counted.
+Sources are any data.py spec (local path or glob, url:, hf:, pypi:, pypi-sdist:) in any of conversations.py's
+formats, with a weight: how often each of its examples is seen per epoch (0.25 = a fresh quarter of them
+each epoch). Exact duplicate conversations across sources are dropped and counted.
 
 Truncation rule (render_example): a conversation longer than block_size + 1 tokens keeps its messages up to
 the last assistant reply that ends inside the context, so every kept reply is whole with its <|end|>; if
@@ -27,17 +24,15 @@ the four chat tokens (lora_chat_tokens): a base pretrained on plain text never s
 slow to learn to say <|end|> (docs/BENCHMARKS.md). lora_r=0 is full fine-tuning.
 
 Outputs in out_dir: metrics.jsonl and ckpt_<step>.pt / best.pt as train.py writes them (these carry the
-adapters: lumi.model_from_checkpoint rebuilds them), adapter.pt (the adapter alone, with its base's path and
+adapters: checkpoint.model_from_checkpoint rebuilds them), adapter.pt (the adapter alone, with its base's path and
 SHA256 and the LoRA config) and merged.pt (a standalone checkpoint, kind 'sft', adapters folded in: the file
 to hand to sample.py and dpo.py). With lora_r=0 the run is full fine-tuning and there is no adapter.pt.
 
 Deliberately left out: packing several conversations into one row (right-padding to the longest in a
-length-grouped batch wastes little, see the printed padding efficiency), tool/function-call roles, and
-per-language filtering of OpenAssistant.
+length-grouped batch wastes little, see the printed padding efficiency).
 """
 import glob
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -49,8 +44,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import lumi
-from model import apply_lora, lora_state_dict, merge_lora
+import training
+from conversations import load_conversations
+from checkpoint import load_model, merge_adapter, save_adapter, save_merged
+from engine import Sampling, distinct_ngrams, generate_ids, make_generator, one_token_loop
+from model import apply_lora
 
 # -----------------------------------------------------------------------------
 # defaults: any of them can be set in a config file or as --key=value
@@ -92,241 +92,6 @@ DEFAULT_SOURCES = [
     ('pypi:chitchat-dataset==0.9.0:chitchat_dataset/dataset.json', 0.15),
 ]
 PREP_VERSION = 1  # bump when rendering changes, so old caches are rebuilt
-
-# -----------------------------------------------------------------------------
-# conversation formats -> [{'role', 'content'}]
-
-ROLE_ALIASES = {'user': 'user', 'human': 'user', 'prompter': 'user',
-                'assistant': 'assistant', 'gpt': 'assistant', 'bot': 'assistant', 'model': 'assistant',
-                'chatgpt': 'assistant', 'system': 'system'}
-
-
-def _field(record, key, fmt, optional=False):
-    value = record.get(key)
-    if value is None and optional:
-        return ''
-    if not isinstance(value, str):
-        what = 'missing' if value is None else f'not a string ({type(value).__name__})'
-        raise ValueError(f"{fmt} record: field '{key}' is {what}")
-    return value
-
-
-def _content(content, where):
-    """A message body: a string, or a list of text parts as OpenAI ({type, text}) and LLaMA-Factory
-    ({type, value}) write them."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get('type', 'text') != 'text':
-                kind = part.get('type') if isinstance(part, dict) else type(part).__name__
-                raise ValueError(f"field '{where}[{j}]': {kind} content is not supported (text only)")
-            text = part.get('text', part.get('value'))
-            if not isinstance(text, str):
-                raise ValueError(f"field '{where}[{j}]': text part has no string 'text' or 'value'")
-            texts.append(text)
-        return '\n'.join(texts)
-    raise ValueError(f"field '{where}' must be a string or a list of text parts, got {type(content).__name__}")
-
-
-def _role(name, where):
-    role = ROLE_ALIASES.get(str(name).lower())
-    if role is None:
-        raise ValueError(f"field '{where}': unsupported role {name!r} (expected one of {sorted(ROLE_ALIASES)})")
-    return role
-
-
-def from_alpaca(r):
-    msgs = [{'role': 'system', 'content': r['system']}] if r.get('system') else []
-    for i, pair in enumerate(r.get('history') or []):  # LLaMA-Factory's earlier turns: [[query, reply], ...]
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
-            raise ValueError(f"alpaca record: field 'history[{i}]' must be a [query, reply] pair of strings")
-        msgs += [{'role': 'user', 'content': pair[0]}, {'role': 'assistant', 'content': pair[1]}]
-    instruction, extra = _field(r, 'instruction', 'alpaca'), _field(r, 'input', 'alpaca', optional=True)
-    prompt = f"{instruction}\n{extra}" if extra.strip() else instruction  # LLaMA-Factory joins them so
-    return msgs + [{'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': _field(r, 'output', 'alpaca')}]
-
-
-def from_dolly(r):
-    instruction, context = _field(r, 'instruction', 'dolly'), _field(r, 'context', 'dolly', optional=True)
-    prompt = f"{instruction}\n\n{context}" if context.strip() else instruction
-    return [{'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': _field(r, 'response', 'dolly')}]
-
-
-def _turns(r, fmt, field, role_key, content_key):
-    """A list of {role_key, content_key} objects under r[field], as messages; errors name the field."""
-    turns = r.get(field)
-    if not isinstance(turns, list):
-        raise ValueError(f"{fmt} record: field '{field}' must be a list")
-    out = []
-    for i, t in enumerate(turns):
-        if not isinstance(t, dict):
-            raise ValueError(f"{fmt} record: field '{field}[{i}]' must be an object")
-        out.append({'role': _role(t.get(role_key), f'{field}[{i}].{role_key}'),
-                    'content': _content(t.get(content_key), f'{field}[{i}].{content_key}')})
-    return out
-
-
-def from_messages(r):
-    return _turns(r, 'messages', 'messages', 'role', 'content')
-
-
-def from_sharegpt(r):
-    system = [{'role': 'system', 'content': r['system']}] if isinstance(r.get('system'), str) and r['system'] else []
-    return system + _turns(r, 'sharegpt', 'conversations', 'from', 'value')
-
-
-def from_chitchat(r):
-    """chitchat-dataset: turns are lists of utterances by one sender; the opener's turns become the user's."""
-    out, first = [], None
-    for i, turn in enumerate(r['messages']):
-        if not isinstance(turn, list) or not turn:
-            raise ValueError(f"chitchat record: field 'messages[{i}]' must be a non-empty list of utterances")
-        if not all(isinstance(u, dict) and isinstance(u.get('text'), str) for u in turn):
-            raise ValueError(f"chitchat record: field 'messages[{i}]' has an utterance without a string 'text'")
-        text = '\n'.join(u['text'].strip() for u in turn if u['text'].strip())
-        if not text:  # a turn of empty utterances says nothing
-            continue
-        sender = turn[0].get('sender')
-        first = sender if first is None else first
-        role = 'user' if sender == first else 'assistant'
-        if out and out[-1]['role'] == role:  # one sender twice in a row: one turn
-            out[-1]['content'] += '\n' + text
-        else:
-            out.append({'role': role, 'content': text})
-    return out
-
-
-FORMATS = {'alpaca': from_alpaca, 'dolly': from_dolly, 'messages': from_messages, 'sharegpt': from_sharegpt,
-           'chitchat': from_chitchat}
-
-
-def _is_oasst(r):
-    return isinstance(r, dict) and ('message_id' in r and 'parent_id' in r
-                                    or isinstance(r.get('prompt'), dict) and 'replies' in r['prompt'])
-
-
-def detect_format(r):
-    if not isinstance(r, dict):
-        raise ValueError(f"record must be a JSON object, got {type(r).__name__}")
-    if 'conversations' in r:
-        return 'sharegpt'
-    if 'messages' in r:
-        msgs = r['messages']
-        return 'chitchat' if isinstance(msgs, list) and msgs and isinstance(msgs[0], list) else 'messages'
-    if 'instruction' in r:
-        return 'dolly' if 'response' in r or 'context' in r and 'output' not in r else 'alpaca'
-    if _is_oasst(r):
-        return 'oasst'
-    raise ValueError(f"unknown record format, fields {sorted(r)[:12]}: expected alpaca (instruction/input/output), "
-                     f"dolly (instruction/context/response), messages, sharegpt (conversations) or oasst")
-
-
-def check_conversation(msgs):
-    """Drop trailing turns nobody answers; require text in every turn and at least one reply to learn."""
-    for i, m in enumerate(msgs):
-        if not m['content'].strip():
-            raise ValueError(f"message {i}: empty {m['role']} message")
-        if m['role'] == 'system' and i > 0:
-            raise ValueError(f"message {i}: a system message may only come first")
-    while msgs and msgs[-1]['role'] != 'assistant':
-        msgs = msgs[:-1]
-    if not any(m['role'] == 'assistant' for m in msgs):
-        raise ValueError("no assistant reply")
-    return msgs
-
-
-def to_messages(record, fmt='auto'):
-    """One record of a single-record format as a checked list of {'role', 'content'} messages."""
-    fmt = detect_format(record) if fmt == 'auto' else fmt
-    if fmt == 'oasst':
-        raise ValueError("oasst records are message trees: rebuild them with load_conversations")
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose from {sorted(FORMATS) + ['oasst']}")
-    return check_conversation(FORMATS[fmt](record))
-
-
-def _oasst_path(node, replies):
-    """A conversation from a root prompt, following the best-ranked (rank 0) live reply at each turn."""
-    msgs = []
-    while node is not None:
-        if not isinstance(node.get('text'), str) or node.get('role') not in ('prompter', 'assistant'):
-            raise ValueError(f"oasst message {node.get('message_id')}: needs a string 'text' and role prompter|assistant")
-        msgs.append({'role': _role(node['role'], 'role'), 'content': node['text']})
-        live = [c for c in replies(node) if not c.get('deleted')]
-        ranked = sorted(enumerate(live), key=lambda ic: (ic[1].get('rank') is None, ic[1].get('rank') or 0, ic[0]))
-        node = ranked[0][1] if ranked else None
-    return check_conversation(msgs)
-
-
-def oasst_conversations(records, stats):
-    """OpenAssistant: flat message rows (read whole: a tree's rows may be anywhere) or nested trees."""
-    children, roots = defaultdict(list), []
-    for r in records:
-        if isinstance(r.get('prompt'), dict):  # a nested tree (*.trees.jsonl)
-            roots.append((r['prompt'], lambda m: m.get('replies') or []))
-        elif 'message_id' not in r or 'parent_id' not in r:
-            _skip(stats, "oasst row without message_id/parent_id")
-        elif r.get('deleted'):
-            stats['oasst deleted messages'] = stats.get('oasst deleted messages', 0) + 1
-        elif r['parent_id'] is None:
-            roots.append((r, lambda m: children.get(m['message_id'], [])))
-        else:
-            children[r['parent_id']].append(r)
-    for root, replies in roots:
-        try:
-            yield _oasst_path(root, replies)
-        except ValueError as e:
-            _skip(stats, f"oasst tree {root.get('message_tree_id', root.get('message_id'))}: {e}")
-
-
-def _skip(stats, reason):
-    stats['skipped'] = stats.get('skipped', 0) + 1
-    key = 'skipped: ' + reason.split(':')[-1].strip()[:80]
-    stats[key] = stats.get(key, 0) + 1
-    if stats['skipped'] <= 5:
-        lumi.log(f"skipping {reason}")
-
-
-def _fill(msgs, template_vars):
-    for m in msgs:
-        if '{{' in m['content']:
-            for k, v in template_vars.items():
-                m['content'] = m['content'].replace('{{' + k + '}}', str(v))
-    return msgs
-
-
-def load_conversations(spec, fmt='auto', stats=None, template_vars=None):
-    """Message lists from a data-stage source spec (data.iter_records: .json lists or {id: record} objects,
-    .jsonl lines); bad records are skipped and counted in stats with their reason."""
-    import data
-    stats = Counter() if stats is None else stats
-    read = Counter()  # data.py's file-level counts (malformed lines, bad UTF-8, ...), added to stats at the end
-    try:
-        records = iter(data.iter_records(spec, stats=read))
-        first = next(records, None)
-        if first is None:
-            return
-        records = itertools.chain([first], records)
-        if fmt == 'oasst' or fmt == 'auto' and _is_oasst(first):
-            convs = oasst_conversations(records, stats)
-        else:
-            convs = _convert(records, fmt, spec, stats)
-        for msgs in convs:
-            stats['conversations'] = stats.get('conversations', 0) + 1
-            yield _fill(msgs, template_vars or {})
-    finally:
-        for k, v in read.items():
-            stats[k] = stats.get(k, 0) + v
-
-
-def _convert(records, fmt, spec, stats):
-    for i, r in enumerate(records):
-        try:
-            yield to_messages(r, fmt)
-        except (ValueError, KeyError, TypeError) as e:
-            _skip(stats, f"{spec} record {i}: {e}")
 
 
 # -----------------------------------------------------------------------------
@@ -383,7 +148,7 @@ def prepare_sft_data(tok, srcs, block_size, cache_dir='data/sft', val_frac=0.02,
     path = os.path.join(cache_dir, f'sft_{key}.pt')
     if os.path.exists(path):
         try:  # a cache is rebuilt from its sources, never trusted when it cannot be used
-            prepared = lumi.load_checkpoint(path)
+            prepared = checkpoint.load_checkpoint(path)
             lumi.check_tokenizer(prepared.get('tokenizer_sha256'), tok.sha256, path)
             lumi.log(f"SFT data from cache {path}: {len(prepared['lengths'])} conversations")
             return prepared
@@ -418,7 +183,7 @@ def prepare_sft_data(tok, srcs, block_size, cache_dir='data/sft', val_frac=0.02,
                     lengths=torch.tensor(lengths), source=torch.tensor(source), val=torch.tensor(val),
                     sources=specs, stats=json.loads(json.dumps(stats)), tokenizer_sha256=tok.sha256,
                     block_size=block_size)
-    lumi.save_checkpoint(path, prepared)
+    checkpoint.save_checkpoint(path, prepared)
     lumi.log(f"cached {len(lengths)} conversations ({int(prepared['mask'].sum()):,} assistant tokens of "
              f"{len(prepared['ids']):,}) in {path}")
     return prepared
@@ -427,7 +192,7 @@ def prepare_sft_data(tok, srcs, block_size, cache_dir='data/sft', val_frac=0.02,
 # -----------------------------------------------------------------------------
 # batches: shuffled epochs, sources weighted, length-grouped, right-padded; exact resume by (epoch, pos)
 
-def collate(prepared, offsets, index):
+def collate_chats(prepared, offsets, index):
     """x padded with PAD_ID, y = the next token where it is an assistant token, else -1 (ignored)."""
     lengths = prepared['lengths'][index]
     T = int(lengths.max()) - 1
@@ -479,7 +244,7 @@ class SFTBatches:
             self.batches = self._plan(self.epoch)
         index = self.batches[self.pos]
         self.pos += 1
-        return collate(self.prepared, self.offsets, index)
+        return collate_chats(self.prepared, self.offsets, index)
 
     def state_dict(self):
         return {'epoch': self.epoch, 'pos': self.pos}
@@ -510,7 +275,7 @@ def mixed_order(prepared, examples, weights, seed):
     return examples[np.argsort(-keys, kind='stable')][:int((w > 0).sum())]
 
 
-def make_evaluate(prepared, val_examples, batch_size, max_batches, names):
+def make_sft_evaluate(prepared, val_examples, batch_size, max_batches, names):
     """Held-out loss on assistant tokens, token-weighted, over a fixed set of held-out conversations (the
     first of val_examples), overall and per source."""
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), prepared['lengths'].cumsum(0)])
@@ -522,7 +287,7 @@ def make_evaluate(prepared, val_examples, batch_size, max_batches, names):
         device = next(model.parameters()).device
         sums, counts = defaultdict(float), defaultdict(int)
         for index in batches:
-            x, y = (t.to(device) for t in collate(prepared, offsets, index))
+            x, y = (t.to(device) for t in collate_chats(prepared, offsets, index))
             learn = y != -1
             nll = F.cross_entropy(model.lm_head(model(x, return_hidden=True)[learn]).float(), y[learn], reduction='none')
             per_row = torch.zeros(len(index), device=device).index_add_(0, learn.nonzero()[:, 0], nll)
@@ -536,50 +301,6 @@ def make_evaluate(prepared, val_examples, batch_size, max_batches, names):
 
 # -----------------------------------------------------------------------------
 # adapters: save alone, load onto a base, merge into a standalone checkpoint
-
-def save_adapter(path, model, base_path, tok):
-    lumi.save_checkpoint(path, dict(kind='adapter', lora=dict(model.lora_config), lora_state=lora_state_dict(model),
-                                    base_path=os.path.abspath(base_path), base_sha256=lumi.sha256_file(base_path),
-                                    tokenizer_sha256=tok.sha256))
-
-
-def load_adapter(base, adapter_path, device='cpu'):
-    """The base checkpoint's model with the adapter applied; refuses an adapter trained on another base."""
-    base_ckpt = lumi.load_checkpoint(base)
-    adapter = lumi.load_checkpoint(adapter_path)
-    if adapter.get('kind') != 'adapter':
-        raise lumi.LumiError(f"{adapter_path} is not an adapter (kind {adapter.get('kind')!r})")
-    lacking = [k for k in ('lora', 'lora_state', 'base_sha256', 'tokenizer_sha256') if k not in adapter]
-    if lacking:
-        raise lumi.LumiError(f"{adapter_path} is not a usable adapter: it has no {', '.join(lacking)}")
-    sha = lumi.sha256_file(base_ckpt['path'])
-    if sha != adapter['base_sha256']:
-        raise ValueError(f"{adapter_path} was trained on base {adapter['base_sha256'][:12]}… "
-                         f"({adapter['base_path']}), but {base_ckpt['path']} is {sha[:12]}…")
-    tok = lumi.tokenizer_from_checkpoint(base_ckpt)
-    lumi.check_tokenizer(adapter['tokenizer_sha256'], tok.sha256, adapter_path)
-    lumi.check_fit(adapter_path, adapter['lora_state'], base_ckpt['model_args'], adapter['lora'],
-                   f"its base {base_ckpt['path']} with its lora config", keys=lambda k: '.lora_' in k)
-    model = lumi.model_from_checkpoint(base_ckpt)
-    if getattr(model, 'lora_config', None):
-        merge_lora(model)  # a base that itself carries adapters: they are part of the base
-    apply_lora(model, **adapter['lora'])
-    model.load_state_dict(adapter['lora_state'], strict=False)
-    return model.to(device), tok, base_ckpt
-
-
-def save_merged(path, model, tok, **extra):
-    merge_lora(model)
-    lumi.save_checkpoint(path, dict(lumi.checkpoint_meta(model, tok, 'sft', **extra), model=model.state_dict()))
-
-
-def merge(base, adapter_path, out):
-    """The merge helper: base + adapter -> one standalone checkpoint with the adapter folded in."""
-    model, tok, base_ckpt = load_adapter(base, adapter_path)
-    save_merged(out, model, tok, parent=base_ckpt['path'], parent_sha256=lumi.sha256_file(base_ckpt['path']),
-                adapter=os.path.abspath(adapter_path))
-    lumi.log(f"merged {adapter_path} into {base_ckpt['path']} -> {out}")
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -604,18 +325,17 @@ def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperat
         src.append(names[int(prepared['source'][i])])
         if len(prompts) == n:
             break
-    import sample  # its generation engine (left-padded batch, KV cache); imported here, as only this needs it
     device = next(model.parameters()).device
     model.eval()
 
     def replies(prompts, temperature):
-        params = sample.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0,
+        params = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0,
                                  repetition_penalty=repetition_penalty)
         out = []
         for s in range(0, len(prompts), batch_size):
             rows = [[] for _ in prompts[s:s + batch_size]]
-            for idx, tokens in sample.generate_ids(model, prompts[s:s + batch_size], params,
-                                                   (tok.end_id, lumi.EOS_ID), sample.make_generator(s, device)):
+            for idx, tokens in generate_ids(model, prompts[s:s + batch_size], params,
+                                            (tok.end_id, lumi.EOS_ID), make_generator(s, device)):
                 for r, t in zip(idx, tokens):
                     rows[r].append(t)
             out += rows
@@ -629,8 +349,8 @@ def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperat
         out[f'format_prompts_{name}'] = src.count(name)
     if greedy and prompts:
         texts = [[t for t in r if t not in (tok.end_id, lumi.EOS_ID)] for r in replies(prompts[:greedy], 0.0)]
-        out.update(greedy_prompts=len(texts), greedy_loops=sum(lumi.one_token_loop(t) for t in texts),
-                   greedy_distinct2=lumi.distinct_ngrams(texts, 2),
+        out.update(greedy_prompts=len(texts), greedy_loops=sum(one_token_loop(t) for t in texts),
+                   greedy_distinct2=distinct_ngrams(texts, 2),
                    greedy_examples=[tok.decode(t) for t in texts[:3]])
     return out
 
@@ -638,7 +358,7 @@ def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperat
 # -----------------------------------------------------------------------------
 # the stage
 
-DEFAULTS = {**lumi.TRAINING_DEFAULTS, **lumi.config_defaults(globals())}
+DEFAULTS = {**training.TRAINING_DEFAULTS, **lumi.config_defaults(globals())}
 
 
 def main(argv=None):
@@ -646,18 +366,15 @@ def main(argv=None):
     if argv and argv[0] == 'merge':
         if len(argv) != 4:
             raise lumi.LumiError("usage: python sft.py merge BASE_CKPT ADAPTER OUT")
-        return merge(*argv[1:])
-    cfg = lumi.load_config(DEFAULTS, argv)
+        return merge_adapter(*argv[1:])
+    cfg = lumi.load_config(DEFAULTS, argv, shares_with=())
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device, rank, _, world = lumi.setup_distributed(cfg.device)
     lumi.seed_everything(cfg.seed)
 
-    base = lumi.load_checkpoint(cfg.init_from)
-    tok = lumi.tokenizer_from_checkpoint(base)
-    model = lumi.model_from_checkpoint(base)
-    if getattr(model, 'lora_config', None):
-        merge_lora(model)  # fine-tuning an SFT checkpoint that still carries adapters: they join the base
+    # fine-tuning an SFT checkpoint that still carries adapters: they join the base
+    model, tok, base = load_model(cfg.init_from, adapters=False, train=True)
     block = min(cfg.block_size or model.cfg.block_size, model.cfg.block_size)
     if cfg.block_size > block:
         lumi.log(f"block_size {cfg.block_size} exceeds the model's context: using {block}")
@@ -694,11 +411,11 @@ def main(argv=None):
         cfg.max_iters = max(1, math.ceil(cfg.epochs * len(batches) / cfg.gradient_accumulation_steps))
         lumi.log(f"max_iters={cfg.max_iters} ({cfg.epochs} epochs)")
     names = [source_name(s) for s in prepared['sources']]
-    evaluate = make_evaluate(prepared, val_ex, cfg.batch_size, cfg.eval_iters, names) if len(val_ex) else None
+    evaluate = make_sft_evaluate(prepared, val_ex, cfg.batch_size, cfg.eval_iters, names) if len(val_ex) else None
     base_sha = lumi.sha256_file(base['path'])
-    meta = lumi.checkpoint_meta(model, tok, 'sft', parent=base['path'], parent_sha256=base_sha)
+    meta = checkpoint.checkpoint_meta(model, tok, 'sft', parent=base['path'], parent_sha256=base_sha)
     del base
-    final = lumi.fit(cfg, model, batches, sft_loss, evaluate, meta)
+    final = training.fit(cfg, model, batches, sft_loss, evaluate, meta)
 
     if rank != 0:
         return None

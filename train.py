@@ -1,5 +1,5 @@
 """
-Stage 40: pretrain a LLaMA-style model (model.py) from scratch on the uint16 token bins that data.py writes.
+The pretraining stage: a LLaMA-style model (model.py) from scratch on the uint16 token bins that data.py writes.
 
     python train.py configs/tiny.py                      # prepares data/starter first if its bins are missing
     python train.py configs/tiny.py --max_minutes=10     # the LR schedule is fitted to a 10-minute budget
@@ -8,7 +8,7 @@ Stage 40: pretrain a LLaMA-style model (model.py) from scratch on the uint16 tok
 
 The loop itself (AdamW with decay groups, warmup + cosine or warmup-stable-decay, accumulation, clipping,
 bf16 autocast, torch.compile, DDP, metrics.jsonl, atomic checkpoints with every RNG and the sampler's
-position, --resume=auto, the NaN stop) is lumi.fit, which sft.py and dpo.py run too. This file decides what
+position, --resume=auto, the NaN stop) is training.fit, which sft.py and dpo.py run too. This file decides what
 pretraining is: the model's shape, the token budget, the batches, the held-out loss, and the report at the
 end (val loss against the unigram entropy of the val set, the loss of a model that ignores context).
 
@@ -17,20 +17,23 @@ sequence-length warm-up, and mixing several bin sets (data.BinLoader can, one da
 """
 import math
 import os
+import subprocess
+import sys
 import time
 
-import numpy as np
 import torch
 
+import checkpoint
 import data
 import lumi
+import training
 from model import GPT, ModelConfig
 
 # -----------------------------------------------------------------------------
-# defaults: any of them can be set in a config file (configs/tiny.py) or as --key=value; lumi.TRAINING_DEFAULTS
+# defaults: any of them can be set in a config file (configs/tiny.py) or as --key=value; training.TRAINING_DEFAULTS
 # adds the loop's keys (learning_rate, batch_size, max_iters, max_minutes, compile, dtype, out_dir, ...)
 
-# model: the seed design's tiny model
+# model: the tiny model of configs/tiny.py
 n_layer = 6                 # transformer blocks
 n_head = 4                  # attention heads (n_embd must divide by it)
 n_kv_head = 4               # < n_head: grouped-query attention
@@ -51,8 +54,10 @@ tokens_per_param = 20.0
 num_threads = 0
 out_dir = 'out/pretrain'
 
-DEFAULTS = {**lumi.TRAINING_DEFAULTS, **lumi.config_defaults(globals())}
+DEFAULTS = {**training.TRAINING_DEFAULTS, **lumi.config_defaults(globals())}
 RANGES = {'block_size': '[1, inf)', 'eval_iters': '[1, inf)'}  # the val loss averages eval_iters batches
+SHARES_WITH = ('data.py', 'pipeline.py')  # a config file sets the data's keys beside the model's (configs/tiny.py), and may
+# be the lab's own too (lumi.py run LAB.py reads it, then hands it to data.py and train.py)
 MODEL_KEYS = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden', 'block_size', 'dropout',
               'tie_embeddings', 'rope_theta')
 
@@ -67,26 +72,30 @@ def prepare_data(cfg, rank):
         return
     if rank == 0:
         lumi.log(f"{cfg.data_dir} has no finished bins: preparing them with data.py first")
-        data.main(([cfg.config_file] if cfg.get('config_file') else []) + [f'--data_dir={cfg.data_dir}'])
+        argv = ([cfg.config_file] if cfg.get('config_file') else []) + [f'--data_dir={cfg.data_dir}']
+        done = subprocess.run([sys.executable, os.path.join(lumi.ROOT, 'data.py'), *argv])
+        if done.returncode != 0:
+            raise lumi.LumiError(f"data.py {' '.join(argv)} exited with {done.returncode}: the bins in "
+                                 f"{cfg.data_dir} are not ready")
     else:  # polling, not a barrier: building the starter corpus outlasts NCCL's default collective timeout
         while not data.data_ready(cfg.data_dir):
             time.sleep(2)
 
 
 def resume_path(cfg):
-    """The checkpoint lumi.fit will resume from (the same rule), or None."""
+    """The checkpoint training.fit will resume from (the same rule), or None."""
     if cfg.resume == 'auto':
-        return lumi.find_checkpoint(cfg.out_dir)
+        return checkpoint.latest_step(cfg.out_dir)
     return None if cfg.resume == 'never' else cfg.resume
 
 
 def check_resume(path, model_args, tokenizer_sha, data_dir):
     """Refuse to resume onto other bins or another model shape: the run would silently become another run."""
-    ckpt = lumi.load_checkpoint(path)
+    ckpt = checkpoint.load_checkpoint(path)
     if not isinstance(ckpt.get('model_args'), dict) or 'tokenizer_sha256' not in ckpt:
         raise lumi.LumiError(f"{path}: not a pretraining checkpoint (no model_args or tokenizer_sha256); use "
                              f"another --out_dir or --resume=never")
-    lumi.tokenizer_from_checkpoint(ckpt)  # its stored hash is its tokenizer's, before it is compared
+    checkpoint.tokenizer_from_checkpoint(ckpt)  # its stored hash is its tokenizer's, before it is compared
     lumi.check_tokenizer(tokenizer_sha, ckpt['tokenizer_sha256'], f"the bins in {data_dir} (resuming {path})")
     differ = [f"{k}: checkpoint {v!r}, config {model_args.get(k)!r}" for k, v in ckpt['model_args'].items()
               if model_args.get(k) != v]
@@ -121,9 +130,9 @@ def make_batches(cfg, split, seed, rank, world):
     return GlobalBatches(loader, rank, world)
 
 
-def make_evaluate(cfg, rank, world):
+def make_pretrain_evaluate(cfg, rank, world):
     """Mean loss over the same eval_iters val batches at every eval, so the curve compares like with like
-    (lumi.fit averages it over ranks; each rank scores its rows of the global batch)."""
+    (training.fit averages it over ranks; each rank scores its rows of the global batch)."""
     def evaluate(model):
         val = make_batches(cfg, 'val', cfg.seed, rank, world)
         device = next(model.parameters()).device
@@ -138,14 +147,6 @@ def pretrain_loss(model, batch):
     return model(x, y)[1]
 
 
-def unigram_entropy(path, vocab_size):
-    """Entropy in nats/token of the token frequencies in a bin: the val loss of the best model that ignores
-    context, which a language model must get far below."""
-    counts = np.bincount(np.memmap(path, dtype=np.uint16, mode='r'), minlength=vocab_size).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
 def baseline_verdict(val_loss, entropy):
     """The val loss beside the unigram entropy in words, with a positive number: below it is learning."""
     gap = entropy - val_loss
@@ -158,7 +159,7 @@ def baseline_verdict(val_loss, entropy):
 
 def main(argv=None):
     """Train; returns the path of the final checkpoint (None on ranks other than 0)."""
-    cfg = lumi.load_config(DEFAULTS, argv, RANGES)
+    cfg = lumi.load_config(DEFAULTS, argv, RANGES, shares_with=SHARES_WITH)
     device, rank, _, world = lumi.setup_distributed(cfg.device)
     cfg.dtype = lumi.resolve_dtype(cfg.dtype, device)
     if cfg.num_threads:
@@ -197,13 +198,13 @@ def main(argv=None):
              f"{cfg.tokens_per_param:g} is compute-optimal)")
 
     batches = make_batches(cfg, 'train', cfg.seed, rank, world)
-    ckpt_meta = lumi.checkpoint_meta(model, tok, 'pretrain', data_dir=cfg.data_dir)
-    final = lumi.fit(cfg, model, batches, pretrain_loss, make_evaluate(cfg, rank, world), ckpt_meta)
+    ckpt_meta = checkpoint.checkpoint_meta(model, tok, 'pretrain', data_dir=cfg.data_dir)
+    final = training.fit(cfg, model, batches, pretrain_loss, make_pretrain_evaluate(cfg, rank, world), ckpt_meta)
 
     if rank != 0:
         return None
     evals = [r for r in lumi.read_jsonl(os.path.join(cfg.out_dir, 'metrics.jsonl')) if 'val_loss' in r]
-    entropy = unigram_entropy(os.path.join(cfg.data_dir, 'val.bin'), model_args['vocab_size'])
+    entropy = training.unigram_entropy(os.path.join(cfg.data_dir, 'val.bin'), model_args['vocab_size'])
     if evals:
         final_val = evals[-1]['val_loss']
         lumi.log(f"final val loss {final_val:.4f} nats/token at step {evals[-1]['step']} (best "

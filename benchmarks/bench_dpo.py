@@ -12,7 +12,7 @@ after the steps less ru_maxrss just before them (model, adapters, optimizer and 
 The arms run with glibc's mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_): by default glibc raises
 it as large blocks are freed, after which freed temporaries stay resident and RSS measures the allocator's
 history (a loop over 8 MB temporaries grew RSS by 140 MB) rather than the tensors alive at the peak.
-The target (issue 8): DPO within 1.3x of SFT.
+The target: a DPO step within 1.3x of an SFT step.
 """
 import json
 import os
@@ -49,7 +49,7 @@ seed = 0
 
 
 def make_batch(cfg):
-    """B synthetic pairs rendered as dpo.py renders them, then dpo.collate."""
+    """B synthetic pairs rendered as dpo.py renders them, then dpo.collate_pairs."""
     import dpo
     g = torch.Generator().manual_seed(cfg.seed)
     ids = lambda n: torch.randint(8, cfg.vocab_size, (n,), generator=g).tolist()
@@ -58,7 +58,7 @@ def make_batch(cfg):
         reply = cfg.reply_len - 7 * i
         pairs.append({'prompt': [lumi.BOS_ID] + ids(cfg.prompt_len - 1 - 3 * i), 'chosen': ids(reply),
                       'rejected': ids(reply - 20)})
-    return dpo.collate(pairs)
+    return dpo.collate_pairs(pairs)
 
 
 def run_arm(cfg):

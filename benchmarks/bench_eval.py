@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
+import engine
 import lumi
 from model import GPT, ModelConfig
 
@@ -89,12 +90,12 @@ def main(argv=None):
     print(f"BoolQ: {len(examples)} examples, {len(requests)} (passage, answer) pairs, {tokens:,} tokens, "
           f"{truncated} truncated to the block")
 
-    ev.score(model, requests[:4], batch_tokens=cfg.batch_tokens)  # warm-up
+    engine.target_logprobs(model, requests[:4], batch_tokens=cfg.batch_tokens)  # warm-up
     plain, t_plain = timed(lambda: score_plain(model, requests))
-    one_row, t_one = timed(lambda: ev.score(model, requests, batch_tokens=1))
-    batched, t_batched = timed(lambda: ev.score(model, requests, batch_tokens=cfg.batch_tokens))
-    big, t_big = timed(lambda: ev.score(model, requests, batch_tokens=cfg.big_batch_tokens))
-    bf16, t_bf16 = timed(lambda: ev.score(model, requests, dtype='bfloat16', batch_tokens=cfg.batch_tokens))
+    one_row, t_one = timed(lambda: engine.target_logprobs(model, requests, batch_tokens=1))
+    batched, t_batched = timed(lambda: engine.target_logprobs(model, requests, batch_tokens=cfg.batch_tokens))
+    big, t_big = timed(lambda: engine.target_logprobs(model, requests, batch_tokens=cfg.big_batch_tokens))
+    bf16, t_bf16 = timed(lambda: engine.target_logprobs(model, requests, dtype='bfloat16', batch_tokens=cfg.batch_tokens))
     for name, got in (('one row per pass', one_row), ('batched', batched), ('big batches', big)):
         diff = float(np.abs(got - plain).max())
         assert diff < 1e-2, f"{name} disagrees with the plain loop by {diff}"

@@ -7,8 +7,8 @@ each arm's peak memory is its own.
 
 Arms: full fine-tuning, then LoRA (all seven projections) at r=8 and r=16 through the torch path. On CUDA
 two more: LoRA r=16 through the fused Triton kernel, and the torch path beside it, in bf16 autocast.
-A step is an SFT step: sft.sft_loss (logits on the learned positions only; here the second half of each
-row, as a prompt then a reply) + backward + grad clip + AdamW, on random tokens (the data does not change
+A step is an SFT step, training.Trainer.train_step over sft.sft_loss (logits on the learned positions only;
+here the second half of each row, as a prompt then a reply): backward, grad clip, AdamW, on random tokens (the data does not change
 the cost). Step time is the median over the timed steps,
 by the wall clock and by the process's CPU time (on a shared machine the CPU time is what an idle core would
 take with one thread).
@@ -21,8 +21,10 @@ import json
 import os
 import resource
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +32,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import training  # noqa: E402
 import lumi  # noqa: E402
 import sft  # noqa: E402
 import model as model_lib  # noqa: E402
@@ -59,6 +62,22 @@ def model_config(path):
     return ModelConfig(**values)
 
 
+class SameBatch:
+    """One batch, again and again: the step's cost does not depend on the data."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def next_batch(self):
+        return self.batch
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
 def run_arm(cfg):
     """One arm in this process: returns its timings and memory as a dict."""
     dev = lumi.pick_device(cfg.device)
@@ -78,12 +97,15 @@ def run_arm(cfg):
     model.to(dev).train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    opt = lumi.make_optimizer(model, lumi.Config(lumi.TRAINING_DEFAULTS), dev)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(4, mcfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), generator=g).to(dev)
     y = x[:, 1:].clone()
     y[:, :cfg.seq_len // 2] = -1  # the prompt: no loss
     dtype = 'bfloat16' if dev.startswith('cuda') else cfg.dtype
+    out_dir = tempfile.mkdtemp(prefix='bench_lora_')
+    run = training.Trainer(lumi.Config(training.TRAINING_DEFAULTS, device=dev, dtype=dtype, compile=False,
+                                       resume='never', out_dir=out_dir),
+                           model, SameBatch((x[:, :-1], y)), sft.sft_loss)
     if dev.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
     times, cpu_times = [], []
@@ -91,12 +113,7 @@ def run_arm(cfg):
         if dev.startswith('cuda'):
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
-        with lumi.autocast(dev, dtype):
-            loss, _ = sft.sft_loss(model, (x[:, :-1], y))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        run.train_step(run.cfg.learning_rate)  # the SFT step itself: loss, backward, clipping, AdamW
         if dev.startswith('cuda'):
             torch.cuda.synchronize()
         if i >= cfg.warmup:
@@ -118,6 +135,7 @@ def run_arm(cfg):
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), lumi.autocast(dev, dtype):
         loss, _ = sft.sft_loss(model, (x[:, :-1], y))
+    shutil.rmtree(out_dir, ignore_errors=True)
     state = sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
     return dict(arm=cfg.arm, device=torch.cuda.get_device_name() if dev.startswith('cuda') else 'cpu',
                 step_ms=1000 * statistics.median(times), cpu_ms=1000 * statistics.median(cpu_times),

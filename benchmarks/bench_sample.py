@@ -1,8 +1,8 @@
 """
-Decode speed of sample.py's engine (KV cache: one prefill, then one token per forward pass) against
+Decode speed of the generation engine (engine.py) (KV cache: one prefill, then one token per forward pass) against
 recomputing the whole context for every new token (nanoGPT's sample.py), at 128, 512 and 1024 new tokens;
 then, with the cache, a batch of 8 prompts of different lengths against one prompt, and bf16 weights
-against fp32. Goal (issue 5): >= 5x at 512 new tokens on a CPU for the tiny model.
+against fp32. Goal: >= 5x at 512 new tokens on a CPU for the tiny model.
 
     python benchmarks/bench_sample.py [--lengths=(128,512,1024)] [--threads=1] [--device=cpu]
 
@@ -24,8 +24,8 @@ from dataclasses import fields
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import engine  # noqa: E402
 import lumi  # noqa: E402
-import sample  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 
 model_config = 'configs/tiny.py'
@@ -76,10 +76,10 @@ def main(argv=None):
 
     g = torch.Generator().manual_seed(cfg.seed)
     prompt = torch.randint(8, model.cfg.vocab_size, (cfg.prompt_tokens,), generator=g).tolist()
-    greedy = lambda n: sample.Sampling(max_new_tokens=n, temperature=0.0, top_p=1.0)
+    greedy = lambda n: engine.Sampling(max_new_tokens=n, temperature=0.0, top_p=1.0)
     cached = lambda n, prompts=(prompt,), net=model: (
-        ts for _, ts in sample.generate_ids(net, list(prompts), greedy(n)))
-    recompute = lambda n: sample.generate_ids_recompute(model, prompt, greedy(n))
+        ts for _, ts in engine.generate_ids(net, list(prompts), greedy(n)))
+    recompute = lambda n: engine.generate_ids_recompute(model, prompt, greedy(n))
     race(16, [cached(16), recompute(16)])  # warm-up
 
     print(f"\n{'new tokens':>10} | {'cache tok/s':>18} | {'recompute tok/s':>18} | {'speed-up':>15} | "
@@ -104,7 +104,7 @@ def main(argv=None):
           f"{rate(many, cpu[1]) / rate(one, cpu[0]):.1f}x by CPU time")
 
     half = copy.deepcopy(model)
-    for p in half.parameters():  # what sample.load_model does for --dtype=bfloat16
+    for p in half.parameters():  # what checkpoint.load_model does for --dtype=bfloat16
         p.data = p.data.to(torch.bfloat16)
     (fp32, bf16), wall, cpu = race(n, [cached(n), cached(n, net=half)])
     same = sum(a == b for a, b in zip(fp32, bf16))

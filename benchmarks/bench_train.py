@@ -1,6 +1,6 @@
 """
 Lumi's model (RMSNorm, RoPE, SwiGLU, no biases) against a GPT-2-style baseline (LayerNorm, learned positions,
-GELU MLP, biases, as in nanoGPT) with the same parameter count, trained the same way (lumi.fit's AdamW groups,
+GELU MLP, biases, as in nanoGPT) with the same parameter count, trained the same way (training.Trainer's AdamW groups,
 clipping and bf16 autocast) on the same bins and the same batches, each for the same time budget with the LR
 schedule fitted to it. Printed: tokens/s and the val loss each reached, eager and compiled, as ratios from
 this one run; and Lumi's eager tokens/s in fp32, which is what configs/tiny.py's precision is chosen against.
@@ -19,8 +19,10 @@ model.py: it exists only to be compared against.
 import argparse
 import math
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import training  # noqa: E402
 import lumi  # noqa: E402
 import train  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
@@ -96,43 +99,29 @@ def gpt2_matching(cfg, target):
 
 
 # -----------------------------------------------------------------------------
-# one arm: the same steps as lumi.fit (AdamW with decay groups, clipping, bf16 autocast), on a clock
-
-def lr_at(frac, cfg, warmup_frac=0.05):
-    """Warmup then cosine to min_lr over the fraction of the time budget used: every arm gets a schedule
-    fitted to the same budget, whatever its speed."""
-    if frac < warmup_frac:
-        return cfg.learning_rate * (frac + 1e-3) / warmup_frac
-    t = min(1.0, (frac - warmup_frac) / (1 - warmup_frac))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.learning_rate - cfg.min_lr)
-
+# one arm: training.Trainer's own steps (AdamW with decay groups, clipping, bf16 autocast) and its own
+# schedule (warmup + cosine over the steps planned to fit the budget, re-planned after every step), on a clock
 
 def run_arm(name, model, cfg, budget_s, compile_, dtype, val_batches, clock):
-    opt = lumi.make_optimizer(model, cfg, 'cpu')
-    fwd = torch.compile(model) if compile_ else model
-    batches = train.make_batches(cfg, 'train', cfg.seed, 0, 1)  # the same windows for every arm
-
-    def step(lr):
-        for group in opt.param_groups:
-            group['lr'] = lr
-        x, y = batches.next_batch()
-        with lumi.autocast('cpu', dtype):
-            loss = fwd(x, y)[1]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
+    arm = lumi.Config(cfg, compile=compile_, dtype=dtype, device='cpu', resume='never', max_iters=0, max_minutes=0.0,
+                      out_dir=tempfile.mkdtemp(prefix='bench_train_'))
+    run = training.Trainer(arm, model, train.make_batches(cfg, 'train', cfg.seed, 0, 1), train.pretrain_loss)
+    planned = 10**12  # until two step times are known: the warmup does not depend on it
 
     wall0, c0 = time.time(), clock()
     for _ in range(2):  # warm-up, off the clock: compiling (and a possible recompile) is not training time
-        step(lr_at(0.0, cfg))
+        run.train_step(training.lr_at(run.step, planned, cfg))
     warmup = clock() - c0
-    used, losses = 0.0, []
+    used, losses, recent = 0.0, [], []
     while used < budget_s:
         c = clock()
-        losses.append(step(lr_at(used / budget_s, cfg)))
-        used += clock() - c
+        last, _ = run.train_step(training.lr_at(run.step, planned, cfg))
+        recent = (recent + [clock() - c])[-10:]
+        used += recent[-1]
+        losses.append(last['loss'])
+        if len(recent) >= 2:
+            planned, _ = run.plan_budget(budget_s, used, recent, 0.0, 10**12)
+    shutil.rmtree(arm.out_dir, ignore_errors=True)
     model.eval()
     with torch.no_grad(), lumi.autocast('cpu', dtype):
         val = statistics.fmean(model(x, y)[1].item() for x, y in val_batches)
@@ -166,7 +155,7 @@ def main():
     train.prepare_data(cfg, 0)
     meta = data.load_meta(cfg.data_dir)
     cfg.tokenizer_sha256 = meta['tokenizer_sha256']
-    dtype = train.resolve_dtype(cfg.dtype, 'cpu')
+    dtype = lumi.resolve_dtype(cfg.dtype, 'cpu')
     mcfg = ModelConfig(**{k: cfg[k] for k in train.MODEL_KEYS}, vocab_size=meta['vocab_size'])
     hidden, _ = gpt2_matching(mcfg, GPT(mcfg).num_params())
     val_loader = train.make_batches(cfg, 'val', 1, 0, 1)

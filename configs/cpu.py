@@ -2,7 +2,7 @@
 # for 2 CPU cores by the sweep in benchmarks/bench_recipe.py (docs/BENCHMARKS.md, "Recipe"):
 #   python data.py configs/cpu.py          # the starter corpus + BBC news, a 4096-piece tokenizer, ~25 s
 #   python train.py configs/cpu.py --max_minutes=9
-# On a CPU what is learned per second decides everything: the seed design's tiny model (configs/tiny.py: 32k
+# On a CPU what is learned per second decides everything: configs/tiny.py's model (a 32k
 # vocabulary, 1024 context, 14.7M parameters) makes ~35 steps in 7 minutes on an AVX2 core pair and stays a
 # unigram model. Here a 4k vocabulary (its embedding costs 8x less than 32k, and every piece is seen often
 # enough to learn), a 256-token context and a small model make hundreds of steps in the same minutes.

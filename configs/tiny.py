@@ -1,4 +1,4 @@
-# tiny: the seed design's smallest model, 14,683,392 parameters (6,294,784 without the tied 32768 x 256
+# tiny: the smallest of tiny, small and base, 14,683,392 parameters (6,294,784 without the tied 32768 x 256
 # embedding). Sized for a 2-core CPU, where ten minutes take the val loss far below the unigram entropy:
 #   python train.py configs/tiny.py --max_minutes=10
 # Without --max_minutes it trains 20 tokens per parameter (294M tokens: minutes on a GPU, days on a CPU).

@@ -146,7 +146,7 @@ def _tokens_reduce(x, z):
     return part.sum(0)[:, :R]
 
 
-class LoRALinear(torch.autograd.Function):
+class LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scale):
@@ -192,4 +192,4 @@ def lora_linear(x, weight, lora_a, lora_b, scale):
     adapters work with bf16 activations. The gradients come back in each input's own dtype.
     """
     dtype = compute_dtype(x)
-    return LoRALinear.apply(x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype), float(scale))
+    return LoRAFunction.apply(x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype), float(scale))

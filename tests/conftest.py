@@ -19,6 +19,8 @@ torch.set_num_threads(1)
 
 import pytest
 
+import checkpoint  # noqa: E402  (after the path above)
+
 
 def pytest_configure(config):
     # `pytest -m "not slow"` runs the suite without the whole-pipeline, torchrun and every-entry-point
@@ -63,7 +65,7 @@ def tiny_checkpoint(tmp_path_factory, tokenizer, tiny_config):
     torch.manual_seed(0)
     model = GPT(tiny_config)
     path = tmp_path_factory.mktemp("ckpt") / "ckpt_0000000.pt"
-    lumi.save_checkpoint(str(path), dict(lumi.checkpoint_meta(model, tokenizer, 'pretrain'),
+    checkpoint.save_checkpoint(str(path), dict(checkpoint.checkpoint_meta(model, tokenizer, 'pretrain'),
                                          model=model.state_dict(), step=0, tokens_seen=0, config={}))
     return str(path)
 
@@ -76,13 +78,19 @@ def lively_checkpoint(tmp_path_factory, tiny_checkpoint, tokenizer):
     import math
     import torch
     import lumi
-    model = lumi.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint))
+    model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tiny_checkpoint))
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 2 / math.sqrt(p.size(1)))
     path = tmp_path_factory.mktemp("lively") / "ckpt_0000000.pt"
-    lumi.save_checkpoint(str(path), dict(lumi.checkpoint_meta(model, tokenizer, 'pretrain'),
+    checkpoint.save_checkpoint(str(path), dict(checkpoint.checkpoint_meta(model, tokenizer, 'pretrain'),
                                          model=model.state_dict(), step=0, tokens_seen=0, config={}))
     return str(path)
+
+
+@pytest.fixture(scope='module')
+def loaded(lively_checkpoint):
+    return checkpoint.load_model(lively_checkpoint)
+

@@ -16,9 +16,12 @@ import data
 import dpo
 import eval as ev
 import export
+import checkpoint
+import engine
 import lumi
 import pipeline
 import sample
+import serve
 import sft
 import train
 from test_train import write_bins
@@ -97,11 +100,11 @@ def test_the_pipeline_takes_key_space_value_too(tmp_path):
     (sft.DEFAULTS, '--lora_r=-4', "'lora_r' must be in [0, inf), got -4"),
     (dpo.DEFAULTS, '--beta=0', "'beta' must be in (0, inf), got 0.0"),
     (sample.DEFAULTS, '--max_new_tokens=-1', "'max_new_tokens' must be in [1, inf), got -1"),
-    (sample.DEFAULTS, '--port=99999', "'port' must be in [0, 65535], got 99999"),
+    (serve.DEFAULTS, '--port=99999', "'port' must be in [0, 65535], got 99999"),
     (sample.DEFAULTS, '--top_p=1.5', "'top_p' must be in (0, 1], got 1.5"),
     (ev.DEFAULTS, '--limit=-1', "'limit' must be in [0, inf), got -1"),
     (data.DEFAULTS, '--val_fraction=1.0', "'val_fraction' must be in [0, 1), got 1.0"),
-    (pipeline.PIPELINE_DEFAULTS, '--eval_limit=-2', "'eval_limit' must be in [0, inf), got -2"),
+    (pipeline.DEFAULTS, '--eval_limit=-2', "'eval_limit' must be in [0, inf), got -2"),
 ])
 def test_numeric_keys_are_range_checked(defaults, flag, message):
     with pytest.raises(lumi.LumiError) as e:
@@ -111,7 +114,7 @@ def test_numeric_keys_are_range_checked(defaults, flag, message):
 
 def test_a_config_file_value_out_of_range_names_the_file_and_stages_narrow_ranges(tmp_path):
     (tmp_path / 'bad.py').write_text("batch_size = -1\n")
-    with pytest.raises(lumi.LumiError, match=r"bad\.py: 'batch_size' must be in \[1, inf\), got -1"):
+    with pytest.raises(lumi.LumiError, match=r"bad\.py:1: 'batch_size' must be in \[1, inf\), got -1"):
         lumi.load_config(train.DEFAULTS, [str(tmp_path / 'bad.py')])
     assert lumi.load_config(dpo.DEFAULTS, ['--eval_iters=0']).eval_iters == 0  # dpo.py: 0 is "all"
     with pytest.raises(lumi.LumiError, match=r"'eval_iters' must be in \[1, inf\)"):
@@ -130,7 +133,7 @@ def test_every_range_is_well_formed():
 
 STAGES = [(train, train.DEFAULTS), (sft, sft.DEFAULTS), (dpo, dpo.DEFAULTS), (data, data.DEFAULTS),
           (ev, ev.DEFAULTS), (sample, sample.DEFAULTS), (export, export.DEFAULTS),
-          (pipeline, pipeline.PIPELINE_DEFAULTS)]
+          (pipeline, pipeline.DEFAULTS)]
 
 
 @pytest.mark.parametrize('module, defaults', STAGES, ids=lambda x: getattr(x, '__name__', ''))
@@ -160,33 +163,33 @@ def test_help_from_the_command_line():
 def _corrupt(kind, good, path, tokenizer):
     """Write a checkpoint that cannot be used, of one kind, at path."""
     raw = open(good, 'rb').read()
-    ckpt = lumi.load_checkpoint(good)
+    ckpt = checkpoint.load_checkpoint(good)
     del ckpt['path']
     if kind == 'truncated':
         open(path, 'wb').write(raw[:len(raw) // 3])
     elif kind == 'pickle':
-        torch.save(dict(ckpt, extra=sample.Sampling()), path)
+        torch.save(dict(ckpt, extra=engine.Sampling()), path)
     elif kind == 'bitflip':
-        lumi.save_checkpoint(path, ckpt)
+        checkpoint.save_checkpoint(path, ckpt)
         flipped = bytearray(open(path, 'rb').read())
         at = flipped.find(ckpt['model']['layers.1.mlp.down_proj.weight'].numpy().tobytes()[:16])
         flipped[at + 1] ^= 1
         open(path, 'wb').write(bytes(flipped))
     elif kind == 'tokenizer':
-        lumi.save_checkpoint(path, dict(ckpt, tokenizer_sha256='f' * 64))
+        checkpoint.save_checkpoint(path, dict(ckpt, tokenizer_sha256='f' * 64))
     elif kind == 'shape':
-        lumi.save_checkpoint(path, dict(ckpt, model_args=dict(ckpt['model_args'], n_embd=4096, ffn_hidden=1 << 16)))
+        checkpoint.save_checkpoint(path, dict(ckpt, model_args=dict(ckpt['model_args'], n_embd=4096, ffn_hidden=1 << 16)))
     elif kind == 'missing':
-        lumi.save_checkpoint(path, dict(ckpt, model={k: v for k, v in ckpt['model'].items() if k != 'norm.weight'}))
+        checkpoint.save_checkpoint(path, dict(ckpt, model={k: v for k, v in ckpt['model'].items() if k != 'norm.weight'}))
     return path
 
 
 @pytest.fixture(scope='module')
 def adapter(tmp_path_factory, tiny_checkpoint, tokenizer):
     from model import apply_lora
-    model = apply_lora(lumi.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint)), r=2, alpha=4.0, targets=('q',))
+    model = apply_lora(checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tiny_checkpoint)), r=2, alpha=4.0, targets=('q',))
     path = str(tmp_path_factory.mktemp('adapter') / 'adapter.pt')
-    sft.save_adapter(path, model, tiny_checkpoint, tokenizer)
+    checkpoint.save_adapter(path, model, tiny_checkpoint, tokenizer)
     return path
 
 
@@ -232,9 +235,9 @@ def test_every_entry_point_refuses_an_unusable_file_in_one_line(entry, kind, tmp
     source = adapter if entry in ADAPTER_ONLY else tiny_checkpoint
     if kind == 'bitflip' and entry in ADAPTER_ONLY:
         bad = str(tmp_path / 'bad.pt')
-        state = lumi.load_checkpoint(adapter)
+        state = checkpoint.load_checkpoint(adapter)
         del state['path']
-        lumi.save_checkpoint(bad, state)
+        checkpoint.save_checkpoint(bad, state)
         name, t = next(iter(sorted(state['lora_state'].items())))
         raw = bytearray(open(bad, 'rb').read())
         raw[raw.find(t.numpy().tobytes()[:16]) + 1] ^= 1
@@ -276,11 +279,11 @@ def test_a_corrupt_sft_cache_is_rebuilt(tmp_path, tokenizer, capsys):
     again = sft.prepare_sft_data(tokenizer, [spec], 48, cache, val_frac=0.2)
     assert f"SFT cache {path} is unusable" in capsys.readouterr().out
     assert torch.equal(again['ids'], first['ids'])
-    assert torch.equal(lumi.load_checkpoint(path)['lengths'], first['lengths'])  # the rebuilt cache is whole again
+    assert torch.equal(checkpoint.load_checkpoint(path)['lengths'], first['lengths'])  # the rebuilt cache is whole again
 
 
 def test_resume_onto_other_bins_names_both_tokenizers_the_right_way_round(tiny_checkpoint, tokenizer):
-    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
     with pytest.raises(lumi.LumiError) as e:
         train.check_resume(tiny_checkpoint, ckpt['model_args'], 'b' * 64, 'D')
     assert str(e.value).startswith(f"the bins in D (resuming {tiny_checkpoint}) was built with tokenizer "
@@ -291,7 +294,7 @@ def test_resume_onto_other_bins_names_both_tokenizers_the_right_way_round(tiny_c
 # eval.py --limit on --text
 
 def test_limit_bounds_text_perplexity(tiny_checkpoint, monkeypatch):
-    model, tok, _ = ev.load_model(tiny_checkpoint, 'cpu')
+    model, tok, _ = checkpoint.load_model(tiny_checkpoint, 'cpu', adapters=False)
     block = model.cfg.block_size
     long_doc = "To be, or not to be, that is the question. " * 20_000  # 880 kB: thousands of windows
     encoded = []

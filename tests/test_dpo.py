@@ -7,7 +7,9 @@ from collections import Counter
 import pytest
 import torch
 
+import conversations
 import dpo
+import checkpoint
 import lumi
 from model import apply_lora
 
@@ -88,7 +90,7 @@ PAIRS = [
 
 
 def _model(tiny_checkpoint):
-    model = lumi.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint))
+    model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tiny_checkpoint))
     model.eval()
     return model
 
@@ -99,7 +101,7 @@ def _rendered(tokenizer, pairs=PAIRS):
 
 def test_adapters_off_reference_is_the_starting_policy_exactly(tiny_checkpoint, tokenizer):
     plain = _model(tiny_checkpoint)
-    batch = dpo.collate(_rendered(tokenizer))
+    batch = dpo.collate_pairs(_rendered(tokenizer))
     with torch.no_grad():
         start = dpo.token_logps(plain, batch['idx'], batch['targets'])
     policy = apply_lora(_model(tiny_checkpoint), r=4, alpha=8.0, targets=('q', 'k', 'v', 'o', 'up'))
@@ -129,7 +131,7 @@ def test_adapters_off_reference_is_the_starting_policy_exactly(tiny_checkpoint, 
 def test_one_forward_of_2b_rows_matches_separate_forwards(tiny_checkpoint, tokenizer):
     model = _model(tiny_checkpoint)
     rendered = _rendered(tokenizer)
-    batch = dpo.collate(rendered)
+    batch = dpo.collate_pairs(rendered)
     B = len(rendered)
     with torch.no_grad():
         together = dpo.token_logps(model, batch['idx'], batch['targets']).sum(-1)
@@ -144,7 +146,7 @@ def test_one_forward_of_2b_rows_matches_separate_forwards(tiny_checkpoint, token
 
 def test_collate_targets_cover_exactly_the_reply(tokenizer):
     rendered = _rendered(tokenizer)
-    batch = dpo.collate(rendered)
+    batch = dpo.collate_pairs(rendered)
     B = len(rendered)
     for i, p in enumerate(rendered):
         for row, reply in ((i, p['chosen']), (B + i, p['rejected'])):
@@ -160,7 +162,7 @@ def test_collate_targets_cover_exactly_the_reply(tokenizer):
 def test_hh_rlhf_splits_the_shared_prompt():
     rec = {'chosen': '\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: What is 2+2?\n\nAssistant: It is 4.',
            'rejected': '\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: What is 2+2?\n\nAssistant: It is five.'}
-    prompt, chosen, rejected = dpo.to_pair(rec)
+    prompt, chosen, rejected = conversations.to_pair(rec)
     assert prompt == [{'role': 'user', 'content': 'Hi there'}, {'role': 'assistant', 'content': 'Hello!'},
                       {'role': 'user', 'content': 'What is 2+2?'}]
     assert (chosen, rejected) == ('It is 4.', 'It is five.')
@@ -168,19 +170,19 @@ def test_hh_rlhf_splits_the_shared_prompt():
 
 def test_orca_ultrafeedback_llamafactory():
     orca = {'system': 'You are helpful.', 'question': 'Name a colour.', 'chosen': 'Blue.', 'rejected': 'No.'}
-    assert dpo.to_pair(orca) == ([{'role': 'system', 'content': 'You are helpful.'},
+    assert conversations.to_pair(orca) == ([{'role': 'system', 'content': 'You are helpful.'},
                                   {'role': 'user', 'content': 'Name a colour.'}], 'Blue.', 'No.')
-    assert dpo.to_pair(dict(orca, system=''))[0] == [{'role': 'user', 'content': 'Name a colour.'}]
+    assert conversations.to_pair(dict(orca, system=''))[0] == [{'role': 'user', 'content': 'Name a colour.'}]
     uf = {'prompt': 'Say hi', 'prompt_id': 'x', 'score_chosen': 8.0, 'score_rejected': 3.0,
           'chosen': [{'role': 'user', 'content': 'Say hi'}, {'role': 'assistant', 'content': 'Hi!'}],
           'rejected': [{'role': 'user', 'content': 'Say hi'}, {'role': 'assistant', 'content': 'Bye.'}]}
-    assert dpo.to_pair(uf) == ([{'role': 'user', 'content': 'Say hi'}], 'Hi!', 'Bye.')
+    assert conversations.to_pair(uf) == ([{'role': 'user', 'content': 'Say hi'}], 'Hi!', 'Bye.')
     trl = {'prompt': [{'role': 'user', 'content': 'Say hi'}], 'chosen': [{'role': 'assistant', 'content': 'Hi!'}],
            'rejected': [{'role': 'assistant', 'content': 'Bye.'}]}  # TRL's conversational shape: the reply alone
-    assert dpo.to_pair(trl) == dpo.to_pair(uf)
+    assert conversations.to_pair(trl) == conversations.to_pair(uf)
     lf = {'conversations': [{'from': 'system', 'value': 'Be kind.'}, {'from': 'human', 'value': 'Hello?'}],
           'chosen': {'from': 'gpt', 'value': 'Hello, friend.'}, 'rejected': {'from': 'gpt', 'value': 'Go away.'}}
-    assert dpo.to_pair(lf) == ([{'role': 'system', 'content': 'Be kind.'}, {'role': 'user', 'content': 'Hello?'}],
+    assert conversations.to_pair(lf) == ([{'role': 'system', 'content': 'Be kind.'}, {'role': 'user', 'content': 'Hello?'}],
                                'Hello, friend.', 'Go away.')
 
 
@@ -198,7 +200,7 @@ def test_orca_ultrafeedback_llamafactory():
 ])
 def test_bad_records_name_the_field(record, field):
     with pytest.raises(ValueError, match=field.replace('[', r'\[').replace(']', r'\]')):
-        dpo.to_pair(record)
+        conversations.to_pair(record)
 
 
 def test_load_pairs_skips_and_counts_bad_records(tmp_path):
@@ -208,7 +210,7 @@ def test_load_pairs_skips_and_counts_bad_records(tmp_path):
                                json.dumps(dict(good, chosen='Red.'))]) + '\n')
     stats = Counter()
     with pytest.warns(UserWarning, match='malformed'):
-        pairs = dpo.load_pairs(str(path), 'auto', stats)
+        pairs = conversations.load_pairs(str(path), 'auto', stats)
     assert [p[1] for p in pairs] == ['Blue.', 'Red.']
     assert stats['bad_pairs'] == 1 and stats['malformed_lines'] == 1
 
@@ -276,7 +278,7 @@ def test_pair_batches_resume_exactly(tokenizer):
 
 
 # -----------------------------------------------------------------------------
-# end to end through lumi.fit
+# end to end through training.fit
 
 def _write_pairs(path, n=16):
     """Local llamafactory-shaped pairs: chosen a polite reply, rejected a curt one."""
@@ -317,16 +319,16 @@ def test_dpo_run_with_lora_end_to_end(tmp_path, tiny_checkpoint, tokenizer):
     counts = lumi.read_json(out / 'data_stats.json')
     assert (counts['train_pairs'], counts['val_pairs'], counts['conversations']) == (12 + 6, 4 + 2, 8)
 
-    adapter = lumi.load_checkpoint(str(out / 'adapter.pt'))
+    adapter = checkpoint.load_checkpoint(str(out / 'adapter.pt'))
     assert adapter['kind'] == 'adapter' and adapter['lora']['r'] == 4
     assert adapter['base_sha256'] == lumi.sha256_file(tiny_checkpoint)
-    merged_ckpt = lumi.load_checkpoint(str(out / 'merged.pt'))
+    merged_ckpt = checkpoint.load_checkpoint(str(out / 'merged.pt'))
     assert merged_ckpt['kind'] == 'dpo' and not merged_ckpt['lora']
-    merged = lumi.model_from_checkpoint(merged_ckpt).eval()
+    merged = checkpoint.model_from_checkpoint(merged_ckpt).eval()
     # the adapters on their base answer as the merged model does
     policy = apply_lora(_model(tiny_checkpoint), **adapter['lora'])
     policy.load_state_dict(adapter['lora_state'], strict=False)
-    batch = dpo.collate(_rendered(tokenizer))
+    batch = dpo.collate_pairs(_rendered(tokenizer))
     with torch.no_grad():
         a = dpo.token_logps(policy.eval(), batch['idx'], batch['targets'])
         b = dpo.token_logps(merged, batch['idx'], batch['targets'])
@@ -340,7 +342,7 @@ def test_full_fine_tuning_caches_the_reference(tmp_path, tiny_checkpoint, tokeni
     assert all(len(p['ref_chosen']) == len(p['chosen']) for p in rendered)
     cfg = lumi.Config(beta=0.1, loss_type='sigmoid', label_smoothing=0.0)
     with torch.no_grad():
-        scores = dpo.score_batch(model, dpo.collate(rendered), cfg)
+        scores = dpo.score_batch(model, dpo.collate_pairs(rendered), cfg)
     assert torch.allclose(scores['rewards_chosen'], torch.zeros(3), atol=1e-5)
     assert torch.allclose(scores['loss'], torch.full((3,), math.log(2)), atol=1e-5)
 
@@ -349,7 +351,7 @@ def test_full_fine_tuning_caches_the_reference(tmp_path, tiny_checkpoint, tokeni
               f'--out_dir={out}', '--max_iters=2', '--batch_size=2', '--lora_r=0', '--eval_interval=2',
               '--device=cpu', '--resume=never'])
     assert (out / 'merged.pt').exists() and not (out / 'adapter.pt').exists()
-    assert lumi.load_checkpoint(str(out / 'merged.pt'))['kind'] == 'dpo'
+    assert checkpoint.load_checkpoint(str(out / 'merged.pt'))['kind'] == 'dpo'
     last = lumi.read_jsonl(out / 'metrics.jsonl')[-1]
     assert 'val_reward_accuracy' in last and last['val_kl_chosen_k3'] >= 0 and 'val_kl' not in last
 
@@ -360,7 +362,7 @@ def test_start_from_an_sft_out_dir_and_refuse_an_adapter(tmp_path, tiny_checkpoi
     shutil.copy(tiny_checkpoint, tmp_path / 'ckpt_0000005.pt')
     model, tok, path = dpo.load_start(str(tmp_path), 'cpu')
     assert path == str(tmp_path / 'merged.pt') and tok.vocab_size == model.cfg.vocab_size
-    lumi.save_checkpoint(str(tmp_path / 'adapter.pt'), {'kind': 'adapter', 'lora': {}, 'lora_state': {}})
+    checkpoint.save_checkpoint(str(tmp_path / 'adapter.pt'), {'kind': 'adapter', 'lora': {}, 'lora_state': {}})
     with pytest.raises(ValueError, match='merged.pt'):
         dpo.load_start(str(tmp_path / 'adapter.pt'), 'cpu')
     with pytest.raises(ValueError, match='init_from is required'):

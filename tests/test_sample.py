@@ -14,19 +14,12 @@ import time
 import pytest
 import torch
 
+import checkpoint
+import engine
 import lumi
-import sample as S
-from model import apply_lora
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD_ENV = dict(os.environ, OMP_NUM_THREADS='1', TERM='dumb', PYTHONIOENCODING='utf-8')
-NEG = float('-inf')
-
-
-
-@pytest.fixture(scope='module')
-def loaded(lively_checkpoint):
-    return S.load_model(lively_checkpoint)
 
 
 @pytest.fixture(scope='module')
@@ -34,231 +27,28 @@ def sft_checkpoint(tmp_path_factory, lively_checkpoint):
     """The lively model saved as an SFT checkpoint, in an out/sft/ tree (what `python sample.py` looks for)."""
     ckpt = torch.load(lively_checkpoint, weights_only=True)
     path = tmp_path_factory.mktemp('run') / 'out' / 'sft' / 'ckpt_0000001.pt'
-    lumi.save_checkpoint(str(path), dict(ckpt, kind='sft'))
+    checkpoint.save_checkpoint(str(path), dict(ckpt, kind='sft'))
     return str(path)
 
 
 def greedy(n, **kw):
-    return S.Sampling(max_new_tokens=n, temperature=0.0, top_p=1.0, **kw)
+    return engine.Sampling(max_new_tokens=n, temperature=0.0, top_p=1.0, **kw)
 
 
 # -----------------------------------------------------------------------------
 # sampling filters on hand-made logits
 
-def test_top_k_keeps_the_k_largest():
-    logits = torch.tensor([[1.0, 3.0, 2.0, 5.0], [0.0, 0.0, 1.0, -1.0]])
-    out = S.apply_top_k(logits, 2)
-    assert out.tolist() == [[NEG, 3.0, NEG, 5.0], [0.0, 0.0, 1.0, NEG]]  # a tie at the k-th value stays
-    assert torch.equal(S.apply_top_k(logits, 0), logits) and torch.equal(S.apply_top_k(logits, 4), logits)
-
-
-def test_top_p_keeps_the_smallest_nucleus():
-    logits = torch.tensor([[0.5, 0.2, 0.25, 0.05]]).log()
-    kept = lambda p: torch.isfinite(S.apply_top_p(logits, p))[0].tolist()
-    assert kept(0.7) == [True, False, True, False]   # 0.5 + 0.25 reaches 0.7
-    assert kept(0.5) == [True, False, False, False]  # the top token alone reaches 0.5
-    assert kept(0.76) == [True, True, True, False]
-    assert kept(0.01) == [True, False, False, False]  # never empty
-    assert kept(1.0) == [True] * 4
-
-
-def test_repetition_penalty_makes_seen_tokens_less_likely():
-    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
-    counts = torch.tensor([[1, 3, 0, 0]])
-    assert S.apply_repetition_penalty(logits, counts, 2.0).tolist() == [[1.0, -4.0, 1.0, 0.5]]
-    assert torch.equal(S.apply_repetition_penalty(logits, counts, 1.0), logits)
-    # greedy picks the unseen runner-up once the penalty pushes the seen favourite below it
-    logits, counts = torch.tensor([[3.0, 2.5]]), torch.tensor([[1, 0]])
-    pick = lambda rp: S.sample_next(logits, counts, greedy(1, repetition_penalty=rp))
-    assert pick(1.0).item() == 0 and pick(1.5).item() == 1
-
-
-def test_temperature_and_sampling_distribution():
-    logits = torch.tensor([[0.5, 0.2, 0.25, 0.05]]).log()
-    torch.testing.assert_close(S.apply_temperature(logits, 0.5).softmax(-1),
-                               torch.tensor([[0.25, 0.04, 0.0625, 0.0025]]) / 0.355)
-    g = torch.Generator().manual_seed(0)
-    params = S.Sampling(temperature=1.0, top_p=0.7)
-    draws = torch.stack([S.sample_next(logits, torch.zeros(1, 4), params, g) for _ in range(3000)])
-    freq = torch.bincount(draws.flatten(), minlength=4).float() / 3000
-    assert freq[1] == 0 and freq[3] == 0  # outside the nucleus: never drawn
-    assert abs(freq[0] - 2 / 3) < 0.04 and abs(freq[2] - 1 / 3) < 0.04  # renormalised inside it
-    top1 = S.Sampling(temperature=1.5, top_k=1, top_p=1.0)
-    assert all(S.sample_next(logits, torch.zeros(1, 4), top1, g).item() == 0 for _ in range(50))
-
 
 # -----------------------------------------------------------------------------
 # the engine against recomputing the context
-
-def run_cached(model, prompts, params, stop_ids=(), seed=0):
-    out = [[] for _ in prompts]
-    for rows, tokens in S.generate_ids(model, prompts, params, stop_ids, torch.Generator().manual_seed(seed)):
-        for r, t in zip(rows, tokens):
-            out[r].append(t)
-    return out
-
-
-def run_recompute(model, prompt, params, stop_ids=(), seed=0):
-    return list(S.generate_ids_recompute(model, prompt, params, stop_ids, torch.Generator().manual_seed(seed)))
-
-
-def prompts_of(lengths, vocab, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [[lumi.BOS_ID] + torch.randint(8, vocab, (n - 1,), generator=g).tolist() for n in lengths]
-
-
-def test_greedy_kv_cache_equals_recompute_on_a_ragged_batch(loaded):
-    model, _, _ = loaded
-    prompts = prompts_of([5, 17, 30], model.cfg.vocab_size)
-    cached = run_cached(model, prompts, greedy(25))
-    for row, prompt in zip(cached, prompts):
-        assert row == run_recompute(model, prompt, greedy(25))
-    assert cached[0] != cached[1]  # rows really are different sequences
-
-
-def test_sampled_kv_cache_equals_recompute_with_the_same_seed(loaded):
-    model, _, _ = loaded
-    prompt = prompts_of([9], model.cfg.vocab_size)[0]
-    params = S.Sampling(max_new_tokens=30, temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.2)
-    assert run_cached(model, [prompt], params, seed=3)[0] == run_recompute(model, prompt, params, seed=3)
-    assert run_cached(model, [prompt], params, seed=3) != run_cached(model, [prompt], params, seed=4)
-
-
-@pytest.mark.parametrize('which', ['lively', 'fresh'])
-def test_rows_that_stop_leave_the_batch_without_disturbing_the_rest(which, loaded, tiny_checkpoint):
-    # a fresh model repeats its last token unless the repetition penalty steers it, so there the penalty's
-    # counts decide every token, and they must follow the rows that stay
-    model = loaded[0] if which == 'lively' else S.load_model(tiny_checkpoint)[0]
-    prompts = prompts_of([6, 20, 11, 14], model.cfg.vocab_size, seed=2)
-    params = greedy(16, repetition_penalty=3.0)
-    free = run_cached(model, prompts, params)
-    stop = {free[0][3], free[2][6]}  # two rows hit a stop token early
-    cached = run_cached(model, prompts, params, stop_ids=stop)
-    for row, prompt in zip(cached, prompts):
-        assert row == run_recompute(model, prompt, params, stop_ids=stop)
-    assert len(cached[0]) <= 4 and len(cached[2]) <= 7
-
-
-def test_generation_runs_past_the_window_by_sliding_it(loaded):
-    model, _, _ = loaded
-    block = model.cfg.block_size
-    prompt = prompts_of([10], model.cfg.vocab_size)[0]
-    tokens = run_cached(model, [prompt], greedy(2 * block))[0]
-    assert len(tokens) == 2 * block
-    fits = block - len(prompt) + 1  # tokens whose context still fits the window
-    assert tokens[:fits] == run_recompute(model, prompt, greedy(fits))
-    # once the window is full, generation goes on from its newest half, prefilled again, until it fills again
-    half = (prompt + tokens[:fits])[-(block // 2):]
-    assert tokens[fits:fits + block // 2 + 1] == run_recompute(model, half, greedy(block // 2 + 1))
 
 
 # -----------------------------------------------------------------------------
 # text
 
-def test_streamed_deltas_rebuild_the_decoded_text(tokenizer):
-    text = "The cat sat on the mat. héllo ✓ wörld! Thou art"
-    ids = tokenizer.encode(text)
-    assert any(tokenizer.id_to_piece(i).startswith('<0x') for i in ids)  # byte fallback: split characters
-    s = S.TextStream(tokenizer)
-    deltas = [s.push(t) for t in ids] + [s.flush()]
-    assert ''.join(deltas) == text and '\ufffd' not in ''.join(deltas)
-    # a completion's first piece keeps its space when the prompt's last token is the context
-    head = tokenizer.encode("Shall I")
-    rest = tokenizer.encode("Shall I compare thee")[len(head):]
-    s = S.TextStream(tokenizer, context=head[-1:])
-    assert ''.join(s.push(t) for t in rest) == " compare thee"
-
-
-def test_stop_strings_are_held_back_then_cut(tokenizer):
-    ids = tokenizer.encode("The cat sat on the mat. To be, or not to be")
-    s = S.TextStream(tokenizer, stop=('mat', 'xyz'))
-    out = ''.join(s.push(t) for t in ids) + s.flush()
-    assert out == "The cat sat on the " and s.stopped
-    s = S.TextStream(tokenizer, stop=('not to',))
-    sent = ''
-    for t in ids:
-        sent += s.push(t)
-        assert 'not' not in sent  # a possible start of the stop string never goes out early
-    assert sent + s.flush() == "The cat sat on the mat. To be, or "
-    s = S.TextStream(tokenizer, stop=('zzz',))  # a held-back tail that never completes comes out at the end
-    assert ''.join(s.push(t) for t in tokenizer.encode("buzz")) + s.flush() == "buzz"
-
-
-def test_stream_text_finish_reasons_and_counts(loaded):
-    model, tok, _ = loaded
-    prompts = [[lumi.BOS_ID] + tok.encode("To be"), [lumi.BOS_ID] + tok.encode("The quick brown fox")]
-    out = S.complete(model, tok, prompts, greedy(12, ignore_eos=True))
-    assert [(f, n) for _, f, n in out] == [('length', 12), ('length', 12)]
-    for (text, _, _), p in zip(out, prompts):  # the text is the decoded tokens, space included
-        ids = run_cached(model, [p], greedy(12))[0]
-        assert text == tok.decode(p[-1:] + ids)[len(tok.decode(p[-1:])):]
-    stop = out[1][0][3:8]
-    text, finish, n = S.complete(model, tok, prompts[1:], greedy(12, ignore_eos=True, stop=(stop,)))[0]
-    assert finish == 'stop' and text == out[1][0][:out[1][0].index(stop)] and n < 12
-
-
-def test_history_drops_oldest_exchanges_first_and_keeps_the_system(tokenizer):
-    msgs = [{'role': 'system', 'content': 'Be brief.'}]
-    for i in range(6):
-        msgs += [{'role': 'user', 'content': f'question {i} about the fox'},
-                 {'role': 'assistant', 'content': f'answer {i} about the dog'}]
-    msgs.append({'role': 'user', 'content': 'last question'})
-    full, _ = lumi.render_chat(tokenizer, msgs, add_generation_prompt=True)
-    assert S.fit_history(tokenizer, msgs, len(full)) == full
-    ids = S.fit_history(tokenizer, msgs, len(full) - 1)
-    want, _ = lumi.render_chat(tokenizer, msgs[:1] + msgs[3:], add_generation_prompt=True)
-    assert ids == want  # exactly the first exchange went
-    small = S.fit_history(tokenizer, msgs, 40)
-    kept = [m for m in msgs if tokenizer.decode(small).find(m['content']) >= 0]
-    assert kept[0] == msgs[0] and kept[-1] == msgs[-1] and len(small) <= 40
-    assert S.fit_history(tokenizer, [{'role': 'user', 'content': 'fox ' * 50}], 10) == \
-        lumi.render_chat(tokenizer, [{'role': 'user', 'content': 'fox ' * 50}], True)[0][-10:]
-
 
 # -----------------------------------------------------------------------------
 # loading
-
-def test_load_refuses_another_tokenizer_and_finds_checkpoints(tmp_path, lively_checkpoint, tokenizer):
-    import sentencepiece as spm
-    (tmp_path / 'c.txt').write_text("completely different text for another tokenizer\n" * 50)
-    spm.SentencePieceTrainer.train(
-        input=str(tmp_path / 'c.txt'), model_prefix=str(tmp_path / 'other'), vocab_size=300, model_type='bpe',
-        byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3, user_defined_symbols=list(lumi.CHAT_TOKENS),
-        minloglevel=2)
-    with pytest.raises(ValueError, match='must match'):
-        S.load_model(lively_checkpoint, tokenizer_path=str(tmp_path / 'other.model'))
-    _, tok, info = S.load_model(os.path.dirname(lively_checkpoint), tokenizer_path=tok_path(tokenizer, tmp_path))
-    assert tok.sha256 == tokenizer.sha256 and info['kind'] == 'pretrain' and info['path'] == lively_checkpoint
-    with pytest.raises(FileNotFoundError):
-        S.newest_checkpoint(str(tmp_path / 'nothing'))
-
-
-def tok_path(tok, tmp_path):
-    path = tmp_path / 'same.model'
-    path.write_bytes(tok.proto)
-    return str(path)
-
-
-def test_base_plus_adapter_equals_the_lora_model(tmp_path, lively_checkpoint, tokenizer):
-    import sft
-    model = lumi.model_from_checkpoint(lumi.load_checkpoint(lively_checkpoint)).eval()
-    apply_lora(model, r=4, alpha=8.0, targets=('q', 'v', 'down'))
-    torch.manual_seed(5)
-    for name, p in model.named_parameters():
-        if 'lora_b' in name:
-            p.data.normal_(0, 0.05)  # a trained adapter: B is no longer zero
-    path = str(tmp_path / 'adapter.pt')
-    sft.save_adapter(path, model, lively_checkpoint, tokenizer)
-    idx = torch.tensor([prompts_of([20], 512)[0]])
-    with torch.no_grad():
-        want = model(idx)[0]
-        for merged, _, info in [S.load_model(lively_checkpoint, adapter_path=path), S.load_model(path)]:
-            torch.testing.assert_close(merged(idx)[0], want, rtol=1e-4, atol=1e-4)
-            assert info['kind'] == 'sft' and info['adapter'] == path and info['path'] == lively_checkpoint
-    adapter = torch.load(path, weights_only=True)
-    lumi.save_checkpoint(path, dict(adapter, tokenizer_sha256='0' * 64))
-    with pytest.raises(ValueError, match='tokenizer'):
-        S.load_model(lively_checkpoint, adapter_path=path)
 
 
 # -----------------------------------------------------------------------------
@@ -270,7 +60,7 @@ def test_cli_prompt_prints_the_greedy_completion(loaded, lively_checkpoint):
                           '--prompt=To be, or', '--max_new_tokens=15', '--temperature=0', '--dtype=float32'],
                          cwd=REPO, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    text, _, _ = S.complete(model, tok, [[lumi.BOS_ID] + tok.encode('To be, or')], greedy(15))[0]
+    text, _, _ = engine.complete(model, tok, [[lumi.BOS_ID] + tok.encode('To be, or')], greedy(15))[0]
     assert run.stdout == text + '\n'
     bad = subprocess.run([sys.executable, 'sample.py', '--ckpt=/nonexistent/ckpt.pt', '--prompt=x'],
                          cwd=REPO, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
@@ -334,7 +124,7 @@ def test_interactive_chat_slash_command_ctrl_c_and_quit(loaded, sft_checkpoint):
         term.expect('you> ')
         term.send('hello there\n')
         ids, _ = lumi.render_chat(tok, [{'role': 'user', 'content': 'hello there'}], add_generation_prompt=True)
-        reply, _, _ = S.complete(model, tok, [ids], greedy(8, ignore_eos=True), chat=True)[0]
+        reply, _, _ = engine.complete(model, tok, [ids], greedy(8, ignore_eos=True), chat=True)[0]
         term.expect('hello there\n' + reply + '\n')
         term.expect('[8 tokens')
         term.expect('you> ')
@@ -360,14 +150,3 @@ def test_interactive_chat_slash_command_ctrl_c_and_quit(loaded, sft_checkpoint):
         os.close(term.fd)
 
 
-def test_bfloat16_weights_decode_with_a_bfloat16_cache(lively_checkpoint, loaded):
-    half, _, _ = S.load_model(lively_checkpoint, dtype='bfloat16')
-    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
-    assert half.rope_cos.dtype == torch.float32 and half.lm_head.weight is half.tok_emb.weight
-    prompts = prompts_of([5, 17, 30], half.cfg.vocab_size)
-    got = run_cached(half, prompts, greedy(12))
-    want = run_cached(loaded[0], prompts, greedy(12))
-    assert [len(r) for r in got] == [12] * 3
-    assert sum(a == b for g, w in zip(got, want) for a, b in zip(g, w)) >= 30  # bf16 rounding flips a few
-    with pytest.raises(ValueError, match='dtype'):
-        S.load_model(lively_checkpoint, dtype='float16')

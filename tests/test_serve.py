@@ -1,6 +1,6 @@
 """
 serve.py through sample.py's generation, as clients use it: plain and streamed completions and chat with
-urllib (and the official openai client when it is installed), answers equal to sample.complete run alone,
+urllib (and the official openai client when it is installed), answers equal to engine.complete run alone,
 several prompts and n in one request, concurrent clients, malformed requests answered 4xx with OpenAI's error
 body while the server keeps serving, and `python sample.py --serve` on its port.
 """
@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import checkpoint
+import engine
 import lumi
 import sample as S
 from serve import OPTIONS, Server
@@ -29,20 +31,20 @@ CHILD_ENV = dict(os.environ, OMP_NUM_THREADS='1')
 
 
 def greedy(n, **kw):
-    return S.Sampling(max_new_tokens=n, temperature=0.0, top_p=1.0, **kw)
+    return engine.Sampling(max_new_tokens=n, temperature=0.0, top_p=1.0, **kw)
 
 
 
 @pytest.fixture(scope='module')
 def loaded(lively_checkpoint):
-    return S.load_model(lively_checkpoint)
+    return checkpoint.load_model(lively_checkpoint)
 
 
 @pytest.fixture(scope='module')
 def server(loaded):
     model, tok, _ = loaded
-    generate = lambda prompts, params, chat, seed: S.stream_text(model, tok, prompts, params, chat,
-                                                                 S.make_generator(seed, 'cpu'))
+    generate = lambda prompts, params, chat, seed: engine.stream_text(model, tok, prompts, params, chat,
+                                                                 engine.make_generator(seed, 'cpu'))
     srv = Server(generate, tok, model.cfg.block_size, greedy(16), 'lumi-pretrain', port=0, max_tokens_limit=64,
                  max_batch=4, max_body_bytes=4096, quiet=True)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -88,7 +90,7 @@ def test_server_plain_and_streamed_completions(server, loaded):
     url, _ = server
     model, tok, _ = loaded
     ids = [lumi.BOS_ID] + tok.encode('Shall I compare')
-    want, _, n = S.complete(model, tok, [ids], greedy(10))[0]
+    want, _, n = engine.complete(model, tok, [ids], greedy(10))[0]
     body = {'model': 'lumi-pretrain', 'prompt': 'Shall I compare', 'max_tokens': 10, 'temperature': 0}
     status, r = call(url, '/v1/completions', body)
     assert status == 200 and r['object'] == 'text_completion' and r['model'] == 'lumi-pretrain'
@@ -109,7 +111,7 @@ def test_server_chat_plain_and_streamed(server, loaded):
     model, tok, _ = loaded
     messages = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'How are you today?'}]
     ids, _ = lumi.render_chat(tok, messages, add_generation_prompt=True)
-    want, finish, _ = S.complete(model, tok, [ids], greedy(12), chat=True)[0]
+    want, finish, _ = engine.complete(model, tok, [ids], greedy(12), chat=True)[0]
     body = {'model': 'lumi-pretrain', 'messages': messages, 'max_tokens': 12}
     status, r = call(url, '/v1/chat/completions', body)
     assert status == 200 and r['object'] == 'chat.completion'
@@ -226,8 +228,8 @@ def tough(loaded):
     """A server with short deadlines, room for large bodies and long generations (EOS ignored, so each runs to
     max_tokens), and a small worker pool."""
     model, tok, _ = loaded
-    generate = lambda prompts, params, chat, seed: S.stream_text(model, tok, prompts, params, chat,
-                                                                 S.make_generator(seed, 'cpu'))
+    generate = lambda prompts, params, chat, seed: engine.stream_text(model, tok, prompts, params, chat,
+                                                                 engine.make_generator(seed, 'cpu'))
     srv = Server(generate, tok, model.cfg.block_size, greedy(4, ignore_eos=True), 'lumi-pretrain', port=0, quiet=True,
                  max_tokens_limit=4096, max_batch=8, max_body_bytes=1 << 20, header_timeout=1, body_timeout=1,
                  workers=4, queue_size=4, max_stop_chars=64)
@@ -422,7 +424,7 @@ def test_stop_matcher_agrees_with_a_plain_search():
     for _ in range(300):
         stops = [''.join(rng.choice('ab') for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 4))]
         text = ''.join(rng.choice('abc') for _ in range(rng.randint(0, 40)))
-        m, seen, cut = S.StopMatcher(stops), '', None
+        m, seen, cut = engine.StopMatcher(stops), '', None
         for piece in [text[i:i + 3] for i in range(0, len(text), 3)]:
             cut = m.feed(piece, len(seen))
             seen += piece
@@ -438,7 +440,7 @@ def test_long_stop_strings_cost_linear_time(tokenizer):
     # four stop strings of 50,000 characters that the text keeps almost matching: the old held-back check was
     # quadratic in them (seconds a token); the automaton is a few operations a character
     stops = ['ab' * 25_000 + c for c in 'wxyz']
-    s = S.TextStream(tokenizer, stop=stops)
+    s = engine.TextStream(tokenizer, stop=stops)
     ids = tokenizer.encode('ab' * 300)
     out = ''.join(s.push(t) for t in ids)
     assert out == '' and not s.stopped  # all of it could still grow into a stop string
@@ -538,6 +540,9 @@ def test_serve_help_lists_its_options():
         assert f'--{key}=' in proc.stdout
 
 
-def test_sample_defaults_are_the_server_options():
-    # sample.py's --key=value reaches Server through these keys: the two tables must agree
-    assert {k: S.DEFAULTS[k] for k in OPTIONS} == {k: d for k, (d, _) in OPTIONS.items()}
+def test_serve_defaults_are_the_server_options_and_sample_keys():
+    # serve.py's --key=value reaches Server through these keys, and chooses the model with sample.py's keys
+    import serve
+    assert {k: serve.DEFAULTS[k] for k in OPTIONS} == {k: d for k, (d, _) in OPTIONS.items()}
+    assert {k: serve.DEFAULTS[k] for k in serve.SAMPLE_KEYS} == {k: S.DEFAULTS[k] for k in serve.SAMPLE_KEYS}
+    assert not set(OPTIONS) & set(S.DEFAULTS)  # the server's options are serve.py's alone

@@ -11,7 +11,8 @@ import threading
 
 import pytest
 
-import sample as S
+import checkpoint
+import engine
 from serve import Server
 
 SEED, REQUESTS = 1234, 1200
@@ -20,10 +21,10 @@ BODY_LIMIT = 1 << 16
 
 @pytest.fixture(scope='module')
 def server(lively_checkpoint):
-    model, tok, _ = S.load_model(lively_checkpoint)
-    generate = lambda prompts, params, chat, seed: S.stream_text(model, tok, prompts, params, chat,
-                                                                 S.make_generator(seed, 'cpu'))
-    defaults = S.Sampling(max_new_tokens=2, temperature=0.0, top_p=1.0)
+    model, tok, _ = checkpoint.load_model(lively_checkpoint)
+    generate = lambda prompts, params, chat, seed: engine.stream_text(model, tok, prompts, params, chat,
+                                                                 engine.make_generator(seed, 'cpu'))
+    defaults = engine.Sampling(max_new_tokens=2, temperature=0.0, top_p=1.0)
     srv = Server(generate, tok, model.cfg.block_size, defaults, 'lumi', port=0, quiet=True, max_tokens_limit=3,
                  max_batch=2, max_body_bytes=BODY_LIMIT, header_timeout=0.5, body_timeout=0.5, workers=4)
     threading.Thread(target=srv.serve_forever, daemon=True).start()

@@ -1,6 +1,6 @@
 """sft.py and the LoRA of model.py: adapters against the base model and their merge, the conversation formats
 in the real shapes of the public datasets, the loss mask, the truncation rule, the cache, the batches, and
-a short end-to-end run through lumi.fit."""
+a short end-to-end run through training.fit."""
 import json
 import os
 from collections import Counter
@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
+import training
+import conversations
 import lumi
 import sft
 from model import GPT, LoRALinear, TokenRows, apply_lora, lora_state_dict, merge_lora, set_lora_enabled
@@ -85,8 +88,8 @@ def test_merged_logits_equal_base_plus_adapter(tiny_config):
 
 def test_only_adapter_parameters_reach_the_optimizer(tiny_config):
     model = apply_lora(_model(tiny_config), r=4, alpha=8.0, targets=ALL_TARGETS, tokens=CHAT_IDS).train()
-    cfg = lumi.Config(lumi.TRAINING_DEFAULTS)
-    opt = lumi.make_optimizer(model, cfg, 'cpu')
+    cfg = lumi.Config(training.TRAINING_DEFAULTS)
+    opt = training.make_optimizer(model, cfg, 'cpu')
     in_opt = {id(p) for g in opt.param_groups for p in g['params']}
     lora = {id(p) for n, p in model.named_parameters() if '.lora_' in n}
     assert in_opt == lora and len(lora) == 2 * len(ALL_TARGETS) * tiny_config.n_layer + 1  # + the tied token rows
@@ -105,13 +108,13 @@ def test_only_adapter_parameters_reach_the_optimizer(tiny_config):
 
 
 def test_adapter_save_load_roundtrip_and_merge_command(tiny_checkpoint, tiny_config, tmp_path):
-    base = lumi.load_checkpoint(tiny_checkpoint)
-    tok = lumi.tokenizer_from_checkpoint(base)
-    model = apply_lora(lumi.model_from_checkpoint(base), r=4, alpha=8.0, targets=('q', 'v', 'down'), tokens=CHAT_IDS)
+    base = checkpoint.load_checkpoint(tiny_checkpoint)
+    tok = checkpoint.tokenizer_from_checkpoint(base)
+    model = apply_lora(checkpoint.model_from_checkpoint(base), r=4, alpha=8.0, targets=('q', 'v', 'down'), tokens=CHAT_IDS)
     _randomize_b(model)
-    sft.save_adapter(str(tmp_path / 'adapter.pt'), model, tiny_checkpoint, tok)
+    checkpoint.save_adapter(str(tmp_path / 'adapter.pt'), model, tiny_checkpoint, tok)
     assert os.path.getsize(tmp_path / 'adapter.pt') < os.path.getsize(tiny_checkpoint) / 4  # the adapter alone
-    loaded, _, _ = sft.load_adapter(tiny_checkpoint, str(tmp_path / 'adapter.pt'))
+    loaded, _, _ = checkpoint.load_adapter(tiny_checkpoint, str(tmp_path / 'adapter.pt'))
     want, got = lora_state_dict(model), lora_state_dict(loaded)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     idx = _idx(tiny_config)
@@ -119,16 +122,16 @@ def test_adapter_save_load_roundtrip_and_merge_command(tiny_checkpoint, tiny_con
     with torch.no_grad():
         assert torch.equal(loaded.eval()(idx)[0], model.eval()(idx)[0])
     out = sft.main(['merge', tiny_checkpoint, str(tmp_path / 'adapter.pt'), str(tmp_path / 'merged.pt')])
-    merged_ckpt = lumi.load_checkpoint(out)
+    merged_ckpt = checkpoint.load_checkpoint(out)
     assert merged_ckpt['kind'] == 'sft' and merged_ckpt['lora'] == {}
     with torch.no_grad():
-        torch.testing.assert_close(lumi.model_from_checkpoint(merged_ckpt).eval()(idx)[0], model(idx)[0],
+        torch.testing.assert_close(checkpoint.model_from_checkpoint(merged_ckpt).eval()(idx)[0], model(idx)[0],
                                    rtol=0, atol=1e-5)
     # an adapter refuses a base it was not trained on
     other = dict(base, model={k: v + 1e-3 for k, v in base['model'].items()})
-    lumi.save_checkpoint(str(tmp_path / 'other.pt'), other)
+    checkpoint.save_checkpoint(str(tmp_path / 'other.pt'), other)
     with pytest.raises(ValueError, match='was trained on base'):
-        sft.load_adapter(str(tmp_path / 'other.pt'), str(tmp_path / 'adapter.pt'))
+        checkpoint.load_adapter(str(tmp_path / 'other.pt'), str(tmp_path / 'adapter.pt'))
 
 
 # -----------------------------------------------------------------------------
@@ -236,7 +239,7 @@ def _assistant_spans(tok, ids):
 @pytest.mark.parametrize('fmt', list(EXPECTED))
 def test_formats_render_with_the_mask_on_assistant_spans_only(fmt, format_files, tokenizer):
     stats = Counter()
-    convs = list(sft.load_conversations(format_files[fmt], stats=stats, template_vars={'name': 'Lumi'}))
+    convs = list(conversations.load_conversations(format_files[fmt], stats=stats, template_vars={'name': 'Lumi'}))
     assert [[(m['role'], m['content']) for m in c] for c in convs] == EXPECTED[fmt]
     assert stats['conversations'] == len(convs)
     for msgs in convs:
@@ -250,27 +253,27 @@ def test_formats_render_with_the_mask_on_assistant_spans_only(fmt, format_files,
 
 def test_oasst_skips_unanswered_trees_and_counts_them(format_files):
     stats = Counter()
-    assert len(list(sft.load_conversations(format_files['oasst'], stats=stats))) == 1
+    assert len(list(conversations.load_conversations(format_files['oasst'], stats=stats))) == 1
     assert stats['skipped'] == 1 and stats['skipped: no assistant reply'] == 1
     assert stats['oasst deleted messages'] == 1
 
 
 def test_bad_records_raise_clear_errors_and_are_skipped_and_counted(tmp_path):
     with pytest.raises(ValueError, match="field 'output' is missing"):
-        sft.to_messages({'instruction': 'x', 'input': ''})
+        conversations.to_messages({'instruction': 'x', 'input': ''})
     with pytest.raises(ValueError, match=r"conversations\[1\].from': unsupported role 'function_call'"):
-        sft.to_messages({'conversations': [{'from': 'human', 'value': 'a'}, {'from': 'function_call', 'value': 'b'}]})
+        conversations.to_messages({'conversations': [{'from': 'human', 'value': 'a'}, {'from': 'function_call', 'value': 'b'}]})
     with pytest.raises(ValueError, match='image content is not supported'):
-        sft.to_messages({'messages': [{'role': 'user', 'content': [{'type': 'image', 'image': 'x.png'}]},
+        conversations.to_messages({'messages': [{'role': 'user', 'content': [{'type': 'image', 'image': 'x.png'}]},
                                       {'role': 'assistant', 'content': 'a'}]})
     with pytest.raises(ValueError, match='unknown record format'):
-        sft.to_messages({'question': 'q', 'answer': 'a'})
+        conversations.to_messages({'question': 'q', 'answer': 'a'})
     path = tmp_path / 'mixed.jsonl'
     path.write_text('\n'.join([json.dumps(ALPACA[0]), json.dumps({'instruction': 'no output'}), '{not json',
                                json.dumps({'instruction': 'i', 'output': '   '}), json.dumps(ALPACA[1])]) + '\n')
     stats = Counter()
     with pytest.warns(UserWarning, match='malformed JSON line'):
-        convs = list(sft.load_conversations(str(path), stats=stats))
+        convs = list(conversations.load_conversations(str(path), stats=stats))
     assert len(convs) == 2 and stats['skipped'] == 2 and stats['malformed_lines'] == 1
     assert stats["skipped: field 'output' is missing"] == 1 and stats['skipped: empty assistant message'] == 1
 
@@ -359,9 +362,9 @@ def test_sft_loss_is_the_models_loss_on_assistant_tokens(tokenizer, tiny_config,
     assert stats['assistant_tokens'] == int((y != -1).sum()) and stats['tokens'] == int((x != 0).sum())
     # the held-out loss: token-weighted over every assistant token of the picked conversations
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), prep['lengths'].cumsum(0)])
-    xs, ys = sft.collate(prep, offsets, np.arange(12))
+    xs, ys = sft.collate_chats(prep, offsets, np.arange(12))
     with torch.no_grad():
-        got = sft.make_evaluate(prep, np.arange(12), 5, 3, ['chats'])(model)
+        got = sft.make_sft_evaluate(prep, np.arange(12), 5, 3, ['chats'])(model)
         torch.testing.assert_close(got['val_loss'], float(model(xs, ys)[1]), rtol=1e-5, atol=1e-5)
     assert got['val_loss_chats'] == got['val_loss']
 
@@ -393,7 +396,7 @@ def test_format_check_counts_replies_that_end(tokenizer, tiny_config, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# end to end through lumi.fit
+# end to end through training.fit
 
 def test_sft_end_to_end_writes_adapter_and_merged(tiny_checkpoint, tiny_config, tmp_path, capsys):
     spec = _chat_file(tmp_path, 60)
@@ -412,15 +415,15 @@ def test_sft_end_to_end_writes_adapter_and_merged(tiny_checkpoint, tiny_config, 
     adapter = torch.load(out / 'adapter.pt', weights_only=True)
     assert adapter['kind'] == 'adapter' and adapter['lora']['r'] == 4
     assert adapter['base_sha256'] == lumi.sha256_file(tiny_checkpoint)
-    merged = lumi.load_checkpoint(merged_path)
+    merged = checkpoint.load_checkpoint(merged_path)
     assert merged['kind'] == 'sft' and merged['parent_sha256'] == adapter['base_sha256']
     idx = _idx(tiny_config)
     with torch.no_grad():
-        with_adapter = sft.load_adapter(tiny_checkpoint, str(out / 'adapter.pt'))[0].eval()(idx)[0]
-        from_step_ckpt = lumi.model_from_checkpoint(lumi.load_checkpoint(str(out))).eval()(idx)[0]
-        torch.testing.assert_close(lumi.model_from_checkpoint(merged).eval()(idx)[0], with_adapter, rtol=0, atol=1e-5)
+        with_adapter = checkpoint.load_adapter(tiny_checkpoint, str(out / 'adapter.pt'))[0].eval()(idx)[0]
+        from_step_ckpt = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(checkpoint.latest_step(str(out)))).eval()(idx)[0]
+        torch.testing.assert_close(checkpoint.model_from_checkpoint(merged).eval()(idx)[0], with_adapter, rtol=0, atol=1e-5)
     assert torch.equal(from_step_ckpt, with_adapter)
-    base = lumi.load_checkpoint(tiny_checkpoint)['model']
+    base = checkpoint.load_checkpoint(tiny_checkpoint)['model']
     assert any(not torch.equal(base[k], v) for k, v in merged['model'].items())  # training moved something
     # killed after step 3: resuming from ckpt_3 redoes steps 4-6 exactly (sampler position, RNG, optimizer)
     os.remove(out / 'ckpt_0000006.pt')

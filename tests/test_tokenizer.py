@@ -10,7 +10,10 @@ import pytest
 
 import data
 import dpo
+import checkpoint
+import engine
 import lumi
+import spm_proto
 import sample
 import serve
 import sft
@@ -51,39 +54,39 @@ def test_thread_count_changes_the_file_not_the_identity(by_threads):
 
 def _rewrite(message, number, edit):
     """message with the payload of each field `number` replaced by edit(payload)."""
-    return b''.join(lumi.encode_proto_field(n, edit(v)) if n == number else raw
-                    for n, v, raw in lumi.proto_fields(message))
+    return b''.join(spm_proto.encode_proto_field(n, edit(v)) if n == number else raw
+                    for n, v, raw in spm_proto.proto_fields(message))
 
 
 def _with_field(message, number, raw_field):
     """message with field `number` dropped and raw_field (a serialized field) added."""
-    return b''.join(raw for n, _, raw in lumi.proto_fields(message) if n != number) + raw_field
+    return b''.join(raw for n, _, raw in spm_proto.proto_fields(message) if n != number) + raw_field
 
 
 def test_identity_follows_what_the_model_does(tokenizer):
     proto = tokenizer.proto
-    assert b''.join(raw for _, _, raw in lumi.proto_fields(proto)) == proto  # the reader loses nothing
+    assert b''.join(raw for _, _, raw in spm_proto.proto_fields(proto)) == proto  # the reader loses nothing
     # trainer settings that only say how training ran (threads, model prefix, input): same identity, other file
     for number, value in [(16, 7), (2, b'/elsewhere/tok'), (1, b'/other/corpus.txt')]:
-        field = lumi.encode_proto_field(number, value)
+        field = spm_proto.encode_proto_field(number, value)
         other = lumi.Tokenizer(_rewrite(proto, 2, lambda spec: _with_field(spec, number, field)))
         assert other.file_sha256 != tokenizer.file_sha256 and other.sha256 == tokenizer.sha256, number
     # what encoding reads: another identity, and other ids
-    no_prefix = lumi.Tokenizer(_rewrite(proto, 3, lambda spec: _with_field(spec, 3, lumi.encode_proto_field(3, 0))))
-    suffix = lumi.Tokenizer(_rewrite(proto, 2, lambda spec: _with_field(spec, 24, lumi.encode_proto_field(24, 1))))
+    no_prefix = lumi.Tokenizer(_rewrite(proto, 3, lambda spec: _with_field(spec, 3, spm_proto.encode_proto_field(3, 0))))
+    suffix = lumi.Tokenizer(_rewrite(proto, 2, lambda spec: _with_field(spec, 24, spm_proto.encode_proto_field(24, 1))))
     for changed in (no_prefix, suffix):
         assert changed.sha256 != tokenizer.sha256 and changed.encode('fox') != tokenizer.encode('fox')
     # a piece's score: the last (lowest-scored) piece rescored to 0, above every other
-    last = max(i for i, (n, _, _) in enumerate(lumi.proto_fields(proto)) if n == 1)
+    last = max(i for i, (n, _, _) in enumerate(spm_proto.proto_fields(proto)) if n == 1)
     score_zero = b'\x15' + struct.pack('<f', 0.0)  # field 2, 32-bit wire type
-    rescored = b''.join(lumi.encode_proto_field(1, _with_field(v, 2, score_zero)) if i == last else raw
-                        for i, (_, v, raw) in enumerate(lumi.proto_fields(proto)))
+    rescored = b''.join(spm_proto.encode_proto_field(1, _with_field(v, 2, score_zero)) if i == last else raw
+                        for i, (_, v, raw) in enumerate(spm_proto.proto_fields(proto)))
     assert lumi.Tokenizer(rescored).sha256 != tokenizer.sha256
 
 
 def test_truncated_model_is_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match='protobuf'):
-        lumi.tokenizer_identity(tokenizer.proto[:-3])
+        spm_proto.tokenizer_identity(tokenizer.proto[:-3])
 
 
 def test_hashes_stored_by_older_lumis_still_match(tokenizer, tmp_path):
@@ -155,11 +158,11 @@ def test_server_messages(tokenizer):
 
 def test_interactive_prompt(tokenizer, tiny_checkpoint, monkeypatch):
     msgs = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': EVIL[0]}]
-    check_turns(tokenizer, sample.fit_history(tokenizer, msgs, 500), msgs)
+    check_turns(tokenizer, engine.fit_history(tokenizer, msgs, 500), msgs)
     seen = []
     monkeypatch.setattr(sample, 'stream_text', lambda model, tok, prompts, *a: seen.extend(prompts) or iter(()))
-    model = lumi.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint))
-    prompt = sample.Prompt(model, tokenizer, sample.Sampling(max_new_tokens=4), chat=True, system=EVIL[1])
+    model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tiny_checkpoint))
+    prompt = sample.Prompt(model, tokenizer, engine.Sampling(max_new_tokens=4), chat=True, system=EVIL[1])
     prompt.reset()
     prompt.reply(EVIL[0], out=io.StringIO())
     check_turns(tokenizer, seen[0], [{'role': 'system', 'content': EVIL[1]}, {'role': 'user', 'content': EVIL[0]}])
@@ -189,13 +192,13 @@ def test_dpo_pairs(tokenizer):
 def test_checkpoint_of_an_older_lumi_still_loads(tokenizer, tiny_checkpoint, tmp_path):
     """Such a checkpoint names its tokenizer by the file's hash; loading it checks that hash against the
     identity of the tokenizer it carries."""
-    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
     assert ckpt['tokenizer_sha256'] == tokenizer.sha256 != tokenizer.file_sha256
     ckpt['tokenizer_sha256'] = tokenizer.file_sha256
-    lumi.save_checkpoint(str(tmp_path / 'old.pt'), ckpt)
-    _, tok, _ = sample.load_model(str(tmp_path / 'old.pt'))
+    checkpoint.save_checkpoint(str(tmp_path / 'old.pt'), ckpt)
+    _, tok, _ = checkpoint.load_model(str(tmp_path / 'old.pt'))
     assert (tok.sha256, tok.file_sha256) == (tokenizer.sha256, tokenizer.file_sha256)
     ckpt['tokenizer_sha256'] = 'ef' * 32
-    lumi.save_checkpoint(str(tmp_path / 'other.pt'), ckpt)
+    checkpoint.save_checkpoint(str(tmp_path / 'other.pt'), ckpt)
     with pytest.raises(ValueError, match='is not the hash of the tokenizer it carries'):
-        sample.load_model(str(tmp_path / 'other.pt'))
+        checkpoint.load_model(str(tmp_path / 'other.pt'))

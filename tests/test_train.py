@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
+import training
 import lumi
 import train
 from conftest import TINY_TEXT
@@ -53,15 +55,14 @@ def bins(tmp_path_factory, tokenizer):
     return write_bins(tmp_path_factory.mktemp('bins'), tokenizer)
 
 
-
 def run_train(args, kill_at=None, launcher=None, check=True):
     """train.py in a fresh process, as a user runs it. kill_at=N: SIGKILL the process while it writes the
     checkpoint of step N, half of the temp file on disk."""
     code = 'import sys, train; train.main(sys.argv[1:])'
     if kill_at is not None:
         code = textwrap.dedent(f"""
-            import os, signal, sys, torch, lumi, train
-            real_save = lumi.save_checkpoint
+            import os, signal, sys, torch, lumi, train, training
+            real_save = training.save_checkpoint  # what the loop calls
             def dying_save(path, state):
                 if not path.endswith('ckpt_{kill_at:07d}.pt'):
                     return real_save(path, state)
@@ -70,7 +71,7 @@ def run_train(args, kill_at=None, launcher=None, check=True):
                     f.flush(); f.truncate(f.tell() // 2); f.flush(); os.fsync(f.fileno())
                     os.kill(os.getpid(), signal.SIGKILL)
                 lumi.atomic_write(path, half)
-            lumi.save_checkpoint = dying_save
+            training.save_checkpoint = dying_save
             train.main(sys.argv[1:])""")
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
     cmd = (launcher or [sys.executable]) + (['-c', code] if launcher is None else ['train.py']) + list(args)
@@ -106,7 +107,7 @@ def test_contract_config_file_overrides_metrics_and_checkpoints(bins, tmp_path, 
     assert ckpt['model_args']['vocab_size'] == tokenizer.vocab_size  # from the bins' meta.json
     assert ckpt['config']['seed'] == 7 and ckpt['config']['out_dir'] == out
     assert os.path.exists(os.path.join(out, 'best.pt'))
-    model = lumi.model_from_checkpoint(ckpt)
+    model = checkpoint.model_from_checkpoint(ckpt)
     assert model.num_params() == 106_816
 
 
@@ -115,7 +116,7 @@ def test_token_budget_defaults_to_tokens_per_param(bins, tmp_path):
     final = train.main([f'--data_dir={bins}', f'--out_dir={out}', '--tokens_per_param=0.02',
                         '--eval_interval=1000'] + TINY)
     # 106,816 parameters x 0.02 tokens / (4 x 32 tokens a step) = 16.7 -> 17 steps
-    assert lumi.load_checkpoint(final)['max_iters'] == 17 == math.ceil(106_816 * 0.02 / 128)
+    assert checkpoint.load_checkpoint(final)['max_iters'] == 17 == math.ceil(106_816 * 0.02 / 128)
 
 
 def test_max_minutes_fits_the_schedule_to_the_clock(bins, tmp_path):
@@ -123,7 +124,7 @@ def test_max_minutes_fits_the_schedule_to_the_clock(bins, tmp_path):
     its planned last step with the cosine finished, instead of being cut off by the clock at a high LR."""
     out = str(tmp_path / 'o')
     final = train.main([f'--data_dir={bins}', f'--out_dir={out}', '--max_minutes=0.2', '--min_lr=1e-4'] + TINY)
-    ckpt = lumi.load_checkpoint(final)
+    ckpt = checkpoint.load_checkpoint(final)
     steps = [r for r in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl')) if 'loss' in r]
     assert ckpt['max_iters'] < math.ceil(20 * 106_816 / 128)  # planned below the 20 tokens/param budget
     assert steps[-1]['step'] == ckpt['step'] == ckpt['max_iters']
@@ -142,7 +143,7 @@ def test_kill9_while_checkpointing_then_resume_is_bit_exact(bins, tmp_path):
     assert proc.returncode == -9, proc.stderr[-2000:]
     names = sorted(os.listdir(cut))
     assert 'ckpt_0000018.pt' not in names and any(n.startswith('ckpt_0000018.pt.tmp') for n in names)
-    assert lumi.find_checkpoint(cut).endswith('ckpt_0000012.pt')  # the half-written file is never picked
+    assert checkpoint.latest_step(cut).endswith('ckpt_0000012.pt')  # the half-written file is never picked
     assert max(r['step'] for r in metrics(cut)) == 18  # steps 13-18 were logged, then lost with the process
 
     run_train(args + [f'--out_dir={cut}', '--resume=auto'])
@@ -170,15 +171,15 @@ def test_ddp_two_processes_match_one_at_the_same_global_batch(bins, tmp_path):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], abs=1e-4), (ra['step'], key)
         assert ra['tokens'] == rb['tokens']  # the tokens of both ranks are counted
-    wa = lumi.load_checkpoint(one)['model']
-    wb = lumi.load_checkpoint(two)['model']
+    wa = checkpoint.load_checkpoint(one)['model']
+    wb = checkpoint.load_checkpoint(two)['model']
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
 
 
 def test_nan_loss_stops_and_leaves_the_last_checkpoint_untouched(bins, tmp_path, monkeypatch):
     out = str(tmp_path / 'o')
     written = {}
-    real_save, real_loss = lumi.save_checkpoint, train.pretrain_loss
+    real_save, real_loss = checkpoint.save_checkpoint, train.pretrain_loss
 
     def recording_save(path, state):
         real_save(path, state)
@@ -191,12 +192,12 @@ def test_nan_loss_stops_and_leaves_the_last_checkpoint_untouched(bins, tmp_path,
         loss = real_loss(model, batch)
         return loss * float('nan') if len(calls) == 13 else loss
 
-    monkeypatch.setattr(lumi, 'save_checkpoint', recording_save)
+    monkeypatch.setattr(training, 'save_checkpoint', recording_save)  # what the loop calls
     monkeypatch.setattr(train, 'pretrain_loss', loss_going_nan)
-    with pytest.raises(lumi.TrainingDiverged, match=r"loss is nan at step 12.*ckpt_0000010\.pt is untouched"):
+    with pytest.raises(training.TrainingDiverged, match=r"loss is nan at step 12.*ckpt_0000010\.pt is untouched"):
         train.main([f'--data_dir={bins}', f'--out_dir={out}', '--max_iters=30', '--eval_interval=5',
                     '--ckpt_interval=5'] + TINY)
-    assert lumi.find_checkpoint(out).endswith('ckpt_0000010.pt')
+    assert checkpoint.latest_step(out).endswith('ckpt_0000010.pt')
     on_disk = {os.path.join(out, n) for n in os.listdir(out) if n.endswith('.pt')}
     assert on_disk <= set(written) and all(lumi.sha256_file(p) == written[p] for p in on_disk)
     assert max(r['step'] for r in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl'))) == 12  # nothing logged after
@@ -237,14 +238,7 @@ def test_missing_bins_are_prepared_through_data_py(tmp_path):
                         '--block_size=16', '--eval_iters=1'] + [a for a in TINY if 'block_size' not in a])
     meta = json.load(open(os.path.join(D, 'meta.json')))
     assert meta["vocab_size"] == 400 and meta['train_tokens'] > 0
-    assert lumi.load_checkpoint(final)['tokenizer_sha256'] == meta['tokenizer_sha256']
-
-
-def test_unigram_entropy_against_hand_computation(tmp_path):
-    path = str(tmp_path / 'val.bin')
-    np.array([5, 5, 5, 5, 7, 7, 9, 9], dtype=np.uint16).tofile(path)
-    expected = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
-    assert train.unigram_entropy(path, 16) == pytest.approx(expected, rel=1e-12)
+    assert checkpoint.load_checkpoint(final)['tokenizer_sha256'] == meta['tokenizer_sha256']
 
 
 def test_the_closing_line_says_below_or_above_with_a_positive_number():

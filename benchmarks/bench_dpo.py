@@ -13,6 +13,8 @@ The arms run with glibc's mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD
 it as large blocks are freed, after which freed temporaries stay resident and RSS measures the allocator's
 history (a loop over 8 MB temporaries grew RSS by 140 MB) rather than the tensors alive at the peak.
 The target: a DPO step within 1.3x of an SFT step.
+
+Deliberately left out: step time (bench_lora.py times steps) and full fine-tuning arms.
 """
 import json
 import os

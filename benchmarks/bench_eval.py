@@ -1,5 +1,5 @@
 """
-BoolQ examples per second on CPU: eval.py's batched scorer against scoring one (passage, answer) pair per
+BoolQ examples per second on CPU: the batched scorer (engine.target_logprobs, what eval.py runs) against scoring one (passage, answer) pair per
 forward pass with the full vocabulary's logits at every position (how a plain loop does it), on the same
 examples in the same run, with the log-likelihoods checked to agree.
 
@@ -8,6 +8,8 @@ examples in the same run, with the log-likelihoods checked to agree.
 Model: the shape of configs/tiny.py (ModelConfig defaults when that file is missing), random init; what is
 measured is the scoring, not the answers. Tokenizer: data/starter's if data.py has built it, else a BPE of
 the same vocabulary trained here on the BoolQ passages themselves (the output says which).
+
+Deliberately left out: accuracy (a random model's answers mean nothing) and GPU timings.
 """
 import io
 import os

@@ -16,6 +16,8 @@ FlashAttention convention: forward 2 matmuls, backward 2.5x the forward). Before
 checked against its baseline on the first shape and the largest relative deviation printed.
 Autotuning (a few configs per kernel and shape) happens on first use, outside the timed region; the whole
 run takes a few minutes on an H100. Without a CUDA device it prints a message and exits 0.
+
+Deliberately left out: end-to-end training speed (bench_train.py) and CPU timings (the interpreter is no kernel).
 """
 import os
 import sys

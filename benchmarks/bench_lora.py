@@ -16,6 +16,8 @@ Memory: CPU, the peak resident set (ru_maxrss) of the arm's process above what i
 imported (the allocator keeps freed blocks, so temporaries count too); CUDA, torch.cuda.max_memory_allocated.
 Counted exactly besides: the training state (weights, plus gradients and AdamW's two moments of the
 trainable ones) and the activations one forward saves for backward. Ratios are against the full fine-tuning arm of this run.
+
+Deliberately left out: the fused kernel on CPU (it runs only on CUDA) and quality (the data is random).
 """
 import json
 import os

@@ -10,6 +10,8 @@ machine, wall time includes waiting for the neighbours).
 
 The clone is of the committed HEAD, so uncommitted edits are not measured. It reuses this interpreter (the
 venv is not rebuilt: installing torch is not part of the pipeline). Run it on an otherwise idle machine.
+
+Deliberately left out: the quality of the result (the summary the run prints has it) and GPU profiles.
 """
 import json
 import os

@@ -21,6 +21,8 @@ and prints the steps each made, the first step (which holds the compilation) and
 Prints one row per arm and writes them to runs/bench_recipe/results.json (arms already there are not run
 again unless --fresh). Say which CPU you ran on: the script prints `lscpu`'s model name and whether the CPU
 has AVX512-BF16 (dtype 'auto' then trains in bf16).
+
+Deliberately left out: SFT and DPO settings (their configs were measured through the whole pipeline).
 """
 import argparse
 import math

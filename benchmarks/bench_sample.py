@@ -1,6 +1,6 @@
 """
-Decode speed of the generation engine (engine.py) (KV cache: one prefill, then one token per forward pass) against
-recomputing the whole context for every new token (nanoGPT's sample.py), at 128, 512 and 1024 new tokens;
+Decode speed of the generation engine (engine.py: KV cache, one prefill, then one token per forward pass)
+against recomputing the whole context for every new token (nanoGPT's sample.py), at 128, 512 and 1024 new tokens;
 then, with the cache, a batch of 8 prompts of different lengths against one prompt, and bf16 weights
 against fp32. Goal: >= 5x at 512 new tokens on a CPU for the tiny model.
 
@@ -13,6 +13,8 @@ that file is missing), random init, fp32; speed does not depend on the weights. 
 every run makes exactly its tokens. Both paths compute the LM head at the last position only, so the ratio
 is the cache's alone. Past the window (block_size) the engine slides it by half and the baseline crops the
 context, so their tokens are checked to agree only while the context fits.
+
+Deliberately left out: sampling filters (they cost the same on both paths) and serving overhead.
 """
 import copy
 import os

@@ -15,6 +15,8 @@ time would measure the neighbours. On a machine of your own, --clock=wall --thre
 wall-clock" literally. Warm-up steps (compilation) are off the clock and reported apart. The arms run in
 the order lumi, gpt2, gpt2, lumi (eager, eager, compiled, compiled). The baseline lives here, not in
 model.py: it exists only to be compared against.
+
+Deliberately left out: DDP and gradient accumulation (one process, one micro-step a step).
 """
 import argparse
 import math

@@ -1,6 +1,8 @@
 """
 Lumi's Triton kernels, each beside the plain torch reference it is tested against:
 kernels.attention.flash_attention and kernels.lora.lora_linear. This file holds the few helpers both share.
+
+Deliberately left out: choosing a kernel or its reference (model.py does, at one dispatch point).
 """
 import os
 

@@ -14,7 +14,10 @@ The forward keeps mid = x A^T (tokens x rank, small) for dB, and the dx pass kee
 
 The weight is meant to be frozen. If it does require grad, dW = dy^T x is computed with a plain torch matmul
 (correct, not fused). Inputs: fp16, bf16 or fp32 (fp32 accumulation throughout); W, A and B are cast to x's
-dtype (or autocast's). No bias: add it outside.
+dtype (or autocast's).
+
+Deliberately left out: a bias (add it outside), dropout on the adapter's input (model.py applies it before the
+call), and a fused dW for a weight that trains.
 """
 import torch
 import triton

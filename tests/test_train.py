@@ -106,7 +106,8 @@ def test_contract_config_file_overrides_metrics_and_checkpoints(bins, tmp_path, 
     assert ckpt['model_args']['n_layer'] == 2 and ckpt['model_args']['n_embd'] == 64
     assert ckpt['model_args']['vocab_size'] == tokenizer.vocab_size  # from the bins' meta.json
     assert ckpt['config']['seed'] == 7 and ckpt['config']['out_dir'] == out
-    assert os.path.exists(os.path.join(out, 'best.pt'))
+    best = checkpoint.load_checkpoint(os.path.join(out, 'best.pt'))  # the checkpoint of the lowest val loss
+    assert best['metrics']['val_loss'] == min(losses)
     model = checkpoint.model_from_checkpoint(ckpt)
     assert model.num_params() == 106_816
 

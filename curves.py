@@ -8,6 +8,7 @@ loss curves, and any output format but SVG.
 """
 import math
 import os
+from xml.sax.saxutils import escape, quoteattr
 
 from lumi import atomic_write, log, read_jsonl
 
@@ -71,7 +72,6 @@ def plot_svg(runs, path, title=''):
     labels, a legend and one <polyline> per series, which carries data-run and data-series attributes so
     that a reader (or a test) can find each curve. Returns path.
     """
-    from xml.sax.saxutils import escape, quoteattr
     x_key, series = plot_series(runs)
     if not series:
         raise ValueError("nothing to plot: the runs have no loss, val_loss or lr records")

@@ -27,6 +27,7 @@ from collections import Counter
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import lumi
 import training
@@ -333,7 +334,6 @@ def summarize(scores, prefix=''):
 @torch.no_grad()
 def cache_reference(model, pairs, batch_size, device, dtype):
     """Full fine-tuning: the starting model's per-token log-probs of every reply, computed once."""
-    from tqdm import tqdm
     model.eval()
     for i in tqdm(range(0, len(pairs), batch_size), desc='reference log-probs', disable=len(pairs) <= batch_size):
         chunk = pairs[i:i + batch_size]

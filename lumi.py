@@ -20,6 +20,7 @@ from contextlib import nullcontext
 import numpy as np
 import sentencepiece
 import torch
+import torch.distributed as dist
 
 from spm_proto import markers_as_control, tokenizer_identity
 from stagefile import constants, key_comments
@@ -500,7 +501,6 @@ def setup_distributed(device_name='auto'):
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     device = pick_device(device_name)
     if world > 1:
-        import torch.distributed as dist
         if not dist.is_initialized():
             dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
         if device.startswith('cuda'):

@@ -13,6 +13,7 @@ Deliberately left out: running stages in parallel, and retrying a failed stage (
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -223,7 +224,6 @@ class Pipeline:
             why = 'its output is gone' if stamp['inputs'] == key else 'its inputs changed (config, data or parent)'
             log(f"[{stage}] {why}: starting it afresh")
             if stage != 'data':  # a stage folder holds only what the pipeline made there
-                import shutil
                 shutil.rmtree(d)
         else:
             status = 'ran'

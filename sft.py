@@ -43,6 +43,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import checkpoint
 import lumi
@@ -55,7 +56,7 @@ from model import apply_lora
 # -----------------------------------------------------------------------------
 # defaults: any of them can be set in a config file or as --key=value
 
-init_from = 'out/tiny'          # a pretrain checkpoint: a .pt file, or a directory (its newest ckpt_*.pt)
+init_from = 'out/tiny'          # a pretrain checkpoint: a .pt file, or a directory (checkpoint.checkpoint_of)
 out_dir = 'out/sft'
 sources = []                    # [(spec, weight), ...] or [spec, ...]; empty: DEFAULT_SOURCES
 data_format = 'auto'            # auto | alpaca | dolly | messages | sharegpt | chitchat | oasst
@@ -140,7 +141,6 @@ def normalize_sources(srcs):
 
 def prepare_sft_data(tok, srcs, block_size, cache_dir='data/sft', val_frac=0.02, fmt='auto', template_vars=None):
     """Render every source once and cache the result; returns a dict of flat tensors and counts."""
-    from tqdm import tqdm
     specs = [s for s, _ in normalize_sources(srcs)]
     key = lumi.sha256_bytes(json.dumps(dict(v=PREP_VERSION, tok=tok.sha256, sources=[_source_key(s) for s in specs],
                                             fmt=fmt, block=block_size, val=val_frac, vars=template_vars),

@@ -20,7 +20,6 @@ ALL_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 CHAT_IDS = (4, 5, 6, 7)  # the tiny tokenizer's <|system|> <|user|> <|assistant|> <|end|>
 
 
-
 def _model(tiny_config, seed=0):
     torch.manual_seed(seed)
     return GPT(tiny_config).eval()
@@ -249,33 +248,6 @@ def test_formats_render_with_the_mask_on_assistant_spans_only(fmt, format_files,
         spans = ''.join(tokenizer.id_to_piece(i) if i == tokenizer.end_id else tokenizer.decode([i])
                         for i, k in zip(ids, mask) if k)
         assert spans.replace(' ', '') == ''.join(r + '<|end|>' for r in replies).replace(' ', '')
-
-
-def test_oasst_skips_unanswered_trees_and_counts_them(format_files):
-    stats = Counter()
-    assert len(list(conversations.load_conversations(format_files['oasst'], stats=stats))) == 1
-    assert stats['skipped'] == 1 and stats['skipped: no assistant reply'] == 1
-    assert stats['oasst deleted messages'] == 1
-
-
-def test_bad_records_raise_clear_errors_and_are_skipped_and_counted(tmp_path):
-    with pytest.raises(ValueError, match="field 'output' is missing"):
-        conversations.to_messages({'instruction': 'x', 'input': ''})
-    with pytest.raises(ValueError, match=r"conversations\[1\].from': unsupported role 'function_call'"):
-        conversations.to_messages({'conversations': [{'from': 'human', 'value': 'a'}, {'from': 'function_call', 'value': 'b'}]})
-    with pytest.raises(ValueError, match='image content is not supported'):
-        conversations.to_messages({'messages': [{'role': 'user', 'content': [{'type': 'image', 'image': 'x.png'}]},
-                                      {'role': 'assistant', 'content': 'a'}]})
-    with pytest.raises(ValueError, match='unknown record format'):
-        conversations.to_messages({'question': 'q', 'answer': 'a'})
-    path = tmp_path / 'mixed.jsonl'
-    path.write_text('\n'.join([json.dumps(ALPACA[0]), json.dumps({'instruction': 'no output'}), '{not json',
-                               json.dumps({'instruction': 'i', 'output': '   '}), json.dumps(ALPACA[1])]) + '\n')
-    stats = Counter()
-    with pytest.warns(UserWarning, match='malformed JSON line'):
-        convs = list(conversations.load_conversations(str(path), stats=stats))
-    assert len(convs) == 2 and stats['skipped'] == 2 and stats['malformed_lines'] == 1
-    assert stats["skipped: field 'output' is missing"] == 1 and stats['skipped: empty assistant message'] == 1
 
 
 def test_truncation_rule(tokenizer):

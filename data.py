@@ -108,6 +108,7 @@ max_member_bytes = LIMITS['max_member_bytes']  # bytes an archive member or .gz 
 max_expand_ratio = LIMITS['max_expand_ratio']  # ... and an archive or .gz to this many times its size
 
 SHARD_BYTES = 64 << 20  # characters of JSONL per corpus shard
+PART_BYTES = 32 << 20  # bytes of input files (as stored) per scanned part
 BATCH_DOCS = 512  # documents a worker cleans or encodes at a time
 MAX_UINT16_VOCAB = 65535
 _CORPUS_KEYS = ('max_doc_chars', 'min_doc_chars', 'min_alpha_ratio', 'max_dup_line_frac', 'scrub_urls',
@@ -223,66 +224,96 @@ def _is_mine(cfg, k):
     return cfg.shard_index < 0 or k % cfg.num_shards == cfg.shard_index
 
 
+class _Grouping:
+    """Consecutive files of a source joined into parts of about PART_BYTES (as stored), so that a folder of
+    thousands of small files is a few parts; decided from sizes alone, the same in every shard."""
+
+    def __init__(self):
+        self.part, self.size, self.of = 0, 0, {}
+
+    def place(self, fi, size):
+        if fi not in self.of:
+            if self.size >= PART_BYTES:
+                self.part, self.size = self.part + 1, 0
+            self.of[fi] = self.part
+            self.size += size
+        return self.of[fi]
+
+
+def _part_rows(num_perm, bands):
+    """The row of a part's .rows file: exact key, usable flag, MinHash signature, LSH band hashes."""
+    return np.dtype([('key', np.uint8, 16), ('usable', np.uint8), ('sig', np.uint32, num_perm),
+                     ('bands', np.uint64, bands)])
+
+
+def _part_array(folder, part, dtype, docs):
+    """A part's .rows as a read-only memmap (never read whole)."""
+    if not docs:
+        return np.zeros(0, dtype)
+    return np.memmap(os.path.join(folder, f"{part}.rows"), dtype=dtype, mode='r', shape=(docs,))
+
+
 def scan(cfg, folder):
-    """Read this shard's files (file fi of source si goes to shard (si + fi) % num_shards), clean and filter
-    their documents in worker processes, and write each file's survivors as a part: NAME.jsonl (texts), raw
-    arrays with a row per document NAME.keys (exact key + a usable flag), NAME.sig (MinHash), NAME.bands
-    (LSH band hashes), and NAME.json (counts, written last: the part's "done" marker). A part already done is
-    skipped, so a killed scan redoes only what it had not finished. Returns the names of this shard's parts."""
+    """Read this shard's files, clean and filter their documents in worker processes, and write them as parts
+    (part g of source si goes to shard (si + g) % num_shards): NAME.jsonl (the texts that survive), NAME.rows
+    (a _part_rows row per text) and NAME.json (counts; written last: the part's "done" marker). A part
+    already done is skipped, so a killed scan redoes only what it had not finished. Returns this shard's
+    part names."""
     opts = {k: cfg[k] for k in ('min_doc_chars', 'min_alpha_ratio', 'max_dup_line_frac', 'scrub_urls',
                                 'scrub_emails', 'num_perm', 'shingle_words')}
-    rows, workers, mine = lsh_rows(cfg.num_perm, cfg.near_dup_threshold), _Workers(_workers(cfg)), set()
+    rows = lsh_rows(cfg.num_perm, cfg.near_dup_threshold)
+    dtype, workers, mine = _part_rows(cfg.num_perm, cfg.num_perm // rows), _Workers(_workers(cfg)), set()
     try:
-        _scan_sources(cfg, folder, opts, rows, workers, mine)
+        for si, spec in enumerate(s for s, _ in _source_list(cfg)):
+            _scan_source(cfg, folder, si, spec, opts, rows, dtype, workers, mine)
     finally:
         workers.close()
     return sorted(mine)
 
 
-def _scan_sources(cfg, folder, opts, rows, workers, mine):
-    for si, spec in enumerate(s for s, _ in _source_list(cfg)):
-        stats, prev = Counter(), Counter()  # a part's counts: what stats gained while it was read
+def _scan_source(cfg, folder, si, spec, opts, rows, dtype, workers, mine):
+    stats, prev, grouping, part = Counter(), Counter(), _Grouping(), None
 
-        def pick(fi):
-            if not _is_mine(cfg, si + fi):
-                return False
-            mine.add(_part_name(si, fi))
-            return not os.path.exists(os.path.join(folder, _part_name(si, fi) + '.json'))
-        for f in iter_streams(spec, cfg.cache_dir or None, stats, cfg, pick):
-            path = os.path.join(folder, _part_name(si, f.index))
-            n, outs = 0, {kind: open(f"{path}.{kind}.tmp", 'wb') for kind in _PART_ARRAYS}
-            with open(f"{path}.jsonl.tmp", 'w', encoding='utf-8') as out:
-                docs = documents_of(f, parse_spec(spec), stats, cfg.max_doc_chars)
-                for reasons, kept, key, sig in workers.map(clean_batch, _batches(docs), opts):
-                    for r in filter(None, reasons):
-                        stats['rejected_' + r] += 1
-                    out.writelines(json.dumps({'text': t}, ensure_ascii=False) + '\n' for t in kept)
-                    outs['keys'].write(np.concatenate([key, usable_rows(sig)[:, None].astype(np.uint8)], 1).data)
-                    outs['sig'].write(sig.data)
-                    outs['bands'].write(np.ascontiguousarray(band_keys(sig, rows).T).data)
-                    n += len(kept)
-            for kind, o in outs.items():
-                o.close()
-                os.replace(f"{path}.{kind}.tmp", f"{path}.{kind}")
-            os.replace(f"{path}.jsonl.tmp", f"{path}.jsonl")
-            # what a folder left out is counted before its file 0 (read by one shard, once), so it lands here
-            counts = {k: v - prev.get(k, 0) for k, v in stats.items() if v != prev.get(k, 0)}
-            prev = Counter(stats)
-            lumi.write_json(f"{path}.json", {'source': si, 'file': f.index, 'name': f.name, 'docs': n,
-                                             'counts': counts})
+    def pick(fi, size):
+        name = _part_name(si, grouping.place(fi, size))
+        if not _is_mine(cfg, si + grouping.of[fi]):
+            return False
+        mine.add(name)
+        return not os.path.exists(os.path.join(folder, name + '.json'))
 
-
-_PART_ARRAYS = {'keys': np.uint8, 'sig': np.uint32, 'bands': np.uint64}  # raw arrays, a row per document
-
-
-def _part_array(folder, part, kind, rows):
-    """A part's array kind as a read-only memmap of `rows` rows (never read whole)."""
-    path = os.path.join(folder, f"{part}.{kind}")
-    dtype = _PART_ARRAYS[kind]
-    width = os.path.getsize(path) // max(1, rows * np.dtype(dtype).itemsize)
-    if not rows:
-        return np.zeros((0, 0), dtype)
-    return np.memmap(path, dtype=dtype, mode='r', shape=(rows, width))
+    def finish(part):
+        nonlocal prev
+        path, outs, n = part
+        for kind, o in outs.items():
+            o.close()
+            os.replace(f"{path}.{kind}.tmp", f"{path}.{kind}")
+        # what a folder left out is counted before its file 0 (read by one shard, once), so it lands here
+        counts = {k: v - prev.get(k, 0) for k, v in stats.items() if v != prev.get(k, 0)}
+        prev = Counter(stats)
+        with open(f"{path}.json.tmp", 'w') as f:  # plain writes and a rename: parts are many, fsync is slow
+            json.dump({'source': si, 'docs': n[0], 'counts': counts}, f)
+        os.replace(f"{path}.json.tmp", f"{path}.json")
+    for f in iter_streams(spec, cfg.cache_dir or None, stats, cfg, pick):
+        path = os.path.join(folder, _part_name(si, grouping.of[f.index]))
+        if part and part[0] != path:
+            finish(part)
+            part = None
+        if part is None:
+            part = (path, {'jsonl': open(f"{path}.jsonl.tmp", 'w', encoding='utf-8'),
+                           'rows': open(f"{path}.rows.tmp", 'wb')}, [0])
+        outs, n = part[1], part[2]
+        docs = documents_of(f, parse_spec(spec), stats, cfg.max_doc_chars)
+        for reasons, kept, key, sig in workers.map(clean_batch, _batches(docs), opts):
+            for r in filter(None, reasons):
+                stats['rejected_' + r] += 1
+            outs['jsonl'].writelines(json.dumps({'text': t}, ensure_ascii=False) + '\n' for t in kept)
+            rec = np.zeros(len(kept), dtype)
+            rec['key'], rec['usable'], rec['sig'] = key, usable_rows(sig), sig
+            rec['bands'] = band_keys(sig, rows).T
+            outs['rows'].write(rec.tobytes())
+            n[0] += len(kept)
+    if part:
+        finish(part)
 
 
 def _scan_folder(cfg):
@@ -316,29 +347,27 @@ def scan_shard(cfg, settings):
             t0 = time.time()
             parts = scan(lumi.Config({**cfg, 'shard_index': i}), folder)
             lumi.write_json(done, {'parts': parts, 'seconds': round(time.time() - t0, 2)})
-            lumi.log(f"[corpus] scan of shard {i} of {cfg.num_shards}: {len(parts)} files, {time.time() - t0:.1f}s")
+            lumi.log(f"[corpus] scan of shard {i} of {cfg.num_shards}: {len(parts)} parts, {time.time() - t0:.1f}s")
 
 
-def _near_duplicates_on_disk(folder, parts, offsets, idx, threshold, pair_batch=1 << 16):
+def _near_duplicates_on_disk(folder, parts, offsets, idx, dtype, threshold, pair_batch=1 << 16):
     """clean.near_duplicates over the signatures of parts kept on disk: one band's hashes of every document
     in memory at a time (8 bytes a document, plus its sort), candidate pairs confirmed pair_batch at a time
     on signature rows read from the parts. idx: the documents to consider (global numbers, ascending)."""
-    n = np.diff(offsets)
-    bands = [_part_array(folder, p, 'bands', k) for p, k in zip(parts, n)]
-    sigs = [_part_array(folder, p, 'sig', k) for p, k in zip(parts, n)]
+    recs = [_part_array(folder, p, dtype, k) for p, k in zip(parts, np.diff(offsets))]
     pairs = []
-    for b in range(max(band.shape[1] for band in bands)):
-        key = np.concatenate([band[:, b] for band in bands if len(band)])[idx]
+    for b in range(dtype['bands'].shape[0]):
+        key = np.concatenate([r['bands'][:, b] for r in recs])[idx]
         pairs.append(bucket_pairs(key, idx))
         del key
     pairs = np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.int64)
 
     def rows(ix):  # signature rows of global document numbers
         part = np.searchsorted(offsets, ix, side='right') - 1
-        out = np.empty((len(ix), max(s.shape[1] for s in sigs)), np.uint32)
+        out = np.empty((len(ix), dtype['sig'].shape[0]), np.uint32)
         for p in np.unique(part):
             sel = part == p
-            out[sel] = sigs[p][ix[sel] - offsets[p]]
+            out[sel] = recs[p]['sig'][ix[sel] - offsets[p]]
         return out
     keep = [pairs[lo:lo + pair_batch][similar(rows(pairs[lo:lo + pair_batch, 0]), rows(pairs[lo:lo + pair_batch, 1]),
                                               threshold)] for lo in range(0, len(pairs), pair_batch)]
@@ -375,8 +404,11 @@ def build_corpus(cfg):
         raise ValueError(f"no document survived cleaning: {[dict(r) for r in reports]}")
     # exact duplicates: sort the 16-byte keys; a stable sort puts the first copy first in its run
     t1 = time.time()
-    keys = np.concatenate([_part_array(folder, p, 'keys', m['docs']) for p, m in zip(parts, metas) if m['docs']])
-    halves = keys[:, :16].copy().view('>u8')
+    rows = lsh_rows(cfg.num_perm, cfg.near_dup_threshold)
+    dtype = _part_rows(cfg.num_perm, cfg.num_perm // rows)
+    keys = np.concatenate([_part_array(folder, p, dtype, m['docs'])['key'] for p, m in zip(parts, metas)])
+    usable = np.concatenate([_part_array(folder, p, dtype, m['docs'])['usable'] for p, m in zip(parts, metas)])
+    halves = keys.view('>u8')
     order = np.lexsort((halves[:, 1], halves[:, 0]))
     hs = halves[order]
     first = np.ones(len(order), bool)
@@ -384,7 +416,7 @@ def build_corpus(cfg):
     unique = np.zeros(len(order), bool)
     unique[order[first]] = True
     del halves, hs, order, first
-    near = _near_duplicates_on_disk(folder, parts, offsets, np.flatnonzero(unique & keys[:, 16].astype(bool)),
+    near = _near_duplicates_on_disk(folder, parts, offsets, np.flatnonzero(unique & usable.astype(bool)), dtype,
                                     cfg.near_dup_threshold)
     t_dedupe = time.time() - t1
     # shards: written under temp names, renamed, then the manifest (the "done" marker of the corpus)
@@ -405,7 +437,7 @@ def build_corpus(cfg):
                     report['rejected_near_duplicate'] += 1
                 else:
                     text = json.loads(line)['text']
-                    buf.write(json.dumps({'id': keys[i, :16].tobytes().hex(), 'source': spec, 'text': text},
+                    buf.write(json.dumps({'id': keys[i].tobytes().hex(), 'source': spec, 'text': text},
                                          ensure_ascii=False) + '\n')
                     n_in += 1
                     report['kept_docs'] += 1

@@ -332,8 +332,8 @@ def _decompressed(s, limits):
 
 
 def _archive_members(path, pattern, sdist, limits, pick):
-    """(name, Stream) for each archive member matching pattern, one open at a time; pick(i) False skips the
-    i-th match unread."""
+    """(name, Stream) for each archive member matching pattern, one open at a time; pick(i, size) False skips
+    the i-th match unread."""
     rx = _glob_regex(pattern)
     matches = lambda m: rx.fullmatch(m) or (sdist and '/' in m and rx.fullmatch(m.split('/', 1)[1]))
     budget, names, hits = _Budget(path, os.path.getsize(path), limits), [], 0
@@ -343,7 +343,7 @@ def _archive_members(path, pattern, sdist, limits, pick):
                 names = [i.filename for i in z.infolist() if not i.is_dir()]
                 for n in filter(matches, names):
                     hits += 1
-                    if pick(hits - 1):
+                    if pick(hits - 1, z.getinfo(n).file_size):
                         with z.open(n) as f:
                             yield n, Stream(n, f, budget, n, size=z.getinfo(n).file_size, index=hits - 1)
         else:
@@ -354,7 +354,7 @@ def _archive_members(path, pattern, sdist, limits, pick):
                         names.append(m.name)
                         if matches(m.name):
                             hits += 1
-                            if pick(hits - 1):
+                            if pick(hits - 1, m.size):
                                 yield m.name, Stream(m.name, t.extractfile(m), budget, m.name, size=m.size,
                                                      index=hits - 1)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
@@ -433,7 +433,7 @@ def _read(path):
         return f.read()
 
 
-def _every(i):
+def _every(i, size):
     return True
 
 
@@ -442,20 +442,21 @@ def iter_streams(spec, cache_dir=None, stats=None, limits=None, pick=None):
     (name without the suffix). Each stream is valid until the next one is asked for.
 
     limits: a config or dict with LIMITS keys (default: LIMITS); what is left out is counted in stats.
-    pick(i) False skips the i-th file unread (how data.py gives each shard its files); notes on what a folder
-    left out are counted by whoever reads file 0.
+    pick(i, size) False skips the i-th file (of `size` bytes as stored) unread: how data.py gives each shard
+    its files; it is asked about every file, in order. Notes on what a folder left out are counted by
+    whoever reads file 0.
     """
     s = parse_spec(spec)
     stats, limits, pick = (Counter() if stats is None else stats), _limits(limits), pick or _every
     if s.kind == 'local':
         paths, notes = _local_files(s.where, limits['max_source_files'])
-        for key, n, msg in (notes if pick(0) else []):
+        for key, n, msg in (notes if paths and pick(0, os.path.getsize(paths[0])) else []):
             stats[key] += n
             _warn(msg)
         if not paths:
             raise FileNotFoundError(f"data source not found: {s.where!r} (no such file, directory or glob match)")
         for i, p in enumerate(paths):
-            if pick(i):
+            if pick(i, os.path.getsize(p)):
                 with open(p, 'rb') as f:
                     yield _decompressed(Stream(p, f, path=p, size=os.path.getsize(p), index=i), limits)
     elif s.kind in ('url', 'hf'):
@@ -463,7 +464,7 @@ def iter_streams(spec, cache_dir=None, stats=None, limits=None, pick=None):
         token = os.environ.get('HF_TOKEN') if s.kind == 'hf' else None
         path = download(url, cache_dir, s.sha256, {'Authorization': f'Bearer {token}'} if token else None)
         name = urllib.parse.urlsplit(url).path if s.kind == 'url' else f"{s.where}/{s.inner}"
-        if pick(0):
+        if pick(0, os.path.getsize(path)):
             with open(path, 'rb') as f:
                 yield _decompressed(Stream(name, f, path=path, size=os.path.getsize(path), index=0), limits)
     else:

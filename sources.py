@@ -159,8 +159,11 @@ def parse_spec(spec):
     return Spec('local', base, '', sha, field, adapter, spec)
 
 
-def download(url, cache_dir=None, sha256='', headers=None, retries=3):
-    """Fetch url into the cache once; a broken transfer resumes with an HTTP Range request."""
+def download(url, cache_dir=None, sha256='', headers=None, retries=3, token_var=''):
+    """Fetch url into the cache once; a broken transfer resumes with an HTTP Range request.
+
+    token_var: the environment variable whose token `headers` carries (named, never shown, when the server
+    refuses with 401/403)."""
     name = os.path.basename(urllib.parse.urlsplit(url).path) or 'index'
     dest = os.path.join(cache_dir or CACHE_DIR, 'url', f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}")
     if os.path.exists(dest):
@@ -190,6 +193,12 @@ def download(url, cache_dir=None, sha256='', headers=None, retries=3):
             if e.code == 416 and have:  # asked past the end: the partial file is stale, start over
                 os.remove(part)
                 continue
+            if e.code in (401, 403) and token_var:
+                sent = 'Authorization' in (headers or {})
+                raise ConnectionError(
+                    f"could not download {url}: HTTP {e.code}: the data set is gated or private; " +
+                    (f"the token in ${token_var} may not read it (accept the set's terms on the hub with that account)"
+                     if sent else f"set ${token_var} to an access token that may read it")) from None
             raise ConnectionError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
         except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as e:
             # retry only a transfer that was making progress; a refused connection is not retried
@@ -462,7 +471,8 @@ def iter_streams(spec, cache_dir=None, stats=None, limits=None, pick=None):
     elif s.kind in ('url', 'hf'):
         url = s.where if s.kind == 'url' else hf_url(s.where, s.inner)
         token = os.environ.get('HF_TOKEN') if s.kind == 'hf' else None
-        path = download(url, cache_dir, s.sha256, {'Authorization': f'Bearer {token}'} if token else None)
+        path = download(url, cache_dir, s.sha256, {'Authorization': f'Bearer {token}'} if token else None,
+                        token_var='HF_TOKEN' if s.kind == 'hf' else '')
         name = urllib.parse.urlsplit(url).path if s.kind == 'url' else f"{s.where}/{s.inner}"
         if pick(0, os.path.getsize(path)):
             with open(path, 'rb') as f:
@@ -492,7 +502,7 @@ def _normalise(text):
     return text.replace('\u2028', '\n').replace('\u2029', '\n\n')
 
 
-def _text_blocks(f, stats, block=1 << 22):
+def _text_blocks(f, stats, block=1 << 20):
     """The text of stream f in blocks that each end at a line break (so no UTF-8 sequence or CRLF is cut),
     decoded and normalised as _decode does the whole file; counts files, bytes, bad UTF-8 and empty files."""
     stats['files'] += 1
@@ -531,17 +541,19 @@ def _text_blocks(f, stats, block=1 << 22):
 
 def _text_pieces(blocks, whole_chars):
     """Join blocks into the whole text when it holds at most whole_chars characters (what the adapters see
-    for any file up to that size); a longer text comes in pieces cut at a blank line, each about that long."""
+    for any file up to that size); a longer text comes in pieces of at most about that, cut at blank lines."""
     held, size = [], 0
     for b in blocks:
         held.append(b)
         size += len(b)
         if size > whole_chars:
             text = ''.join(held)
-            cut = text.rfind('\n\n', 0, whole_chars)
-            cut = cut + 2 if cut > 0 else len(text)
-            yield text[:cut]
-            held, size = [text[cut:]], len(text) - cut
+            while len(text) > whole_chars:
+                cut = text.rfind('\n\n', 0, whole_chars)
+                cut = cut + 2 if cut > 0 else whole_chars  # no blank line: cut mid-paragraph, as split_document
+                yield text[:cut]
+                text = text[cut:]
+            held, size = [text], len(text)
     if text := ''.join(held):
         yield text
 
@@ -738,7 +750,12 @@ TEXT_ADAPTERS = {
     'markdown': _markdown,
     'lines': lambda t: t.split('\n'),
 }
-RECORD_ADAPTERS = {'json': _json_docs, 'chat': _chat_docs, 'bible': _bible_docs}
+def _gutenberg_docs(recs, field, name, stats):
+    """Books as records (a parquet of Project Gutenberg): the json adapter, license header and footer stripped."""
+    return (strip_gutenberg(t) for t in _json_docs(recs, field, name, stats))
+
+
+RECORD_ADAPTERS = {'json': _json_docs, 'chat': _chat_docs, 'bible': _bible_docs, 'gutenberg': _gutenberg_docs}
 ADAPTERS = {**TEXT_ADAPTERS, **RECORD_ADAPTERS}
 
 
@@ -777,7 +794,23 @@ def split_document(text, max_chars):
 
 def _record_columns(adapter, field):
     """The parquet columns an adapter reads (None: all of them)."""
-    return [field or 'text'] if adapter == 'json' else None
+    return [field or 'text'] if adapter in ('json', 'gutenberg') else None
+
+
+def source_set(name, files=None, weight=1.0):
+    """(spec, weight) pairs for the first `files` files (None: all) of configs/sources/NAME.py's FILES, so
+    that a data config can say `sources = source_set('c4_en', 4) + source_set('wikipedia_en', 2)`."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'sources', f'{name}.py')
+    if not os.path.isfile(path):
+        known = sorted(n[:-3] for n in os.listdir(os.path.dirname(path)) if n.endswith('.py'))
+        raise FileNotFoundError(f"no source set {name!r} in configs/sources (known: {', '.join(known)})")
+    namespace = {}
+    with open(path) as f:
+        exec(compile(f.read(), path, 'exec'), namespace)
+    specs = namespace['FILES'][:files]
+    if files is not None and len(specs) < files:
+        raise ValueError(f"configs/sources/{name}.py lists {len(specs)} files, fewer than the {files} asked for")
+    return [(spec, float(weight)) for spec in specs]
 
 
 def documents_of(f, spec, stats, max_chars=None):

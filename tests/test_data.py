@@ -766,3 +766,108 @@ def test_loader_refuses_other_tokenizer_and_mixes_dirs(built, tmp_path):
     assert all(tuple(r) in windows for r in x.tolist())
     s = only2.state_dict()
     assert json.loads(json.dumps(s)) == s  # plain types only
+
+# -----------------------------------------------------------------------------
+# at scale: worker processes, shards + merge, resume, dedupe on disk
+
+
+def _dup_corpus(folder):
+    """Three sources of small files holding exact and near duplicates of each other's documents."""
+    docs = make_docs(120, words=150, seed=11)
+    near = docs[7].split(' ')
+    for i in range(10, len(near), 75):
+        near[i] = 'CHANGED'
+    write_corpus(folder / 'a', docs[:60], per_file=1)  # a file is a document
+    write_corpus(folder / 'b', docs[60:100] + [docs[1], ' '.join(near)], per_file=1)
+    rows = [{'text': d} for d in docs[100:] + [docs[61].upper()]] + [{'body': 'no text field'}]
+    os.makedirs(folder / 'c')
+    with open(folder / 'c' / 'r.jsonl', 'w') as f:
+        f.write('\n'.join(json.dumps(r) for r in rows) + '\n{broken\n')
+    return [(str(folder / 'a'), 1.0), (str(folder / 'b'), 2.0), (str(folder / 'c' / 'r.jsonl'), 0.5)]
+
+
+def _args(d, srcs, *extra):
+    return [f'--data_dir={d}', f'--sources={srcs!r}', '--vocab_size=400', '--max_doc_chars=4000',
+            '--val_fraction=0.2', '--num_threads=1', *extra]
+
+
+def _outputs(d):
+    """What a build must reproduce: bin bytes, tokenizer, corpus shards and manifest/meta counts (not timings)."""
+    man, meta = (lumi.read_json(os.path.join(d, p)) for p in ('corpus/manifest.json', 'meta.json'))
+    for k in ('seconds', 'dedupe_seconds', 'created', 'num_shards', 'pack_seconds'):
+        man.pop(k, None), meta.pop(k, None)
+    files = ['train.bin', 'val.bin', 'tokenizer/tokenizer.model'] + [f"corpus/{s['name']}" for s in man['shards']]
+    return {f: lumi.sha256_file(os.path.join(d, f)) for f in files}, man, meta
+
+
+@pytest.fixture(scope='module')
+def scale_ref(tmp_path_factory):
+    root = tmp_path_factory.mktemp('scale')
+    srcs = _dup_corpus(root)
+    d = str(root / 'ref')
+    with pytest.warns(UserWarning):
+        data.main(_args(d, srcs, '--num_workers=1'))
+    return root, srcs, _outputs(d)
+
+
+def test_scale_reference_counts_duplicates_across_sources(scale_ref):
+    _, _, (_, man, meta) = scale_ref
+    a, b, c = man['sources']
+    assert a['kept_docs'] == 60 and a.get('rejected_exact_duplicate', 0) == 0
+    assert b['rejected_exact_duplicate'] == 1 and b['rejected_near_duplicate'] == 1 and b['kept_docs'] == 40
+    assert c['rejected_exact_duplicate'] == 1 and c['kept_docs'] == 20  # docs[61].upper(): b has it
+    assert c['missing_field'] == 1 and c['malformed_lines'] == 1
+    assert sum(s['train_docs'] + s['val_docs'] + s.get('dropped_by_weight', 0) for s in meta['sources']) == 120
+
+
+def test_workers_give_identical_outputs(scale_ref, tmp_path, monkeypatch):
+    root, srcs, ref = scale_ref
+    monkeypatch.setattr(data, 'BATCH_DOCS', 4)  # c's 22 records: 6 batches, so the worker pool starts
+    pools, real = [], data.mp.get_context
+    monkeypatch.setattr(data.mp, 'get_context', lambda *a: pools.append(a) or real(*a))
+    d = str(tmp_path / 'w2')
+    with pytest.warns(UserWarning):
+        data.main(_args(d, srcs, '--num_workers=2'))
+    assert pools == [('forkserver',)] and _outputs(d) == ref
+
+
+def test_shards_then_merge_equal_one_machine(scale_ref, tmp_path, monkeypatch):
+    root, srcs, ref = scale_ref
+    monkeypatch.setattr(data, 'PART_BYTES', 1500)  # a part every two files or so: shards get several each
+    d = str(tmp_path / 'sharded')
+    with pytest.warns(UserWarning):
+        for i in (1, 0):  # in any order, as a job array runs them
+            data.main(_args(d, srcs, '--num_shards=2', f'--shard_index={i}', '--num_workers=1'))
+    parts = os.listdir(os.path.join(d, 'corpus', 'scan'))
+    assert {'shard-0-of-2.json', 'shard-1-of-2.json'} <= set(parts) and len([p for p in parts if p.endswith('.rows')]) > 4
+    data.main(_args(d, srcs, '--num_shards=2', '--stop_after=tokenizer'))
+    assert os.path.exists(os.path.join(d, 'tokenizer', 'tokenizer.model')) and not data.data_ready(d)
+    data.main(_args(d, srcs, '--num_shards=2', '--shard_index=0'))  # encode shard 0's corpus shards
+    assert os.path.exists(os.path.join(d, 'pack', 's00000.json'))
+    half = lumi.load_config(data.DEFAULTS, _args(str(tmp_path / 'half'), srcs, '--num_shards=2', '--shard_index=0'))
+    with pytest.raises(RuntimeError, match='not every shard of 2 has finished its scan'):
+        data.build_corpus(half)  # a shard's own run never merges
+    data.main(_args(d, srcs, '--num_shards=2'))
+    assert _outputs(d) == ref
+    assert not os.path.exists(os.path.join(d, 'pack')) and not os.path.exists(os.path.join(d, 'corpus', 'scan'))
+
+
+def test_killed_scan_redoes_only_unfinished_parts(scale_ref, tmp_path, monkeypatch):
+    root, srcs, ref = scale_ref
+    monkeypatch.setattr(data, 'PART_BYTES', 1500)
+    d = str(tmp_path / 'resumed')
+    with pytest.warns(UserWarning):
+        data.main(_args(d, srcs, '--num_shards=2', '--shard_index=0', '--num_workers=1'))
+    folder = os.path.join(d, 'corpus', 'scan')
+    done = sorted(p for p in os.listdir(folder) if p.startswith('p') and p.endswith('.json'))
+    os.remove(os.path.join(folder, 'shard-0-of-2.json'))  # as if killed before marking the shard done ...
+    os.remove(os.path.join(folder, done[-1]))  # ... while its last part was being written
+    stamps = {p: os.path.getmtime(os.path.join(folder, p)) for p in done[:-1]}
+    read = []
+    real = data.documents_of
+    monkeypatch.setattr(data, 'documents_of', lambda f, *a: (read.append(f.name), real(f, *a))[1])
+    with pytest.warns(UserWarning):
+        data.main(_args(d, srcs, '--num_shards=2', '--num_workers=1'))  # the merge finishes what is missing
+    assert _outputs(d) == ref
+    assert 0 < len(read) < 75  # shard 0's finished parts were not read again (the corpus has 103 files)
+    assert all(os.path.getmtime(os.path.join(d, 'corpus', 'manifest.json')) > t for t in stamps.values())

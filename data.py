@@ -17,7 +17,7 @@ tokenizer  SentencePiece trained once on a hash-chosen sample of train documents
 pack       each corpus shard encoded to a part under pack/ (BOS text EOS per document, uint16), then the
            parts joined into train.bin and val.bin; meta.json last: the "finished" marker.
 
-Memory is bounded by settings, not by the corpus: a batch of BATCH_DOCS documents per worker in flight, one
+Memory is bounded by settings, not by the corpus: a batch of parts.BATCH_DOCS documents per worker in flight, one
 text file held whole up to sources.WHOLE_TEXT_CHARS, a corpus shard buffered (SHARD_BYTES characters). Deduping
 holds per document ~60 bytes for exact keys and, one band at a time, ~50 bytes of LSH hashes and sort (so
 ~110 MB per million documents), never the signatures (they stay on disk, 4 x num_perm bytes a document).
@@ -41,12 +41,10 @@ Once bins exist, new source weights only re-pack them; a change that would alter
 is refused (use a new data_dir).
 Left out: a scheduler (the cluster's job system runs the commands), and dedupe against other corpora.
 """
-import collections
 import hashlib
 import io
 import itertools
 import json
-import multiprocessing as mp
 import os
 import shutil
 import time
@@ -55,13 +53,15 @@ from collections import Counter
 import numpy as np
 from tqdm import tqdm
 
+import datacard
 import lumi
+import parts
 from bins import BinLoader, data_ready, load_meta  # noqa: F401  (callers' old names, until they move)
-from clean import (band_keys, bucket_pairs, clean_batch, clean_text, cluster_duplicates, exact_key,  # noqa: F401
-                   lsh_rows, minhash_signatures, near_duplicates, reject_reason, similar, usable_rows)
-from sources import (LIMITS, LOADER_COUNTS, MAX_DOC_CHARS, _glob_regex, _local_files, _read,  # noqa: F401
-                     documents_of, download, iter_documents, iter_files, iter_records, iter_streams, parse_spec,
-                     remove_orphan_temps, split_document)
+from clean import clean_text, exact_key, lsh_rows, minhash_signatures, near_duplicates, reject_reason  # noqa: F401
+from fetch import download, remove_orphan_temps  # noqa: F401
+from sources import (LIMITS, MAX_DOC_CHARS, _read, iter_documents, iter_files, iter_records,  # noqa: F401
+                     parse_spec, split_document)
+from streams import _glob_regex, _local_files  # noqa: F401
 
 # -----------------------------------------------------------------------------
 # defaults (override with a config file and --key=value)
@@ -108,8 +108,6 @@ max_member_bytes = LIMITS['max_member_bytes']  # bytes an archive member or .gz 
 max_expand_ratio = LIMITS['max_expand_ratio']  # ... and an archive or .gz to this many times its size
 
 SHARD_BYTES = 64 << 20  # characters of JSONL per corpus shard
-PART_BYTES = 32 << 20  # bytes of input files (as stored) per scanned part
-BATCH_DOCS = 512  # documents a worker cleans or encodes at a time
 MAX_UINT16_VOCAB = 65535
 _CORPUS_KEYS = ('max_doc_chars', 'min_doc_chars', 'min_alpha_ratio', 'max_dup_line_frac', 'scrub_urls',
                 'scrub_emails', 'near_dup_threshold', 'num_perm', 'shingle_words')
@@ -152,168 +150,10 @@ def _unit(doc_id, salt):
     return int.from_bytes(hashlib.blake2b(f"{salt}:{doc_id}".encode(), digest_size=8).digest(), 'little') / 2**64
 
 
-def iter_corpus(data_dir, shards=None):
-    """Yield the records {id, source, text} of a built corpus, in order (shards: only these names)."""
-    manifest = lumi.read_json(os.path.join(data_dir, 'corpus', 'manifest.json'))
-    for shard in manifest['shards']:
-        if shards is None or shard['name'] in shards:
-            with open(os.path.join(data_dir, 'corpus', shard['name'])) as f:
-                for line in f:
-                    yield json.loads(line)
-
-
 def _corpus_settings(cfg):
     specs = [s for s, _ in _source_list(cfg)]
     return {'sources': specs, 'source_files': [_local_fingerprint(s, cfg.max_source_files) for s in specs],
             **{k: cfg[k] for k in _CORPUS_KEYS}}
-
-
-def _workers(cfg):
-    return cfg.num_workers or os.cpu_count() or 1
-
-
-class _Workers:
-    """num_workers processes, started the first time a job has more than one batch (a small source stays in
-    this process); results come back in order, with at most 2 batches per worker in flight, so reading
-    never runs ahead of cleaning by more than that."""
-
-    def __init__(self, n):
-        self.n, self.pool = n, None
-
-    def map(self, fn, items, *args):
-        items = iter(items)
-        head = list(itertools.islice(items, 2))
-        if self.n <= 1 or len(head) < 2:
-            yield from (fn(item, *args) for item in itertools.chain(head, items))
-            return
-        if self.pool is None:  # forkserver: workers start from a clean process, not a copy of this one
-            self.pool = mp.get_context('forkserver').Pool(self.n)
-        pending = collections.deque()
-        for item in itertools.chain(head, items):
-            pending.append(self.pool.apply_async(fn, (item, *args)))
-            if len(pending) >= 2 * self.n:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-    def close(self):
-        if self.pool is not None:
-            self.pool.close()
-            self.pool.join()
-
-
-def _batches(docs, n=None, chars=8 << 20):
-    """Lists of at most n (BATCH_DOCS) documents or about `chars` characters, whichever comes first."""
-    batch, size, n = [], 0, n or BATCH_DOCS
-    for d in docs:
-        batch.append(d)
-        size += len(d)
-        if len(batch) >= n or size >= chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def _part_name(si, fi):
-    return f"p{si:03d}-{fi:06d}"
-
-
-def _is_mine(cfg, k):
-    """Whether this process works on item k of a list split across --num_shards processes."""
-    return cfg.shard_index < 0 or k % cfg.num_shards == cfg.shard_index
-
-
-class _Grouping:
-    """Consecutive files of a source joined into parts of about PART_BYTES (as stored), so that a folder of
-    thousands of small files is a few parts; decided from sizes alone, the same in every shard."""
-
-    def __init__(self):
-        self.part, self.size, self.of = 0, 0, {}
-
-    def place(self, fi, size):
-        if fi not in self.of:
-            if self.size >= PART_BYTES:
-                self.part, self.size = self.part + 1, 0
-            self.of[fi] = self.part
-            self.size += size
-        return self.of[fi]
-
-
-def _part_rows(num_perm, bands):
-    """The row of a part's .rows file: exact key, usable flag, MinHash signature, LSH band hashes."""
-    return np.dtype([('key', np.uint8, 16), ('usable', np.uint8), ('sig', np.uint32, num_perm),
-                     ('bands', np.uint64, bands)])
-
-
-def _part_array(folder, part, dtype, docs):
-    """A part's .rows as a read-only memmap (never read whole)."""
-    if not docs:
-        return np.zeros(0, dtype)
-    return np.memmap(os.path.join(folder, f"{part}.rows"), dtype=dtype, mode='r', shape=(docs,))
-
-
-def scan(cfg, folder):
-    """Read this shard's files, clean and filter their documents in worker processes, and write them as parts
-    (part g of source si goes to shard (si + g) % num_shards): NAME.jsonl (the texts that survive), NAME.rows
-    (a _part_rows row per text) and NAME.json (counts; written last: the part's "done" marker). A part
-    already done is skipped, so a killed scan redoes only what it had not finished. Returns this shard's
-    part names."""
-    opts = {k: cfg[k] for k in ('min_doc_chars', 'min_alpha_ratio', 'max_dup_line_frac', 'scrub_urls',
-                                'scrub_emails', 'num_perm', 'shingle_words')}
-    rows = lsh_rows(cfg.num_perm, cfg.near_dup_threshold)
-    dtype, workers, mine = _part_rows(cfg.num_perm, cfg.num_perm // rows), _Workers(_workers(cfg)), set()
-    try:
-        for si, spec in enumerate(s for s, _ in _source_list(cfg)):
-            _scan_source(cfg, folder, si, spec, opts, rows, dtype, workers, mine)
-    finally:
-        workers.close()
-    return sorted(mine)
-
-
-def _scan_source(cfg, folder, si, spec, opts, rows, dtype, workers, mine):
-    stats, prev, grouping, part = Counter(), Counter(), _Grouping(), None
-
-    def pick(fi, size):
-        name = _part_name(si, grouping.place(fi, size))
-        if not _is_mine(cfg, si + grouping.of[fi]):
-            return False
-        mine.add(name)
-        return not os.path.exists(os.path.join(folder, name + '.json'))
-
-    def finish(part):
-        nonlocal prev
-        path, outs, n = part
-        for kind, o in outs.items():
-            o.close()
-            os.replace(f"{path}.{kind}.tmp", f"{path}.{kind}")
-        # what a folder left out is counted before its file 0 (read by one shard, once), so it lands here
-        counts = {k: v - prev.get(k, 0) for k, v in stats.items() if v != prev.get(k, 0)}
-        prev = Counter(stats)
-        with open(f"{path}.json.tmp", 'w') as f:  # plain writes and a rename: parts are many, fsync is slow
-            json.dump({'source': si, 'docs': n[0], 'counts': counts}, f)
-        os.replace(f"{path}.json.tmp", f"{path}.json")
-    for f in iter_streams(spec, cfg.cache_dir or None, stats, cfg, pick):
-        path = os.path.join(folder, _part_name(si, grouping.of[f.index]))
-        if part and part[0] != path:
-            finish(part)
-            part = None
-        if part is None:
-            part = (path, {'jsonl': open(f"{path}.jsonl.tmp", 'w', encoding='utf-8'),
-                           'rows': open(f"{path}.rows.tmp", 'wb')}, [0])
-        outs, n = part[1], part[2]
-        docs = documents_of(f, parse_spec(spec), stats, cfg.max_doc_chars)
-        for reasons, kept, key, sig in workers.map(clean_batch, _batches(docs), opts):
-            for r in filter(None, reasons):
-                stats['rejected_' + r] += 1
-            outs['jsonl'].writelines(json.dumps({'text': t}, ensure_ascii=False) + '\n' for t in kept)
-            rec = np.zeros(len(kept), dtype)
-            rec['key'], rec['usable'], rec['sig'] = key, usable_rows(sig), sig
-            rec['bands'] = band_keys(sig, rows).T
-            outs['rows'].write(rec.tobytes())
-            n[0] += len(kept)
-    if part:
-        finish(part)
 
 
 def _scan_folder(cfg):
@@ -340,38 +180,14 @@ def scan_shard(cfg, settings):
         os.makedirs(folder)
     if not os.path.exists(mark):
         lumi.write_json(mark, settings)
-    remove_orphan_temps(folder)
+    specs, rows = settings['sources'], lsh_rows(cfg.num_perm, cfg.near_dup_threshold)
     for i in (range(cfg.num_shards) if cfg.shard_index < 0 else [cfg.shard_index]):
         done = os.path.join(folder, f"shard-{i}-of-{cfg.num_shards}.json")
         if not os.path.exists(done):
             t0 = time.time()
-            parts = scan(lumi.Config({**cfg, 'shard_index': i}), folder)
-            lumi.write_json(done, {'parts': parts, 'seconds': round(time.time() - t0, 2)})
-            lumi.log(f"[corpus] scan of shard {i} of {cfg.num_shards}: {len(parts)} parts, {time.time() - t0:.1f}s")
-
-
-def _near_duplicates_on_disk(folder, parts, offsets, idx, dtype, threshold, pair_batch=1 << 16):
-    """clean.near_duplicates over the signatures of parts kept on disk: one band's hashes of every document
-    in memory at a time (8 bytes a document, plus its sort), candidate pairs confirmed pair_batch at a time
-    on signature rows read from the parts. idx: the documents to consider (global numbers, ascending)."""
-    recs = [_part_array(folder, p, dtype, k) for p, k in zip(parts, np.diff(offsets))]
-    pairs = []
-    for b in range(dtype['bands'].shape[0]):
-        key = np.concatenate([r['bands'][:, b] for r in recs])[idx]
-        pairs.append(bucket_pairs(key, idx))
-        del key
-    pairs = np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.int64)
-
-    def rows(ix):  # signature rows of global document numbers
-        part = np.searchsorted(offsets, ix, side='right') - 1
-        out = np.empty((len(ix), dtype['sig'].shape[0]), np.uint32)
-        for p in np.unique(part):
-            sel = part == p
-            out[sel] = recs[p]['sig'][ix[sel] - offsets[p]]
-        return out
-    keep = [pairs[lo:lo + pair_batch][similar(rows(pairs[lo:lo + pair_batch, 0]), rows(pairs[lo:lo + pair_batch, 1]),
-                                              threshold)] for lo in range(0, len(pairs), pair_batch)]
-    return cluster_duplicates(int(offsets[-1]), np.concatenate(keep) if keep else pairs)
+            names = parts.scan(lumi.Config({**cfg, 'shard_index': i}), specs, rows, folder)
+            lumi.write_json(done, {'parts': names, 'seconds': round(time.time() - t0, 2)})
+            lumi.log(f"[corpus] scan of shard {i} of {cfg.num_shards}: {len(names)} parts, {time.time() - t0:.1f}s")
 
 
 def build_corpus(cfg):
@@ -391,11 +207,11 @@ def build_corpus(cfg):
     t0 = time.time()
     if cfg.num_shards == 1 or cfg.shard_index < 0:
         scan_shard(cfg, settings)
-    parts, folder = _scan_done(cfg), _scan_folder(cfg)
-    if parts is None:
+    names, folder = _scan_done(cfg), _scan_folder(cfg)
+    if names is None:
         raise RuntimeError(f"{folder}: not every shard of {cfg.num_shards} has finished its scan; run "
                            f"`python data.py ... --num_shards={cfg.num_shards} --shard_index=I` for the missing ones")
-    metas = [lumi.read_json(os.path.join(folder, p + '.json')) for p in parts]
+    metas = [lumi.read_json(os.path.join(folder, p + '.json')) for p in names]
     offsets = np.cumsum([0] + [m['docs'] for m in metas])
     reports = [Counter() for _ in specs]
     for m in metas:
@@ -405,18 +221,11 @@ def build_corpus(cfg):
     # exact duplicates: sort the 16-byte keys; a stable sort puts the first copy first in its run
     t1 = time.time()
     rows = lsh_rows(cfg.num_perm, cfg.near_dup_threshold)
-    dtype = _part_rows(cfg.num_perm, cfg.num_perm // rows)
-    keys = np.concatenate([_part_array(folder, p, dtype, m['docs'])['key'] for p, m in zip(parts, metas)])
-    usable = np.concatenate([_part_array(folder, p, dtype, m['docs'])['usable'] for p, m in zip(parts, metas)])
-    halves = keys.view('>u8')
-    order = np.lexsort((halves[:, 1], halves[:, 0]))
-    hs = halves[order]
-    first = np.ones(len(order), bool)
-    first[1:] = (hs[1:] != hs[:-1]).any(1)
-    unique = np.zeros(len(order), bool)
-    unique[order[first]] = True
-    del halves, hs, order, first
-    near = _near_duplicates_on_disk(folder, parts, offsets, np.flatnonzero(unique & usable.astype(bool)), dtype,
+    dtype = parts.part_rows(cfg.num_perm, cfg.num_perm // rows)
+    keys = np.concatenate([parts.part_array(folder, p, dtype, m['docs'])['key'] for p, m in zip(names, metas)])
+    usable = np.concatenate([parts.part_array(folder, p, dtype, m['docs'])['usable'] for p, m in zip(names, metas)])
+    unique = parts.exact_first(keys)
+    near = parts.near_duplicates_on_disk(folder, names, offsets, np.flatnonzero(unique & usable.astype(bool)), dtype,
                                     cfg.near_dup_threshold)
     t_dedupe = time.time() - t1
     # shards: written under temp names, renamed, then the manifest (the "done" marker of the corpus)
@@ -427,7 +236,7 @@ def build_corpus(cfg):
         data = buf.getvalue().encode()
         lumi.atomic_write(os.path.join(out, name), lambda f: f.write(data))
         shards.append({'name': name, 'docs': n_in, 'bytes': len(data), 'sha256': lumi.sha256_bytes(data)})
-    for p, m in zip(parts, metas):
+    for p, m in zip(names, metas):
         report, spec = reports[m['source']], specs[m['source']]
         with open(os.path.join(folder, p + '.jsonl'), encoding='utf-8') as f:
             for line in f:
@@ -470,7 +279,7 @@ def build_corpus(cfg):
 def _training_text(cfg, manifest):
     """Train documents sampled by hash to about tokenizer_sample_chars, as paragraphs (newlines kept)."""
     rate = min(1.0, cfg.tokenizer_sample_chars / max(1, manifest['kept_chars']))
-    for rec in iter_corpus(cfg.data_dir):
+    for rec in parts.iter_corpus(cfg.data_dir):
         if _unit(rec['id'], 'split') >= cfg.val_fraction and _unit(rec['id'], 'tok') < rate:
             for para in rec['text'].split('\n\n'):
                 yield from split_document(para, 4000)  # SentencePiece skips sentences over max_sentence_length
@@ -544,12 +353,12 @@ def build_tokenizer(cfg, manifest):
         raise ValueError(f"tokenizer vocab {tok.vocab_size} > {MAX_UINT16_VOCAB} does not fit uint16 bins")
     lumi.atomic_write(model_path, lambda f: f.write(proto))
     held_out, chars = [], 0
-    for rec in iter_corpus(cfg.data_dir):  # val documents: never in the training sample
+    for rec in parts.iter_corpus(cfg.data_dir):  # val documents: never in the training sample
         if _unit(rec['id'], 'split') < cfg.val_fraction and chars < 2_000_000:
             held_out.append(rec['text'])
             chars += len(rec['text'])
     if not held_out:  # val_fraction 0: measure on training text rather than on nothing
-        held_out = [r['text'] for r, _ in zip(iter_corpus(cfg.data_dir), range(200))]
+        held_out = [r['text'] for r, _ in zip(parts.iter_corpus(cfg.data_dir), range(200))]
     card = {'sha256': tok.sha256, 'file_sha256': lumi.sha256_file(model_path), 'vocab_size': tok.vocab_size,
             'model_type': 'from ' + cfg.tokenizer_from if cfg.tokenizer_from else cfg.tokenizer_type,
             'input_sha256': _settings_sha256(inputs), 'inputs': inputs, 'train_seconds': round(time.time() - t0, 2),
@@ -576,7 +385,7 @@ def _pack_folder(cfg):
     return os.path.join(cfg.data_dir, 'pack')
 
 
-def encode_shard(cfg, tok, manifest, j, folder, batch_docs=BATCH_DOCS):
+def encode_shard(cfg, tok, manifest, j, folder, batch_docs=512):
     """Corpus shard j -> NAME.train.bin, NAME.val.bin (BOS text EOS per document, uint16), NAME.repeats.npy
     ((offset, length, extra copies) of train documents of weight > 1) and NAME.json (counts per source,
     written last: the part's "done" marker). Encoding runs on num_threads SentencePiece threads."""
@@ -584,7 +393,7 @@ def encode_shard(cfg, tok, manifest, j, folder, batch_docs=BATCH_DOCS):
     per_source = {spec: Counter() for spec in weights}
     repeats, offset = [], 0
     files = {s: open(f"{name}.{s}.bin.tmp", 'wb') for s in ('train', 'val')}
-    corpus = iter_corpus(cfg.data_dir, {manifest['shards'][j]['name']})
+    corpus = parts.iter_corpus(cfg.data_dir, {manifest['shards'][j]['name']})
     while recs := list(itertools.islice(corpus, batch_docs)):
         ids = tok.encode_batch([r['text'] for r in recs], num_threads=cfg.num_threads or -1)
         for rec, doc in zip(recs, ids):
@@ -624,7 +433,7 @@ def encode_shards(cfg, tok, manifest):
     if not os.path.exists(mark):
         lumi.write_json(mark, inputs)
     remove_orphan_temps(folder)
-    todo = [j for j in range(len(manifest['shards'])) if _is_mine(cfg, j)
+    todo = [j for j in range(len(manifest['shards'])) if parts.is_mine(cfg, j)
             and not os.path.exists(os.path.join(folder, f"s{j:05d}.json"))]
     for j in tqdm(todo, desc='[pack] shards', unit='shard', disable=len(todo) < 2):
         encode_shard(cfg, tok, manifest, j, folder)
@@ -650,7 +459,7 @@ def pack(cfg, tok, card, manifest):
     if not all(os.path.exists(os.path.join(folder, n + '.json')) for n in names):
         raise RuntimeError(f"{folder}: not every corpus shard is encoded; run `python data.py ... "
                            f"--num_shards={cfg.num_shards} --shard_index=I` for the missing ones")
-    parts = [lumi.read_json(os.path.join(folder, n + '.json')) for n in names]
+    done = [lumi.read_json(os.path.join(folder, n + '.json')) for n in names]
     paths = {s: os.path.join(cfg.data_dir, f'{s}.bin') for s in ('train', 'val')}
     tmp = {s: f"{p}.tmp.{os.getpid()}" for s, p in paths.items()}
     try:
@@ -675,7 +484,7 @@ def pack(cfg, tok, card, manifest):
             if os.path.exists(tmp[s]):
                 os.remove(tmp[s])
     per_source = {spec: Counter() for spec in weights}
-    for p in parts:
+    for p in done:
         for spec, c in p['per_source'].items():
             per_source[spec].update(c)
     tokens = {s: os.path.getsize(p) // 2 for s, p in paths.items()}
@@ -715,60 +524,6 @@ def _settings(cfg):
 def _frozen(settings):
     """The settings that decide the corpus and the tokenizer: all but the source weights (re-packing only)."""
     return {**settings, 'sources': [s[0] for s in settings.get('sources', [])]}
-
-
-def write_data_card(data_dir):
-    """DATA_CARD.md: what went in, what came out and why, from the manifest, tokenizer card and meta."""
-    man = lumi.read_json(os.path.join(data_dir, 'corpus', 'manifest.json'))
-    card_path = os.path.join(data_dir, 'tokenizer', 'tokenizer.json')
-    tok = lumi.read_json(card_path) if os.path.exists(card_path) else None
-    meta = load_meta(data_dir) if os.path.exists(os.path.join(data_dir, 'meta.json')) else None
-    reasons = ['too_short', 'low_alpha', 'repetitive', 'exact_duplicate', 'near_duplicate']
-    lines = [f"# Data card: {data_dir}", "", f"Corpus built {man['created']} by data.py in {man['seconds']:.0f}s "
-             f"(dedupe {man['dedupe_seconds']:.1f}s). {man['kept_docs']:,} documents, "
-             f"{man['kept_chars'] / 1e6:.2f}M characters kept from {man['bytes_in'] / 1e6:.2f} MB of files.", "",
-             "## Sources", "", "| source | files | MB in | docs in | kept | " + " | ".join(reasons) + " | other |",
-             "|---" * (6 + len(reasons)) + "|"]
-    for s in man['sources']:
-        other = {k: v for k, v in s.items() if k in LOADER_COUNTS}
-        lines.append(f"| `{s['spec']}` | {s.get('files', 0)} | {s.get('bytes', 0) / 1e6:.2f} | {s.get('docs', 0):,} | "
-                     f"{s.get('kept_docs', 0):,} | " + " | ".join(f"{s.get('rejected_' + r, 0):,}" for r in reasons)
-                     + f" | {', '.join(f'{k} {v}' for k, v in other.items()) or '-'} |")
-    st = man['settings']
-    lines += ["", "## Processing", "",
-              f"- Documents: adapter output split at paragraph boundaries into at most {st['max_doc_chars']} "
-              "characters.",
-              f"- Cleaning: Unicode NFC, control characters removed, "
-              f"URLs {'scrubbed' if st['scrub_urls'] else 'kept'}, "
-              f"e-mails {'scrubbed' if st['scrub_emails'] else 'kept'}, trailing and repeated spaces collapsed.",
-              f"- Filters: under {st['min_doc_chars']} characters; letters under {st['min_alpha_ratio']:.0%} of "
-              f"non-space characters; over {st['max_dup_line_frac']:.0%} of line characters in repeated lines.",
-              f"- Dedupe: exact (case and whitespace ignored), then MinHash ({st['num_perm']} permutations, "
-              f"{st['shingle_words']}-word shingles) + LSH, estimated Jaccard >= {st['near_dup_threshold']}; "
-              "the first document of a cluster (in source order) is kept."]
-    if tok:
-        q = tok['held_out']
-        lines += ["", "## Tokenizer", "", f"SentencePiece {tok['model_type']}, vocab {tok['vocab_size']}, SHA256 "
-                  f"`{tok['sha256']}`. On {q['docs']} held-out (val) documents: {q['chars_per_token']:.2f} characters "
-                  f"per token, unknown rate {q['unk_rate']:.2e}, byte fallback rate {q['byte_fallback_rate']:.2e}, "
-                  f"exact round trips {q['roundtrip_exact']:.1%}."]
-    if meta:
-        lines += ["", "## Bins", "", f"train.bin {meta['train_tokens']:,} tokens, val.bin {meta['val_tokens']:,} "
-                  f"tokens (uint16, each document BOS text EOS, val = {meta['val_fraction']:.1%} of documents "
-                  "by hash).", "",
-                  "| source | weight | train docs | train tokens | share | val docs | val tokens |", "|---" * 7 + "|"]
-        for s in meta['sources']:
-            lines.append(f"| `{s['spec']}` | {s['weight']} | {s.get('train_docs', 0):,} | "
-                         f"{s.get('train_tokens', 0):,} | "
-                         f"{s['train_share']:.1%} | {s.get('val_docs', 0):,} | {s.get('val_tokens', 0):,} |")
-    lines += ["", "## Samples", ""]
-    shown = set()
-    for rec in iter_corpus(data_dir):
-        if rec['source'] not in shown:
-            shown.add(rec['source'])
-            lines += [f"`{rec['source']}`:", "", "```", rec['text'][:400].replace('```', "'''"), "```", ""]
-    text = '\n'.join(lines) + '\n'
-    lumi.atomic_write(os.path.join(data_dir, 'corpus', 'DATA_CARD.md'), lambda f: f.write(text), mode='w')
 
 
 def _valid_manifest(cfg):
@@ -832,10 +587,10 @@ def main(argv=None):
             return D
         tok, card = build_tokenizer(cfg, manifest)
         if cfg.stop_after == 'tokenizer':
-            write_data_card(D)
+            datacard.write_data_card(D)
             return D
         meta = pack(cfg, tok, card, manifest)
-        write_data_card(D)
+        datacard.write_data_card(D)
     lumi.log(f"{D}: {meta['docs']:,} docs, train {meta['train_tokens']:,} + val {meta['val_tokens']:,} tokens, "
              f"{meta['chars_per_token']:.2f} chars/token, tokenizer {meta['tokenizer_sha256'][:12]}, "
              f"{time.time() - t0:.1f}s")

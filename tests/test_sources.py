@@ -65,9 +65,9 @@ def test_text_blocks_match_whole_decode_at_any_block_size(tmp_path):
 def test_long_text_comes_in_pieces_cut_at_blank_lines(tmp_path, monkeypatch):
     docs = make_docs(40, seed=3)
     (tmp_path / 'big.txt').write_text('\n\n'.join(docs))
-    whole = [d.strip() for d in data.iter_documents(str(tmp_path / 'big.txt'), max_chars=1 << 30)]
+    whole = [d.strip() for d in sources.iter_documents(str(tmp_path / 'big.txt'), max_chars=1 << 30)]
     monkeypatch.setattr(sources, 'WHOLE_TEXT_CHARS', 3000)  # a "large" file: ~10 pieces
-    pieces = [d.strip() for d in data.iter_documents(str(tmp_path / 'big.txt'), max_chars=1 << 30)]
+    pieces = [d.strip() for d in sources.iter_documents(str(tmp_path / 'big.txt'), max_chars=1 << 30)]
     assert len(whole) == 1 and len(pieces) > 5 and all(len(p) <= 3000 for p in pieces)
     assert '\n\n'.join(pieces) == whole[0]  # nothing lost or doubled at the cuts
 
@@ -80,7 +80,7 @@ def test_jsonl_gz_streams_in_bounded_memory(tmp_path):
             f.write(line)
     tracemalloc.start()
     try:
-        count = sum(1 for _ in data.iter_documents(str(tmp_path / 'big.jsonl.gz'),
+        count = sum(1 for _ in sources.iter_documents(str(tmp_path / 'big.jsonl.gz'),
                                                    limits={'max_expand_ratio': 10**4}))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -93,28 +93,28 @@ def test_truncated_gz_while_streaming_names_the_file(tmp_path):
     body = '\n'.join(json.dumps({'text': d}) for d in make_docs(200)).encode()
     (tmp_path / 'cut.jsonl.gz').write_bytes(gzip.compress(body)[:-200])
     with pytest.raises(ValueError, match=r'cut\.jsonl\.gz: not a valid gzip file'):
-        list(data.iter_documents(str(tmp_path / 'cut.jsonl.gz')))
+        list(sources.iter_documents(str(tmp_path / 'cut.jsonl.gz')))
 
 
 def test_parquet_text_column_field_and_records(tmp_path):
     docs = make_docs(20, seed=4)
     write_parquet(str(tmp_path / 'a.parquet'), text=docs, id=list(range(20)))
     write_parquet(str(tmp_path / 'b.parquet'), body=docs[:5], title=['t'] * 5)
-    assert [d for d in data.iter_documents(str(tmp_path / 'a.parquet'), max_chars=1 << 20)] == docs
-    assert list(data.iter_documents(f"{tmp_path}/b.parquet@body", max_chars=1 << 20)) == docs[:5]
-    recs = list(data.iter_records(str(tmp_path / 'a.parquet')))
+    assert [d for d in sources.iter_documents(str(tmp_path / 'a.parquet'), max_chars=1 << 20)] == docs
+    assert list(sources.iter_documents(f"{tmp_path}/b.parquet@body", max_chars=1 << 20)) == docs[:5]
+    recs = list(sources.iter_records(str(tmp_path / 'a.parquet')))
     assert recs[3] == {'text': docs[3], 'id': 3}
     os.remove(tmp_path / 'b.parquet')
-    assert list(data.iter_documents(str(tmp_path), max_chars=1 << 20)) == docs  # a folder yields its parquet files
+    assert list(sources.iter_documents(str(tmp_path), max_chars=1 << 20)) == docs  # a folder yields its parquet files
 
 
 def test_parquet_without_the_field_is_one_clear_error(tmp_path):
     write_parquet(str(tmp_path / 'b.parquet'), body=['some text here'], title=['t'])
     with pytest.raises(ValueError, match=r"b\.parquet: parquet file has no column 'text' \(it has body, title\)"):
-        list(data.iter_documents(str(tmp_path / 'b.parquet')))
+        list(sources.iter_documents(str(tmp_path / 'b.parquet')))
     (tmp_path / 'junk.parquet').write_bytes(b'not parquet at all')
     with pytest.raises(ValueError, match=r'junk\.parquet: not a valid parquet file'):
-        list(data.iter_documents(str(tmp_path / 'junk.parquet')))
+        list(sources.iter_documents(str(tmp_path / 'junk.parquet')))
 
 
 def test_parquet_without_pyarrow_says_pip_install(tmp_path, monkeypatch):
@@ -122,26 +122,26 @@ def test_parquet_without_pyarrow_says_pip_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'pyarrow', None)  # what `import pyarrow` meets when it is not installed
     monkeypatch.setitem(sys.modules, 'pyarrow.parquet', None)
     with pytest.raises(ImportError, match=r'a\.parquet: reading parquet needs pyarrow: pip install pyarrow'):
-        list(data.iter_documents(str(tmp_path / 'a.parquet')))
+        list(sources.iter_documents(str(tmp_path / 'a.parquet')))
 
 
 def test_gated_set_401_names_hf_token_and_token_is_sent_not_shown(tmp_path, hub, monkeypatch):
     path = '/datasets/org/gated/resolve/main/train.jsonl'
     hub.files[path] = 401
     with pytest.raises(ConnectionError, match=r'HTTP 401: the data set is gated or private; set \$HF_TOKEN'):
-        list(data.iter_documents('hf:org/gated:train.jsonl', cache_dir=str(tmp_path)))
+        list(sources.iter_documents('hf:org/gated:train.jsonl', cache_dir=str(tmp_path)))
     assert 'Authorization' not in hub.headers[-1]
     monkeypatch.setenv('HF_TOKEN', 'hf_secret_value')
     with pytest.raises(ConnectionError, match=r'HTTP 403: .*the token in \$HF_TOKEN may not read it') as e:
-        list(data.iter_documents('hf:org/gated:train.jsonl', cache_dir=str(tmp_path)))
+        list(sources.iter_documents('hf:org/gated:train.jsonl', cache_dir=str(tmp_path)))
     assert 'hf_secret_value' not in str(e.value)
     assert hub.headers[-1]['Authorization'] == 'Bearer hf_secret_value'
     hub.files[path] = b'{"text": "a readable document"}\n'  # access granted: the same spec now loads
-    assert list(data.iter_documents('hf:org/gated:train.jsonl', cache_dir=str(tmp_path))) == ['a readable document']
+    assert list(sources.iter_documents('hf:org/gated:train.jsonl', cache_dir=str(tmp_path))) == ['a readable document']
     assert hub.headers[-1]['Authorization'] == 'Bearer hf_secret_value'
     # a url: source never sends the hub's token
     hub.files['/plain.txt'] = b'plain text'
-    list(data.iter_files(f'url:{hub.url}/plain.txt', cache_dir=str(tmp_path)))
+    list(sources.iter_files(f'url:{hub.url}/plain.txt', cache_dir=str(tmp_path)))
     assert 'Authorization' not in hub.headers[-1]
 
 
@@ -168,17 +168,17 @@ def test_every_source_set_parses_and_its_first_file_loads(tmp_path, hub):
     assert sorted(n[:-3] for n in os.listdir(os.path.join(ROOT, 'configs', 'sources'))) == sorted(SETS)
     for name, write in SETS.items():
         pairs = sources.source_set(name)
-        assert len(pairs) > 10 and all(data.parse_spec(s).kind == 'hf' for s, _ in pairs), name
+        assert len(pairs) > 10 and all(sources.parse_spec(s).kind == 'hf' for s, _ in pairs), name
         cfg = lumi.load_config(data.DEFAULTS, [os.path.join(ROOT, 'configs', 'sources', f'{name}.py')])
         assert cfg.sources == pairs[:1]
-        s = data.parse_spec(pairs[0][0])
+        s = sources.parse_spec(pairs[0][0])
         repo, _, rev = s.where.partition('==')
         local = tmp_path / os.path.basename(s.inner)
         docs = make_docs(9, seed=len(name))
         write(docs, str(local))
         hub.files[f"/datasets/{repo}/resolve/{(rev or 'main').replace('/', '%2F')}/{s.inner}"] = local.read_bytes()
         hub.files[f"/datasets/{repo}/resolve/{rev or 'main'}/{s.inner}"] = local.read_bytes()
-        got = [d.strip() for d in data.iter_documents(pairs[0][0], cache_dir=str(tmp_path / 'cache'),
+        got = [d.strip() for d in sources.iter_documents(pairs[0][0], cache_dir=str(tmp_path / 'cache'),
                                                       max_chars=1 << 20)]
         assert got == docs, name  # gutenberg: header and footer stripped
     with pytest.raises(FileNotFoundError, match="no source set 'c5'.*known: c4_en"):

@@ -228,14 +228,16 @@ def build_corpus(cfg):
     near = parts.near_duplicates_on_disk(folder, names, offsets, np.flatnonzero(unique & usable.astype(bool)), dtype,
                                     cfg.near_dup_threshold)
     t_dedupe = time.time() - t1
-    # shards: written under temp names, renamed, then the manifest (the "done" marker of the corpus)
-    shards, buf, n_in, i = [], io.StringIO(), 0, 0
+    # shards: streamed to temp names, renamed when full, then the manifest (the "done" marker of the corpus)
+    shards, cur, i = [], None, 0  # cur: the shard being written [file, sha256, chars, bytes, docs, name]
 
     def flush():
-        name = f"shard_{len(shards):05d}.jsonl"
-        data = buf.getvalue().encode()
-        lumi.atomic_write(os.path.join(out, name), lambda f: f.write(data))
-        shards.append({'name': name, 'docs': n_in, 'bytes': len(data), 'sha256': lumi.sha256_bytes(data)})
+        f, h, _, nbytes, docs, name = cur
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(f.name, os.path.join(out, name))
+        shards.append({'name': name, 'docs': docs, 'bytes': nbytes, 'sha256': h.hexdigest()})
     for p, m in zip(names, metas):
         report, spec = reports[m['source']], specs[m['source']]
         with open(os.path.join(folder, p + '.jsonl'), encoding='utf-8') as f:
@@ -246,16 +248,23 @@ def build_corpus(cfg):
                     report['rejected_near_duplicate'] += 1
                 else:
                     text = json.loads(line)['text']
-                    buf.write(json.dumps({'id': keys[i].tobytes().hex(), 'source': spec, 'text': text},
-                                         ensure_ascii=False) + '\n')
-                    n_in += 1
+                    rec = json.dumps({'id': keys[i].tobytes().hex(), 'source': spec, 'text': text},
+                                     ensure_ascii=False) + '\n'
+                    if cur is None:
+                        name = f"shard_{len(shards):05d}.jsonl"
+                        cur = [open(os.path.join(out, f"{name}.tmp.{os.getpid()}"), 'wb'), hashlib.sha256(), 0, 0, 0,
+                               name]
+                    raw = rec.encode()
+                    cur[0].write(raw)
+                    cur[1].update(raw)
+                    cur[2:5] = cur[2] + len(rec), cur[3] + len(raw), cur[4] + 1
                     report['kept_docs'] += 1
                     report['kept_chars'] += len(text)
-                    if buf.tell() >= SHARD_BYTES:  # characters, as the shards were always cut
+                    if cur[2] >= SHARD_BYTES:  # characters, as the shards were always cut
                         flush()
-                        buf, n_in = io.StringIO(), 0
+                        cur = None
                 i += 1
-    if n_in:
+    if cur:
         flush()
     manifest = {
         'settings': settings, 'settings_sha256': _settings_sha256(settings),

@@ -56,12 +56,11 @@ from tqdm import tqdm
 import datacard
 import lumi
 import parts
-from bins import BinLoader, data_ready, load_meta  # noqa: F401  (callers' old names, until they move)
-from clean import clean_text, exact_key, lsh_rows, minhash_signatures, near_duplicates, reject_reason  # noqa: F401
-from fetch import download, remove_orphan_temps  # noqa: F401
-from sources import (LIMITS, MAX_DOC_CHARS, _read, iter_documents, iter_files, iter_records,  # noqa: F401
-                     parse_spec, split_document)
-from streams import _glob_regex, _local_files  # noqa: F401
+from bins import BinLoader, data_ready, load_meta  # noqa: F401  (BinLoader: callers' old name, until they move)
+from clean import lsh_rows
+from fetch import remove_orphan_temps
+from sources import LIMITS, MAX_DOC_CHARS, _read, iter_documents, iter_records, parse_spec, split_document  # noqa: F401
+from streams import _local_files
 
 # -----------------------------------------------------------------------------
 # defaults (override with a config file and --key=value)
@@ -143,11 +142,6 @@ def _local_fingerprint(spec, max_files):
         return None
     files, _ = _local_files(s.where, max_files)  # what was left out is warned and counted when it is read
     return _settings_sha256([(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files])
-
-
-def _unit(doc_id, salt):
-    """A uniform number in [0, 1) fixed by a document id: the same split and subsample on every run."""
-    return int.from_bytes(hashlib.blake2b(f"{salt}:{doc_id}".encode(), digest_size=8).digest(), 'little') / 2**64
 
 
 def _corpus_settings(cfg):
@@ -289,7 +283,7 @@ def _training_text(cfg, manifest):
     """Train documents sampled by hash to about tokenizer_sample_chars, as paragraphs (newlines kept)."""
     rate = min(1.0, cfg.tokenizer_sample_chars / max(1, manifest['kept_chars']))
     for rec in parts.iter_corpus(cfg.data_dir):
-        if _unit(rec['id'], 'split') >= cfg.val_fraction and _unit(rec['id'], 'tok') < rate:
+        if parts.doc_unit(rec['id'], 'split') >= cfg.val_fraction and parts.doc_unit(rec['id'], 'tok') < rate:
             for para in rec['text'].split('\n\n'):
                 yield from split_document(para, 4000)  # SentencePiece skips sentences over max_sentence_length
 
@@ -363,7 +357,7 @@ def build_tokenizer(cfg, manifest):
     lumi.atomic_write(model_path, lambda f: f.write(proto))
     held_out, chars = [], 0
     for rec in parts.iter_corpus(cfg.data_dir):  # val documents: never in the training sample
-        if _unit(rec['id'], 'split') < cfg.val_fraction and chars < 2_000_000:
+        if parts.doc_unit(rec['id'], 'split') < cfg.val_fraction and chars < 2_000_000:
             held_out.append(rec['text'])
             chars += len(rec['text'])
     if not held_out:  # val_fraction 0: measure on training text rather than on nothing
@@ -394,43 +388,6 @@ def _pack_folder(cfg):
     return os.path.join(cfg.data_dir, 'pack')
 
 
-def encode_shard(cfg, tok, manifest, j, folder, batch_docs=512):
-    """Corpus shard j -> NAME.train.bin, NAME.val.bin (BOS text EOS per document, uint16), NAME.repeats.npy
-    ((offset, length, extra copies) of train documents of weight > 1) and NAME.json (counts per source,
-    written last: the part's "done" marker). Encoding runs on num_threads SentencePiece threads."""
-    weights, name = dict(_source_list(cfg)), os.path.join(folder, f"s{j:05d}")
-    per_source = {spec: Counter() for spec in weights}
-    repeats, offset = [], 0
-    files = {s: open(f"{name}.{s}.bin.tmp", 'wb') for s in ('train', 'val')}
-    corpus = parts.iter_corpus(cfg.data_dir, {manifest['shards'][j]['name']})
-    while recs := list(itertools.islice(corpus, batch_docs)):
-        ids = tok.encode_batch([r['text'] for r in recs], num_threads=cfg.num_threads or -1)
-        for rec, doc in zip(recs, ids):
-            w, stats = weights[rec['source']], per_source[rec['source']]
-            split = 'val' if _unit(rec['id'], 'split') < cfg.val_fraction else 'train'
-            copies = int(w) + (_unit(rec['id'], 'weight') < w - int(w))
-            if split == 'val':
-                copies = min(copies, 1)
-            if copies == 0:
-                stats['dropped_by_weight'] += 1
-                continue
-            arr = np.array([lumi.BOS_ID, *doc, lumi.EOS_ID], dtype=np.uint16)
-            files[split].write(arr.tobytes())
-            stats[f'{split}_docs'] += 1
-            stats[f'{split}_tokens'] += len(arr) * copies
-            stats[f'{split}_chars'] += len(rec['text'])
-            stats['encoded_tokens'] += len(doc)
-            if split == 'train':
-                if copies > 1:
-                    repeats.append((offset, len(arr), copies - 1))
-                offset += len(arr)
-    for s, f in files.items():
-        f.close()
-        os.replace(f"{name}.{s}.bin.tmp", f"{name}.{s}.bin")
-    np.save(f"{name}.repeats.npy", np.array(repeats, np.int64).reshape(-1, 3))
-    lumi.write_json(f"{name}.json", {'per_source': per_source, 'train_tokens': offset})
-
-
 def encode_shards(cfg, tok, manifest):
     """Encode the corpus shards that are this process's (shard j goes to j % num_shards) and not yet done."""
     folder = _pack_folder(cfg)
@@ -445,13 +402,7 @@ def encode_shards(cfg, tok, manifest):
     todo = [j for j in range(len(manifest['shards'])) if parts.is_mine(cfg, j)
             and not os.path.exists(os.path.join(folder, f"s{j:05d}.json"))]
     for j in tqdm(todo, desc='[pack] shards', unit='shard', disable=len(todo) < 2):
-        encode_shard(cfg, tok, manifest, j, folder)
-
-
-def _copy_into(dst, path, chunk=64 << 20):
-    with open(path, 'rb') as f:
-        while block := f.read(chunk):
-            dst.write(block)
+        parts.encode_shard(cfg, tok, manifest, j, folder, dict(_source_list(cfg)))
 
 
 def pack(cfg, tok, card, manifest):
@@ -474,8 +425,8 @@ def pack(cfg, tok, card, manifest):
     try:
         with open(tmp['train'], 'wb') as train, open(tmp['val'], 'wb') as val:
             for n in names:
-                _copy_into(train, os.path.join(folder, n + '.train.bin'))
-                _copy_into(val, os.path.join(folder, n + '.val.bin'))
+                parts.copy_into(train, os.path.join(folder, n + '.train.bin'))
+                parts.copy_into(val, os.path.join(folder, n + '.val.bin'))
             reps = [np.load(os.path.join(folder, n + '.repeats.npy')) for n in names]
             for k in range(1, max([int(r[:, 2].max()) for r in reps if len(r)], default=0) + 1):
                 for n, r in zip(names, reps):

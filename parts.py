@@ -1,11 +1,13 @@
 """
-The corpus step's work on disk, so that no step holds the corpus: each file of a source cleaned, filtered
-and signed in worker processes and written as a part (texts + a row of exact key, MinHash signature and LSH
-band hashes per document), and deduplication across all parts with one band's hashes in memory at a time.
+The data stage's work on disk in parts, so that no step holds the corpus: each file of a source cleaned,
+filtered and signed in worker processes and written as a part (texts + a row of exact key, MinHash signature
+and LSH band hashes per document); deduplication across all parts with one band's hashes in memory at a
+time; the finished corpus read back (iter_corpus); each corpus shard encoded into a part of the bins.
 
 Left out: which parts a run owns beyond `shard_index`, the corpus shards and the manifest (data.py).
 """
 import collections
+import hashlib
 import itertools
 import json
 import multiprocessing as mp
@@ -212,3 +214,55 @@ def near_duplicates_on_disk(folder, parts, offsets, idx, dtype, threshold, pair_
     keep = [pairs[lo:lo + pair_batch][similar(rows(pairs[lo:lo + pair_batch, 0]), rows(pairs[lo:lo + pair_batch, 1]),
                                               threshold)] for lo in range(0, len(pairs), pair_batch)]
     return cluster_duplicates(int(offsets[-1]), np.concatenate(keep) if keep else pairs)
+
+# -----------------------------------------------------------------------------
+# the packing step's parts
+
+
+def doc_unit(doc_id, salt):
+    """A uniform number in [0, 1) fixed by a document id: the same split and subsample on every run."""
+    return int.from_bytes(hashlib.blake2b(f"{salt}:{doc_id}".encode(), digest_size=8).digest(), 'little') / 2**64
+
+
+def encode_shard(cfg, tok, manifest, j, folder, weights, batch_docs=BATCH_DOCS):
+    """Corpus shard j -> NAME.train.bin, NAME.val.bin (BOS text EOS per document, uint16), NAME.repeats.npy
+    ((offset, length, extra copies) of train documents of weight > 1) and NAME.json (counts per source,
+    written last: the part's "done" marker). Encoding runs on num_threads SentencePiece threads; weights:
+    {spec: weight}."""
+    name = os.path.join(folder, f"s{j:05d}")
+    per_source = {spec: Counter() for spec in weights}
+    repeats, offset = [], 0
+    files = {s: open(f"{name}.{s}.bin.tmp", 'wb') for s in ('train', 'val')}
+    corpus = iter_corpus(cfg.data_dir, {manifest['shards'][j]['name']})
+    while recs := list(itertools.islice(corpus, batch_docs)):
+        ids = tok.encode_batch([r['text'] for r in recs], num_threads=cfg.num_threads or -1)
+        for rec, doc in zip(recs, ids):
+            w, stats = weights[rec['source']], per_source[rec['source']]
+            split = 'val' if doc_unit(rec['id'], 'split') < cfg.val_fraction else 'train'
+            copies = int(w) + (doc_unit(rec['id'], 'weight') < w - int(w))
+            if split == 'val':
+                copies = min(copies, 1)
+            if copies == 0:
+                stats['dropped_by_weight'] += 1
+                continue
+            arr = np.array([lumi.BOS_ID, *doc, lumi.EOS_ID], dtype=np.uint16)
+            files[split].write(arr.tobytes())
+            stats[f'{split}_docs'] += 1
+            stats[f'{split}_tokens'] += len(arr) * copies
+            stats[f'{split}_chars'] += len(rec['text'])
+            stats['encoded_tokens'] += len(doc)
+            if split == 'train':
+                if copies > 1:
+                    repeats.append((offset, len(arr), copies - 1))
+                offset += len(arr)
+    for s, f in files.items():
+        f.close()
+        os.replace(f"{name}.{s}.bin.tmp", f"{name}.{s}.bin")
+    np.save(f"{name}.repeats.npy", np.array(repeats, np.int64).reshape(-1, 3))
+    lumi.write_json(f"{name}.json", {'per_source': per_source, 'train_tokens': offset})
+
+
+def copy_into(dst, path, chunk=64 << 20):
+    with open(path, 'rb') as f:
+        while block := f.read(chunk):
+            dst.write(block)

@@ -603,7 +603,7 @@ def test_train_val_split_by_document(built):
     assert 0.08 < len(val) / (len(train) + len(val)) < 0.35  # val_fraction 0.2 of 150 documents
     # deterministic: the split is a function of the document alone
     ids = {r['text']: r['id'] for r in parts.iter_corpus(d)}
-    assert all(data._unit(ids[t], 'split') < 0.2 for t in val)
+    assert all(parts.doc_unit(ids[t], 'split') < 0.2 for t in val)
 
 
 def dead_pid():

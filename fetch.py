@@ -20,6 +20,18 @@ from tqdm import tqdm
 
 import lumi
 
+class _NoTokenAcrossHosts(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but never carry an Authorization header to another host (the hub sends large files
+    to a CDN with a signed URL, which needs no token)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            new.remove_header('Authorization')
+        return new
+
+
+_OPENER = urllib.request.build_opener(_NoTokenAcrossHosts)
 CACHE_DIR = os.environ.get('LUMI_CACHE') or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cache')
 
 
@@ -64,7 +76,7 @@ def download(url, cache_dir=None, sha256='', headers=None, retries=3, token_var=
         req = urllib.request.Request(url, headers={**(headers or {}), **({'Range': f'bytes={have}-'} if have else {})})
         got = 0
         try:
-            with urllib.request.urlopen(req, timeout=60) as r:
+            with _OPENER.open(req, timeout=60) as r:
                 if have and r.status != 206:
                     have = 0  # the server ignored Range: start over
                 size = r.headers.get('Content-Length')

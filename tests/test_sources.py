@@ -36,6 +36,11 @@ def hub(monkeypatch):
 
     def do_get(self):
         seen.append(dict(self.headers))
+        if isinstance(s.files.get(self.path), str):  # a redirect to that URL
+            self.send_response(302)
+            self.send_header('Location', s.files[self.path])
+            self.end_headers()
+            return
         if s.files.get(self.path) == 401:
             self.send_error(401 if 'Authorization' not in self.headers else 403)
             return
@@ -139,6 +144,12 @@ def test_gated_set_401_names_hf_token_and_token_is_sent_not_shown(tmp_path, hub,
     hub.files[path] = b'{"text": "a readable document"}\n'  # access granted: the same spec now loads
     assert list(sources.iter_documents('hf:org/gated:train.jsonl', cache_dir=str(tmp_path))) == ['a readable document']
     assert hub.headers[-1]['Authorization'] == 'Bearer hf_secret_value'
+    # a redirect to another host (the hub's CDN) does not carry the token; one on the same host does
+    port = hub.url.rsplit(':', 1)[1]
+    hub.files['/datasets/org/big/resolve/main/x.txt'] = f'http://localhost:{port}/cdn/x.txt?signed=1'
+    hub.files['/cdn/x.txt?signed=1'] = b'from the cdn'
+    assert list(sources.iter_files('hf:org/big:x.txt', cache_dir=str(tmp_path))) == [('org/big/x.txt', b'from the cdn')]
+    assert 'Authorization' in hub.headers[-2] and 'Authorization' not in hub.headers[-1]
     # a url: source never sends the hub's token
     hub.files['/plain.txt'] = b'plain text'
     list(sources.iter_files(f'url:{hub.url}/plain.txt', cache_dir=str(tmp_path)))

@@ -118,7 +118,7 @@ def hf_url(repo, path):
     """The resolve URL of a dataset file on the Hugging Face hub ($HF_ENDPOINT overrides the host)."""
     repo, _, rev = repo.partition('==')
     endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
-    return f"{endpoint}/datasets/{repo}/resolve/{urllib.parse.quote(rev or 'main')}/{urllib.parse.quote(path)}"
+    return f"{endpoint}/datasets/{repo}/resolve/{urllib.parse.quote(rev or 'main', safe='')}/{urllib.parse.quote(path)}"
 
 
 def pypi_archive(pkg, sdist=False, cache_dir=None):

@@ -187,8 +187,8 @@ def test_every_source_set_parses_and_its_first_file_loads(tmp_path, hub):
         local = tmp_path / os.path.basename(s.inner)
         docs = make_docs(9, seed=len(name))
         write(docs, str(local))
+        # a revision is one path segment: refs/convert/parquet travels as refs%2Fconvert%2Fparquet
         hub.files[f"/datasets/{repo}/resolve/{(rev or 'main').replace('/', '%2F')}/{s.inner}"] = local.read_bytes()
-        hub.files[f"/datasets/{repo}/resolve/{rev or 'main'}/{s.inner}"] = local.read_bytes()
         got = [d.strip() for d in sources.iter_documents(pairs[0][0], cache_dir=str(tmp_path / 'cache'),
                                                       max_chars=1 << 20)]
         assert got == docs, name  # gutenberg: header and footer stripped

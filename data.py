@@ -19,8 +19,8 @@ pack       each corpus shard encoded to a part under pack/ (BOS text EOS per doc
 
 Memory is bounded by settings, not by the corpus: a batch of parts.BATCH_DOCS documents per worker in flight, one
 text file held whole up to sources.WHOLE_TEXT_CHARS, a corpus shard buffered (SHARD_BYTES characters). Deduping
-holds per document ~60 bytes for exact keys and, one band at a time, ~50 bytes of LSH hashes and sort (so
-~110 MB per million documents), never the signatures (they stay on disk, 4 x num_perm bytes a document).
+holds exact keys and, one band at a time, LSH hashes and their sort, never the signatures (they stay on disk,
+4 x num_perm bytes a document): 71 MB per million documents, measured (benchmarks/bench_data_scale.py).
 
 Weights: a source of weight w contributes each of its training documents w times to train.bin (w=2:
 twice, far apart; w=0.5: a deterministic half chosen by document hash, applied to val as well; 0: left

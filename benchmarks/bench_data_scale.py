@@ -5,6 +5,7 @@ reporting wall time, CPU time and peak RSS of the whole process tree (summed ove
 2-shard split + merge, give byte-identical corpus shards and bins.
 
     python benchmarks/bench_data_scale.py --sizes=30 [--sizes=30,300,3000] [--check=True] [--out=/tmp/lumi_scale]
+    python benchmarks/bench_data_scale.py --sizes= --dedupe_docs=1000000     # dedupe memory per million documents
 
 The text: every sentence of the starter corpus (plays, Milton, the King James Bible, chats; the sources of
 data.py's defaults, read from the cache), ~0.5M sentences, shuffled into documents of 4-40 sentences by a
@@ -37,6 +38,7 @@ check = True  # also run num_workers=1 vs 2 and 2 shards + merge, and compare by
 num_workers = 2  # of the main run (the check compares it with 1); 0: all cores
 vocab_size = 32768
 cache_dir = ''  # where the starter archives are ('' -> data.py's default)
+dedupe_docs = 0  # > 0: also measure dedupe memory on this many documents of random signatures (parts on disk)
 cfg = lumi.load_config(lumi.config_defaults(globals()), sys.argv[1:])
 
 
@@ -128,9 +130,43 @@ def fingerprint(d):
             ['train.bin', 'val.bin'] + [f"corpus/{s['name']}" for s in man['shards']]]
 
 
+def dedupe_memory(n, num_perm=128, threshold=0.8, k=4):
+    """Peak memory (tracemalloc: numpy allocations; memmapped pages not counted) of exact + near dedupe over
+    n documents in k parts on disk, with random signatures and one near-duplicate in 1000."""
+    import tracemalloc
+    import numpy as np
+    import clean
+    import parts
+    rows_ = clean.lsh_rows(num_perm, threshold)
+    dt = parts.part_rows(num_perm, num_perm // rows_)
+    folder = os.path.join(cfg.out, 'dedupe_memory')
+    os.makedirs(folder, exist_ok=True)
+    rng, per, names = np.random.default_rng(0), n // k, []
+    for j in range(k):
+        rec = np.zeros(per, dt)
+        rec['key'], rec['usable'] = rng.integers(0, 256, (per, 16), dtype=np.uint8), 1
+        sig = rng.integers(0, 2**32, (per, num_perm), dtype=np.uint32)
+        sig[::1000] = sig[1::1000][:len(sig[::1000])]
+        rec['sig'], rec['bands'] = sig, clean.band_keys(sig, rows_).T
+        rec.tofile(os.path.join(folder, f'x{j}.rows'))
+        names.append(f'x{j}')
+    tracemalloc.start()
+    t0 = time.time()
+    keys = np.concatenate([parts.part_array(folder, p, dt, per)['key'] for p in names])
+    unique = parts.exact_first(keys)
+    near = parts.near_duplicates_on_disk(folder, names, np.arange(k + 1) * per, np.flatnonzero(unique), dt, threshold)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    shutil.rmtree(folder)
+    return {'docs': n, 'peak_MB': round(peak / 2**20, 1), 'MB_per_million_docs': round(peak / 2**20 / (n / 1e6), 1),
+            'near_duplicates': int(near.sum()), 'seconds': round(time.time() - t0, 1)}
+
+
+if cfg.dedupe_docs:
+    print(json.dumps(dedupe_memory(cfg.dedupe_docs)), flush=True)
 pool = None
 rows = []
-for mb in [int(s) for s in str(cfg.sizes).split(',')]:
+for mb in [int(s) for s in str(cfg.sizes).split(',') if s]:
     text_dir = os.path.join(cfg.out, f'text_{mb}mb')
     if not os.path.exists(os.path.join(text_dir, 'DONE')):
         pool = pool or sentences()
@@ -167,6 +203,8 @@ for mb in [int(s) for s in str(cfg.sizes).split(',')]:
     rows.append(row)
     print(json.dumps(row), flush=True)
 
+if not rows:
+    sys.exit(0)
 print(f"\n{os.cpu_count()} cores; sizes {cfg.sizes} MB")
 keys = list(rows[0])
 print('| ' + ' | '.join(keys) + ' |')

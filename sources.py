@@ -153,14 +153,15 @@ def iter_streams(spec, cache_dir=None, stats=None, limits=None, pick=None):
                 with open(p, 'rb') as f:
                     yield _decompressed(Stream(p, f, path=p, size=os.path.getsize(p), index=i), limits)
     elif s.kind in ('url', 'hf'):
+        if not pick(0, 0):  # asked before downloading: a shard fetches only its own files (size: not known yet)
+            return
         url = s.where if s.kind == 'url' else hf_url(s.where, s.inner)
         token = os.environ.get('HF_TOKEN') if s.kind == 'hf' else None
         path = download(url, cache_dir, s.sha256, {'Authorization': f'Bearer {token}'} if token else None,
                         token_var='HF_TOKEN' if s.kind == 'hf' else '')
         name = urllib.parse.urlsplit(url).path if s.kind == 'url' else f"{s.where}/{s.inner}"
-        if pick(0, os.path.getsize(path)):
-            with open(path, 'rb') as f:
-                yield _decompressed(Stream(name, f, path=path, size=os.path.getsize(path), index=0), limits)
+        with open(path, 'rb') as f:
+            yield _decompressed(Stream(name, f, path=path, size=os.path.getsize(path), index=0), limits)
     else:
         sdist = s.kind == 'pypi-sdist'
         archive = pypi_archive(s.where, sdist, cache_dir)

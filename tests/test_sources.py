@@ -210,3 +210,15 @@ def test_budget_configs_name_the_sets_and_add_up(budget, tokens):
     specs = [s for s, _ in cfg.sources]
     assert len(set(specs)) == len(specs) and all(s in per_file for s in specs)
     assert 0.95 * tokens <= sum(per_file[s] for s in specs) <= 1.1 * tokens
+
+
+def test_a_shard_downloads_only_its_own_files(tmp_path, hub):
+    for i in range(4):
+        hub.files[f'/datasets/org/web/resolve/main/f{i}.jsonl'] = json.dumps({'text': f'document {i}'}).encode()
+    specs = [f'hf:org/web:f{i}.jsonl' for i in range(4)]
+    fetched = []
+    for si, spec in enumerate(specs):  # shard 1 of 2 owns part 0 of sources 1 and 3 (data.py: (si + part) % 2)
+        for f in sources.iter_streams(spec, str(tmp_path / 'c'), pick=lambda i, size, si=si: (si + i) % 2 == 1):
+            fetched.append(f.name)
+    assert fetched == ['org/web/f1.jsonl', 'org/web/f3.jsonl']
+    assert len(os.listdir(tmp_path / 'c' / 'url')) == 2  # the other shard's files were never downloaded

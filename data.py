@@ -56,10 +56,10 @@ from tqdm import tqdm
 import datacard
 import lumi
 import parts
-from bins import BinLoader, data_ready, load_meta  # noqa: F401  (BinLoader: callers' old name, until they move)
+from bins import data_ready, load_meta
 from clean import lsh_rows
 from fetch import remove_orphan_temps
-from sources import LIMITS, MAX_DOC_CHARS, _read, iter_documents, iter_records, parse_spec, split_document  # noqa: F401
+from sources import LIMITS, MAX_DOC_CHARS, _read, parse_spec, split_document
 from streams import _local_files
 
 # -----------------------------------------------------------------------------

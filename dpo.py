@@ -174,12 +174,12 @@ def to_pair(record, fmt='auto'):
 def load_pairs(spec, fmt='auto', stats=None):
     """Preference pairs from any data.py source; a bad record is reported with where it came from, counted
     in stats['bad_pairs'] and skipped."""
-    import data
+    import sources
     if fmt not in FORMATS:
         raise ValueError(f"data_format must be one of {FORMATS}, got {fmt!r}")
     stats = Counter() if stats is None else stats
     pairs = []
-    for i, record in enumerate(data.iter_records(spec, stats=stats)):
+    for i, record in enumerate(sources.iter_records(spec, stats=stats)):
         try:
             pairs.append(to_pair(record, fmt))
         except ValueError as e:

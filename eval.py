@@ -222,9 +222,9 @@ TASKS = {
 def load_examples(name, source, limit=0):
     """Read a task's records through data.py and adapt them; a bad record is skipped, counted and named
     (here, or by data.py for a line that is not JSON). Returns (examples, skipped)."""
-    import data
+    import sources
     examples, skipped, reasons, stats = [], 0, [], Counter()
-    for i, record in enumerate(data.iter_records(source, stats=stats)):
+    for i, record in enumerate(sources.iter_records(source, stats=stats)):
         if limit and len(examples) >= limit:
             break
         try:
@@ -356,9 +356,9 @@ def ppl_bins(model, tok, data_dir, stride=0, limit=0, device='cpu', dtype='float
     """Loss, perplexity and bits per byte over the whole val.bin (memory-mapped), in strided windows. The
     targets are every token after the first, each document's EOS and the next BOS included, as training
     saw them; those carry no bytes."""
-    import data
+    import bins
     t0 = time.time()
-    meta = data.load_meta(data_dir)
+    meta = bins.load_meta(data_dir)
     lumi.check_tokenizer(meta['tokenizer_sha256'], tok.sha256, f"{data_dir}/val.bin")
     tokens = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.uint16, mode='r')
     block = model.cfg.block_size
@@ -523,8 +523,8 @@ def evaluate(path, cfg):
     for name in parse_tasks(cfg.tasks):
         lumi.log(f"{name}: {os.path.basename(ckpt['path'])}")
         if name == 'ppl' and cfg.text:
-            import data
-            docs = data.iter_documents(cfg.text, max_chars=1 << 62)  # whole documents: windows handle length
+            import sources
+            docs = sources.iter_documents(cfg.text, max_chars=1 << 62)  # whole documents: windows handle length
             report[name] = ppl_documents(model, tok, docs, cfg.stride, cfg.limit, source=cfg.text, **common)
         elif name == 'ppl':
             dirs = run_cfg.get('data_dir') or run_cfg.get('data_dirs') or 'data/starter'

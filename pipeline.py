@@ -181,8 +181,8 @@ class Pipeline:
     def find_product(self, stage):
         d = self.dir(stage)
         if stage == 'data':
-            import data
-            return os.path.join(self.data_dir, 'meta.json') if data.data_ready(self.data_dir) else None
+            import bins
+            return os.path.join(self.data_dir, 'meta.json') if bins.data_ready(self.data_dir) else None
         if stage == 'pretrain':
             return find_checkpoint(d)
         if stage in ('sft', 'dpo'):

@@ -298,13 +298,13 @@ def _fill(msgs, template_vars):
 
 
 def load_conversations(spec, fmt='auto', stats=None, template_vars=None):
-    """Message lists from a data-stage source spec (data.iter_records: .json lists or {id: record} objects,
+    """Message lists from a data-stage source spec (sources.iter_records: .json lists or {id: record} objects,
     .jsonl lines); bad records are skipped and counted in stats with their reason."""
-    import data
+    import sources
     stats = Counter() if stats is None else stats
     read = Counter()  # data.py's file-level counts (malformed lines, bad UTF-8, ...), added to stats at the end
     try:
-        records = iter(data.iter_records(spec, stats=read))
+        records = iter(sources.iter_records(spec, stats=read))
         first = next(records, None)
         if first is None:
             return

@@ -165,7 +165,7 @@ def load_examples(name, source, limit=0):
     """Read a task's records through data.py and adapt them; a bad record is skipped, counted and named
     (here, or by data.py for a line that is not JSON). Returns (examples, skipped)."""
     examples, skipped, reasons, stats = [], 0, [], Counter()
-    for i, record in enumerate(data.iter_records(source, stats=stats)):
+    for i, record in enumerate(sources.iter_records(source, stats=stats)):
         if limit and len(examples) >= limit:
             break
         try:
@@ -298,7 +298,7 @@ def ppl_bins(model, tok, data_dir, stride=0, limit=0, device='cpu', dtype='float
     targets are every token after the first, each document's EOS and the next BOS included, as training
     saw them; those carry no bytes."""
     t0 = time.time()
-    meta = data.load_meta(data_dir)
+    meta = bins.load_meta(data_dir)
     lumi.check_tokenizer(meta['tokenizer_sha256'], tok.sha256, f"{data_dir}/val.bin")
     tokens = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.uint16, mode='r')
     block = model.cfg.block_size

@@ -13,7 +13,7 @@ pretraining is: the model's shape, the token budget, the batches, the held-out l
 end (val loss against the unigram entropy of the val set, the loss of a model that ignores context).
 
 Deliberately left out: initialising from another checkpoint (sft.py's init_from does that), curriculum or
-sequence-length warm-up, and mixing several bin sets (data.BinLoader can, one data_dir is enough here).
+sequence-length warm-up, and mixing several bin sets (bins.BinLoader can, one data_dir is enough here).
 """
 import math
 import os
@@ -68,7 +68,7 @@ MODEL_KEYS = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden', 'block_s
 def prepare_data(cfg, rank):
     """Make sure finished bins exist in cfg.data_dir; on a fresh machine rank 0 builds them with data.py,
     reading the same config file (its sources and vocab_size), while the other ranks wait for meta.json."""
-    if data.data_ready(cfg.data_dir):
+    if bins.data_ready(cfg.data_dir):
         return
     if rank == 0:
         lumi.log(f"{cfg.data_dir} has no finished bins: preparing them with data.py first")
@@ -78,7 +78,7 @@ def prepare_data(cfg, rank):
             raise lumi.LumiError(f"data.py {' '.join(argv)} exited with {done.returncode}: the bins in "
                                  f"{cfg.data_dir} are not ready")
     else:  # polling, not a barrier: building the starter corpus outlasts NCCL's default collective timeout
-        while not data.data_ready(cfg.data_dir):
+        while not bins.data_ready(cfg.data_dir):
             time.sleep(2)
 
 
@@ -125,7 +125,7 @@ class GlobalBatches:
 
 
 def make_batches(cfg, split, seed, rank, world):
-    loader = data.BinLoader(cfg.data_dir, split, block_size=cfg.block_size, batch_size=cfg.batch_size * world,
+    loader = bins.BinLoader(cfg.data_dir, split, block_size=cfg.block_size, batch_size=cfg.batch_size * world,
                             seed=seed, tokenizer_sha256=cfg.tokenizer_sha256)
     return GlobalBatches(loader, rank, world)
 
@@ -169,7 +169,7 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
 
     prepare_data(cfg, rank)
-    meta = data.load_meta(cfg.data_dir)
+    meta = bins.load_meta(cfg.data_dir)
     tok = lumi.Tokenizer.load(os.path.join(cfg.data_dir, 'tokenizer', 'tokenizer.model'))
     lumi.check_tokenizer(meta['tokenizer_sha256'], tok.sha256, f"the bins in {cfg.data_dir}")
     cfg.tokenizer_sha256 = tok.sha256

@@ -16,8 +16,12 @@ from collections import Counter
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bins  # noqa: E402
+import clean  # noqa: E402
 import data  # noqa: E402
 import lumi  # noqa: E402
+import parts  # noqa: E402
+import sources  # noqa: E402
 
 out = '/tmp/lumi_bench_data'
 vocab_size = 32768
@@ -30,7 +34,7 @@ settings = lumi.load_config(lumi.config_defaults(vars(data)), args)
 
 # fetch (untimed): every archive into the cache
 for spec, _ in data.sources:
-    for _ in data.iter_files(spec):
+    for _ in sources.iter_files(spec):
         pass
 
 # 1. sources to bins, the real command
@@ -38,31 +42,31 @@ t0, c0 = time.time(), time.process_time()
 data.main(args)
 total, total_cpu = time.time() - t0, time.process_time() - c0
 man = lumi.read_json(os.path.join(D, 'corpus', 'manifest.json'))
-meta = data.load_meta(D)
+meta = bins.load_meta(D)
 tok_card = lumi.read_json(os.path.join(D, 'tokenizer', 'tokenizer.json'))
 
 # 2. cleaning + dedupe alone, on documents already read from the archives
 t0 = time.time()
-raw = [d for spec, _ in data.sources for d in data.iter_documents(spec, stats=Counter())]
+raw = [d for spec, _ in data.sources for d in sources.iter_documents(spec, stats=Counter())]
 t_read = time.time() - t0
 mb = sum(len(d.encode()) for d in raw) / 1e6
 t0, c0 = time.time(), time.process_time()
 kept, seen = [], set()
 for d in raw:
-    text = data.clean_text(d)
-    if data.reject_reason(text, settings) is None and (k := data.exact_key(text)) not in seen:
+    text = clean.clean_text(d)
+    if clean.reject_reason(text, settings) is None and (k := clean.exact_key(text)) not in seen:
         seen.add(k)
         kept.append(text)
 t_clean, c_clean = time.time() - t0, time.process_time() - c0
 t0, c0 = time.time(), time.process_time()
-sig = data.minhash_signatures(kept, settings.num_perm, settings.shingle_words)
-dup = data.near_duplicates(sig, settings.near_dup_threshold)
+sig = clean.minhash_signatures(kept, settings.num_perm, settings.shingle_words)
+dup = clean.near_duplicates(sig, settings.near_dup_threshold)
 t_near, c_near = time.time() - t0, time.process_time() - c0
 
 # 3. packing: data.pack end to end, then its encode step (batched, multi-threaded) against a one-document-at-a-time
 # loop, in lockstep chunk by chunk so that other work on the machine falls on both alike
 tok = lumi.Tokenizer.load(os.path.join(D, 'tokenizer', 'tokenizer.model'))
-docs = [r['text'] for r in data.iter_corpus(D)]
+docs = [r['text'] for r in parts.iter_corpus(D)]
 threads = settings.num_threads or os.cpu_count()  # data.py's rule for 0
 t0, c0 = time.time(), time.process_time()
 meta2 = data.pack(settings, tok, tok_card, man)

@@ -155,7 +155,7 @@ def main():
     cfg = lumi.load_config(train.DEFAULTS, [a.config] + ([f'--data_dir={a.data_dir}'] if a.data_dir else []))
     cfg.data_dir = cfg.data_dir if os.path.isabs(cfg.data_dir) else os.path.join(ROOT, cfg.data_dir)
     train.prepare_data(cfg, 0)
-    meta = data.load_meta(cfg.data_dir)
+    meta = bins.load_meta(cfg.data_dir)
     cfg.tokenizer_sha256 = meta['tokenizer_sha256']
     dtype = lumi.resolve_dtype(cfg.dtype, 'cpu')
     mcfg = ModelConfig(**{k: cfg[k] for k in train.MODEL_KEYS}, vocab_size=meta['vocab_size'])

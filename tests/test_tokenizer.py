@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import pytest
 
+import bins
 import data
 import dpo
 import checkpoint
@@ -48,8 +49,8 @@ def test_thread_count_changes_the_file_not_the_identity(by_threads):
     for split in ('train', 'val'):
         a, b = (np.fromfile(os.path.join(by_threads[n], f'{split}.bin'), np.uint16).tobytes() for n in (1, 2))
         assert a == b and len(a) > 0
-    assert data.load_meta(by_threads[1])['tokenizer_sha256'] == data.load_meta(by_threads[2])['tokenizer_sha256']
-    lumi.check_tokenizer(data.load_meta(by_threads[2])['tokenizer_sha256'], one.sha256, 'the 2-thread bins')
+    assert bins.load_meta(by_threads[1])['tokenizer_sha256'] == bins.load_meta(by_threads[2])['tokenizer_sha256']
+    lumi.check_tokenizer(bins.load_meta(by_threads[2])['tokenizer_sha256'], one.sha256, 'the 2-thread bins')
 
 
 def _rewrite(message, number, edit):
@@ -100,10 +101,10 @@ def test_hashes_stored_by_older_lumis_still_match(tokenizer, tmp_path):
     np.arange(40, dtype=np.uint16).tofile(d / 'train.bin')
     lumi.write_json(str(d / 'meta.json'), dict(tokenizer_sha256=tokenizer.file_sha256, vocab_size=tokenizer.vocab_size,
                                                train_tokens=40, val_tokens=0, dtype='uint16'))
-    loader = data.BinLoader(str(d), block_size=8, batch_size=2, tokenizer_sha256=tokenizer.sha256)
+    loader = bins.BinLoader(str(d), block_size=8, batch_size=2, tokenizer_sha256=tokenizer.sha256)
     assert loader.next_batch()[0].shape == (2, 8)
     with pytest.raises(ValueError, match='bins were built with tokenizer'):
-        data.BinLoader(str(d), block_size=8, batch_size=2, tokenizer_sha256='cd' * 32)
+        bins.BinLoader(str(d), block_size=8, batch_size=2, tokenizer_sha256='cd' * 32)
 
 
 # -----------------------------------------------------------------------------

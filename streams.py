@@ -1,0 +1,200 @@
+"""
+The files of a source as byte streams read incrementally: local paths, directories and globs (symlink loops
+and hidden files left out), archive members one at a time, .gz / .zst decompressed as they are read, each
+under a decompression budget that stops a bomb within a chunk.
+
+Left out: what the bytes mean (sources.py) and how they are fetched (fetch.py).
+"""
+import gzip
+import os
+import re
+import tarfile
+import zipfile
+import zlib
+
+TEXT_EXTS = ('.txt', '.md', '.markdown', '.json', '.jsonl', '.ndjson', '.text', '.parquet')
+_EXPAND_FREE = 16 << 20  # expanding to 16 MiB is harmless at any ratio (a small file of one repeated line)
+
+
+def _glob_regex(pattern):
+    """glob -> regex over '/'-separated paths: * and ? stop at '/', ** crosses it."""
+    out, i = '', 0
+    while i < len(pattern):
+        if pattern.startswith('**/', i):
+            out, i = out + '(?:.*/)?', i + 3
+        elif pattern.startswith('**', i):
+            out, i = out + '.*', i + 2
+        elif pattern[i] == '*':
+            out, i = out + '[^/]*', i + 1
+        elif pattern[i] == '?':
+            out, i = out + '[^/]', i + 1
+        elif pattern[i] == '[' and ']' in pattern[i + 2:]:
+            j = pattern.index(']', i + 2)
+            body = pattern[i + 1:j]
+            out, i = out + '[' + ('^' + body[1:] if body[:1] == '!' else body).replace('\\', '\\\\') + ']', j + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
+
+
+class _Budget:
+    """How far one archive or compressed file may expand, checked while it is read: each member to
+    max_member_bytes, all of them together to max_expand_ratio x the archive's size (or to _EXPAND_FREE,
+    whichever is more)."""
+
+    def __init__(self, archive, packed_bytes, limits):
+        self.archive, self.used, self.limits = archive, 0, limits
+        self.total_max = max(limits['max_expand_ratio'] * packed_bytes, _EXPAND_FREE)
+
+    def check(self, member, member_bytes, total):
+        if member_bytes > self.limits['max_member_bytes']:
+            raise ValueError(f"{self.archive}: {member} expands past {self.limits['max_member_bytes']:,} bytes "
+                             "(max_member_bytes): a decompression bomb, or a file too big to hold in memory")
+        if total > self.total_max:
+            raise ValueError(f"{self.archive}: {member} takes the archive past {total:,} bytes, over "
+                             f"{self.limits['max_expand_ratio']}x its size (max_expand_ratio): a decompression bomb")
+
+
+class Stream:
+    """One file of a source, read incrementally: read(n) gives at most n bytes, b'' at the end.
+
+    A member of an archive or the inside of a .gz/.zst file is checked against its _Budget as it is read, so a
+    decompression bomb stops within a chunk; a damaged .gz/.zst is one ValueError naming the file. `path` is
+    the file on disk when there is one to seek in (parquet wants it), else ''.
+    """
+
+    def __init__(self, name, f, budget=None, member='', errors=(), path='', size=0, index=0):
+        self.name, self.f, self.budget, self.member, self.errors, self.path = name, f, budget, member, errors, path
+        self.size, self.n = size, 0  # size: bytes as stored (what a .gz inside may expand relative to)
+        self.index = index  # the file's place among the files of its spec
+
+    def read(self, size=1 << 20):
+        try:
+            chunk = self.f.read(size)
+        except self.errors as e:
+            packed = self.budget.archive  # the .gz / .zst file's own name
+            raise ValueError(f"{packed}: not a valid {'gzip' if packed.endswith('.gz') else 'zstd'} file ({e})") from e
+        if self.budget is not None:
+            self.n, self.budget.used = self.n + len(chunk), self.budget.used + len(chunk)
+            self.budget.check(self.member, self.n, self.budget.used)
+        return chunk
+
+    def read_all(self):
+        """The whole file, read in 1 MiB chunks (a limit passed gives up at once)."""
+        chunks = []
+        while chunk := self.read(1 << 20):
+            chunks.append(chunk)
+        return b''.join(chunks)
+
+
+def _decompressed(s, limits):
+    """Stream s as it reads after .gz / .zst decompression (name without the suffix), else s itself."""
+    if s.name.endswith('.gz'):
+        f, errors = gzip.GzipFile(fileobj=s), (gzip.BadGzipFile, EOFError, zlib.error)
+    elif s.name.endswith('.zst'):
+        try:
+            import zstandard
+        except ImportError:
+            raise ImportError(f"{s.name}: reading .zst files needs zstandard: pip install zstandard") from None
+        f, errors = zstandard.ZstdDecompressor().stream_reader(s), (zstandard.ZstdError, EOFError)
+    else:
+        return s
+    inner = s.name.rpartition('.')[0]
+    return Stream(inner, f, _Budget(s.name, s.size, limits), os.path.basename(inner), errors, index=s.index)
+
+
+def _archive_members(path, pattern, sdist, limits, pick):
+    """(name, Stream) for each archive member matching pattern, one open at a time; pick(i, size) False skips
+    the i-th match unread."""
+    rx = _glob_regex(pattern)
+    matches = lambda m: rx.fullmatch(m) or (sdist and '/' in m and rx.fullmatch(m.split('/', 1)[1]))
+    budget, names, hits = _Budget(path, os.path.getsize(path), limits), [], 0
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                names = [i.filename for i in z.infolist() if not i.is_dir()]
+                for n in filter(matches, names):
+                    hits += 1
+                    if pick(hits - 1, z.getinfo(n).file_size):
+                        with z.open(n) as f:
+                            yield n, Stream(n, f, budget, n, size=z.getinfo(n).file_size, index=hits - 1)
+        else:
+            with tarfile.open(path, 'r:*') as t:
+                for m in t:  # one member at a time: the next header is read only if this member fits the budget
+                    budget.check(m.name, 0, m.offset_data + m.size)
+                    if m.isfile():
+                        names.append(m.name)
+                        if matches(m.name):
+                            hits += 1
+                            if pick(hits - 1, m.size):
+                                yield m.name, Stream(m.name, t.extractfile(m), budget, m.name, size=m.size,
+                                                     index=hits - 1)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: damaged archive ({e})") from e
+    if not hits:
+        raise FileNotFoundError(f"no file in {os.path.basename(path)} matches {pattern!r}; it holds e.g. "
+                                f"{', '.join(names[:8])}")
+
+
+def _local_files(path, max_files):
+    """The files a local spec names, sorted, and notes [(count key, n, warning)] on what was left out.
+
+    A directory yields its TEXT_EXTS files; a glob is matched against whole paths (_glob_regex), and a
+    folder it matches is read as a directory. Hidden files and folders are left out. Directory symlinks are
+    followed unless they lead back into a folder already visited (by st_dev, st_ino), so a link to '.' cannot
+    loop; broken and looping links are noted. More than max_files entries is an error naming the spec.
+    """
+    if os.path.isfile(path):
+        return [path], []
+    parts = path.split('/')
+    magic = [i for i, p in enumerate(parts) if any(c in p for c in '*?[')]
+    k = magic[0] if magic else len(parts)
+    root = '/'.join(parts[:k]) or ('/' if path.startswith('/') else '')
+    if not os.path.isdir(root or '.'):
+        return [], []
+    rx = _glob_regex(path) if magic else None
+    depth = len(parts) - k if magic and '**' not in path else None  # a glob without ** reaches this deep
+    files, notes, seen, entries, not_text = [], [], set(), 0, 0
+    stack = [(root, 0, not magic)]  # (folder, depth under root, read whole: a directory the spec names)
+    while stack:
+        folder, level, whole = stack.pop()
+        try:
+            st = os.stat(folder or '.')
+            listing = sorted(os.scandir(folder or '.'), key=lambda e: e.name)  # the same choice on every disk
+        except OSError as e:
+            notes.append(('skipped_files', 1, f"{folder}: folder not readable ({e.strerror}); skipped"))
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            notes.append(('skipped_links', 1, f"{folder}: a link back into a folder already read; skipped"))
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for e in listing:
+            if e.name.startswith('.'):
+                continue
+            entries += 1
+            if entries > max_files:
+                raise ValueError(f"{path}: holds more than {max_files:,} files and folders (max_source_files); "
+                                 "name a narrower directory or glob, or raise max_source_files")
+            p = os.path.join(folder, e.name)
+            try:  # both follow symlinks: False for a broken one, ELOOP for a looping one
+                is_dir, is_file = e.is_dir(), e.is_file()
+            except OSError:
+                is_dir = is_file = False
+            if not (is_dir or is_file):
+                if e.is_symlink():
+                    notes.append(('skipped_links', 1, f"{p}: a broken or looping symlink; skipped"))
+                continue
+            hit = whole or rx.fullmatch(p)
+            if is_dir and (hit or depth is None or level + 1 < depth):
+                stack.append((p, level + 1, bool(hit)))
+            elif is_file and whole:
+                if e.name.lower().removesuffix('.gz').removesuffix('.zst').endswith(TEXT_EXTS):
+                    files.append(p)
+                else:
+                    not_text += 1
+            elif is_file and hit:
+                files.append(p)
+    if not_text:
+        notes.append(('skipped_files', not_text, f"{path}: skipped {not_text} files that are not "
+                                                 f"{'/'.join(TEXT_EXTS)}"))
+    return sorted(files), notes

@@ -59,7 +59,7 @@ import parts
 from bins import data_ready, load_meta
 from clean import lsh_rows
 from fetch import remove_orphan_temps
-from sources import LIMITS, MAX_DOC_CHARS, _read, parse_spec, split_document
+from sources import LIMITS, _read, parse_spec, split_document
 from streams import _local_files
 
 # -----------------------------------------------------------------------------
@@ -78,7 +78,7 @@ sources = [
 data_dir = 'data/starter'  # where corpus/, tokenizer/, train.bin, val.bin and meta.json go
 cache_dir = ''  # '' -> $LUMI_CACHE or <repo>/cache
 # cleaning and filters
-max_doc_chars = MAX_DOC_CHARS  # longer texts are split into documents of at most this many characters
+max_doc_chars = 8000  # longer texts are split into documents of at most this many characters (sources.MAX_DOC_CHARS)
 min_doc_chars = 64  # shorter documents are dropped
 min_alpha_ratio = 0.5  # letters / non-space characters
 max_dup_line_frac = 0.3  # characters in repeated lines / all line characters
@@ -101,10 +101,11 @@ num_workers = 0  # processes that clean, filter and sign documents; 0 -> all cor
 num_shards = 1  # split the corpus scan and the encoding across this many independent runs (see the docstring)
 shard_index = -1  # this run's shard, 0 .. num_shards-1; -1: every shard's missing work, then the merge
 stop_after = ''  # 'corpus' or 'tokenizer': stop after that step (a cluster encodes before the merge)
-# bounds on reading input (hostile or broken sources fail with an error instead of hanging or exhausting memory)
-max_source_files = LIMITS['max_source_files']  # files and folders a local directory or glob may hold
-max_member_bytes = LIMITS['max_member_bytes']  # bytes an archive member or .gz file may expand to
-max_expand_ratio = LIMITS['max_expand_ratio']  # ... and an archive or .gz to this many times its size
+# bounds on reading input (hostile or broken sources fail with an error instead of hanging or exhausting memory);
+# written out, not imported, so that other stages read them from this file's source (sources.LIMITS, the same)
+max_source_files = 100_000  # files and folders a local directory or glob may hold
+max_member_bytes = 1 << 30  # bytes an archive member or .gz file may expand to
+max_expand_ratio = 100  # ... and an archive or .gz to this many times its size
 
 SHARD_BYTES = 64 << 20  # characters of JSONL per corpus shard
 MAX_UINT16_VOCAB = 65535
@@ -507,11 +508,13 @@ def _frozen_tokenizer(cfg, manifest):
     return lumi.Tokenizer.load(os.path.join(cfg.data_dir, 'tokenizer', 'tokenizer.model'))
 
 
+SHARES_WITH = ('train.py', 'pipeline.py')  # configs/tiny.py holds the model's keys beside the data's; a lab config
+# given to `lumi.py run` is read by every stage it names
 DEFAULTS = lumi.config_defaults(globals())
 
 
 def main(argv=None):
-    cfg = lumi.load_config(DEFAULTS, argv)
+    cfg = lumi.load_config(DEFAULTS, argv, shares_with=SHARES_WITH)
     if cfg.vocab_size > MAX_UINT16_VOCAB:
         raise ValueError(f"vocab_size {cfg.vocab_size} > {MAX_UINT16_VOCAB}: token ids would not fit the uint16 "
                          f"bins; pick a vocab of at most {MAX_UINT16_VOCAB}")

@@ -30,8 +30,9 @@ from collections import Counter
 import numpy as np
 from tqdm import tqdm
 
-import data
+import bins
 import lumi
+import sources
 from checkpoint import load_model
 from engine import Sampling, distinct_ngrams, generate_ids, make_generator, stop_ids_for, target_logprobs
 from lumi import BOS_ID, EOS_ID
@@ -447,7 +448,7 @@ def evaluate(path, cfg):
     for name in parse_tasks(cfg.tasks):
         lumi.log(f"{name}: {os.path.basename(ckpt['path'])}")
         if name == 'ppl' and cfg.text:
-            docs = data.iter_documents(cfg.text, max_chars=1 << 62)  # whole documents: windows handle length
+            docs = sources.iter_documents(cfg.text, max_chars=1 << 62)  # whole documents: windows handle length
             report[name] = ppl_documents(model, tok, docs, cfg.stride, cfg.limit, source=cfg.text, **common)
         elif name == 'ppl':
             dirs = run_cfg.get('data_dir') or run_cfg.get('data_dirs') or 'data/starter'

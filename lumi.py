@@ -161,15 +161,13 @@ def file_defaults(script):
     return {**base, **config_defaults(declared)}
 
 
-def load_config(defaults, argv=None, ranges=None, shares_with=None):
+def load_config(defaults, argv=None, ranges=None, shares_with=()):
     """Apply an optional config file (the first argument not starting with --), then --key=value overrides.
 
     A key this stage does not know is an error, in a config file as on the command line, except in a file
     that this stage shares with others: configs/tiny.py drives data.py and train.py, so train.py passes
     shares_with=('data.py',) and data.py's keys (file_defaults) are ignored there. Values are type-checked
     against the default and range-checked against RANGES (updated by `ranges`, this stage's own).
-    shares_with=None keeps the older rule, unknown keys in a file ignored, for a caller not yet updated: every
-    stage but data.py passes it, and data.py will (then None goes).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     ranges = dict(RANGES, **(ranges or {}))
@@ -199,7 +197,7 @@ def load_config(defaults, argv=None, ranges=None, shares_with=None):
             where = f"{path}:{lines.get(key, '?')}"
             if key in cfg:
                 cfg[key] = _check_range(key, _coerce(key, value, defaults[key], defaults, where), ranges, where)
-            elif key not in shared and shares_with is not None:
+            elif key not in shared:
                 raise LumiError(f"{where}: {_unknown_key(key, defaults)}"
                                 + (f" (nor a key of {', '.join(shares_with)})" if shares_with else ''))
         cfg['config_file'] = path

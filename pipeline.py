@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-import data
+import bins
 import lumi
 from checkpoint import checkpoint_info, checkpoint_of
 from lumi import (ROOT, LumiError, atomic_write, file_defaults, load_config, log, read_json, read_jsonl,
@@ -196,7 +196,7 @@ class Pipeline:
     def find_product(self, stage):
         d = self.dir(stage)
         if stage == 'data':
-            return os.path.join(self.data_dir, 'meta.json') if data.data_ready(self.data_dir) else None
+            return os.path.join(self.data_dir, 'meta.json') if bins.data_ready(self.data_dir) else None
         if stage in ('pretrain', 'sft', 'dpo'):  # the one rule: merged.pt, else the newest step checkpoint
             try:
                 return checkpoint_of(d)

@@ -24,7 +24,7 @@ import time
 import torch
 
 import checkpoint
-import data
+import bins
 import lumi
 import training
 from model import GPT, ModelConfig

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import data  # noqa: E402
+import bins  # noqa: E402
 import training  # noqa: E402
 import lumi  # noqa: E402
 import train  # noqa: E402

@@ -93,17 +93,3 @@ def lively_checkpoint(tmp_path_factory, tiny_checkpoint, tokenizer):
 @pytest.fixture(scope='module')
 def loaded(lively_checkpoint):
     return checkpoint.load_model(lively_checkpoint)
-
-
-
-# tests/test_data.py belongs to the data split's change; until it is merged, its one call of the moved
-# lumi.save_checkpoint (now checkpoint.save_checkpoint) is expected to fail here. Remove this at the merge.
-MOVED_UNTIL_THE_DATA_SPLIT = {'tests/test_data.py::test_loader_state_round_trip_through_checkpoint':
-                              "calls lumi.save_checkpoint, which is checkpoint.save_checkpoint now"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        reason = MOVED_UNTIL_THE_DATA_SPLIT.get(item.nodeid)
-        if reason:
-            item.add_marker(pytest.mark.xfail(strict=True, raises=AttributeError, reason=reason))

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bins  # noqa: E402
+import checkpoint  # noqa: E402
 import clean  # noqa: E402
 import data  # noqa: E402
 import fetch  # noqa: E402
@@ -748,7 +749,7 @@ def test_loader_state_round_trip_through_checkpoint(built, tmp_path):
     a = bins.BinLoader(d, block_size=16, batch_size=3, seed=5)
     for _ in range(4):
         a.next_batch()
-    lumi.save_checkpoint(str(tmp_path / 'ck.pt'), {'loader': a.state_dict()})
+    checkpoint.save_checkpoint(str(tmp_path / 'ck.pt'), {'loader': a.state_dict()})
     expected = [a.next_batch() for _ in range(3)]
     b = bins.BinLoader(d, block_size=16, batch_size=3, seed=999)
     b.load_state_dict(torch.load(str(tmp_path / 'ck.pt'), weights_only=True)['loader'])
@@ -878,3 +879,9 @@ def test_killed_scan_redoes_only_unfinished_parts(scale_ref, tmp_path, monkeypat
     assert _outputs(d) == ref
     assert 0 < len(read) < 75  # shard 0's finished parts were not read again (the corpus has 103 files)
     assert all(os.path.getmtime(os.path.join(d, 'corpus', 'manifest.json')) > t for t in stamps.values())
+
+
+def test_data_keys_for_the_input_bounds_are_the_library_defaults():
+    # data.py writes them out (other stages read its keys from its source); sources.py is what library callers get
+    assert {k: data.DEFAULTS[k] for k in sources.LIMITS} == sources.LIMITS
+    assert data.DEFAULTS['max_doc_chars'] == sources.MAX_DOC_CHARS

@@ -13,17 +13,11 @@ import lumi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARY = {'lumi', 'checkpoint', 'training', 'engine', 'model', 'conversations', 'curves', 'stagefile', 'spm_proto',
-           'kernels', 'sources', 'clean', 'bins'}
+           'kernels', 'sources', 'fetch', 'streams', 'clean', 'parts', 'datacard', 'bins'}
 STAGES = {'data', 'train', 'sft', 'dpo', 'sample', 'eval', 'serve', 'export', 'pipeline', 'plot'}
 MAX_LINES = 600
 # names that mean the same kind of thing in every file that defines them: a stage's entry point
 SAME_NAME_ALLOWED = {'main'}
-
-# data.py is being split into sources.py, clean.py and bins.py (its own change); until then, these uses of
-# data.X are the only imports of a stage outside a stage's own file, and data.py is the one long file. When
-# the split lands, the xfail tests below pass, strict=True fails them, and the marks (and this set) go.
-WAITING_FOR_THE_DATA_SPLIT = {('conversations', 'data'), ('eval', 'data'), ('pipeline', 'data'), ('train', 'data')}
-
 
 def project_files():
     return sorted(glob.glob(os.path.join(ROOT, '*.py')) + glob.glob(os.path.join(ROOT, 'kernels', '*.py')))
@@ -68,13 +62,6 @@ def test_every_file_is_a_library_module_or_a_stage():
     assert not LIBRARY & STAGES
 
 
-def test_the_layering_holds_bar_the_data_split():
-    wrong = {(a, b) for a, deps in GRAPH.items() for b in deps
-             if b in STAGES and (a in LIBRARY or a in STAGES)} - WAITING_FOR_THE_DATA_SPLIT
-    assert not wrong, f"a library module imports a stage, or a stage another stage: {sorted(wrong)}"
-
-
-@pytest.mark.xfail(strict=True, reason="data.X call sites move to sources/bins when data.py is split")
 def test_no_file_imports_a_stage():
     wrong = {(a, b) for a, deps in GRAPH.items() for b in deps if b in STAGES}
     assert not wrong, sorted(wrong)
@@ -117,14 +104,9 @@ def line_count(path):
         return sum(1 for _ in f)
 
 
-def test_no_file_is_longer_than_it_should_be_bar_data_py():
+def test_no_file_is_longer_than_it_should_be():
     long = {os.path.relpath(p, ROOT): line_count(p) for p in project_files() if line_count(p) > MAX_LINES}
-    assert set(long) <= {'data.py'}, long
-
-
-@pytest.mark.xfail(strict=True, reason="data.py is split into sources.py, clean.py and bins.py separately")
-def test_data_py_fits_in_one_sitting():
-    assert line_count(os.path.join(ROOT, 'data.py')) <= MAX_LINES
+    assert not long, long
 
 
 def test_a_top_level_name_is_defined_once_or_means_the_same():
@@ -157,16 +139,10 @@ def load_config_calls(path):
             == 'load_config']
 
 
-@pytest.mark.parametrize('stage', sorted(STAGES - {'data'}))
+@pytest.mark.parametrize('stage', sorted(STAGES))
 def test_every_stage_says_which_config_files_it_shares(stage):
     calls = load_config_calls(os.path.join(ROOT, f'{stage}.py'))
     assert calls and all(any(k.arg == 'shares_with' for k in c.keywords) for c in calls), stage
-
-
-@pytest.mark.xfail(strict=True, reason="data.py's call is lumi.load_config(DEFAULTS, argv, shares_with=('train.py',))")
-def test_data_py_says_which_config_files_it_shares():
-    calls = load_config_calls(os.path.join(ROOT, 'data.py'))
-    assert calls and all(any(k.arg == 'shares_with' for k in c.keywords) for c in calls)
 
 
 if __name__ == '__main__':

@@ -29,9 +29,9 @@ DEFAULTS = dict(batch_size=8, learning_rate=1e-3, out_dir='out/x', compile=False
 def test_config_file_then_overrides(tmp_path):
     cfg_file = tmp_path / 'c.py'
     cfg_file.write_text("batch_size = 4\nlearning_rate = 3\nlora_targets = ['q', 'k']\n"
-                        "n_layer = 12  # a key for another stage: ignored here\n_private = 1\n")
+                        "n_layer = 12  # a key of train.py, which shares the file: ignored here\n_private = 1\n")
     cfg = lumi.load_config(DEFAULTS, [str(cfg_file), '--batch_size=16', '--compile', '--out_dir=123',
-                                      '--init-from=ckpt.pt', '--seed=7'])
+                                      '--init-from=ckpt.pt', '--seed=7'], shares_with=('train.py',))
     assert cfg.batch_size == 16 and cfg['compile'] is True
     assert cfg.learning_rate == 3.0 and isinstance(cfg.learning_rate, float)  # an int where a float is due
     assert cfg.lora_targets == ('q', 'k')  # a list where a tuple is due

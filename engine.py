@@ -34,6 +34,16 @@ def apply_repetition_penalty(logits, counts, penalty):
     return torch.where(counts > 0, penalized, logits)
 
 
+def unpenalized(counts, stop_ids):
+    """The repetition penalty never falls on a stop token. A chat prompt holds <|end|> after every turn, and
+    penalising it made ending a reply less likely with each turn of history: SFT's closing check saw 82 % of
+    sampled replies end with <|end|> at penalty 1.3, and 100 % with the stop tokens left out of the counts (the
+    same model and prompts). A stop token ends its row, so it needs no counting afterwards either."""
+    ids = [t for t in stop_ids if 0 <= t < counts.size(-1)]
+    if ids:
+        counts[:, ids] = 0
+
+
 def apply_temperature(logits, temperature):
     return logits / temperature
 
@@ -123,6 +133,7 @@ def generate_ids(model, prompts, params, stop_ids=(), generator=None, finished=N
     pad = torch.tensor([width - len(p) for p in prompts], device=device)
     counts = torch.zeros(len(prompts), cfg.vocab_size, dtype=torch.int32, device=device)
     counts.scatter_add_(1, seq, (torch.arange(width, device=device)[None] >= pad[:, None]).int())
+    unpenalized(counts, stop_ids)
     rows = torch.arange(len(prompts), device=device)
 
     def prefill(seq, pad, left):
@@ -161,6 +172,7 @@ def generate_ids_recompute(model, prompt, params, stop_ids=(), generator=None):
     generator = generator if generator is not None else make_generator(None, device)
     seq = list(prompt) or [BOS_ID]
     counts = torch.bincount(torch.tensor(seq[-cfg.block_size:]), minlength=cfg.vocab_size)[None].to(device)
+    unpenalized(counts, stop_ids)
     for _ in range(params.max_new_tokens):
         logits = _last_logits(model, torch.tensor([seq[-cfg.block_size:]], device=device))
         token = int(sample_next(logits, counts, params, generator))

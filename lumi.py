@@ -514,8 +514,11 @@ def setup_distributed(device_name='auto'):
 
 
 def native_bf16():
-    """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? Without it torch emulates bf16, slower than fp32."""
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+    """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX), and may torch use it? Without it torch
+    emulates bf16, slower than fp32. ATEN_CPU_CAPABILITY=avx2 (how an AVX2-only CPU is imitated on a newer one)
+    keeps torch's kernels off AVX-512, so there bf16 would be emulated too."""
+    hardware = any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+    return hardware and torch.backends.cpu.get_cpu_capability().startswith('AVX512')
 
 
 def resolve_dtype(name, device):

@@ -308,18 +308,24 @@ def make_sft_evaluate(prepared, val_examples, batch_size, max_batches, names):
 
 def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperature, names, batch_size=64, greedy=20,
                  repetition_penalty=1.0):
-    """Sample replies to n held-out prompts (the first user turn of the first val_examples that leave room
-    for max_new_tokens) and count those that end with <|end|> within max_new_tokens, overall and per source;
-    the same count for the reference replies shows what the data itself allows. Then greedy replies to the
-    first `greedy` of those prompts: how many are one token repeated, and their distinct-bigram ratio."""
+    """Sample replies to n held-out chat prompts and count those that end with <|end|> within max_new_tokens,
+    overall and per source; the same count for the reference replies shows what the data itself allows. Then
+    greedy replies to the first `greedy` of those prompts: how many are one token repeated, and their
+    distinct-bigram ratio. A prompt is a held-out conversation up to its last reply that leaves room for
+    max_new_tokens, so the model answers with the chat so far in view, as it does in use; each prompt counts
+    once (many chats open with the same "hi")."""
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), prepared['lengths'].cumsum(0)])
-    prompts, ref_ok, src = [], [], []
+    prompts, ref_ok, src, seen = [], [], [], set()
     for i in val_examples:
         a, b = int(offsets[i]), int(offsets[i + 1])
         ids, mask = prepared['ids'][a:b].tolist(), prepared['mask'][a:b].tolist()
-        start = mask.index(1)  # the prompt ends with <|assistant|>, the first learned token follows
-        if start + max_new_tokens > model.cfg.block_size:
+        # a reply starts where the mask turns on, the token after <|assistant|>
+        room = model.cfg.block_size - max_new_tokens
+        fits = [k for k in range(1, min(len(mask), room + 1)) if mask[k] and not mask[k - 1]]
+        if not fits or tuple(ids[:fits[-1]]) in seen:
             continue
+        start = fits[-1]
+        seen.add(tuple(ids[:start]))
         prompts.append(ids[:start])
         ref_ok.append(tok.end_id in ids[start:start + max_new_tokens])
         src.append(names[int(prepared['source'][i])])

@@ -114,6 +114,24 @@ def test_rows_that_stop_leave_the_batch_without_disturbing_the_rest(which, loade
     assert len(cached[0]) <= 4 and len(cached[2]) <= 7
 
 
+def test_the_repetition_penalty_spares_stop_tokens(loaded, monkeypatch):
+    # a chat prompt holds <|end|> after every turn: counting it would make ending each reply less likely
+    model, _, _ = loaded
+    prompt = prompts_of([12], model.cfg.vocab_size, seed=4)[0]
+    stop, seen = prompt[5], []
+    real = engine.sample_next
+    monkeypatch.setattr(engine, 'sample_next', lambda logits, counts, *a: seen.append(counts.clone()) or real(logits, counts, *a))
+    for run in (lambda: run_cached(model, [prompt], greedy(3, repetition_penalty=2.0), stop_ids=(stop,)),
+                lambda: run_recompute(model, prompt, greedy(3, repetition_penalty=2.0), stop_ids=(stop,))):
+        seen.clear()
+        run()
+        assert int(seen[0][0, stop]) == 0 and int(seen[0][0, prompt[6]]) >= 1  # a stop token is not counted, the rest are
+    # so the stop token's logit is what the model says, penalty or not, while a counted token's is lowered
+    logits = engine._last_logits(model, torch.tensor([prompt])).float()
+    spared = engine.apply_repetition_penalty(logits, seen[0], 2.0)
+    assert spared[0, stop] == logits[0, stop] and spared[0, prompt[6]] < logits[0, prompt[6]]
+
+
 def test_generation_runs_past_the_window_by_sliding_it(loaded):
     model, _, _ = loaded
     block = model.cfg.block_size

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import data
 import dpo
@@ -233,3 +234,16 @@ def test_lumi_py_dispatches_to_the_stage_files_and_says_its_usage():
     assert proc.returncode == 2 and 'usage: python lumi.py COMMAND' in proc.stderr
     proc = run('plot', '--help')
     assert proc.returncode == 0 and '--out=' in proc.stdout and 'usage: python lumi.py plot' in proc.stdout
+
+
+def test_native_bf16_needs_the_hardware_and_torch_allowed_to_use_it(monkeypatch):
+    # ATEN_CPU_CAPABILITY=avx2 keeps torch's kernels off AVX-512: bf16 would be emulated there, so 'auto' is fp32
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX512')
+    assert lumi.native_bf16() and lumi.resolve_dtype('auto', 'cpu') == 'bfloat16'
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')
+    assert not lumi.native_bf16() and lumi.resolve_dtype('auto', 'cpu') == 'float32'
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX512')
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False)
+    assert not lumi.native_bf16()

@@ -403,3 +403,23 @@ def test_sft_end_to_end_writes_adapter_and_merged(tiny_checkpoint, tiny_config, 
     sft.main(args)
     resumed = torch.load(out / 'adapter.pt', weights_only=True)['lora_state']
     assert all(torch.equal(resumed[k], v) for k, v in adapter['lora_state'].items())
+
+
+def test_format_check_prompts_are_the_chat_so_far_each_once(tokenizer, tiny_config, tmp_path):
+    # a prompt is the conversation up to its last reply that leaves room for the new tokens; a prompt seen
+    # before (the third chat is the first one up to its last reply) counts once
+    turn = lambda who, text: {'from': who, 'value': text}
+    chats = [[turn('human', 'hi'), turn('gpt', 'hello'), turn('human', f'the fox {w}'), turn('gpt', reply)]
+             for w, reply in (('jumps', 'a dog'), ('sleeps', 'a dog'), ('jumps', 'a lazy dog'))]
+    spec = _write(tmp_path / 'multi.jsonl', [{'conversations': c} for c in chats], True)
+    prep = sft.prepare_sft_data(tokenizer, [spec], 64, str(tmp_path / 'cache'), val_frac=0.0)
+    model = _model(tiny_config)
+    model.lm_head = _AlwaysSays(tokenizer.end_id, tiny_config.vocab_size)
+    mask = prep['mask'][:int(prep['lengths'][0])].tolist()
+    first, last = [k for k in range(1, len(mask)) if mask[k] and not mask[k - 1]]
+    check = lambda new: sft.format_check(model, tokenizer, prep, np.arange(3), 10, max_new_tokens=new, temperature=0.7,
+                                         names=['chats'], batch_size=3, greedy=0)
+    assert check(64 - last)['format_prompts'] == 2  # the chat so far: two different prompts
+    # room for the first reply only: every chat's prompt is the same "hi"
+    assert check(64 - first)['format_prompts'] == 1 and check(64 - first)['format_end_rate'] == 1.0
+    assert check(64 - first + 1)['format_prompts'] == 0

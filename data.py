@@ -217,8 +217,10 @@ def build_corpus(cfg):
     t1 = time.time()
     rows = lsh_rows(cfg.num_perm, cfg.near_dup_threshold)
     dtype = parts.part_rows(cfg.num_perm, cfg.num_perm // rows)
-    keys = np.concatenate([parts.part_array(folder, p, dtype, m['docs'])['key'] for p, m in zip(names, metas)])
-    usable = np.concatenate([parts.part_array(folder, p, dtype, m['docs'])['usable'] for p, m in zip(names, metas)])
+    # each column copied out of its part at once, so that no part stays mapped (and resident) for the step
+    column = lambda name: np.concatenate([np.array(parts.part_array(folder, p, dtype, m['docs'])[name])
+                                          for p, m in zip(names, metas)])
+    keys, usable = column('key'), column('usable')
     unique = parts.exact_first(keys)
     near = parts.near_duplicates_on_disk(folder, names, offsets, np.flatnonzero(unique & usable.astype(bool)), dtype,
                                     cfg.near_dup_threshold)

@@ -217,8 +217,7 @@ def build_corpus(cfg):
     t1 = time.time()
     rows = lsh_rows(cfg.num_perm, cfg.near_dup_threshold)
     dtype = parts.part_rows(cfg.num_perm, cfg.num_perm // rows)
-    # each column copied out of its part at once, so that no part stays mapped (and resident) for the step
-    column = lambda name: np.concatenate([np.array(parts.part_array(folder, p, dtype, m['docs'])[name])
+    column = lambda name: np.concatenate([parts.part_column(folder, p, dtype, m['docs'], name)
                                           for p, m in zip(names, metas)])
     keys, usable = column('key'), column('usable')
     unique = parts.exact_first(keys)

@@ -117,6 +117,13 @@ def part_array(folder, part, dtype, docs):
     return np.memmap(os.path.join(folder, f"{part}.rows"), dtype=dtype, mode='r', shape=(docs,))
 
 
+def part_column(folder, part, dtype, docs, name, ix=slice(None)):
+    """part_array(...)[name][ix], copied out so the mapping goes with this call: a column's few bytes sit in every
+    ~600-byte row, so reading one touches every page, and a mapping's pages stay in the resident set while it
+    lives (3 GB of text: 2.0 GB peak RSS with every part mapped for the whole dedupe step, measured)."""
+    return np.array(part_array(folder, part, dtype, docs)[name][ix])
+
+
 def scan(cfg, specs, rows, folder):
     """Read this shard's files of specs, clean and filter their documents in worker processes, and write them as parts
     (part g of source si goes to shard (si + g) % num_shards): NAME.jsonl (the texts that survive), NAME.rows
@@ -195,18 +202,13 @@ def exact_first(keys):
 def near_duplicates_on_disk(folder, parts, offsets, idx, dtype, threshold, pair_batch=1 << 16):
     """clean.near_duplicates over the signatures of parts kept on disk: one band's hashes of every document
     in memory at a time (8 bytes a document, plus its sort), candidate pairs confirmed pair_batch at a time
-    on signature rows read from the parts. idx: the documents to consider (global numbers, ascending).
-
-    Each part is mapped only while one column of it is copied out: a band's 8 bytes sit in every ~600-byte row,
-    so one pass touches every page, and pages of a mapping stay in the process's resident set while it lives
-    (3 GB of text: 2.0 GB peak RSS with every part mapped for the whole step, measured)."""
+    on signature rows read from the parts (part_column: no part stays mapped). idx: the documents to consider
+    (global numbers, ascending)."""
     sizes = np.diff(offsets)
-
-    def column(p, name, ix=slice(None)):  # copied out, so the mapping goes with this call
-        return np.array(part_array(folder, parts[p], dtype, sizes[p])[name][ix])
+    column = lambda p, name, ix: part_column(folder, parts[p], dtype, sizes[p], name, ix)
     pairs = []
-    for b in range(dtype['bands'].shape[0]):
-        key = np.concatenate([column(p, 'bands')[:, b] for p in range(len(parts))])[idx]
+    for b in range(dtype['bands'].shape[0]):  # only band b copied out of each part
+        key = np.concatenate([column(p, 'bands', (slice(None), b)) for p in range(len(parts))])[idx]
         pairs.append(bucket_pairs(key, idx))
         del key
     pairs = np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.int64)

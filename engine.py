@@ -1,10 +1,10 @@
 """
 The engine that runs a model over token ids. Generation: sampling filters as small pure functions (CTRL's
-repetition penalty, temperature, top-k, nucleus), one left-padded batch of prompts prefilled into
-model.KVCache and decoded one token at a time (rows that finish leave the batch; a full window slides), stop
-strings matched in streamed text, and the chat prompt that fits a conversation into the window. sample.py
-(the interactive prompt), serve.py (the HTTP API), eval.py (the smoke test) and sft.py (the format check) all
-generate through it, so each sees what users will. Scoring: the summed log-probabilities of given targets,
+repetition penalty, OpenAI's frequency and presence penalties, temperature, top-k, nucleus), one left-padded
+batch of prompts prefilled into model.KVCache and decoded one token at a time (rows that finish leave the batch;
+a full window slides), stop strings matched in streamed text, and the chat prompt that fits a conversation into
+the window. sample.py (the interactive prompt), serve.py (the HTTP API), eval.py (the smoke test) and sft.py
+(the format check) all generate through it, so each sees what users will. Scoring: the summed log-probabilities of given targets,
 many requests per forward pass (eval.py's choice tasks and perplexity).
 
 Deliberately left out: loading a model (checkpoint.load_model), beam search, speculative decoding, logprobs
@@ -32,6 +32,18 @@ def apply_repetition_penalty(logits, counts, penalty):
         return logits
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(counts > 0, penalized, logits)
+
+
+def apply_frequency_penalty(logits, made, frequency, presence):
+    """OpenAI's frequency and presence penalties: a token's logit less `frequency` times the number of times this
+    reply has made it so far, and less `presence` once it has made it at all. Only the reply's own tokens count,
+    not the prompt's, so a long chat history does not weigh on common words. CTRL's penalty is the same for a token
+    seen once or fifty times, so it let a run of one token through ('200000000000...', a greedy reply after SFT);
+    this one grows with every repeat until another token wins."""
+    if frequency == 0.0 and presence == 0.0:
+        return logits
+    made = made.to(logits.dtype)
+    return logits - frequency * made - presence * (made > 0).to(logits.dtype)
 
 
 def unpenalized(counts, stop_ids):
@@ -73,9 +85,11 @@ def apply_top_p(logits, p):
 GREEDY_BELOW = 1e-6
 
 
-def sample_next(logits, counts, params, generator=None):
-    """The next token of each row: argmax at temperature 0, else a draw from the filtered distribution."""
+def sample_next(logits, counts, made, params, generator=None):
+    """The next token of each row: argmax at temperature 0, else a draw from the filtered distribution. counts:
+    each token's uses in the context (prompt and reply, stop tokens left out); made: in the reply alone."""
     logits = apply_repetition_penalty(logits.float(), counts, params.repetition_penalty)
+    logits = apply_frequency_penalty(logits, made, params.frequency_penalty, params.presence_penalty)
     if params.temperature < GREEDY_BELOW:
         return logits.argmax(-1)
     logits = apply_top_p(apply_top_k(apply_temperature(logits, params.temperature), params.top_k), params.top_p)
@@ -91,6 +105,8 @@ class Sampling:
     repetition_penalty: float = 1.0
     stop: tuple = ()            # stop strings
     ignore_eos: bool = False
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
 
 def make_generator(seed, device):
@@ -134,6 +150,7 @@ def generate_ids(model, prompts, params, stop_ids=(), generator=None, finished=N
     counts = torch.zeros(len(prompts), cfg.vocab_size, dtype=torch.int32, device=device)
     counts.scatter_add_(1, seq, (torch.arange(width, device=device)[None] >= pad[:, None]).int())
     unpenalized(counts, stop_ids)
+    made = torch.zeros_like(counts)
     rows = torch.arange(len(prompts), device=device)
 
     def prefill(seq, pad, left):
@@ -143,8 +160,9 @@ def generate_ids(model, prompts, params, stop_ids=(), generator=None, finished=N
 
     cache, logits = prefill(seq, pad, params.max_new_tokens)
     for step in range(params.max_new_tokens):
-        token = sample_next(logits, counts, params, generator)
+        token = sample_next(logits, counts, made, params, generator)
         counts[torch.arange(len(rows), device=device), token] += 1
+        made[torch.arange(len(rows), device=device), token] += 1
         row_list, token_list = rows.tolist(), token.tolist()
         yield row_list, token_list
         left = params.max_new_tokens - step - 1
@@ -154,7 +172,8 @@ def generate_ids(model, prompts, params, stop_ids=(), generator=None, finished=N
         seq = torch.cat([seq, token[:, None]], dim=1)
         if len(keep) < len(row_list):  # finished rows leave the batch
             index = torch.tensor(keep, device=device)
-            rows, seq, pad, counts, token = rows[index], seq[index], pad[index], counts[index], token[index]
+            rows, seq, pad, token = rows[index], seq[index], pad[index], token[index]
+            counts, made = counts[index], made[index]
             cache.reorder(index)
         if cache.pos == cache.max_len:  # the window is full: slide it, keeping its newest half
             dropped = seq.size(1) - cfg.block_size // 2
@@ -173,10 +192,12 @@ def generate_ids_recompute(model, prompt, params, stop_ids=(), generator=None):
     seq = list(prompt) or [BOS_ID]
     counts = torch.bincount(torch.tensor(seq[-cfg.block_size:]), minlength=cfg.vocab_size)[None].to(device)
     unpenalized(counts, stop_ids)
+    made = torch.zeros_like(counts)
     for _ in range(params.max_new_tokens):
         logits = _last_logits(model, torch.tensor([seq[-cfg.block_size:]], device=device))
-        token = int(sample_next(logits, counts, params, generator))
+        token = int(sample_next(logits, counts, made, params, generator))
         counts[0, token] += 1
+        made[0, token] += 1
         yield token
         seq.append(token)
         if token in stop_ids:

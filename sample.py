@@ -38,7 +38,9 @@ max_new_tokens = 256       # new tokens per reply at most
 temperature = 0.8          # 0 is greedy
 top_k = 0                  # 0 is off
 top_p = 0.95               # 1 is off
-repetition_penalty = 1.0   # 1 is off; 1.1-1.3 curbs the loops small models fall into
+repetition_penalty = 1.0   # 1 is off; 1.1-1.3 curbs the loops small models fall into (CTRL's: once per token seen)
+frequency_penalty = 0.0    # 0 is off; OpenAI's: logit minus this x the token's uses so far in the reply
+presence_penalty = 0.0     # 0 is off; OpenAI's: logit minus this once the reply has used the token
 stop = ()                  # stop strings: --stop="['\n\n']"
 ignore_eos = False         # generate past the end tokens (benchmarks)
 serve = False              # run serve.py instead, with the rest of the command line: the HTTP API and chat page
@@ -47,27 +49,12 @@ DEFAULTS = lumi.config_defaults(globals())
 CHAT_KINDS = ('sft', 'dpo')
 
 # -----------------------------------------------------------------------------
-# loading
-
-
-# -----------------------------------------------------------------------------
-# sampling filters: each takes logits (B, V) and returns new ones
-
-
-# -----------------------------------------------------------------------------
-# the engine: token ids in, token ids out
-
-
-# -----------------------------------------------------------------------------
-# text: streaming deltas with stop strings
-
-
-# -----------------------------------------------------------------------------
 # the interactive prompt
 
 HELP = """/temp X        temperature (0 is greedy)      /top_p X   nucleus threshold (1 is off)
 /top_k N       keep the N likeliest tokens    /max N     new tokens per reply
 /rep X         repetition penalty (1 is off)  /seed N    restart sampling from seed N
+/freq X        frequency penalty (0 is off)   /pres X    presence penalty (0 is off)
 /system TEXT   set the system message and start a new chat
 /chat, /completion   switch mode              /reset     forget the conversation
 /settings      show settings                  /quit      leave (or Ctrl-D); Ctrl-C stops a reply"""
@@ -75,7 +62,9 @@ HELP = """/temp X        temperature (0 is greedy)      /top_p X   nucleus thres
 # the ranges serve.py also holds requests to: a repetition penalty beyond them turns logits into inf and NaN
 SETTINGS = {'temp': ('temperature', float, lambda v: 0 <= v <= 100), 'top_p': ('top_p', float, lambda v: 0 < v <= 1),
             'top_k': ('top_k', int, lambda v: v >= 0), 'max': ('max_new_tokens', int, lambda v: v >= 1),
-            'rep': ('repetition_penalty', float, lambda v: 0.01 <= v <= 100)}
+            'rep': ('repetition_penalty', float, lambda v: 0.01 <= v <= 100),
+            'freq': ('frequency_penalty', float, lambda v: -2 <= v <= 2),
+            'pres': ('presence_penalty', float, lambda v: -2 <= v <= 2)}
 
 
 class Prompt:
@@ -125,7 +114,8 @@ class Prompt:
             p = self.params
             return (f"mode {'chat' if self.chat else 'completion'}, temperature {p.temperature}, top_k {p.top_k}, "
                     f"top_p {p.top_p}, max_new_tokens {p.max_new_tokens}, repetition_penalty "
-                    f"{p.repetition_penalty}, stop {list(p.stop)}")
+                    f"{p.repetition_penalty}, frequency_penalty {p.frequency_penalty}, presence_penalty "
+                    f"{p.presence_penalty}, stop {list(p.stop)}")
         return HELP if name == 'help' else f"unknown command /{name}\n{HELP}"
 
     def reply(self, text, out=sys.stdout):
@@ -194,7 +184,7 @@ def main(argv=None):
     model, tok, info = load_model(source, dev, dt, adapter=cfg.adapter if cfg.ckpt else '', tokenizer=cfg.tokenizer)
     chat = (info['kind'] in CHAT_KINDS or bool(info['adapter'])) if cfg.mode == 'auto' else cfg.mode == 'chat'
     params = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty,
-                      tuple(cfg.stop), cfg.ignore_eos)
+                      tuple(cfg.stop), cfg.ignore_eos, cfg.frequency_penalty, cfg.presence_penalty)
     what = info['path'] + (f" + adapter {info['adapter']}" if info['adapter'] else '')
     print(f"{what}: {info['kind']} model, {model.num_params() / 1e6:.1f}M parameters, {dev} {dt}", file=sys.stderr)
     session = Prompt(model, tok, params, chat, cfg.system, cfg.seed)

@@ -50,10 +50,9 @@ ALLOWED_METHODS = 'GET, HEAD, POST, OPTIONS'
 # parameters OpenAI's APIs have and this server cannot honour: accepted only with a value that asks for nothing
 NEUTRAL = {'logprobs': (False, 0), 'top_logprobs': (0,), 'echo': (False,), 'suffix': ('',), 'logit_bias': ({},),
            'tools': ([],), 'functions': ([],), 'tool_choice': ('none',), 'function_call': ('none',),
-           'parallel_tool_calls': (False,), 'best_of': (1,), 'response_format': ({'type': 'text'},),
-           'presence_penalty': (0,), 'frequency_penalty': (0,)}
+           'parallel_tool_calls': (False,), 'best_of': (1,), 'response_format': ({'type': 'text'},)}
 KNOWN = {'model', 'max_tokens', 'max_completion_tokens', 'temperature', 'top_k', 'top_p', 'repetition_penalty',
-         'stop', 'n', 'seed', 'stream', 'stream_options', 'user'}
+         'frequency_penalty', 'presence_penalty', 'stop', 'n', 'seed', 'stream', 'stream_options', 'user'}
 
 
 class APIError(Exception):
@@ -121,8 +120,7 @@ def parse_request(body, server, chat):
     for key, value in body.items():
         if key in NEUTRAL:
             if value is not None and value not in NEUTRAL[key]:
-                hint = "; use 'repetition_penalty'" if key.endswith('_penalty') else ''
-                raise APIError(400, f"'{key}' is not supported by this server{hint}", key, 'unsupported_parameter')
+                raise APIError(400, f"'{key}' is not supported by this server", key, 'unsupported_parameter')
         elif key not in KNOWN and key != ('messages' if chat else 'prompt'):
             raise APIError(400, f"unknown parameter '{key[:100]}'", key[:100], 'unknown_parameter')
     name = _body_field(body, 'model', (str,), server.model_name, rule='a string')
@@ -146,6 +144,8 @@ def parse_request(body, server, chat):
         top_p=_body_field(body, 'top_p', (int, float), d.top_p, lambda v: 0 < v <= 1, 'in (0, 1]'),
         repetition_penalty=_body_field(body, 'repetition_penalty', (int, float), d.repetition_penalty,
                                   lambda v: 0.01 <= v <= 100, 'in [0.01, 100]'),
+        **{k: _body_field(body, k, (int, float), getattr(d, k), lambda v: -2 <= v <= 2, 'in [-2, 2]')
+           for k in ('frequency_penalty', 'presence_penalty')},
         stop=(stop,) if isinstance(stop, str) else tuple(stop))
     n = _body_field(body, 'n', (int,), 1, lambda v: 1 <= v <= server.max_batch, f'in [1, {server.max_batch}]')
     seed = _body_field(body, 'seed', (int,), None, lambda v: 0 <= v < 2 ** 63, 'an integer in [0, 2**63)')
@@ -555,7 +555,7 @@ host = '127.0.0.1'         # the address to serve on; 0.0.0.0 for every interfac
 port = 8000                # the port to serve on; 0 picks a free one
 model_name = ''            # the id the server answers to; '' is lumi-<kind>
 SAMPLE_KEYS = ('ckpt', 'adapter', 'tokenizer', 'out_root', 'device', 'dtype', 'seed', 'max_new_tokens', 'temperature',
-               'top_k', 'top_p', 'repetition_penalty', 'stop', 'ignore_eos')
+               'top_k', 'top_p', 'repetition_penalty', 'frequency_penalty', 'presence_penalty', 'stop', 'ignore_eos')
 DEFAULTS = {**{k: v for k, v in lumi.file_defaults('sample.py').items() if k in SAMPLE_KEYS},
             **lumi.config_defaults(globals()), **{k: default for k, (default, _) in OPTIONS.items()}}
 
@@ -577,7 +577,7 @@ def main(argv):
     source = cfg.ckpt or cfg.adapter or newest_checkpoint(cfg.out_root)
     model, tok, info = load_model(source, dev, dt, adapter=cfg.adapter if cfg.ckpt else '', tokenizer=cfg.tokenizer)
     params = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty,
-                      tuple(cfg.stop), cfg.ignore_eos)
+                      tuple(cfg.stop), cfg.ignore_eos, cfg.frequency_penalty, cfg.presence_penalty)
     what = info['path'] + (f" + adapter {info['adapter']}" if info['adapter'] else '')
     print(f"{what}: {info['kind']} model, {model.num_params() / 1e6:.1f}M parameters, {dev} {dt}", file=sys.stderr)
 

@@ -83,6 +83,7 @@ format_samples = 50             # after training: sample replies to held-out pro
 format_max_new_tokens = 128     # the format check's reply length limit
 format_temperature = 0.7        # the format check's sampling temperature
 format_repetition_penalty = 1.0  # the format check's --repetition_penalty (sample.py), for its sampled and greedy replies
+format_frequency_penalty = 0.0  # and its --frequency_penalty
 num_threads = 0                 # torch threads; 0 leaves torch's default (1 is faster on a busy 2-core machine)
 
 DEFAULT_SOURCES = [
@@ -307,13 +308,13 @@ def make_sft_evaluate(prepared, val_examples, batch_size, max_batches, names):
 # the format check: do sampled replies to held-out prompts end with <|end|>?
 
 def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperature, names, batch_size=64, greedy=20,
-                 repetition_penalty=1.0):
+                 penalties=None):
     """Sample replies to n held-out chat prompts and count those that end with <|end|> within max_new_tokens,
     overall and per source; the same count for the reference replies shows what the data itself allows. Then
     greedy replies to the first `greedy` of those prompts: how many are one token repeated, and their
     distinct-bigram ratio. A prompt is a held-out conversation up to its last reply that leaves room for
     max_new_tokens, so the model answers with the chat so far in view, as it does in use; each prompt counts
-    once (many chats open with the same "hi")."""
+    once (many chats open with the same "hi"). penalties: engine.Sampling's penalty fields, for both."""
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), prepared['lengths'].cumsum(0)])
     prompts, ref_ok, src, seen = [], [], [], set()
     for i in val_examples:
@@ -335,8 +336,7 @@ def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperat
     model.eval()
 
     def replies(prompts, temperature):
-        params = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0,
-                                 repetition_penalty=repetition_penalty)
+        params = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, **(penalties or {}))
         out = []
         for s in range(0, len(prompts), batch_size):
             rows = [[] for _ in prompts[s:s + batch_size]]
@@ -430,8 +430,9 @@ def main(argv=None):
     save_merged(os.path.join(cfg.out_dir, 'merged.pt'), model, tok, parent=meta['parent'], parent_sha256=base_sha)
     lumi.log(f"wrote {'adapter.pt and ' if cfg.lora_r > 0 else ''}merged.pt in {cfg.out_dir}")
     if cfg.format_samples and len(val_ex):
+        penalties = dict(repetition_penalty=cfg.format_repetition_penalty, frequency_penalty=cfg.format_frequency_penalty)
         fc = format_check(model, tok, prepared, val_ex, cfg.format_samples, cfg.format_max_new_tokens,
-                          cfg.format_temperature, names, repetition_penalty=cfg.format_repetition_penalty)
+                          cfg.format_temperature, names, penalties=penalties)
         per_source = ', '.join(f"{k[16:]} {v:.0%} of {fc['format_prompts_' + k[16:]]}" for k, v in fc.items()
                                if k.startswith('format_end_rate_'))
         lumi.log(f"format check: {fc['format_end_rate']:.1%} of {fc['format_prompts']} sampled replies to held-out "

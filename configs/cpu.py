@@ -5,7 +5,7 @@
 # On a CPU what is learned per second decides everything: configs/tiny.py's model (a 32k
 # vocabulary, 1024 context, 14.7M parameters) makes ~35 steps in 7 minutes on an AVX2 core pair and stays a
 # unigram model. Here a 4k vocabulary (its embedding costs 8x less than 32k, and every piece is seen often
-# enough to learn), a 256-token context and a small model make hundreds of steps in the same minutes.
+# enough to learn), a 256-token context and a small model make thousands of steps in the same minutes.
 
 # data: the built-in starter corpus (data.py's default sources) plus modern prose, so that the model meets
 # today's English as well as Shakespeare's: BBC news articles (2004-2005, Greene & Cunningham's set, shipped in

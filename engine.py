@@ -4,15 +4,15 @@ repetition penalty, OpenAI's frequency and presence penalties, temperature, top-
 batch of prompts prefilled into model.KVCache and decoded one token at a time (rows that finish leave the batch;
 a full window slides), stop strings matched in streamed text, and the chat prompt that fits a conversation into
 the window. sample.py (the interactive prompt), serve.py (the HTTP API), eval.py (the smoke test) and sft.py
-(the format check) all generate through it, so each sees what users will. Scoring: the summed log-probabilities of given targets,
-many requests per forward pass (eval.py's choice tasks and perplexity).
+(the format check) all generate through it, so each sees what users will. Scoring: the summed log-probabilities
+of given targets, many requests per forward pass (eval.py's choice tasks and perplexity).
 
 Deliberately left out: loading a model (checkpoint.load_model), beam search, speculative decoding, logprobs
 of generated tokens, and continuous batching (requests that arrive separately never share a batch; one
 request's prompts do).
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -107,6 +107,13 @@ class Sampling:
     ignore_eos: bool = False
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg):
+        """The Sampling that a config holding every field by name asks for (sample.py's keys, which serve.py
+        shares)."""
+        return cls(**{f.name: tuple(getattr(cfg, f.name)) if f.name == 'stop' else getattr(cfg, f.name)
+                      for f in fields(cls)})
 
 
 def make_generator(seed, device):

@@ -576,8 +576,7 @@ def main(argv):
     lumi.seed_everything(cfg.seed)
     source = cfg.ckpt or cfg.adapter or newest_checkpoint(cfg.out_root)
     model, tok, info = load_model(source, dev, dt, adapter=cfg.adapter if cfg.ckpt else '', tokenizer=cfg.tokenizer)
-    params = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty,
-                      tuple(cfg.stop), cfg.ignore_eos, cfg.frequency_penalty, cfg.presence_penalty)
+    params = Sampling.from_config(cfg)
     what = info['path'] + (f" + adapter {info['adapter']}" if info['adapter'] else '')
     print(f"{what}: {info['kind']} model, {model.num_params() / 1e6:.1f}M parameters, {dev} {dt}", file=sys.stderr)
 

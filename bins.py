@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 import lumi
+from tokenizer import same_tokenizer
 
 
 def load_meta(data_dir):
@@ -46,7 +47,7 @@ class BinLoader:
         metas = [load_meta(d) for d in self.dirs]
         want = tokenizer_sha256 or metas[0]['tokenizer_sha256']
         for d, m in zip(self.dirs, metas):
-            if not lumi.same_tokenizer(m['tokenizer_sha256'], want):  # bins of older Lumis store the file hash
+            if not same_tokenizer(m['tokenizer_sha256'], want):  # bins of older Lumis store the file hash
                 raise ValueError(f"{d}: bins were built with tokenizer {m['tokenizer_sha256']}, expected {want}")
         self.paths = [os.path.join(d, f'{split}.bin') for d in self.dirs]
         self.sizes = np.array([m[f'{split}_tokens'] for m in metas], dtype=np.int64)

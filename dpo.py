@@ -31,13 +31,15 @@ from tqdm import tqdm
 
 import lumi
 import training
-from checkpoint import checkpoint_meta, load_model, save_adapter, save_merged
+from checkpoint import checkpoint_meta, load_model, save_merged
 from conversations import load_conversations, load_pairs
-from model import apply_lora, set_lora_enabled
+from lora import apply_lora, save_adapter, set_lora_enabled
+from tokenizer import PAD_ID, TEMPLATE_VARS, encode_turn, render_chat
 
 # -----------------------------------------------------------------------------
-# defaults (a config file and --key=value override them; the training loop's own defaults are in lumi.py)
-
+# keys: set in a config file or as --key=value; the training loop's keys are training.py's (KEY_FILES), and
+# those set here are its keys with DPO's defaults
+KEY_FILES = ('training.py',)
 init_from = ''                # the SFT model to start from: a checkpoint file, or an SFT out_dir (its merged.pt)
 out_dir = 'out/dpo'           # checkpoints, metrics.jsonl, data_stats.json, adapter.pt and merged.pt
 # preference pairs: any data.py source (path, glob, dir, url:, hf:, pypi-sdist:NAME==VER:GLOB); '' for none
@@ -46,27 +48,28 @@ data_format = 'auto'          # auto | hh | orca | ultrafeedback | llamafactory
 sft_data = []                 # SFT sources (sft.py's formats) to build pairs from: the reply is chosen, another
                               # prompt's reply rejected; e.g. ['pypi-sdist:llamafactory==0.9.5:data/alpaca_en_demo.json']
 sft_format = 'auto'           # the format of sft_data, as sft.py's data_format
-max_sft_pairs = 0             # 0: every usable SFT dialogue makes a pair
-val_frac = 0.1                # held out from each source before anything is trained
-max_length = 0                # prompt + reply tokens; 0: the model's block_size
-max_prompt_length = 0         # a longer prompt keeps BOS and its last tokens; 0: max_length // 2
+max_sft_pairs = 0             # [0, inf) 0: every usable SFT dialogue makes a pair
+val_frac = 0.1                # [0, 1) held out from each source before anything is trained
+max_length = 0                # [0, inf) prompt + reply tokens; 0: the model's block_size
+max_prompt_length = 0         # [0, inf) a longer prompt keeps BOS and its last tokens; 0: max_length // 2
 loss_type = 'sigmoid'         # sigmoid (DPO) | ipo | hinge
-beta = 0.1                    # how far the policy may move from the reference: the KL penalty's weight
-label_smoothing = 0.0         # sigmoid only: the assumed rate of flipped labels (conservative DPO)
-lora_r = 16                   # 0: full fine-tuning, with reference log-probs cached before training
-lora_alpha = 32.0             # LoRA scale alpha / r
-lora_dropout = 0.0            # dropout on the LoRA path
+beta = 0.1                    # (0, inf) how far the policy may move from the reference: the KL penalty's weight
+label_smoothing = 0.0         # [0, 0.5) sigmoid only: the assumed rate of flipped labels (conservative DPO)
+lora_r = 16                   # [0, inf) 0: full fine-tuning, with reference log-probs cached before training
+lora_alpha = 32.0             # (0, inf) LoRA scale alpha / r
+lora_dropout = 0.0            # [0, 1) dropout on the LoRA path
 lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # the projections that get adapters
 save = 'both'                 # adapter | merged | both (full fine-tuning saves merged only)
-epochs = 1.0                  # when max_iters is 0: passes over the training pairs (max_minutes caps it)
+epochs = 1.0                  # (0, inf) when max_iters is 0: passes over the training pairs (max_minutes caps it)
 batch_size = 4                # pairs per micro-step: 2 * batch_size rows go through the model
 learning_rate = 2e-4          # a fifth of sft.py's LoRA rate: DPO sharpens a model, it does not teach a format
 min_lr = 2e-5
 warmup_iters = 10
 weight_decay = 0.0
 eval_interval = 50
-eval_iters = 25               # held-out batches per evaluation (the same ones each time); 0: all
+eval_iters = 25               # [0, inf) held-out batches per evaluation (the same ones each time); 0: all
 ckpt_interval = 100
+KEYS = lumi.declared_keys(__file__)
 
 LOGP_CHUNK = 64  # reply positions per softmax: 8 MB of float32 at a 32768 vocabulary
 
@@ -111,14 +114,14 @@ def render_pair(tok, pair, max_length, max_prompt_length, stats=None):
     Both are counted in stats. A pair whose replies are equal after truncation teaches nothing: None."""
     stats = Counter() if stats is None else stats
     prompt_messages, chosen, rejected = pair
-    prompt, _ = lumi.render_chat(tok, prompt_messages, add_generation_prompt=True)
+    prompt, _ = render_chat(tok, prompt_messages, add_generation_prompt=True)
     if len(prompt) > max_prompt_length:
         prompt = prompt[:1] + prompt[len(prompt) - (max_prompt_length - 1):]
         stats['prompt_truncated'] += 1
     room = max_length - len(prompt)
     replies = []
     for text in (chosen, rejected):
-        ids = lumi.encode_turn(tok, text)  # as render_chat encodes an assistant turn
+        ids = encode_turn(tok, text)  # as render_chat encodes an assistant turn
         if len(ids) > room:
             ids = ids[:room]
             stats['reply_truncated'] += 1
@@ -138,7 +141,7 @@ def collate_pairs(pairs):
     rows = [(p['prompt'], p['chosen'], p.get('ref_chosen')) for p in pairs] + \
            [(p['prompt'], p['rejected'], p.get('ref_rejected')) for p in pairs]
     T = max(len(prompt) + len(reply) for prompt, reply, _ in rows) - 1
-    idx = torch.full((len(rows), T), lumi.PAD_ID, dtype=torch.long)
+    idx = torch.full((len(rows), T), PAD_ID, dtype=torch.long)
     targets = torch.full((len(rows), T), -1, dtype=torch.long)
     cached = rows[0][2] is not None
     ref = torch.zeros((len(rows), T), dtype=torch.float32) if cached else None
@@ -154,68 +157,35 @@ def collate_pairs(pairs):
     return batch
 
 
-class PairBatches:
+class PairBatches(training.EpochBatches):
     """Shuffled passes over the training pairs, one seeded permutation of their groups per epoch (a pair
-    alone is a group; SFT-built twins stay together), cut into batches that the ranks take in turn;
-    state_dict() is enough for training.fit to resume at the exact next batch."""
+    alone is a group; SFT-built twins stay together), cut into batches that the ranks take in turn."""
 
     def __init__(self, pairs, batch_size, seed, rank=0, world_size=1):
         if len(pairs) < batch_size * world_size:
             raise ValueError(f"{len(pairs)} training pairs cannot fill a batch of {batch_size} pairs on "
                              f"{world_size} process(es); lower batch_size or add data")
         self.pairs, self.batch_size, self.seed = pairs, batch_size, seed
-        self.rank, self.world_size = rank, world_size
         groups = {}
         for i, p in enumerate(pairs):
             groups.setdefault(p.get('group', ('pair', i)), []).append(i)
         self.groups = list(groups.values())
-        self.epoch, self.pos = 0, 0
-        self._plan()
+        super().__init__(rank, world_size)
 
-    def _plan(self):
-        rng = np.random.default_rng(self.seed + self.epoch)
+    def plan(self, epoch):
+        rng = np.random.default_rng(self.seed + epoch)
         order = [i for g in rng.permutation(len(self.groups)) for i in self.groups[g]]
-        batches = [order[b:b + self.batch_size] for b in range(0, len(order) - self.batch_size + 1, self.batch_size)]
-        usable = len(batches) - len(batches) % self.world_size  # every rank takes as many steps
-        self.batches = batches[self.rank:usable:self.world_size]
+        return [order[b:b + self.batch_size] for b in range(0, len(order) - self.batch_size + 1, self.batch_size)]
 
-    def next_batch(self):
-        if self.pos >= len(self.batches):  # the remainder waits for the next epoch's shuffle
-            self.epoch, self.pos = self.epoch + 1, 0
-            self._plan()
-        chunk = [self.pairs[i] for i in self.batches[self.pos]]
-        self.pos += 1
-        return collate_pairs(chunk)
-
-    def state_dict(self):
-        return {'epoch': self.epoch, 'pos': self.pos}
-
-    def load_state_dict(self, state):
-        self.epoch, self.pos = int(state['epoch']), int(state['pos'])
-        self._plan()
+    def collate(self, index):
+        return collate_pairs([self.pairs[i] for i in index])
 
 
 # -----------------------------------------------------------------------------
 # the method
 
-def unwrap(model):
-    """The plain module under DDP and torch.compile wrappers."""
-    model = getattr(model, 'module', model)
-    return getattr(model, '_orig_mod', model)
-
-
-def reply_logits(model, idx, targets):
-    """The LM head's logits at the reply positions (targets != -1) only: (N, V), in row order.
-
-    Prompts and padding need no logits; with a 32768-token vocabulary the head is the largest tensor of a
-    small model's step, so this (as sft.sft_loss does) keeps a DPO step, reference included, within the
-    memory of an SFT step on the same rows."""
-    hidden = model(idx, return_hidden=True)  # through the DDP / compile wrappers, so they see the forward
-    return unwrap(model).lm_head(hidden[targets != -1])
-
-
 def reply_logps(logits, targets):
-    """log p(target | prefix) from reply_logits, put back at the reply positions: float32 (B, T), 0 elsewhere.
+    """log p(target | prefix) from training.target_logits, put back at the reply positions: float32 (B, T), 0 elsewhere.
 
     The softmax runs LOGP_CHUNK positions at a time: the reference pass, which holds no graph, then never
     makes an (N, V) temporary, and policy and reference go through the very same arithmetic. (split, not
@@ -228,18 +198,18 @@ def reply_logps(logits, targets):
 
 
 def token_logps(model, idx, targets):
-    return reply_logps(reply_logits(model, idx, targets), targets)
+    return reply_logps(training.target_logits(model, idx, targets), targets)
 
 
 @torch.no_grad()
 def reference_logits(model, idx, targets):
     """The reference under LoRA: the same weights with the adapters off, in eval mode, without a graph."""
-    raw = unwrap(model)
+    raw = training.unwrap(model)
     was_training = raw.training
     raw.eval()
     set_lora_enabled(raw, False)
     try:
-        return reply_logits(raw, idx, targets)
+        return training.target_logits(raw, idx, targets)
     finally:
         set_lora_enabled(raw, True)
         raw.train(was_training)
@@ -300,7 +270,7 @@ def score_batch(model, batch, cfg):
     else:  # the reference first: its logits wait through the policy's forward, not through its backward
         ref_logits = reference_logits(model, idx, targets)
         ref = reply_logps(ref_logits, targets)
-    logits = reply_logits(model, idx, targets)  # chosen and rejected in one forward pass
+    logits = training.target_logits(model, idx, targets)  # chosen and rejected in one forward pass
     policy = reply_logps(logits, targets)
     n = (targets != -1).float().sum(-1)
     if ref_logits is not None:
@@ -373,7 +343,7 @@ def prepare_pairs(cfg, tok):
     if cfg.sft_data:
         specs = [cfg.sft_data] if isinstance(cfg.sft_data, str) else list(cfg.sft_data)
         dialogues = [m for spec in specs for m in load_conversations(spec, cfg.sft_format, stats,
-                                                                                  lumi.TEMPLATE_VARS)]
+                                                                                  TEMPLATE_VARS)]
         unique = list({json.dumps(m, sort_keys=True): m for m in dialogues}.values())  # a repeat would leak
         stats['sft_duplicates'] += len(dialogues) - len(unique)                          # across the split
         dialogues = unique
@@ -421,11 +391,10 @@ def val_batches(val, cfg):
 
 # -----------------------------------------------------------------------------
 
-DEFAULTS = {**training.TRAINING_DEFAULTS, **lumi.config_defaults(globals())}
 
 
 def main(argv=None):
-    cfg = lumi.load_config(DEFAULTS, argv, shares_with=())
+    cfg = lumi.load_config(KEYS, argv, shares_with=())
     device, rank, _, world = lumi.setup_distributed(cfg.device)
     dtype = lumi.resolve_dtype(cfg.dtype, device)
     lumi.seed_everything(cfg.seed)
@@ -463,7 +432,7 @@ def main(argv=None):
         scores = score_batch(m, batch, cfg)
         stats = summarize(scores)
         del stats['loss']  # fit logs the loss itself
-        stats['tokens'] = int((batch['idx'] != lumi.PAD_ID).sum())
+        stats['tokens'] = int((batch['idx'] != PAD_ID).sum())
         return scores['loss'].mean(), stats
 
     def evaluate(m):
@@ -521,4 +490,4 @@ def report(cfg, seconds):
 
 
 if __name__ == '__main__':
-    lumi.cli(main, DEFAULTS)
+    lumi.cli(main, KEYS)

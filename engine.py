@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lumi import BOS_ID, EOS_ID, PAD_ID, autocast, render_chat
+from lumi import autocast
 from model import KVCache
+from tokenizer import BOS_ID, EOS_ID, PAD_ID, render_chat
 
 # -----------------------------------------------------------------------------
 # sampling filters: each takes logits (B, V) and returns new ones
@@ -96,17 +97,32 @@ def sample_next(logits, counts, made, params, generator=None):
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+# -----------------------------------------------------------------------------
+# the sampling keys, which sample.py and serve.py take (KEY_FILES), and the Sampling built from them
+max_new_tokens = 256        # [1, inf) new tokens per reply at most
+temperature = 0.8           # [0, 100] 0 is greedy
+top_k = 0                   # [0, inf) keep the k likeliest tokens; 0 is off
+top_p = 0.95                # (0, 1] nucleus threshold; 1 is off
+repetition_penalty = 1.0    # [0.01, 100] 1 is off; 1.1-1.3 curbs the loops small models fall into (CTRL's: once per token seen)
+frequency_penalty = 0.0     # [-2, 2] 0 is off; OpenAI's: logit minus this x the token's uses so far in the reply
+presence_penalty = 0.0      # [-2, 2] 0 is off; OpenAI's: logit minus this once the reply has used the token
+stop = ()                   # stop strings: --stop="['\n\n']"
+ignore_eos = False          # generate past the end tokens (benchmarks)
+seed = 1337                 # [0, inf) sampling seed
+
+
 @dataclass
 class Sampling:
-    max_new_tokens: int = 256
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 0.95
-    repetition_penalty: float = 1.0
-    stop: tuple = ()            # stop strings
-    ignore_eos: bool = False
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    """How one generation samples: the keys above but the seed (a request brings its own)."""
+    max_new_tokens: int = max_new_tokens
+    temperature: float = temperature
+    top_k: int = top_k
+    top_p: float = top_p
+    repetition_penalty: float = repetition_penalty
+    stop: tuple = stop
+    ignore_eos: bool = ignore_eos
+    frequency_penalty: float = frequency_penalty
+    presence_penalty: float = presence_penalty
 
     @classmethod
     def from_config(cls, cfg):

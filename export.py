@@ -26,8 +26,15 @@ import sys
 import torch
 
 import lumi
-import spm_proto
 from checkpoint import load_model
+from tokenizer import (BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, PIECE_CONTROL, PIECE_NORMAL, PIECE_UNKNOWN,
+                       PIECE_USER_DEFINED, UNK_ID, proto_fields)
+
+# -----------------------------------------------------------------------------
+# keys: --key=value
+format = 'hf'       # hf: a Hugging Face Llama directory (safetensors); pt: a plain state dict for torch.load
+dtype = 'float32'   # the exported weights' dtype: float32 | bfloat16 | float16
+KEYS = lumi.declared_keys(__file__)
 
 # safetensors dtype names; the bytes are always little-endian
 SAFETENSORS_DTYPES = {
@@ -168,7 +175,7 @@ def hf_config(cfg, dtype_name):
         'max_position_embeddings': cfg.block_size, 'rms_norm_eps': cfg.norm_eps, 'rope_theta': cfg.rope_theta,
         'rope_scaling': None, 'attention_bias': False, 'mlp_bias': False, 'attention_dropout': 0.0,
         'tie_word_embeddings': cfg.tie_embeddings, 'initializer_range': 0.02, 'use_cache': True,
-        'bos_token_id': lumi.BOS_ID, 'eos_token_id': lumi.EOS_ID, 'pad_token_id': lumi.PAD_ID,
+        'bos_token_id': BOS_ID, 'eos_token_id': EOS_ID, 'pad_token_id': PAD_ID,
         'torch_dtype': dtype_name,
     }
 
@@ -203,13 +210,13 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
 def _spm_pieces_and_specs(tok):
     """[(piece, score, type)] in id order, and the trainer and normalizer specs as {field number: value}."""
     pieces, specs = [], {2: {}, 3: {}}
-    for number, value, _ in spm_proto.proto_fields(tok.proto):
+    for number, value, _ in proto_fields(tok.proto):
         if number == 1:
-            f = {n: v for n, v, _ in spm_proto.proto_fields(value)}
+            f = {n: v for n, v, _ in proto_fields(value)}
             pieces.append((f[1].decode('utf-8'), struct.unpack('<f', f.get(2, bytes(4)))[0],
-                           f.get(3, spm_proto.PIECE_NORMAL)))
+                           f.get(3, PIECE_NORMAL)))
         elif number in specs:
-            specs[number] = {n: v for n, v, _ in spm_proto.proto_fields(value)}
+            specs[number] = {n: v for n, v, _ in proto_fields(value)}
     return pieces, specs[2], specs[3]
 
 
@@ -237,19 +244,19 @@ def tokenizer_json(tok):
     if norm.get(3, 1):
         steps.append({'type': 'Prepend', 'prepend': '\u2581'})
     # markers and pad/unk/bos/eos are special; other user-defined symbols stay whole as SentencePiece keeps them
-    whole = (spm_proto.PIECE_UNKNOWN, spm_proto.PIECE_CONTROL, spm_proto.PIECE_USER_DEFINED)
+    whole = (PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED)
     added = [{'id': i, 'content': p, 'single_word': False, 'lstrip': False, 'rstrip': False, 'normalized': False,
-              'special': t != spm_proto.PIECE_USER_DEFINED or p in lumi.CHAT_TOKENS}
+              'special': t != PIECE_USER_DEFINED or p in CHAT_TOKENS}
              for i, (p, _, t) in enumerate(pieces) if t in whole]
     # text pieces only: a merge never builds a control, byte or marker piece from text
-    rank = {p: (-s, i) for i, (p, s, t) in enumerate(pieces) if t == spm_proto.PIECE_NORMAL}
+    rank = {p: (-s, i) for i, (p, s, t) in enumerate(pieces) if t == PIECE_NORMAL}
     merges = sorted(((p[:k], p[k:]) for p in rank for k in range(1, len(p)) if p[:k] in rank and p[k:] in rank),
                     key=lambda lr: (rank[lr[0] + lr[1]], rank[lr[0]]))
-    model = {'type': 'BPE', 'dropout': None, 'unk_token': pieces[lumi.UNK_ID][0], 'continuing_subword_prefix': None,
+    model = {'type': 'BPE', 'dropout': None, 'unk_token': pieces[UNK_ID][0], 'continuing_subword_prefix': None,
              'end_of_word_suffix': None, 'fuse_unk': True, 'byte_fallback': bool(trainer.get(35, 0)),
              'ignore_merges': False, 'vocab': {p: i for i, (p, _, _) in enumerate(pieces)},
              'merges': [list(m) for m in merges]}
-    bos = pieces[lumi.BOS_ID][0]
+    bos = pieces[BOS_ID][0]
     decoder = [_replace('\u2581', ' '), {'type': 'ByteFallback'}, {'type': 'Fuse'}]
     if norm.get(3, 1):  # the dummy prefix's space goes again
         decoder.append({'type': 'Strip', 'content': ' ', 'start': 1, 'stop': 0})
@@ -261,7 +268,7 @@ def tokenizer_json(tok):
             'single': [{'SpecialToken': {'id': bos, 'type_id': 0}}, {'Sequence': {'id': 'A', 'type_id': 0}}],
             'pair': [{'SpecialToken': {'id': bos, 'type_id': 0}}, {'Sequence': {'id': 'A', 'type_id': 0}},
                      {'SpecialToken': {'id': bos, 'type_id': 0}}, {'Sequence': {'id': 'B', 'type_id': 0}}],
-            'special_tokens': {bos: {'id': bos, 'ids': [lumi.BOS_ID], 'tokens': [bos]}}},
+            'special_tokens': {bos: {'id': bos, 'ids': [BOS_ID], 'tokens': [bos]}}},
         'decoder': {'type': 'Sequence', 'decoders': decoder},
         'model': model,
     }
@@ -270,16 +277,16 @@ def tokenizer_json(tok):
 def tokenizer_files(tok, block_size):
     """tokenizer_config.json and special_tokens_map.json for transformers' fast tokenizer."""
     piece = tok.id_to_piece
-    specials = {'bos_token': piece(lumi.BOS_ID), 'eos_token': piece(lumi.EOS_ID),
-                'unk_token': piece(lumi.UNK_ID), 'pad_token': piece(lumi.PAD_ID)}
-    ids = [lumi.PAD_ID, lumi.UNK_ID, lumi.BOS_ID, lumi.EOS_ID] + [tok.sp.piece_to_id(t) for t in lumi.CHAT_TOKENS]
+    specials = {'bos_token': piece(BOS_ID), 'eos_token': piece(EOS_ID),
+                'unk_token': piece(UNK_ID), 'pad_token': piece(PAD_ID)}
+    ids = [PAD_ID, UNK_ID, BOS_ID, EOS_ID] + [tok.sp.piece_to_id(t) for t in CHAT_TOKENS]
     added = {str(i): {'content': piece(i), 'lstrip': False, 'normalized': False, 'rstrip': False,
                       'single_word': False, 'special': True} for i in ids}
     config = dict(specials, tokenizer_class='PreTrainedTokenizerFast', model_max_length=block_size,
                   add_bos_token=True, add_eos_token=False, clean_up_tokenization_spaces=False,
-                  added_tokens_decoder=added, additional_special_tokens=list(lumi.CHAT_TOKENS),
+                  added_tokens_decoder=added, additional_special_tokens=list(CHAT_TOKENS),
                   chat_template=CHAT_TEMPLATE)
-    special_map = dict(specials, additional_special_tokens=list(lumi.CHAT_TOKENS))
+    special_map = dict(specials, additional_special_tokens=list(CHAT_TOKENS))
     return config, special_map
 
 
@@ -311,7 +318,7 @@ def export_hf(ckpt_path, out_dir, dtype='float32'):
     lumi.write_json(os.path.join(out_dir, 'config.json'), hf_config(cfg, dtype))
     # chat models stop at <|end|>; base models at EOS; listing both serves either
     lumi.write_json(os.path.join(out_dir, 'generation_config.json'), {
-        'bos_token_id': lumi.BOS_ID, 'eos_token_id': [lumi.EOS_ID, tok.end_id], 'pad_token_id': lumi.PAD_ID,
+        'bos_token_id': BOS_ID, 'eos_token_id': [EOS_ID, tok.end_id], 'pad_token_id': PAD_ID,
         'max_length': cfg.block_size, 'do_sample': True, 'temperature': 0.8, 'top_p': 0.95})
     return out_dir
 
@@ -326,19 +333,15 @@ def export_pt(ckpt_path, out_path):
     return out_path
 
 
-DEFAULTS = dict(
-    format='hf',      # hf: a Hugging Face Llama directory (safetensors); pt: a plain state dict for torch.load
-    dtype='float32',  # the exported weights' dtype: float32 | bfloat16 | float16
-)
 USAGE = "usage: python lumi.py export CKPT OUT [--format=hf|pt] [--dtype=float32|bfloat16|float16]"
 
 
 def main(argv):
     """`lumi.py export CKPT OUT [--format=hf|pt] [--dtype=float32|bfloat16|float16]`."""
-    pos, flags = lumi.split_args(argv, DEFAULTS)
+    pos, flags = lumi.split_args(argv, KEYS)
     if len(pos) != 2:
         raise lumi.LumiError(USAGE)
-    cfg = lumi.load_config(DEFAULTS, flags, shares_with=())
+    cfg = lumi.load_config(KEYS, flags, shares_with=())
     if cfg.format not in ('hf', 'pt'):
         raise lumi.LumiError(f"--format must be hf or pt, got {cfg.format!r}")
     ckpt_path, out = pos
@@ -353,4 +356,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    lumi.cli(main, DEFAULTS, USAGE)
+    lumi.cli(main, KEYS, USAGE)

@@ -2,11 +2,11 @@
 A compact LLaMA-style decoder: token embedding, N blocks of (RMSNorm -> causal self-attention with RoPE and
 grouped-query heads -> residual, RMSNorm -> SwiGLU MLP -> residual), final RMSNorm, LM head. No biases.
 
-Also here: the KV cache used for decoding, and LoRA written by hand (a frozen base weight plus a low-rank
-update A, B), because both change how the model's own layers run.
+Also here: the KV cache used for decoding, and the two dispatch points where a Triton kernel replaces torch
+(attention; the LoRA linear, whose layers are lora.py's).
 
-Deliberately left out: training, sampling policy and tokenization (lumi.py, sample.py). This file imports
-nothing from the rest of Lumi except the optional Triton kernels, chosen at one dispatch point each.
+Deliberately left out: LoRA (lora.py), training, sampling policy and tokenization (training.py, engine.py,
+tokenizer.py). This file imports nothing from the rest of Lumi except the optional Triton kernels.
 """
 import math
 from dataclasses import dataclass
@@ -16,19 +16,36 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# -----------------------------------------------------------------------------
+# the model's keys, which train.py takes (KEY_FILES) and a config file sets: these make the tiny model. No
+# vocab_size: a model's is its tokenizer's, read from the bins' meta.json (a config file's vocab_size is data.py's,
+# the size of the tokenizer it trains when the bins are missing).
+n_layer = 6                 # [1, inf) transformer blocks
+n_head = 4                  # [1, inf) attention heads (n_embd must divide by it)
+n_kv_head = 4               # [1, inf) key/value heads; fewer than n_head is grouped-query attention: a smaller KV cache
+n_embd = 256                # [1, inf) width of the residual stream
+ffn_hidden = 1024           # [1, inf) SwiGLU hidden width
+block_size = 1024           # [1, inf) context length in tokens
+dropout = 0.0               # [0, 1) on attention and MLP outputs while training
+tie_embeddings = True       # the LM head shares the token embedding's weights
+rope_theta = 10000.0        # (0, inf) RoPE base frequency
+norm_eps = 1e-5             # (0, inf) RMSNorm's epsilon
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = 32768
-    n_layer: int = 6
-    n_head: int = 4
-    n_kv_head: int = 4          # < n_head gives grouped-query attention: smaller KV cache, same quality
-    n_embd: int = 256
-    ffn_hidden: int = 1024      # SwiGLU width; 4*n_embd, as configs/tiny.py has it
-    block_size: int = 1024
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    """A model's shape: the keys above, and its vocabulary."""
+    vocab_size: int
+    n_layer: int = n_layer
+    n_head: int = n_head
+    n_kv_head: int = n_kv_head
+    n_embd: int = n_embd
+    ffn_hidden: int = ffn_hidden
+    block_size: int = block_size
+    dropout: float = dropout
+    tie_embeddings: bool = tie_embeddings
+    rope_theta: float = rope_theta
+    norm_eps: float = norm_eps
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -71,6 +88,17 @@ def attention(q, k, v, mask=None, dropout_p=0.0):
     gqa = q.size(1) != k.size(1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                           is_causal=mask is None, enable_gqa=gqa)
+
+
+def lora_linear(x, weight, lora_a, lora_b, scale, dropout):
+    """x W^T + scale * dropout(x) A^T B^T (lora.LoRALinear): the fused Triton kernel on CUDA when no dropout is
+    active, torch elsewhere."""
+    if x.is_cuda and USE_KERNELS and (dropout.p == 0 or not dropout.training):
+        fn = _kernel('lora')
+        if fn is not None:
+            return fn(x, weight, lora_a, lora_b, scale)
+    # in place on the base output (its backward does not need it): two fewer (tokens x out) temporaries
+    return F.linear(x, weight).add_(F.linear(F.linear(dropout(x), lora_a), lora_b), alpha=scale)
 
 
 # -----------------------------------------------------------------------------
@@ -284,124 +312,3 @@ class GPT(nn.Module):
         # the head is a matmul (tied or not); the input embedding is a lookup and costs no FLOPs
         n = self.num_params(embeddings=False) + c.vocab_size * c.n_embd
         return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
-
-    def estimate_mfu(self, tokens_per_sec, peak_flops):
-        """Model FLOPs utilisation: achieved training FLOP/s over the hardware's peak."""
-        return self.flops_per_token() * tokens_per_sec / peak_flops
-
-
-# -----------------------------------------------------------------------------
-# LoRA, by hand: y = x W^T + (alpha / r) * dropout(x) A^T B^T, W frozen. B starts at zero, so a fresh
-# adapter leaves the model exactly as it was.
-
-LORA_TARGETS = {'q': 'attn.q_proj', 'k': 'attn.k_proj', 'v': 'attn.v_proj', 'o': 'attn.o_proj',
-                'gate': 'mlp.gate_proj', 'up': 'mlp.up_proj', 'down': 'mlp.down_proj'}
-
-
-class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, r, alpha, dropout=0.0):
-        super().__init__()
-        self.weight = base.weight  # shared with nothing else, frozen below
-        self.weight.requires_grad_(False)
-        self.r, self.alpha, self.scale = r, alpha, alpha / r
-        self.lora_a = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its own weight
-        self.dropout = nn.Dropout(dropout)
-        self.enabled = True  # off: the base model, which DPO uses as its reference at no extra memory
-
-    def forward(self, x):
-        if not self.enabled:
-            return F.linear(x, self.weight)
-        if x.is_cuda and USE_KERNELS and (self.dropout.p == 0 or not self.training):
-            fn = _kernel('lora')
-            if fn is not None:
-                return fn(x, self.weight, self.lora_a, self.lora_b, self.scale)
-        # in place on the base output (its backward does not need it): two fewer (tokens x out) temporaries
-        return F.linear(x, self.weight).add_(F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b),
-                                             alpha=self.scale)
-
-
-class TokenRows(nn.Module):
-    """An embedding (int input) or LM head (float input) whose weight is frozen except a few rows, trained as
-    lora_rows. For the chat tokens of a base pretrained on plain text: it never saw them, and every
-    pretraining step lowered their logits (<|end|> starts near log p = -15), which a low-rank update of the
-    layers alone takes many steps to undo. Tied embeddings share one TokenRows weight and rows."""
-
-    def __init__(self, weight, ids, rows=None):
-        super().__init__()
-        self.weight = weight
-        self.register_buffer('ids', torch.tensor(ids, dtype=torch.long, device=weight.device), persistent=False)
-        self.lora_rows = rows if rows is not None else nn.Parameter(weight.detach()[self.ids].clone())
-        self.enabled = True
-
-    def full_weight(self):
-        return self.weight.index_put((self.ids,), self.lora_rows.to(self.weight.dtype)) if self.enabled else self.weight
-
-    def forward(self, x):
-        w = self.full_weight()
-        return F.linear(x, w) if x.is_floating_point() else F.embedding(x, w)
-
-
-def _lora_modules(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, TokenRows))]
-
-
-def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=('q', 'v'), tokens=()):
-    """Replace the target projections of every block by LoRA linears, make the embedding rows of `tokens`
-    trainable (TokenRows), and freeze everything else."""
-    unknown = set(targets) - set(LORA_TARGETS)
-    if unknown:
-        raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {list(LORA_TARGETS)}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in model.layers:
-        for t in targets:
-            parent_name, attr = LORA_TARGETS[t].split('.')
-            parent = getattr(layer, parent_name)
-            base = getattr(parent, attr)
-            if not isinstance(base, LoRALinear):
-                setattr(parent, attr, LoRALinear(base, r, alpha, dropout))
-    tokens = tuple(int(t) for t in tokens)
-    if tokens and not isinstance(model.tok_emb, TokenRows):
-        model.tok_emb = TokenRows(model.tok_emb.weight, tokens)
-        tied = model.cfg.tie_embeddings
-        model.lm_head = TokenRows(model.lm_head.weight, tokens, model.tok_emb.lora_rows if tied else None)
-    model.lora_config = dict(r=r, alpha=float(alpha), dropout=float(dropout), targets=tuple(targets), tokens=tokens)
-    return model
-
-
-def lora_state_dict(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if '.lora_' in k}
-
-
-def set_lora_enabled(model, enabled):
-    for _, m in _lora_modules(model):
-        m.enabled = enabled
-
-
-@torch.no_grad()
-def merge_lora(model):
-    """Fold every adapter into its base weight (W += scale * B A, trained token rows written in) and put
-    plain modules back."""
-    for name, m in [(n, m) for n, m in _lora_modules(model) if isinstance(m, LoRALinear)]:
-        parent = model.get_submodule(name.rsplit('.', 1)[0])
-        merged = nn.Linear(m.weight.size(1), m.weight.size(0), bias=False,
-                           device=m.weight.device, dtype=m.weight.dtype)
-        merged.weight.copy_(m.weight + m.scale * (m.lora_b.float() @ m.lora_a.float()).to(m.weight.dtype))
-        setattr(parent, name.rsplit('.', 1)[1], merged)
-    if isinstance(model.tok_emb, TokenRows):  # plain modules again, the trained rows written in, still tied
-        emb, head = model.tok_emb, model.lm_head
-        model.tok_emb = nn.Embedding(*emb.weight.shape, device=emb.weight.device, dtype=emb.weight.dtype)
-        model.tok_emb.weight.copy_(emb.full_weight())
-        model.lm_head = nn.Linear(head.weight.size(1), head.weight.size(0), bias=False,
-                                  device=head.weight.device, dtype=head.weight.dtype)
-        if model.cfg.tie_embeddings:
-            model.lm_head.weight = model.tok_emb.weight
-        else:
-            model.lm_head.weight.copy_(head.full_weight())
-    if hasattr(model, 'lora_config'):
-        del model.lora_config
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model

@@ -19,6 +19,7 @@ import numpy as np
 import lumi
 from clean import band_keys, bucket_pairs, clean_batch, cluster_duplicates, similar, usable_rows
 from sources import documents_of, iter_streams, parse_spec
+from tokenizer import BOS_ID, EOS_ID
 
 PART_BYTES = 32 << 20  # bytes of input files (as stored) per scanned part
 BATCH_DOCS = 512  # documents a worker cleans at a time
@@ -254,7 +255,7 @@ def encode_shard(cfg, tok, manifest, j, folder, weights, batch_docs=BATCH_DOCS):
             if copies == 0:
                 stats['dropped_by_weight'] += 1
                 continue
-            arr = np.array([lumi.BOS_ID, *doc, lumi.EOS_ID], dtype=np.uint16)
+            arr = np.array([BOS_ID, *doc, EOS_ID], dtype=np.uint16)
             files[split].write(arr.tobytes())
             stats[f'{split}_docs'] += 1
             stats[f'{split}_tokens'] += len(arr) * copies

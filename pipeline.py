@@ -6,7 +6,7 @@ resolved config, the data's meta.json and its parent checkpoint. Done with the s
 Started with the same inputs but never finished: run again, which resumes. Other inputs: started afresh.
 
 `python lumi.py run [CONFIG] [--key=value ...]` is the command; this file is what it runs. It imports no other
-stage: it reads each stage file's defaults from its source (lumi.file_defaults) and runs it as a process.
+stage: it reads each stage file's keys from its source (lumi.declared_keys) and runs it as a process.
 
 Deliberately left out: running stages in parallel, and retrying a failed stage (run the command again).
 """
@@ -22,27 +22,35 @@ import time
 import bins
 import lumi
 from checkpoint import checkpoint_info, checkpoint_of
-from lumi import (ROOT, LumiError, atomic_write, file_defaults, load_config, log, read_json, read_jsonl,
+from lumi import (ROOT, LumiError, atomic_write, declared_keys, load_config, log, read_json, read_jsonl,
                   sha256_bytes, sha256_file, split_args, write_json)
 from training import unigram_entropy
 
-DEFAULTS = dict(
-    run_dir='',                       # '' -> runs/<config name>; one folder per stage inside
-    train_config='',                  # what data.py and train.py read; '' -> the config file given to `run`
-    sft_config='configs/sft_tiny.py',  # skipped when it does not exist (sft.py's defaults then)
-    dpo_config='configs/dpo_tiny.py',  # skipped when it does not exist (dpo.py's defaults then)
-    data_dir='',                      # '' -> the train config's data_dir
-    pretrain_minutes=0.0,             # > 0: train.py --max_minutes (the LR schedule is fitted to it)
-    sft_minutes=0.0,                  # > 0: sft.py --max_minutes
-    dpo_minutes=0.0,                  # > 0: dpo.py --max_minutes
-    data_args=[], pretrain_args=[], sft_args=[], dpo_args=[], eval_args=[], sample_args=[],  # --key=value per stage
-    eval_tasks='ppl,boolq,piqa,siqa,openbookqa,commonsenseqa',  # after pretraining
-    tuned_eval_tasks='ppl,boolq',     # after SFT and after DPO: did tuning keep what pretraining learned
-    eval_limit=0,                     # > 0: examples per choice task (and ppl windows) in these evals
-    sample_prompt='What should I read to learn about the sea?',  # the last stage's one greedy reply
-    sample_tokens=64,                 # new tokens of that reply
-    stages='data,pretrain,eval_pretrain,sft,eval_sft,dpo,eval_dpo,sample',  # the stages to run, in this order
-)
+# -----------------------------------------------------------------------------
+# keys: set in the lab's config file (configs/pipeline_cpu.py) or as --key=value; any other key goes to the stages
+# that know it
+run_dir = ''                # '' -> runs/<config name>; one folder per stage inside
+train_config = ''           # what data.py and train.py read; '' -> the config file given to `run`
+sft_config = 'configs/sft_tiny.py'  # skipped when it does not exist (sft.py's defaults then)
+dpo_config = 'configs/dpo_tiny.py'  # skipped when it does not exist (dpo.py's defaults then)
+data_dir = ''               # '' -> the train config's data_dir
+pretrain_minutes = 0.0      # [0, inf) > 0: train.py --max_minutes (the LR schedule is fitted to it)
+sft_minutes = 0.0           # [0, inf) > 0: sft.py --max_minutes
+dpo_minutes = 0.0           # [0, inf) > 0: dpo.py --max_minutes
+data_args = []              # --key=value for data.py
+pretrain_args = []          # --key=value for train.py
+sft_args = []               # --key=value for sft.py
+dpo_args = []               # --key=value for dpo.py
+eval_args = []              # --key=value for each eval.py
+sample_args = []            # --key=value for sample.py
+eval_tasks = 'ppl,boolq,piqa,siqa,openbookqa,commonsenseqa'  # after pretraining
+tuned_eval_tasks = 'ppl,boolq'  # after SFT and after DPO: did tuning keep what pretraining learned
+eval_limit = 0              # [0, inf) > 0: examples per choice task (and ppl windows) in these evals
+sample_prompt = 'What should I read to learn about the sea?'  # the last stage's one greedy reply
+sample_tokens = 64          # [1, inf) new tokens of that reply
+stages = 'data,pretrain,eval_pretrain,sft,eval_sft,dpo,eval_dpo,sample'  # the stages to run, in this order
+KEYS = lumi.declared_keys(__file__)
+
 PIPELINE_STAGES = ('data', 'pretrain', 'eval_pretrain', 'sft', 'eval_sft', 'dpo', 'eval_dpo', 'sample')
 STAGE_SCRIPT = {'data': 'data', 'pretrain': 'train', 'eval_pretrain': 'eval', 'sft': 'sft', 'eval_sft': 'eval',
                 'dpo': 'dpo', 'eval_dpo': 'eval', 'sample': 'sample'}
@@ -58,13 +66,12 @@ class PipelineError(LumiError, RuntimeError):
 SHARES_WITH = tuple(f'{s}.py' for s in dict.fromkeys(STAGE_SCRIPT.values())) + ('pipeline.py',)
 
 
-def stage_defaults(script):
-    """The keys a stage script resolves its config against, read from its source: its module constants over
-    the training loop's."""
+def stage_keys(script):
+    """The keys a stage script resolves its config against, read from its source (lumi.declared_keys)."""
     path = os.path.join(ROOT, f'{script}.py')
     if not os.path.isfile(path):
         raise PipelineError(f"stage {script}.py is missing from {ROOT}: the pipeline needs every stage")
-    return file_defaults(path)
+    return declared_keys(path)
 
 
 def inputs_digest(obj):
@@ -89,11 +96,10 @@ class Pipeline:
     def __init__(self, argv):
         # every script's defaults are read now, so that a missing stage fails before hours of pretraining, and
         # so that every key's type is known: `--key value` takes the next word unless the key is a bool flag
-        self.defaults = {s: stage_defaults(s) for s in dict.fromkeys(STAGE_SCRIPT.values())}
-        files, flags = split_args(argv, {**{k: v for d in self.defaults.values() for k, v in d.items()},
-                                         **DEFAULTS})
-        own = [a for a in flags if _flag_key(a) in DEFAULTS]
-        self.cfg = cfg = load_config(DEFAULTS, files + own, shares_with=SHARES_WITH)
+        self.keys = {s: stage_keys(s) for s in dict.fromkeys(STAGE_SCRIPT.values())}
+        files, flags = split_args(argv, {**{k: v for d in self.keys.values() for k, v in d.items()}, **KEYS})
+        own = [a for a in flags if _flag_key(a) in KEYS]
+        self.cfg = cfg = load_config(KEYS, files + own, shares_with=SHARES_WITH)
         self.config_file = files[0] if files else ''
         name = os.path.splitext(os.path.basename(self.config_file))[0] or 'default'
         self.run_dir = cfg.run_dir or os.path.join('runs', name)
@@ -101,14 +107,14 @@ class Pipeline:
         bad = [s for s in self.stages if s not in PIPELINE_STAGES]
         if bad:
             raise PipelineError(f"unknown stage(s) {bad} in --stages; the stages are {', '.join(PIPELINE_STAGES)}")
-        self.routed = {s: [] for s in self.defaults}
+        self.routed = {s: [] for s in self.keys}
         for arg in flags:  # an override the pipeline does not know goes to each stage that does
             if arg in own:
                 continue
-            targets = [s for s in self.defaults if _flag_key(arg) in self.defaults[s]]
+            targets = [s for s in self.keys if _flag_key(arg) in self.keys[s]]
             if not targets:
                 raise PipelineError(f"unknown key '{_flag_key(arg)}': neither a pipeline key "
-                                    f"({', '.join(sorted(DEFAULTS))}) nor a key of any stage")
+                                    f"({', '.join(sorted(KEYS))}) nor a key of any stage")
             for s in targets:
                 self.routed[s].append(arg)
         self.train_config = cfg.train_config or self.config_file
@@ -120,7 +126,7 @@ class Pipeline:
 
     def _optional_config(self, path, key):
         if path and not os.path.isfile(path):
-            if path == DEFAULTS[key]:
+            if path == KEYS[key].default:
                 return ''  # the default file is optional: the stage's own defaults then
             raise PipelineError(f"--{key}: config file not found: {path}")
         return path
@@ -143,7 +149,7 @@ class Pipeline:
 
     def _config(self, script, args):
         # the stage itself refuses a key that no stage knows; here a file's keys for other stages are ignored
-        return load_config(self.defaults[script], args, shares_with=SHARES_WITH)
+        return load_config(self.keys[script], args, shares_with=SHARES_WITH)
 
     def _resolved(self, script, args):
         cfg = self._config(script, args)
@@ -404,4 +410,4 @@ def run_pipeline(argv):
 USAGE = 'usage: python lumi.py run [CONFIG] [--key=value ...]   (python pipeline.py ... is the same)'
 
 if __name__ == '__main__':
-    lumi.cli(run_pipeline, DEFAULTS, USAGE, interrupted="interrupted: run the same command again to resume")
+    lumi.cli(run_pipeline, KEYS, USAGE, interrupted="interrupted: run the same command again to resume")

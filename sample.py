@@ -20,31 +20,17 @@ from dataclasses import replace
 import lumi
 from checkpoint import load_model, newest_checkpoint
 from engine import Sampling, fit_history, make_generator, model_device, stream_text
-from lumi import BOS_ID
+from tokenizer import BOS_ID
 
 # -----------------------------------------------------------------------------
-# defaults: override with a config file and/or --key=value
-ckpt = ''                  # checkpoint file or directory; '' = the newest .pt under out_root/*/
-adapter = ''               # a LoRA adapter file (sft.py) applied on top of ckpt, or alone (its base_path)
-tokenizer = ''             # a tokenizer.model or data dir: refuse a checkpoint built with another tokenizer
-out_root = 'out'           # where ckpt='' looks for the newest checkpoint
-device = 'auto'            # auto: cuda when present, else cpu
-dtype = 'auto'             # the weights' dtype: auto is lumi.resolve_dtype's (bf16 on CUDA and native-bf16 CPUs); or bfloat16 | float32
-seed = 1337                # sampling seed
+# keys: set in a config file or as --key=value. Which model runs (ckpt, adapter, device, dtype, ...) is
+# checkpoint.py's, how it samples (temperature, top_p, max_new_tokens, seed, ...) engine.py's.
+KEY_FILES = ('checkpoint.py', 'engine.py')
 mode = 'auto'              # auto: chat for sft/dpo checkpoints and adapters, completion otherwise
 system = ''                # chat: the system message
 prompt = ''                # print one completion of this prompt and exit
-max_new_tokens = 256       # new tokens per reply at most
-temperature = 0.8          # 0 is greedy
-top_k = 0                  # 0 is off
-top_p = 0.95               # 1 is off
-repetition_penalty = 1.0   # 1 is off; 1.1-1.3 curbs the loops small models fall into (CTRL's: once per token seen)
-frequency_penalty = 0.0    # 0 is off; OpenAI's: logit minus this x the token's uses so far in the reply
-presence_penalty = 0.0     # 0 is off; OpenAI's: logit minus this once the reply has used the token
-stop = ()                  # stop strings: --stop="['\n\n']"
-ignore_eos = False         # generate past the end tokens (benchmarks)
 serve = False              # run serve.py instead, with the rest of the command line: the HTTP API and chat page
-DEFAULTS = lumi.config_defaults(globals())
+KEYS = lumi.declared_keys(__file__)
 
 CHAT_KINDS = ('sft', 'dpo')
 
@@ -59,12 +45,9 @@ HELP = """/temp X        temperature (0 is greedy)      /top_p X   nucleus thres
 /chat, /completion   switch mode              /reset     forget the conversation
 /settings      show settings                  /quit      leave (or Ctrl-D); Ctrl-C stops a reply"""
 
-# the ranges serve.py also holds requests to: a repetition penalty beyond them turns logits into inf and NaN
-SETTINGS = {'temp': ('temperature', float, lambda v: 0 <= v <= 100), 'top_p': ('top_p', float, lambda v: 0 < v <= 1),
-            'top_k': ('top_k', int, lambda v: v >= 0), 'max': ('max_new_tokens', int, lambda v: v >= 1),
-            'rep': ('repetition_penalty', float, lambda v: 0.01 <= v <= 100),
-            'freq': ('frequency_penalty', float, lambda v: -2 <= v <= 2),
-            'pres': ('presence_penalty', float, lambda v: -2 <= v <= 2)}
+# the slash commands that set a sampling key, held to the key's range (engine.py's keys)
+SETTINGS = {'temp': 'temperature', 'top_p': 'top_p', 'top_k': 'top_k', 'max': 'max_new_tokens',
+            'rep': 'repetition_penalty', 'freq': 'frequency_penalty', 'pres': 'presence_penalty'}
 
 
 class Prompt:
@@ -85,12 +68,13 @@ class Prompt:
         if name in ('quit', 'exit', 'q'):
             return None
         if name in SETTINGS:
-            field, kind, valid = SETTINGS[name]
+            field = SETTINGS[name]
+            kind = type(KEYS[field].default)
             try:
                 value = kind(arg)
             except ValueError:
                 value = None
-            if value is None or not valid(value):
+            if value is None or not lumi.in_range(value, KEYS[field].range):
                 return f"/{name} needs a valid {kind.__name__}, got {arg!r}"
             self.params = replace(self.params, **{field: value})
             return f"{field} = {value}"
@@ -174,7 +158,7 @@ def main(argv=None):
         rest = [a for a in argv if a not in ('--serve', '--serve=True')]
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, os.path.join(lumi.ROOT, 'serve.py'), *rest])
-    cfg = lumi.load_config(DEFAULTS, argv, shares_with=())
+    cfg = lumi.load_config(KEYS, argv, shares_with=())
     if cfg.mode not in ('auto', 'chat', 'completion'):
         raise ValueError(f"mode must be auto, chat or completion, got {cfg.mode!r}")
     dev = lumi.pick_device(cfg.device)
@@ -196,4 +180,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    lumi.cli(main, DEFAULTS)
+    lumi.cli(main, KEYS)

@@ -30,22 +30,31 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import lumi
 from checkpoint import load_model, newest_checkpoint
 from engine import Sampling, make_generator, stream_text
-from lumi import BOS_ID
+from tokenizer import BOS_ID, ROLES, render_chat
 
-# Server's options, as `python serve.py --key=value` takes them: (default, what it bounds)
-OPTIONS = {
-    'max_tokens_limit': (4096, "the most new tokens one request may ask for"),
-    'max_batch': (8, "the most sequences (prompts x n) one request may ask for"),
-    'max_body_bytes': (1 << 20, "a larger request body gets 413"),
-    'max_json_depth': (32, "the deepest nesting of arrays and objects a request body may have"),
-    'max_stop_chars': (256, "the longest stop string a request may give (at most 4 of them)"),
-    'header_timeout': (10.0, "seconds for a request's line and headers, idle keep-alive included (then 408)"),
-    'body_timeout': (30.0, "seconds to read a request's body, and for each write of the answer (then 408)"),
-    'workers': (16, "threads serving connections: a connection holds one while it is open"),
-    'queue_size': (32, "connections waiting for a worker; one more is answered 503"),
-    'generation_wait': (120.0, "seconds a request waits for the generation in front of it (then 503)"),
-    'cors_origin': ('', "a web origin besides the server's own that may call the API from a browser ('*': any)"),
-}
+# -----------------------------------------------------------------------------
+# keys: set in a config file or as --key=value. Which model is served and how it samples by default are
+# checkpoint.py's and engine.py's keys (as in sample.py); these say where it is served and bound what a request
+# may ask, and how long (the Server takes the SERVER_KEYS)
+KEY_FILES = ('checkpoint.py', 'engine.py')
+host = '127.0.0.1'          # the address to serve on; 0.0.0.0 for every interface
+port = 8000                 # [0, 65535] the port to serve on; 0 picks a free one
+model_name = ''             # the id the server answers to; '' is lumi-<kind>
+max_tokens_limit = 4096     # [1, inf) the most new tokens one request may ask for
+max_batch = 8               # [1, inf) the most sequences (prompts x n) one request may ask for
+max_body_bytes = 1 << 20    # [1, inf) a larger request body gets 413
+max_json_depth = 32         # [1, inf) the deepest nesting of arrays and objects a request body may have
+max_stop_chars = 256        # [1, inf) the longest stop string a request may give (at most 4 of them)
+header_timeout = 10.0       # (0, inf) seconds for a request's line and headers, idle keep-alive included (then 408)
+body_timeout = 30.0         # (0, inf) seconds to read a request's body, and for each write of the answer (then 408)
+workers = 16                # [1, inf) threads serving connections: a connection holds one while it is open
+queue_size = 32             # [0, inf) connections waiting for a worker; one more is answered 503
+generation_wait = 120.0     # (0, inf) seconds a request waits for the generation in front of it (then 503)
+cors_origin = ''            # a web origin besides the server's own that may call the API from a browser ('*': any)
+KEYS = lumi.declared_keys(__file__)
+SERVER_KEYS = ('max_tokens_limit', 'max_batch', 'max_body_bytes', 'max_json_depth', 'max_stop_chars',
+               'header_timeout', 'body_timeout', 'workers', 'queue_size', 'generation_wait', 'cors_origin')
+
 ALLOWED_METHODS = 'GET, HEAD, POST, OPTIONS'
 # parameters OpenAI's APIs have and this server cannot honour: accepted only with a value that asks for nothing
 NEUTRAL = {'logprobs': (False, 0), 'top_logprobs': (0,), 'echo': (False,), 'suffix': ('',), 'logit_bias': ({},),
@@ -194,11 +203,11 @@ def render_messages(tok, messages):
             raise APIError(400, f"messages[{i}].{extra[0][:100]} is not supported by this server",
                            f'messages[{i}].{extra[0][:100]}', 'unsupported_parameter')
         role = 'system' if role == 'developer' else role
-        if role not in lumi.ROLES or not isinstance(content, str):
-            raise APIError(400, f"messages[{i}] must be {{'role': one of {list(lumi.ROLES)}, 'content': text}}, "
+        if role not in ROLES or not isinstance(content, str):
+            raise APIError(400, f"messages[{i}] must be {{'role': one of {list(ROLES)}, 'content': text}}, "
                                 f"got {json.dumps(m)[:100]}", f'messages[{i}]', 'invalid_value')
         plain.append({'role': role, 'content': content})
-    return lumi.render_chat(tok, plain, add_generation_prompt=True)[0]
+    return render_chat(tok, plain, add_generation_prompt=True)[0]
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -470,15 +479,16 @@ class Server(HTTPServer):
 
     generate(prompts, params, chat, seed) runs a batch of token-id prompts with an engine.Sampling and yields
     (row, text delta, finish_reason, tokens so far), as engine.stream_text does; defaults is the Sampling a
-    request starts from; window is the model's context length. The keyword options are OPTIONS."""
+    request starts from; window is the model's context length. The keyword options are SERVER_KEYS, each
+    defaulting to its key's default."""
 
     def __init__(self, generate, tok, window, defaults, model_name='lumi', host='127.0.0.1', port=8000,
                  created=0, quiet=False, **options):
-        unknown = set(options) - set(OPTIONS)
+        unknown = set(options) - set(SERVER_KEYS)
         if unknown:
             raise TypeError(f"unknown server options {sorted(unknown)}")
-        for key, (default, _) in OPTIONS.items():
-            setattr(self, key, options.get(key, default))
+        for key in SERVER_KEYS:
+            setattr(self, key, options.get(key, KEYS[key].default))
         # the workers, the connections waiting for one and those being served: server_close needs them all
         self.threads, self.pending, self.open = [], queue.Queue(), set()
         try:
@@ -549,28 +559,14 @@ class Server(HTTPServer):
 with open(os.path.join(lumi.ROOT, 'assets', 'chat.html'), encoding='utf-8') as _f:
     CHAT_PAGE = _f.read()
 # -----------------------------------------------------------------------------
-# the stage: sample.py's keys choose the model and the default sampling; these say where to serve it
+# the stage
 
-host = '127.0.0.1'         # the address to serve on; 0.0.0.0 for every interface
-port = 8000                # the port to serve on; 0 picks a free one
-model_name = ''            # the id the server answers to; '' is lumi-<kind>
-SAMPLE_KEYS = ('ckpt', 'adapter', 'tokenizer', 'out_root', 'device', 'dtype', 'seed', 'max_new_tokens', 'temperature',
-               'top_k', 'top_p', 'repetition_penalty', 'frequency_penalty', 'presence_penalty', 'stop', 'ignore_eos')
-DEFAULTS = {**{k: v for k, v in lumi.file_defaults('sample.py').items() if k in SAMPLE_KEYS},
-            **lumi.config_defaults(globals()), **{k: default for k, (default, _) in OPTIONS.items()}}
-
-HELP = """usage: python serve.py [--ckpt=PATH] [--host=127.0.0.1] [--port=8000] [--key=value ...]   (or sample.py --serve)
-Serves a model over OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models), /health and a chat page at /.
-sample.py's keys (ckpt, temperature, ...: python sample.py --help) choose the model and the default sampling;
---host, --port and --model_name where and as what it is served; these bound what a request may ask, and how long:
-"""
+USAGE = """usage: python serve.py [--ckpt=PATH] [--host=127.0.0.1] [--port=8000] [--key=value ...]   (or sample.py --serve)
+Serves a model over OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models), /health and a chat page at /."""
 
 
 def main(argv):
-    if any(a in ('-h', '--help') for a in argv):
-        print(HELP + '\n'.join(f"  --{k}={d!r}".ljust(28) + f" {doc}" for k, (d, doc) in OPTIONS.items()))
-        return 0
-    cfg = lumi.load_config(DEFAULTS, argv, shares_with=('sample.py',))
+    cfg = lumi.load_config(KEYS, argv, shares_with=('sample.py',))
     dev = lumi.pick_device(cfg.device)
     dt = lumi.resolve_dtype(cfg.dtype, dev)
     lumi.seed_everything(cfg.seed)
@@ -583,7 +579,7 @@ def main(argv):
     def generate(prompts, p, chat, seed):
         return stream_text(model, tok, prompts, p, chat, make_generator(seed, dev))
     server = Server(generate, tok, model.cfg.block_size, params, cfg.model_name or f"lumi-{info['kind']}",
-                    cfg.host, cfg.port, info['created'], **{key: cfg[key] for key in OPTIONS})
+                    cfg.host, cfg.port, info['created'], **{key: cfg[key] for key in SERVER_KEYS})
     host, port = server.server_address[:2]
     print(f"serving '{server.model_name}' at http://{host}:{port}/ (API under /v1)", file=sys.stderr, flush=True)
     try:
@@ -596,4 +592,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    sys.exit(lumi.guard(main, sys.argv[1:]))
+    lumi.cli(main, KEYS, USAGE)

@@ -19,7 +19,7 @@ Prepared data is cached in cache_dir as sft_<key>.pt, keyed by the tokenizer's S
 format, block_size, val_frac and template_vars; any change rebuilds it. A held-out split (by conversation,
 chosen by a hash of its text so it does not move when sources are added) gives the held-out assistant loss.
 
-LoRA (model.py): r, alpha, dropout on any of q, k, v, o, gate, up, down, plus trainable embedding rows for
+LoRA (lora.py): r, alpha, dropout on any of q, k, v, o, gate, up, down, plus trainable embedding rows for
 the four chat tokens (lora_chat_tokens): a base pretrained on plain text never saw them, and LoRA alone was
 slow to learn to say <|end|> (docs/BENCHMARKS.md). lora_r=0 is full fine-tuning.
 
@@ -49,28 +49,30 @@ import checkpoint
 import lumi
 import training
 from conversations import load_conversations
-from checkpoint import load_model, merge_adapter, save_adapter, save_merged
+from checkpoint import load_model, merge_adapter, save_merged
 from engine import Sampling, distinct_ngrams, generate_ids, make_generator, one_token_loop
-from model import apply_lora
+from lora import apply_lora, save_adapter
+from tokenizer import EOS_ID, PAD_ID, ROLES, check_tokenizer, render_chat
 
 # -----------------------------------------------------------------------------
-# defaults: any of them can be set in a config file or as --key=value
-
+# keys: set in a config file or as --key=value; the training loop's keys are training.py's (KEY_FILES), and
+# those set here are its keys with SFT's defaults
+KEY_FILES = ('training.py',)
 init_from = 'out/tiny'          # a pretrain checkpoint: a .pt file, or a directory (checkpoint.checkpoint_of)
-out_dir = 'out/sft'
+out_dir = 'out/sft'             # checkpoints, metrics.jsonl, adapter.pt and merged.pt
 sources = []                    # [(spec, weight), ...] or [spec, ...]; empty: DEFAULT_SOURCES
 data_format = 'auto'            # auto | alpaca | dolly | messages | sharegpt | chitchat | oasst
 cache_dir = 'data/sft'          # rendered conversations are cached here (sft_<key>.pt)
-block_size = 0                  # 0: the model's context
-val_frac = 0.02                 # share of conversations held out for the held-out assistant loss
-epochs = 3.0                    # sets max_iters when neither max_iters nor max_minutes is given
+block_size = 0                  # [0, inf) 0: the model's context
+val_frac = 0.02                 # [0, 1) share of conversations held out for the held-out assistant loss
+epochs = 3.0                    # (0, inf) sets max_iters when neither max_iters nor max_minutes is given
 template_vars = {'name': 'Lumi', 'author': 'the Lumi project'}  # fills {{name}} in identity data
-lora_r = 16                     # 0: full fine-tuning
-lora_alpha = 32.0               # LoRA scale alpha / r
-lora_dropout = 0.0              # > 0 forgoes the fused CUDA kernel while training
+lora_r = 16                     # [0, inf) 0: full fine-tuning
+lora_alpha = 32.0               # (0, inf) LoRA scale alpha / r
+lora_dropout = 0.0              # [0, 1) > 0 forgoes the fused CUDA kernel while training
 lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # the projections that get adapters
 lora_chat_tokens = True         # also train the embedding rows of <|system|> <|user|> <|assistant|> <|end|>,
-                                # which a base pretrained on plain text never saw (model.TokenRows)
+                                # which a base pretrained on plain text never saw (lora.TokenRows)
 learning_rate = 1e-3            # LoRA wants a larger step than full fine-tuning (use ~1e-4 with lora_r=0)
 min_lr = 1e-4
 warmup_iters = 20
@@ -79,12 +81,14 @@ batch_size = 16
 eval_interval = 50
 eval_iters = 10
 ckpt_interval = 100
-format_samples = 50             # after training: sample replies to held-out prompts and count <|end|>
-format_max_new_tokens = 128     # the format check's reply length limit
-format_temperature = 0.7        # the format check's sampling temperature
-format_repetition_penalty = 1.0  # the format check's --repetition_penalty (sample.py), for its sampled and greedy replies
-format_frequency_penalty = 0.0  # and its --frequency_penalty
-num_threads = 0                 # torch threads; 0 leaves torch's default (1 is faster on a busy 2-core machine)
+format_samples = 50             # [0, inf) after training: sample replies to held-out prompts and count <|end|>
+format_max_new_tokens = 128     # [1, inf) the format check's reply length limit
+format_temperature = 0.7        # [0, inf) the format check's sampling temperature
+format_repetition_penalty = 1.0  # (0, inf) the format check's --repetition_penalty (sample.py), for its sampled
+                                 # and greedy replies
+format_frequency_penalty = 0.0  # [-2, 2] and its --frequency_penalty
+num_threads = 0                 # [0, inf) torch threads; 0 leaves torch's default (1 is faster on a busy 2-core machine)
+KEYS = lumi.declared_keys(__file__)
 
 DEFAULT_SOURCES = [
     # 999 Alpaca-format instructions and 500 chat records (identity questions, 255 repeats of the former)
@@ -102,7 +106,7 @@ PREP_VERSION = 1  # bump when rendering changes, so old caches are rebuilt
 def render_example(tok, messages, block_size, stats=None):
     """(ids, mask) of at most block_size + 1 tokens (block_size input/target pairs), cut by the rule in the
     module docstring (and counted in stats['truncated']); None when the prompt alone fills the context."""
-    ids, mask = lumi.render_chat(tok, messages)
+    ids, mask = render_chat(tok, messages)
     limit = block_size + 1
     if len(ids) <= limit:
         return ids, mask
@@ -150,7 +154,7 @@ def prepare_sft_data(tok, srcs, block_size, cache_dir='data/sft', val_frac=0.02,
     if os.path.exists(path):
         try:  # a cache is rebuilt from its sources, never trusted when it cannot be used
             prepared = checkpoint.load_checkpoint(path)
-            lumi.check_tokenizer(prepared.get('tokenizer_sha256'), tok.sha256, path)
+            check_tokenizer(prepared.get('tokenizer_sha256'), tok.sha256, path)
             lumi.log(f"SFT data from cache {path}: {len(prepared['lengths'])} conversations")
             return prepared
         except (lumi.LumiError, KeyError) as e:
@@ -197,7 +201,7 @@ def collate_chats(prepared, offsets, index):
     """x padded with PAD_ID, y = the next token where it is an assistant token, else -1 (ignored)."""
     lengths = prepared['lengths'][index]
     T = int(lengths.max()) - 1
-    x = torch.full((len(index), T), lumi.PAD_ID, dtype=torch.long)
+    x = torch.full((len(index), T), PAD_ID, dtype=torch.long)
     y = torch.full((len(index), T), -1, dtype=torch.long)
     for row, i in enumerate(index):
         a, n = int(offsets[i]), int(lengths[row])
@@ -207,19 +211,17 @@ def collate_chats(prepared, offsets, index):
     return x, y
 
 
-class SFTBatches:
+class SFTBatches(training.EpochBatches):
     def __init__(self, prepared, examples, weights, batch_size, seed, rank=0, world_size=1, group=32):
         self.prepared, self.batch_size, self.seed, self.group = prepared, batch_size, seed, group
-        self.rank, self.world = rank, world_size
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), prepared['lengths'].cumsum(0)])
         src = prepared['source'].numpy()
         self.by_source = [(np.asarray([i for i in examples if src[i] == s]), w) for s, w in enumerate(weights)]
-        self.epoch, self.pos = 0, 0
-        self.batches = self._plan(0)
+        super().__init__(rank, world_size)
         if not self.batches:
             raise ValueError(f"not enough SFT examples for one batch on each of {world_size} processes")
 
-    def _plan(self, epoch):
+    def plan(self, epoch):
         rng = np.random.default_rng([self.seed, epoch])
         chosen = []
         for idx, w in self.by_source:
@@ -233,38 +235,18 @@ class SFTBatches:
             chunk = chunk[np.argsort(lengths[chunk], kind='stable')]
             batches += [chunk[b:b + self.batch_size] for b in range(0, len(chunk), self.batch_size)]
         rng.shuffle(batches)
-        usable = len(batches) - len(batches) % self.world  # every process takes as many steps
-        return batches[self.rank:usable:self.world]
+        return batches
 
-    def __len__(self):
-        return len(self.batches)
-
-    def next_batch(self):
-        if self.pos >= len(self.batches):
-            self.epoch, self.pos = self.epoch + 1, 0
-            self.batches = self._plan(self.epoch)
-        index = self.batches[self.pos]
-        self.pos += 1
+    def collate(self, index):
         return collate_chats(self.prepared, self.offsets, index)
-
-    def state_dict(self):
-        return {'epoch': self.epoch, 'pos': self.pos}
-
-    def load_state_dict(self, state):
-        self.epoch, self.pos = int(state['epoch']), int(state['pos'])
-        self.batches = self._plan(self.epoch)
 
 
 def sft_loss(model, batch):
-    """Mean cross-entropy over the assistant tokens. The LM head runs on those positions alone: prompts and
-    padding need no logits, and with a 32768-token vocabulary the head is ~57 % of a tiny LoRA step's FLOPs
-    (2 x 32768 x 256 a token forward, as much for dx, against 2 x 6.3M twice for the frozen body)."""
+    """Mean cross-entropy over the assistant tokens, the LM head run at those positions alone."""
     x, y = batch
-    hidden = model(x, return_hidden=True)  # through the DDP / compile wrappers, so they see the forward
-    head = getattr(model, 'module', model).lm_head  # DDP hides it under .module; compile forwards it
     learn = y != -1
-    loss = F.cross_entropy(head(hidden[learn]).float(), y[learn])
-    return loss, {'tokens': int((x != lumi.PAD_ID).sum()), 'assistant_tokens': int(learn.sum())}
+    loss = F.cross_entropy(training.target_logits(model, x, y).float(), y[learn])
+    return loss, {'tokens': int((x != PAD_ID).sum()), 'assistant_tokens': int(learn.sum())}
 
 
 def mixed_order(prepared, examples, weights, seed):
@@ -290,7 +272,7 @@ def make_sft_evaluate(prepared, val_examples, batch_size, max_batches, names):
         for index in batches:
             x, y = (t.to(device) for t in collate_chats(prepared, offsets, index))
             learn = y != -1
-            nll = F.cross_entropy(model.lm_head(model(x, return_hidden=True)[learn]).float(), y[learn], reduction='none')
+            nll = F.cross_entropy(training.target_logits(model, x, y).float(), y[learn], reduction='none')
             per_row = torch.zeros(len(index), device=device).index_add_(0, learn.nonzero()[:, 0], nll)
             for row, i in enumerate(index):
                 for key in ('val_loss', f"val_loss_{names[int(prepared['source'][i])]}"):
@@ -298,10 +280,6 @@ def make_sft_evaluate(prepared, val_examples, batch_size, max_batches, names):
                     counts[key] += int(learn[row].sum())
         return {k: sums[k] / max(1, counts[k]) for k in sums}
     return evaluate
-
-
-# -----------------------------------------------------------------------------
-# adapters: save alone, load onto a base, merge into a standalone checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -341,7 +319,7 @@ def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperat
         for s in range(0, len(prompts), batch_size):
             rows = [[] for _ in prompts[s:s + batch_size]]
             for idx, tokens in generate_ids(model, prompts[s:s + batch_size], params,
-                                            (tok.end_id, lumi.EOS_ID), make_generator(s, device)):
+                                            (tok.end_id, EOS_ID), make_generator(s, device)):
                 for r, t in zip(idx, tokens):
                     rows[r].append(t)
             out += rows
@@ -354,7 +332,7 @@ def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperat
         out[f'format_end_rate_{name}'] = float(np.mean([e for e, s in zip(ended, src) if s == name]))
         out[f'format_prompts_{name}'] = src.count(name)
     if greedy and prompts:
-        texts = [[t for t in r if t not in (tok.end_id, lumi.EOS_ID)] for r in replies(prompts[:greedy], 0.0)]
+        texts = [[t for t in r if t not in (tok.end_id, EOS_ID)] for r in replies(prompts[:greedy], 0.0)]
         out.update(greedy_prompts=len(texts), greedy_loops=sum(one_token_loop(t) for t in texts),
                    greedy_distinct2=distinct_ngrams(texts, 2),
                    greedy_examples=[tok.decode(t) for t in texts[:3]])
@@ -364,16 +342,13 @@ def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperat
 # -----------------------------------------------------------------------------
 # the stage
 
-DEFAULTS = {**training.TRAINING_DEFAULTS, **lumi.config_defaults(globals())}
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == 'merge':
         if len(argv) != 4:
             raise lumi.LumiError("usage: python sft.py merge BASE_CKPT ADAPTER OUT")
         return merge_adapter(*argv[1:])
-    cfg = lumi.load_config(DEFAULTS, argv, shares_with=())
+    cfg = lumi.load_config(KEYS, argv, shares_with=())
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device, rank, _, world = lumi.setup_distributed(cfg.device)
@@ -400,7 +375,7 @@ def main(argv=None):
              f"{prepared['mask'].float().mean():.0%} of them assistant tokens")
 
     if cfg.lora_r > 0:
-        chat_ids = [tok.role_id[r] for r in lumi.ROLES] + [tok.end_id] if cfg.lora_chat_tokens else []
+        chat_ids = [tok.role_id[r] for r in ROLES] + [tok.end_id] if cfg.lora_chat_tokens else []
         apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                    targets=tuple(cfg.lora_targets), tokens=chat_ids)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -451,5 +426,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    lumi.cli(main, DEFAULTS, "usage: python sft.py [CONFIG.py] [--key=value ...]\n"
+    lumi.cli(main, KEYS, "usage: python sft.py [CONFIG.py] [--key=value ...]\n"
                              "       python sft.py merge BASE_CKPT ADAPTER OUT")

@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import fields
 
 import torch
 
@@ -28,38 +29,24 @@ import bins
 import lumi
 import training
 from model import GPT, ModelConfig
+from tokenizer import Tokenizer, check_tokenizer
 
 # -----------------------------------------------------------------------------
-# defaults: any of them can be set in a config file (configs/tiny.py) or as --key=value; training.TRAINING_DEFAULTS
-# adds the loop's keys (learning_rate, batch_size, max_iters, max_minutes, compile, dtype, out_dir, ...)
-
-# model: the tiny model of configs/tiny.py
-n_layer = 6                 # transformer blocks
-n_head = 4                  # attention heads (n_embd must divide by it)
-n_kv_head = 4               # < n_head: grouped-query attention
-n_embd = 256                # width of the residual stream
-ffn_hidden = 1024           # SwiGLU hidden width
-block_size = 1024           # context length in tokens
-dropout = 0.0               # on attention and MLP outputs while training
-tie_embeddings = True       # the LM head shares the token embedding's weights
-rope_theta = 10000.0        # RoPE base frequency
-# (no vocab_size here: the model's is the tokenizer's, read from the bins' meta.json. A config file's
-# vocab_size is data.py's, the size of the tokenizer it trains when the bins are missing.)
-# data
+# keys: set in a config file (configs/tiny.py) or as --key=value. The model's shape (n_layer, n_embd, ...) is
+# model.py's, the loop's (learning_rate, batch_size, max_iters, max_minutes, compile, dtype, ...) training.py's.
+KEY_FILES = ('model.py', 'training.py')
 data_dir = 'data/starter'   # the built-in starter corpus; bins missing here are built first through data.py
-# budget: max_iters = 0 trains tokens_per_param tokens per parameter (Chinchilla: 20)
-tokens_per_param = 20.0
-# CPU threads for torch; 0 keeps torch's default (one per core). On a machine shared with other jobs, 1 is
-# faster: with two, each op waits for the thread the neighbours' load has descheduled
-num_threads = 0
-out_dir = 'out/pretrain'
+tokens_per_param = 20.0     # (0, inf) the token budget when max_iters = 0: tokens per parameter (Chinchilla: 20)
+num_threads = 0             # [0, inf) CPU threads for torch; 0 keeps torch's default (one per core). On a machine
+                            # shared with other jobs 1 is faster: with two, each op waits for the descheduled one
+out_dir = 'out/pretrain'    # where checkpoints, metrics.jsonl and loss.svg go
+eval_iters = 20             # [1, inf) held-out batches per evaluation: the val loss averages them
 
-DEFAULTS = {**training.TRAINING_DEFAULTS, **lumi.config_defaults(globals())}
-RANGES = {'block_size': '[1, inf)', 'eval_iters': '[1, inf)'}  # the val loss averages eval_iters batches
-SHARES_WITH = ('data.py', 'pipeline.py')  # a config file sets the data's keys beside the model's (configs/tiny.py), and may
-# be the lab's own too (lumi.py run LAB.py reads it, then hands it to data.py and train.py)
-MODEL_KEYS = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden', 'block_size', 'dropout',
-              'tie_embeddings', 'rope_theta')
+KEYS = lumi.declared_keys(__file__)
+# a config file sets the data's keys beside the model's (configs/tiny.py), and may be the lab's own too (lumi.py run
+# LAB.py reads it, then hands it to data.py and train.py)
+SHARES_WITH = ('data.py', 'pipeline.py')
+MODEL_KEYS = tuple(f.name for f in fields(ModelConfig) if f.name != 'vocab_size')
 
 
 # -----------------------------------------------------------------------------
@@ -96,7 +83,7 @@ def check_resume(path, model_args, tokenizer_sha, data_dir):
         raise lumi.LumiError(f"{path}: not a pretraining checkpoint (no model_args or tokenizer_sha256); use "
                              f"another --out_dir or --resume=never")
     checkpoint.tokenizer_from_checkpoint(ckpt)  # its stored hash is its tokenizer's, before it is compared
-    lumi.check_tokenizer(tokenizer_sha, ckpt['tokenizer_sha256'], f"the bins in {data_dir} (resuming {path})")
+    check_tokenizer(tokenizer_sha, ckpt['tokenizer_sha256'], f"the bins in {data_dir} (resuming {path})")
     differ = [f"{k}: checkpoint {v!r}, config {model_args.get(k)!r}" for k, v in ckpt['model_args'].items()
               if model_args.get(k) != v]
     if differ:
@@ -159,7 +146,7 @@ def baseline_verdict(val_loss, entropy):
 
 def main(argv=None):
     """Train; returns the path of the final checkpoint (None on ranks other than 0)."""
-    cfg = lumi.load_config(DEFAULTS, argv, RANGES, shares_with=SHARES_WITH)
+    cfg = lumi.load_config(KEYS, argv, shares_with=SHARES_WITH)
     device, rank, _, world = lumi.setup_distributed(cfg.device)
     cfg.dtype = lumi.resolve_dtype(cfg.dtype, device)
     if cfg.num_threads:
@@ -170,11 +157,10 @@ def main(argv=None):
 
     prepare_data(cfg, rank)
     meta = bins.load_meta(cfg.data_dir)
-    tok = lumi.Tokenizer.load(os.path.join(cfg.data_dir, 'tokenizer', 'tokenizer.model'))
-    lumi.check_tokenizer(meta['tokenizer_sha256'], tok.sha256, f"the bins in {cfg.data_dir}")
+    tok = Tokenizer.load(os.path.join(cfg.data_dir, 'tokenizer', 'tokenizer.model'))
+    check_tokenizer(meta['tokenizer_sha256'], tok.sha256, f"the bins in {cfg.data_dir}")
     cfg.tokenizer_sha256 = tok.sha256
     model_args = dict({k: cfg[k] for k in MODEL_KEYS}, vocab_size=meta['vocab_size'])
-    model_args['norm_eps'] = ModelConfig.norm_eps
     resuming = resume_path(cfg)
     if resuming:
         check_resume(resuming, model_args, tok.sha256, cfg.data_dir)
@@ -215,4 +201,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    lumi.cli(main, DEFAULTS)
+    lumi.cli(main, KEYS)

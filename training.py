@@ -1,11 +1,12 @@
 """
 The training loop that train.py, sft.py and dpo.py all run, in named steps: a Trainer holds one run's state
-(model, optimizer, batches, step, tokens seen, best val loss) and offers `train_step`, `evaluate`, `save` and
-`plan_budget`; `fit` is the short loop that calls them on schedule. Each stage brings a model, a batch source
+(model, optimizer, batches, step, tokens seen, best val loss) and offers `train_step`, `evaluate_and_save` and
+`replan` (on `evaluate`, `save` and `plan_budget`); `fit` is the short loop that calls them. Each stage brings a model, a batch source
 with next_batch()/state_dict()/load_state_dict(), a loss function and an evaluation; the loop brings the
 optimizer, the schedule, accumulation, clipping, precision, compile, DDP, progress, metrics and exact resume.
-Also here: the loop's defaults, AdamW's groups, the learning-rate schedule, the peak FLOP/s behind MFU, and
-the unigram entropy of a bin (the val loss of a model that ignores context).
+Also here: the loop's keys, AdamW's groups, the learning-rate schedule, the peak FLOP/s behind MFU, the unigram
+entropy of a bin (the val loss of a model that ignores context), and what SFT and DPO share: the LM head at target
+positions only (target_logits) and epochs of planned batches (EpochBatches).
 
 Deliberately left out: what a stage trains on or how it scores (train.py, sft.py, dpo.py), and any optimizer
 but AdamW.
@@ -28,32 +29,31 @@ from checkpoint import latest_step, load_checkpoint, save_checkpoint, step_of, s
 from lumi import LumiError, append_jsonl, atomic_write, autocast, log, read_jsonl, resolve_compile, resolve_dtype, \
     setup_distributed
 
-TRAINING_DEFAULTS = dict(
-    out_dir='out/run',        # where checkpoints, metrics.jsonl and loss.svg go
-    device='auto',            # auto: cuda when present, else cpu
-    dtype='auto',             # auto: bfloat16 on CUDA and on CPUs with native bf16, else float32; or 'bfloat16' / 'float32'
-    compile='auto',           # auto: torch.compile on CUDA only (on a CPU it costs minutes and gains nothing); True / False
-    seed=1337,                # seeds init, batches and dropout; a resumed run restores its RNGs
-    batch_size=8,             # sequences per micro-step on each process
-    gradient_accumulation_steps=1,  # micro-steps per optimizer step
-    max_iters=0,              # optimizer steps; 0 lets the stage derive it (e.g. from a token budget)
-    max_minutes=0.0,          # > 0: a wall-clock cap; the schedule is fitted to the steps that fit in it
-    learning_rate=1e-3,       # peak AdamW learning rate, after warmup
-    min_lr=1e-4,              # where cosine and wsd end
-    lr_schedule='cosine',     # cosine | wsd (warmup-stable-decay) | constant
-    warmup_iters=20,          # steps of linear warmup
-    decay_frac=0.2,           # wsd: the fraction of steps spent decaying at the end
-    weight_decay=0.1,         # AdamW decay on matrices (norms and vectors never decay)
-    beta1=0.9,                # AdamW's first-moment decay
-    beta2=0.95,               # AdamW's second-moment decay
-    grad_clip=1.0,            # clip the gradient norm to this; 0 is off
-    eval_interval=100,        # steps between held-out evaluations
-    eval_iters=20,            # held-out batches per evaluation
-    ckpt_interval=100,        # steps between step checkpoints (an improved val loss saves too)
-    keep_last=2,              # step checkpoints kept besides best.pt
-    resume='auto',            # auto: continue from the newest checkpoint in out_dir; never; or a path
-    peak_flops=0.0,           # for MFU; 0 guesses from the device
-)
+# -----------------------------------------------------------------------------
+# the training loop's keys, which train.py, sft.py and dpo.py take (KEY_FILES) and may set otherwise
+KEY_FILES = ('lumi.py',)    # device and dtype
+out_dir = 'out/run'         # where checkpoints, metrics.jsonl and loss.svg go
+compile = 'auto'            # auto: torch.compile on CUDA only (on a CPU it costs minutes and gains nothing); True / False
+seed = 1337                 # [0, inf) seeds init, batches and dropout; a resumed run restores its RNGs
+batch_size = 8              # [1, inf) sequences per micro-step on each process
+gradient_accumulation_steps = 1  # [1, inf) micro-steps per optimizer step
+max_iters = 0               # [0, inf) optimizer steps; 0 lets the stage derive it (e.g. from a token budget)
+max_minutes = 0.0           # [0, inf) > 0: a wall-clock cap; the schedule is fitted to the steps that fit in it
+learning_rate = 1e-3        # [0, inf) peak AdamW learning rate, after warmup
+min_lr = 1e-4               # [0, inf) where cosine and wsd end
+lr_schedule = 'cosine'      # cosine | wsd (warmup-stable-decay) | constant
+warmup_iters = 20           # [0, inf) steps of linear warmup
+decay_frac = 0.2            # [0, 1] wsd: the fraction of steps spent decaying at the end
+weight_decay = 0.1          # [0, inf) AdamW decay on matrices (norms and vectors never decay)
+beta1 = 0.9                 # [0, 1) AdamW's first-moment decay
+beta2 = 0.95                # [0, 1) AdamW's second-moment decay
+grad_clip = 1.0             # [0, inf) clip the gradient norm to this; 0 is off
+eval_interval = 100         # [1, inf) steps between held-out evaluations
+eval_iters = 20             # [0, inf) held-out batches per evaluation
+ckpt_interval = 100         # [1, inf) steps between step checkpoints (an improved val loss saves too)
+keep_last = 2               # [0, inf) step checkpoints kept besides best.pt
+resume = 'auto'             # auto: continue from the newest checkpoint in out_dir; never; or a path
+peak_flops = 0.0            # [0, inf) for MFU; 0 guesses from the device
 
 
 def make_optimizer(model, cfg, device):
@@ -176,6 +176,64 @@ def unigram_entropy(path, vocab_size):
     counts = np.bincount(np.memmap(path, dtype=np.uint16, mode='r'), minlength=vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+# -----------------------------------------------------------------------------
+# what the fine-tuning stages share: the LM head at target positions only, and epochs of planned batches
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers."""
+    model = getattr(model, 'module', model)
+    return getattr(model, '_orig_mod', model)
+
+
+def target_logits(model, idx, targets):
+    """The LM head's logits at the positions that have a target (targets != -1) only: (N, V), in row order.
+    Prompts and padding need no logits, and with a 32768-token vocabulary the head is the largest part of a small
+    model's step (~57 % of a tiny LoRA step's FLOPs: 2 x 32768 x 256 a token forward, as much for dx), so SFT
+    learns and DPO scores with the head run where they need it."""
+    hidden = model(idx, return_hidden=True)  # through the DDP / compile wrappers, so they see the forward
+    return unwrap(model).lm_head(hidden[targets != -1])
+
+
+class EpochBatches:
+    """Shuffled passes over fixed examples, as training.fit reads them: a subclass's plan(epoch) gives an
+    epoch's batches (lists of example indices), the same on every rank, each rank takes every world-th of the
+    usable ones, and collate(index) makes a batch. state_dict() is the (epoch, position) to resume at exactly."""
+
+    def __init__(self, rank=0, world_size=1):
+        self.rank, self.world = rank, world_size
+        self.epoch, self.pos = 0, 0
+        self.batches = self._mine(0)
+
+    def plan(self, epoch):
+        raise NotImplementedError
+
+    def collate(self, index):
+        raise NotImplementedError
+
+    def _mine(self, epoch):
+        batches = self.plan(epoch)
+        usable = len(batches) - len(batches) % self.world  # every rank takes as many steps
+        return batches[self.rank:usable:self.world]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def next_batch(self):
+        if self.pos >= len(self.batches):  # the remainder waits for the next epoch's shuffle
+            self.epoch, self.pos = self.epoch + 1, 0
+            self.batches = self._mine(self.epoch)
+        index = self.batches[self.pos]
+        self.pos += 1
+        return self.collate(index)
+
+    def state_dict(self):
+        return {'epoch': self.epoch, 'pos': self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos = int(state['epoch']), int(state['pos'])
+        self.batches = self._mine(self.epoch)
 
 
 # -----------------------------------------------------------------------------
@@ -361,73 +419,95 @@ class Trainer:
             n = int(t.item())
         return max(self.step, min(cap, self.step + n)), per_step
 
+    # --- what fit calls, in order, once the run has started
 
-def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None, on_start=None):
-    """Train model and return the path of the final checkpoint: a Trainer's steps on schedule. on_start(step)
-    runs once after resume, before the first step. See Trainer for the rest."""
-    run = Trainer(cfg, model, batches, loss_fn, evaluate, meta)
-    if on_start is not None:
-        on_start(run.step)
-    t_start = time.time()
-    budget_s = cfg.max_minutes * 60
-    replan = budget_s > 0 and not run.resumed_from  # fit the schedule to the clock; a resumed run keeps its plan
-    planned, cap, recent = False, run.max_iters or 10**12, []  # recent: the last step times, for the plan
-    last, final_path = {}, run.resumed_from  # resuming a finished run returns the checkpoint it resumed
-    model.train()
-    bar = tqdm(total=run.max_iters or None, initial=run.step, disable=not run.master, dynamic_ncols=True,
-               desc=cfg.out_dir)
-    eval_s, resumed_at = 0.0, run.step if run.resumed_from else -1
-    while True:
-        # evaluate and checkpoint on schedule, and at the end; the step we resumed at was done before
-        step = run.step
-        done = bool(run.max_iters and step >= run.max_iters)
-        if budget_s > 0 and not done:  # the clock is a safety net past the plan; every rank must agree on it
-            over = torch.tensor(float(time.time() - t_start > budget_s * 1.05), device=run.device)
-            if run.world > 1:
+    def start(self):
+        """Start the clock (max_minutes) and the progress bar."""
+        cfg = self.cfg
+        self.t_start, self.budget_s = time.time(), cfg.max_minutes * 60
+        # fit the schedule to the clock; a resumed run keeps its plan
+        self.replanning = self.budget_s > 0 and not self.resumed_from
+        self.planned, self.cap, self.recent = False, self.max_iters or 10**12, []  # recent: the last step times
+        self.last, self.eval_s, self.final_path = {}, 0.0, self.resumed_from  # a finished run returns its checkpoint
+        self.resumed_at = self.step if self.resumed_from else -1  # that step was evaluated and saved before
+        self.raw.train()
+        self.bar = tqdm(total=self.max_iters or None, initial=self.step, disable=not self.master, dynamic_ncols=True,
+                        desc=cfg.out_dir)
+
+    def finished(self):
+        """Whether the planned steps are done, or the clock ran out past the plan (a safety net: every rank
+        must agree on it)."""
+        done = bool(self.max_iters and self.step >= self.max_iters)
+        if self.budget_s > 0 and not done:
+            over = torch.tensor(float(time.time() - self.t_start > self.budget_s * 1.05), device=self.device)
+            if self.world > 1:
                 dist.all_reduce(over, op=dist.ReduceOp.MAX)
             done = bool(over.item())
-        if step == resumed_at:
-            pass
-        elif step % cfg.eval_interval == 0 or done:
-            t0 = time.time()
-            val = run.evaluate()
-            eval_s = time.time() - t0
-            if val and run.master:
-                append_jsonl(run.metrics_path, dict(step=step, tokens=run.tokens_seen, **val))
-                bar.write(f"step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float)))
-            improved = 'val_loss' in val and val['val_loss'] < run.best_val
-            if improved:
-                run.best_val = val['val_loss']
-            if step > 0 and (improved or step % cfg.ckpt_interval == 0 or done):
-                final_path = run.save(val, last, best=improved) or final_path
-        elif step % cfg.ckpt_interval == 0:
-            final_path = run.save({}, last) or final_path
-        if done:
-            break
+        return done
 
-        try:
-            last, dt = run.train_step(lr_at(step, run.max_iters or 1, cfg))
-        except TrainingDiverged:
-            bar.close()
-            raise
-        if run.step > 1:  # the first step is not timed: it holds torch.compile's compilation (~30 s on 2 cores)
-            recent = (recent + [dt])[-10:]
-        if run.master:
-            append_jsonl(run.metrics_path, last)
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_sec']:,.0f}",
-                            mfu=f"{100 * last['mfu']:.1f}%")
-        if replan and len(recent) >= max(2, min(10, cfg.warmup_iters // 2)):
-            # planned again after every step from the last ten, so that a machine that slows down midway (a
-            # shared one does) still finishes its cosine on time instead of being cut off high
-            run.max_iters, per_step = run.plan_budget(budget_s, time.time() - t_start, recent, eval_s, cap)
-            bar.total = run.max_iters
-            if not planned:
-                log(f"max_minutes={cfg.max_minutes}: {per_step:.3f}s a step, planning {run.max_iters} steps")
-            planned = True
-    bar.close()
+    def evaluate_and_save(self, done):
+        """Evaluate and checkpoint on schedule, and at the end: every eval_interval steps the held-out metrics
+        (logged), and a checkpoint when they improved, every ckpt_interval steps, and at the end."""
+        cfg, step = self.cfg, self.step
+        if step == self.resumed_at:
+            return
+        if step % cfg.eval_interval == 0 or done:
+            t0 = time.time()
+            val = self.evaluate()
+            self.eval_s = time.time() - t0
+            if val and self.master:
+                append_jsonl(self.metrics_path, dict(step=step, tokens=self.tokens_seen, **val))
+                self.bar.write(f"step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in val.items()
+                                                           if isinstance(v, float)))
+            improved = 'val_loss' in val and val['val_loss'] < self.best_val
+            if improved:
+                self.best_val = val['val_loss']
+            if step > 0 and (improved or step % cfg.ckpt_interval == 0 or done):
+                self.final_path = self.save(val, self.last, best=improved) or self.final_path
+        elif step % cfg.ckpt_interval == 0:
+            self.final_path = self.save({}, self.last) or self.final_path
+
+    def record(self, last, dt):
+        """Log a step's metrics (metrics.jsonl, the progress bar) and keep its time for the plan."""
+        self.last = last
+        if self.step > 1:  # the first step is not timed: it holds torch.compile's compilation (~30 s on 2 cores)
+            self.recent = (self.recent + [dt])[-10:]
+        if self.master:
+            append_jsonl(self.metrics_path, last)
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_sec']:,.0f}",
+                                 mfu=f"{100 * last['mfu']:.1f}%")
+
+    def replan(self):
+        """Re-fit max_iters to the clock after every step from the last ten step times, so that a machine that
+        slows down midway (a shared one does) still finishes its schedule on time instead of being cut off high."""
+        if not self.replanning or len(self.recent) < max(2, min(10, self.cfg.warmup_iters // 2)):
+            return
+        self.max_iters, per_step = self.plan_budget(self.budget_s, time.time() - self.t_start, self.recent,
+                                                    self.eval_s, self.cap)
+        self.bar.total = self.max_iters
+        if not self.planned:
+            log(f"max_minutes={self.cfg.max_minutes}: {per_step:.3f}s a step, planning {self.max_iters} steps")
+        self.planned = True
+
+
+def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None):
+    """Train model and return the path of the final checkpoint: a Trainer's steps on schedule. See Trainer for
+    what the arguments are."""
+    run = Trainer(cfg, model, batches, loss_fn, evaluate, meta)
+    run.start()
+    try:
+        while True:
+            done = run.finished()
+            run.evaluate_and_save(done)
+            if done:
+                break
+            run.record(*run.train_step(lr_at(run.step, run.max_iters or 1, cfg)))
+            run.replan()
+    finally:
+        run.bar.close()
     if run.master:
         curves.write_loss_plot(cfg.out_dir)  # never raises
     if run.world > 1:
         dist.barrier()
-    return final_path
+    return run.final_path

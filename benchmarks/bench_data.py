@@ -22,6 +22,7 @@ import data  # noqa: E402
 import lumi  # noqa: E402
 import parts  # noqa: E402
 import sources  # noqa: E402
+from tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 out = '/tmp/lumi_bench_data'
 vocab_size = 32768
@@ -65,7 +66,7 @@ t_near, c_near = time.time() - t0, time.process_time() - c0
 
 # 3. packing: data.pack end to end, then its encode step (batched, multi-threaded) against a one-document-at-a-time
 # loop, in lockstep chunk by chunk so that other work on the machine falls on both alike
-tok = lumi.Tokenizer.load(os.path.join(D, 'tokenizer', 'tokenizer.model'))
+tok = Tokenizer.load(os.path.join(D, 'tokenizer', 'tokenizer.model'))
 docs = [r['text'] for r in parts.iter_corpus(D)]
 threads = settings.num_threads or os.cpu_count()  # data.py's rule for 0
 t0, c0 = time.time(), time.process_time()
@@ -78,7 +79,7 @@ for i in range(0, len(docs), 512):
     for arm in ('batch', 'loop'):
         t0, c0 = time.time(), time.process_time()
         ids = tok.encode_batch(chunk, num_threads=threads) if arm == 'batch' else [tok.encode(d) for d in chunk]
-        arrays = [np.array([lumi.BOS_ID, *x, lumi.EOS_ID], dtype=np.uint16) for x in ids]
+        arrays = [np.array([BOS_ID, *x, EOS_ID], dtype=np.uint16) for x in ids]
         wall[arm] += time.time() - t0
         cpu[arm] += time.process_time() - c0
     n_tok += sum(map(len, arrays))

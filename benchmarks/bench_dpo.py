@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import lumi  # noqa: E402
+from tokenizer import BOS_ID
 
 # defaults: a 6-layer, 256-wide model with Lumi's 32k vocabulary (the logits are the largest activation)
 arm = ''                  # internal: 'sft' or 'dpo' runs one arm in this process
@@ -58,7 +59,7 @@ def make_batch(cfg):
     pairs = []
     for i in range(cfg.batch_size):
         reply = cfg.reply_len - 7 * i
-        pairs.append({'prompt': [lumi.BOS_ID] + ids(cfg.prompt_len - 1 - 3 * i), 'chosen': ids(reply),
+        pairs.append({'prompt': [BOS_ID] + ids(cfg.prompt_len - 1 - 3 * i), 'chosen': ids(reply),
                       'rejected': ids(reply - 20)})
     return dpo.collate_pairs(pairs)
 
@@ -67,7 +68,8 @@ def run_arm(cfg):
     """One arm in this process; prints a JSON line with its peak memory growth and step time."""
     import dpo
     import sft
-    from model import GPT, ModelConfig, apply_lora
+    from lora import apply_lora
+    from model import GPT, ModelConfig
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     cuda = cfg.device.startswith('cuda')

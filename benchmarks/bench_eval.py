@@ -27,6 +27,7 @@ import eval as ev
 import engine
 import lumi
 from model import GPT, ModelConfig
+from tokenizer import CHAT_TOKENS, Tokenizer
 
 n = 200                      # BoolQ examples (the first n of dev.jsonl)
 batch_tokens = ev.BATCH_TOKENS['cpu']   # eval.py's CPU default
@@ -40,16 +41,16 @@ threads = 0                  # torch threads; 0 keeps torch's default (one per c
 
 def make_tokenizer(path, vocab_size):
     if os.path.exists(path):
-        return lumi.Tokenizer.load(path), path
+        return Tokenizer.load(path), path
     import sentencepiece as spm
     buf = io.BytesIO()
     text = [c for c, _, _ in ev.load_examples('boolq', ev.boolq_source)[0]]
     spm.SentencePieceTrainer.train(  # data.py's settings; 2 MB of text may not fill the vocabulary
         sentence_iterator=iter(text), model_writer=buf, model_type='bpe', vocab_size=vocab_size,
         hard_vocab_limit=False, byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-        user_defined_symbols=list(lumi.CHAT_TOKENS), normalization_rule_name='identity',
+        user_defined_symbols=list(CHAT_TOKENS), normalization_rule_name='identity',
         remove_extra_whitespaces=False, minloglevel=2)
-    tok = lumi.Tokenizer(buf.getvalue())
+    tok = Tokenizer(buf.getvalue())
     return tok, f'BPE of {tok.vocab_size} pieces trained here on the BoolQ dev passages ({path} missing)'
 
 

@@ -38,7 +38,8 @@ import training  # noqa: E402
 import lumi  # noqa: E402
 import sft  # noqa: E402
 import model as model_lib  # noqa: E402
-from model import GPT, ModelConfig, apply_lora  # noqa: E402
+from lora import apply_lora
+from model import GPT, ModelConfig  # noqa: E402
 
 config = os.path.join(ROOT, 'configs', 'tiny.py')  # model shape: its n_layer, n_embd, ... (if present)
 batch_size = 8
@@ -105,7 +106,7 @@ def run_arm(cfg):
     y[:, :cfg.seq_len // 2] = -1  # the prompt: no loss
     dtype = 'bfloat16' if dev.startswith('cuda') else cfg.dtype
     out_dir = tempfile.mkdtemp(prefix='bench_lora_')
-    run = training.Trainer(lumi.Config(training.TRAINING_DEFAULTS, device=dev, dtype=dtype, compile=False,
+    run = training.Trainer(lumi.Config(lumi.load_config(lumi.declared_keys('training.py'), []), device=dev, dtype=dtype, compile=False,
                                        resume='never', out_dir=out_dir),
                            model, SameBatch((x[:, :-1], y)), sft.sft_loss)
     if dev.startswith('cuda'):

@@ -152,7 +152,7 @@ def main():
         torch.set_num_threads(a.threads)
     clock = time.process_time if a.clock == 'cpu' else time.time
 
-    cfg = lumi.load_config(train.DEFAULTS, [a.config] + ([f'--data_dir={a.data_dir}'] if a.data_dir else []))
+    cfg = lumi.load_config(train.KEYS, [a.config] + ([f'--data_dir={a.data_dir}'] if a.data_dir else []))
     cfg.data_dir = cfg.data_dir if os.path.isabs(cfg.data_dir) else os.path.join(ROOT, cfg.data_dir)
     train.prepare_data(cfg, 0)
     meta = bins.load_meta(cfg.data_dir)

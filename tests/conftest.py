@@ -19,7 +19,9 @@ torch.set_num_threads(1)
 
 import pytest
 
+import lumi
 import checkpoint  # noqa: E402  (after the path above)
+from tokenizer import CHAT_TOKENS, Tokenizer
 
 
 def pytest_configure(config):
@@ -45,8 +47,8 @@ def tokenizer(tmp_path_factory):
     spm.SentencePieceTrainer.train(
         input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"), vocab_size=512, model_type="bpe",
         byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-        user_defined_symbols=list(lumi.CHAT_TOKENS), minloglevel=2)
-    return lumi.Tokenizer.load(str(d / "tokenizer.model"))
+        user_defined_symbols=list(CHAT_TOKENS), minloglevel=2)
+    return Tokenizer.load(str(d / "tokenizer.model"))
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +67,7 @@ def tiny_checkpoint(tmp_path_factory, tokenizer, tiny_config):
     torch.manual_seed(0)
     model = GPT(tiny_config)
     path = tmp_path_factory.mktemp("ckpt") / "ckpt_0000000.pt"
-    checkpoint.save_checkpoint(str(path), dict(checkpoint.checkpoint_meta(model, tokenizer, 'pretrain'),
+    lumi.save_checkpoint(str(path), dict(checkpoint.checkpoint_meta(model, tokenizer, 'pretrain'),
                                          model=model.state_dict(), step=0, tokens_seen=0, config={}))
     return str(path)
 
@@ -78,14 +80,14 @@ def lively_checkpoint(tmp_path_factory, tiny_checkpoint, tokenizer):
     import math
     import torch
     import lumi
-    model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tiny_checkpoint))
+    model = checkpoint.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint))
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 2 / math.sqrt(p.size(1)))
     path = tmp_path_factory.mktemp("lively") / "ckpt_0000000.pt"
-    checkpoint.save_checkpoint(str(path), dict(checkpoint.checkpoint_meta(model, tokenizer, 'pretrain'),
+    lumi.save_checkpoint(str(path), dict(checkpoint.checkpoint_meta(model, tokenizer, 'pretrain'),
                                          model=model.state_dict(), step=0, tokens_seen=0, config={}))
     return str(path)
 

@@ -16,6 +16,7 @@ import data
 import dpo
 import eval as ev
 import export
+import lora
 import checkpoint
 import engine
 import lumi
@@ -25,6 +26,7 @@ import serve
 import sft
 import train
 from test_train import write_bins
+from tokenizer import BOS_ID
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD_ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
@@ -91,20 +93,20 @@ def test_the_pipeline_takes_key_space_value_too(tmp_path):
 # ranges
 
 @pytest.mark.parametrize('defaults, flag, message', [
-    (train.DEFAULTS, '--max_iters=-5', "'max_iters' must be in [0, inf), got -5"),
-    (train.DEFAULTS, '--eval_interval=0', "'eval_interval' must be in [1, inf), got 0"),
-    (train.DEFAULTS, '--gradient_accumulation_steps=0', "'gradient_accumulation_steps' must be in [1, inf), got 0"),
-    (train.DEFAULTS, '--batch_size=0', "'batch_size' must be in [1, inf), got 0"),
-    (train.DEFAULTS, '--learning_rate=-1e-3', "'learning_rate' must be in [0, inf), got -0.001"),
-    (train.DEFAULTS, '--dropout=1.0', "'dropout' must be in [0, 1), got 1.0"),
-    (sft.DEFAULTS, '--lora_r=-4', "'lora_r' must be in [0, inf), got -4"),
-    (dpo.DEFAULTS, '--beta=0', "'beta' must be in (0, inf), got 0.0"),
-    (sample.DEFAULTS, '--max_new_tokens=-1', "'max_new_tokens' must be in [1, inf), got -1"),
-    (serve.DEFAULTS, '--port=99999', "'port' must be in [0, 65535], got 99999"),
-    (sample.DEFAULTS, '--top_p=1.5', "'top_p' must be in (0, 1], got 1.5"),
-    (ev.DEFAULTS, '--limit=-1', "'limit' must be in [0, inf), got -1"),
-    (data.DEFAULTS, '--val_fraction=1.0', "'val_fraction' must be in [0, 1), got 1.0"),
-    (pipeline.DEFAULTS, '--eval_limit=-2', "'eval_limit' must be in [0, inf), got -2"),
+    (train.KEYS, '--max_iters=-5', "'max_iters' must be in [0, inf), got -5"),
+    (train.KEYS, '--eval_interval=0', "'eval_interval' must be in [1, inf), got 0"),
+    (train.KEYS, '--gradient_accumulation_steps=0', "'gradient_accumulation_steps' must be in [1, inf), got 0"),
+    (train.KEYS, '--batch_size=0', "'batch_size' must be in [1, inf), got 0"),
+    (train.KEYS, '--learning_rate=-1e-3', "'learning_rate' must be in [0, inf), got -0.001"),
+    (train.KEYS, '--dropout=1.0', "'dropout' must be in [0, 1), got 1.0"),
+    (sft.KEYS, '--lora_r=-4', "'lora_r' must be in [0, inf), got -4"),
+    (dpo.KEYS, '--beta=0', "'beta' must be in (0, inf), got 0.0"),
+    (sample.KEYS, '--max_new_tokens=-1', "'max_new_tokens' must be in [1, inf), got -1"),
+    (serve.KEYS, '--port=99999', "'port' must be in [0, 65535], got 99999"),
+    (sample.KEYS, '--top_p=1.5', "'top_p' must be in (0, 1], got 1.5"),
+    (ev.KEYS, '--limit=-1', "'limit' must be in [0, inf), got -1"),
+    (data.KEYS, '--val_fraction=1.0', "'val_fraction' must be in [0, 1), got 1.0"),
+    (pipeline.KEYS, '--eval_limit=-2', "'eval_limit' must be in [0, inf), got -2"),
 ])
 def test_numeric_keys_are_range_checked(defaults, flag, message):
     with pytest.raises(lumi.LumiError) as e:
@@ -115,30 +117,51 @@ def test_numeric_keys_are_range_checked(defaults, flag, message):
 def test_a_config_file_value_out_of_range_names_the_file_and_stages_narrow_ranges(tmp_path):
     (tmp_path / 'bad.py').write_text("batch_size = -1\n")
     with pytest.raises(lumi.LumiError, match=r"bad\.py:1: 'batch_size' must be in \[1, inf\), got -1"):
-        lumi.load_config(train.DEFAULTS, [str(tmp_path / 'bad.py')])
-    assert lumi.load_config(dpo.DEFAULTS, ['--eval_iters=0']).eval_iters == 0  # dpo.py: 0 is "all"
+        lumi.load_config(train.KEYS, [str(tmp_path / 'bad.py')])
+    assert lumi.load_config(dpo.KEYS, ['--eval_iters=0']).eval_iters == 0  # dpo.py: 0 is "all"
     with pytest.raises(lumi.LumiError, match=r"'eval_iters' must be in \[1, inf\)"):
-        lumi.load_config(train.DEFAULTS, ['--eval_iters=0'], train.RANGES)  # train.py averages eval_iters batches
+        lumi.load_config(train.KEYS, ['--eval_iters=0'])  # train.py averages eval_iters batches
 
 
-def test_every_range_is_well_formed():
-    for key, interval in lumi.RANGES.items():
-        lo, hi = (float(x) for x in interval[1:-1].split(','))
-        assert interval[0] in '[(' and interval[-1] in '])' and lo < hi, key
+STAGE_FILES = ['train.py', 'sft.py', 'dpo.py', 'data.py', 'eval.py', 'sample.py', 'serve.py', 'export.py', 'plot.py',
+               'pipeline.py']
+
+
+@pytest.mark.parametrize('stage', STAGE_FILES)
+def test_every_range_is_well_formed_and_beside_its_key(stage):
+    for key, k in lumi.declared_keys(stage).items():
+        numeric = isinstance(k.default, (int, float)) and not isinstance(k.default, bool)
+        if numeric and k.doc[:1] in '[(':  # a number's comment that opens like an interval must be one
+            assert k.range and k.doc.startswith(k.range), (stage, key, k.doc)
+        if k.range:
+            lo, hi = (float(x) for x in k.range[1:-1].split(','))
+            assert lo < hi and isinstance(k.default, (int, float)) and lumi.in_range(k.default, k.range), (stage, key)
     assert lumi.in_range(0, '[0, 1)') and not lumi.in_range(1, '[0, 1)') and not lumi.in_range(0, '(0, 1]')
+
+
+def test_a_range_in_a_comment_is_read_and_a_redeclared_key_keeps_its_base_range(tmp_path):
+    (tmp_path / 'base.py').write_text("steps = 10  # [1, 100] steps to take\nrate = 0.5  # (0, 1] a share\n")
+    (tmp_path / 'stage.py').write_text(f"KEY_FILES = ({str(tmp_path / 'base.py')!r},)\nsteps = 20\n"
+                                       "rate = 0.25  # [0, 1] a share, 0 included\nname = 'x'  # a name\n")
+    keys = lumi.declared_keys(str(tmp_path / 'stage.py'))
+    assert keys == {'steps': lumi.Key(20, '[1, 100] steps to take', '[1, 100]'),
+                    'rate': lumi.Key(0.25, '[0, 1] a share, 0 included', '[0, 1]'), 'name': lumi.Key('x', 'a name', '')}
+    assert lumi.load_config(keys, ['--rate=0']).rate == 0.0
+    with pytest.raises(lumi.LumiError, match=r"'steps' must be in \[1, 100\], got 101"):
+        lumi.load_config(keys, ['--steps=101'])
 
 
 # -----------------------------------------------------------------------------
 # --help
 
-STAGES = [(train, train.DEFAULTS), (sft, sft.DEFAULTS), (dpo, dpo.DEFAULTS), (data, data.DEFAULTS),
-          (ev, ev.DEFAULTS), (sample, sample.DEFAULTS), (export, export.DEFAULTS),
-          (pipeline, pipeline.DEFAULTS)]
+STAGES = [(train, train.KEYS), (sft, sft.KEYS), (dpo, dpo.KEYS), (data, data.KEYS),
+          (ev, ev.KEYS), (sample, sample.KEYS), (export, export.KEYS),
+          (pipeline, pipeline.KEYS)]
 
 
 @pytest.mark.parametrize('module, defaults', STAGES, ids=lambda x: getattr(x, '__name__', ''))
 def test_help_gives_every_key_its_default_and_a_line(module, defaults):
-    text = lumi.config_help(defaults, 'usage: x', module.__file__)
+    text = lumi.config_help(defaults, 'usage: x')
     rows = text.split('\nkeys:\n')[1].replace('\n    ', ' ').splitlines()  # a long flag puts its line below
     described = {}
     for row in rows:
@@ -163,33 +186,33 @@ def test_help_from_the_command_line():
 def _corrupt(kind, good, path, tokenizer):
     """Write a checkpoint that cannot be used, of one kind, at path."""
     raw = open(good, 'rb').read()
-    ckpt = checkpoint.load_checkpoint(good)
+    ckpt = lumi.load_checkpoint(good)
     del ckpt['path']
     if kind == 'truncated':
         open(path, 'wb').write(raw[:len(raw) // 3])
     elif kind == 'pickle':
         torch.save(dict(ckpt, extra=engine.Sampling()), path)
     elif kind == 'bitflip':
-        checkpoint.save_checkpoint(path, ckpt)
+        lumi.save_checkpoint(path, ckpt)
         flipped = bytearray(open(path, 'rb').read())
         at = flipped.find(ckpt['model']['layers.1.mlp.down_proj.weight'].numpy().tobytes()[:16])
         flipped[at + 1] ^= 1
         open(path, 'wb').write(bytes(flipped))
     elif kind == 'tokenizer':
-        checkpoint.save_checkpoint(path, dict(ckpt, tokenizer_sha256='f' * 64))
+        lumi.save_checkpoint(path, dict(ckpt, tokenizer_sha256='f' * 64))
     elif kind == 'shape':
-        checkpoint.save_checkpoint(path, dict(ckpt, model_args=dict(ckpt['model_args'], n_embd=4096, ffn_hidden=1 << 16)))
+        lumi.save_checkpoint(path, dict(ckpt, model_args=dict(ckpt['model_args'], n_embd=4096, ffn_hidden=1 << 16)))
     elif kind == 'missing':
-        checkpoint.save_checkpoint(path, dict(ckpt, model={k: v for k, v in ckpt['model'].items() if k != 'norm.weight'}))
+        lumi.save_checkpoint(path, dict(ckpt, model={k: v for k, v in ckpt['model'].items() if k != 'norm.weight'}))
     return path
 
 
 @pytest.fixture(scope='module')
 def adapter(tmp_path_factory, tiny_checkpoint, tokenizer):
-    from model import apply_lora
-    model = apply_lora(checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tiny_checkpoint)), r=2, alpha=4.0, targets=('q',))
+    from lora import apply_lora
+    model = apply_lora(checkpoint.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint)), r=2, alpha=4.0, targets=('q',))
     path = str(tmp_path_factory.mktemp('adapter') / 'adapter.pt')
-    checkpoint.save_adapter(path, model, tiny_checkpoint, tokenizer)
+    lora.save_adapter(path, model, tiny_checkpoint, tokenizer)
     return path
 
 
@@ -235,9 +258,9 @@ def test_every_entry_point_refuses_an_unusable_file_in_one_line(entry, kind, tmp
     source = adapter if entry in ADAPTER_ONLY else tiny_checkpoint
     if kind == 'bitflip' and entry in ADAPTER_ONLY:
         bad = str(tmp_path / 'bad.pt')
-        state = checkpoint.load_checkpoint(adapter)
+        state = lumi.load_checkpoint(adapter)
         del state['path']
-        checkpoint.save_checkpoint(bad, state)
+        lumi.save_checkpoint(bad, state)
         name, t = next(iter(sorted(state['lora_state'].items())))
         raw = bytearray(open(bad, 'rb').read())
         raw[raw.find(t.numpy().tobytes()[:16]) + 1] ^= 1
@@ -279,11 +302,11 @@ def test_a_corrupt_sft_cache_is_rebuilt(tmp_path, tokenizer, capsys):
     again = sft.prepare_sft_data(tokenizer, [spec], 48, cache, val_frac=0.2)
     assert f"SFT cache {path} is unusable" in capsys.readouterr().out
     assert torch.equal(again['ids'], first['ids'])
-    assert torch.equal(checkpoint.load_checkpoint(path)['lengths'], first['lengths'])  # the rebuilt cache is whole again
+    assert torch.equal(lumi.load_checkpoint(path)['lengths'], first['lengths'])  # the rebuilt cache is whole again
 
 
 def test_resume_onto_other_bins_names_both_tokenizers_the_right_way_round(tiny_checkpoint, tokenizer):
-    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
+    ckpt = lumi.load_checkpoint(tiny_checkpoint)
     with pytest.raises(lumi.LumiError) as e:
         train.check_resume(tiny_checkpoint, ckpt['model_args'], 'b' * 64, 'D')
     assert str(e.value).startswith(f"the bins in D (resuming {tiny_checkpoint}) was built with tokenizer "
@@ -304,7 +327,7 @@ def test_limit_bounds_text_perplexity(tiny_checkpoint, monkeypatch):
     assert r['windows'] == 3 and r['documents'] == 1 and r['documents_cut'] == 1
     assert r['tokens'] == block + 2 * (block // 2)  # the first window scores block tokens, each next one a stride
     assert max(encoded) <= (block + 2 * (block // 2) + 1) * ev.MAX_PIECE_CHARS  # never the whole text
-    ids = [lumi.BOS_ID] + real_encode(long_doc[:20_000])
+    ids = [BOS_ID] + real_encode(long_doc[:20_000])
     first = ev.ppl_documents(model, tok, iter([tok.decode(ids[1:r['tokens'] + 1])]), stride=block // 2)
     # the same tokens scored whole: the same loss (the decoded text re-encodes to the same ids here)
     assert first['tokens'] == r['tokens'] and first['loss'] == pytest.approx(r['loss'], rel=1e-6)

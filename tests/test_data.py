@@ -35,6 +35,7 @@ import lumi  # noqa: E402
 import parts  # noqa: E402
 import sources  # noqa: E402
 import streams  # noqa: E402
+from tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, Tokenizer
 
 WORDS = ("the a of and to in is was he she it they we you that this with for on not but his her their "
          "king queen lord lady night day sun moon sea ship house door road river hill tree stone fire water "
@@ -73,9 +74,9 @@ def decode_bin(path, tok):
     ids = np.fromfile(path, dtype=np.uint16).tolist()
     docs, cur = [], None
     for i in ids:
-        if i == lumi.BOS_ID:
+        if i == BOS_ID:
             cur = []
-        elif i == lumi.EOS_ID:
+        elif i == EOS_ID:
             docs.append(tok.decode(cur))
             cur = None
         else:
@@ -575,15 +576,15 @@ def test_main_end_to_end(built):
     d, docs = built
     meta = bins.load_meta(d)
     assert bins.data_ready(d)
-    tok = lumi.Tokenizer.load(os.path.join(d, 'tokenizer', 'tokenizer.model'))
+    tok = Tokenizer.load(os.path.join(d, 'tokenizer', 'tokenizer.model'))
     card = lumi.read_json(os.path.join(d, 'tokenizer', 'tokenizer.json'))
     model_sha = lumi.sha256_file(os.path.join(d, 'tokenizer', 'tokenizer.model'))
     assert meta['tokenizer_sha256'] == tok.sha256 == card['sha256'] and card['file_sha256'] == model_sha
     assert meta['vocab_size'] == tok.vocab_size == 400
-    assert [tok.sp.piece_to_id(t) for t in ('<pad>', '<unk>', '<s>', '</s>', *lumi.CHAT_TOKENS)] == list(range(8))
+    assert [tok.sp.piece_to_id(t) for t in ('<pad>', '<unk>', '<s>', '</s>', *CHAT_TOKENS)] == list(range(8))
     train, val = np.fromfile(os.path.join(d, 'train.bin'), np.uint16), np.fromfile(os.path.join(d, 'val.bin'), np.uint16)
     assert (len(train), len(val)) == (meta['train_tokens'], meta['val_tokens']) and len(val) > 0
-    assert train.max() < 400 and (train == lumi.BOS_ID).sum() == (train == lumi.EOS_ID).sum()
+    assert train.max() < 400 and (train == BOS_ID).sum() == (train == EOS_ID).sum()
     man = lumi.read_json(os.path.join(d, 'corpus', 'manifest.json'))
     assert man['sources'][0]['docs'] == man['kept_docs'] == 150 and man['sources'][0]['files'] == 30
     for s in man['shards']:
@@ -598,7 +599,7 @@ def test_main_end_to_end(built):
 
 def test_train_val_split_by_document(built):
     d, _ = built
-    tok = lumi.Tokenizer.load(os.path.join(d, 'tokenizer', 'tokenizer.model'))
+    tok = Tokenizer.load(os.path.join(d, 'tokenizer', 'tokenizer.model'))
     train, val = decode_bin(os.path.join(d, 'train.bin'), tok), decode_bin(os.path.join(d, 'val.bin'), tok)
     assert val and train and not set(train) & set(val)
     assert 0.08 < len(val) / (len(train) + len(val)) < 0.35  # val_fraction 0.2 of 150 documents
@@ -666,7 +667,7 @@ def test_source_weights(tmp_path):
     meta = bins.load_meta(d)
     s = {x['spec'][-1]: x for x in meta['sources']}
     assert s['c']['dropped_by_weight'] == 40 and s['c'].get('train_tokens', 0) == 0
-    tok = lumi.Tokenizer.load(os.path.join(d, 'tokenizer', 'tokenizer.model'))
+    tok = Tokenizer.load(os.path.join(d, 'tokenizer', 'tokenizer.model'))
     train = Counter(decode_bin(os.path.join(d, 'train.bin'), tok))
     b_docs = {clean.clean_text(x) for x in b}
     copies = Counter(n for t, n in train.items() if t in b_docs)

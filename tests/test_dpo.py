@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import dpo
+import training
 import checkpoint
 import lumi
-from model import apply_lora
+from lora import apply_lora
+from tokenizer import BOS_ID, render_chat
 
 
 def _sig(x):
@@ -88,7 +90,7 @@ PAIRS = [
 
 
 def _model(tiny_checkpoint):
-    model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tiny_checkpoint))
+    model = checkpoint.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint))
     model.eval()
     return model
 
@@ -114,7 +116,7 @@ def test_adapters_off_reference_is_the_starting_policy_exactly(tiny_checkpoint, 
         mask = batch['targets'] != -1
         ref_logits = dpo.reference_logits(policy, batch['idx'], batch['targets'])
         ref = dpo.reply_logps(ref_logits, batch['targets'])
-        kl = dpo.reply_kl(dpo.reply_logits(policy, batch['idx'], batch['targets']), ref_logits, batch['targets'])
+        kl = dpo.reply_kl(training.target_logits(policy, batch['idx'], batch['targets']), ref_logits, batch['targets'])
     assert not torch.allclose(moved, start)
     assert torch.equal(ref, start)
     # the KL at each reply position, against torch's own KL divergence of the two distributions
@@ -160,10 +162,10 @@ def test_collate_targets_cover_exactly_the_reply(tokenizer):
 def test_truncation_keeps_the_prompt_end_and_the_reply_start(tokenizer):
     long_user = 'The quick brown fox jumps over the lazy dog. ' * 10
     pair = ([{'role': 'user', 'content': long_user}], 'To be, or not to be, that is the question. ' * 5, 'Hello.')
-    full_prompt, _ = lumi.render_chat(tokenizer, pair[0], add_generation_prompt=True)
+    full_prompt, _ = render_chat(tokenizer, pair[0], add_generation_prompt=True)
     stats = Counter()
     r = dpo.render_pair(tokenizer, pair, 48, 16, stats)
-    assert len(r['prompt']) == 16 and r['prompt'][0] == lumi.BOS_ID
+    assert len(r['prompt']) == 16 and r['prompt'][0] == BOS_ID
     assert r['prompt'][1:] == full_prompt[-15:] and r['prompt'][-1] == tokenizer.role_id['assistant']
     full_reply = tokenizer.encode(pair[1]) + [tokenizer.end_id]
     assert r['chosen'] == full_reply[:48 - 16]  # cut from the right, so it loses its <|end|>
@@ -258,10 +260,10 @@ def test_dpo_run_with_lora_end_to_end(tmp_path, tiny_checkpoint, tokenizer):
     counts = lumi.read_json(out / 'data_stats.json')
     assert (counts['train_pairs'], counts['val_pairs'], counts['conversations']) == (12 + 6, 4 + 2, 8)
 
-    adapter = checkpoint.load_checkpoint(str(out / 'adapter.pt'))
+    adapter = lumi.load_checkpoint(str(out / 'adapter.pt'))
     assert adapter['kind'] == 'adapter' and adapter['lora']['r'] == 4
     assert adapter['base_sha256'] == lumi.sha256_file(tiny_checkpoint)
-    merged_ckpt = checkpoint.load_checkpoint(str(out / 'merged.pt'))
+    merged_ckpt = lumi.load_checkpoint(str(out / 'merged.pt'))
     assert merged_ckpt['kind'] == 'dpo' and not merged_ckpt['lora']
     merged = checkpoint.model_from_checkpoint(merged_ckpt).eval()
     # the adapters on their base answer as the merged model does
@@ -290,7 +292,7 @@ def test_full_fine_tuning_caches_the_reference(tmp_path, tiny_checkpoint, tokeni
               f'--out_dir={out}', '--max_iters=2', '--batch_size=2', '--lora_r=0', '--eval_interval=2',
               '--device=cpu', '--resume=never'])
     assert (out / 'merged.pt').exists() and not (out / 'adapter.pt').exists()
-    assert checkpoint.load_checkpoint(str(out / 'merged.pt'))['kind'] == 'dpo'
+    assert lumi.load_checkpoint(str(out / 'merged.pt'))['kind'] == 'dpo'
     last = lumi.read_jsonl(out / 'metrics.jsonl')[-1]
     assert 'val_reward_accuracy' in last and last['val_kl_chosen_k3'] >= 0 and 'val_kl' not in last
 
@@ -301,7 +303,7 @@ def test_start_from_an_sft_out_dir_and_refuse_an_adapter(tmp_path, tiny_checkpoi
     shutil.copy(tiny_checkpoint, tmp_path / 'ckpt_0000005.pt')
     model, tok, path = dpo.load_start(str(tmp_path), 'cpu')
     assert path == str(tmp_path / 'merged.pt') and tok.vocab_size == model.cfg.vocab_size
-    checkpoint.save_checkpoint(str(tmp_path / 'adapter.pt'), {'kind': 'adapter', 'lora': {}, 'lora_state': {}})
+    lumi.save_checkpoint(str(tmp_path / 'adapter.pt'), {'kind': 'adapter', 'lora': {}, 'lora_state': {}})
     with pytest.raises(ValueError, match='merged.pt'):
         dpo.load_start(str(tmp_path / 'adapter.pt'), 'cpu')
     with pytest.raises(ValueError, match='init_from is required'):

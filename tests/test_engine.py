@@ -7,6 +7,7 @@ import torch
 import checkpoint
 import engine
 import lumi
+from tokenizer import BOS_ID, render_chat
 
 NEG = float('-inf')
 
@@ -104,7 +105,7 @@ def run_recompute(model, prompt, params, stop_ids=(), seed=0):
 
 def prompts_of(lengths, vocab, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [[lumi.BOS_ID] + torch.randint(8, vocab, (n - 1,), generator=g).tolist() for n in lengths]
+    return [[BOS_ID] + torch.randint(8, vocab, (n - 1,), generator=g).tolist() for n in lengths]
 
 
 def test_greedy_kv_cache_equals_recompute_on_a_ragged_batch(loaded):
@@ -235,7 +236,7 @@ def test_stop_strings_are_held_back_then_cut(tokenizer):
 
 def test_stream_text_finish_reasons_and_counts(loaded):
     model, tok, _ = loaded
-    prompts = [[lumi.BOS_ID] + tok.encode("To be"), [lumi.BOS_ID] + tok.encode("The quick brown fox")]
+    prompts = [[BOS_ID] + tok.encode("To be"), [BOS_ID] + tok.encode("The quick brown fox")]
     out = engine.complete(model, tok, prompts, greedy(12, ignore_eos=True))
     assert [(f, n) for _, f, n in out] == [('length', 12), ('length', 12)]
     for (text, _, _), p in zip(out, prompts):  # the text is the decoded tokens, space included
@@ -252,14 +253,14 @@ def test_history_drops_oldest_exchanges_first_and_keeps_the_system(tokenizer):
         msgs += [{'role': 'user', 'content': f'question {i} about the fox'},
                  {'role': 'assistant', 'content': f'answer {i} about the dog'}]
     msgs.append({'role': 'user', 'content': 'last question'})
-    full, _ = lumi.render_chat(tokenizer, msgs, add_generation_prompt=True)
+    full, _ = render_chat(tokenizer, msgs, add_generation_prompt=True)
     assert engine.fit_history(tokenizer, msgs, len(full)) == full
     ids = engine.fit_history(tokenizer, msgs, len(full) - 1)
-    want, _ = lumi.render_chat(tokenizer, msgs[:1] + msgs[3:], add_generation_prompt=True)
+    want, _ = render_chat(tokenizer, msgs[:1] + msgs[3:], add_generation_prompt=True)
     assert ids == want  # exactly the first exchange went
     small = engine.fit_history(tokenizer, msgs, 40)
     kept = [m for m in msgs if tokenizer.decode(small).find(m['content']) >= 0]
     assert kept[0] == msgs[0] and kept[-1] == msgs[-1] and len(small) <= 40
     assert engine.fit_history(tokenizer, [{'role': 'user', 'content': 'fox ' * 50}], 10) == \
-        lumi.render_chat(tokenizer, [{'role': 'user', 'content': 'fox ' * 50}], True)[0][-10:]
+        render_chat(tokenizer, [{'role': 'user', 'content': 'fox ' * 50}], True)[0][-10:]
 

@@ -18,6 +18,7 @@ import checkpoint
 import engine
 import lumi
 from model import GPT
+from tokenizer import BOS_ID, EOS_ID, render_chat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,7 +85,7 @@ def test_batched_scorer_matches_a_full_forward_per_request(gpt, tokenizer):
 def test_contexts_are_truncated_from_the_left(tokenizer):
     context, choice = "Shall I compare thee to a summer's day? " * 20, " Thou art more lovely"
     (inp, pos, cont), = ev.choice_requests(tokenizer, [(context, [choice], 0)], block_size=32)[0]
-    full = [lumi.BOS_ID] + tokenizer.encode(context + choice)
+    full = [BOS_ID] + tokenizer.encode(context + choice)
     assert len(inp) == 32
     assert list(inp) + [cont[-1]] == full[-33:]  # the end (the answer) is kept
     assert list(cont) == full[-len(cont):] and pos == 32 - len(cont)
@@ -93,7 +94,7 @@ def test_contexts_are_truncated_from_the_left(tokenizer):
 
 def test_a_choice_that_merges_with_its_context_is_scored_as_running_text(tokenizer):
     (inp, pos, cont), = ev.choice_requests(tokenizer, [("the quick bro", ["wn fox"], 0)], 64)[0]
-    full = [lumi.BOS_ID] + tokenizer.encode("the quick brown fox")
+    full = [BOS_ID] + tokenizer.encode("the quick brown fox")
     assert list(inp) + [cont[-1]] == full and list(cont) == full[pos + 1:]
     assert tokenizer.decode(cont).endswith("fox") and 0 < len(cont) < len(full) - 1
 
@@ -166,7 +167,7 @@ DOCS = ["Shall I compare thee to a summer's day? Thou art more lovely and more t
 
 def write_bins(path, tokenizer, sha=None):
     """val.bin as data.py writes it: BOS text EOS per document, uint16, and meta.json."""
-    ids = [i for d in DOCS for i in [lumi.BOS_ID] + tokenizer.encode(d) + [lumi.EOS_ID]]
+    ids = [i for d in DOCS for i in [BOS_ID] + tokenizer.encode(d) + [EOS_ID]]
     os.makedirs(path, exist_ok=True)
     np.array(ids, dtype=np.uint16).tofile(os.path.join(path, 'val.bin'))
     np.array(ids, dtype=np.uint16).tofile(os.path.join(path, 'train.bin'))
@@ -210,9 +211,9 @@ def test_bins_of_another_tokenizer_are_refused(gpt, tokenizer, tmp_path):
 
 
 def test_checkpoint_whose_tokenizer_does_not_match_its_hash_is_refused(tiny_checkpoint, tmp_path):
-    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
+    ckpt = lumi.load_checkpoint(tiny_checkpoint)
     ckpt['tokenizer_sha256'] = 'ab' * 32
-    checkpoint.save_checkpoint(str(tmp_path / 'ckpt_0000001.pt'), ckpt)
+    lumi.save_checkpoint(str(tmp_path / 'ckpt_0000001.pt'), ckpt)
     with pytest.raises(ValueError, match='tokenizer'):
         checkpoint.load_model(str(tmp_path), 'cpu', adapters=False)
 
@@ -257,7 +258,7 @@ def test_smoke_generations_are_greedy_and_kept_in_full(gpt, tokenizer):
 
 def test_chat_models_get_the_chat_template_and_stop_at_end(tokenizer):
     msgs = [{'role': 'user', 'content': 'Hello'}]
-    assert ev.prompt_ids(tokenizer, 'Hello', chat=True) == lumi.render_chat(tokenizer, msgs, True)[0]
+    assert ev.prompt_ids(tokenizer, 'Hello', chat=True) == render_chat(tokenizer, msgs, True)[0]
     logits = torch.zeros(tokenizer.vocab_size)
     logits[tokenizer.end_id] = 10.0  # says nothing, at once
     r = ev.run_smoke(Unigram(logits), tokenizer, ['Hello', msgs], chat=True, max_new_tokens=8)

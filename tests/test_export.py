@@ -15,8 +15,10 @@ import data
 import export
 import checkpoint
 import lumi
-from model import GPT, ModelConfig, apply_lora
+from lora import apply_lora
+from model import GPT, ModelConfig
 from test_data import make_docs, write_corpus
+from tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, Tokenizer, UNK_ID, render_chat
 
 
 def _checkpoint(path, tok, cfg, kind='pretrain', lora=False, seed=0):
@@ -32,7 +34,7 @@ def _checkpoint(path, tok, cfg, kind='pretrain', lora=False, seed=0):
             for name, p in model.named_parameters():
                 if 'lora_b' in name:
                     p.normal_(0, 0.05)
-    checkpoint.save_checkpoint(str(path), dict(checkpoint.checkpoint_meta(model, tok, kind), model=model.state_dict(),
+    lumi.save_checkpoint(str(path), dict(checkpoint.checkpoint_meta(model, tok, kind), model=model.state_dict(),
                                          step=3, tokens_seen=96, config={}))
     return model.eval()
 
@@ -143,18 +145,18 @@ def test_hf_export_round_trips_bit_exact(tmp_path, tokenizer, tiny_config, tied)
             c['num_key_value_heads'], c['max_position_embeddings'], c['vocab_size']) == \
         (cfg.n_embd, cfg.ffn_hidden, cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.block_size, cfg.vocab_size)
     assert c['tie_word_embeddings'] == tied and c['rms_norm_eps'] == cfg.norm_eps and c['rope_theta'] == cfg.rope_theta
-    assert (c['bos_token_id'], c['eos_token_id'], c['pad_token_id']) == (lumi.BOS_ID, lumi.EOS_ID, lumi.PAD_ID)
+    assert (c['bos_token_id'], c['eos_token_id'], c['pad_token_id']) == (BOS_ID, EOS_ID, PAD_ID)
     assert (out / 'tokenizer.model').read_bytes() == tokenizer.proto
     tj = json.loads((out / 'tokenizer.json').read_text(encoding='utf-8'))
     assert tj['model']['type'] == 'BPE' and tj['model']['vocab']['<|end|>'] == tokenizer.end_id
     assert {t['content']: t['id'] for t in tj['added_tokens'] if t['special']}['<|user|>'] == tokenizer.role_id['user']
     tc = json.loads((out / 'tokenizer_config.json').read_text())
     assert tc['tokenizer_class'] == 'PreTrainedTokenizerFast'
-    assert tc['additional_special_tokens'] == list(lumi.CHAT_TOKENS)
+    assert tc['additional_special_tokens'] == list(CHAT_TOKENS)
     assert tc['added_tokens_decoder'][str(tokenizer.end_id)]['content'] == '<|end|>'
     gen = json.loads((out / 'generation_config.json').read_text())
-    assert gen['eos_token_id'] == [lumi.EOS_ID, tokenizer.end_id]
-    assert json.loads((out / 'special_tokens_map.json').read_text())['bos_token'] == tokenizer.id_to_piece(lumi.BOS_ID)
+    assert gen['eos_token_id'] == [EOS_ID, tokenizer.end_id]
+    assert json.loads((out / 'special_tokens_map.json').read_text())['bos_token'] == tokenizer.id_to_piece(BOS_ID)
 
 
 def test_hf_export_in_bfloat16(tmp_path, tokenizer, tiny_config):
@@ -178,7 +180,7 @@ def test_lora_checkpoint_is_merged_before_export(tmp_path, tokenizer, tiny_confi
 
 
 def test_adapter_file_is_refused(tmp_path, tokenizer):
-    checkpoint.save_checkpoint(str(tmp_path / 'adapter.pt'), dict(kind='adapter', lora={'r': 4}, lora_state={},
+    lumi.save_checkpoint(str(tmp_path / 'adapter.pt'), dict(kind='adapter', lora={'r': 4}, lora_state={},
                                                             tokenizer_sha256=tokenizer.sha256))
     with pytest.raises(ValueError, match='adapters only'):
         export.export_hf(str(tmp_path / 'adapter.pt'), str(tmp_path / 'hf'))
@@ -205,8 +207,8 @@ def test_unigram_tokenizer_is_refused_before_anything_is_written(tmp_path, tiny_
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(TINY_TEXT.splitlines() * 20), model_prefix=str(tmp_path / 'uni'), vocab_size=340,
         model_type='unigram', byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-        user_defined_symbols=list(lumi.CHAT_TOKENS), minloglevel=2)
-    tok = lumi.Tokenizer.load(str(tmp_path / 'uni.model'))
+        user_defined_symbols=list(CHAT_TOKENS), minloglevel=2)
+    tok = Tokenizer.load(str(tmp_path / 'uni.model'))
     _checkpoint(tmp_path / 'ckpt.pt', tok, ModelConfig(**{**tiny_config.__dict__, 'vocab_size': tok.vocab_size}))
     with pytest.raises(ValueError, match='only SentencePiece BPE'):
         export.export_hf(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
@@ -226,7 +228,7 @@ def data_tokenizer(tmp_path_factory):
     d = str(root / 'out')
     data.main([f'--data_dir={d}', f"--sources=[({str(root / 'src')!r}, 1.0)]", '--vocab_size=500',
                '--max_doc_chars=1000', '--val_fraction=0.1', '--num_threads=1'])
-    return lumi.Tokenizer.load(os.path.join(d, 'tokenizer', 'tokenizer.model'))
+    return Tokenizer.load(os.path.join(d, 'tokenizer', 'tokenizer.model'))
 
 
 # leading, repeated and trailing spaces, tabs, newlines, unicode, emoji, code, and text that spells special tokens
@@ -248,14 +250,14 @@ def test_hf_tokenizer_gives_lumis_ids(tmp_path, request, which):
     transformers = pytest.importorskip('transformers')
     tok = request.getfixturevalue(which)
     hf = _hf_tokenizer(transformers, tok, tmp_path / 'hf')
-    specials = {lumi.PAD_ID, lumi.UNK_ID, lumi.BOS_ID, lumi.EOS_ID, tok.end_id, *tok.role_id.values()}
+    specials = {PAD_ID, UNK_ID, BOS_ID, EOS_ID, tok.end_id, *tok.role_id.values()}
     for text in TEXTS:
         # split_special_tokens: transformers' way to say "this is text", which is what Lumi's encode does
         ids = hf(text, add_special_tokens=False, split_special_tokens=True)['input_ids']
         assert ids == tok.encode(text), text
         assert not set(ids) & specials, text
         if '<' not in text:
-            assert hf(text)['input_ids'] == [lumi.BOS_ID] + tok.encode(text), text
+            assert hf(text)['input_ids'] == [BOS_ID] + tok.encode(text), text
         if which == 'data_tokenizer':  # kept whitespace: decoding gives the text back, in both
             assert hf.decode(ids) == tok.decode(ids) == text, text
 
@@ -271,7 +273,7 @@ def test_hf_chat_template_gives_render_chats_ids(tmp_path, request, which):
         for gen in (False, True):
             msgs = messages[:2] if gen else messages
             ids = hf.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True, return_dict=False)
-            assert list(ids) == lumi.render_chat(tok, msgs, add_generation_prompt=gen)[0], text
+            assert list(ids) == render_chat(tok, msgs, add_generation_prompt=gen)[0], text
     jinja2 = pytest.importorskip('jinja2')
     with pytest.raises(jinja2.TemplateError, match='unknown role'):  # no '<|end|>' built from a role name
         hf.apply_chat_template([{'role': 'end', 'content': 'x'}], tokenize=True)
@@ -295,8 +297,8 @@ def test_transformers_alone_loads_the_exported_tokenizer(tmp_path, tokenizer, ti
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     plain, chat = json.loads(r.stdout.strip().splitlines()[-1])
-    assert plain[:3] == [lumi.BOS_ID] + tokenizer.encode("Hello there")[:2]
-    assert chat == lumi.render_chat(tokenizer, [{'role': 'user', 'content': text}])[0]
+    assert plain[:3] == [BOS_ID] + tokenizer.encode("Hello there")[:2]
+    assert chat == render_chat(tokenizer, [{'role': 'user', 'content': text}])[0]
 
 
 def test_transformers_loads_the_export_with_equal_logits(tmp_path, tokenizer, tiny_config):
@@ -309,9 +311,9 @@ def test_transformers_loads_the_export_with_equal_logits(tmp_path, tokenizer, ti
         torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'hf'))
     text = "Shall I compare thee to a summer's day?"
-    assert list(hf_tok(text)['input_ids']) == [lumi.BOS_ID] + tokenizer.encode(text)
+    assert list(hf_tok(text)['input_ids']) == [BOS_ID] + tokenizer.encode(text)
     messages = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hello there'},
                 {'role': 'assistant', 'content': 'Hi, how are you?'}]
     ids = hf_tok.apply_chat_template(messages, tokenize=True)
     ids = ids['input_ids'] if hasattr(ids, 'keys') else ids
-    assert list(ids) == lumi.render_chat(tokenizer, messages)[0]
+    assert list(ids) == render_chat(tokenizer, messages)[0]

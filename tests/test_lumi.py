@@ -16,6 +16,7 @@ import pipeline
 import sft
 import train
 import training
+from tokenizer import BOS_ID, render_chat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,9 +97,9 @@ def test_render_chat_masks_exactly_the_assistant_replies(tokenizer):
     messages = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hello there'},
                 {'role': 'assistant', 'content': 'Hi, how are you?'}, {'role': 'user', 'content': 'Fine.'},
                 {'role': 'assistant', 'content': 'Good to hear.'}]
-    ids, mask = lumi.render_chat(tok, messages)
+    ids, mask = render_chat(tok, messages)
     # the reference, built piece by piece: BOS, then per message its role token, content and <|end|>
-    want_ids, want_mask = [lumi.BOS_ID], [0]
+    want_ids, want_mask = [BOS_ID], [0]
     for m in messages:
         body = tok.encode(m['content']) + [tok.end_id]
         want_ids += [tok.role_id[m['role']]] + body
@@ -107,12 +108,12 @@ def test_render_chat_masks_exactly_the_assistant_replies(tokenizer):
     learned = [i for i, k in zip(ids, mask) if k]
     assert tok.decode(learned).replace('<|end|>', '|') .startswith('Hi, how are you?')
     assert learned.count(tok.end_id) == 2 and sum(mask) == len(learned)
-    gen_ids, gen_mask = lumi.render_chat(tok, messages[:2], add_generation_prompt=True)
+    gen_ids, gen_mask = render_chat(tok, messages[:2], add_generation_prompt=True)
     assert gen_ids[-1] == tok.role_id['assistant'] and sum(gen_mask) == 0
     with pytest.raises(ValueError, match="message 1: unknown role 'bot'"):
-        lumi.render_chat(tok, [messages[0], {'role': 'bot', 'content': 'x'}])
+        render_chat(tok, [messages[0], {'role': 'bot', 'content': 'x'}])
     with pytest.raises(ValueError, match='content must be a string'):
-        lumi.render_chat(tok, [{'role': 'user', 'content': None}])
+        render_chat(tok, [{'role': 'user', 'content': None}])
 
 
 # -----------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def test_dtype_auto_means_one_thing_in_every_stage(monkeypatch):
 def test_compile_auto_compiles_on_cuda_only_and_takes_booleans():
     assert lumi.resolve_compile('auto', 'cuda:0') is True and lumi.resolve_compile('auto', 'cpu') is False
     assert lumi.resolve_compile(True, 'cpu') is True and lumi.resolve_compile(False, 'cuda') is False
-    defaults = dict(training.TRAINING_DEFAULTS)
+    defaults = dict(lumi.declared_keys('training.py'))
     assert lumi.load_config(defaults, ['--compile=True']).compile is True
     assert lumi.load_config(defaults, ['--compile=False']).compile is False
     assert lumi.load_config(defaults, []).compile == 'auto'
@@ -162,28 +163,28 @@ def test_a_typo_in_a_config_file_is_refused_naming_file_and_line(tmp_path):
     (tmp_path / 'typo.py').write_text("batch_size = 4\nlerning_rate = 1e-3\n")
     with pytest.raises(lumi.LumiError, match=r"typo\.py:2: unknown config key 'lerning_rate' \(did you mean "
                                              r"learning_rate\?.*nor a key of data\.py, pipeline\.py"):
-        lumi.load_config(train.DEFAULTS, [str(tmp_path / 'typo.py')], shares_with=train.SHARES_WITH)
+        lumi.load_config(train.KEYS, [str(tmp_path / 'typo.py')], shares_with=train.SHARES_WITH)
     with pytest.raises(lumi.LumiError, match=r"typo\.py:2: unknown config key 'lerning_rate'"):
-        lumi.load_config(sft.DEFAULTS, [str(tmp_path / 'typo.py')], shares_with=())
+        lumi.load_config(sft.KEYS, [str(tmp_path / 'typo.py')], shares_with=())
 
 
 def test_a_shared_config_file_sets_each_stage_its_own_keys(tmp_path):
     (tmp_path / 'both.py').write_text("vocab_size = 512\nn_layer = 3\nmin_doc_chars = 5\nrun_dir = 'r'\n")
-    cfg = lumi.load_config(train.DEFAULTS, [str(tmp_path / 'both.py')], shares_with=train.SHARES_WITH)
+    cfg = lumi.load_config(train.KEYS, [str(tmp_path / 'both.py')], shares_with=train.SHARES_WITH)
     assert cfg.n_layer == 3 and 'vocab_size' not in cfg and 'min_doc_chars' not in cfg and 'run_dir' not in cfg
     with pytest.raises(lumi.LumiError, match="unknown config key 'vocab_size'"):  # not shared: data.py's key
-        lumi.load_config(train.DEFAULTS, [str(tmp_path / 'both.py')], shares_with=())
+        lumi.load_config(train.KEYS, [str(tmp_path / 'both.py')], shares_with=())
 
 
 def _reader(name):
     """The stage (defaults, shares_with) that reads a config file of configs/, by its name."""
     if name.startswith('sft_'):
-        return [(sft.DEFAULTS, ())]
+        return [(sft.KEYS, ())]
     if name.startswith('dpo_'):
-        return [(dpo.DEFAULTS, ())]
+        return [(dpo.KEYS, ())]
     if name.startswith('pipeline_'):
-        return [(pipeline.DEFAULTS, pipeline.SHARES_WITH)]
-    return [(train.DEFAULTS, train.SHARES_WITH), (data.DEFAULTS, ('train.py', 'pipeline.py'))]
+        return [(pipeline.KEYS, pipeline.SHARES_WITH)]
+    return [(train.KEYS, train.SHARES_WITH), (data.KEYS, ('train.py', 'pipeline.py'))]
 
 
 @pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py'))), ids=os.path.basename)
@@ -191,7 +192,7 @@ def test_every_config_loads_under_the_strict_rule(path):
     for defaults, shares in _reader(os.path.basename(path)):
         cfg = lumi.load_config(defaults, [path], shares_with=shares)
         assert cfg.config_file == path
-        mine = {k for k in lumi.config_defaults(_exec(path)) if k in defaults}
+        mine = {k for k, v in _exec(path).items() if lumi.is_key(k, v) and k in defaults}
         assert mine and all(cfg[k] == _exec(path)[k] or isinstance(cfg[k], float) for k in mine)
 
 
@@ -202,12 +203,12 @@ def _exec(path):
     return namespace
 
 
-@pytest.mark.parametrize('defaults', [train.DEFAULTS, sft.DEFAULTS, dpo.DEFAULTS, pipeline.DEFAULTS],
+@pytest.mark.parametrize('defaults', [train.KEYS, sft.KEYS, dpo.KEYS, pipeline.KEYS],
                          ids=['train', 'sft', 'dpo', 'pipeline'])
 def test_key_space_value_and_key_equals_value_mean_the_same(defaults):
-    key = next(k for k, v in defaults.items() if isinstance(v, float) and k in lumi.RANGES)
+    key = next(k for k, v in defaults.items() if isinstance(v.default, float) and v.range)
     assert lumi.load_config(defaults, [f'--{key}', '0.5']) == lumi.load_config(defaults, [f'--{key}=0.5'])
-    assert lumi.load_config(defaults, [f'--{key}', '0.5'])[key] == 0.5 != defaults[key]
+    assert lumi.load_config(defaults, [f'--{key}', '0.5'])[key] == 0.5 != defaults[key].default
 
 
 # -----------------------------------------------------------------------------

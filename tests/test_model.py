@@ -127,9 +127,9 @@ def test_gqa_projection_shapes(tiny_config):
 
 def test_bad_head_counts_are_refused():
     with pytest.raises(ValueError, match="n_kv_head"):
-        ModelConfig(n_head=4, n_kv_head=3)
+        ModelConfig(vocab_size=64, n_head=4, n_kv_head=3)
     with pytest.raises(ValueError, match="n_head"):
-        ModelConfig(n_embd=100, n_head=3)
+        ModelConfig(vocab_size=64, n_embd=100, n_head=3)
 
 
 # -----------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def test_param_counts_match_hand_count(tiny_config, tied):
 
 def test_seed_design_tiny_model_size():
     """configs/tiny.py's model: 6 layers, d 256, vocab 32768, tied: 14.68M parameters."""
-    model = GPT(ModelConfig())
+    model = GPT(ModelConfig(vocab_size=32768))
     assert model.num_params() == hand_count(model.cfg, True)[0] == 14_683_392
 
 
@@ -214,7 +214,6 @@ def test_flops_per_token(tiny_config, tied):
     _, body = hand_count(cfg, tied)
     expected = 6 * (body + cfg.vocab_size * cfg.n_embd) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
     assert model.flops_per_token() == expected
-    assert model.estimate_mfu(1000.0, 1e12) == pytest.approx(expected * 1000.0 / 1e12)
 
 
 def test_no_biases_and_scaled_residual_init():

@@ -199,9 +199,9 @@ def test_run_interrupted_resumes_then_skips_everything(tmp_path):
     assert 'resumed from' in second
     steps = [r['step'] for r in lumi.read_jsonl(str(run / 'pretrain' / 'metrics.jsonl')) if 'loss' in r]
     assert steps == list(range(1, 61))  # every step logged once: nothing lost, nothing twice
-    assert checkpoint.load_checkpoint(str(run / 'pretrain'))['step'] == 60
+    assert lumi.load_checkpoint(str(run / 'pretrain'))['step'] == 60
     for stage, parent in (('sft', run / 'pretrain' / 'ckpt_0000060.pt'), ('dpo', run / 'sft' / 'merged.pt')):
-        merged = checkpoint.load_checkpoint(str(run / stage / 'merged.pt'))  # each tuned on the one before
+        merged = lumi.load_checkpoint(str(run / stage / 'merged.pt'))  # each tuned on the one before
         assert merged['kind'] == stage and merged['parent_sha256'] == lumi.sha256_file(str(parent))
         assert lumi.read_json(str(run / stage / '.lumi_stage.json'))['done'] is True
     report = lumi.read_json(str(run / 'eval_pretrain' / 'report.json'))

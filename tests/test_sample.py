@@ -17,6 +17,7 @@ import torch
 import checkpoint
 import engine
 import lumi
+from tokenizer import BOS_ID, render_chat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD_ENV = dict(os.environ, OMP_NUM_THREADS='1', TERM='dumb', PYTHONIOENCODING='utf-8')
@@ -27,7 +28,7 @@ def sft_checkpoint(tmp_path_factory, lively_checkpoint):
     """The lively model saved as an SFT checkpoint, in an out/sft/ tree (what `python sample.py` looks for)."""
     ckpt = torch.load(lively_checkpoint, weights_only=True)
     path = tmp_path_factory.mktemp('run') / 'out' / 'sft' / 'ckpt_0000001.pt'
-    checkpoint.save_checkpoint(str(path), dict(ckpt, kind='sft'))
+    lumi.save_checkpoint(str(path), dict(ckpt, kind='sft'))
     return str(path)
 
 
@@ -60,7 +61,7 @@ def test_cli_prompt_prints_the_greedy_completion(loaded, lively_checkpoint):
                           '--prompt=To be, or', '--max_new_tokens=15', '--temperature=0', '--dtype=float32'],
                          cwd=REPO, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    text, _, _ = engine.complete(model, tok, [[lumi.BOS_ID] + tok.encode('To be, or')], greedy(15))[0]
+    text, _, _ = engine.complete(model, tok, [[BOS_ID] + tok.encode('To be, or')], greedy(15))[0]
     assert run.stdout == text + '\n'
     bad = subprocess.run([sys.executable, 'sample.py', '--ckpt=/nonexistent/ckpt.pt', '--prompt=x'],
                          cwd=REPO, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
@@ -123,7 +124,7 @@ def test_interactive_chat_slash_command_ctrl_c_and_quit(loaded, sft_checkpoint):
         term.expect('chat mode')
         term.expect('you> ')
         term.send('hello there\n')
-        ids, _ = lumi.render_chat(tok, [{'role': 'user', 'content': 'hello there'}], add_generation_prompt=True)
+        ids, _ = render_chat(tok, [{'role': 'user', 'content': 'hello there'}], add_generation_prompt=True)
         reply, _, _ = engine.complete(model, tok, [ids], greedy(8, ignore_eos=True), chat=True)[0]
         term.expect('hello there\n' + reply + '\n')
         term.expect('[8 tokens')

@@ -25,6 +25,7 @@ import engine
 import lumi
 import sample as S
 from serve import OPTIONS, Server
+from tokenizer import BOS_ID, render_chat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD_ENV = dict(os.environ, OMP_NUM_THREADS='1')
@@ -89,7 +90,7 @@ def test_server_health_models_and_page(server):
 def test_server_plain_and_streamed_completions(server, loaded):
     url, _ = server
     model, tok, _ = loaded
-    ids = [lumi.BOS_ID] + tok.encode('Shall I compare')
+    ids = [BOS_ID] + tok.encode('Shall I compare')
     want, _, n = engine.complete(model, tok, [ids], greedy(10))[0]
     body = {'model': 'lumi-pretrain', 'prompt': 'Shall I compare', 'max_tokens': 10, 'temperature': 0}
     status, r = call(url, '/v1/completions', body)
@@ -110,7 +111,7 @@ def test_server_chat_plain_and_streamed(server, loaded):
     url, _ = server
     model, tok, _ = loaded
     messages = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'How are you today?'}]
-    ids, _ = lumi.render_chat(tok, messages, add_generation_prompt=True)
+    ids, _ = render_chat(tok, messages, add_generation_prompt=True)
     want, finish, _ = engine.complete(model, tok, [ids], greedy(12), chat=True)[0]
     body = {'model': 'lumi-pretrain', 'messages': messages, 'max_tokens': 12}
     status, r = call(url, '/v1/chat/completions', body)
@@ -469,7 +470,7 @@ def test_frequency_and_presence_penalties_are_honoured(tough, loaded):
         got = exchange(port, post('/v1/completions', dict(body, frequency_penalty=fp, presence_penalty=fp / 4), port))
         assert got[0] == 200
         texts[fp] = got[2]['choices'][0]['text']
-        ids = [lumi.BOS_ID] + tok.encode('To be')
+        ids = [BOS_ID] + tok.encode('To be')
         want = engine.complete(model, tok, [ids], greedy(24, ignore_eos=True, frequency_penalty=fp,
                                                          presence_penalty=fp / 4))[0][0]
         assert texts[fp] == want
@@ -562,6 +563,6 @@ def test_serve_help_lists_its_options():
 def test_serve_defaults_are_the_server_options_and_sample_keys():
     # serve.py's --key=value reaches Server through these keys, and chooses the model with sample.py's keys
     import serve
-    assert {k: serve.DEFAULTS[k] for k in OPTIONS} == {k: d for k, (d, _) in OPTIONS.items()}
-    assert {k: serve.DEFAULTS[k] for k in serve.SAMPLE_KEYS} == {k: S.DEFAULTS[k] for k in serve.SAMPLE_KEYS}
+    assert {k: serve.KEYS[k] for k in OPTIONS} == {k: d for k, (d, _) in OPTIONS.items()}
+    assert {k: serve.KEYS[k] for k in serve.SAMPLE_KEYS} == {k: S.DEFAULTS[k] for k in serve.SAMPLE_KEYS}
     assert not set(OPTIONS) & set(S.DEFAULTS)  # the server's options are serve.py's alone

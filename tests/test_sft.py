@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+import lora
 import checkpoint
 import training
 import conversations
 import lumi
 import sft
-from model import GPT, LoRALinear, TokenRows, apply_lora, lora_state_dict, merge_lora, set_lora_enabled
+from lora import LoRALinear, TokenRows, apply_lora, lora_state_dict, merge_lora, set_lora_enabled
+from model import GPT
+from tokenizer import PAD_ID, render_chat
 
 ALL_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 CHAT_IDS = (4, 5, 6, 7)  # the tiny tokenizer's <|system|> <|user|> <|assistant|> <|end|>
@@ -87,7 +90,7 @@ def test_merged_logits_equal_base_plus_adapter(tiny_config):
 
 def test_only_adapter_parameters_reach_the_optimizer(tiny_config):
     model = apply_lora(_model(tiny_config), r=4, alpha=8.0, targets=ALL_TARGETS, tokens=CHAT_IDS).train()
-    cfg = lumi.Config(training.TRAINING_DEFAULTS)
+    cfg = lumi.Config(lumi.load_config(lumi.declared_keys('training.py'), []))
     opt = training.make_optimizer(model, cfg, 'cpu')
     in_opt = {id(p) for g in opt.param_groups for p in g['params']}
     lora = {id(p) for n, p in model.named_parameters() if '.lora_' in n}
@@ -107,13 +110,13 @@ def test_only_adapter_parameters_reach_the_optimizer(tiny_config):
 
 
 def test_adapter_save_load_roundtrip_and_merge_command(tiny_checkpoint, tiny_config, tmp_path):
-    base = checkpoint.load_checkpoint(tiny_checkpoint)
+    base = lumi.load_checkpoint(tiny_checkpoint)
     tok = checkpoint.tokenizer_from_checkpoint(base)
     model = apply_lora(checkpoint.model_from_checkpoint(base), r=4, alpha=8.0, targets=('q', 'v', 'down'), tokens=CHAT_IDS)
     _randomize_b(model)
-    checkpoint.save_adapter(str(tmp_path / 'adapter.pt'), model, tiny_checkpoint, tok)
+    lora.save_adapter(str(tmp_path / 'adapter.pt'), model, tiny_checkpoint, tok)
     assert os.path.getsize(tmp_path / 'adapter.pt') < os.path.getsize(tiny_checkpoint) / 4  # the adapter alone
-    loaded, _, _ = checkpoint.load_adapter(tiny_checkpoint, str(tmp_path / 'adapter.pt'))
+    loaded = lora.load_adapter(checkpoint.model_from_checkpoint(base), str(tmp_path / 'adapter.pt'), tiny_checkpoint, tok)
     want, got = lora_state_dict(model), lora_state_dict(loaded)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     idx = _idx(tiny_config)
@@ -121,16 +124,16 @@ def test_adapter_save_load_roundtrip_and_merge_command(tiny_checkpoint, tiny_con
     with torch.no_grad():
         assert torch.equal(loaded.eval()(idx)[0], model.eval()(idx)[0])
     out = sft.main(['merge', tiny_checkpoint, str(tmp_path / 'adapter.pt'), str(tmp_path / 'merged.pt')])
-    merged_ckpt = checkpoint.load_checkpoint(out)
+    merged_ckpt = lumi.load_checkpoint(out)
     assert merged_ckpt['kind'] == 'sft' and merged_ckpt['lora'] == {}
     with torch.no_grad():
         torch.testing.assert_close(checkpoint.model_from_checkpoint(merged_ckpt).eval()(idx)[0], model(idx)[0],
                                    rtol=0, atol=1e-5)
     # an adapter refuses a base it was not trained on
     other = dict(base, model={k: v + 1e-3 for k, v in base['model'].items()})
-    checkpoint.save_checkpoint(str(tmp_path / 'other.pt'), other)
+    lumi.save_checkpoint(str(tmp_path / 'other.pt'), other)
     with pytest.raises(ValueError, match='was trained on base'):
-        checkpoint.load_adapter(str(tmp_path / 'other.pt'), str(tmp_path / 'adapter.pt'))
+        checkpoint.load_model(str(tmp_path / 'other.pt'), adapter=str(tmp_path / 'adapter.pt'))
 
 
 # -----------------------------------------------------------------------------
@@ -255,14 +258,14 @@ def test_truncation_rule(tokenizer):
             {'role': 'assistant', 'content': 'I am fine, thank you.'},
             {'role': 'user', 'content': 'What are you doing this weekend?'},
             {'role': 'assistant', 'content': 'To be, or not to be, that is the question.'}]
-    full, full_mask = lumi.render_chat(tokenizer, msgs)
-    first = lumi.render_chat(tokenizer, msgs[:2])[0]
+    full, full_mask = render_chat(tokenizer, msgs)
+    first = render_chat(tokenizer, msgs[:2])[0]
     assert sft.render_example(tokenizer, msgs, len(full) - 1) == (full, full_mask)  # fits: untouched
     # too long by one token: keep up to the last whole reply that fits, with its <|end|>
     ids, mask = sft.render_example(tokenizer, msgs, len(full) - 2)
     assert ids == first and ids[-1] == tokenizer.end_id and mask == full_mask[:len(first)]
     # not even the first reply fits: cut at the limit, that reply learned in part
-    prompt_len = len(lumi.render_chat(tokenizer, msgs[:1], add_generation_prompt=True)[0])
+    prompt_len = len(render_chat(tokenizer, msgs[:1], add_generation_prompt=True)[0])
     ids, mask = sft.render_example(tokenizer, msgs, prompt_len + 2)
     assert ids == full[:prompt_len + 3] and sum(mask) == 3
     # the prompt alone fills the context: nothing to learn
@@ -306,7 +309,7 @@ def test_batches_mask_targets_weight_sources_and_resume_exactly(tokenizer, tmp_p
         n = int(prep['lengths'][i])
         ids = prep['ids'][offsets[i]:offsets[i] + n].long()
         mask = prep['mask'][offsets[i]:offsets[i] + n]
-        assert torch.equal(x[row, :n - 1], ids[:-1]) and (x[row, n - 1:] == lumi.PAD_ID).all()
+        assert torch.equal(x[row, :n - 1], ids[:-1]) and (x[row, n - 1:] == PAD_ID).all()
         assert torch.equal(y[row, :n - 1], torch.where(mask[1:], ids[1:], -1)) and (y[row, n - 1:] == -1).all()
     for _ in range(len(batches) + 2):  # into the next epoch
         batches.next_batch()
@@ -388,15 +391,18 @@ def test_sft_end_to_end_writes_adapter_and_merged(tiny_checkpoint, tiny_config, 
     adapter = torch.load(out / 'adapter.pt', weights_only=True)
     assert adapter['kind'] == 'adapter' and adapter['lora']['r'] == 4
     assert adapter['base_sha256'] == lumi.sha256_file(tiny_checkpoint)
-    merged = checkpoint.load_checkpoint(merged_path)
+    merged = lumi.load_checkpoint(merged_path)
     assert merged['kind'] == 'sft' and merged['parent_sha256'] == adapter['base_sha256']
     idx = _idx(tiny_config)
     with torch.no_grad():
-        with_adapter = checkpoint.load_adapter(tiny_checkpoint, str(out / 'adapter.pt'))[0].eval()(idx)[0]
-        from_step_ckpt = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(checkpoint.latest_step(str(out)))).eval()(idx)[0]
+        base_model = checkpoint.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint))
+        with_adapter = lora.load_adapter(base_model, str(out / 'adapter.pt'), tiny_checkpoint,
+                                         checkpoint.tokenizer_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint)))
+        with_adapter = with_adapter.eval()(idx)[0]
+        from_step_ckpt = checkpoint.model_from_checkpoint(lumi.load_checkpoint(checkpoint.latest_step(str(out)))).eval()(idx)[0]
         torch.testing.assert_close(checkpoint.model_from_checkpoint(merged).eval()(idx)[0], with_adapter, rtol=0, atol=1e-5)
     assert torch.equal(from_step_ckpt, with_adapter)
-    base = checkpoint.load_checkpoint(tiny_checkpoint)['model']
+    base = lumi.load_checkpoint(tiny_checkpoint)['model']
     assert any(not torch.equal(base[k], v) for k, v in merged['model'].items())  # training moved something
     # killed after step 3: resuming from ckpt_3 redoes steps 4-6 exactly (sampler position, RNG, optimizer)
     os.remove(out / 'ckpt_0000006.pt')

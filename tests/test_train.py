@@ -20,6 +20,7 @@ import training
 import lumi
 import train
 from conftest import TINY_TEXT
+from tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a 2-layer model on 32-token windows: a step takes milliseconds, so the tests pay mostly for process starts
@@ -36,7 +37,7 @@ def write_bins(d, tok, train_tokens=6000, val_tokens=1000, seed=0):
     with open(os.path.join(d, 'tokenizer', 'tokenizer.model'), 'wb') as f:
         f.write(tok.proto)
     sentences = [s for s in TINY_TEXT.replace('?', '.').split('.') if s.strip()]
-    docs = [[lumi.BOS_ID] + tok.encode(s) + [lumi.EOS_ID] for s in sentences]
+    docs = [[BOS_ID] + tok.encode(s) + [EOS_ID] for s in sentences]
     rng = np.random.default_rng(seed)
     sizes = {}
     for split, n in (('train', train_tokens), ('val', val_tokens)):
@@ -106,7 +107,7 @@ def test_contract_config_file_overrides_metrics_and_checkpoints(bins, tmp_path, 
     assert ckpt['model_args']['n_layer'] == 2 and ckpt['model_args']['n_embd'] == 64
     assert ckpt['model_args']['vocab_size'] == tokenizer.vocab_size  # from the bins' meta.json
     assert ckpt['config']['seed'] == 7 and ckpt['config']['out_dir'] == out
-    best = checkpoint.load_checkpoint(os.path.join(out, 'best.pt'))  # the checkpoint of the lowest val loss
+    best = lumi.load_checkpoint(os.path.join(out, 'best.pt'))  # the checkpoint of the lowest val loss
     assert best['metrics']['val_loss'] == min(losses)
     model = checkpoint.model_from_checkpoint(ckpt)
     assert model.num_params() == 106_816
@@ -117,7 +118,7 @@ def test_token_budget_defaults_to_tokens_per_param(bins, tmp_path):
     final = train.main([f'--data_dir={bins}', f'--out_dir={out}', '--tokens_per_param=0.02',
                         '--eval_interval=1000'] + TINY)
     # 106,816 parameters x 0.02 tokens / (4 x 32 tokens a step) = 16.7 -> 17 steps
-    assert checkpoint.load_checkpoint(final)['max_iters'] == 17 == math.ceil(106_816 * 0.02 / 128)
+    assert lumi.load_checkpoint(final)['max_iters'] == 17 == math.ceil(106_816 * 0.02 / 128)
 
 
 def test_max_minutes_fits_the_schedule_to_the_clock(bins, tmp_path):
@@ -125,7 +126,7 @@ def test_max_minutes_fits_the_schedule_to_the_clock(bins, tmp_path):
     its planned last step with the cosine finished, instead of being cut off by the clock at a high LR."""
     out = str(tmp_path / 'o')
     final = train.main([f'--data_dir={bins}', f'--out_dir={out}', '--max_minutes=0.2', '--min_lr=1e-4'] + TINY)
-    ckpt = checkpoint.load_checkpoint(final)
+    ckpt = lumi.load_checkpoint(final)
     steps = [r for r in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl')) if 'loss' in r]
     assert ckpt['max_iters'] < math.ceil(20 * 106_816 / 128)  # planned below the 20 tokens/param budget
     assert steps[-1]['step'] == ckpt['step'] == ckpt['max_iters']
@@ -172,8 +173,8 @@ def test_ddp_two_processes_match_one_at_the_same_global_batch(bins, tmp_path):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], abs=1e-4), (ra['step'], key)
         assert ra['tokens'] == rb['tokens']  # the tokens of both ranks are counted
-    wa = checkpoint.load_checkpoint(one)['model']
-    wb = checkpoint.load_checkpoint(two)['model']
+    wa = lumi.load_checkpoint(one)['model']
+    wb = lumi.load_checkpoint(two)['model']
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
 
 
@@ -214,9 +215,9 @@ def test_resume_refuses_other_bins_or_another_model(bins, tmp_path, tokenizer):
     (tmp_path / 'corpus.txt').write_text(TINY_TEXT * 20)
     spm.SentencePieceTrainer.train(
         input=str(tmp_path / 'corpus.txt'), model_prefix=str(tmp_path / 'other'), vocab_size=400, model_type='bpe',
-        byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3, user_defined_symbols=list(lumi.CHAT_TOKENS),
+        byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3, user_defined_symbols=list(CHAT_TOKENS),
         minloglevel=2)
-    other = write_bins(tmp_path / 'other_bins', lumi.Tokenizer.load(str(tmp_path / 'other.model')))
+    other = write_bins(tmp_path / 'other_bins', Tokenizer.load(str(tmp_path / 'other.model')))
     with pytest.raises(ValueError, match="tokenizer"):
         train.main([f'--data_dir={other}', f'--out_dir={out}', '--max_iters=6'] + TINY)
     with pytest.raises(ValueError, match="unknown config key 'n_layers'"):
@@ -239,7 +240,7 @@ def test_missing_bins_are_prepared_through_data_py(tmp_path):
                         '--block_size=16', '--eval_iters=1'] + [a for a in TINY if 'block_size' not in a])
     meta = json.load(open(os.path.join(D, 'meta.json')))
     assert meta["vocab_size"] == 400 and meta['train_tokens'] > 0
-    assert checkpoint.load_checkpoint(final)['tokenizer_sha256'] == meta['tokenizer_sha256']
+    assert lumi.load_checkpoint(final)['tokenizer_sha256'] == meta['tokenizer_sha256']
 
 
 def test_the_closing_line_says_below_or_above_with_a_positive_number():

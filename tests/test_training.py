@@ -42,11 +42,11 @@ class Crash(Exception):
 
 
 def _fit(out_dir, tiny_checkpoint, crash_at=None, resume='auto'):
-    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
+    ckpt = lumi.load_checkpoint(tiny_checkpoint)
     model = checkpoint.model_from_checkpoint(ckpt)
     model.cfg.dropout = 0.0
     tok = checkpoint.tokenizer_from_checkpoint(ckpt)
-    cfg = lumi.load_config(training.TRAINING_DEFAULTS, [f'--out_dir={out_dir}', '--max_iters=12', '--eval_interval=5',
+    cfg = lumi.load_config(lumi.declared_keys('training.py'), [f'--out_dir={out_dir}', '--max_iters=12', '--eval_interval=5',
                                                     '--ckpt_interval=4', '--warmup_iters=3', '--keep_last=1',
                                                     '--device=cpu', '--dtype=float32', f'--resume={resume}'])
     val = RandomBatches(model.cfg.vocab_size, seed=99).next_batch()
@@ -71,7 +71,7 @@ def test_fit_resume_matches_the_uninterrupted_run(tmp_path, tiny_checkpoint):
     assert [r['step'] for r in full if 'loss' in r] == list(range(1, 13))
     with pytest.raises(Crash):  # dies during step 7, after the checkpoints of steps 4 (interval) and 5 (best)
         _fit(str(tmp_path / 'b'), tiny_checkpoint, crash_at=6)
-    assert checkpoint.load_checkpoint(checkpoint.latest_step(str(tmp_path / 'b')))['step'] == 5
+    assert lumi.load_checkpoint(checkpoint.latest_step(str(tmp_path / 'b')))['step'] == 5
     metrics = tmp_path / 'b' / 'metrics.jsonl'
     assert max(r['step'] for r in lumi.read_jsonl(str(metrics))) == 6  # 6 is redone
     with open(metrics, 'a') as f:  # and a kill during the next append left half a line
@@ -79,8 +79,8 @@ def test_fit_resume_matches_the_uninterrupted_run(tmp_path, tiny_checkpoint):
     path, resumed = _fit(str(tmp_path / 'b'), tiny_checkpoint)
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ('tokens_per_sec', 'mfu')} for r in rs]
     assert strip(resumed) == strip(full)  # losses, lr, grad norms and val losses: identical floats
-    a = checkpoint.load_checkpoint(checkpoint.latest_step(str(tmp_path / 'a')))['model']
-    b = checkpoint.load_checkpoint(path)['model']
+    a = lumi.load_checkpoint(checkpoint.latest_step(str(tmp_path / 'a')))['model']
+    b = lumi.load_checkpoint(path)['model']
     assert all(torch.equal(a[k], b[k]) for k in a)
     svg = ET.parse(tmp_path / 'b' / 'loss.svg')  # fit draws its curves at the end
     assert svg.getroot().tag == SVG + 'svg'
@@ -104,10 +104,10 @@ class OneBatch(RandomBatches):
 def _fit_one_batch(out_dir, tiny_checkpoint, *flags, die_writing=None):
     """training.fit on the tiny model with a val loss that falls at every eval; die_writing='best' or 'step': the
     process dies (Crash) while writing the file of the last eval's improvement, the other not yet written."""
-    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
+    ckpt = lumi.load_checkpoint(tiny_checkpoint)
     model = checkpoint.model_from_checkpoint(ckpt)
     tok = checkpoint.tokenizer_from_checkpoint(ckpt)
-    cfg = lumi.load_config(training.TRAINING_DEFAULTS, [f'--out_dir={out_dir}', '--max_iters=10', '--eval_interval=5',
+    cfg = lumi.load_config(lumi.declared_keys('training.py'), [f'--out_dir={out_dir}', '--max_iters=10', '--eval_interval=5',
                                                     '--ckpt_interval=100', '--warmup_iters=2', '--keep_last=0',
                                                     '--device=cpu', '--dtype=float32', '--learning_rate=3e-3',
                                                     *flags])
@@ -132,9 +132,9 @@ def _fit_one_batch(out_dir, tiny_checkpoint, *flags, die_writing=None):
 def _best_is_the_best(out_dir):
     evals = [r for r in lumi.read_jsonl(os.path.join(out_dir, 'metrics.jsonl')) if 'val_loss' in r]
     best = min(evals, key=lambda r: r['val_loss'])
-    saved = checkpoint.load_checkpoint(os.path.join(out_dir, 'best.pt'))
+    saved = lumi.load_checkpoint(os.path.join(out_dir, 'best.pt'))
     assert (saved['step'], saved['metrics']['val_loss']) == (best['step'], best['val_loss'])
-    step_ckpt = checkpoint.load_checkpoint(os.path.join(out_dir, f"ckpt_{best['step']:07d}.pt"))
+    step_ckpt = lumi.load_checkpoint(os.path.join(out_dir, f"ckpt_{best['step']:07d}.pt"))
     assert all(torch.equal(saved['model'][k], step_ckpt['model'][k]) for k in saved['model'])
 
 
@@ -147,7 +147,7 @@ def test_a_kill_between_best_and_step_checkpoint_leaves_best_consistent_after_re
     assert checkpoint.latest_step(out).endswith('ckpt_0000005.pt')  # the step-10 checkpoint never landed
     _fit_one_batch(out, tiny_checkpoint)  # resumes at step 5 and does step 10 again: its eval improves again
     _best_is_the_best(out)
-    assert checkpoint.load_checkpoint(os.path.join(out, 'best.pt'))['step'] == 10
+    assert lumi.load_checkpoint(os.path.join(out, 'best.pt'))['step'] == 10
 
 
 def test_resume_with_more_steps_extends_the_run_and_says_so(tmp_path, tiny_checkpoint, capsys):
@@ -157,7 +157,7 @@ def test_resume_with_more_steps_extends_the_run_and_says_so(tmp_path, tiny_check
     final = _fit_one_batch(out, tiny_checkpoint, '--max_iters=15')
     said = capsys.readouterr().out
     assert 'max_iters=15: the checkpoint planned 10 steps; the learning-rate schedule is re-planned over 15' in said
-    assert final.endswith('ckpt_0000015.pt') and checkpoint.load_checkpoint(final)['max_iters'] == 15
+    assert final.endswith('ckpt_0000015.pt') and lumi.load_checkpoint(final)['max_iters'] == 15
     steps = [r['step'] for r in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl')) if 'loss' in r]
     assert steps == list(range(1, 16))
     with pytest.raises(lumi.LumiError, match=r"ckpt_0000015\.pt is at step 15, past max_iters=12"):
@@ -213,10 +213,10 @@ def test_unigram_entropy_against_hand_computation(tmp_path):
 # the named steps, called alone, are the loop
 
 def _trainer(out_dir, tiny_checkpoint, *flags):
-    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
+    ckpt = lumi.load_checkpoint(tiny_checkpoint)
     model = checkpoint.model_from_checkpoint(ckpt)
     model.cfg.dropout = 0.0
-    cfg = lumi.load_config(training.TRAINING_DEFAULTS, [f'--out_dir={out_dir}', '--max_iters=4', '--warmup_iters=2',
+    cfg = lumi.load_config(lumi.declared_keys('training.py'), [f'--out_dir={out_dir}', '--max_iters=4', '--warmup_iters=2',
                                                         '--device=cpu', '--dtype=float32', '--resume=never', *flags])
     return cfg, model, checkpoint.tokenizer_from_checkpoint(ckpt)
 
@@ -233,10 +233,10 @@ def test_train_step_alone_takes_the_steps_fit_takes(tmp_path, tiny_checkpoint):
         [(r['step'], r['loss'], r['lr'], r['grad_norm']) for r in by_fit]
     assert run.step == 4 and run.tokens_seen == 4 * 4 * 32
     path = run.save({'val_loss': 1.5}, alone[-1], best=True)
-    saved = checkpoint.load_checkpoint(path)
+    saved = lumi.load_checkpoint(path)
     assert path.endswith('ckpt_0000004.pt') and saved['step'] == 4 and saved['metrics']['val_loss'] == 1.5
     assert torch.equal(saved['sampler']['g'], run.batches.state_dict()['g'])
-    assert checkpoint.load_checkpoint(str(tmp_path / 'alone' / 'best.pt'))['step'] == 4
+    assert lumi.load_checkpoint(str(tmp_path / 'alone' / 'best.pt'))['step'] == 4
     assert run.evaluate() == {}  # no evaluation given: nothing to report
     run.eval_fn = lambda m: {'val_loss': 2.0, 'training_mode': float(m.training)}
     assert run.evaluate() == {'val_loss': 2.0, 'training_mode': 0.0} and model.training  # eval mode, then back
@@ -268,12 +268,12 @@ def test_plan_budget_fits_the_steps_left_to_the_clock(tmp_path, tiny_checkpoint)
     ('constant', 5, 1e-3 * 6 / 10), ('constant', 99, 1e-3),
 ])
 def test_learning_rate_schedules_against_hand_computation(schedule, step, want):
-    cfg = lumi.Config(training.TRAINING_DEFAULTS, learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, decay_frac=0.2,
+    cfg = lumi.Config(lumi.load_config(lumi.declared_keys('training.py'), []), learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, decay_frac=0.2,
                       lr_schedule=schedule)
     assert training.lr_at(step, 100, cfg) == pytest.approx(want, rel=1e-12)
 
 
 def test_an_unknown_schedule_is_refused():
-    cfg = lumi.Config(training.TRAINING_DEFAULTS, lr_schedule='linear', warmup_iters=0)
+    cfg = lumi.Config(lumi.load_config(lumi.declared_keys('training.py'), []), lr_schedule='linear', warmup_iters=0)
     with pytest.raises(ValueError, match='cosine, wsd or constant'):
         training.lr_at(5, 100, cfg)

@@ -1,0 +1,171 @@
+"""
+LoRA written by hand: y = x W^T + (alpha / r) * dropout(x) A^T B^T with W frozen, and B starting at zero, so a
+fresh adapter leaves the model exactly as it was. The layers (LoRALinear; TokenRows for the chat tokens'
+embedding rows), putting them into a model and folding them back out (apply_lora, merge_lora), and adapter
+files: the LoRA tensors alone, saved with the hash of the base they were trained on and loaded onto it.
+
+Deliberately left out: the fused CUDA kernel (kernels/lora.py, chosen in model.lora_linear), training
+(sft.py, dpo.py), and merged checkpoints (checkpoint.save_merged).
+"""
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lumi import LumiError, load_checkpoint, save_checkpoint, sha256_file
+from model import lora_linear
+from tokenizer import check_tokenizer
+
+LORA_TARGETS = {'q': 'attn.q_proj', 'k': 'attn.k_proj', 'v': 'attn.v_proj', 'o': 'attn.o_proj',
+                'gate': 'mlp.gate_proj', 'up': 'mlp.up_proj', 'down': 'mlp.down_proj'}
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, r, alpha, dropout=0.0):
+        super().__init__()
+        self.weight = base.weight  # shared with nothing else, frozen below
+        self.weight.requires_grad_(False)
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        self.lora_a = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its own weight
+        self.dropout = nn.Dropout(dropout)
+        self.enabled = True  # off: the base model, which DPO uses as its reference at no extra memory
+
+    def forward(self, x):
+        if not self.enabled:
+            return F.linear(x, self.weight)
+        return lora_linear(x, self.weight, self.lora_a, self.lora_b, self.scale, self.dropout)
+
+
+class TokenRows(nn.Module):
+    """An embedding (int input) or LM head (float input) whose weight is frozen except a few rows, trained as
+    lora_rows. For the chat tokens of a base pretrained on plain text: it never saw them, and every
+    pretraining step lowered their logits (<|end|> starts near log p = -15), which a low-rank update of the
+    layers alone takes many steps to undo. Tied embeddings share one TokenRows weight and rows."""
+
+    def __init__(self, weight, ids, rows=None):
+        super().__init__()
+        self.weight = weight
+        self.register_buffer('ids', torch.tensor(ids, dtype=torch.long, device=weight.device), persistent=False)
+        self.lora_rows = rows if rows is not None else nn.Parameter(weight.detach()[self.ids].clone())
+        self.enabled = True
+
+    def full_weight(self):
+        return self.weight.index_put((self.ids,), self.lora_rows.to(self.weight.dtype)) if self.enabled else self.weight
+
+    def forward(self, x):
+        w = self.full_weight()
+        return F.linear(x, w) if x.is_floating_point() else F.embedding(x, w)
+
+
+def _lora_modules(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, TokenRows))]
+
+
+def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=('q', 'v'), tokens=()):
+    """Replace the target projections of every block by LoRA linears, make the embedding rows of `tokens`
+    trainable (TokenRows), and freeze everything else."""
+    unknown = set(targets) - set(LORA_TARGETS)
+    if unknown:
+        raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {list(LORA_TARGETS)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in model.layers:
+        for t in targets:
+            parent_name, attr = LORA_TARGETS[t].split('.')
+            parent = getattr(layer, parent_name)
+            base = getattr(parent, attr)
+            if not isinstance(base, LoRALinear):
+                setattr(parent, attr, LoRALinear(base, r, alpha, dropout))
+    tokens = tuple(int(t) for t in tokens)
+    if tokens and not isinstance(model.tok_emb, TokenRows):
+        model.tok_emb = TokenRows(model.tok_emb.weight, tokens)
+        tied = model.cfg.tie_embeddings
+        model.lm_head = TokenRows(model.lm_head.weight, tokens, model.tok_emb.lora_rows if tied else None)
+    model.lora_config = dict(r=r, alpha=float(alpha), dropout=float(dropout), targets=tuple(targets), tokens=tokens)
+    return model
+
+
+def lora_state_dict(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if '.lora_' in k}
+
+
+def set_lora_enabled(model, enabled):
+    for _, m in _lora_modules(model):
+        m.enabled = enabled
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every adapter into its base weight (W += scale * B A, trained token rows written in) and put
+    plain modules back."""
+    for name, m in [(n, m) for n, m in _lora_modules(model) if isinstance(m, LoRALinear)]:
+        parent = model.get_submodule(name.rsplit('.', 1)[0])
+        merged = nn.Linear(m.weight.size(1), m.weight.size(0), bias=False,
+                           device=m.weight.device, dtype=m.weight.dtype)
+        merged.weight.copy_(m.weight + m.scale * (m.lora_b.float() @ m.lora_a.float()).to(m.weight.dtype))
+        setattr(parent, name.rsplit('.', 1)[1], merged)
+    if isinstance(model.tok_emb, TokenRows):  # plain modules again, the trained rows written in, still tied
+        emb, head = model.tok_emb, model.lm_head
+        model.tok_emb = nn.Embedding(*emb.weight.shape, device=emb.weight.device, dtype=emb.weight.dtype)
+        model.tok_emb.weight.copy_(emb.full_weight())
+        model.lm_head = nn.Linear(head.weight.size(1), head.weight.size(0), bias=False,
+                                  device=head.weight.device, dtype=head.weight.dtype)
+        if model.cfg.tie_embeddings:
+            model.lm_head.weight = model.tok_emb.weight
+        else:
+            model.lm_head.weight.copy_(head.full_weight())
+    if hasattr(model, 'lora_config'):
+        del model.lora_config
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# adapter files: the LoRA tensors alone, tied to the base they were trained on
+
+def save_adapter(path, model, base_path, tok):
+    """An adapter file: the LoRA tensors alone with their config, the base's path and SHA256, the tokenizer's."""
+    save_checkpoint(path, dict(kind='adapter', lora=dict(model.lora_config), lora_state=lora_state_dict(model),
+                               base_path=os.path.abspath(base_path), base_sha256=sha256_file(base_path),
+                               tokenizer_sha256=tok.sha256))
+
+
+def load_adapter(model, adapter_path, base_path, tok):
+    """Apply an adapter file to `model`, the model of the base checkpoint at base_path (tokenizer tok), whose own
+    adapters, if any, become part of the base. Refuses, in one line, a file that is no adapter, one trained on
+    another base or tokenizer, and tensors that do not fit: their shapes are held against a copy of the model
+    built on the meta device, so a crafted r=10**6 allocates nothing."""
+    adapter = load_checkpoint(adapter_path)
+    if adapter.get('kind') != 'adapter':
+        raise LumiError(f"{adapter_path} is not an adapter (kind {adapter.get('kind')!r})")
+    lacking = [k for k in ('lora', 'lora_state', 'base_sha256', 'tokenizer_sha256') if k not in adapter]
+    if lacking:
+        raise LumiError(f"{adapter_path} is not a usable adapter: it has no {', '.join(lacking)}")
+    sha = sha256_file(base_path)
+    if sha != adapter['base_sha256']:
+        raise ValueError(f"{adapter_path} was trained on base {adapter['base_sha256'][:12]}… "
+                         f"({adapter.get('base_path')}), but {base_path} is {sha[:12]}…")
+    check_tokenizer(adapter['tokenizer_sha256'], tok.sha256, adapter_path)
+    try:
+        with torch.device('meta'):
+            probe = apply_lora(type(model)(model.cfg), **adapter['lora'])
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise LumiError(f"{adapter_path}: its lora config {adapter['lora']!r} does not describe adapters: {e}") from e
+    expected = {k: tuple(v.shape) for k, v in probe.state_dict().items() if '.lora_' in k}
+    got = {k: tuple(v.shape) for k, v in adapter['lora_state'].items()}
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    wrong = [f"{k} is {got[k]}, expected {s}" for k, s in expected.items() if k in got and got[k] != s]
+    if missing or unexpected or wrong:
+        said = wrong[:3] + [f"missing {missing[:3]}"] * bool(missing) + [f"unexpected {unexpected[:3]}"] * bool(unexpected)
+        raise LumiError(f"{adapter_path}: its weights do not fit its base {base_path} with its lora config: "
+                        f"{'; '.join(said)}")
+    if getattr(model, 'lora_config', None):
+        merge_lora(model)  # a base that itself carries adapters: they are part of the base
+    apply_lora(model, **adapter['lora'])
+    model.load_state_dict(adapter['lora_state'], strict=False)
+    return model

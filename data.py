@@ -53,14 +53,14 @@ from collections import Counter
 import numpy as np
 from tqdm import tqdm
 
-import datacard
 import lumi
-import parts
-from bins import data_ready, load_meta
-from clean import lsh_rows
-from fetch import remove_orphan_temps
-from sources import LIMITS, _read, parse_spec, split_document
-from streams import _local_files
+from corpus import parts
+from corpus.bins import data_ready, load_meta
+from corpus.card import write_data_card
+from corpus.clean import lsh_rows
+from corpus.fetch import remove_orphan_temps
+from corpus.sources import LIMITS, _read, parse_spec, split_document
+from corpus.streams import _local_files
 
 # -----------------------------------------------------------------------------
 # defaults (override with a config file and --key=value)
@@ -551,10 +551,10 @@ def main(argv=None):
             return D
         tok, card = build_tokenizer(cfg, manifest)
         if cfg.stop_after == 'tokenizer':
-            datacard.write_data_card(D)
+            write_data_card(D)
             return D
         meta = pack(cfg, tok, card, manifest)
-        datacard.write_data_card(D)
+        write_data_card(D)
     lumi.log(f"{D}: {meta['docs']:,} docs, train {meta['train_tokens']:,} + val {meta['val_tokens']:,} tokens, "
              f"{meta['chars_per_token']:.2f} chars/token, tokenizer {meta['tokenizer_sha256'][:12]}, "
              f"{time.time() - t0:.1f}s")

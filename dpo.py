@@ -32,7 +32,7 @@ from tqdm import tqdm
 import lumi
 import training
 from checkpoint import checkpoint_meta, load_model, save_adapter, save_merged
-from conversations import load_conversations, load_pairs
+from corpus.conversations import load_conversations, load_pairs
 from model import apply_lora, set_lora_enabled
 
 # -----------------------------------------------------------------------------

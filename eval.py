@@ -30,10 +30,9 @@ from collections import Counter
 import numpy as np
 from tqdm import tqdm
 
-import bins
 import lumi
-import sources
 from checkpoint import load_model
+from corpus import bins, sources
 from engine import Sampling, distinct_ngrams, generate_ids, make_generator, stop_ids_for, target_logprobs
 from lumi import BOS_ID, EOS_ID
 

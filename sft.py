@@ -48,8 +48,8 @@ from tqdm import tqdm
 import checkpoint
 import lumi
 import training
-from conversations import load_conversations
 from checkpoint import load_model, merge_adapter, save_adapter, save_merged
+from corpus.conversations import load_conversations
 from engine import Sampling, distinct_ngrams, generate_ids, make_generator, one_token_loop
 from model import apply_lora
 

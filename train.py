@@ -24,9 +24,9 @@ import time
 import torch
 
 import checkpoint
-import bins
 import lumi
 import training
+from corpus import bins
 from model import GPT, ModelConfig
 
 # -----------------------------------------------------------------------------

@@ -16,12 +16,9 @@ from collections import Counter
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bins  # noqa: E402
-import clean  # noqa: E402
 import data  # noqa: E402
 import lumi  # noqa: E402
-import parts  # noqa: E402
-import sources  # noqa: E402
+from corpus import bins, clean, parts, sources  # noqa: E402
 
 out = '/tmp/lumi_bench_data'
 vocab_size = 32768

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-import conversations
+from corpus import conversations
 from test_sft import ALPACA, format_files  # noqa: F401  (a fixture)
 
 # -----------------------------------------------------------------------------

@@ -26,15 +26,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bins  # noqa: E402
 import checkpoint  # noqa: E402
-import clean  # noqa: E402
 import data  # noqa: E402
-import fetch  # noqa: E402
 import lumi  # noqa: E402
-import parts  # noqa: E402
-import sources  # noqa: E402
-import streams  # noqa: E402
+from corpus import bins, clean, fetch, parts, sources, streams  # noqa: E402
 
 WORDS = ("the a of and to in is was he she it they we you that this with for on not but his her their "
          "king queen lord lady night day sun moon sea ship house door road river hill tree stone fire water "

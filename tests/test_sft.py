@@ -11,9 +11,9 @@ import torch
 
 import checkpoint
 import training
-import conversations
 import lumi
 import sft
+from corpus import conversations
 from model import GPT, LoRALinear, TokenRows, apply_lora, lora_state_dict, merge_lora, set_lora_enabled
 
 ALL_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import lumi  # noqa: E402
-import sources  # noqa: E402
+from corpus import sources  # noqa: E402
 from test_data import _Server, make_docs  # noqa: E402
 
 pa = pytest.importorskip('pyarrow')

@@ -8,7 +8,6 @@ import struct
 import numpy as np
 import pytest
 
-import bins
 import data
 import dpo
 import checkpoint
@@ -18,6 +17,7 @@ import spm_proto
 import sample
 import serve
 import sft
+from corpus import bins
 from test_data import make_docs, write_corpus
 
 # -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ class _NoTokenAcrossHosts(urllib.request.HTTPRedirectHandler):
 
 
 _OPENER = urllib.request.build_opener(_NoTokenAcrossHosts)
-CACHE_DIR = os.environ.get('LUMI_CACHE') or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cache')
+CACHE_DIR = os.environ.get('LUMI_CACHE') or os.path.join(lumi.ROOT, 'cache')  # <repo>/cache
 
 
 def _pid_alive(pid):

@@ -23,7 +23,7 @@ import os
 import re
 from collections import Counter, defaultdict
 
-import sources
+from corpus import sources
 from lumi import log
 
 ROLE_ALIASES = {'user': 'user', 'human': 'user', 'prompter': 'user',

@@ -48,8 +48,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 import lumi
-from fetch import download, hf_url, pypi_archive
-from streams import Stream, _archive_members, _decompressed, _local_files
+from corpus.fetch import download, hf_url, pypi_archive
+from corpus.streams import Stream, _archive_members, _decompressed, _local_files
 
 # bounds on reading input (hostile or broken sources fail with an error instead of hanging or exhausting memory);
 # data.py's config keys of the same names default to these
@@ -485,7 +485,7 @@ def _record_columns(adapter, field):
 def source_set(name, files=None, weight=1.0):
     """(spec, weight) pairs for the first `files` files (None: all) of configs/sources/NAME.py's FILES, so
     that a data config can say `sources = source_set('c4_en', 4) + source_set('wikipedia_en', 2)`."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'sources', f'{name}.py')
+    path = os.path.join(lumi.ROOT, 'configs', 'sources', f'{name}.py')
     if not os.path.isfile(path):
         known = sorted(n[:-3] for n in os.listdir(os.path.dirname(path)) if n.endswith('.py'))
         raise FileNotFoundError(f"no source set {name!r} in configs/sources (known: {', '.join(known)})")

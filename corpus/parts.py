@@ -18,7 +18,8 @@ import numpy as np
 
 import lumi
 from corpus.clean import band_keys, bucket_pairs, clean_batch, cluster_duplicates, similar, usable_rows
-from corpus.sources import documents_of, iter_streams, parse_spec
+from corpus.sources import documents_of, parse_spec
+from corpus.streams import iter_streams
 
 PART_BYTES = 32 << 20  # bytes of input files (as stored) per scanned part
 BATCH_DOCS = 512  # documents a worker cleans at a time

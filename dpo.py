@@ -5,7 +5,7 @@ reward model and no sampling (Rafailov et al. 2023).
 
     python dpo.py configs/dpo_tiny.py --init_from=out/sft/merged.pt --out_dir=out/dpo --max_iters=200
 
-What it does, top to bottom: read preference pairs in the formats people have (conversations.py: HH-RLHF,
+What it does, top to bottom: read preference pairs in the formats people have (corpus/conversations.py: HH-RLHF,
 orca_dpo_pairs, UltraFeedback binarized, llamafactory's dpo demo) and optionally build more from SFT data; render them with
 the chat template; train with training.fit on one of three losses (sigmoid DPO with label smoothing, IPO,
 hinge); save the result as LoRA adapters and as a merged standalone checkpoint (kind 'dpo').
@@ -32,7 +32,7 @@ from tqdm import tqdm
 import lumi
 import training
 from checkpoint import checkpoint_meta, load_model, save_merged
-from conversations import load_conversations, load_pairs
+from corpus.conversations import load_conversations, load_pairs
 from lora import apply_lora, save_adapter, set_lora_enabled
 from tokenizer import PAD_ID, TEMPLATE_VARS, encode_turn, render_chat
 

@@ -5,7 +5,8 @@ batch of prompts prefilled into model.KVCache and decoded one token at a time (r
 a full window slides), stop strings matched in streamed text, and the chat prompt that fits a conversation into
 the window. sample.py (the interactive prompt), serve.py (the HTTP API), eval.py (the smoke test) and sft.py
 (the format check) all generate through it, so each sees what users will. Scoring: the summed log-probabilities
-of given targets, many requests per forward pass (eval.py's choice tasks and perplexity).
+of given targets, many requests per forward pass (eval.py's choice tasks and perplexity). Also the sampling keys
+that sample.py and serve.py take, and the Sampling built from them.
 
 Deliberately left out: loading a model (checkpoint.load_model), beam search, speculative decoding, logprobs
 of generated tokens, and continuous batching (requests that arrive separately never share a batch; one
@@ -206,27 +207,6 @@ def generate_ids(model, prompts, params, stop_ids=(), generator=None, finished=N
             logits = _last_logits(model, token[:, None], cache)
 
 
-@torch.no_grad()
-def generate_ids_recompute(model, prompt, params, stop_ids=(), generator=None):
-    """The reference the engine is held against: no cache, the whole context (its last block_size tokens)
-    run again for every new token, as nanoGPT's sample.py does. One prompt; yields its tokens."""
-    device, cfg = model_device(model), model.cfg
-    generator = generator if generator is not None else make_generator(None, device)
-    seq = list(prompt) or [BOS_ID]
-    counts = torch.bincount(torch.tensor(seq[-cfg.block_size:]), minlength=cfg.vocab_size)[None].to(device)
-    unpenalized(counts, stop_ids)
-    made = torch.zeros_like(counts)
-    for _ in range(params.max_new_tokens):
-        logits = _last_logits(model, torch.tensor([seq[-cfg.block_size:]], device=device))
-        token = int(sample_next(logits, counts, made, params, generator))
-        counts[0, token] += 1
-        made[0, token] += 1
-        yield token
-        seq.append(token)
-        if token in stop_ids:
-            return
-
-
 # -----------------------------------------------------------------------------
 # text: streaming deltas with stop strings
 
@@ -356,14 +336,6 @@ def stream_text(model, tok, prompts, params, chat=False, generator=None):
                 yield r, delta + s.flush(), 'length', s.tokens
             elif delta:
                 yield r, delta, None, s.tokens
-
-
-def complete(model, tok, prompts, params, chat=False, generator=None):
-    """Generate without streaming: one (text, finish_reason, tokens) per prompt."""
-    out = [['', None, 0] for _ in prompts]
-    for r, delta, finish, n in stream_text(model, tok, prompts, params, chat, generator):
-        out[r] = [out[r][0] + delta, finish, n]
-    return [tuple(o) for o in out]
 
 
 def fit_history(tok, messages, budget):

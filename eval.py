@@ -30,10 +30,9 @@ from collections import Counter
 import numpy as np
 from tqdm import tqdm
 
-import bins
 import lumi
-import sources
 from checkpoint import load_model
+from corpus import bins, records, sources
 from engine import Sampling, distinct_ngrams, generate_ids, make_generator, stop_ids_for, target_logprobs
 from tokenizer import BOS_ID, EOS_ID, check_tokenizer, render_chat
 
@@ -166,7 +165,7 @@ def load_examples(name, source, limit=0):
     """Read a task's records through data.py and adapt them; a bad record is skipped, counted and named
     (here, or by data.py for a line that is not JSON). Returns (examples, skipped)."""
     examples, skipped, reasons, stats = [], 0, [], Counter()
-    for i, record in enumerate(sources.iter_records(source, stats=stats)):
+    for i, record in enumerate(records.iter_records(source, stats=stats)):
         if limit and len(examples) >= limit:
             break
         try:

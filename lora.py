@@ -4,7 +4,7 @@ fresh adapter leaves the model exactly as it was. The layers (LoRALinear; TokenR
 embedding rows), putting them into a model and folding them back out (apply_lora, merge_lora), and adapter
 files: the LoRA tensors alone, saved with the hash of the base they were trained on and loaded onto it.
 
-Deliberately left out: the fused CUDA kernel (kernels/lora.py, chosen in model.lora_linear), training
+Deliberately left out: the fused CUDA kernel (kernels/lora.py, chosen in model.low_rank_linear), training
 (sft.py, dpo.py), and merged checkpoints (checkpoint.save_merged).
 """
 import math
@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lumi import LumiError, load_checkpoint, save_checkpoint, sha256_file
-from model import lora_linear
+from model import low_rank_linear
 from tokenizer import check_tokenizer
 
 LORA_TARGETS = {'q': 'attn.q_proj', 'k': 'attn.k_proj', 'v': 'attn.v_proj', 'o': 'attn.o_proj',
@@ -37,7 +37,7 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if not self.enabled:
             return F.linear(x, self.weight)
-        return lora_linear(x, self.weight, self.lora_a, self.lora_b, self.scale, self.dropout)
+        return low_rank_linear(x, self.weight, self.lora_a, self.lora_b, self.scale, self.dropout)
 
 
 class TokenRows(nn.Module):

@@ -90,7 +90,7 @@ def attention(q, k, v, mask=None, dropout_p=0.0):
                                           is_causal=mask is None, enable_gqa=gqa)
 
 
-def lora_linear(x, weight, lora_a, lora_b, scale, dropout):
+def low_rank_linear(x, weight, lora_a, lora_b, scale, dropout):
     """x W^T + scale * dropout(x) A^T B^T (lora.LoRALinear): the fused Triton kernel on CUDA when no dropout is
     active, torch elsewhere."""
     if x.is_cuda and USE_KERNELS and (dropout.p == 0 or not dropout.training):

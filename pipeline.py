@@ -19,9 +19,9 @@ import subprocess
 import sys
 import time
 
-import bins
 import lumi
 from checkpoint import checkpoint_info, checkpoint_of
+from corpus import bins
 from lumi import (ROOT, LumiError, atomic_write, declared_keys, load_config, log, read_json, read_jsonl,
                   sha256_bytes, sha256_file, split_args, write_json)
 from training import unigram_entropy

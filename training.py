@@ -25,9 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import curves
-from checkpoint import latest_step, load_checkpoint, save_checkpoint, step_of, step_path
-from lumi import LumiError, append_jsonl, atomic_write, autocast, log, read_jsonl, resolve_compile, resolve_dtype, \
-    setup_distributed
+from checkpoint import latest_step, step_of, step_path
+from lumi import LumiError, append_jsonl, atomic_write, autocast, load_checkpoint, log, read_jsonl, resolve_compile, \
+    resolve_dtype, save_checkpoint, setup_distributed
 
 # -----------------------------------------------------------------------------
 # the training loop's keys, which train.py, sft.py and dpo.py take (KEY_FILES) and may set otherwise

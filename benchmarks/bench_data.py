@@ -16,26 +16,23 @@ from collections import Counter
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bins  # noqa: E402
-import clean  # noqa: E402
 import data  # noqa: E402
 import lumi  # noqa: E402
-import parts  # noqa: E402
-import sources  # noqa: E402
-from tokenizer import BOS_ID, EOS_ID, Tokenizer
+from corpus import bins, clean, parts, sources, streams  # noqa: E402
+from tokenizer import BOS_ID, EOS_ID, Tokenizer  # noqa: E402
 
 out = '/tmp/lumi_bench_data'
 vocab_size = 32768
 num_threads = 0
-cfg = lumi.load_config(lumi.config_defaults(globals()), sys.argv[1:])
+cfg = lumi.load_config(lumi.declared_keys(__file__), sys.argv[1:])
 D = os.path.join(cfg.out, 'starter')
 shutil.rmtree(D, ignore_errors=True)
 args = [f'--data_dir={D}', f'--vocab_size={cfg.vocab_size}', f'--num_threads={cfg.num_threads}']
-settings = lumi.load_config(lumi.config_defaults(vars(data)), args)
+settings = lumi.load_config(data.KEYS, args)
 
 # fetch (untimed): every archive into the cache
 for spec, _ in data.sources:
-    for _ in sources.iter_files(spec):
+    for _ in streams.iter_files(spec):
         pass
 
 # 1. sources to bins, the real command

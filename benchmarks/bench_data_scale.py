@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import lumi  # noqa: E402
-import sources  # noqa: E402
+from corpus import sources  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 out = '/tmp/lumi_scale'
@@ -39,7 +39,7 @@ num_workers = 2  # of the main run (the check compares it with 1); 0: all cores
 vocab_size = 32768
 cache_dir = ''  # where the starter archives are ('' -> data.py's default)
 dedupe_docs = 0  # > 0: also measure dedupe memory on this many documents of random signatures (parts on disk)
-cfg = lumi.load_config(lumi.config_defaults(globals()), sys.argv[1:])
+cfg = lumi.load_config(lumi.declared_keys(__file__), sys.argv[1:])
 
 
 def sentences():
@@ -135,8 +135,7 @@ def dedupe_memory(n, num_perm=128, threshold=0.8, k=4):
     n documents in k parts on disk, with random signatures and one near-duplicate in 1000."""
     import tracemalloc
     import numpy as np
-    import clean
-    import parts
+    from corpus import clean, parts
     rows_ = clean.lsh_rows(num_perm, threshold)
     dt = parts.part_rows(num_perm, num_perm // rows_)
     folder = os.path.join(cfg.out, 'dedupe_memory')

@@ -112,7 +112,7 @@ def run_arm(cfg):
 
 
 def main(argv=None):
-    cfg = lumi.load_config(lumi.config_defaults(globals()), argv)
+    cfg = lumi.load_config(lumi.declared_keys(__file__), argv)
     if cfg.arm:
         return run_arm(cfg)
     args = [a for a in (argv if argv is not None else sys.argv[1:]) if a.startswith('--')]

@@ -72,7 +72,7 @@ def timed(fn):
 
 
 def main(argv=None):
-    cfg = lumi.load_config(lumi.config_defaults(globals()), argv)
+    cfg = lumi.load_config(lumi.declared_keys(__file__), argv)
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

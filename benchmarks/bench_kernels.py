@@ -40,7 +40,7 @@ lora_tokens = (8192, 16384)
 lora_scale = 2.0
 warmup_ms = 25
 rep_ms = 100
-DEFAULTS = lumi.config_defaults(globals())
+KEYS = lumi.declared_keys(__file__)
 
 
 def bench(fn, cfg):
@@ -147,7 +147,7 @@ def bench_lora(cfg):
 
 
 def main():
-    cfg = lumi.load_config(DEFAULTS)
+    cfg = lumi.load_config(KEYS)
     if not torch.cuda.is_available():
         print("no CUDA device: GPU benchmark skipped")
         return

@@ -50,7 +50,7 @@ threads = 1  # the tiny model's ops are too small to split; on a shared machine 
 arm = ''  # set by the parent for each child process
 device = 'auto'
 dtype = 'float32'  # CPU: float32 or bfloat16 autocast; CUDA arms always run bf16 autocast
-DEFAULTS = lumi.config_defaults(globals())
+KEYS = lumi.declared_keys(__file__)
 TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 
 
@@ -147,7 +147,7 @@ def run_arm(cfg):
 
 
 def main(argv):
-    cfg = lumi.load_config(DEFAULTS, argv)
+    cfg = lumi.load_config(KEYS, argv)
     if cfg.arm:
         print(json.dumps(run_arm(cfg)))
         return

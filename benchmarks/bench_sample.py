@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import fields
 
 import torch
 
@@ -58,12 +57,23 @@ def race(n, runners):
     return tokens, wall, cpu
 
 
+@torch.no_grad()
+def recompute_greedy(model, prompt, n):
+    """nanoGPT's decoding, the baseline: no cache, the whole context (its last block_size tokens) run again for
+    every new token."""
+    seq = list(prompt)
+    for _ in range(n):
+        token = int(model(torch.tensor([seq[-model.cfg.block_size:]]))[0][0, -1].argmax())
+        yield token
+        seq.append(token)
+
+
 def main(argv=None):
-    cfg = lumi.load_config(lumi.config_defaults(globals()), argv)
+    cfg = lumi.load_config(lumi.declared_keys(__file__), argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    defaults = {f.name: f.default for f in fields(ModelConfig)}
+    defaults = dict(vocab_size=32768, **{k: v.default for k, v in lumi.declared_keys('model.py').items()})
     found = os.path.exists(cfg.model_config)
     margs = lumi.load_config(defaults, [cfg.model_config] if found else [])
     margs.pop('config_file', None)
@@ -81,7 +91,7 @@ def main(argv=None):
     greedy = lambda n: engine.Sampling(max_new_tokens=n, temperature=0.0, top_p=1.0)
     cached = lambda n, prompts=(prompt,), net=model: (
         ts for _, ts in engine.generate_ids(net, list(prompts), greedy(n)))
-    recompute = lambda n: engine.generate_ids_recompute(model, prompt, greedy(n))
+    recompute = lambda n: recompute_greedy(model, prompt, n)
     race(16, [cached(16), recompute(16)])  # warm-up
 
     print(f"\n{'new tokens':>10} | {'cache tok/s':>18} | {'recompute tok/s':>18} | {'speed-up':>15} | "

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import bins  # noqa: E402
 import training  # noqa: E402
 import lumi  # noqa: E402
 import train  # noqa: E402
+from corpus import bins  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 # FineWeb-Edu (estimates per file in configs/sources/):
 #   python data.py configs/data_base.py            # then: python train.py configs/base.py --data_dir=data/web_base
 # ~28 GB of text: worth splitting across machines, `--num_shards=N --shard_index=I` (see data.py's docstring).
-import sources as _s
+from corpus import sources as _s
 
 sources = (_s.source_set('fineweb_edu', 5)      # ~3.5B tokens
            + _s.source_set('c4_en', 12)         # ~1.8B

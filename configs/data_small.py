@@ -2,7 +2,7 @@
 # and C4, with Wikipedia, OpenWebText and books (estimates per file in configs/sources/):
 #   python data.py configs/data_small.py           # then: python train.py configs/small.py --data_dir=data/web_small
 # ~8 GB of text; with more machines, split it: `--num_shards=N --shard_index=I` (see data.py's docstring).
-import sources as _s
+from corpus import sources as _s
 
 sources = (_s.source_set('fineweb_edu', 1)      # ~700M tokens
            + _s.source_set('c4_en', 5)          # ~750M

@@ -19,8 +19,9 @@ dropout = 0.0
 tie_embeddings = True
 
 # training: 4 x 1024 tokens a step. On a CPU a short run is step-bound, so a small batch and a high peak
-# learning rate buy more updates; compile + bf16 autocast (dtype auto on a CPU with AVX512-BF16) is the
-# fastest correct setting measured on 2 cores (docs/BENCHMARKS.md), and compiling costs ~30-60 s once.
+# learning rate buy more updates; dtype auto is bf16 autocast on a CPU with AVX512-BF16 (1.85x faster there)
+# and fp32 elsewhere; compile auto leaves a CPU run uncompiled, where it cost minutes and gave no faster steps
+# (docs/BENCHMARKS.md, "Recipe").
 batch_size = 4
 gradient_accumulation_steps = 1
 learning_rate = 2e-3

@@ -19,7 +19,6 @@ torch.set_num_threads(1)
 
 import pytest
 
-import lumi
 import checkpoint  # noqa: E402  (after the path above)
 from tokenizer import CHAT_TOKENS, Tokenizer
 
@@ -41,7 +40,6 @@ To be, or not to be, that is the question. Whether 'tis nobler in the mind to su
 def tokenizer(tmp_path_factory):
     """A small real SentencePiece model with Lumi's reserved ids (pad 0, unk 1, bos 2, eos 3, chat 4-7)."""
     import sentencepiece as spm
-    import lumi
     d = tmp_path_factory.mktemp("tok")
     (d / "corpus.txt").write_text(TINY_TEXT * 20)
     spm.SentencePieceTrainer.train(

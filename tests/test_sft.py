@@ -12,9 +12,9 @@ import torch
 import lora
 import checkpoint
 import training
-import conversations
 import lumi
 import sft
+from corpus import conversations
 from lora import LoRALinear, TokenRows, apply_lora, lora_state_dict, merge_lora, set_lora_enabled
 from model import GPT
 from tokenizer import PAD_ID, render_chat

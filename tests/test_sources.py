@@ -1,20 +1,20 @@
-"""Tests for sources.py beyond what tests/test_data.py covers through data.py: streaming reads (blocks, pieces,
-bounded memory), parquet through pyarrow, gated hub sets (401/403 and HF_TOKEN), and the real source specs of
-configs/sources/ and the data-budget configs, loaded from small local files of the same formats served as the hub."""
+"""Tests for corpus/sources.py beyond what tests/test_data.py covers through data.py: documents read as streams
+(pieces, bounded memory), parquet through pyarrow, gated hub sets (401/403 and HF_TOKEN), and the real source specs
+of configs/sources/ and the data-budget configs, loaded from small local files of the same formats served as the
+hub. The layers below have their own: tests/test_streams.py, tests/test_records.py."""
 import gzip
 import json
 import os
 import sys
 import tracemalloc
-from collections import Counter
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import lumi  # noqa: E402
-import sources  # noqa: E402
-from test_data import _Server, make_docs  # noqa: E402
+from corpus import records, sources, streams  # noqa: E402
+from test_data import FileServer, make_docs  # noqa: E402
 
 pa = pytest.importorskip('pyarrow')
 import pyarrow.parquet as pq  # noqa: E402
@@ -29,7 +29,7 @@ def write_parquet(path, **columns):
 @pytest.fixture
 def hub(monkeypatch):
     """A local HTTP server standing in for the Hugging Face hub ($HF_ENDPOINT), recording request headers."""
-    s = _Server({})
+    s = FileServer({})
     seen = []
     handler = s.httpd.RequestHandlerClass
     original = handler.do_GET
@@ -51,20 +51,6 @@ def hub(monkeypatch):
     monkeypatch.delenv('HF_TOKEN', raising=False)
     yield s
     s.close()
-
-
-def test_text_blocks_match_whole_decode_at_any_block_size(tmp_path):
-    raw = 'caf\u00e9 \u2028line\r\nnext\rthird\n\ufeffmid\n'.encode() + b'bad \xff byte\n' + 'x\u2029y'.encode()
-    (tmp_path / 'a.txt').write_bytes(b'\xef\xbb\xbf' + raw)
-    whole = None
-    for block in (1, 3, 7, 1 << 20):
-        stats = Counter()
-        with pytest.warns(UserWarning, match='1 invalid UTF-8'):
-            streams = sources.iter_streams(str(tmp_path / 'a.txt'))  # held: a stream lives as long as its generator
-            text = ''.join(sources._text_blocks(next(streams), stats, block))
-        whole = whole or text
-        assert text == whole and stats['bad_utf8_chars'] == 1 and stats['bytes'] == len(raw) + 3
-    assert whole.startswith('caf\u00e9 \nline\nnext\nthird\n\ufeffmid\n') and whole.endswith('x\n\ny')
 
 
 def test_long_text_comes_in_pieces_cut_at_blank_lines(tmp_path, monkeypatch):
@@ -107,7 +93,7 @@ def test_parquet_text_column_field_and_records(tmp_path):
     write_parquet(str(tmp_path / 'b.parquet'), body=docs[:5], title=['t'] * 5)
     assert [d for d in sources.iter_documents(str(tmp_path / 'a.parquet'), max_chars=1 << 20)] == docs
     assert list(sources.iter_documents(f"{tmp_path}/b.parquet@body", max_chars=1 << 20)) == docs[:5]
-    recs = list(sources.iter_records(str(tmp_path / 'a.parquet')))
+    recs = list(records.iter_records(str(tmp_path / 'a.parquet')))
     assert recs[3] == {'text': docs[3], 'id': 3}
     os.remove(tmp_path / 'b.parquet')
     assert list(sources.iter_documents(str(tmp_path), max_chars=1 << 20)) == docs  # a folder yields its parquet files
@@ -148,11 +134,11 @@ def test_gated_set_401_names_hf_token_and_token_is_sent_not_shown(tmp_path, hub,
     port = hub.url.rsplit(':', 1)[1]
     hub.files['/datasets/org/big/resolve/main/x.txt'] = f'http://localhost:{port}/cdn/x.txt?signed=1'
     hub.files['/cdn/x.txt?signed=1'] = b'from the cdn'
-    assert list(sources.iter_files('hf:org/big:x.txt', cache_dir=str(tmp_path))) == [('org/big/x.txt', b'from the cdn')]
+    assert list(streams.iter_files('hf:org/big:x.txt', cache_dir=str(tmp_path))) == [('org/big/x.txt', b'from the cdn')]
     assert 'Authorization' in hub.headers[-2] and 'Authorization' not in hub.headers[-1]
     # a url: source never sends the hub's token
     hub.files['/plain.txt'] = b'plain text'
-    list(sources.iter_files(f'url:{hub.url}/plain.txt', cache_dir=str(tmp_path)))
+    list(streams.iter_files(f'url:{hub.url}/plain.txt', cache_dir=str(tmp_path)))
     assert 'Authorization' not in hub.headers[-1]
 
 
@@ -180,7 +166,7 @@ def test_every_source_set_parses_and_its_first_file_loads(tmp_path, hub):
     for name, write in SETS.items():
         pairs = sources.source_set(name)
         assert len(pairs) > 10 and all(sources.parse_spec(s).kind == 'hf' for s, _ in pairs), name
-        cfg = lumi.load_config(data.DEFAULTS, [os.path.join(ROOT, 'configs', 'sources', f'{name}.py')])
+        cfg = lumi.load_config(data.KEYS, [os.path.join(ROOT, 'configs', 'sources', f'{name}.py')])
         assert cfg.sources == pairs[:1]
         s = sources.parse_spec(pairs[0][0])
         repo, _, rev = s.where.partition('==')
@@ -200,7 +186,7 @@ def test_every_source_set_parses_and_its_first_file_loads(tmp_path, hub):
 
 @pytest.mark.parametrize('budget, tokens', [('tiny', 500e6), ('small', 2e9), ('base', 7e9)])
 def test_budget_configs_name_the_sets_and_add_up(budget, tokens):
-    cfg = lumi.load_config(data.DEFAULTS, [os.path.join(ROOT, 'configs', f'data_{budget}.py')])
+    cfg = lumi.load_config(data.KEYS, [os.path.join(ROOT, 'configs', f'data_{budget}.py')])
     assert cfg.data_dir == f'data/web_{budget}' and cfg.vocab_size == 32768
     per_file = {}
     for name in SETS:
@@ -212,13 +198,8 @@ def test_budget_configs_name_the_sets_and_add_up(budget, tokens):
     assert 0.95 * tokens <= sum(per_file[s] for s in specs) <= 1.1 * tokens
 
 
-def test_a_shard_downloads_only_its_own_files(tmp_path, hub):
-    for i in range(4):
-        hub.files[f'/datasets/org/web/resolve/main/f{i}.jsonl'] = json.dumps({'text': f'document {i}'}).encode()
-    specs = [f'hf:org/web:f{i}.jsonl' for i in range(4)]
-    fetched = []
-    for si, spec in enumerate(specs):  # shard 1 of 2 owns part 0 of sources 1 and 3 (data.py: (si + part) % 2)
-        for f in sources.iter_streams(spec, str(tmp_path / 'c'), pick=lambda i, size, si=si: (si + i) % 2 == 1):
-            fetched.append(f.name)
-    assert fetched == ['org/web/f1.jsonl', 'org/web/f3.jsonl']
-    assert len(os.listdir(tmp_path / 'c' / 'url')) == 2  # the other shard's files were never downloaded
+def test_an_unknown_adapter_is_refused_before_anything_is_fetched(tmp_path, hub):
+    hub.files['/datasets/org/web/resolve/main/f.jsonl'] = b'{"text": "a document"}\n'
+    with pytest.raises(ValueError, match=r"unknown adapter '#jsn' \(known: text, markdown"):
+        list(sources.iter_documents('hf:org/web:f.jsonl#jsn', cache_dir=str(tmp_path)))
+    assert not hub.headers and not os.path.exists(tmp_path / 'url')  # no request was made

@@ -8,7 +8,6 @@ import struct
 import numpy as np
 import pytest
 
-import bins
 import data
 import dpo
 import checkpoint
@@ -17,6 +16,7 @@ import lumi
 import sample
 import serve
 import sft
+from corpus import bins
 from test_data import make_docs, write_corpus
 from tokenizer import (BOS_ID, EOS_ID, PAD_ID, Tokenizer, check_tokenizer, encode_proto_field, encode_turn,
                        proto_fields, render_chat, tokenizer_identity)

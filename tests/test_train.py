@@ -181,7 +181,7 @@ def test_ddp_two_processes_match_one_at_the_same_global_batch(bins, tmp_path):
 def test_nan_loss_stops_and_leaves_the_last_checkpoint_untouched(bins, tmp_path, monkeypatch):
     out = str(tmp_path / 'o')
     written = {}
-    real_save, real_loss = checkpoint.save_checkpoint, train.pretrain_loss
+    real_save, real_loss = lumi.save_checkpoint, train.pretrain_loss
 
     def recording_save(path, state):
         real_save(path, state)

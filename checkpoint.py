@@ -1,8 +1,8 @@
 """
-Checkpoints: the one rule for which checkpoint a directory means; what every checkpoint carries besides weights
-(its shape, its tokenizer's bytes, the stage that made it); the one loader of a model for inference (sample.py,
-serve.py, eval.py, export.py) or as a starting point (sft.py, dpo.py), with the keys that choose it; merged
-checkpoints; the facts `lumi.py info` prints.
+Checkpoints: the one rule for which checkpoint a directory means; what every checkpoint carries besides
+weights (its shape, its tokenizer's bytes, the stage that made it); the one loader of a model for inference
+(sample.py, serve.py, eval.py, export.py) or as a starting point (sft.py, dpo.py), with the keys that choose
+it; merged checkpoints; the facts `lumi.py info` prints.
 
 Deliberately left out: writing and verifying the files (lumi.save_checkpoint / load_checkpoint), what a
 training checkpoint holds to resume (training.py), adapter files (lora.py), and any format but torch's own
@@ -16,8 +16,8 @@ from dataclasses import asdict
 import torch
 
 from lora import apply_lora, load_adapter, merge_lora
-from lumi import LumiError, cli, load_checkpoint, log, read_jsonl, save_checkpoint, sha256_bytes, sha256_file, \
-    short_repr, split_args
+from lumi import LumiError, cli, load_checkpoint, log, read_jsonl, save_checkpoint, sha256_bytes, \
+    sha256_file, short_repr, split_args
 from model import GPT, ModelConfig
 from tokenizer import Tokenizer, check_tokenizer
 
@@ -74,7 +74,8 @@ def newest_checkpoint(root):
     """The most recently written .pt in root/ or root/*/: whatever was trained last, checkpoint or adapter."""
     found = glob.glob(os.path.join(root, '*.pt')) + glob.glob(os.path.join(root, '*', '*.pt'))
     if not found:
-        raise FileNotFoundError(f"no checkpoint under {root}/: train one (train.py, sft.py) or pass --ckpt=PATH")
+        raise FileNotFoundError(f"no checkpoint under {root}/: train one (train.py, sft.py) "
+                                f"or pass --ckpt=PATH")
     return max(found, key=os.path.getmtime)
 
 
@@ -95,8 +96,9 @@ def tokenizer_from_checkpoint(ckpt):
         raise LumiError(f"{where}: its stored tokenizer is unusable: {' '.join(str(e).split())[:200]}") from e
     stored = ckpt.get('tokenizer_sha256')
     if stored is not None and stored not in (sha256_bytes(raw), tok.sha256):
-        raise LumiError(f"{where}: its tokenizer_sha256 {str(stored)[:12]}… is not the hash of the tokenizer it "
-                        f"carries ({sha256_bytes(raw)[:12]}…): the file was altered or assembled from two models")
+        raise LumiError(f"{where}: its tokenizer_sha256 {str(stored)[:12]}… is not the hash of the "
+                        f"tokenizer it carries ({sha256_bytes(raw)[:12]}…): the file was altered or "
+                        f"assembled from two models")
     return tok
 
 
@@ -114,7 +116,8 @@ def checkpoint_meta(model, tok, kind, **extra):
 def check_fit(where, weights, model_args, lora=None, against='its model_args', keys=None):
     """Refuse, in one line naming `where`, tensors whose names and shapes are not those that model_args (and
     lora) imply; keys picks the names to compare (an adapter holds the LoRA tensors alone). The model is
-    built on the meta device, shapes without storage, so a crafted n_embd=10**9 or r=10**6 allocates nothing."""
+    built on the meta device, shapes without storage, so a crafted n_embd=10**9 or r=10**6 allocates
+    nothing."""
     try:
         with torch.device('meta'):
             model = GPT(ModelConfig(**model_args))
@@ -125,7 +128,8 @@ def check_fit(where, weights, model_args, lora=None, against='its model_args', k
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if keys is None or keys(k)}
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
-        raise LumiError(f"{where}: its weights do not fit {against}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise LumiError(f"{where}: its weights do not fit {against}: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
     wrong = [f"{k} is {tuple(weights[k].shape)}, expected {s}" for k, s in expected.items()
              if tuple(weights[k].shape) != s]
     if wrong:
@@ -178,12 +182,12 @@ def load_model(path, device='cpu', dtype='float32', adapter='', tokenizer='', ad
     """(model, tokenizer, info): the one way every stage loads a model to run or to fine-tune.
 
     path is a checkpoint file or directory (checkpoint_of), or an adapter file alone when `adapters` allows it
-    (its base is the one it names); `adapter` applies an adapter file on top. LoRA adapters, in the checkpoint or
-    in an adapter file, are merged into the base weights: the same outputs at the cost of a plain model. The
-    weights are cast to dtype once (autocast would cast every matrix again at every decoding step, which costs
-    more than it saves when each step reads each weight once); the RoPE tables stay float32. Unless `train`,
-    the model comes frozen and in eval mode. Refuses a `tokenizer` (a tokenizer.model or data dir) whose hash
-    differs from the checkpoint's, and an adapter made for another base or tokenizer.
+    (its base is the one it names); `adapter` applies an adapter file on top. LoRA adapters, in the checkpoint
+    or in an adapter file, are merged into the base weights: the same outputs at the cost of a plain model.
+    The weights are cast to dtype once (autocast would cast every matrix again at every decoding step, which
+    costs more than it saves when each step reads each weight once); the RoPE tables stay float32. Unless
+    `train`, the model comes frozen and in eval mode. Refuses a `tokenizer` (a tokenizer.model or data dir)
+    whose hash differs from the checkpoint's, and an adapter made for another base or tokenizer.
 
     info is the checkpoint's dict without its weights, plus kind (an adapter pair is 'sft': a chat model),
     adapter (the adapter file applied, or '') and created (the file's time)."""
@@ -193,8 +197,8 @@ def load_model(path, device='cpu', dtype='float32', adapter='', tokenizer='', ad
     ckpt = load_checkpoint(path)
     if is_adapter(ckpt):
         if not adapters:
-            raise ValueError(f"{path} holds adapters only (kind {ckpt.get('kind')!r}); use the merged checkpoint "
-                             f"beside it (merged.pt) or merge it onto its base first")
+            raise ValueError(f"{path} holds adapters only (kind {ckpt.get('kind')!r}); use the merged "
+                             f"checkpoint beside it (merged.pt) or merge it onto its base first")
         if adapter:
             raise ValueError(f"{path} is a LoRA adapter; pass its base as --ckpt")
         if not ckpt.get('base_path'):
@@ -237,7 +241,8 @@ def checkpoint_info(path):
     ckpt = load_checkpoint(checkpoint_of(path))
     info = dict(path=ckpt['path'], kind=ckpt.get('kind', '?'), bytes=os.path.getsize(ckpt['path']))
     if 'model' not in ckpt:  # an adapter file (sft.py / dpo.py): small, points at its base
-        info.update({k: ckpt[k] for k in ('lora', 'base_path', 'base_sha256', 'tokenizer_sha256') if k in ckpt})
+        info.update({k: ckpt[k] for k in ('lora', 'base_path', 'base_sha256', 'tokenizer_sha256')
+                     if k in ckpt})
         info['adapter_params'] = sum(t.numel() for t in ckpt.get('lora_state', {}).values())
         return info
     model = model_from_checkpoint(ckpt)
@@ -281,7 +286,8 @@ def print_info(info):
         print(f"  best val loss       {info['best_val']:.4f}")
     if info.get('parent'):
         print(f"  parent              {info['parent']}")
-    for key, name in (('metrics', 'checkpoint metrics'), ('last_train', 'last train step'), ('last_eval', 'last eval')):
+    for key, name in (('metrics', 'checkpoint metrics'), ('last_train', 'last train step'),
+                      ('last_eval', 'last eval')):
         if info.get(key):
             print(f"  {name:<19} " + ', '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in info[key].items()))
@@ -305,4 +311,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    cli(main, {}, "usage: python lumi.py info CKPT   (config, parameters, tokenizer, tokens seen, last metrics)")
+    cli(main, {}, "usage: python lumi.py info CKPT   (config, parameters, tokenizer, tokens seen, "
+                  "last metrics)")

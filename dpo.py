@@ -5,10 +5,11 @@ reward model and no sampling (Rafailov et al. 2023).
 
     python dpo.py configs/dpo_tiny.py --init_from=out/sft/merged.pt --out_dir=out/dpo --max_iters=200
 
-What it does, top to bottom: read preference pairs in the formats people have (corpus/conversations.py: HH-RLHF,
-orca_dpo_pairs, UltraFeedback binarized, llamafactory's dpo demo) and optionally build more from SFT data; render them with
-the chat template; train with training.fit on one of three losses (sigmoid DPO with label smoothing, IPO,
-hinge); save the result as LoRA adapters and as a merged standalone checkpoint (kind 'dpo').
+What it does, top to bottom: read preference pairs in the formats people have (corpus/conversations.py:
+HH-RLHF, orca_dpo_pairs, UltraFeedback binarized, llamafactory's dpo demo) and optionally build more from SFT
+data; render them with the chat template; train with training.fit on one of three losses (sigmoid DPO with
+label smoothing, IPO, hinge); save the result as LoRA adapters and as a merged standalone checkpoint (kind
+'dpo').
 
 The reference model costs nothing extra with LoRA: it is the policy itself with its adapters switched off.
 With full fine-tuning (--lora_r=0) the reference log-probs are computed once before training and kept with
@@ -40,29 +41,33 @@ from tokenizer import PAD_ID, TEMPLATE_VARS, encode_turn, render_chat
 # keys: set in a config file or as --key=value; the training loop's keys are training.py's (KEY_FILES), and
 # those set here are its keys with DPO's defaults
 KEY_FILES = ('training.py',)
-init_from = ''                # the SFT model to start from: a checkpoint file, or an SFT out_dir (its merged.pt)
+init_from = ''                # the SFT model to start from: a checkpoint file, or an SFT out_dir
+                              # (its merged.pt)
 out_dir = 'out/dpo'           # checkpoints, metrics.jsonl, data_stats.json, adapter.pt and merged.pt
 # preference pairs: any data.py source (path, glob, dir, url:, hf:, pypi-sdist:NAME==VER:GLOB); '' for none
 data = 'pypi-sdist:llamafactory==0.9.5:data/dpo_en_demo.json'
 data_format = 'auto'          # auto | hh | orca | ultrafeedback | llamafactory
-sft_data = []                 # SFT sources (sft.py's formats) to build pairs from: the reply is chosen, another
-                              # prompt's reply rejected; e.g. ['pypi-sdist:llamafactory==0.9.5:data/alpaca_en_demo.json']
+sft_data = []                 # SFT sources (sft.py's formats) to build pairs from: the reply is chosen,
+                              # another prompt's reply rejected; e.g.
+                              # ['pypi-sdist:llamafactory==0.9.5:data/alpaca_en_demo.json']
 sft_format = 'auto'           # the format of sft_data, as sft.py's data_format
 max_sft_pairs = 0             # [0, inf) 0: every usable SFT dialogue makes a pair
 val_frac = 0.1                # [0, 1) held out from each source before anything is trained
 max_length = 0                # [0, inf) prompt + reply tokens; 0: the model's block_size
 max_prompt_length = 0         # [0, inf) a longer prompt keeps BOS and its last tokens; 0: max_length // 2
 loss_type = 'sigmoid'         # sigmoid (DPO) | ipo | hinge
-beta = 0.1                    # (0, inf) how far the policy may move from the reference: the KL penalty's weight
+beta = 0.1                    # (0, inf) how far the policy may move from the reference: the KL
+                              # penalty's weight
 label_smoothing = 0.0         # [0, 0.5) sigmoid only: the assumed rate of flipped labels (conservative DPO)
 lora_r = 16                   # [0, inf) 0: full fine-tuning, with reference log-probs cached before training
 lora_alpha = 32.0             # (0, inf) LoRA scale alpha / r
 lora_dropout = 0.0            # [0, 1) dropout on the LoRA path
 lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # the projections that get adapters
 save = 'both'                 # adapter | merged | both (full fine-tuning saves merged only)
-epochs = 1.0                  # (0, inf) when max_iters is 0: passes over the training pairs (max_minutes caps it)
+epochs = 1.0                  # (0, inf) when max_iters is 0: passes over the training pairs
+                              # (max_minutes caps it)
 batch_size = 4                # pairs per micro-step: 2 * batch_size rows go through the model
-learning_rate = 2e-4          # a fifth of sft.py's LoRA rate: DPO sharpens a model, it does not teach a format
+learning_rate = 2e-4  # a fifth of sft.py's LoRA rate: DPO sharpens a model, it does not teach a format
 min_lr = 2e-5
 warmup_iters = 10
 weight_decay = 0.0
@@ -77,11 +82,12 @@ LOGP_CHUNK = 64  # reply positions per softmax: 8 MB of float32 at a 32768 vocab
 def pairs_from_conversations(conversations, seed, stats=None):
     """SFT dialogues -> groups of pairs: the dialogue's own last reply is chosen, the reply of another
     dialogue rejected. Dialogues are taken in seeded twos that swap replies (three in a cycle when the count
-    is odd), and training.fit sees a group in one batch: what a reply gains under its own prompt it loses under
-    its twin's, so the step teaches which reply fits which prompt, not which replies are likely.
+    is odd), and training.fit sees a group in one batch: what a reply gains under its own prompt it loses
+    under its twin's, so the step teaches which reply fits which prompt, not which replies are likely.
     Dialogues that do not end in a user turn and an assistant reply are skipped and counted."""
     stats = Counter() if stats is None else stats
-    usable = [m for m in conversations if len(m) >= 2 and m[-1]['role'] == 'assistant' and m[-2]['role'] == 'user']
+    usable = [m for m in conversations
+              if len(m) >= 2 and m[-1]['role'] == 'assistant' and m[-2]['role'] == 'user']
     stats['sft_unusable'] += len(conversations) - len(usable)
     if len(usable) < 2:
         return []
@@ -93,7 +99,8 @@ def pairs_from_conversations(conversations, seed, stats=None):
         members = order[a:b]
         group = []
         for k, i in enumerate(members):  # each rejects the next one's reply in the cycle: never its own
-            chosen, rejected = usable[i][-1]['content'], usable[members[(k + 1) % len(members)]][-1]['content']
+            chosen, rejected = (usable[i][-1]['content'],
+                                usable[members[(k + 1) % len(members)]][-1]['content'])
             if chosen == rejected:
                 stats['sft_same_reply'] += 1
                 continue
@@ -175,7 +182,8 @@ class PairBatches(training.EpochBatches):
     def plan(self, epoch):
         rng = np.random.default_rng(self.seed + epoch)
         order = [i for g in rng.permutation(len(self.groups)) for i in self.groups[g]]
-        return [order[b:b + self.batch_size] for b in range(0, len(order) - self.batch_size + 1, self.batch_size)]
+        return [order[b:b + self.batch_size]
+                for b in range(0, len(order) - self.batch_size + 1, self.batch_size)]
 
     def collate(self, index):
         return collate_pairs([self.pairs[i] for i in index])
@@ -185,7 +193,8 @@ class PairBatches(training.EpochBatches):
 # the method
 
 def reply_logps(logits, targets):
-    """log p(target | prefix) from training.target_logits, put back at the reply positions: float32 (B, T), 0 elsewhere.
+    """log p(target | prefix) from training.target_logits, put back at the reply positions: float32 (B, T), 0
+    elsewhere.
 
     The softmax runs LOGP_CHUNK positions at a time: the reference pass, which holds no graph, then never
     makes an (N, V) temporary, and policy and reference go through the very same arithmetic. (split, not
@@ -226,7 +235,8 @@ def reply_kl(policy_logits, ref_logits, targets):
         log_p, log_q = F.log_softmax(p.float(), -1), F.log_softmax(q.float(), -1)
         kl.append((log_p.exp() * (log_p - log_q)).sum(-1))
     flat = torch.cat(kl) if kl else ref_logits.new_zeros(0, dtype=torch.float32)
-    return torch.zeros(targets.shape, dtype=torch.float32, device=flat.device).masked_scatter(targets != -1, flat)
+    zeros = torch.zeros(targets.shape, dtype=torch.float32, device=flat.device)
+    return zeros.masked_scatter(targets != -1, flat)
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type='sigmoid',
@@ -279,7 +289,8 @@ def score_batch(model, batch, cfg):
     else:
         mask = (targets[:B] != -1).float()
         log_r = (ref[:B] - policy[:B].detach()) * mask
-        out['kl_chosen_k3_sum'], out['kl_chosen_k3_tokens'] = ((log_r.exp() - 1 - log_r) * mask).sum(-1), n[:B]
+        k3 = ((log_r.exp() - 1 - log_r) * mask).sum(-1)
+        out['kl_chosen_k3_sum'], out['kl_chosen_k3_tokens'] = k3, n[:B]
     pol_seq, ref_seq = policy.sum(-1), ref.sum(-1)
     losses, rc, rr = dpo_loss(pol_seq[:B], pol_seq[B:], ref_seq[:B], ref_seq[B:], cfg.beta, cfg.loss_type,
                               cfg.label_smoothing)
@@ -305,7 +316,8 @@ def summarize(scores, prefix=''):
 def cache_reference(model, pairs, batch_size, device, dtype):
     """Full fine-tuning: the starting model's per-token log-probs of every reply, computed once."""
     model.eval()
-    for i in tqdm(range(0, len(pairs), batch_size), desc='reference log-probs', disable=len(pairs) <= batch_size):
+    for i in tqdm(range(0, len(pairs), batch_size), desc='reference log-probs',
+                  disable=len(pairs) <= batch_size):
         chunk = pairs[i:i + batch_size]
         batch = collate_pairs(chunk)
         with lumi.autocast(device, dtype):
@@ -324,11 +336,12 @@ def load_start(path, device):
     """(model, tokenizer, checkpoint path) from an SFT checkpoint file or an SFT out_dir (its merged.pt),
     with any adapters folded in, so that DPO's own adapters sit on the SFT model exactly as it answers."""
     if not path:
-        raise ValueError("init_from is required: the SFT checkpoint to start from (a .pt file or an SFT out_dir)")
+        raise ValueError("init_from is required: the SFT checkpoint to start from "
+                         "(a .pt file or an SFT out_dir)")
     model, tok, info = load_model(path, device, adapters=False, train=True)
     if info['kind'] not in ('sft', 'dpo'):
-        lumi.log(f"note: {info['path']} is a '{info['kind']}' checkpoint, not an SFT model; DPO works best on one "
-                 f"that already follows the chat template")
+        lumi.log(f"note: {info['path']} is a '{info['kind']}' checkpoint, not an SFT model; DPO works best "
+                 f"on one that already follows the chat template")
     return model, tok, info['path']
 
 
@@ -352,7 +365,8 @@ def prepare_pairs(cfg, tok):
             dialogues = dialogues[:cfg.max_sft_pairs]
         sources.append(('sft', dialogues, False))
     if not sources:
-        raise ValueError("no preference data: set data (pairs) and/or sft_data (SFT sources to build pairs from)")
+        raise ValueError("no preference data: set data (pairs) and/or sft_data "
+                         "(SFT sources to build pairs from)")
     train, val, n_groups = [], [], 0
     for name, items, are_pairs in sources:
         items = list(items)
@@ -374,7 +388,8 @@ def prepare_pairs(cfg, tok):
                     if r is not None:
                         out.append(dict(r, source=name, group=n_groups))
         lumi.log(f"{name}: {len(train) - n_train} training and {len(val) - n_val} held-out pairs")
-    lumi.log("data: " + ', '.join(f"{k} {v}" for k, v in sorted(stats.items()) if isinstance(v, (int, float))))
+    lumi.log("data: " + ', '.join(f"{k} {v}" for k, v in sorted(stats.items())
+                                  if isinstance(v, (int, float))))
     if not train:
         raise ValueError("no training pairs left after parsing and truncation")
     return train, val, stats
@@ -385,7 +400,8 @@ def val_batches(val, cfg):
     batches = []
     for name in sorted({p['source'] for p in val}):
         group = [p for p in val if p['source'] == name]
-        batches += [(name, collate_pairs(group[i:i + cfg.batch_size])) for i in range(0, len(group), cfg.batch_size)]
+        batches += [(name, collate_pairs(group[i:i + cfg.batch_size]))
+                    for i in range(0, len(group), cfg.batch_size)]
     return batches[:cfg.eval_iters] if cfg.eval_iters else batches
 
 
@@ -409,7 +425,8 @@ def main(argv=None):
         raise ValueError(f"max_prompt_length must be in 2..max_length-1, got {cfg.max_prompt_length}")
     if cfg.save not in ('adapter', 'merged', 'both'):
         raise ValueError(f"save must be adapter, merged or both, got {cfg.save!r}")
-    dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), cfg.beta, cfg.loss_type)  # fail early
+    # fail early
+    dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), cfg.beta, cfg.loss_type)
 
     train, val, data_stats = prepare_pairs(cfg, tok)
     if rank == 0:  # what was read, skipped and cut, next to the metrics
@@ -420,8 +437,8 @@ def main(argv=None):
     else:
         cache_reference(model, train + val, cfg.batch_size, device, dtype)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    lumi.log(f"policy: {model.num_params() / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
-             f"({'LoRA r=%d, reference = adapters off' % cfg.lora_r if cfg.lora_r else 'full, reference cached'})")
+    how = 'LoRA r=%d, reference = adapters off' % cfg.lora_r if cfg.lora_r else 'full, reference cached'
+    lumi.log(f"policy: {model.num_params() / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable ({how})")
 
     if not cfg.max_iters:  # epochs set the length; max_minutes, if given, can only shorten it
         per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
@@ -482,7 +499,8 @@ def report(cfg, seconds):
         lumi.log(f"done in {seconds / 60:.1f} min (no held-out evaluation)")
         return
     first, last = evals[0], evals[-1]
-    keys = [k for k in last if k.startswith(('val_reward_accuracy', 'val_reward_margin', 'val_kl', 'val_loss'))]
+    keys = [k for k in last
+            if k.startswith(('val_reward_accuracy', 'val_reward_margin', 'val_kl', 'val_loss'))]
     for k in keys:
         lumi.log(f"{k:32s} step {first['step']}: {first.get(k, float('nan')):8.4f}   "
                  f"step {last['step']}: {last[k]:8.4f}")

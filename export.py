@@ -195,9 +195,10 @@ def hf_config(cfg, dtype_name):
 # a message's '<|end|>' from its own. It writes every '<' of a message as '<' + ESCAPE, which matches no added
 # token, and the normalizer's first step turns the pair back into '<'. ESCAPE is a Unicode noncharacter
 # (reserved for a program's internal use): text holding '<' + U+FDD0 itself is the one input the plain
-# tokenizer reads differently from Lumi. A role other than Lumi's three is an error there too, as in render_chat.
-# (transformers' own apply_chat_template(..., sanitize_control_tokens=True) is then not needed; it would also keep
-# markers out, but encodes the text on each side of one apart, so its ids can differ from Lumi's.)
+# tokenizer reads differently from Lumi. A role other than Lumi's three is an error there too, as in
+# render_chat. (transformers' own apply_chat_template(..., sanitize_control_tokens=True) is then not needed;
+# it would also keep markers out, but encodes the text on each side of one apart, so its ids can differ from
+# Lumi's.)
 ESCAPE = '\ufdd0'
 CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
                  "{% if message['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception("
@@ -233,7 +234,8 @@ def tokenizer_json(tok):
         raise ValueError(f"tokenizer {tok.sha256[:12]} is not BPE: only SentencePiece BPE models export to "
                          f"tokenizer.json (export with --format=pt, or train with tokenizer_type='bpe')")
     if trainer.get(24):
-        raise ValueError(f"tokenizer {tok.sha256[:12]}: treat_whitespace_as_suffix has no tokenizer.json form")
+        raise ValueError(f"tokenizer {tok.sha256[:12]}: treat_whitespace_as_suffix "
+                         f"has no tokenizer.json form")
     steps = [_replace('<' + ESCAPE, '<')]
     if norm.get(2):
         steps.append({'type': 'Precompiled', 'precompiled_charsmap': base64.b64encode(norm[2]).decode()})
@@ -243,18 +245,21 @@ def tokenizer_json(tok):
         steps.append(_replace(' ', '\u2581'))
     if norm.get(3, 1):
         steps.append({'type': 'Prepend', 'prepend': '\u2581'})
-    # markers and pad/unk/bos/eos are special; other user-defined symbols stay whole as SentencePiece keeps them
+    # markers and pad/unk/bos/eos are special; other user-defined symbols stay whole as SentencePiece
+    # keeps them
     whole = (PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED)
-    added = [{'id': i, 'content': p, 'single_word': False, 'lstrip': False, 'rstrip': False, 'normalized': False,
-              'special': t != PIECE_USER_DEFINED or p in CHAT_TOKENS}
+    added = [{'id': i, 'content': p, 'single_word': False, 'lstrip': False, 'rstrip': False,
+              'normalized': False, 'special': t != PIECE_USER_DEFINED or p in CHAT_TOKENS}
              for i, (p, _, t) in enumerate(pieces) if t in whole]
     # text pieces only: a merge never builds a control, byte or marker piece from text
     rank = {p: (-s, i) for i, (p, s, t) in enumerate(pieces) if t == PIECE_NORMAL}
-    merges = sorted(((p[:k], p[k:]) for p in rank for k in range(1, len(p)) if p[:k] in rank and p[k:] in rank),
+    merges = sorted(((p[:k], p[k:]) for p in rank for k in range(1, len(p))
+                     if p[:k] in rank and p[k:] in rank),
                     key=lambda lr: (rank[lr[0] + lr[1]], rank[lr[0]]))
-    model = {'type': 'BPE', 'dropout': None, 'unk_token': pieces[UNK_ID][0], 'continuing_subword_prefix': None,
-             'end_of_word_suffix': None, 'fuse_unk': True, 'byte_fallback': bool(trainer.get(35, 0)),
-             'ignore_merges': False, 'vocab': {p: i for i, (p, _, _) in enumerate(pieces)},
+    model = {'type': 'BPE', 'dropout': None, 'unk_token': pieces[UNK_ID][0],
+             'continuing_subword_prefix': None, 'end_of_word_suffix': None, 'fuse_unk': True,
+             'byte_fallback': bool(trainer.get(35, 0)), 'ignore_merges': False,
+             'vocab': {p: i for i, (p, _, _) in enumerate(pieces)},
              'merges': [list(m) for m in merges]}
     bos = pieces[BOS_ID][0]
     decoder = [_replace('\u2581', ' '), {'type': 'ByteFallback'}, {'type': 'Fuse'}]
@@ -309,12 +314,14 @@ def export_hf(ckpt_path, out_dir, dtype='float32'):
     model, tok, ckpt = load_model(ckpt_path, adapters=False)
     cfg = model.cfg
     if tok.vocab_size != cfg.vocab_size:
-        raise ValueError(f"{ckpt['path']}: tokenizer has {tok.vocab_size} pieces but the model {cfg.vocab_size} rows")
+        raise ValueError(f"{ckpt['path']}: tokenizer has {tok.vocab_size} pieces but the model "
+                         f"{cfg.vocab_size} rows")
     write_hf_tokenizer(tok, out_dir, cfg.block_size)  # first: it refuses a tokenizer it cannot write
     weights = hf_state_dict(model, EXPORT_DTYPES[dtype])
     save_safetensors(weights, os.path.join(out_dir, 'model.safetensors'),
                      metadata={'format': 'pt', 'lumi_kind': ckpt.get('kind', ''),
-                               'lumi_tokenizer_sha256': tok.sha256, 'lumi_source': os.path.basename(ckpt['path'])})
+                               'lumi_tokenizer_sha256': tok.sha256,
+                               'lumi_source': os.path.basename(ckpt['path'])})
     lumi.write_json(os.path.join(out_dir, 'config.json'), hf_config(cfg, dtype))
     # chat models stop at <|end|>; base models at EOS; listing both serves either
     lumi.write_json(os.path.join(out_dir, 'generation_config.json'), {

@@ -49,12 +49,14 @@ class TokenRows(nn.Module):
     def __init__(self, weight, ids, rows=None):
         super().__init__()
         self.weight = weight
-        self.register_buffer('ids', torch.tensor(ids, dtype=torch.long, device=weight.device), persistent=False)
+        self.register_buffer('ids', torch.tensor(ids, dtype=torch.long, device=weight.device),
+                             persistent=False)
         self.lora_rows = rows if rows is not None else nn.Parameter(weight.detach()[self.ids].clone())
         self.enabled = True
 
     def full_weight(self):
-        return self.weight.index_put((self.ids,), self.lora_rows.to(self.weight.dtype)) if self.enabled else self.weight
+        return (self.weight.index_put((self.ids,), self.lora_rows.to(self.weight.dtype)) if self.enabled
+                else self.weight)
 
     def forward(self, x):
         w = self.full_weight()
@@ -85,7 +87,8 @@ def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=('q', 'v'), tokens=(
         model.tok_emb = TokenRows(model.tok_emb.weight, tokens)
         tied = model.cfg.tie_embeddings
         model.lm_head = TokenRows(model.lm_head.weight, tokens, model.tok_emb.lora_rows if tied else None)
-    model.lora_config = dict(r=r, alpha=float(alpha), dropout=float(dropout), targets=tuple(targets), tokens=tokens)
+    model.lora_config = dict(r=r, alpha=float(alpha), dropout=float(dropout), targets=tuple(targets),
+                             tokens=tokens)
     return model
 
 
@@ -129,17 +132,18 @@ def merge_lora(model):
 # adapter files: the LoRA tensors alone, tied to the base they were trained on
 
 def save_adapter(path, model, base_path, tok):
-    """An adapter file: the LoRA tensors alone with their config, the base's path and SHA256, the tokenizer's."""
-    save_checkpoint(path, dict(kind='adapter', lora=dict(model.lora_config), lora_state=lora_state_dict(model),
-                               base_path=os.path.abspath(base_path), base_sha256=sha256_file(base_path),
-                               tokenizer_sha256=tok.sha256))
+    """An adapter file: the LoRA tensors alone with their config, the base's path and SHA256, the
+    tokenizer's."""
+    save_checkpoint(path, dict(kind='adapter', lora=dict(model.lora_config),
+                               lora_state=lora_state_dict(model), base_path=os.path.abspath(base_path),
+                               base_sha256=sha256_file(base_path), tokenizer_sha256=tok.sha256))
 
 
 def load_adapter(model, adapter_path, base_path, tok):
-    """Apply an adapter file to `model`, the model of the base checkpoint at base_path (tokenizer tok), whose own
-    adapters, if any, become part of the base. Refuses, in one line, a file that is no adapter, one trained on
-    another base or tokenizer, and tensors that do not fit: their shapes are held against a copy of the model
-    built on the meta device, so a crafted r=10**6 allocates nothing."""
+    """Apply an adapter file to `model`, the model of the base checkpoint at base_path (tokenizer tok), whose
+    own adapters, if any, become part of the base. Refuses, in one line, a file that is no adapter, one
+    trained on another base or tokenizer, and tensors that do not fit: their shapes are held against a copy of
+    the model built on the meta device, so a crafted r=10**6 allocates nothing."""
     adapter = load_checkpoint(adapter_path)
     if adapter.get('kind') != 'adapter':
         raise LumiError(f"{adapter_path} is not an adapter (kind {adapter.get('kind')!r})")
@@ -155,13 +159,15 @@ def load_adapter(model, adapter_path, base_path, tok):
         with torch.device('meta'):
             probe = apply_lora(type(model)(model.cfg), **adapter['lora'])
     except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise LumiError(f"{adapter_path}: its lora config {adapter['lora']!r} does not describe adapters: {e}") from e
+        raise LumiError(f"{adapter_path}: its lora config {adapter['lora']!r} does not describe "
+                        f"adapters: {e}") from e
     expected = {k: tuple(v.shape) for k, v in probe.state_dict().items() if '.lora_' in k}
     got = {k: tuple(v.shape) for k, v in adapter['lora_state'].items()}
     missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
     wrong = [f"{k} is {got[k]}, expected {s}" for k, s in expected.items() if k in got and got[k] != s]
     if missing or unexpected or wrong:
-        said = wrong[:3] + [f"missing {missing[:3]}"] * bool(missing) + [f"unexpected {unexpected[:3]}"] * bool(unexpected)
+        said = (wrong[:3] + [f"missing {missing[:3]}"] * bool(missing)
+                + [f"unexpected {unexpected[:3]}"] * bool(unexpected))
         raise LumiError(f"{adapter_path}: its weights do not fit its base {base_path} with its lora config: "
                         f"{'; '.join(said)}")
     if getattr(model, 'lora_config', None):

@@ -1,12 +1,12 @@
 """
 What every Lumi stage shares: configuration (each stage's keys declared as commented module constants, config
-files and --key=value overrides, ranges, --help, one-line user errors), files (atomic writes, hashes, JSON lines,
-checksummed torch files), logging, and the runtime (device, the one dtype rule, compile, distributed setup).
-`python lumi.py run|export|plot|info` runs the stage file that does it.
+files and --key=value overrides, ranges, --help, one-line user errors), files (atomic writes, hashes, JSON
+lines, checksummed torch files), logging, and the runtime (device, the one dtype rule, compile, distributed
+setup). `python lumi.py run|export|plot|info` runs the stage file that does it.
 
-Deliberately left out: the tokenizer and chat template (tokenizer.py), checkpoints (checkpoint.py), the training
-loop (training.py), generation (engine.py), the model (model.py), data formats (corpus/). This file imports no
-other project file: the rest build on it.
+Deliberately left out: the tokenizer and chat template (tokenizer.py), checkpoints (checkpoint.py), the
+training loop (training.py), generation (engine.py), the model (model.py), data formats (corpus/). This file
+imports no other project file: the rest build on it.
 """
 import ast
 import difflib
@@ -30,12 +30,13 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # the runtime keys of every stage that runs a model (its KEY_FILES name lumi.py)
 
 device = 'auto'             # auto: cuda when present, else cpu; or cpu | cuda | cuda:N
-dtype = 'auto'              # auto: bfloat16 on CUDA and on CPUs that compute it natively, else float32; or bfloat16 | float32
+dtype = 'auto'              # auto: bfloat16 on CUDA and on CPUs that compute it natively, else float32;
+                            # or bfloat16 | float32
 
 # -----------------------------------------------------------------------------
 # configuration, as in nanoGPT: a stage's keys are its lowercase module constants, each with a comment saying
-# what it is (a comment that opens with an interval, `[1, inf) ...`, is also its range); a config file is a plain
-# Python file of the same assignments; --key=value overrides both.
+# what it is (a comment that opens with an interval, `[1, inf) ...`, is also its range); a config file is a
+# plain Python file of the same assignments; --key=value overrides both.
 
 CONFIG_TYPES = (bool, int, float, str, tuple, list, dict, type(None))
 
@@ -104,7 +105,8 @@ def key_comments(path):
         return comments[line][0] if line in comments and line in code_lines else ''
     found = {}
     for node in ast.parse(source).body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
             continue
         first, last = node.lineno, node.end_lineno
         text = next((inline(n) for n in range(first, last + 1) if inline(n)), '')
@@ -122,15 +124,16 @@ def key_comments(path):
     return found
 
 
-_INTERVAL = re.compile(r'([\[(])\s*(-?(?:inf|[\d.]+(?:e[-+]?\d+)?))\s*,\s*(-?(?:inf|[\d.]+(?:e[-+]?\d+)?))\s*([\])])')
+_INTERVAL = re.compile(r'([\[(])\s*(-?(?:inf|[\d.]+(?:e[-+]?\d+)?))\s*,\s*'
+                       r'(-?(?:inf|[\d.]+(?:e[-+]?\d+)?))\s*([\])])')
 
 
 def declared_keys(path):
-    """The keys a Python file declares, by name: its keys (is_key) with their comments and ranges, read from its
-    source, so that any stage or the pipeline knows another stage's keys without importing it. A file that
-    names KEY_FILES (library files, relative to the repository root: the training loop's keys are training.py's)
-    takes their keys first; its own declaration of one of them sets the default, and the comment and range too
-    where it gives them."""
+    """The keys a Python file declares, by name: its keys (is_key) with their comments and ranges, read from
+    its source, so that any stage or the pipeline knows another stage's keys without importing it. A file that
+    names KEY_FILES (library files, relative to the repository root: the training loop's keys are
+    training.py's) takes their keys first; its own declaration of one of them sets the default, and the
+    comment and range too where it gives them."""
     path = path if os.path.isabs(path) else os.path.join(ROOT, path)
     values, notes = constants(path), key_comments(path)
     keys = {}
@@ -177,7 +180,8 @@ def _coerce(key, value, default, known, where):
 
 
 def _check_range(key, value, interval, where):
-    if interval and isinstance(value, (int, float)) and not isinstance(value, bool) and not in_range(value, interval):
+    if (interval and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and not in_range(value, interval)):
         raise LumiError(f"{where}: '{key}' must be in {interval}, got {value!r}")
     return value
 
@@ -286,7 +290,8 @@ def config_help(keys, usage):
     """The --help text: usage, then every key with its default and the comment beside it."""
     rows = [(f"--{k}={short_repr(v.default, 40)}", v.doc) for k, v in sorted(_as_keys(keys).items())]
     width = min(44, max(len(r[0]) for r in rows) + 2) if rows else 0
-    lines = [usage, "  (--key value works too; --debug or LUMI_DEBUG=1 shows the traceback of an error)", "", "keys:"]
+    lines = [usage, "  (--key value works too; --debug or LUMI_DEBUG=1 shows the traceback of an error)", "",
+             "keys:"]
     lines += [f"  {flag:<{width}}{note}" if len(flag) < width else f"  {flag}\n  {'':<{width}}{note}"
               for flag, note in rows]
     return '\n'.join(lines)
@@ -323,7 +328,8 @@ def cli(main, keys=None, usage='', interrupted='interrupted'):
     exit status is main's return value when it is an int, else 0."""
     argv, source = sys.argv[1:], sys.modules[main.__module__].__file__
     if keys is not None and ('--help' in argv or '-h' in argv):
-        print(config_help(keys, usage or f"usage: python {os.path.basename(source)} [CONFIG.py] [--key=value ...]"))
+        print(config_help(keys, usage or f"usage: python {os.path.basename(source)} [CONFIG.py] "
+                                         f"[--key=value ...]"))
         sys.exit(0)
     code = guard(main, argv, interrupted)
     sys.exit(code if isinstance(code, int) else 0)
@@ -452,9 +458,9 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path, map_location='cpu'):
     """Load a checkpoint file (checkpoint.checkpoint_of says which file a directory means) and verify its
-    tensors' checksums (a file saved before they existed loads unchecked). Any file that cannot be used, for any reason, is
-    refused in one line naming it (LumiError): not a checkpoint, cut short, pickled objects beyond plain
-    data, a tensor whose bytes changed."""
+    tensors' checksums (a file saved before they existed loads unchecked). Any file that cannot be used, for
+    any reason, is refused in one line naming it (LumiError): not a checkpoint, cut short, pickled objects
+    beyond plain data, a tensor whose bytes changed."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -473,8 +479,8 @@ def load_checkpoint(path, map_location='cpu'):
         names = dict(_tensors(ckpt))
         if set(names) != set(stored):
             odd = sorted(set(names) ^ set(stored))
-            raise LumiError(f"{path}: its tensors differ from those its checksums list ({', '.join(odd[:3])}): "
-                            f"the file was altered")
+            raise LumiError(f"{path}: its tensors differ from those its checksums list "
+                            f"({', '.join(odd[:3])}): the file was altered")
         for name, t in names.items():
             if tensor_sha256(t) != stored[name]:
                 raise LumiError(f"{path}: tensor '{name}' does not match its checksum: the file is corrupt")
@@ -525,9 +531,10 @@ def setup_distributed(device_name='auto'):
 
 def native_bf16():
     """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX), and may torch use it? Without it torch
-    emulates bf16, slower than fp32. ATEN_CPU_CAPABILITY=avx2 (how an AVX2-only CPU is imitated on a newer one)
-    keeps torch's kernels off AVX-512, so there bf16 would be emulated too."""
-    hardware = any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+    emulates bf16, slower than fp32. ATEN_CPU_CAPABILITY=avx2 (how an AVX2-only CPU is imitated on a newer
+    one) keeps torch's kernels off AVX-512, so there bf16 would be emulated too."""
+    hardware = any(getattr(torch.cpu, f, lambda: False)()
+                   for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
     return hardware and torch.backends.cpu.get_cpu_capability().startswith('AVX512')
 
 
@@ -551,7 +558,8 @@ def resolve_compile(value, device):
 # this process's place (os.execv), so the core imports none of them
 
 USAGE = """usage: python lumi.py COMMAND ...
-  run [CONFIG] [--key=value ...]     every stage in order: data, pretrain, eval, SFT, eval, DPO, eval, a sample
+  run [CONFIG] [--key=value ...]     every stage in order: data, pretrain, eval, SFT, eval, DPO, eval, \
+a sample
   export CKPT OUT [--format=hf|pt]   a Hugging Face Llama directory (safetensors) or a plain state dict
   plot RUN [RUN ...] [--out=FILE]    train/val loss and LR against tokens as an SVG
   info CKPT                          config, parameters, tokenizer, tokens seen, last metrics

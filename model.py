@@ -18,11 +18,12 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # the model's keys, which train.py takes (KEY_FILES) and a config file sets: these make the tiny model. No
-# vocab_size: a model's is its tokenizer's, read from the bins' meta.json (a config file's vocab_size is data.py's,
-# the size of the tokenizer it trains when the bins are missing).
+# vocab_size: a model's is its tokenizer's, read from the bins' meta.json (a config file's vocab_size is
+# data.py's, the size of the tokenizer it trains when the bins are missing).
 n_layer = 6                 # [1, inf) transformer blocks
 n_head = 4                  # [1, inf) attention heads (n_embd must divide by it)
-n_kv_head = 4               # [1, inf) key/value heads; fewer than n_head is grouped-query attention: a smaller KV cache
+n_kv_head = 4               # [1, inf) key/value heads; fewer than n_head is grouped-query
+                            # attention: a smaller KV cache
 n_embd = 256                # [1, inf) width of the residual stream
 ffn_hidden = 1024           # [1, inf) SwiGLU hidden width
 block_size = 1024           # [1, inf) context length in tokens
@@ -91,8 +92,8 @@ def attention(q, k, v, mask=None, dropout_p=0.0):
 
 
 def low_rank_linear(x, weight, lora_a, lora_b, scale, dropout):
-    """x W^T + scale * dropout(x) A^T B^T (lora.LoRALinear): the fused Triton kernel on CUDA when no dropout is
-    active, torch elsewhere."""
+    """x W^T + scale * dropout(x) A^T B^T (lora.LoRALinear): the fused Triton kernel on CUDA when no dropout
+    is active, torch elsewhere."""
     if x.is_cuda and USE_KERNELS and (dropout.p == 0 or not dropout.training):
         fn = _kernel('lora')
         if fn is not None:
@@ -258,7 +259,8 @@ class GPT(nn.Module):
         return n
 
     def _positions(self, B, T, start, pad, device):
-        """cos/sin for positions start..start+T, shifted left by each row's padding, and the attention mask."""
+        """cos/sin for positions start..start+T, shifted left by each row's padding, and the attention
+        mask."""
         if pad is None:
             if start + T > self.cfg.block_size:
                 raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")

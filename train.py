@@ -1,5 +1,6 @@
 """
-The pretraining stage: a LLaMA-style model (model.py) from scratch on the uint16 token bins that data.py writes.
+The pretraining stage: a LLaMA-style model (model.py) from scratch on the uint16 token bins that data.py
+writes.
 
     python train.py configs/tiny.py                      # prepares data/starter first if its bins are missing
     python train.py configs/tiny.py --max_minutes=10     # the LR schedule is fitted to a 10-minute budget
@@ -8,9 +9,9 @@ The pretraining stage: a LLaMA-style model (model.py) from scratch on the uint16
 
 The loop itself (AdamW with decay groups, warmup + cosine or warmup-stable-decay, accumulation, clipping,
 bf16 autocast, torch.compile, DDP, metrics.jsonl, atomic checkpoints with every RNG and the sampler's
-position, --resume=auto, the NaN stop) is training.fit, which sft.py and dpo.py run too. This file decides what
-pretraining is: the model's shape, the token budget, the batches, the held-out loss, and the report at the
-end (val loss against the unigram entropy of the val set, the loss of a model that ignores context).
+position, --resume=auto, the NaN stop) is training.fit, which sft.py and dpo.py run too. This file decides
+what pretraining is: the model's shape, the token budget, the batches, the held-out loss, and the report at
+the end (val loss against the unigram entropy of the val set, the loss of a model that ignores context).
 
 Deliberately left out: initialising from another checkpoint (sft.py's init_from does that), curriculum or
 sequence-length warm-up, and mixing several bin sets (bins.BinLoader can, one data_dir is enough here).
@@ -33,18 +34,21 @@ from tokenizer import Tokenizer, check_tokenizer
 
 # -----------------------------------------------------------------------------
 # keys: set in a config file (configs/tiny.py) or as --key=value. The model's shape (n_layer, n_embd, ...) is
-# model.py's, the loop's (learning_rate, batch_size, max_iters, max_minutes, compile, dtype, ...) training.py's.
+# model.py's, the loop's (learning_rate, batch_size, max_iters, max_minutes, compile, dtype, ...)
+# training.py's.
 KEY_FILES = ('model.py', 'training.py')
 data_dir = 'data/starter'   # the built-in starter corpus; bins missing here are built first through data.py
-tokens_per_param = 20.0     # (0, inf) the token budget when max_iters = 0: tokens per parameter (Chinchilla: 20)
-num_threads = 0             # [0, inf) CPU threads for torch; 0 keeps torch's default (one per core). On a machine
-                            # shared with other jobs 1 is faster: with two, each op waits for the descheduled one
+tokens_per_param = 20.0     # (0, inf) the token budget when max_iters = 0: tokens per parameter
+                            # (Chinchilla: 20)
+num_threads = 0             # [0, inf) CPU threads for torch; 0 keeps torch's default (one per core). On a
+                            # machine shared with other jobs 1 is faster: with two, each op waits for the
+                            # descheduled one
 out_dir = 'out/pretrain'    # where checkpoints, metrics.jsonl and loss.svg go
 eval_iters = 20             # [1, inf) held-out batches per evaluation: the val loss averages them
 
 KEYS = lumi.declared_keys(__file__)
-# a config file sets the data's keys beside the model's (configs/tiny.py), and may be the lab's own too (lumi.py run
-# LAB.py reads it, then hands it to data.py and train.py)
+# a config file sets the data's keys beside the model's (configs/tiny.py), and may be the lab's own too
+# (lumi.py run LAB.py reads it, then hands it to data.py and train.py)
 SHARES_WITH = ('data.py', 'pipeline.py')
 MODEL_KEYS = tuple(f.name for f in fields(ModelConfig) if f.name != 'vocab_size')
 
@@ -185,7 +189,8 @@ def main(argv=None):
 
     batches = make_batches(cfg, 'train', cfg.seed, rank, world)
     ckpt_meta = checkpoint.checkpoint_meta(model, tok, 'pretrain', data_dir=cfg.data_dir)
-    final = training.fit(cfg, model, batches, pretrain_loss, make_pretrain_evaluate(cfg, rank, world), ckpt_meta)
+    final = training.fit(cfg, model, batches, pretrain_loss, make_pretrain_evaluate(cfg, rank, world),
+                         ckpt_meta)
 
     if rank != 0:
         return None
@@ -194,8 +199,8 @@ def main(argv=None):
     if evals:
         final_val = evals[-1]['val_loss']
         lumi.log(f"final val loss {final_val:.4f} nats/token at step {evals[-1]['step']} (best "
-                 f"{min(r['val_loss'] for r in evals):.4f}); {baseline_verdict(final_val, entropy)}; ln(vocab) "
-                 f"{math.log(model_args['vocab_size']):.4f}")
+                 f"{min(r['val_loss'] for r in evals):.4f}); {baseline_verdict(final_val, entropy)}; "
+                 f"ln(vocab) {math.log(model_args['vocab_size']):.4f}")
     lumi.log(f"final checkpoint: {final}")
     return final
 

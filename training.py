@@ -1,12 +1,13 @@
 """
 The training loop that train.py, sft.py and dpo.py all run, in named steps: a Trainer holds one run's state
 (model, optimizer, batches, step, tokens seen, best val loss) and offers `train_step`, `evaluate_and_save` and
-`replan` (on `evaluate`, `save` and `plan_budget`); `fit` is the short loop that calls them. Each stage brings a model, a batch source
-with next_batch()/state_dict()/load_state_dict(), a loss function and an evaluation; the loop brings the
-optimizer, the schedule, accumulation, clipping, precision, compile, DDP, progress, metrics and exact resume.
-Also here: the loop's keys, AdamW's groups, the learning-rate schedule, the peak FLOP/s behind MFU, the unigram
-entropy of a bin (the val loss of a model that ignores context), and what SFT and DPO share: the LM head at target
-positions only (target_logits) and epochs of planned batches (EpochBatches).
+`replan` (on `evaluate`, `save` and `plan_budget`); `fit` is the short loop that calls them. Each stage brings
+a model, a batch source with next_batch()/state_dict()/load_state_dict(), a loss function and an evaluation;
+the loop brings the optimizer, the schedule, accumulation, clipping, precision, compile, DDP, progress,
+metrics and exact resume. Also here: the loop's keys, AdamW's groups, the learning-rate schedule, the peak
+FLOP/s behind MFU, the unigram entropy of a bin (the val loss of a model that ignores context), and what SFT
+and DPO share: the LM head at target positions only (target_logits) and epochs of planned batches
+(EpochBatches).
 
 Deliberately left out: what a stage trains on or how it scores (train.py, sft.py, dpo.py), and any optimizer
 but AdamW.
@@ -26,19 +27,21 @@ from tqdm import tqdm
 
 import curves
 from checkpoint import latest_step, step_of, step_path
-from lumi import LumiError, append_jsonl, atomic_write, autocast, load_checkpoint, log, read_jsonl, resolve_compile, \
-    resolve_dtype, save_checkpoint, setup_distributed
+from lumi import LumiError, append_jsonl, atomic_write, autocast, load_checkpoint, log, read_jsonl, \
+    resolve_compile, resolve_dtype, save_checkpoint, setup_distributed
 
 # -----------------------------------------------------------------------------
 # the training loop's keys, which train.py, sft.py and dpo.py take (KEY_FILES) and may set otherwise
 KEY_FILES = ('lumi.py',)    # device and dtype
 out_dir = 'out/run'         # where checkpoints, metrics.jsonl and loss.svg go
-compile = 'auto'            # auto: torch.compile on CUDA only (on a CPU it costs minutes and gains nothing); True / False
+compile = 'auto'            # auto: torch.compile on CUDA only (on a CPU it costs minutes and gains
+                            # nothing); True / False
 seed = 1337                 # [0, inf) seeds init, batches and dropout; a resumed run restores its RNGs
 batch_size = 8              # [1, inf) sequences per micro-step on each process
 gradient_accumulation_steps = 1  # [1, inf) micro-steps per optimizer step
 max_iters = 0               # [0, inf) optimizer steps; 0 lets the stage derive it (e.g. from a token budget)
-max_minutes = 0.0           # [0, inf) > 0: a wall-clock cap; the schedule is fitted to the steps that fit in it
+max_minutes = 0.0           # [0, inf) > 0: a wall-clock cap; the schedule is fitted to the steps that
+                            # fit in it
 learning_rate = 1e-3        # [0, inf) peak AdamW learning rate, after warmup
 min_lr = 1e-4               # [0, inf) where cosine and wsd end
 lr_schedule = 'cosine'      # cosine | wsd (warmup-stable-decay) | constant
@@ -86,7 +89,8 @@ def lr_at(step, max_iters, cfg):
 
 
 def cpu_facts():
-    """(vendor, flags, MHz) from /proc/cpuinfo: what the CPU peak is derived from. Empty where it is missing."""
+    """(vendor, flags, MHz) from /proc/cpuinfo: what the CPU peak is derived from. Empty where it is
+    missing."""
     facts = {}
     try:
         with open('/proc/cpuinfo') as f:
@@ -105,18 +109,21 @@ def cpu_facts():
 
 
 def cpu_peak_flops(flags, mhz, cores, dtype, vendor=''):
-    """Nominal dense peak of `cores` x86 cores and how it was derived: 2 FMA units x fp32 lanes x 2 FLOPs x clock.
+    """Nominal dense peak of `cores` x86 cores and how it was derived: 2 FMA units x fp32 lanes x 2 FLOPs x
+    clock.
 
     Lanes come from the widest vector unit: 16 with AVX-512, 8 with AVX2/FMA, 4 otherwise. AMD Zen 4 runs a
     512-bit op as two 256-bit halves (it lacks Zen 5's avx512_vp2intersect), so it counts 8. bf16 counts twice
-    the fp32 rate only where the CPU has AVX512-BF16 dot products; elsewhere torch emulates bf16 on fp32 units."""
+    the fp32 rate only where the CPU has AVX512-BF16 dot products; elsewhere torch emulates bf16 on fp32
+    units."""
     lanes = 16 if 'avx512f' in flags else 8 if {'avx2', 'fma'} <= flags else 4
     if lanes == 16 and vendor == 'AuthenticAMD' and 'avx512_vp2intersect' not in flags:
         lanes = 8
     ghz = (mhz or 2500) / 1000
     bf16 = 2 if dtype == 'bfloat16' and 'avx512_bf16' in flags else 1
     peak = cores * 2 * lanes * 2 * ghz * 1e9 * bf16
-    how = (f"{cores} core(s) x 2 FMA x {lanes} fp32 lanes x 2 x {ghz:.2f} GHz{' x 2 (avx512_bf16)' if bf16 > 1 else ''}"
+    how = (f"{cores} core(s) x 2 FMA x {lanes} fp32 lanes x 2 x {ghz:.2f} GHz"
+           f"{' x 2 (avx512_bf16)' if bf16 > 1 else ''}"
            f"{'' if mhz else ' (clock unknown: 2.5 GHz assumed)'} = {peak / 1e9:,.0f} GFLOP/s")
     return peak, how
 
@@ -130,7 +137,8 @@ def guess_peak_flops(device, dtype):
         peak = peak if dtype == 'bfloat16' else peak / 2
         return peak, f"{name}: {peak / 1e12:.0f} TFLOP/s dense {dtype}"
     # the cores used: torch's threads, but no more than this process may run on
-    cores = min(torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else 1)
+    cores = min(torch.get_num_threads(),
+                len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else 1)
     vendor, flags, mhz = cpu_facts()
     return cpu_peak_flops(flags, mhz, cores, dtype, vendor)
 
@@ -189,9 +197,9 @@ def unwrap(model):
 
 def target_logits(model, idx, targets):
     """The LM head's logits at the positions that have a target (targets != -1) only: (N, V), in row order.
-    Prompts and padding need no logits, and with a 32768-token vocabulary the head is the largest part of a small
-    model's step (~57 % of a tiny LoRA step's FLOPs: 2 x 32768 x 256 a token forward, as much for dx), so SFT
-    learns and DPO scores with the head run where they need it."""
+    Prompts and padding need no logits, and with a 32768-token vocabulary the head is the largest part of a
+    small model's step (~57 % of a tiny LoRA step's FLOPs: 2 x 32768 x 256 a token forward, as much for dx),
+    so SFT learns and DPO scores with the head run where they need it."""
     hidden = model(idx, return_hidden=True)  # through the DDP / compile wrappers, so they see the forward
     return unwrap(model).lm_head(hidden[targets != -1])
 
@@ -199,7 +207,8 @@ def target_logits(model, idx, targets):
 class EpochBatches:
     """Shuffled passes over fixed examples, as training.fit reads them: a subclass's plan(epoch) gives an
     epoch's batches (lists of example indices), the same on every rank, each rank takes every world-th of the
-    usable ones, and collate(index) makes a batch. state_dict() is the (epoch, position) to resume at exactly."""
+    usable ones, and collate(index) makes a batch. state_dict() is the (epoch, position) to resume at
+    exactly."""
 
     def __init__(self, rank=0, world_size=1):
         self.rank, self.world = rank, world_size
@@ -240,8 +249,9 @@ class EpochBatches:
 # one run, in named steps
 
 class Trainer:
-    """One training run: set up (distributed, precision, optimizer, resume from out_dir, compile, DDP) when made;
-    then train_step, evaluate, save and plan_budget, which fit calls on schedule and a benchmark may call alone.
+    """One training run: set up (distributed, precision, optimizer, resume from out_dir, compile, DDP) when
+    made; then train_step, evaluate, save and plan_budget, which fit calls on schedule and a benchmark may
+    call alone.
 
     batches: has next_batch(), state_dict() and load_state_dict(); loss_fn(model, batch) returns the loss or
     (loss, stats) where stats is a dict of floats to log (and 'tokens', the tokens the batch trained);
@@ -277,7 +287,8 @@ class Trainer:
             self.model = torch.compile(self.model)
         if self.world > 1:
             self.model = DistributedDataParallel(
-                self.model, device_ids=[int(self.device.split(':')[1])] if self.device.startswith('cuda') else None)
+                self.model,
+                device_ids=[int(self.device.split(':')[1])] if self.device.startswith('cuda') else None)
         self.peak, how = ((cfg.peak_flops, f"peak_flops={cfg.peak_flops:.3g}") if cfg.peak_flops
                           else guess_peak_flops(self.device, self.dtype))
         if self.master:
@@ -287,7 +298,8 @@ class Trainer:
     def _resume(self, path):
         cfg = self.cfg
         ckpt = load_checkpoint(path, map_location=self.device)
-        lacking = [k for k in ('model', 'optimizer', 'step', 'tokens_seen', 'best_val', 'max_iters', 'sampler', 'rng')
+        lacking = [k for k in ('model', 'optimizer', 'step', 'tokens_seen', 'best_val', 'max_iters',
+                               'sampler', 'rng')
                    if k not in ckpt]
         if lacking:
             raise LumiError(f"{path}: not a training checkpoint to resume (it has no {', '.join(lacking)}); "
@@ -307,18 +319,19 @@ class Trainer:
                 log(f"keeping the checkpoint's plan of {self.max_iters} steps (fitted to max_minutes), not "
                     f"max_iters={cfg.max_iters}; pass --max_minutes=0 for max_iters")
             elif cfg.max_iters < self.step:
-                raise LumiError(f"{path} is at step {self.step}, past max_iters={cfg.max_iters}: raise max_iters "
-                                f"or start afresh with --resume=never")
+                raise LumiError(f"{path} is at step {self.step}, past max_iters={cfg.max_iters}: "
+                                f"raise max_iters or start afresh with --resume=never")
             else:
-                log(f"max_iters={cfg.max_iters}: the checkpoint planned {self.max_iters} steps; the learning-rate "
-                    f"schedule is re-planned over {cfg.max_iters}")
+                log(f"max_iters={cfg.max_iters}: the checkpoint planned {self.max_iters} steps; "
+                    f"the learning-rate schedule is re-planned over {cfg.max_iters}")
                 self.max_iters = cfg.max_iters
         sampler, rank = ckpt['sampler'], self.rank
         self.batches.load_state_dict(sampler[rank] if isinstance(sampler, list) else sampler)
         set_rng_state(ckpt['rng'][rank] if isinstance(ckpt['rng'], list) else ckpt['rng'])
         if self.master and os.path.exists(self.metrics_path):  # drop what was logged after the checkpoint
             kept = [r for r in read_jsonl(self.metrics_path) if r.get('step', 0) <= self.step]
-            atomic_write(self.metrics_path, lambda f: f.writelines(json.dumps(r) + '\n' for r in kept), mode='w')
+            atomic_write(self.metrics_path, lambda f: f.writelines(json.dumps(r) + '\n' for r in kept),
+                         mode='w')
         log(f"resumed from {path} at step {self.step}")
 
     def train_step(self, lr):
@@ -340,7 +353,8 @@ class Trainer:
                 loss, stats = out if isinstance(out, tuple) else (out, {})
                 (loss / accum).backward()  # scale the loss to account for gradient accumulation
             loss_sum += loss.item()
-            step_tokens += int(stats.pop('tokens', batch[0].numel() if isinstance(batch, (list, tuple)) else 0))
+            step_tokens += int(stats.pop('tokens',
+                                         batch[0].numel() if isinstance(batch, (list, tuple)) else 0))
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
         loss_val = loss_sum / accum
@@ -350,8 +364,9 @@ class Trainer:
             loss_val, step_tokens = t[0].item() / world, int(t[1].item())
         if not math.isfinite(loss_val):
             good = latest_step(cfg.out_dir)
-            raise TrainingDiverged(f"loss is {loss_val} at step {self.step}: stopping. The last good checkpoint "
-                                   f"{good or '(none yet)'} is untouched; lower learning_rate or raise warmup_iters.")
+            raise TrainingDiverged(f"loss is {loss_val} at step {self.step}: stopping. The last good "
+                                   f"checkpoint {good or '(none yet)'} is untouched; lower learning_rate or "
+                                   f"raise warmup_iters.")
         params = self.raw.parameters()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
         self.optimizer.step()
@@ -360,8 +375,8 @@ class Trainer:
         self.step += 1
         self.tokens_seen += step_tokens
         tps = step_tokens / max(dt, 1e-9)
-        last = dict(step=self.step, loss=loss_val, lr=lr, tokens=self.tokens_seen, tokens_per_sec=round(tps, 1),
-                    mfu=round(self.flops_per_token * tps / self.peak, 5),
+        last = dict(step=self.step, loss=loss_val, lr=lr, tokens=self.tokens_seen,
+                    tokens_per_sec=round(tps, 1), mfu=round(self.flops_per_token * tps / self.peak, 5),
                     **{k: v / accum for k, v in stats_sum.items()})
         if grad_norm is not None:
             last['grad_norm'] = float(grad_norm)
@@ -375,7 +390,8 @@ class Trainer:
         with torch.no_grad(), autocast(self.device, self.dtype):
             out = self.eval_fn(self.raw)
         self.raw.train()
-        if self.world > 1 and out:  # ranks must agree on `improved`, or only some of them enter save()'s gather
+        # ranks must agree on `improved`, or only some of them enter save()'s gather
+        if self.world > 1 and out:
             keys = sorted(k for k, v in out.items() if isinstance(v, (int, float)))
             t = torch.tensor([float(out[k]) for k in keys], dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
@@ -395,10 +411,12 @@ class Trainer:
         if not self.master:
             return None
         state = dict(self.meta or {}, model=self.raw.state_dict(), optimizer=self.optimizer.state_dict(),
-                     step=self.step, max_iters=self.max_iters, tokens_seen=self.tokens_seen, best_val=self.best_val,
-                     sampler=samplers, rng=rngs, config=dict(cfg), metrics=dict(last_metrics, **val_metrics))
+                     step=self.step, max_iters=self.max_iters, tokens_seen=self.tokens_seen,
+                     best_val=self.best_val, sampler=samplers, rng=rngs, config=dict(cfg),
+                     metrics=dict(last_metrics, **val_metrics))
         path = step_path(cfg.out_dir, self.step)
-        if best:  # best.pt first: a kill before the step checkpoint resumes from an earlier one and redoes both
+        # best.pt first: a kill before the step checkpoint resumes from an earlier one and redoes both
+        if best:
             save_checkpoint(os.path.join(cfg.out_dir, 'best.pt'), state)
         save_checkpoint(path, state)
         old = sorted(n for n in os.listdir(cfg.out_dir) if step_of(n) is not None)
@@ -408,8 +426,8 @@ class Trainer:
 
     def plan_budget(self, budget_s, elapsed_s, recent, eval_s, cap):
         """Fit the schedule to the clock: the steps left are (time left - the final eval) / (step time + the
-        evals to come), from the mean of the recent step times; rank 0's plan is everyone's (ranks that stopped
-        at different steps would hang). Returns the new max_iters, never below the current step."""
+        evals to come), from the mean of the recent step times; rank 0's plan is everyone's (ranks that
+        stopped at different steps would hang). Returns the new max_iters, never below the current step."""
         per_step = sum(recent) / len(recent)
         left = budget_s - elapsed_s - eval_s
         n = max(0, int(left / (per_step + eval_s / max(1, self.cfg.eval_interval))))
@@ -427,12 +445,14 @@ class Trainer:
         self.t_start, self.budget_s = time.time(), cfg.max_minutes * 60
         # fit the schedule to the clock; a resumed run keeps its plan
         self.replanning = self.budget_s > 0 and not self.resumed_from
-        self.planned, self.cap, self.recent = False, self.max_iters or 10**12, []  # recent: the last step times
-        self.last, self.eval_s, self.final_path = {}, 0.0, self.resumed_from  # a finished run returns its checkpoint
+        # recent: the last step times
+        self.planned, self.cap, self.recent = False, self.max_iters or 10**12, []
+        # a finished run returns its checkpoint
+        self.last, self.eval_s, self.final_path = {}, 0.0, self.resumed_from
         self.resumed_at = self.step if self.resumed_from else -1  # that step was evaluated and saved before
         self.raw.train()
-        self.bar = tqdm(total=self.max_iters or None, initial=self.step, disable=not self.master, dynamic_ncols=True,
-                        desc=cfg.out_dir)
+        self.bar = tqdm(total=self.max_iters or None, initial=self.step, disable=not self.master,
+                        dynamic_ncols=True, desc=cfg.out_dir)
 
     def finished(self):
         """Whether the planned steps are done, or the clock ran out past the plan (a safety net: every rank
@@ -470,7 +490,8 @@ class Trainer:
     def record(self, last, dt):
         """Log a step's metrics (metrics.jsonl, the progress bar) and keep its time for the plan."""
         self.last = last
-        if self.step > 1:  # the first step is not timed: it holds torch.compile's compilation (~30 s on 2 cores)
+        # the first step is not timed: it holds torch.compile's compilation (~30 s on 2 cores)
+        if self.step > 1:
             self.recent = (self.recent + [dt])[-10:]
         if self.master:
             append_jsonl(self.metrics_path, last)
@@ -480,14 +501,16 @@ class Trainer:
 
     def replan(self):
         """Re-fit max_iters to the clock after every step from the last ten step times, so that a machine that
-        slows down midway (a shared one does) still finishes its schedule on time instead of being cut off high."""
+        slows down midway (a shared one does) still finishes its schedule on time instead of being cut off
+        high."""
         if not self.replanning or len(self.recent) < max(2, min(10, self.cfg.warmup_iters // 2)):
             return
         self.max_iters, per_step = self.plan_budget(self.budget_s, time.time() - self.t_start, self.recent,
                                                     self.eval_s, self.cap)
         self.bar.total = self.max_iters
         if not self.planned:
-            log(f"max_minutes={self.cfg.max_minutes}: {per_step:.3f}s a step, planning {self.max_iters} steps")
+            log(f"max_minutes={self.cfg.max_minutes}: {per_step:.3f}s a step, "
+                f"planning {self.max_iters} steps")
         self.planned = True
 
 

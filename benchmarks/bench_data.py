@@ -61,8 +61,9 @@ sig = clean.minhash_signatures(kept, settings.num_perm, settings.shingle_words)
 dup = clean.near_duplicates(sig, settings.near_dup_threshold)
 t_near, c_near = time.time() - t0, time.process_time() - c0
 
-# 3. packing: data.pack end to end, then its encode step (batched, multi-threaded) against a one-document-at-a-time
-# loop, in lockstep chunk by chunk so that other work on the machine falls on both alike
+# 3. packing: data.pack end to end, then its encode step (batched, multi-threaded) against a
+# one-document-at-a-time loop, in lockstep chunk by chunk so that other work on the machine falls on both
+# alike
 tok = Tokenizer.load(os.path.join(D, 'tokenizer', 'tokenizer.model'))
 docs = [r['text'] for r in parts.iter_corpus(D)]
 threads = settings.num_threads or os.cpu_count()  # data.py's rule for 0
@@ -75,7 +76,8 @@ for i in range(0, len(docs), 512):
     chunk = docs[i:i + 512]
     for arm in ('batch', 'loop'):
         t0, c0 = time.time(), time.process_time()
-        ids = tok.encode_batch(chunk, num_threads=threads) if arm == 'batch' else [tok.encode(d) for d in chunk]
+        ids = (tok.encode_batch(chunk, num_threads=threads) if arm == 'batch'
+               else [tok.encode(d) for d in chunk])
         arrays = [np.array([BOS_ID, *x, EOS_ID], dtype=np.uint16) for x in ids]
         wall[arm] += time.time() - t0
         cpu[arm] += time.process_time() - c0
@@ -101,5 +103,6 @@ print(f"encode, lockstep: batched with {threads} threads {n_tok / wall['batch'] 
       f"{n_tok / wall['loop'] / 1e6:.2f}M tokens/s ({wall['loop']:.1f}s wall, {cpu['loop']:.1f}s CPU): "
       f"{wall['loop'] / wall['batch']:.2f}x; per CPU-second {n_tok / cpu['batch'] / 1e6:.2f}M vs "
       f"{n_tok / cpu['loop'] / 1e6:.2f}M tokens")
-print(f"chars/token {meta['chars_per_token']:.3f}, byte fallback {tok_card['held_out']['byte_fallback_rate']:.2e}, "
+print(f"chars/token {meta['chars_per_token']:.3f}, "
+      f"byte fallback {tok_card['held_out']['byte_fallback_rate']:.2e}, "
       f"round trip {tok_card['held_out']['roundtrip_exact']:.1%}")

@@ -1,11 +1,14 @@
 """
 The data stage at scale: the same `python data.py` on ~30 MB, 300 MB and 3 GB of distinct real-looking text,
 reporting wall time, CPU time and peak RSS of the whole process tree (summed over its processes, sampled from
-/proc every 0.2 s, so CPU time misses at most the last 0.2 s of each process), tokens out and packing tokens/s; then, per size, whether num_workers=1 and num_workers=2, and a
-2-shard split + merge, give byte-identical corpus shards and bins.
+/proc every 0.2 s, so CPU time misses at most the last 0.2 s of each process), tokens out and packing
+tokens/s; then, per size, whether num_workers=1 and num_workers=2, and a 2-shard split + merge, give
+byte-identical corpus shards and bins.
 
-    python benchmarks/bench_data_scale.py --sizes=30 [--sizes=30,300,3000] [--check=True] [--out=/tmp/lumi_scale]
-    python benchmarks/bench_data_scale.py --sizes= --dedupe_docs=1000000     # dedupe memory per million documents
+    python benchmarks/bench_data_scale.py --sizes=30 [--sizes=30,300,3000] [--check=True]
+                                          [--out=/tmp/lumi_scale]
+    python benchmarks/bench_data_scale.py --sizes= --dedupe_docs=1000000     # dedupe memory per million
+                                                                               documents
 
 The text: every sentence of the starter corpus (plays, Milton, the King James Bible, chats; the sources of
 data.py's defaults, read from the cache), ~0.5M sentences, shuffled into documents of 4-40 sentences by a
@@ -56,7 +59,8 @@ def sentences():
 
 
 def build_text(folder, mb, pool, file_mb=16):
-    """~mb MB of documents drawn from pool, as JSON lines (every 4th file gzipped); returns the bytes written."""
+    """~mb MB of documents drawn from pool, as JSON lines (every 4th file gzipped);
+    returns the bytes written."""
     done = os.path.join(folder, 'DONE')
     if os.path.exists(done):
         return int(open(done).read())
@@ -153,11 +157,13 @@ def dedupe_memory(n, num_perm=128, threshold=0.8, k=4):
     t0 = time.time()
     keys = np.concatenate([parts.part_array(folder, p, dt, per)['key'] for p in names])
     unique = parts.exact_first(keys)
-    near = parts.near_duplicates_on_disk(folder, names, np.arange(k + 1) * per, np.flatnonzero(unique), dt, threshold)
+    near = parts.near_duplicates_on_disk(folder, names, np.arange(k + 1) * per, np.flatnonzero(unique),
+                                         dt, threshold)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     shutil.rmtree(folder)
-    return {'docs': n, 'peak_MB': round(peak / 2**20, 1), 'MB_per_million_docs': round(peak / 2**20 / (n / 1e6), 1),
+    return {'docs': n, 'peak_MB': round(peak / 2**20, 1),
+            'MB_per_million_docs': round(peak / 2**20 / (n / 1e6), 1),
             'near_duplicates': int(near.sum()), 'seconds': round(time.time() - t0, 1)}
 
 
@@ -171,7 +177,8 @@ for mb in [int(s) for s in str(cfg.sizes).split(',') if s]:
         pool = pool or sentences()
         print(f"building {mb} MB of text from {len(pool):,} starter sentences ...", flush=True)
     nbytes = build_text(text_dir, mb, pool)
-    base = [f"--sources=[({text_dir!r}, 1.0)]", f'--vocab_size={cfg.vocab_size}', f'--num_workers={cfg.num_workers}']
+    base = [f"--sources=[({text_dir!r}, 1.0)]", f'--vocab_size={cfg.vocab_size}',
+            f'--num_workers={cfg.num_workers}']
     if cfg.cache_dir:
         base.append(f'--cache_dir={cfg.cache_dir}')
     d = os.path.join(cfg.out, f'run_{mb}mb')
@@ -181,7 +188,8 @@ for mb in [int(s) for s in str(cfg.sizes).split(',') if s]:
     man = lumi.read_json(os.path.join(d, 'corpus', 'manifest.json'))
     tokens = meta['train_tokens'] + meta['val_tokens']
     src = man['sources'][0]
-    row = {'MB': round(nbytes / 2**20), 'docs': src.get('docs', 0), 'near_dups': src.get('rejected_near_duplicate', 0),
+    row = {'MB': round(nbytes / 2**20), 'docs': src.get('docs', 0),
+           'near_dups': src.get('rejected_near_duplicate', 0),
            'wall_s': round(wall, 1), 'cpu_s': round(cpu, 1), 'peak_rss_MB': round(peak / 2**20),
            'tokens': tokens, 'pack_tok_per_s': round(tokens / max(meta['pack_seconds'], 1e-9)),
            'corpus_s': man['seconds'], 'dedupe_s': man['dedupe_seconds'], 'pack_s': meta['pack_seconds']}

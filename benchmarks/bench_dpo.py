@@ -73,9 +73,11 @@ def run_arm(cfg):
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     cuda = cfg.device.startswith('cuda')
-    model = GPT(ModelConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
-                            n_kv_head=cfg.n_kv_head, ffn_hidden=4 * cfg.n_embd, block_size=cfg.block_size))
-    apply_lora(model, r=cfg.lora_r, alpha=2.0 * cfg.lora_r, targets=('q', 'k', 'v', 'o', 'gate', 'up', 'down'))
+    model = GPT(ModelConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
+                            n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, ffn_hidden=4 * cfg.n_embd,
+                            block_size=cfg.block_size))
+    apply_lora(model, r=cfg.lora_r, alpha=2.0 * cfg.lora_r,
+               targets=('q', 'k', 'v', 'o', 'gate', 'up', 'down'))
     model.to(cfg.device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = {k: v.to(cfg.device) for k, v in make_batch(cfg).items()}
@@ -133,12 +135,14 @@ def main(argv=None):
     sft_s = statistics.median(x['step_s'] for x in results['sft'])
     dpo_s = statistics.median(x['step_s'] for x in results['dpo'])
     what = 'torch.cuda.max_memory_allocated' if cfg.device.startswith('cuda') else 'ru_maxrss growth'
-    print(f"\nmodel {cfg.n_layer}x{cfg.n_embd}, vocab {cfg.vocab_size}, LoRA r={cfg.lora_r} on all projections; "
+    print(f"\nmodel {cfg.n_layer}x{cfg.n_embd}, vocab {cfg.vocab_size}, "
+          f"LoRA r={cfg.lora_r} on all projections; "
           f"batch {cfg.batch_size} pairs = {2 * cfg.batch_size} rows x {results['sft'][0]['seq']} tokens; "
           f"{cfg.device}, {what}, median of {cfg.repeats} fresh processes per arm")
     print(f"SFT step peak  {sft_mb:8.1f} MB   {sft_s:6.2f} s/step")
     print(f"DPO step peak  {dpo_mb:8.1f} MB   {dpo_s:6.2f} s/step")
-    print(f"DPO / SFT memory ratio: {dpo_mb / sft_mb:.3f}x (target <= 1.3x)   time ratio: {dpo_s / sft_s:.2f}x")
+    print(f"DPO / SFT memory ratio: {dpo_mb / sft_mb:.3f}x (target <= 1.3x)   "
+          f"time ratio: {dpo_s / sft_s:.2f}x")
     return dpo_mb / sft_mb
 
 

@@ -1,7 +1,7 @@
 """
-BoolQ examples per second on CPU: the batched scorer (engine.target_logprobs, what eval.py runs) against scoring one (passage, answer) pair per
-forward pass with the full vocabulary's logits at every position (how a plain loop does it), on the same
-examples in the same run, with the log-likelihoods checked to agree.
+BoolQ examples per second on CPU: the batched scorer (engine.target_logprobs, what eval.py runs) against
+scoring one (passage, answer) pair per forward pass with the full vocabulary's logits at every position (how a
+plain loop does it), on the same examples in the same run, with the log-likelihoods checked to agree.
 
     python benchmarks/bench_eval.py [--n=200] [--batch_tokens=2048] [--threads=1]
 
@@ -88,8 +88,10 @@ def main(argv=None):
     tokens = sum(len(r[0]) for r in requests)
     cpu = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
     cpu = next((l.split(':', 1)[1].strip() for l in cpu.splitlines() if l.startswith('Model name')), '?')
-    print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"model: {shape_from} ({model.num_params():,} parameters, block {model.cfg.block_size}); tokenizer: {tok_from}")
+    print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"model: {shape_from} ({model.num_params():,} parameters, block {model.cfg.block_size}); "
+          f"tokenizer: {tok_from}")
     print(f"BoolQ: {len(examples)} examples, {len(requests)} (passage, answer) pairs, {tokens:,} tokens, "
           f"{truncated} truncated to the block")
 
@@ -98,7 +100,8 @@ def main(argv=None):
     one_row, t_one = timed(lambda: engine.target_logprobs(model, requests, batch_tokens=1))
     batched, t_batched = timed(lambda: engine.target_logprobs(model, requests, batch_tokens=cfg.batch_tokens))
     big, t_big = timed(lambda: engine.target_logprobs(model, requests, batch_tokens=cfg.big_batch_tokens))
-    bf16, t_bf16 = timed(lambda: engine.target_logprobs(model, requests, dtype='bfloat16', batch_tokens=cfg.batch_tokens))
+    bf16, t_bf16 = timed(lambda: engine.target_logprobs(model, requests, dtype='bfloat16',
+                                                        batch_tokens=cfg.batch_tokens))
     for name, got in (('one row per pass', one_row), ('batched', batched), ('big batches', big)):
         diff = float(np.abs(got - plain).max())
         assert diff < 1e-2, f"{name} disagrees with the plain loop by {diff}"

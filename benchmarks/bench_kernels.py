@@ -17,7 +17,8 @@ checked against its baseline on the first shape and the largest relative deviati
 Autotuning (a few configs per kernel and shape) happens on first use, outside the timed region; the whole
 run takes a few minutes on an H100. Without a CUDA device it prints a message and exits 0.
 
-Deliberately left out: end-to-end training speed (bench_train.py) and CPU timings (the interpreter is no kernel).
+Deliberately left out: end-to-end training speed (bench_train.py) and CPU timings
+(the interpreter is no kernel).
 """
 import os
 import sys
@@ -57,7 +58,8 @@ def tflops(flop, ms):
 
 def max_error(actual, expected):
     """Largest deviation of each tensor, relative to its largest baseline value; the worst one."""
-    return max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(actual, expected))
+    return max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+               for a, b in zip(actual, expected))
 
 
 def sdpa_flash(q, k, v):
@@ -68,13 +70,15 @@ def sdpa_flash(q, k, v):
 
 
 def forward_backward(fn, inputs, grad_out):
-    """A closure running fn forward and backward to the given inputs (torch.autograd.grad: no .grad to zero)."""
+    """A closure running fn forward and backward to the given inputs
+    (torch.autograd.grad: no .grad to zero)."""
     return lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out)
 
 
 def bench_attention(cfg):
     from kernels.attention import flash_attention
-    print(f"\nattention: causal, bf16, batch x seq = {cfg.tokens_per_launch}, heads x head_dim = {cfg.model_width}")
+    print(f"\nattention: causal, bf16, batch x seq = {cfg.tokens_per_launch}, "
+          f"heads x head_dim = {cfg.model_width}")
     print(f"{'head_dim':>8} {'seq':>5} {'batch':>5} {'heads':>5} | {'forward ms':>10} {'TFLOP/s':>7} "
           f"{'sdpa ms':>8} {'TFLOP/s':>7} {'speed':>6} | {'fwd+bwd ms':>10} {'TFLOP/s':>7} {'sdpa ms':>8} "
           f"{'TFLOP/s':>7} {'speed':>6}")
@@ -87,7 +91,8 @@ def bench_attention(cfg):
                                    requires_grad=True) for _ in range(3))
             grad_out = torch.randn_like(q)
             if i == 0:
-                ours = (flash_attention(q, k, v), *torch.autograd.grad(flash_attention(q, k, v), (q, k, v), grad_out))
+                ours = (flash_attention(q, k, v),
+                        *torch.autograd.grad(flash_attention(q, k, v), (q, k, v), grad_out))
                 ref = (sdpa_flash(q, k, v), *torch.autograd.grad(sdpa_flash(q, k, v), (q, k, v), grad_out))
                 print(f"  check head_dim {head_dim}: max |triton - sdpa| / max |sdpa| over out, dq, dk, dv = "
                       f"{max_error(ours, ref):.3g} (bf16)")
@@ -97,9 +102,10 @@ def bench_attention(cfg):
                   bench(forward_backward(sdpa_flash, (q, k, v), grad_out), cfg)]
             flop = [fwd_flop, fwd_flop, 3.5 * fwd_flop, 3.5 * fwd_flop]
             tf = [tflops(f, t) for f, t in zip(flop, ms)]
-            print(f"{head_dim:>8} {seq:>5} {batch:>5} {heads:>5} | {ms[0]:>10.3f} {tf[0]:>7.1f} {ms[1]:>8.3f} "
-                  f"{tf[1]:>7.1f} {ms[1] / ms[0]:>5.2f}x | {ms[2]:>10.3f} {tf[2]:>7.1f} {ms[3]:>8.3f} {tf[3]:>7.1f} "
-                  f"{ms[3] / ms[2]:>5.2f}x", flush=True)
+            print(f"{head_dim:>8} {seq:>5} {batch:>5} {heads:>5} | "
+                  f"{ms[0]:>10.3f} {tf[0]:>7.1f} {ms[1]:>8.3f} {tf[1]:>7.1f} {ms[1] / ms[0]:>5.2f}x | "
+                  f"{ms[2]:>10.3f} {tf[2]:>7.1f} {ms[3]:>8.3f} {tf[3]:>7.1f} {ms[3] / ms[2]:>5.2f}x",
+                  flush=True)
             del q, k, v, grad_out
 
 
@@ -141,9 +147,10 @@ def bench_lora(cfg):
                     ms = [bench(lambda: fused(*inputs), cfg), bench(lambda: unfused(*inputs), cfg),
                           bench(forward_backward(fused, inputs, grad_out), cfg),
                           bench(forward_backward(unfused, inputs, grad_out), cfg)]
-                    print(f"{width:>5} {name:>6} {n_in:>5} {n_out:>5} {rank:>4} {tokens:>6} | {ms[0]:>10.3f} "
-                          f"{tflops(fwd_flop, ms[0]):>7.1f} {ms[1]:>8.3f} {ms[1] / ms[0]:>5.2f}x | {ms[2]:>10.3f} "
-                          f"{tflops(total_flop, ms[2]):>7.1f} {ms[3]:>8.3f} {ms[3] / ms[2]:>5.2f}x", flush=True)
+                    print(f"{width:>5} {name:>6} {n_in:>5} {n_out:>5} {rank:>4} {tokens:>6} | "
+                          f"{ms[0]:>10.3f} {tflops(fwd_flop, ms[0]):>7.1f} {ms[1]:>8.3f} "
+                          f"{ms[1] / ms[0]:>5.2f}x | {ms[2]:>10.3f} {tflops(total_flop, ms[2]):>7.1f} "
+                          f"{ms[3]:>8.3f} {ms[3] / ms[2]:>5.2f}x", flush=True)
 
 
 def main():

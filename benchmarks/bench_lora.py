@@ -8,14 +8,15 @@ each arm's peak memory is its own.
 Arms: full fine-tuning, then LoRA (all seven projections) at r=8 and r=16 through the torch path. On CUDA
 two more: LoRA r=16 through the fused Triton kernel, and the torch path beside it, in bf16 autocast.
 A step is an SFT step, training.Trainer.train_step over sft.sft_loss (logits on the learned positions only;
-here the second half of each row, as a prompt then a reply): backward, grad clip, AdamW, on random tokens (the data does not change
-the cost). Step time is the median over the timed steps,
+here the second half of each row, as a prompt then a reply): backward, grad clip, AdamW, on random tokens (the
+data does not change the cost). Step time is the median over the timed steps,
 by the wall clock and by the process's CPU time (on a shared machine the CPU time is what an idle core would
 take with one thread).
 Memory: CPU, the peak resident set (ru_maxrss) of the arm's process above what it held once torch was
 imported (the allocator keeps freed blocks, so temporaries count too); CUDA, torch.cuda.max_memory_allocated.
 Counted exactly besides: the training state (weights, plus gradients and AdamW's two moments of the
-trainable ones) and the activations one forward saves for backward. Ratios are against the full fine-tuning arm of this run.
+trainable ones) and the activations one forward saves for backward. Ratios are against the full fine-tuning
+arm of this run.
 
 Deliberately left out: the fused kernel on CPU (it runs only on CUDA) and quality (the data is random).
 """
@@ -106,8 +107,8 @@ def run_arm(cfg):
     y[:, :cfg.seq_len // 2] = -1  # the prompt: no loss
     dtype = 'bfloat16' if dev.startswith('cuda') else cfg.dtype
     out_dir = tempfile.mkdtemp(prefix='bench_lora_')
-    run = training.Trainer(lumi.Config(lumi.load_config(lumi.declared_keys('training.py'), []), device=dev, dtype=dtype, compile=False,
-                                       resume='never', out_dir=out_dir),
+    run = training.Trainer(lumi.Config(lumi.load_config(lumi.declared_keys('training.py'), []), device=dev,
+                                       dtype=dtype, compile=False, resume='never', out_dir=out_dir),
                            model, SameBatch((x[:, :-1], y)), sft.sft_loss)
     if dev.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
@@ -155,13 +156,16 @@ def main(argv):
     if torch.cuda.is_available() and cfg.device != 'cpu':
         arms.append('lora_r16_fused')
     mcfg = model_config(cfg.config)
-    print(f"model {mcfg.n_layer} layers, d {mcfg.n_embd}, ffn {mcfg.ffn_hidden}, heads {mcfg.n_head}/{mcfg.n_kv_head}, "
+    print(f"model {mcfg.n_layer} layers, d {mcfg.n_embd}, ffn {mcfg.ffn_hidden}, "
+          f"heads {mcfg.n_head}/{mcfg.n_kv_head}, "
           f"vocab {mcfg.vocab_size}; batch {cfg.batch_size} x {cfg.seq_len}, {cfg.steps} timed steps after "
           f"{cfg.warmup}, {cfg.threads} threads, CPU dtype {cfg.dtype}", flush=True)
     results = []
     for name in arms:
-        args = [sys.executable, os.path.abspath(__file__), f'--arm={name}'] + [a for a in argv if not a.startswith('--arm')]
-        out = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(cfg.threads)))
+        args = ([sys.executable, os.path.abspath(__file__), f'--arm={name}']
+                + [a for a in argv if not a.startswith('--arm')])
+        out = subprocess.run(args, capture_output=True, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS=str(cfg.threads)))
         if out.returncode:
             raise SystemExit(f"arm {name} failed:\n{out.stderr[-3000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -173,10 +177,11 @@ def main(argv):
           f"{mem_name:>13s} {'/full':>6s} {'state MB':>9s} {'saved MB':>9s} {'sum/full':>9s}")
     for r in results:
         both = (r['state_mb'] + r['saved_mb']) / (full['state_mb'] + full['saved_mb'])
-        print(f"{r['arm']:16s} {r['trainable']:>9,d} {100 * r['trainable'] / r['total']:5.2f}% {r['step_ms']:9.1f} "
-              f"{r['step_ms'] / full['step_ms']:6.2f} {r['cpu_ms']:9.1f} {r['cpu_ms'] / full['cpu_ms']:6.2f} "
-              f"{r['mem_mb']:13.0f} {r['mem_mb'] / full['mem_mb']:6.2f} {r['state_mb']:9.0f} {r['saved_mb']:9.0f} "
-              f"{both:9.2f}")
+        print(f"{r['arm']:16s} {r['trainable']:>9,d} {100 * r['trainable'] / r['total']:5.2f}% "
+              f"{r['step_ms']:9.1f} {r['step_ms'] / full['step_ms']:6.2f} "
+              f"{r['cpu_ms']:9.1f} {r['cpu_ms'] / full['cpu_ms']:6.2f} "
+              f"{r['mem_mb']:13.0f} {r['mem_mb'] / full['mem_mb']:6.2f} "
+              f"{r['state_mb']:9.0f} {r['saved_mb']:9.0f} {both:9.2f}")
 
 
 if __name__ == '__main__':

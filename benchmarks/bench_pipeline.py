@@ -5,7 +5,8 @@ every stage. Prints each stage's wall time (from the stamps the pipeline writes)
 second run's time as a fraction of the first, and the CPU time the first run's processes used (on a shared
 machine, wall time includes waiting for the neighbours).
 
-    python benchmarks/bench_pipeline.py                          # configs/pipeline_cpu.py, ~20 minutes on 2 cores
+    python benchmarks/bench_pipeline.py                          # configs/pipeline_cpu.py, ~20 minutes
+                                                                   on 2 cores
     python benchmarks/bench_pipeline.py --config=configs/pipeline_cpu.py --keep=/tmp/lumi_clone
 
 The clone is of the committed HEAD, so uncommitted edits are not measured. It reuses this interpreter (the
@@ -44,9 +45,12 @@ def main():
     clone = cfg.keep or tempfile.mkdtemp(prefix='lumi_bench_')
     if not os.path.isdir(os.path.join(clone, '.git')):
         subprocess.run(['git', 'clone', '--quiet', ROOT, clone], check=True)
-    head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=clone, capture_output=True, text=True).stdout.strip()
-    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')), '?')
-    print(f"fresh clone {clone} at {head}; {os.cpu_count()} cores ({cpu}); torch {__import__('torch').__version__}")
+    head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=clone, capture_output=True,
+                          text=True).stdout.strip()
+    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo')
+                if line.startswith('model name')), '?')
+    print(f"fresh clone {clone} at {head}; {os.cpu_count()} cores ({cpu}); "
+          f"torch {__import__('torch').__version__}")
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     first, first_cpu = run_once(clone, cfg.config, os.path.join(clone, 'run1.log'))
     second, _ = run_once(clone, cfg.config, os.path.join(clone, 'run2.log'))

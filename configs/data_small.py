@@ -1,6 +1,7 @@
 # The data of the small budget: ~2B tokens, mostly FineWeb-Edu
 # and C4, with Wikipedia, OpenWebText and books (estimates per file in configs/sources/):
-#   python data.py configs/data_small.py           # then: python train.py configs/small.py --data_dir=data/web_small
+#   python data.py configs/data_small.py           # then:
+#   python train.py configs/small.py --data_dir=data/web_small
 # ~8 GB of text; with more machines, split it: `--num_shards=N --shard_index=I` (see data.py's docstring).
 from corpus import sources as _s
 

@@ -6,7 +6,8 @@ init_from = 'out/tiny'
 out_dir = 'out/sft_tiny'
 max_minutes = 10.0          # the schedule is fitted to the steps that fit in ten minutes
 batch_size = 8
-block_size = 512            # of the model's 1024: cuts 3 % of Alpaca examples and 41 % of the long chitchat chats
+block_size = 512            # of the model's 1024: cuts 3 % of Alpaca examples
+                            # and 41 % of the long chitchat chats
 lora_r = 16                 # LoRA on q, k, v, o, gate, up, down; 0 for full fine-tuning
 lora_alpha = 32.0
 learning_rate = 1e-3

@@ -9,7 +9,8 @@ data flows up through one way, bytes -> records -> documents. Each module import
     records.py        byte streams -> text blocks and records (.json, .jsonl, .parquet)
     sources.py        records and text -> documents: the adapters, the #ADAPTER check (parse_spec), splitting
                       long documents, the named source sets of configs/sources/
-    conversations.py  records -> chats and preference pairs for sft.py and dpo.py (beside sources.py, not on it)
+    conversations.py  records -> chats and preference pairs for sft.py and dpo.py
+                      (beside sources.py, not on it)
     clean.py          documents -> cleaned, filtered, keyed and signed documents (MinHash, LSH)
     bins.py           the token bins every training stage reads (BinLoader, load_meta, data_ready)
     parts.py          the corpus step's work on disk in parts: sources.py's documents through clean.py,

@@ -48,7 +48,8 @@ class BinLoader:
         want = tokenizer_sha256 or metas[0]['tokenizer_sha256']
         for d, m in zip(self.dirs, metas):
             if not same_tokenizer(m['tokenizer_sha256'], want):  # bins of older Lumis store the file hash
-                raise ValueError(f"{d}: bins were built with tokenizer {m['tokenizer_sha256']}, expected {want}")
+                raise ValueError(f"{d}: bins were built with tokenizer {m['tokenizer_sha256']}, "
+                                 f"expected {want}")
         self.paths = [os.path.join(d, f'{split}.bin') for d in self.dirs]
         self.sizes = np.array([m[f'{split}_tokens'] for m in metas], dtype=np.int64)
         for p, n in zip(self.paths, self.sizes):
@@ -56,7 +57,8 @@ class BinLoader:
                 raise ValueError(f"{p} holds {n} tokens, fewer than block_size + 1 = {block_size + 1}")
         w = np.asarray(weights if weights is not None else self.sizes, dtype=np.float64)
         if len(w) != len(self.dirs) or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"weights {weights} must be one non-negative number per data_dir ({len(self.dirs)})")
+            raise ValueError(f"weights {weights} must be one non-negative number per data_dir "
+                             f"({len(self.dirs)})")
         self.p = w / w.sum()
         self.split, self.block_size, self.batch_size = split, block_size, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -66,7 +68,8 @@ class BinLoader:
     def next_batch(self):
         import torch
         T, B = self.block_size, self.batch_size
-        which = self.rng.choice(len(self.paths), size=B, p=self.p) if len(self.paths) > 1 else np.zeros(B, int)
+        which = (self.rng.choice(len(self.paths), size=B, p=self.p) if len(self.paths) > 1
+                 else np.zeros(B, int))
         starts = self.rng.integers(0, self.sizes[which] - T)
         x = np.empty((B, T + 1), dtype=np.int64)
         for k in np.unique(which):  # a fresh memmap per call: nanoGPT's guard against memory growth

@@ -20,15 +20,18 @@ def write_data_card(data_dir):
     tok = lumi.read_json(card_path) if os.path.exists(card_path) else None
     meta = load_meta(data_dir) if os.path.exists(os.path.join(data_dir, 'meta.json')) else None
     reasons = ['too_short', 'low_alpha', 'repetitive', 'exact_duplicate', 'near_duplicate']
-    lines = [f"# Data card: {data_dir}", "", f"Corpus built {man['created']} by data.py in {man['seconds']:.0f}s "
+    lines = [f"# Data card: {data_dir}", "",
+             f"Corpus built {man['created']} by data.py in {man['seconds']:.0f}s "
              f"(dedupe {man['dedupe_seconds']:.1f}s). {man['kept_docs']:,} documents, "
-             f"{man['kept_chars'] / 1e6:.2f}M characters kept from {man['bytes_in'] / 1e6:.2f} MB of files.", "",
-             "## Sources", "", "| source | files | MB in | docs in | kept | " + " | ".join(reasons) + " | other |",
+             f"{man['kept_chars'] / 1e6:.2f}M characters kept from {man['bytes_in'] / 1e6:.2f} MB of files.",
+             "", "## Sources", "",
+             "| source | files | MB in | docs in | kept | " + " | ".join(reasons) + " | other |",
              "|---" * (6 + len(reasons)) + "|"]
     for s in man['sources']:
         other = {k: v for k, v in s.items() if k in LOADER_COUNTS}
-        lines.append(f"| `{s['spec']}` | {s.get('files', 0)} | {s.get('bytes', 0) / 1e6:.2f} | {s.get('docs', 0):,} | "
-                     f"{s.get('kept_docs', 0):,} | " + " | ".join(f"{s.get('rejected_' + r, 0):,}" for r in reasons)
+        lines.append(f"| `{s['spec']}` | {s.get('files', 0)} | {s.get('bytes', 0) / 1e6:.2f} | "
+                     f"{s.get('docs', 0):,} | {s.get('kept_docs', 0):,} | "
+                     + " | ".join(f"{s.get('rejected_' + r, 0):,}" for r in reasons)
                      + f" | {', '.join(f'{k} {v}' for k, v in other.items()) or '-'} |")
     st = man['settings']
     lines += ["", "## Processing", "",
@@ -36,23 +39,29 @@ def write_data_card(data_dir):
               "characters.",
               f"- Cleaning: Unicode NFC, control characters removed, "
               f"URLs {'scrubbed' if st['scrub_urls'] else 'kept'}, "
-              f"e-mails {'scrubbed' if st['scrub_emails'] else 'kept'}, trailing and repeated spaces collapsed.",
-              f"- Filters: under {st['min_doc_chars']} characters; letters under {st['min_alpha_ratio']:.0%} of "
-              f"non-space characters; over {st['max_dup_line_frac']:.0%} of line characters in repeated lines.",
+              f"e-mails {'scrubbed' if st['scrub_emails'] else 'kept'}, "
+              "trailing and repeated spaces collapsed.",
+              f"- Filters: under {st['min_doc_chars']} characters; "
+              f"letters under {st['min_alpha_ratio']:.0%} of non-space characters; "
+              f"over {st['max_dup_line_frac']:.0%} of line characters in repeated lines.",
               f"- Dedupe: exact (case and whitespace ignored), then MinHash ({st['num_perm']} permutations, "
               f"{st['shingle_words']}-word shingles) + LSH, estimated Jaccard >= {st['near_dup_threshold']}; "
               "the first document of a cluster (in source order) is kept."]
     if tok:
         q = tok['held_out']
-        lines += ["", "## Tokenizer", "", f"SentencePiece {tok['model_type']}, vocab {tok['vocab_size']}, SHA256 "
-                  f"`{tok['sha256']}`. On {q['docs']} held-out (val) documents: {q['chars_per_token']:.2f} characters "
-                  f"per token, unknown rate {q['unk_rate']:.2e}, byte fallback rate {q['byte_fallback_rate']:.2e}, "
+        lines += ["", "## Tokenizer", "",
+                  f"SentencePiece {tok['model_type']}, vocab {tok['vocab_size']}, SHA256 `{tok['sha256']}`. "
+                  f"On {q['docs']} held-out (val) documents: {q['chars_per_token']:.2f} characters "
+                  f"per token, unknown rate {q['unk_rate']:.2e}, "
+                  f"byte fallback rate {q['byte_fallback_rate']:.2e}, "
                   f"exact round trips {q['roundtrip_exact']:.1%}."]
     if meta:
-        lines += ["", "## Bins", "", f"train.bin {meta['train_tokens']:,} tokens, val.bin {meta['val_tokens']:,} "
-                  f"tokens (uint16, each document BOS text EOS, val = {meta['val_fraction']:.1%} of documents "
+        lines += ["", "## Bins", "",
+                  f"train.bin {meta['train_tokens']:,} tokens, val.bin {meta['val_tokens']:,} tokens "
+                  f"(uint16, each document BOS text EOS, val = {meta['val_fraction']:.1%} of documents "
                   "by hash).", "",
-                  "| source | weight | train docs | train tokens | share | val docs | val tokens |", "|---" * 7 + "|"]
+                  "| source | weight | train docs | train tokens | share | val docs | val tokens |",
+                  "|---" * 7 + "|"]
         for s in meta['sources']:
             lines.append(f"| `{s['spec']}` | {s['weight']} | {s.get('train_docs', 0):,} | "
                          f"{s.get('train_tokens', 0):,} | "

@@ -100,7 +100,8 @@ def minhash_signatures(texts, num_perm=128, ngram=5, seed=0, batch=512, progress
     a = rng.integers(1, 2**63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
     b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
     sig = np.full((len(texts), num_perm), 0xFFFFFFFF, dtype=np.uint32)
-    for lo in tqdm(range(0, len(texts), batch), desc='minhash', unit='batch', leave=False, disable=not progress):
+    for lo in tqdm(range(0, len(texts), batch), desc='minhash', unit='batch', leave=False,
+                   disable=not progress):
         chunk = [t.encode() for t in texts[lo:lo + batch]]
         h, word_starts = _word_hashes(b'\n'.join(chunk))  # a newline between documents ends their words
         doc_starts = np.cumsum([0] + [len(c) + 1 for c in chunk[:-1]])
@@ -133,9 +134,9 @@ def lsh_rows(num_perm, threshold):
 def band_keys(sig, rows):
     """(num_perm // rows, len(sig)) uint64: a hash of each band of rows of every signature."""
     mult = np.random.Generator(np.random.PCG64(1)).integers(1, 2**63, rows, dtype=np.uint64) | np.uint64(1)
-    return np.stack([(sig[:, lo:lo + rows].astype(np.uint64) * mult).sum(1)  # wraps mod 2^64
-                     for lo in range(0, sig.shape[1], rows)]) if len(sig) else np.zeros((sig.shape[1] // rows, 0),
-                                                                                       np.uint64)
+    return (np.stack([(sig[:, lo:lo + rows].astype(np.uint64) * mult).sum(1)  # wraps mod 2^64
+                      for lo in range(0, sig.shape[1], rows)]) if len(sig)
+            else np.zeros((sig.shape[1] // rows, 0), np.uint64))
 
 
 def usable_rows(sig):

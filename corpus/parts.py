@@ -24,8 +24,8 @@ from tokenizer import BOS_ID, EOS_ID
 
 PART_BYTES = 32 << 20  # bytes of input files (as stored) per scanned part
 BATCH_DOCS = 512  # documents a worker cleans at a time
-CLEAN_KEYS = ('min_doc_chars', 'min_alpha_ratio', 'max_dup_line_frac', 'scrub_urls', 'scrub_emails', 'num_perm',
-              'shingle_words')
+CLEAN_KEYS = ('min_doc_chars', 'min_alpha_ratio', 'max_dup_line_frac', 'scrub_urls', 'scrub_emails',
+              'num_perm', 'shingle_words')
 
 
 def iter_corpus(data_dir, shards=None):
@@ -120,17 +120,18 @@ def part_array(folder, part, dtype, docs):
 
 
 def part_column(folder, part, dtype, docs, name, ix=slice(None)):
-    """part_array(...)[name][ix], copied out so the mapping goes with this call: a column's few bytes sit in every
-    ~600-byte row, so reading one touches every page, and a mapping's pages stay in the resident set while it
-    lives (3 GB of text: 2.0 GB peak RSS with every part mapped for the whole dedupe step, measured)."""
+    """part_array(...)[name][ix], copied out so the mapping goes with this call: a column's few bytes sit in
+    every ~600-byte row, so reading one touches every page, and a mapping's pages stay in the resident set
+    while it lives (3 GB of text: 2.0 GB peak RSS with every part mapped for the whole dedupe step,
+    measured)."""
     return np.array(part_array(folder, part, dtype, docs)[name][ix])
 
 
 def scan(cfg, specs, rows, folder):
-    """Read this shard's files of specs, clean and filter their documents in worker processes, and write them as parts
-    (part g of source si goes to shard (si + g) % num_shards): NAME.jsonl (the texts that survive), NAME.rows
-    (a _part_rows row per text) and NAME.json (counts; written last: the part's "done" marker). A part
-    already done is skipped, so a killed scan redoes only what it had not finished. Returns this shard's
+    """Read this shard's files of specs, clean and filter their documents in worker processes, and write them
+    as parts (part g of source si goes to shard (si + g) % num_shards): NAME.jsonl (the texts that survive),
+    NAME.rows (a _part_rows row per text) and NAME.json (counts; written last: the part's "done" marker). A
+    part already done is skipped, so a killed scan redoes only what it had not finished. Returns this shard's
     part names. rows: LSH rows per band (clean.lsh_rows)."""
     opts = {k: cfg[k] for k in CLEAN_KEYS}
     dtype, mine = part_rows(cfg.num_perm, cfg.num_perm // rows), set()
@@ -222,8 +223,9 @@ def near_duplicates_on_disk(folder, parts, offsets, idx, dtype, threshold, pair_
             sel = part == p
             out[sel] = column(p, 'sig', ix[sel] - offsets[p])
         return out
-    keep = [pairs[lo:lo + pair_batch][similar(rows(pairs[lo:lo + pair_batch, 0]), rows(pairs[lo:lo + pair_batch, 1]),
-                                              threshold)] for lo in range(0, len(pairs), pair_batch)]
+    keep = [pairs[lo:lo + pair_batch][similar(rows(pairs[lo:lo + pair_batch, 0]),
+                                              rows(pairs[lo:lo + pair_batch, 1]), threshold)]
+            for lo in range(0, len(pairs), pair_batch)]
     return cluster_duplicates(int(offsets[-1]), np.concatenate(keep) if keep else pairs)
 
 # -----------------------------------------------------------------------------
@@ -232,7 +234,8 @@ def near_duplicates_on_disk(folder, parts, offsets, idx, dtype, threshold, pair_
 
 def doc_unit(doc_id, salt):
     """A uniform number in [0, 1) fixed by a document id: the same split and subsample on every run."""
-    return int.from_bytes(hashlib.blake2b(f"{salt}:{doc_id}".encode(), digest_size=8).digest(), 'little') / 2**64
+    return int.from_bytes(hashlib.blake2b(f"{salt}:{doc_id}".encode(), digest_size=8).digest(),
+                          'little') / 2**64
 
 
 def encode_shard(cfg, tok, manifest, j, folder, weights, batch_docs=BATCH_DOCS):

@@ -26,7 +26,8 @@ def _normalise(text):
 
 def text_blocks(f, stats, block=1 << 20):
     """The text of stream f in blocks that each end at a line break (so no UTF-8 sequence or CRLF is cut),
-    decoded and normalised as the whole file would be at once; counts files, bytes, bad UTF-8 and empty files."""
+    decoded and normalised as the whole file would be at once;
+    counts files, bytes, bad UTF-8 and empty files."""
     stats['files'] += 1
     bad, blank, first, rest = 0, True, True, []
     while True:
@@ -34,7 +35,8 @@ def text_blocks(f, stats, block=1 << 20):
         if chunk:
             rest.append(chunk)
             if b'\n' not in chunk:
-                continue  # a line longer than a block: keep reading (max_member_bytes bounds a compressed one)
+                # a line longer than a block: keep reading (max_member_bytes bounds a compressed one)
+                continue
             data = b''.join(rest)
             cut = data.rfind(b'\n') + 1
             data, rest = data[:cut], [data[cut:]]
@@ -72,7 +74,8 @@ def text_pieces(blocks, whole_chars):
             text = ''.join(held)
             while len(text) > whole_chars:
                 cut = text.rfind('\n\n', 0, whole_chars)
-                cut = cut + 2 if cut > 0 else whole_chars  # no blank line: cut mid-paragraph, as split_document
+                # no blank line: cut mid-paragraph, as split_document
+                cut = cut + 2 if cut > 0 else whole_chars
                 yield text[:cut]
                 text = text[cut:]
             held, size = [text], len(text)
@@ -152,7 +155,8 @@ def parquet_records(f, columns, stats, batch_rows=4096):
     have = pf.schema_arrow.names
     missing = [c for c in columns or [] if c not in have]
     if missing:
-        raise ValueError(f"{f.name}: parquet file has no column {missing[0]!r} (it has {', '.join(have[:12])}); "
+        raise ValueError(f"{f.name}: parquet file has no column {missing[0]!r} "
+                         f"(it has {', '.join(have[:12])}); "
                          f"name the text column with @FIELD")
     stats['bytes'] += pf.metadata.serialized_size + sum(pf.metadata.row_group(i).total_byte_size
                                                         for i in range(pf.metadata.num_row_groups))

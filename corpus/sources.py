@@ -27,13 +27,15 @@ from corpus.streams import iter_streams, split_spec, warn
 
 # a key data.py takes (its KEY_FILES)
 max_doc_chars = 8000        # [1, inf) longer texts are split into documents of at most this many characters
-WHOLE_TEXT_CHARS = 32 << 20  # a text file up to this long reaches its adapter whole (a Gutenberg header and footer)
+WHOLE_TEXT_CHARS = 32 << 20  # a text file up to this long reaches its adapter whole
+                             # (a Gutenberg header and footer)
 LOADER_COUNTS = ('empty_files', 'bad_utf8_files', 'bad_utf8_chars', 'malformed_lines', 'malformed_files',
                  'not_objects', 'missing_field', 'skipped_files', 'skipped_links')
 
-_GUT_START = re.compile(r'^\*{3} ?START OF (?:THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$', re.M | re.I)
-_GUT_END = re.compile(r'^\*{3} ?END OF (?:THE|THIS) PROJECT GUTENBERG|^End of (?:the |this )?Project Gutenberg',
-                      re.M | re.I)
+_GUT_START = re.compile(r'^\*{3} ?START OF (?:THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$',
+                        re.M | re.I)
+_GUT_END = re.compile(r'^\*{3} ?END OF (?:THE|THIS) PROJECT GUTENBERG'
+                      r'|^End of (?:the |this )?Project Gutenberg', re.M | re.I)
 
 
 def strip_gutenberg(text):
@@ -69,7 +71,8 @@ def _json_docs(recs, field, name, stats):
         if not isinstance(value, str):
             stats['missing_field'] += 1
             if stats['missing_field'] <= 5:
-                warn(f"{name}: a record has no string field {field!r} (keys: {', '.join(list(rec)[:8])}); skipped")
+                warn(f"{name}: a record has no string field {field!r} "
+                     f"(keys: {', '.join(list(rec)[:8])}); skipped")
             continue
         yield value
 
@@ -88,7 +91,8 @@ def _chat_docs(recs, field, name, stats):
         for turn in msgs:  # chitchat: a turn is a list of messages of one sender
             turn = turn if isinstance(turn, list) else [turn]
             parts = [m for m in turn if isinstance(m, dict)]
-            text = ' '.join(str(m.get('text') or m.get('content') or m.get('value') or '').strip() for m in parts)
+            text = ' '.join(str(m.get('text') or m.get('content') or m.get('value') or '').strip()
+                            for m in parts)
             if not parts or not text.strip():
                 continue
             who = parts[0].get('role') or parts[0].get('from')
@@ -123,7 +127,8 @@ TEXT_ADAPTERS = {
     'lines': lambda t: t.split('\n'),
 }
 def _gutenberg_docs(recs, field, name, stats):
-    """Books as records (a parquet of Project Gutenberg): the json adapter, license header and footer stripped."""
+    """Books as records (a parquet of Project Gutenberg): the json adapter,
+    license header and footer stripped."""
     return (strip_gutenberg(t) for t in _json_docs(recs, field, name, stats))
 
 
@@ -190,24 +195,28 @@ def source_set(name, files=None, weight=1.0):
         exec(compile(f.read(), path, 'exec'), namespace)
     specs = namespace['FILES'][:files]
     if files is not None and len(specs) < files:
-        raise ValueError(f"configs/sources/{name}.py lists {len(specs)} files, fewer than the {files} asked for")
+        raise ValueError(f"configs/sources/{name}.py lists {len(specs)} files, "
+                         f"fewer than the {files} asked for")
     return [(spec, float(weight)) for spec in specs]
 
 
 def documents_of(f, spec, stats, max_chars=None):
-    """The documents of one stream of a source (streams.iter_streams), after the spec's adapter, long ones split."""
+    """The documents of one stream of a source (streams.iter_streams), after the spec's adapter,
+    long ones split."""
     s, max_chars = parse_spec(spec), max_chars or max_doc_chars
     adapter = s.adapter or _default_adapter(f.name)
     if is_parquet(f.name):
         if adapter in TEXT_ADAPTERS:
-            raise ValueError(f"{f.name}: a parquet file needs a record adapter (json, chat, bible), not #{adapter}")
+            raise ValueError(f"{f.name}: a parquet file needs a record adapter (json, chat, bible), "
+                             f"not #{adapter}")
         docs = RECORD_ADAPTERS[adapter](parquet_records(f, _record_columns(adapter, s.field), stats),
                                         s.field, f.name, stats)
     elif adapter in TEXT_ADAPTERS:
         docs = (doc for piece in text_pieces(text_blocks(f, stats), WHOLE_TEXT_CHARS)
                 for doc in TEXT_ADAPTERS[adapter](piece))
     else:
-        docs = RECORD_ADAPTERS[adapter](json_records(f.name, text_blocks(f, stats), stats), s.field, f.name, stats)
+        docs = RECORD_ADAPTERS[adapter](json_records(f.name, text_blocks(f, stats), stats),
+                                        s.field, f.name, stats)
     for doc in docs:
         for piece in split_document(doc, max_chars):
             if piece.strip():

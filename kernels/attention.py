@@ -130,7 +130,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
                                HEAD_DIM, BLOCK_N, True, UPCAST, PRECISION)
     acc = acc / l_i[:, None]
     tl.store(LSE + rows, m_i + tl.log2(l_i), mask=rows < T)  # base-2 log-sum-exp of the scaled scores
-    tl.store(O + rows[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), mask=rows[:, None] < T)
+    tl.store(O + rows[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=rows[:, None] < T)
 
 
 # -----------------------------------------------------------------------------
@@ -146,9 +147,10 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob,
     h = bh % H
     offs_d = tl.arange(0, HEAD_DIM)
     mask = rows[:, None] < T
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :], mask=mask,
-                 other=0.0)
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
+                mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
+                 mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * T + rows, delta, mask=rows < T)
 
@@ -196,10 +198,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     kv_mask = cols[:, None] < T
-    k = tl.load(K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask,
-                other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask,
-                other=0.0)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_kt + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vt + offs_d[None, :],
+                mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -268,10 +270,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_mask = rows[:, None] < T
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :], mask=row_mask,
-                other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :], mask=row_mask,
-                 other=0.0)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
+                mask=row_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -309,7 +311,8 @@ class FlashAttention(torch.autograd.Function):
     def forward(ctx, q, k, v):
         batch, heads, seq, head_dim = q.shape
         kv_heads = k.shape[1]
-        assert k.shape == v.shape == (batch, kv_heads, seq, head_dim), "k and v must be (B, H_kv, T, D), T as q"
+        assert k.shape == v.shape == (batch, kv_heads, seq, head_dim), \
+            "k and v must be (B, H_kv, T, D), T as q"
         assert heads % kv_heads == 0, f"q heads ({heads}) must be a multiple of k/v heads ({kv_heads})"
         assert q.dtype == k.dtype == v.dtype, "q, k, v must share a dtype"
         assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {q.dtype}"
@@ -341,7 +344,8 @@ class FlashAttention(torch.autograd.Function):
         _bwd_delta_kernel[(triton.cdiv(seq, delta_block), batch * heads)](
             o, do, delta, *_strides(o), *_strides(do), heads, seq, HEAD_DIM=head_dim, BLOCK_M=delta_block)
 
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # gradients laid out as inputs
+        # gradients laid out as inputs
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         seq_bucket = triton.next_power_of_2(seq)
         grid_kv = lambda meta: (triton.cdiv(seq, meta["BLOCK_N"]), batch * kv_heads)
         _bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv,

@@ -49,10 +49,10 @@ def lora_linear_reference(x, weight, lora_a, lora_b, scale):
 @triton.autotune(configs=_MATMUL_CONFIGS, key=["N", "K", "R_PAD"])
 @triton.jit
 def _lora_matmul_kernel(X, W, A, B, OUT, MID, M, N, K, R, scale,
-                        stride_xm, stride_xk, stride_wk, stride_wn, stride_ak, stride_ar, stride_br, stride_bn,
-                        stride_om, stride_on, stride_mm, stride_mr,
-                        R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                        stride_xm, stride_xk, stride_wk, stride_wn, stride_ak, stride_ar,
+                        stride_br, stride_bn, stride_om, stride_on, stride_mm, stride_mr,
+                        R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """OUT (M, N) = X (M, K) W (K, N) + scale * MID B (R, N), with MID = X A (K, R) stored by column 0.
 
     W, A, B are addressed through strides, so a transposed view costs nothing.
@@ -130,8 +130,9 @@ def _lora_matmul(x, w_t, a_t, b_t, scale):
     mid = torch.empty((M, R), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
     _lora_matmul_kernel[grid](x, w_t, a_t, b_t, out, mid, M, N, K, R, scale,
-                              x.stride(0), x.stride(1), w_t.stride(0), w_t.stride(1), a_t.stride(0), a_t.stride(1),
-                              b_t.stride(0), b_t.stride(1), out.stride(0), out.stride(1), mid.stride(0), mid.stride(1),
+                              x.stride(0), x.stride(1), w_t.stride(0), w_t.stride(1),
+                              a_t.stride(0), a_t.stride(1), b_t.stride(0), b_t.stride(1),
+                              out.stride(0), out.stride(1), mid.stride(0), mid.stride(1),
                               R_PAD=_rank_pad(R), **kernel_flags(x))
     return out, mid
 
@@ -156,8 +157,10 @@ class LoRAFunction(torch.autograd.Function):
         out_features, in_features = weight.shape
         rank = lora_a.shape[0]
         assert x.shape[-1] == in_features, f"x has {x.shape[-1]} features, weight expects {in_features}"
-        assert lora_a.shape == (rank, in_features) and lora_b.shape == (out_features, rank), "A (r, in), B (out, r)"
-        assert x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype, "cast to one dtype before the Function"
+        assert lora_a.shape == (rank, in_features) and lora_b.shape == (out_features, rank), \
+            "A (r, in), B (out, r)"
+        assert x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype, \
+            "cast to one dtype before the Function"
         x2 = x.reshape(-1, in_features)  # a view when it can be; strides are passed to the kernel either way
         out, mid = _lora_matmul(x2, weight.t(), lora_a.t(), lora_b.t(), scale)
         ctx.save_for_backward(x2, weight, lora_a, lora_b, mid)

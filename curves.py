@@ -2,15 +2,26 @@
 Pictures of a run: train/val loss and the learning rate against tokens, as an SVG written by hand (axes,
 ticks, a legend, one polyline per series), so a browser shows it and no plotting library is needed.
 
-training.fit draws loss.svg at the end of every run through write_loss_plot, which never raises; plot.py
-(`python lumi.py plot RUN [RUN ...]`) draws several runs together. Deliberately left out: any picture but
-loss curves, and any output format but SVG.
+training.fit draws loss.svg at the end of every run through write_loss_plot, which never raises; run as a
+command it draws one or several runs together:
+
+    python lumi.py plot RUN [RUN ...] [--out=FILE.svg] [--title=TEXT]     # or python curves.py ...
+
+Deliberately left out: any picture but loss curves, and any output format but SVG.
 """
 import math
 import os
 from xml.sax.saxutils import escape, quoteattr
 
+import lumi
 from lumi import atomic_write, log, read_jsonl
+
+# -----------------------------------------------------------------------------
+# keys of `lumi.py plot`: --key=value
+out = ''            # the SVG to write; '' is RUN/loss.svg for one run directory, else loss.svg
+title = ''          # '' names the runs
+KEYS = lumi.declared_keys(__file__)
+USAGE = "usage: python lumi.py plot RUN [RUN ...] [--out=FILE.svg] [--title=TEXT]"
 
 PALETTE = ('#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#17becf', '#8c564b', '#e377c2')
 MAX_PLOT_POINTS = 5000  # a longer series keeps every k-th point (its first and last included)
@@ -163,3 +174,23 @@ def write_loss_plot(out_dir):
         log(f"wrote {path}")
     except Exception as e:  # noqa: BLE001 - a picture is never worth a failed run
         log(f"could not draw {out_dir}/loss.svg: {type(e).__name__}: {e}")
+
+
+# -----------------------------------------------------------------------------
+# `python lumi.py plot RUN [RUN ...]` (or python curves.py ...)
+
+def main(argv):
+    """Draw the runs (directories or metrics.jsonl files); returns the SVG's path."""
+    runs, flags = lumi.split_args(argv, KEYS)
+    if not runs:
+        raise lumi.LumiError(USAGE)
+    cfg = lumi.load_config(KEYS, flags, shares_with=())
+    path = cfg.out or (os.path.join(runs[0], 'loss.svg') if len(runs) == 1 and os.path.isdir(runs[0])
+                       else 'loss.svg')
+    path = plot_svg([read_run(r) for r in runs], path, title=cfg.title or ', '.join(map(os.path.normpath, runs)))
+    log(f"wrote {path}")
+    return path
+
+
+if __name__ == '__main__':
+    lumi.cli(main, KEYS, USAGE)

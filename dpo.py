@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 import lumi
 import training
-from checkpoint import checkpoint_meta, load_model, save_merged
+from checkpoint import checkpoint_meta, load_model, save_checkpoint, save_merged
 from corpus.conversations import load_conversations, load_pairs
-from lora import apply_lora, save_adapter, set_lora_enabled
+from lora import adapter_state, apply_lora, set_lora_enabled
 from tokenizer import PAD_ID, TEMPLATE_VARS, encode_turn, render_chat
 
 # -----------------------------------------------------------------------------
@@ -482,7 +482,7 @@ def save_result(cfg, model, tok, init_path):
     """adapter.pt (sft.py's format: the adapters, their config, the base's path and SHA256) and merged.pt,
     a standalone checkpoint of kind 'dpo' for sample.py and eval.py."""
     if cfg.lora_r > 0 and cfg.save in ('adapter', 'both'):
-        save_adapter(os.path.join(cfg.out_dir, 'adapter.pt'), model, init_path, tok)
+        save_checkpoint(os.path.join(cfg.out_dir, 'adapter.pt'), adapter_state(model, init_path, tok))
     if cfg.save in ('merged', 'both') or cfg.lora_r == 0:
         save_merged(os.path.join(cfg.out_dir, 'merged.pt'), model, tok, 'dpo', parent=init_path,
                     parent_sha256=lumi.sha256_file(init_path),

@@ -1,8 +1,9 @@
 """
 LoRA written by hand: y = x W^T + (alpha / r) * dropout(x) A^T B^T with W frozen, and B starting at zero, so a
 fresh adapter leaves the model exactly as it was. The layers (LoRALinear; TokenRows for the chat tokens'
-embedding rows), putting them into a model and folding them back out (apply_lora, merge_lora), and adapter
-files: the LoRA tensors alone, saved with the hash of the base they were trained on and loaded onto it.
+embedding rows), putting them into a model and folding them back out (apply_lora, merge_lora), and what an
+adapter file holds: the LoRA tensors alone, with the hash of the base they were trained on, checked and
+applied onto it.
 
 Deliberately left out: the fused CUDA kernel (kernels/lora.py, chosen in model.low_rank_linear), training
 (sft.py, dpo.py), and merged checkpoints (checkpoint.save_merged).
@@ -14,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lumi import LumiError, load_checkpoint, save_checkpoint, sha256_file
+from lumi import LumiError, sha256_file
 from model import low_rank_linear
 from tokenizer import check_tokenizer
 
@@ -131,35 +132,40 @@ def merge_lora(model):
 # -----------------------------------------------------------------------------
 # adapter files: the LoRA tensors alone, tied to the base they were trained on
 
-def save_adapter(path, model, base_path, tok):
-    """An adapter file: the LoRA tensors alone with their config, the base's path and SHA256, the
-    tokenizer's."""
-    save_checkpoint(path, dict(kind='adapter', lora=dict(model.lora_config),
-                               lora_state=lora_state_dict(model), base_path=os.path.abspath(base_path),
-                               base_sha256=sha256_file(base_path), tokenizer_sha256=tok.sha256))
+def adapter_state(model, base_path, tok):
+    """What an adapter file holds (checkpoint.save_checkpoint writes it): the LoRA tensors alone with their
+    config, the base's path and SHA256, the tokenizer's."""
+    return dict(kind='adapter', lora=dict(model.lora_config), lora_state=lora_state_dict(model),
+                base_path=os.path.abspath(base_path), base_sha256=sha256_file(base_path),
+                tokenizer_sha256=tok.sha256)
 
 
-def load_adapter(model, adapter_path, base_path, tok):
-    """Apply an adapter file to `model`, the model of the base checkpoint at base_path (tokenizer tok), whose
-    own adapters, if any, become part of the base. Refuses, in one line, a file that is no adapter, one
-    trained on another base or tokenizer, and tensors that do not fit: their shapes are held against a copy of
-    the model built on the meta device, so a crafted r=10**6 allocates nothing."""
-    adapter = load_checkpoint(adapter_path)
+def check_adapter(adapter, where, base_path, tok):
+    """The adapter file `where` (its loaded dict), when it is one made for the base checkpoint at base_path
+    and its tokenizer tok; a file that is no adapter, or one trained on another base or tokenizer, is refused
+    in one line."""
     if adapter.get('kind') != 'adapter':
-        raise LumiError(f"{adapter_path} is not an adapter (kind {adapter.get('kind')!r})")
+        raise LumiError(f"{where} is not an adapter (kind {adapter.get('kind')!r})")
     lacking = [k for k in ('lora', 'lora_state', 'base_sha256', 'tokenizer_sha256') if k not in adapter]
     if lacking:
-        raise LumiError(f"{adapter_path} is not a usable adapter: it has no {', '.join(lacking)}")
+        raise LumiError(f"{where} is not a usable adapter: it has no {', '.join(lacking)}")
     sha = sha256_file(base_path)
     if sha != adapter['base_sha256']:
-        raise ValueError(f"{adapter_path} was trained on base {adapter['base_sha256'][:12]}… "
+        raise ValueError(f"{where} was trained on base {adapter['base_sha256'][:12]}… "
                          f"({adapter.get('base_path')}), but {base_path} is {sha[:12]}…")
-    check_tokenizer(adapter['tokenizer_sha256'], tok.sha256, adapter_path)
+    check_tokenizer(adapter['tokenizer_sha256'], tok.sha256, where)
+    return adapter
+
+
+def apply_adapter(model, adapter, where):
+    """Apply a checked adapter (check_adapter) to its base's model, whose own adapters, if any, become part of
+    the base. Tensors that do not fit are refused in one line: their shapes are held against a copy of the
+    model built on the meta device, so a crafted r=10**6 allocates nothing."""
     try:
         with torch.device('meta'):
             probe = apply_lora(type(model)(model.cfg), **adapter['lora'])
     except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise LumiError(f"{adapter_path}: its lora config {adapter['lora']!r} does not describe "
+        raise LumiError(f"{where}: its lora config {adapter['lora']!r} does not describe "
                         f"adapters: {e}") from e
     expected = {k: tuple(v.shape) for k, v in probe.state_dict().items() if '.lora_' in k}
     got = {k: tuple(v.shape) for k, v in adapter['lora_state'].items()}
@@ -168,8 +174,8 @@ def load_adapter(model, adapter_path, base_path, tok):
     if missing or unexpected or wrong:
         said = (wrong[:3] + [f"missing {missing[:3]}"] * bool(missing)
                 + [f"unexpected {unexpected[:3]}"] * bool(unexpected))
-        raise LumiError(f"{adapter_path}: its weights do not fit its base {base_path} with its lora config: "
-                        f"{'; '.join(said)}")
+        raise LumiError(f"{where}: its weights do not fit its base {adapter.get('base_path')} with its "
+                        f"lora config: {'; '.join(said)}")
     if getattr(model, 'lora_config', None):
         merge_lora(model)  # a base that itself carries adapters: they are part of the base
     apply_lora(model, **adapter['lora'])

@@ -1,7 +1,7 @@
 """
 What every Lumi stage shares: configuration (each stage's keys declared as commented module constants, config
 files and --key=value overrides, ranges, --help, one-line user errors), files (atomic writes, hashes, JSON
-lines, checksummed torch files), logging, and the runtime (device, the one dtype rule, compile, distributed
+lines, logging, and the runtime (device, the one dtype rule, compile, distributed
 setup). `python lumi.py run|export|plot|info` runs the stage file that does it.
 
 Deliberately left out: the tokenizer and chat template (tokenizer.py), checkpoints (checkpoint.py), the
@@ -90,7 +90,8 @@ def constants(path):
 
 def key_comments(path):
     """{name: the comment that explains it} for a file's top-level assignments: the comment on the line of
-    `name = value`, with the comment-only lines indented under it, else the comment block just above it."""
+    `name = value`, with the comment-only lines indented under it, else the comment block just above it (which
+    never takes the lines that continue the comment of the assignment before)."""
     with open(path, 'rb') as f:
         source = f.read()
     comments, code_lines = {}, set()
@@ -103,7 +104,7 @@ def key_comments(path):
 
     def inline(line):
         return comments[line][0] if line in comments and line in code_lines else ''
-    found = {}
+    found, continued = {}, set()
     for node in ast.parse(source).body:
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1
                 and isinstance(node.targets[0], ast.Name)):
@@ -114,9 +115,11 @@ def key_comments(path):
             n, col = last + 1, comments.get(last, comments.get(first, ('', 0)))[1]
             while n in comments and n not in code_lines and comments[n][1] >= col > 0:
                 text, n = f"{text} {comments[n][0]}", n + 1
+                continued.add(n - 1)
         else:
             n, block = first - 1, []
-            while n in comments and n not in code_lines and not comments[n][0].startswith('---'):
+            while (n in comments and n not in code_lines and n not in continued
+                   and not comments[n][0].startswith('---')):
                 block.insert(0, comments[n][0])
                 n -= 1
             text = ' '.join(block)
@@ -426,69 +429,6 @@ def log(msg, rank=None):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints on disk: torch files written atomically, every tensor checksummed
-
-def _tensors(obj, prefix=''):
-    """(dotted name, tensor) for every tensor in a nested checkpoint, in a stable order."""
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            if k != 'tensor_sha256':
-                yield from _tensors(obj[k], f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _tensors(v, f"{prefix}.{i}")
-
-
-def tensor_sha256(t):
-    """SHA256 of a tensor's dtype, shape and bytes (about 2 GB/s: a 60 MB checkpoint costs 0.03 s)."""
-    t = t.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def save_checkpoint(path, state):
-    """Write state to path atomically, with the SHA256 of every tensor in it, so that a flipped bit is
-    found when the file is loaded instead of training or answering on silently wrong weights."""
-    state = dict(state, tensor_sha256={name: tensor_sha256(t) for name, t in _tensors(state)})
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path, map_location='cpu'):
-    """Load a checkpoint file (checkpoint.checkpoint_of says which file a directory means) and verify its
-    tensors' checksums (a file saved before they existed loads unchecked). Any file that cannot be used, for
-    any reason, is refused in one line naming it (LumiError): not a checkpoint, cut short, pickled objects
-    beyond plain data, a tensor whose bytes changed."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch says why in several types: UnpicklingError, RuntimeError, EOFError, ...
-        said = (str(e).strip().splitlines() or [type(e).__name__])[0].split('. ')[0][:120]
-        if 'Weights only load failed' in said:
-            reason = "it holds pickled objects other than tensors and plain data, which Lumi never writes"
-        else:
-            reason = f"not a torch checkpoint, or cut short ({type(e).__name__}: {said})"
-        raise LumiError(f"{path}: cannot load this checkpoint: {reason}") from e
-    if not isinstance(ckpt, dict):
-        raise LumiError(f"{path}: not a Lumi checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
-    stored = ckpt.pop('tensor_sha256', None)
-    if stored is not None:
-        names = dict(_tensors(ckpt))
-        if set(names) != set(stored):
-            odd = sorted(set(names) ^ set(stored))
-            raise LumiError(f"{path}: its tensors differ from those its checksums list "
-                            f"({', '.join(odd[:3])}): the file was altered")
-        for name, t in names.items():
-            if tensor_sha256(t) != stored[name]:
-                raise LumiError(f"{path}: tensor '{name}' does not match its checksum: the file is corrupt")
-    ckpt['path'] = path
-    return ckpt
-
-
-# -----------------------------------------------------------------------------
 # device, precision, seeding, distributed (the RNG state a checkpoint saves is training.py's)
 
 def pick_device(name='auto'):
@@ -565,7 +505,7 @@ a sample
   info CKPT                          config, parameters, tokenizer, tokens seen, last metrics
 every command takes --help; --debug shows the traceback of an error"""
 
-COMMANDS = {'run': 'pipeline.py', 'export': 'export.py', 'plot': 'plot.py', 'info': 'checkpoint.py'}
+COMMANDS = {'run': 'pipeline.py', 'export': 'export.py', 'plot': 'curves.py', 'info': 'checkpoint.py'}
 
 
 def main(argv=None):

@@ -3,7 +3,8 @@ The serving stage: OpenAI's completions and chat completions APIs, plain and str
 events, with /v1/models, /health and a small chat page at / (assets/chat.html), on the standard library's HTTP
 server. `python serve.py --ckpt=...` (or `python sample.py --serve ...`) loads the model with sample.py's keys
 (checkpoint.load_model) and serves engine.stream_text; the Server itself is handed its generation, so it knows
-HTTP and OpenAI's shapes and nothing of models.
+HTTP and OpenAI's shapes and nothing of models. The connections, worker threads and deadlines are
+httpd.py's.
 
 Hostile clients are expected: every request the server cannot or will not honour is answered 4xx with
 OpenAI's error body, a fixed pool of worker threads serves connections (a full queue is answered 503), and
@@ -16,7 +17,6 @@ import io
 import json
 import math
 import os
-import queue
 import select
 import socket
 import sys
@@ -25,9 +25,10 @@ import time
 import uuid
 from dataclasses import replace
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import lumi
+from httpd import DeadlineReader, PooledHTTPServer
 from checkpoint import load_model, newest_checkpoint
 from engine import Sampling, make_generator, stream_text
 from tokenizer import BOS_ID, ROLES, render_chat
@@ -219,26 +220,6 @@ def render_messages(tok, messages):
     return render_chat(tok, plain, add_generation_prompt=True)[0]
 
 
-class _DeadlineReader(io.RawIOBase):
-    """A socket's reads, each allowed only the time left until `until`: a per-read timeout alone lets a client
-    that trickles one byte at a time hold its connection for ever."""
-
-    def __init__(self, sock):
-        self.sock, self.until, self.got = sock, math.inf, 0
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        left = self.until - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the request's deadline passed")
-        self.sock.settimeout(left)
-        n = self.sock.recv_into(buffer)
-        self.got += n
-        return n
-
-
 class Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'  # keep-alive for JSON answers; a stream ends by closing the connection
     server_version = 'lumi'
@@ -247,7 +228,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
-        self.reader = _DeadlineReader(self.connection)
+        self.reader = DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self.reader)
 
     def finish(self):
@@ -494,7 +475,7 @@ class Handler(BaseHTTPRequestHandler):
             s.lock.release()
 
 
-class Server(HTTPServer):
+class Server(PooledHTTPServer):
     """OpenAI's API on host:port (port 0 picks a free one) for one model.
 
     generate(prompts, params, chat, seed) runs a batch of token-id prompts with an engine.Sampling and yields
@@ -509,10 +490,12 @@ class Server(HTTPServer):
             raise TypeError(f"unknown server options {sorted(unknown)}")
         for key in SERVER_KEYS:
             setattr(self, key, options.get(key, KEYS[key].default))
-        # the workers, the connections waiting for one and those being served: server_close needs them all
-        self.threads, self.pending, self.open = [], queue.Queue(), set()
+        body = json.dumps(APIError(503, "the server is busy: too many connections", code='overloaded',
+                                   kind='server_error').body).encode()
+        busy = (b'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n'
+                b'Connection: close\r\nContent-Length: %d\r\n\r\n' % len(body) + body)
         try:
-            super().__init__((host, port), Handler)
+            super().__init__((host, port), Handler, self.workers, self.queue_size, busy)
         except OSError as e:  # a user's error (port taken, no such address): one line, not a traceback
             raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
         self.generate, self.tok, self.window, self.defaults = generate, tok, window, defaults
@@ -521,57 +504,6 @@ class Server(HTTPServer):
         self.origins = {f'http://{host}:{port}', f'http://localhost:{port}', f'http://127.0.0.1:{port}',
                         self.cors_origin}
         self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._work, daemon=True) for _ in range(self.workers)]
-        for t in self.threads:
-            t.start()
-
-    def process_request(self, request, client_address):
-        if self.pending.qsize() < self.queue_size:  # only this thread adds, so the check holds until the put
-            return self.pending.put((request, client_address))
-        # answered here, on the accepting thread: briefly, and without reading the request
-        body = json.dumps(APIError(503, "the server is busy: too many connections", code='overloaded',
-                                   kind='server_error').body).encode()
-        try:
-            request.settimeout(1)
-            request.sendall(b'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n'
-                            b'Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n' % len(body)
-                            + body)
-        except OSError:
-            pass
-        self.shutdown_request(request)
-
-    def _work(self):
-        while (item := self.pending.get()) is not None:
-            request, client_address = item
-            self.open.add(request)
-            try:
-                self.finish_request(request, client_address)
-            except Exception:
-                self.handle_error(request, client_address)
-            finally:
-                self.open.discard(request)
-                self.shutdown_request(request)
-
-    def server_close(self):
-        """Stop listening, cut every connection, and wait for the workers: a thread that ran torch and is
-        still ending while the interpreter shuts down can abort the process."""
-        super().server_close()
-        while True:
-            try:
-                item = self.pending.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                self.shutdown_request(item[0])
-        for request in list(self.open):
-            try:
-                request.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for _ in self.threads:
-            self.pending.put(None)
-        for t in self.threads:
-            t.join(timeout=5)
 
     def model_card(self):
         return dict(id=self.model_name, object='model', created=self.created, owned_by='lumi')

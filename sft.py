@@ -51,7 +51,7 @@ import training
 from checkpoint import load_model, merge_adapter, save_merged
 from corpus.conversations import load_conversations
 from engine import Sampling, distinct_ngrams, generate_ids, make_generator, one_token_loop
-from lora import apply_lora, save_adapter
+from lora import adapter_state, apply_lora
 from tokenizer import EOS_ID, PAD_ID, ROLES, check_tokenizer, render_chat
 
 # -----------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def prepare_sft_data(tok, srcs, block_size, cache_dir='data/sft', val_frac=0.02,
     path = os.path.join(cache_dir, f'sft_{key}.pt')
     if os.path.exists(path):
         try:  # a cache is rebuilt from its sources, never trusted when it cannot be used
-            prepared = lumi.load_checkpoint(path)
+            prepared = checkpoint.load_checkpoint(path)
             check_tokenizer(prepared.get('tokenizer_sha256'), tok.sha256, path)
             lumi.log(f"SFT data from cache {path}: {len(prepared['lengths'])} conversations")
             return prepared
@@ -193,7 +193,7 @@ def prepare_sft_data(tok, srcs, block_size, cache_dir='data/sft', val_frac=0.02,
                     lengths=torch.tensor(lengths), source=torch.tensor(source), val=torch.tensor(val),
                     sources=specs, stats=json.loads(json.dumps(stats)), tokenizer_sha256=tok.sha256,
                     block_size=block_size)
-    lumi.save_checkpoint(path, prepared)
+    checkpoint.save_checkpoint(path, prepared)
     lumi.log(f"cached {len(lengths)} conversations ({int(prepared['mask'].sum()):,} assistant tokens of "
              f"{len(prepared['ids']):,}) in {path}")
     return prepared
@@ -413,7 +413,8 @@ def main(argv=None):
     if rank != 0:
         return None
     if cfg.lora_r > 0:
-        save_adapter(os.path.join(cfg.out_dir, 'adapter.pt'), model, meta['parent'], tok)
+        adapter = adapter_state(model, meta['parent'], tok)
+        checkpoint.save_checkpoint(os.path.join(cfg.out_dir, 'adapter.pt'), adapter)
     save_merged(os.path.join(cfg.out_dir, 'merged.pt'), model, tok, parent=meta['parent'],
                 parent_sha256=base_sha)
     lumi.log(f"wrote {'adapter.pt and ' if cfg.lora_r > 0 else ''}merged.pt in {cfg.out_dir}")

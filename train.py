@@ -82,7 +82,7 @@ def resume_path(cfg):
 
 def check_resume(path, model_args, tokenizer_sha, data_dir):
     """Refuse to resume onto other bins or another model shape: the run would silently become another run."""
-    ckpt = lumi.load_checkpoint(path)
+    ckpt = checkpoint.load_checkpoint(path)
     if not isinstance(ckpt.get('model_args'), dict) or 'tokenizer_sha256' not in ckpt:
         raise lumi.LumiError(f"{path}: not a pretraining checkpoint (no model_args or tokenizer_sha256); use "
                              f"another --out_dir or --resume=never")

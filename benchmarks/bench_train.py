@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import optim  # noqa: E402
 import training  # noqa: E402
 import lumi  # noqa: E402
 import train  # noqa: E402
@@ -114,12 +115,12 @@ def run_arm(name, model, cfg, budget_s, compile_, dtype, val_batches, clock):
 
     wall0, c0 = time.time(), clock()
     for _ in range(2):  # warm-up, off the clock: compiling (and a possible recompile) is not training time
-        run.train_step(training.lr_at(run.step, planned, cfg))
+        run.train_step(optim.lr_at(run.step, planned, cfg))
     warmup = clock() - c0
     used, losses, recent = 0.0, [], []
     while used < budget_s:
         c = clock()
-        last, _ = run.train_step(training.lr_at(run.step, planned, cfg))
+        last, _ = run.train_step(optim.lr_at(run.step, planned, cfg))
         recent = (recent + [clock() - c])[-10:]
         used += recent[-1]
         losses.append(last['loss'])

@@ -142,10 +142,13 @@ def test_every_range_is_well_formed_and_beside_its_key(stage):
 def test_a_range_in_a_comment_is_read_and_a_redeclared_key_keeps_its_base_range(tmp_path):
     (tmp_path / 'base.py').write_text("steps = 10  # [1, 100] steps to take\nrate = 0.5  # (0, 1] a share\n")
     (tmp_path / 'stage.py').write_text(f"KEY_FILES = ({str(tmp_path / 'base.py')!r},)\nsteps = 20\n"
-                                       "rate = 0.25  # [0, 1] a share, 0 included\nname = 'x'  # a name\n")
+                                       "rate = 0.25  # [0, 1] a share,\n"
+                                       "             # 0 included\ncount = 3\nname = 'x'  # a name\n")
     keys = lumi.declared_keys(str(tmp_path / 'stage.py'))
     assert keys == {'steps': lumi.Key(20, '[1, 100] steps to take', '[1, 100]'),
-                    'rate': lumi.Key(0.25, '[0, 1] a share, 0 included', '[0, 1]'), 'name': lumi.Key('x', 'a name', '')}
+                    'rate': lumi.Key(0.25, '[0, 1] a share, 0 included', '[0, 1]'),
+                    'count': lumi.Key(3, '', ''),  # the line above continues rate's comment: not count's
+                    'name': lumi.Key('x', 'a name', '')}
     assert lumi.load_config(keys, ['--rate=0']).rate == 0.0
     with pytest.raises(lumi.LumiError, match=r"'steps' must be in \[1, 100\], got 101"):
         lumi.load_config(keys, ['--steps=101'])

@@ -26,7 +26,8 @@ from tokenizer import CHAT_TOKENS, Tokenizer
 def pytest_configure(config):
     # `pytest -m "not slow"` runs the suite without the whole-pipeline, torchrun and every-entry-point
     # subprocess tests, in about a minute on 2 cores
-    config.addinivalue_line("markers", "slow: runs stages as subprocesses (pipeline, torchrun, every entry point)")
+    config.addinivalue_line("markers",
+                            "slow: runs stages as subprocesses (pipeline, torchrun, every entry point)")
 
 TINY_TEXT = """The quick brown fox jumps over the lazy dog. A stitch in time saves nine.
 Shall I compare thee to a summer's day? Thou art more lovely and more temperate.
@@ -74,7 +75,8 @@ def tiny_checkpoint(tmp_path_factory, tokenizer, tiny_config):
 def lively_checkpoint(tmp_path_factory, tiny_checkpoint, tokenizer):
     """tiny_checkpoint with weights ~100x the init scale (path to the .pt file). A freshly initialised model's
     residual stream is mostly the current token's embedding, so greedy decoding repeats one token whatever
-    came before; with these weights every token depends on the whole context, so a wrong cache or mask shows."""
+    came before; with these weights every token depends on the whole context, so a
+    wrong cache or mask shows."""
     import math
     import torch
     import lumi

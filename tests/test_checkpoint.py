@@ -40,7 +40,8 @@ def _flip_a_bit(path, tensor):
 def test_checksums_round_trip_and_a_flipped_bit_names_the_tensor(tmp_path, tiny_checkpoint):
     ckpt = lumi.load_checkpoint(tiny_checkpoint)
     stored = torch.load(tiny_checkpoint, weights_only=True)['tensor_sha256']
-    assert 'model.tok_emb.weight' in stored and 'tokenizer' in stored  # every tensor, nested ones by dotted name
+    # every tensor, nested ones by dotted name
+    assert 'model.tok_emb.weight' in stored and 'tokenizer' in stored
     assert 'tensor_sha256' not in ckpt  # verified, then out of the caller's way
     path = str(tmp_path / 'flipped.pt')
     lumi.save_checkpoint(path, _ckpt(tiny_checkpoint))
@@ -55,7 +56,8 @@ def test_a_checkpoint_saved_before_checksums_still_loads(tmp_path, tiny_checkpoi
     path = str(tmp_path / 'old.pt')
     torch.save(old, path)  # what save_checkpoint wrote before checksums: no tensor_sha256
     loaded = lumi.load_checkpoint(path)
-    a, b = checkpoint.model_from_checkpoint(loaded), checkpoint.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint))
+    a, b = (checkpoint.model_from_checkpoint(loaded),
+            checkpoint.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint)))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -108,8 +110,10 @@ def test_a_tokenizer_hash_that_does_not_match_its_bytes_is_refused(tmp_path, tin
     ckpt = lumi.load_checkpoint(tiny_checkpoint)
     raw = ckpt['tokenizer'].numpy().tobytes()
     for accepted in (lumi.sha256_bytes(raw), tokenizer.sha256):  # what Tokenizer.sha256 means may change
-        assert checkpoint.tokenizer_from_checkpoint(dict(ckpt, tokenizer_sha256=accepted)).vocab_size == tokenizer.vocab_size
-    with pytest.raises(lumi.LumiError, match=r"ckpt_0000000\.pt: its tokenizer_sha256 aaaaaaaaaaaa… is not the hash"):
+        assert (checkpoint.tokenizer_from_checkpoint(dict(ckpt, tokenizer_sha256=accepted)).vocab_size
+                == tokenizer.vocab_size)
+    with pytest.raises(lumi.LumiError,
+                       match=r"ckpt_0000000\.pt: its tokenizer_sha256 aaaaaaaaaaaa… is not the hash"):
         checkpoint.tokenizer_from_checkpoint(dict(ckpt, tokenizer_sha256='a' * 64))
     with pytest.raises(lumi.LumiError, match='its stored tokenizer is unusable'):
         checkpoint.tokenizer_from_checkpoint(dict(ckpt, tokenizer=torch.tensor([1, 2, 3], dtype=torch.uint8)))
@@ -125,18 +129,20 @@ def test_crafted_model_args_are_refused_before_anything_is_allocated(tiny_checkp
     monkeypatch.setattr(model_py.GPT, '__init__', spy)
     ckpt = lumi.load_checkpoint(tiny_checkpoint)
     huge = dict(ckpt, model_args=dict(ckpt['model_args'], n_embd=1 << 16, n_head=4, ffn_hidden=1 << 18))
-    with pytest.raises(lumi.LumiError, match=r"ckpt_0000000\.pt: its weights do not fit its model_args or lora: "
-                                             r"tok_emb\.weight is \(512, 64\), expected \(512, 65536\)"):
+    with pytest.raises(lumi.LumiError,
+                       match=r"ckpt_0000000\.pt: its weights do not fit its model_args or lora: "
+                             r"tok_emb\.weight is \(512, 64\), expected \(512, 65536\)"):
         checkpoint.model_from_checkpoint(huge)
     assert built_on == ['meta']  # 65536 wide would have been 9 GB of float32
     checkpoint.model_from_checkpoint(ckpt)
     assert built_on == ['meta', 'meta', 'cpu']
 
 
-def test_an_adapter_with_a_crafted_lora_config_is_refused_before_allocating(tmp_path, tiny_checkpoint, tokenizer,
-                                                                            monkeypatch):
+def test_an_adapter_with_a_crafted_lora_config_is_refused_before_allocating(tmp_path, tiny_checkpoint,
+                                                                            tokenizer, monkeypatch):
     from lora import apply_lora
-    model = apply_lora(checkpoint.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint)), r=2, alpha=4.0, targets=('q',))
+    model = apply_lora(checkpoint.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint)),
+                       r=2, alpha=4.0, targets=('q',))
     path = str(tmp_path / 'adapter.pt')
     lora.save_adapter(path, model, tiny_checkpoint, tokenizer)
     adapter = lumi.load_checkpoint(path)
@@ -148,9 +154,10 @@ def test_an_adapter_with_a_crafted_lora_config_is_refused_before_allocating(tmp_
         applied_on.append(m.tok_emb.weight.device.type)
         return real_apply(m, **kw)
     monkeypatch.setattr(lora, 'apply_lora', spy)
-    with pytest.raises(lumi.LumiError, match=r"adapter\.pt: its weights do not fit its base .*ckpt_0000000\.pt with "
-                                             r"its lora config: layers\.0\.attn\.q_proj\.lora_a is \(2, 64\), "
-                                             r"expected \(1048576, 64\)"):
+    with pytest.raises(lumi.LumiError,
+                       match=r"adapter\.pt: its weights do not fit its base .*ckpt_0000000\.pt with "
+                             r"its lora config: layers\.0\.attn\.q_proj\.lora_a is \(2, 64\), "
+                             r"expected \(1048576, 64\)"):
         checkpoint.load_model(tiny_checkpoint, adapter=path)
     assert applied_on == ['meta']  # r = 2**20 on a real model: 2 x 2 layers x 2**20 x 64 floats
 
@@ -185,7 +192,8 @@ def test_load_refuses_another_tokenizer_and_finds_checkpoints(tmp_path, lively_c
         minloglevel=2)
     with pytest.raises(ValueError, match='must match'):
         checkpoint.load_model(lively_checkpoint, tokenizer=str(tmp_path / 'other.model'))
-    _, tok, info = checkpoint.load_model(os.path.dirname(lively_checkpoint), tokenizer=tok_path(tokenizer, tmp_path))
+    _, tok, info = checkpoint.load_model(os.path.dirname(lively_checkpoint),
+                                         tokenizer=tok_path(tokenizer, tmp_path))
     assert tok.sha256 == tokenizer.sha256 and info['kind'] == 'pretrain' and info['path'] == lively_checkpoint
     with pytest.raises(FileNotFoundError):
         checkpoint.newest_checkpoint(str(tmp_path / 'nothing'))
@@ -206,10 +214,12 @@ def test_base_plus_adapter_equals_the_lora_model(tmp_path, lively_checkpoint, to
             p.data.normal_(0, 0.05)  # a trained adapter: B is no longer zero
     path = str(tmp_path / 'adapter.pt')
     lora.save_adapter(path, model, lively_checkpoint, tokenizer)
-    idx = torch.tensor([[BOS_ID] + torch.randint(8, 512, (19,), generator=torch.Generator().manual_seed(1)).tolist()])
+    idx = torch.tensor([[BOS_ID] + torch.randint(8, 512, (19,),
+                                                 generator=torch.Generator().manual_seed(1)).tolist()])
     with torch.no_grad():
         want = model(idx)[0]
-        for merged, _, info in [checkpoint.load_model(lively_checkpoint, adapter=path), checkpoint.load_model(path)]:
+        for merged, _, info in [checkpoint.load_model(lively_checkpoint, adapter=path),
+                                checkpoint.load_model(path)]:
             torch.testing.assert_close(merged(idx)[0], want, rtol=1e-4, atol=1e-4)
             assert info['kind'] == 'sft' and info['adapter'] == path and info['path'] == lively_checkpoint
     adapter = torch.load(path, weights_only=True)
@@ -247,7 +257,8 @@ def test_info_reports_the_checkpoint(tmp_path, tokenizer, tiny_checkpoint, capsy
     path = tmp_path / 'ckpt_0000042.pt'
     lumi.save_checkpoint(str(path), dict(ckpt, step=42, max_iters=50, tokens_seen=12345, best_val=3.5,
                                          metrics={'loss': 3.25}, config={'batch_size': 8}))
-    lumi.append_jsonl(str(tmp_path / 'metrics.jsonl'), {'step': 42, 'loss': 3.25, 'lr': 1e-4, 'tokens': 12345})
+    lumi.append_jsonl(str(tmp_path / 'metrics.jsonl'),
+                      {'step': 42, 'loss': 3.25, 'lr': 1e-4, 'tokens': 12345})
     lumi.append_jsonl(str(tmp_path / 'metrics.jsonl'), {'step': 42, 'tokens': 12345, 'val_loss': 3.5})
     info = checkpoint.main([str(tmp_path)])
     assert info['params'] == model.num_params() and info['params_no_embeddings'] == model.num_params(False)
@@ -255,5 +266,6 @@ def test_info_reports_the_checkpoint(tmp_path, tokenizer, tiny_checkpoint, capsy
     assert info['tokenizer_sha256'] == tokenizer.sha256 and info['vocab_size'] == tokenizer.vocab_size
     assert info['last_eval']['val_loss'] == 3.5
     out = capsys.readouterr().out
-    assert f"{model.num_params():,}" in out and tokenizer.sha256 in out and '12,345' in out and 'batch_size' in out
+    assert (f"{model.num_params():,}" in out and tokenizer.sha256 in out and '12,345' in out
+            and 'batch_size' in out)
 

@@ -19,7 +19,8 @@ from dataclasses import asdict
 import torch
 
 from lora import apply_adapter, apply_lora, check_adapter, merge_lora
-from lumi import LumiError, atomic_write, cli, log, read_jsonl, sha256_bytes, sha256_file, short_repr, split_args
+from lumi import LumiError, atomic_write, cli, log, read_jsonl, sha256_bytes, sha256_file, short_repr, \
+    split_args
 from model import GPT, ModelConfig
 from tokenizer import Tokenizer, check_tokenizer
 

@@ -187,7 +187,8 @@ def main(argv):
     cfg = lumi.load_config(KEYS, flags, shares_with=())
     path = cfg.out or (os.path.join(runs[0], 'loss.svg') if len(runs) == 1 and os.path.isdir(runs[0])
                        else 'loss.svg')
-    path = plot_svg([read_run(r) for r in runs], path, title=cfg.title or ', '.join(map(os.path.normpath, runs)))
+    title = cfg.title or ', '.join(map(os.path.normpath, runs))
+    path = plot_svg([read_run(r) for r in runs], path, title=title)
     log(f"wrote {path}")
     return path
 

@@ -1,7 +1,7 @@
 """
-The optimizer and the learning-rate schedule the training loop steps with: AdamW over the trainable parameters,
-matrices decayed and norms and vectors not, and warmup then cosine, warmup-stable-decay or a constant rate. Their
-keys (learning_rate, weight_decay, lr_schedule, ...) are training.py's, among the loop's.
+The optimizer and the learning-rate schedule the training loop steps with: AdamW over the trainable
+parameters, matrices decayed and norms and vectors not, and warmup then cosine, warmup-stable-decay or a
+constant rate. Their keys (learning_rate, weight_decay, lr_schedule, ...) are training.py's, among the loop's.
 
 Deliberately left out: when and how often the loop steps (training.py), and any optimizer but AdamW.
 """

@@ -9,8 +9,8 @@ FLOP/s behind MFU, the unigram entropy of a bin (the val loss of a model that ig
 and DPO share: the LM head at target positions only (target_logits) and epochs of planned batches
 (EpochBatches).
 
-Deliberately left out: what a stage trains on or how it scores (train.py, sft.py, dpo.py), and the optimizer and
-learning-rate schedule themselves (optim.py).
+Deliberately left out: what a stage trains on or how it scores (train.py, sft.py, dpo.py), and the optimizer
+and learning-rate schedule themselves (optim.py).
 """
 import json
 import math

@@ -26,7 +26,8 @@ from tokenizer import CHAT_TOKENS, Tokenizer
 def pytest_configure(config):
     # `pytest -m "not slow"` runs the suite without the whole-pipeline, torchrun and every-entry-point
     # subprocess tests, in about a minute on 2 cores
-    config.addinivalue_line("markers", "slow: runs stages as subprocesses (pipeline, torchrun, every entry point)")
+    config.addinivalue_line("markers",
+                            "slow: runs stages as subprocesses (pipeline, torchrun, every entry point)")
 
 TINY_TEXT = """The quick brown fox jumps over the lazy dog. A stitch in time saves nine.
 Shall I compare thee to a summer's day? Thou art more lovely and more temperate.
@@ -60,12 +61,11 @@ def tiny_config():
 def tiny_checkpoint(tmp_path_factory, tokenizer, tiny_config):
     """A randomly initialised tiny model saved as a pretrain checkpoint (path to the .pt file)."""
     import torch
-    import lumi
     from model import GPT
     torch.manual_seed(0)
     model = GPT(tiny_config)
     path = tmp_path_factory.mktemp("ckpt") / "ckpt_0000000.pt"
-    lumi.save_checkpoint(str(path), dict(checkpoint.checkpoint_meta(model, tokenizer, 'pretrain'),
+    checkpoint.save_checkpoint(str(path), dict(checkpoint.checkpoint_meta(model, tokenizer, 'pretrain'),
                                          model=model.state_dict(), step=0, tokens_seen=0, config={}))
     return str(path)
 
@@ -74,18 +74,18 @@ def tiny_checkpoint(tmp_path_factory, tokenizer, tiny_config):
 def lively_checkpoint(tmp_path_factory, tiny_checkpoint, tokenizer):
     """tiny_checkpoint with weights ~100x the init scale (path to the .pt file). A freshly initialised model's
     residual stream is mostly the current token's embedding, so greedy decoding repeats one token whatever
-    came before; with these weights every token depends on the whole context, so a wrong cache or mask shows."""
+    came before; with these weights every token depends on the whole context, so a
+    wrong cache or mask shows."""
     import math
     import torch
-    import lumi
-    model = checkpoint.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint))
+    model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tiny_checkpoint))
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 2 / math.sqrt(p.size(1)))
     path = tmp_path_factory.mktemp("lively") / "ckpt_0000000.pt"
-    lumi.save_checkpoint(str(path), dict(checkpoint.checkpoint_meta(model, tokenizer, 'pretrain'),
+    checkpoint.save_checkpoint(str(path), dict(checkpoint.checkpoint_meta(model, tokenizer, 'pretrain'),
                                          model=model.state_dict(), step=0, tokens_seen=0, config={}))
     return str(path)
 

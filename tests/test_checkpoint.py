@@ -1,5 +1,5 @@
 """
-Checkpoints that cannot be used are refused in one line naming the file (lumi.load_checkpoint,
+Checkpoints that cannot be used are refused in one line naming the file (checkpoint.load_checkpoint,
 model_from_checkpoint, tokenizer_from_checkpoint): tensor checksums written at save and verified at load,
 a tokenizer hash that does not match the tokenizer bytes, model_args that do not fit the stored tensors
 (checked on the meta device, before anything is allocated). And the training loop's checkpoints: best.pt
@@ -19,7 +19,7 @@ from tokenizer import BOS_ID, CHAT_TOKENS, check_tokenizer
 
 
 def _ckpt(tiny_checkpoint, **changes):
-    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
     del ckpt['path']
     ckpt.update(changes)
     return ckpt
@@ -38,24 +38,26 @@ def _flip_a_bit(path, tensor):
 # checksums
 
 def test_checksums_round_trip_and_a_flipped_bit_names_the_tensor(tmp_path, tiny_checkpoint):
-    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
     stored = torch.load(tiny_checkpoint, weights_only=True)['tensor_sha256']
-    assert 'model.tok_emb.weight' in stored and 'tokenizer' in stored  # every tensor, nested ones by dotted name
+    # every tensor, nested ones by dotted name
+    assert 'model.tok_emb.weight' in stored and 'tokenizer' in stored
     assert 'tensor_sha256' not in ckpt  # verified, then out of the caller's way
     path = str(tmp_path / 'flipped.pt')
-    lumi.save_checkpoint(path, _ckpt(tiny_checkpoint))
+    checkpoint.save_checkpoint(path, _ckpt(tiny_checkpoint))
     name = next(k for k in ckpt['model'] if k.endswith('mlp.up_proj.weight'))
     _flip_a_bit(path, ckpt['model'][name])
     with pytest.raises(lumi.LumiError, match=rf"{path}: tensor 'model\.{name}' does not match its checksum"):
-        lumi.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
 
 
 def test_a_checkpoint_saved_before_checksums_still_loads(tmp_path, tiny_checkpoint):
     old = _ckpt(tiny_checkpoint)
     path = str(tmp_path / 'old.pt')
     torch.save(old, path)  # what save_checkpoint wrote before checksums: no tensor_sha256
-    loaded = lumi.load_checkpoint(path)
-    a, b = checkpoint.model_from_checkpoint(loaded), checkpoint.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint))
+    loaded = checkpoint.load_checkpoint(path)
+    a, b = (checkpoint.model_from_checkpoint(loaded),
+            checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tiny_checkpoint)))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -66,7 +68,7 @@ def test_a_tensor_added_or_removed_after_saving_is_refused(tmp_path, tiny_checkp
     torch.save(state, path)
     with pytest.raises(lumi.LumiError, match=r"added\.pt: its tensors differ from those its checksums list "
                                              r"\(model\.extra\)"):
-        lumi.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
 
 
 # -----------------------------------------------------------------------------
@@ -97,7 +99,7 @@ def test_files_that_are_not_checkpoints_are_refused_naming_the_file(tmp_path, ti
     else:
         torch.save([torch.zeros(2)], path)
     with pytest.raises(lumi.LumiError, match=message) as e:
-        lumi.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
     assert str(e.value).startswith(path) and '\n' not in str(e.value)
 
 
@@ -105,11 +107,13 @@ def test_files_that_are_not_checkpoints_are_refused_naming_the_file(tmp_path, ti
 # the tokenizer and the model a checkpoint describes
 
 def test_a_tokenizer_hash_that_does_not_match_its_bytes_is_refused(tmp_path, tiny_checkpoint, tokenizer):
-    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
     raw = ckpt['tokenizer'].numpy().tobytes()
     for accepted in (lumi.sha256_bytes(raw), tokenizer.sha256):  # what Tokenizer.sha256 means may change
-        assert checkpoint.tokenizer_from_checkpoint(dict(ckpt, tokenizer_sha256=accepted)).vocab_size == tokenizer.vocab_size
-    with pytest.raises(lumi.LumiError, match=r"ckpt_0000000\.pt: its tokenizer_sha256 aaaaaaaaaaaa… is not the hash"):
+        assert (checkpoint.tokenizer_from_checkpoint(dict(ckpt, tokenizer_sha256=accepted)).vocab_size
+                == tokenizer.vocab_size)
+    with pytest.raises(lumi.LumiError,
+                       match=r"ckpt_0000000\.pt: its tokenizer_sha256 aaaaaaaaaaaa… is not the hash"):
         checkpoint.tokenizer_from_checkpoint(dict(ckpt, tokenizer_sha256='a' * 64))
     with pytest.raises(lumi.LumiError, match='its stored tokenizer is unusable'):
         checkpoint.tokenizer_from_checkpoint(dict(ckpt, tokenizer=torch.tensor([1, 2, 3], dtype=torch.uint8)))
@@ -123,34 +127,37 @@ def test_crafted_model_args_are_refused_before_anything_is_allocated(tiny_checkp
         built_on.append(torch.get_default_device().type)
         real_init(self, cfg)
     monkeypatch.setattr(model_py.GPT, '__init__', spy)
-    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
     huge = dict(ckpt, model_args=dict(ckpt['model_args'], n_embd=1 << 16, n_head=4, ffn_hidden=1 << 18))
-    with pytest.raises(lumi.LumiError, match=r"ckpt_0000000\.pt: its weights do not fit its model_args or lora: "
-                                             r"tok_emb\.weight is \(512, 64\), expected \(512, 65536\)"):
+    with pytest.raises(lumi.LumiError,
+                       match=r"ckpt_0000000\.pt: its weights do not fit its model_args or lora: "
+                             r"tok_emb\.weight is \(512, 64\), expected \(512, 65536\)"):
         checkpoint.model_from_checkpoint(huge)
     assert built_on == ['meta']  # 65536 wide would have been 9 GB of float32
     checkpoint.model_from_checkpoint(ckpt)
     assert built_on == ['meta', 'meta', 'cpu']
 
 
-def test_an_adapter_with_a_crafted_lora_config_is_refused_before_allocating(tmp_path, tiny_checkpoint, tokenizer,
-                                                                            monkeypatch):
+def test_an_adapter_with_a_crafted_lora_config_is_refused_before_allocating(tmp_path, tiny_checkpoint,
+                                                                            tokenizer, monkeypatch):
     from lora import apply_lora
-    model = apply_lora(checkpoint.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint)), r=2, alpha=4.0, targets=('q',))
+    model = apply_lora(checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tiny_checkpoint)),
+                       r=2, alpha=4.0, targets=('q',))
     path = str(tmp_path / 'adapter.pt')
-    lora.save_adapter(path, model, tiny_checkpoint, tokenizer)
-    adapter = lumi.load_checkpoint(path)
+    checkpoint.save_checkpoint(path, lora.adapter_state(model, tiny_checkpoint, tokenizer))
+    adapter = checkpoint.load_checkpoint(path)
     del adapter['path']
-    lumi.save_checkpoint(path, dict(adapter, lora=dict(adapter['lora'], r=1 << 20)))
+    checkpoint.save_checkpoint(path, dict(adapter, lora=dict(adapter['lora'], r=1 << 20)))
     real_apply = lora.apply_lora
     applied_on = []
     def spy(m, **kw):
         applied_on.append(m.tok_emb.weight.device.type)
         return real_apply(m, **kw)
     monkeypatch.setattr(lora, 'apply_lora', spy)
-    with pytest.raises(lumi.LumiError, match=r"adapter\.pt: its weights do not fit its base .*ckpt_0000000\.pt with "
-                                             r"its lora config: layers\.0\.attn\.q_proj\.lora_a is \(2, 64\), "
-                                             r"expected \(1048576, 64\)"):
+    with pytest.raises(lumi.LumiError,
+                       match=r"adapter\.pt: its weights do not fit its base .*ckpt_0000000\.pt with "
+                             r"its lora config: layers\.0\.attn\.q_proj\.lora_a is \(2, 64\), "
+                             r"expected \(1048576, 64\)"):
         checkpoint.load_model(tiny_checkpoint, adapter=path)
     assert applied_on == ['meta']  # r = 2**20 on a real model: 2 x 2 layers x 2**20 x 64 floats
 
@@ -164,7 +171,7 @@ def test_an_adapter_with_a_crafted_lora_config_is_refused_before_allocating(tmp_
     (lambda c: c.pop('model'), "not a Lumi model checkpoint"),
 ])
 def test_weights_that_do_not_fit_their_model_args_are_refused(tiny_checkpoint, change, message):
-    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
     ckpt = dict(ckpt, model=dict(ckpt['model']), model_args=dict(ckpt['model_args']))
     change(ckpt)
     with pytest.raises(lumi.LumiError, match=message) as e:
@@ -185,7 +192,8 @@ def test_load_refuses_another_tokenizer_and_finds_checkpoints(tmp_path, lively_c
         minloglevel=2)
     with pytest.raises(ValueError, match='must match'):
         checkpoint.load_model(lively_checkpoint, tokenizer=str(tmp_path / 'other.model'))
-    _, tok, info = checkpoint.load_model(os.path.dirname(lively_checkpoint), tokenizer=tok_path(tokenizer, tmp_path))
+    _, tok, info = checkpoint.load_model(os.path.dirname(lively_checkpoint),
+                                         tokenizer=tok_path(tokenizer, tmp_path))
     assert tok.sha256 == tokenizer.sha256 and info['kind'] == 'pretrain' and info['path'] == lively_checkpoint
     with pytest.raises(FileNotFoundError):
         checkpoint.newest_checkpoint(str(tmp_path / 'nothing'))
@@ -198,22 +206,24 @@ def tok_path(tok, tmp_path):
 
 
 def test_base_plus_adapter_equals_the_lora_model(tmp_path, lively_checkpoint, tokenizer):
-    model = checkpoint.model_from_checkpoint(lumi.load_checkpoint(lively_checkpoint)).eval()
+    model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(lively_checkpoint)).eval()
     apply_lora(model, r=4, alpha=8.0, targets=('q', 'v', 'down'))
     torch.manual_seed(5)
     for name, p in model.named_parameters():
         if 'lora_b' in name:
             p.data.normal_(0, 0.05)  # a trained adapter: B is no longer zero
     path = str(tmp_path / 'adapter.pt')
-    lora.save_adapter(path, model, lively_checkpoint, tokenizer)
-    idx = torch.tensor([[BOS_ID] + torch.randint(8, 512, (19,), generator=torch.Generator().manual_seed(1)).tolist()])
+    checkpoint.save_checkpoint(path, lora.adapter_state(model, lively_checkpoint, tokenizer))
+    idx = torch.tensor([[BOS_ID] + torch.randint(8, 512, (19,),
+                                                 generator=torch.Generator().manual_seed(1)).tolist()])
     with torch.no_grad():
         want = model(idx)[0]
-        for merged, _, info in [checkpoint.load_model(lively_checkpoint, adapter=path), checkpoint.load_model(path)]:
+        for merged, _, info in [checkpoint.load_model(lively_checkpoint, adapter=path),
+                                checkpoint.load_model(path)]:
             torch.testing.assert_close(merged(idx)[0], want, rtol=1e-4, atol=1e-4)
             assert info['kind'] == 'sft' and info['adapter'] == path and info['path'] == lively_checkpoint
     adapter = torch.load(path, weights_only=True)
-    lumi.save_checkpoint(path, dict(adapter, tokenizer_sha256='0' * 64))
+    checkpoint.save_checkpoint(path, dict(adapter, tokenizer_sha256='0' * 64))
     with pytest.raises(ValueError, match='tokenizer'):
         checkpoint.load_model(lively_checkpoint, adapter=path)
 
@@ -223,31 +233,32 @@ def test_base_plus_adapter_equals_the_lora_model(tmp_path, lively_checkpoint, to
 
 
 def test_checkpoint_round_trip_and_newest(tmp_path, tokenizer, tiny_checkpoint):
-    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
     for step in (5, 40, 7):
-        lumi.save_checkpoint(str(tmp_path / f'ckpt_{step:07d}.pt'), dict(ckpt, step=step))
+        checkpoint.save_checkpoint(str(tmp_path / f'ckpt_{step:07d}.pt'), dict(ckpt, step=step))
     (tmp_path / 'ckpt_notes.pt').write_text('not a step checkpoint')
     assert checkpoint.latest_step(str(tmp_path)).endswith('ckpt_0000040.pt')
-    newest = lumi.load_checkpoint(checkpoint.checkpoint_of(str(tmp_path)))
+    newest = checkpoint.load_checkpoint(str(tmp_path))
     assert newest['step'] == 40 and checkpoint.tokenizer_from_checkpoint(newest).sha256 == tokenizer.sha256
     a, b = checkpoint.model_from_checkpoint(ckpt), checkpoint.model_from_checkpoint(newest)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(FileNotFoundError, match='checkpoint not found'):
-        lumi.load_checkpoint(str(tmp_path / 'missing.pt'))
+        checkpoint.load_checkpoint(str(tmp_path / 'missing.pt'))
     (tmp_path / 'empty').mkdir()
     with pytest.raises(FileNotFoundError, match=r'no checkpoint \(merged\.pt or ckpt_<step>\.pt\) in'):
-        checkpoint.checkpoint_of(str(tmp_path / 'empty'))
+        checkpoint.load_checkpoint(str(tmp_path / 'empty'))
     with pytest.raises(ValueError, match='must match'):
         check_tokenizer('a' * 64, tokenizer.sha256, 'train.bin')
 
 
 def test_info_reports_the_checkpoint(tmp_path, tokenizer, tiny_checkpoint, capsys):
-    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
     model = checkpoint.model_from_checkpoint(ckpt)
     path = tmp_path / 'ckpt_0000042.pt'
-    lumi.save_checkpoint(str(path), dict(ckpt, step=42, max_iters=50, tokens_seen=12345, best_val=3.5,
+    checkpoint.save_checkpoint(str(path), dict(ckpt, step=42, max_iters=50, tokens_seen=12345, best_val=3.5,
                                          metrics={'loss': 3.25}, config={'batch_size': 8}))
-    lumi.append_jsonl(str(tmp_path / 'metrics.jsonl'), {'step': 42, 'loss': 3.25, 'lr': 1e-4, 'tokens': 12345})
+    lumi.append_jsonl(str(tmp_path / 'metrics.jsonl'),
+                      {'step': 42, 'loss': 3.25, 'lr': 1e-4, 'tokens': 12345})
     lumi.append_jsonl(str(tmp_path / 'metrics.jsonl'), {'step': 42, 'tokens': 12345, 'val_loss': 3.5})
     info = checkpoint.main([str(tmp_path)])
     assert info['params'] == model.num_params() and info['params_no_embeddings'] == model.num_params(False)
@@ -255,5 +266,6 @@ def test_info_reports_the_checkpoint(tmp_path, tokenizer, tiny_checkpoint, capsy
     assert info['tokenizer_sha256'] == tokenizer.sha256 and info['vocab_size'] == tokenizer.vocab_size
     assert info['last_eval']['val_loss'] == 3.5
     out = capsys.readouterr().out
-    assert f"{model.num_params():,}" in out and tokenizer.sha256 in out and '12,345' in out and 'batch_size' in out
+    assert (f"{model.num_params():,}" in out and tokenizer.sha256 in out and '12,345' in out
+            and 'batch_size' in out)
 

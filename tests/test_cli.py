@@ -40,7 +40,8 @@ def run(*args, timeout=120):
 
 def assert_one_line_error(proc, *needles):
     """rc 1, no traceback, and the error in one line `error: ...` holding every needle: stderr's last line and
-    its only one, bar what the command said about its progress before (sample.py names the model it loaded)."""
+    its only one, bar what the command said about its progress before (sample.py
+    names the model it loaded)."""
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [line for line in lines if line.startswith('error: ')]
@@ -64,7 +65,8 @@ def test_key_space_value_and_key_equals_value_read_the_same(tmp_path):
     b = lumi.load_config(DEFAULTS, ['--batch_size=16', '--compile', str(cfg_file), '--out_dir=123',
                                     '--shift=-0.5', '--prompt=a=b'])
     assert a == b and a.batch_size == 16 and a['compile'] is True and a.config_file == str(cfg_file)
-    assert a.shift == -0.5 and a.out_dir == '123' and a.prompt == 'a=b'  # a negative number is a value, not a flag
+    # a negative number is a value, not a flag
+    assert a.shift == -0.5 and a.out_dir == '123' and a.prompt == 'a=b'
     assert lumi.load_config(DEFAULTS, ['--compile', 'False']).compile is False  # True/False may follow a flag
     pos, flags = lumi.split_args(['CKPT', '--compile', 'B', '--batch_size', '-3'], DEFAULTS)
     assert pos == ['CKPT', 'B'] and flags == ['--compile', '--batch_size=-3']  # a bool flag takes no value
@@ -78,13 +80,15 @@ def test_key_space_value_and_key_equals_value_read_the_same(tmp_path):
     ('--zzz=1', 'known keys: batch_size, compile'),
 ])
 def test_a_mistyped_key_says_did_you_mean(typo, hint):
-    with pytest.raises(lumi.LumiError, match=f"unknown config key '{typo[2:].split()[0].split('=')[0]}'") as e:
+    with pytest.raises(lumi.LumiError,
+                       match=f"unknown config key '{typo[2:].split()[0].split('=')[0]}'") as e:
         lumi.load_config(DEFAULTS, typo.split())
     assert hint in str(e.value) and '--help lists every key' in str(e.value)
 
 
 def test_the_pipeline_takes_key_space_value_too(tmp_path):
-    p = pipeline.Pipeline(['--pretrain_minutes', '2', '--n_layer', '3', '--compile', '--run_dir', str(tmp_path)])
+    p = pipeline.Pipeline(['--pretrain_minutes', '2', '--n_layer', '3', '--compile',
+                           '--run_dir', str(tmp_path)])
     assert p.cfg.pretrain_minutes == 2.0 and p.run_dir == str(tmp_path) and p.config_file == ''
     assert p.routed['train'] == ['--n_layer=3', '--compile']
 
@@ -95,7 +99,8 @@ def test_the_pipeline_takes_key_space_value_too(tmp_path):
 @pytest.mark.parametrize('defaults, flag, message', [
     (train.KEYS, '--max_iters=-5', "'max_iters' must be in [0, inf), got -5"),
     (train.KEYS, '--eval_interval=0', "'eval_interval' must be in [1, inf), got 0"),
-    (train.KEYS, '--gradient_accumulation_steps=0', "'gradient_accumulation_steps' must be in [1, inf), got 0"),
+    (train.KEYS, '--gradient_accumulation_steps=0',
+     "'gradient_accumulation_steps' must be in [1, inf), got 0"),
     (train.KEYS, '--batch_size=0', "'batch_size' must be in [1, inf), got 0"),
     (train.KEYS, '--learning_rate=-1e-3', "'learning_rate' must be in [0, inf), got -0.001"),
     (train.KEYS, '--dropout=1.0', "'dropout' must be in [0, 1), got 1.0"),
@@ -123,8 +128,8 @@ def test_a_config_file_value_out_of_range_names_the_file_and_stages_narrow_range
         lumi.load_config(train.KEYS, ['--eval_iters=0'])  # train.py averages eval_iters batches
 
 
-STAGE_FILES = ['train.py', 'sft.py', 'dpo.py', 'data.py', 'eval.py', 'sample.py', 'serve.py', 'export.py', 'plot.py',
-               'pipeline.py']
+STAGE_FILES = ['train.py', 'sft.py', 'dpo.py', 'data.py', 'eval.py', 'sample.py', 'serve.py', 'export.py',
+               'curves.py', 'pipeline.py']
 
 
 @pytest.mark.parametrize('stage', STAGE_FILES)
@@ -135,7 +140,8 @@ def test_every_range_is_well_formed_and_beside_its_key(stage):
             assert k.range and k.doc.startswith(k.range), (stage, key, k.doc)
         if k.range:
             lo, hi = (float(x) for x in k.range[1:-1].split(','))
-            assert lo < hi and isinstance(k.default, (int, float)) and lumi.in_range(k.default, k.range), (stage, key)
+            assert (lo < hi and isinstance(k.default, (int, float))
+                    and lumi.in_range(k.default, k.range)), (stage, key)
     assert lumi.in_range(0, '[0, 1)') and not lumi.in_range(1, '[0, 1)') and not lumi.in_range(0, '(0, 1]')
 
 
@@ -189,60 +195,69 @@ def test_help_from_the_command_line():
 def _corrupt(kind, good, path, tokenizer):
     """Write a checkpoint that cannot be used, of one kind, at path."""
     raw = open(good, 'rb').read()
-    ckpt = lumi.load_checkpoint(good)
+    ckpt = checkpoint.load_checkpoint(good)
     del ckpt['path']
     if kind == 'truncated':
         open(path, 'wb').write(raw[:len(raw) // 3])
     elif kind == 'pickle':
         torch.save(dict(ckpt, extra=engine.Sampling()), path)
     elif kind == 'bitflip':
-        lumi.save_checkpoint(path, ckpt)
+        checkpoint.save_checkpoint(path, ckpt)
         flipped = bytearray(open(path, 'rb').read())
         at = flipped.find(ckpt['model']['layers.1.mlp.down_proj.weight'].numpy().tobytes()[:16])
         flipped[at + 1] ^= 1
         open(path, 'wb').write(bytes(flipped))
     elif kind == 'tokenizer':
-        lumi.save_checkpoint(path, dict(ckpt, tokenizer_sha256='f' * 64))
+        checkpoint.save_checkpoint(path, dict(ckpt, tokenizer_sha256='f' * 64))
     elif kind == 'shape':
-        lumi.save_checkpoint(path, dict(ckpt, model_args=dict(ckpt['model_args'], n_embd=4096, ffn_hidden=1 << 16)))
+        checkpoint.save_checkpoint(path, dict(ckpt, model_args=dict(ckpt['model_args'], n_embd=4096,
+                                                              ffn_hidden=1 << 16)))
     elif kind == 'missing':
-        lumi.save_checkpoint(path, dict(ckpt, model={k: v for k, v in ckpt['model'].items() if k != 'norm.weight'}))
+        checkpoint.save_checkpoint(path, dict(ckpt, model={k: v for k, v in ckpt['model'].items()
+                                                     if k != 'norm.weight'}))
     return path
 
 
 @pytest.fixture(scope='module')
 def adapter(tmp_path_factory, tiny_checkpoint, tokenizer):
     from lora import apply_lora
-    model = apply_lora(checkpoint.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint)), r=2, alpha=4.0, targets=('q',))
+    model = apply_lora(checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tiny_checkpoint)),
+                       r=2, alpha=4.0, targets=('q',))
     path = str(tmp_path_factory.mktemp('adapter') / 'adapter.pt')
-    lora.save_adapter(path, model, tiny_checkpoint, tokenizer)
+    checkpoint.save_checkpoint(path, lora.adapter_state(model, tiny_checkpoint, tokenizer))
     return path
 
 
 ENTRY_POINTS = {  # name -> the command, BAD standing for the unusable file
     'sample': lambda bad, good, adapter, out, bins: ['sample.py', f'--ckpt={bad}', '--prompt=x'],
-    'sample --adapter': lambda bad, good, adapter, out, bins: ['sample.py', f'--ckpt={good}', f'--adapter={bad}',
-                                                              '--prompt=x'],
+    'sample --adapter': lambda bad, good, adapter, out, bins: ['sample.py', f'--ckpt={good}',
+                                                              f'--adapter={bad}', '--prompt=x'],
     'eval': lambda bad, good, adapter, out, bins: ['eval.py', bad, '--tasks=ppl'],
-    'sft --init_from': lambda bad, good, adapter, out, bins: ['sft.py', f'--init_from={bad}', f'--out_dir={out}'],
+    'sft --init_from': lambda bad, good, adapter, out, bins: ['sft.py', f'--init_from={bad}',
+                                                             f'--out_dir={out}'],
     'sft merge': lambda bad, good, adapter, out, bins: ['sft.py', 'merge', bad, adapter, f'{out}/m.pt'],
     'sft merge adapter': lambda bad, good, adapter, out, bins: ['sft.py', 'merge', good, bad, f'{out}/m.pt'],
-    'dpo --init_from': lambda bad, good, adapter, out, bins: ['dpo.py', f'--init_from={bad}', f'--out_dir={out}'],
-    'train --resume': lambda bad, good, adapter, out, bins: ['train.py', f'--data_dir={bins}', f'--out_dir={out}',
-                                                            f'--resume={bad}', '--device=cpu'],
+    'dpo --init_from': lambda bad, good, adapter, out, bins: ['dpo.py', f'--init_from={bad}',
+                                                             f'--out_dir={out}'],
+    'train --resume': lambda bad, good, adapter, out, bins: ['train.py', f'--data_dir={bins}',
+                                                            f'--out_dir={out}', f'--resume={bad}',
+                                                            '--device=cpu'],
     'lumi info': lambda bad, good, adapter, out, bins: ['lumi.py', 'info', bad],
     'lumi export': lambda bad, good, adapter, out, bins: ['lumi.py', 'export', bad, out],
 }
 KINDS = ('truncated', 'pickle', 'bitflip', 'tokenizer', 'shape', 'missing')
-MESSAGES = {'truncated': 'not a torch checkpoint, or cut short', 'pickle': 'pickled objects other than tensors',
+MESSAGES = {'truncated': 'not a torch checkpoint, or cut short',
+            'pickle': 'pickled objects other than tensors',
             'bitflip': "tensor 'model.layers.1.mlp.down_proj.weight' does not match its checksum",
             'tokenizer': 'is not the hash of the tokenizer it carries', 'shape': 'do not fit its model_args',
             'missing': "missing ['norm.weight']"}
-ADAPTER_ONLY = ('sample --adapter', 'sft merge adapter')  # an adapter file has no model: shape/missing are moot
+# an adapter file has no model: shape/missing are moot
+ADAPTER_ONLY = ('sample --adapter', 'sft merge adapter')
 
 
 def _cases():
-    """Every entry point with a truncated file, and with one other kind each, in turn, so every kind is met."""
+    """Every entry point with a truncated file, and with one other kind each, in
+    turn, so every kind is met."""
     others = [k for k in KINDS if k != 'truncated']
     cases = []
     for i, name in enumerate(ENTRY_POINTS):
@@ -256,14 +271,14 @@ def _cases():
 
 @pytest.mark.slow
 @pytest.mark.parametrize('entry, kind', _cases())
-def test_every_entry_point_refuses_an_unusable_file_in_one_line(entry, kind, tmp_path, tiny_checkpoint, adapter,
-                                                                tokenizer):
+def test_every_entry_point_refuses_an_unusable_file_in_one_line(entry, kind, tmp_path, tiny_checkpoint,
+                                                                adapter, tokenizer):
     source = adapter if entry in ADAPTER_ONLY else tiny_checkpoint
     if kind == 'bitflip' and entry in ADAPTER_ONLY:
         bad = str(tmp_path / 'bad.pt')
-        state = lumi.load_checkpoint(adapter)
+        state = checkpoint.load_checkpoint(adapter)
         del state['path']
-        lumi.save_checkpoint(bad, state)
+        checkpoint.save_checkpoint(bad, state)
         name, t = next(iter(sorted(state['lora_state'].items())))
         raw = bytearray(open(bad, 'rb').read())
         raw[raw.find(t.numpy().tobytes()[:16]) + 1] ^= 1
@@ -294,7 +309,8 @@ def test_a_missing_file_and_a_bad_flag_are_one_line_too(tmp_path):
 
 def test_a_corrupt_sft_cache_is_rebuilt(tmp_path, tokenizer, capsys):
     spec = str(tmp_path / 'chat.jsonl')
-    rows = [{'instruction': f'Say {w}.', 'output': f'{w.title()}!'} for w in ('hello', 'goodbye', 'yes', 'no', 'maybe')]
+    rows = [{'instruction': f'Say {w}.', 'output': f'{w.title()}!'}
+            for w in ('hello', 'goodbye', 'yes', 'no', 'maybe')]
     open(spec, 'w').write('\n'.join(json.dumps(r) for r in rows) + '\n')
     cache = str(tmp_path / 'cache')
     first = sft.prepare_sft_data(tokenizer, [spec], 48, cache, val_frac=0.2)
@@ -305,15 +321,17 @@ def test_a_corrupt_sft_cache_is_rebuilt(tmp_path, tokenizer, capsys):
     again = sft.prepare_sft_data(tokenizer, [spec], 48, cache, val_frac=0.2)
     assert f"SFT cache {path} is unusable" in capsys.readouterr().out
     assert torch.equal(again['ids'], first['ids'])
-    assert torch.equal(lumi.load_checkpoint(path)['lengths'], first['lengths'])  # the rebuilt cache is whole again
+    # the rebuilt cache is whole again
+    assert torch.equal(checkpoint.load_checkpoint(path)['lengths'], first['lengths'])
 
 
 def test_resume_onto_other_bins_names_both_tokenizers_the_right_way_round(tiny_checkpoint, tokenizer):
-    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
     with pytest.raises(lumi.LumiError) as e:
         train.check_resume(tiny_checkpoint, ckpt['model_args'], 'b' * 64, 'D')
     assert str(e.value).startswith(f"the bins in D (resuming {tiny_checkpoint}) was built with tokenizer "
-                                   f"bbbbbbbbbbbb…, but this model's tokenizer is {tokenizer.sha256[:12]}…")
+                                   f"bbbbbbbbbbbb…, but this model's tokenizer is "
+                                   f"{tokenizer.sha256[:12]}…")
 
 
 # -----------------------------------------------------------------------------
@@ -328,11 +346,13 @@ def test_limit_bounds_text_perplexity(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(tok, 'encode', lambda text: encoded.append(len(text)) or real_encode(text))
     r = ev.ppl_documents(model, tok, iter([long_doc, 'never reached']), stride=block // 2, limit=3)
     assert r['windows'] == 3 and r['documents'] == 1 and r['documents_cut'] == 1
-    assert r['tokens'] == block + 2 * (block // 2)  # the first window scores block tokens, each next one a stride
+    # the first window scores block tokens, each next one a stride
+    assert r['tokens'] == block + 2 * (block // 2)
     assert max(encoded) <= (block + 2 * (block // 2) + 1) * ev.MAX_PIECE_CHARS  # never the whole text
     ids = [BOS_ID] + real_encode(long_doc[:20_000])
     first = ev.ppl_documents(model, tok, iter([tok.decode(ids[1:r['tokens'] + 1])]), stride=block // 2)
     # the same tokens scored whole: the same loss (the decoded text re-encodes to the same ids here)
     assert first['tokens'] == r['tokens'] and first['loss'] == pytest.approx(r['loss'], rel=1e-6)
     short = ev.ppl_documents(model, tok, iter(['Hello there.', 'A second one.']), limit=5)
-    assert short['documents'] == 2 and short['documents_cut'] == 0 and short['bytes'] == len('Hello there.A second one.')
+    assert (short['documents'] == 2 and short['documents_cut'] == 0
+            and short['bytes'] == len('Hello there.A second one.'))

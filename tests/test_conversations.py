@@ -1,6 +1,6 @@
-"""corpus/conversations.py: preference records in each format as (prompt messages, chosen, rejected), chat records
-refused with the field named, and bad records skipped and counted. (Every chat format rendered through the
-template, with its mask, is tests/test_sft.py's.)"""
+"""corpus/conversations.py: preference records in each format as (prompt messages, chosen, rejected), chat
+records refused with the field named, and bad records skipped and counted. (Every chat format rendered through
+the template, with its mask, is tests/test_sft.py's.)"""
 import json
 from collections import Counter
 
@@ -24,15 +24,18 @@ def test_bad_records_raise_clear_errors_and_are_skipped_and_counted(tmp_path):
     with pytest.raises(ValueError, match="field 'output' is missing"):
         conversations.to_messages({'instruction': 'x', 'input': ''})
     with pytest.raises(ValueError, match=r"conversations\[1\].from': unsupported role 'function_call'"):
-        conversations.to_messages({'conversations': [{'from': 'human', 'value': 'a'}, {'from': 'function_call', 'value': 'b'}]})
+        conversations.to_messages({'conversations': [{'from': 'human', 'value': 'a'},
+                                                     {'from': 'function_call', 'value': 'b'}]})
     with pytest.raises(ValueError, match='image content is not supported'):
-        conversations.to_messages({'messages': [{'role': 'user', 'content': [{'type': 'image', 'image': 'x.png'}]},
-                                      {'role': 'assistant', 'content': 'a'}]})
+        conversations.to_messages({'messages': [{'role': 'user',
+                                                 'content': [{'type': 'image', 'image': 'x.png'}]},
+                                                {'role': 'assistant', 'content': 'a'}]})
     with pytest.raises(ValueError, match='unknown record format'):
         conversations.to_messages({'question': 'q', 'answer': 'a'})
     path = tmp_path / 'mixed.jsonl'
     path.write_text('\n'.join([json.dumps(ALPACA[0]), json.dumps({'instruction': 'no output'}), '{not json',
-                               json.dumps({'instruction': 'i', 'output': '   '}), json.dumps(ALPACA[1])]) + '\n')
+                               json.dumps({'instruction': 'i', 'output': '   '}),
+                               json.dumps(ALPACA[1])]) + '\n')
     stats = Counter()
     with pytest.warns(UserWarning, match='malformed JSON line'):
         convs = list(conversations.load_conversations(str(path), stats=stats))
@@ -46,7 +49,8 @@ def test_bad_records_raise_clear_errors_and_are_skipped_and_counted(tmp_path):
 
 def test_hh_rlhf_splits_the_shared_prompt():
     rec = {'chosen': '\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: What is 2+2?\n\nAssistant: It is 4.',
-           'rejected': '\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: What is 2+2?\n\nAssistant: It is five.'}
+           'rejected': '\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: What is 2+2?\n\n'
+                       'Assistant: It is five.'}
     prompt, chosen, rejected = conversations.to_pair(rec)
     assert prompt == [{'role': 'user', 'content': 'Hi there'}, {'role': 'assistant', 'content': 'Hello!'},
                       {'role': 'user', 'content': 'What is 2+2?'}]
@@ -62,13 +66,17 @@ def test_orca_ultrafeedback_llamafactory():
           'chosen': [{'role': 'user', 'content': 'Say hi'}, {'role': 'assistant', 'content': 'Hi!'}],
           'rejected': [{'role': 'user', 'content': 'Say hi'}, {'role': 'assistant', 'content': 'Bye.'}]}
     assert conversations.to_pair(uf) == ([{'role': 'user', 'content': 'Say hi'}], 'Hi!', 'Bye.')
-    trl = {'prompt': [{'role': 'user', 'content': 'Say hi'}], 'chosen': [{'role': 'assistant', 'content': 'Hi!'}],
-           'rejected': [{'role': 'assistant', 'content': 'Bye.'}]}  # TRL's conversational shape: the reply alone
+    # TRL's conversational shape: the reply alone
+    trl = {'prompt': [{'role': 'user', 'content': 'Say hi'}],
+           'chosen': [{'role': 'assistant', 'content': 'Hi!'}],
+           'rejected': [{'role': 'assistant', 'content': 'Bye.'}]}
     assert conversations.to_pair(trl) == conversations.to_pair(uf)
     lf = {'conversations': [{'from': 'system', 'value': 'Be kind.'}, {'from': 'human', 'value': 'Hello?'}],
-          'chosen': {'from': 'gpt', 'value': 'Hello, friend.'}, 'rejected': {'from': 'gpt', 'value': 'Go away.'}}
-    assert conversations.to_pair(lf) == ([{'role': 'system', 'content': 'Be kind.'}, {'role': 'user', 'content': 'Hello?'}],
-                               'Hello, friend.', 'Go away.')
+          'chosen': {'from': 'gpt', 'value': 'Hello, friend.'},
+          'rejected': {'from': 'gpt', 'value': 'Go away.'}}
+    assert conversations.to_pair(lf) == ([{'role': 'system', 'content': 'Be kind.'},
+                                          {'role': 'user', 'content': 'Hello?'}],
+                                         'Hello, friend.', 'Go away.')
 
 
 @pytest.mark.parametrize('record, field', [
@@ -79,7 +87,8 @@ def test_orca_ultrafeedback_llamafactory():
       'rejected': {'from': 'gpt', 'value': 'b'}}, 'chosen'),
     ({'question': 'q', 'chosen': 'same', 'rejected': 'same'}, 'same reply'),
     ({'prompt': 'Hi', 'chosen': [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'a'}],
-      'rejected': [{'role': 'user', 'content': 'Bye'}, {'role': 'assistant', 'content': 'b'}]}, 'differ before'),
+      'rejected': [{'role': 'user', 'content': 'Bye'}, {'role': 'assistant', 'content': 'b'}]},
+     'differ before'),
     ({'chosen': 'Human: no markers', 'rejected': 'Human: no markers either'}, 'Assistant'),
     ({'text': 'not a pair'}, 'unknown preference format'),
 ])

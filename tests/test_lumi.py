@@ -30,7 +30,8 @@ DEFAULTS = dict(batch_size=8, learning_rate=1e-3, out_dir='out/x', compile=False
 def test_config_file_then_overrides(tmp_path):
     cfg_file = tmp_path / 'c.py'
     cfg_file.write_text("batch_size = 4\nlearning_rate = 3\nlora_targets = ['q', 'k']\n"
-                        "n_layer = 12  # a key of train.py, which shares the file: ignored here\n_private = 1\n")
+                        "n_layer = 12  # a key of train.py, which shares the file: ignored here\n"
+                        "_private = 1\n")
     cfg = lumi.load_config(DEFAULTS, [str(cfg_file), '--batch_size=16', '--compile', '--out_dir=123',
                                       '--init-from=ckpt.pt', '--seed=7'], shares_with=('train.py',))
     assert cfg.batch_size == 16 and cfg['compile'] is True
@@ -136,10 +137,12 @@ def test_render_chat_masks_exactly_the_assistant_replies(tokenizer):
 
 def test_dtype_auto_means_one_thing_in_every_stage(monkeypatch):
     monkeypatch.setattr(lumi, 'native_bf16', lambda: True)
-    assert lumi.resolve_dtype('auto', 'cpu') == 'bfloat16' and lumi.resolve_dtype('auto', 'cuda:0') == 'bfloat16'
+    assert (lumi.resolve_dtype('auto', 'cpu') == 'bfloat16'
+            and lumi.resolve_dtype('auto', 'cuda:0') == 'bfloat16')
     monkeypatch.setattr(lumi, 'native_bf16', lambda: False)
     assert lumi.resolve_dtype('auto', 'cpu') == 'float32' and lumi.resolve_dtype('auto', 'cuda') == 'bfloat16'
-    assert lumi.resolve_dtype('float32', 'cuda') == 'float32' and lumi.resolve_dtype('bfloat16', 'cpu') == 'bfloat16'
+    assert (lumi.resolve_dtype('float32', 'cuda') == 'float32'
+            and lumi.resolve_dtype('bfloat16', 'cpu') == 'bfloat16')
     # no stage keeps a rule of its own
     for name in ('train', 'sft', 'dpo', 'eval', 'sample'):
         source = open(os.path.join(ROOT, f'{name}.py')).read()
@@ -156,7 +159,8 @@ def test_compile_auto_compiles_on_cuda_only_and_takes_booleans():
 
 
 # -----------------------------------------------------------------------------
-# a config file: an unknown key is an error as on the command line, unless another stage sharing the file has it
+# a config file: an unknown key is an error as on the command line, unless another
+# stage sharing the file has it
 
 def test_a_typo_in_a_config_file_is_refused_naming_file_and_line(tmp_path):
     (tmp_path / 'typo.py').write_text("batch_size = 4\nlerning_rate = 1e-3\n")
@@ -170,7 +174,8 @@ def test_a_typo_in_a_config_file_is_refused_naming_file_and_line(tmp_path):
 def test_a_shared_config_file_sets_each_stage_its_own_keys(tmp_path):
     (tmp_path / 'both.py').write_text("vocab_size = 512\nn_layer = 3\nmin_doc_chars = 5\nrun_dir = 'r'\n")
     cfg = lumi.load_config(train.KEYS, [str(tmp_path / 'both.py')], shares_with=train.SHARES_WITH)
-    assert cfg.n_layer == 3 and 'vocab_size' not in cfg and 'min_doc_chars' not in cfg and 'run_dir' not in cfg
+    assert (cfg.n_layer == 3 and 'vocab_size' not in cfg and 'min_doc_chars' not in cfg
+            and 'run_dir' not in cfg)
     with pytest.raises(lumi.LumiError, match="unknown config key 'vocab_size'"):  # not shared: data.py's key
         lumi.load_config(train.KEYS, [str(tmp_path / 'both.py')], shares_with=())
 
@@ -186,7 +191,8 @@ def _reader(name):
     return [(train.KEYS, train.SHARES_WITH), (data.KEYS, ('train.py', 'pipeline.py'))]
 
 
-@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py'))), ids=os.path.basename)
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py'))),
+                         ids=os.path.basename)
 def test_every_config_loads_under_the_strict_rule(path):
     for defaults, shares in _reader(os.path.basename(path)):
         cfg = lumi.load_config(defaults, [path], shares_with=shares)
@@ -237,7 +243,8 @@ def test_lumi_py_dispatches_to_the_stage_files_and_says_its_usage():
 
 
 def test_native_bf16_needs_the_hardware_and_torch_allowed_to_use_it(monkeypatch):
-    # ATEN_CPU_CAPABILITY=avx2 keeps torch's kernels off AVX-512: bf16 would be emulated there, so 'auto' is fp32
+    # ATEN_CPU_CAPABILITY=avx2 keeps torch's kernels off AVX-512: bf16 would be
+    # emulated there, so 'auto' is fp32
     monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: True)
     monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX512')
     assert lumi.native_bf16() and lumi.resolve_dtype('auto', 'cpu') == 'bfloat16'

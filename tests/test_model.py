@@ -144,7 +144,8 @@ def test_rope_matches_complex_rotation(tiny_config):
     out = M.apply_rope(x, cos, sin)
     half = cfg.head_dim // 2
     z = torch.complex(x[..., :half].double(), x[..., half:].double())
-    angle = torch.arange(cfg.block_size).double()[:, None] * cfg.rope_theta ** (-torch.arange(half).double() / half)
+    angle = (torch.arange(cfg.block_size).double()[:, None]
+             * cfg.rope_theta ** (-torch.arange(half).double() / half))
     ref = z * torch.polar(torch.ones_like(angle), angle)
     torch.testing.assert_close(out, torch.cat([ref.real, ref.imag], -1).float(), rtol=1e-5, atol=1e-5)
 

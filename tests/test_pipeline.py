@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+import checkpoint
 import lumi
 import pipeline
 
@@ -19,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fake_run(tmp_path, loss, accuracy, reply, dpo_accuracy):
-    """A run folder as `lumi.py run` leaves it, with the figures given: stamps, eval reports, metrics, reply."""
+    """A run folder as `lumi.py run` leaves it, with the figures given: stamps, eval
+    reports, metrics, reply."""
     run = tmp_path / 'run'
     val = tmp_path / 'val.bin'
     np.array([4, 5, 6, 7] * 100, dtype=np.uint16).tofile(val)  # unigram entropy ln 4 = 1.3863 nats
@@ -27,8 +29,9 @@ def _fake_run(tmp_path, loss, accuracy, reply, dpo_accuracy):
         (run / stage).mkdir(parents=True)
         product = run / stage / ('reply.txt' if stage == 'sample' else 'x')
         product.write_text(reply if stage == 'sample' else '')
-        lumi.write_json(str(run / stage / pipeline.STAMP), dict(stage=stage, inputs='k', done=True, seconds=1.0,
-                                                                product=dict(path=str(product))))
+        lumi.write_json(str(run / stage / pipeline.STAMP),
+                        dict(stage=stage, inputs='k', done=True, seconds=1.0,
+                             product=dict(path=str(product))))
     lumi.write_json(str(run / 'eval_pretrain' / 'report.json'), {
         'ppl': dict(loss=loss, bpb=2.0, source=str(val)),
         'boolq': dict(accuracy=accuracy, stderr=0.05, baseline=0.62, random_baseline=0.5, n=50)})
@@ -86,9 +89,11 @@ def test_the_cpu_profile_names_real_configs_whose_keys_their_stages_know():
         known = set(p.keys[stage]) | (set(p.keys['data']) if stage == 'train' else set())
         assert set(keys) <= known, (path, set(keys) - known)
     train = _exec(os.path.join(ROOT, p.train_config))
-    assert train['vocab_size'] <= 8192 and train['data_dir'] != 'data/starter'  # its own small-vocabulary data
+    # its own small-vocabulary data
+    assert train['vocab_size'] <= 8192 and train['data_dir'] != 'data/starter'
     assert train['compile'] == 'auto' and train['dtype'] == 'auto'
-    assert p.cfg.pretrain_minutes + p.cfg.sft_minutes + p.cfg.dpo_minutes <= 16  # room for data and evals in 20
+    # room for data and evals in 20
+    assert p.cfg.pretrain_minutes + p.cfg.sft_minutes + p.cfg.dpo_minutes <= 16
 
 
 def _exec(path):
@@ -104,11 +109,13 @@ def _exec(path):
 
 WORDS = ('the sea wind ship light king queen night day love time world heart eye hand house word god man '
          'woman child friend water fire earth sky star moon sun river tree stone road city land field song '
-         'dream voice name truth sleep blood gold silver iron glass bread wine door window garden summer').split()
+         'dream voice name truth sleep blood gold silver iron glass bread wine door window garden '
+         'summer').split()
 
 
 def _pipeline_files(root, max_iters=60):
-    """A tiny but complete lab: text files, a BoolQ-shaped JSONL, SFT chats, preference pairs, three configs."""
+    """A tiny but complete lab: text files, a BoolQ-shaped JSONL, SFT chats,
+    preference pairs, three configs."""
     import random
     rng = random.Random(0)
     (root / 'corpus').mkdir()
@@ -128,18 +135,21 @@ def _pipeline_files(root, max_iters=60):
         for i in range(40):
             a, b = WORDS[i % len(WORDS)], WORDS[(i * 7 + 3) % len(WORDS)]
             f.write(json.dumps({'messages': [{'role': 'user', 'content': f'Tell me about the {a}.'},
-                                             {'role': 'assistant', 'content': f'The {a} is like the {b}.'}]}) + '\n')
+                                             {'role': 'assistant',
+                                              'content': f'The {a} is like the {b}.'}]}) + '\n')
     with open(root / 'pairs.jsonl', 'w') as f:
         for i in range(24):
             a = WORDS[i % len(WORDS)]
-            f.write(json.dumps({'system': '', 'question': f'What is the {a}?', 'chosen': f'The {a} is bright.',
-                                'rejected': 'No.'}) + '\n')
-    common = "device = 'cpu'\ndtype = 'float32'\ncompile = False\nbatch_size = 4\neval_iters = 2\nwarmup_iters = 2\n"
+            f.write(json.dumps({'system': '', 'question': f'What is the {a}?',
+                                'chosen': f'The {a} is bright.', 'rejected': 'No.'}) + '\n')
+    common = ("device = 'cpu'\ndtype = 'float32'\ncompile = False\nbatch_size = 4\neval_iters = 2\n"
+              "warmup_iters = 2\n")
     (root / 'sft.py').write_text(common + f"sources = [({str(root / 'chats.jsonl')!r}, 1.0)]\nmax_iters = 4\n"
-                                 "eval_interval = 2\nval_frac = 0.1\nformat_samples = 2\nformat_max_new_tokens = 8\n"
+                                 "eval_interval = 2\nval_frac = 0.1\nformat_samples = 2\n"
+                                 "format_max_new_tokens = 8\n"
                                  f"cache_dir = {str(root / 'sft_cache')!r}\nlora_r = 4\n")
-    (root / 'dpo.py').write_text(common + f"data = {str(root / 'pairs.jsonl')!r}\nmax_iters = 3\neval_interval = 3\n"
-                                 "val_frac = 0.2\n")
+    (root / 'dpo.py').write_text(common + f"data = {str(root / 'pairs.jsonl')!r}\nmax_iters = 3\n"
+                                 "eval_interval = 3\nval_frac = 0.2\n")
     (root / 'lab.py').write_text(common + f"""
 sources = [({str(root / 'corpus')!r}, 1.0)]
 vocab_size = 400
@@ -198,16 +208,17 @@ def test_run_interrupted_resumes_then_skips_everything(tmp_path):
     assert 'resumed from' in second
     steps = [r['step'] for r in lumi.read_jsonl(str(run / 'pretrain' / 'metrics.jsonl')) if 'loss' in r]
     assert steps == list(range(1, 61))  # every step logged once: nothing lost, nothing twice
-    assert lumi.load_checkpoint(str(run / 'pretrain'))['step'] == 60
+    assert checkpoint.load_checkpoint(str(run / 'pretrain'))['step'] == 60
     for stage, parent in (('sft', run / 'pretrain' / 'ckpt_0000060.pt'), ('dpo', run / 'sft' / 'merged.pt')):
-        merged = lumi.load_checkpoint(str(run / stage / 'merged.pt'))  # each tuned on the one before
+        merged = checkpoint.load_checkpoint(str(run / stage / 'merged.pt'))  # each tuned on the one before
         assert merged['kind'] == stage and merged['parent_sha256'] == lumi.sha256_file(str(parent))
         assert lumi.read_json(str(run / stage / '.lumi_stage.json'))['done'] is True
     report = lumi.read_json(str(run / 'eval_pretrain' / 'report.json'))
     boolq = report['boolq']  # 8 examples: a count of right answers over 8, beside its majority baseline
     assert boolq['n'] == 8 and boolq['accuracy'] * 8 == round(boolq['accuracy'] * 8) and 'baseline' in boolq
     summary = (run / 'summary.md').read_text()
-    assert 'parameters' in summary and 'boolq' in summary and 'SFT held-out' in summary and 'DPO held-out' in summary
+    assert ('parameters' in summary and 'boolq' in summary and 'SFT held-out' in summary
+            and 'DPO held-out' in summary)
     assert f"python sample.py --ckpt={run / 'dpo' / 'merged.pt'}" in summary
     assert (run / 'pretrain' / 'loss.svg').read_text().lstrip().startswith(('<svg', '<?xml'))
     # 3. and again: every stage is skipped, no stage process starts, nothing is rewritten
@@ -230,7 +241,8 @@ def test_run_routes_overrides_and_refuses_unknown_keys(tmp_path, capsys):
     p = pipeline.Pipeline(['--n_layer=3', '--device=cpu', '--eval_limit=5', f'--run_dir={tmp_path}'])
     assert p.cfg.eval_limit == 5 and p.run_dir == str(tmp_path)
     assert [s for s, args in p.routed.items() if '--n_layer=3' in args] == ['train']
-    assert {s for s, args in p.routed.items() if '--device=cpu' in args} >= {'train', 'sft', 'dpo', 'eval', 'sample'}
+    assert ({s for s, args in p.routed.items() if '--device=cpu' in args}
+            >= {'train', 'sft', 'dpo', 'eval', 'sample'})
     for argv, message in ((['--no_such_key=1'], "unknown key 'no_such_key'"),
                           (['--stages=data,bake'], "unknown stage(s) ['bake']"),
                           (['--sft_config=missing.py'], 'config file not found: missing.py')):

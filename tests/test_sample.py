@@ -14,8 +14,8 @@ import time
 import pytest
 import torch
 
+import checkpoint
 import engine
-import lumi
 from test_engine import complete
 from tokenizer import BOS_ID, render_chat
 
@@ -25,10 +25,11 @@ CHILD_ENV = dict(os.environ, OMP_NUM_THREADS='1', TERM='dumb', PYTHONIOENCODING=
 
 @pytest.fixture(scope='module')
 def sft_checkpoint(tmp_path_factory, lively_checkpoint):
-    """The lively model saved as an SFT checkpoint, in an out/sft/ tree (what `python sample.py` looks for)."""
+    """The lively model saved as an SFT checkpoint, in an out/sft/ tree (what `python
+    sample.py` looks for)."""
     ckpt = torch.load(lively_checkpoint, weights_only=True)
     path = tmp_path_factory.mktemp('run') / 'out' / 'sft' / 'ckpt_0000001.pt'
-    lumi.save_checkpoint(str(path), dict(ckpt, kind='sft'))
+    checkpoint.save_checkpoint(str(path), dict(ckpt, kind='sft'))
     return str(path)
 
 
@@ -118,7 +119,8 @@ class Terminal:
 def test_interactive_chat_slash_command_ctrl_c_and_quit(loaded, sft_checkpoint):
     model, tok, _ = loaded
     run_dir = os.path.dirname(os.path.dirname(os.path.dirname(sft_checkpoint)))  # holds out/sft/ckpt_*.pt
-    term = Terminal([os.path.join(REPO, 'sample.py'), '--max_new_tokens=8', '--temperature=0', '--ignore_eos'], run_dir)
+    term = Terminal([os.path.join(REPO, 'sample.py'), '--max_new_tokens=8', '--temperature=0',
+                     '--ignore_eos'], run_dir)
     try:
         term.expect('out/sft/ckpt_0000001.pt: sft model')  # no --ckpt: the newest checkpoint under out/
         term.expect('chat mode')

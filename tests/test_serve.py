@@ -46,8 +46,8 @@ def server(loaded):
     model, tok, _ = loaded
     generate = lambda prompts, params, chat, seed: engine.stream_text(model, tok, prompts, params, chat,
                                                                  engine.make_generator(seed, 'cpu'))
-    srv = Server(generate, tok, model.cfg.block_size, greedy(16), 'lumi-pretrain', port=0, max_tokens_limit=64,
-                 max_batch=4, max_body_bytes=4096, quiet=True)
+    srv = Server(generate, tok, model.cfg.block_size, greedy(16), 'lumi-pretrain', port=0,
+                 max_tokens_limit=64, max_batch=4, max_body_bytes=4096, quiet=True)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield f'http://127.0.0.1:{srv.server_address[1]}', srv
@@ -97,7 +97,8 @@ def test_server_plain_and_streamed_completions(server, loaded):
     assert status == 200 and r['object'] == 'text_completion' and r['model'] == 'lumi-pretrain'
     assert r['choices'][0]['text'] == want and r['choices'][0]['index'] == 0
     assert r['usage'] == {'prompt_tokens': len(ids), 'completion_tokens': n, 'total_tokens': len(ids) + n}
-    status, events = call(url, '/v1/completions', dict(body, stream=True, stream_options={'include_usage': True}))
+    status, events = call(url, '/v1/completions',
+                          dict(body, stream=True, stream_options={'include_usage': True}))
     assert status == 200 and streamed_text(events) == want
     assert [c['finish_reason'] for e in events for c in e['choices']][-1] == r['choices'][0]['finish_reason']
     assert events[-1]['usage'] == r['usage'] and events[-1]['choices'] == []
@@ -122,7 +123,8 @@ def test_server_chat_plain_and_streamed(server, loaded):
     assert status == 200 and all(e['object'] == 'chat.completion.chunk' for e in events)
     assert events[0]['choices'][0]['delta'] == {'role': 'assistant', 'content': ''}
     assert streamed_text(events) == want and events[-1]['choices'][0]['finish_reason'] == finish
-    parts = dict(body, messages=[{'role': 'user', 'content': [{'type': 'text', 'text': 'How are you today?'}]}])
+    parts = dict(body, messages=[{'role': 'user',
+                                  'content': [{'type': 'text', 'text': 'How are you today?'}]}])
     assert call(url, '/v1/chat/completions', parts)[0] == 200
 
 
@@ -130,7 +132,8 @@ def test_server_concurrent_clients_never_mix(server):
     url, _ = server
     prompts = ['To be, or not', 'The quick brown', 'Hello, how are', 'In the beginning', 'A stitch in',
                'Shall I', 'Thou art more', 'What are you']
-    bodies = [{'prompt': p, 'max_tokens': 12, 'temperature': 0, 'stream': i % 2 == 1} for i, p in enumerate(prompts)]
+    bodies = [{'prompt': p, 'max_tokens': 12, 'temperature': 0, 'stream': i % 2 == 1}
+              for i, p in enumerate(prompts)]
     text = lambda b: (lambda s, r: streamed_text(r) if b['stream'] else r['choices'][0]['text'])(
         *call(url, '/v1/completions', b))
     alone = [text(b) for b in bodies]
@@ -185,21 +188,24 @@ def test_openai_client_plain_and_streamed(server):
     r = client.completions.create(model='lumi-pretrain', prompt='To be', max_tokens=8, temperature=0)
     plain = r.choices[0].text
     assert plain and r.usage.completion_tokens >= 1
-    chunks = client.completions.create(model='lumi-pretrain', prompt='To be', max_tokens=8, temperature=0, stream=True)
+    chunks = client.completions.create(model='lumi-pretrain', prompt='To be', max_tokens=8, temperature=0,
+                                       stream=True)
     assert ''.join(c.choices[0].text for c in chunks if c.choices) == plain
     messages = [{'role': 'user', 'content': 'Hello'}]
     r = client.chat.completions.create(model='lumi-pretrain', messages=messages, max_tokens=8, temperature=0)
-    chunks = client.chat.completions.create(model='lumi-pretrain', messages=messages, max_tokens=8, temperature=0,
-                                            stream=True)
-    assert ''.join(c.choices[0].delta.content or '' for c in chunks if c.choices) == r.choices[0].message.content
+    chunks = client.chat.completions.create(model='lumi-pretrain', messages=messages, max_tokens=8,
+                                            temperature=0, stream=True)
+    assert (''.join(c.choices[0].delta.content or '' for c in chunks if c.choices)
+            == r.choices[0].message.content)
     assert [m.id for m in client.models.list()] == ['lumi-pretrain']
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model='nope', prompt='x', max_tokens=2)
 
 
 def test_cli_serve_answers_on_its_port(lively_checkpoint):
-    proc = subprocess.Popen([sys.executable, 'sample.py', '--serve', f'--ckpt={lively_checkpoint}', '--port=0',
-                             '--temperature=0'], cwd=REPO, env=CHILD_ENV, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, 'sample.py', '--serve', f'--ckpt={lively_checkpoint}',
+                             '--port=0', '--temperature=0'],
+                            cwd=REPO, env=CHILD_ENV, stderr=subprocess.PIPE, text=True)
     try:
         line = ''
         while 'serving' not in line:
@@ -231,9 +237,9 @@ def tough(loaded):
     model, tok, _ = loaded
     generate = lambda prompts, params, chat, seed: engine.stream_text(model, tok, prompts, params, chat,
                                                                  engine.make_generator(seed, 'cpu'))
-    srv = Server(generate, tok, model.cfg.block_size, greedy(4, ignore_eos=True), 'lumi-pretrain', port=0, quiet=True,
-                 max_tokens_limit=4096, max_batch=8, max_body_bytes=1 << 20, header_timeout=1, body_timeout=1,
-                 workers=4, queue_size=4, max_stop_chars=64)
+    srv = Server(generate, tok, model.cfg.block_size, greedy(4, ignore_eos=True), 'lumi-pretrain', port=0,
+                 quiet=True, max_tokens_limit=4096, max_batch=8, max_body_bytes=1 << 20, header_timeout=1,
+                 body_timeout=1, workers=4, queue_size=4, max_stop_chars=64)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv.server_address[1], srv
@@ -291,8 +297,8 @@ def test_deep_json_is_refused(tough, depth):
 def test_lone_surrogates_are_refused_naming_the_field(tough):
     port, _ = tough
     assert_refused(exchange(port, post('/v1/completions', b'{"prompt": "a\\ud800b"}', port)), 400, 'prompt')
-    assert_refused(exchange(port, post('/v1/completions', b'{"prompt": "x", "stop": ["\\udfff"]}', port)), 400,
-                   'stop[0]')
+    assert_refused(exchange(port, post('/v1/completions', b'{"prompt": "x", "stop": ["\\udfff"]}', port)),
+                   400, 'stop[0]')
     chat = b'{"messages": [{"role": "user", "content": "hi \xed\xa0\x80"}]}'  # a surrogate as raw UTF-8 bytes
     assert_refused(exchange(port, post('/v1/chat/completions', chat, port)), 400, 'messages[0].content')
     assert_serving(port)
@@ -310,13 +316,15 @@ def test_bad_content_length_is_refused(tough, length):
 def test_short_body_times_out_with_408(tough):
     port, _ = tough
     data = post('/v1/completions', {'prompt': 'hi'}, port)
-    got, r, body = exchange(port, data.replace(b'Content-Length: ', b'Content-Length: 9'))  # 9 + the real length
+    # 9 + the real length
+    got, r, body = exchange(port, data.replace(b'Content-Length: ', b'Content-Length: 9'))
     assert got == 408 and body['error']['code'] == 'request_timeout' and r.getheader('Connection') == 'close'
     assert_serving(port)
 
 
 @pytest.mark.parametrize('data', [b'GET /\r\n', b'\x16\x03\x01\x02\x00garbage with no line end',
-                                  b'\r\n', b'GET / HTTP/2.0\r\n\r\n', b'GET / HTTP/1.1\r\n' + b'X: y\r\n' * 101])
+                                  b'\r\n', b'GET / HTTP/2.0\r\n\r\n',
+                                  b'GET / HTTP/1.1\r\n' + b'X: y\r\n' * 101])
 def test_garbage_request_lines_get_400_or_408(tough, data):
     port, _ = tough
     got, r, body = exchange(port, data)
@@ -348,7 +356,8 @@ def test_keep_alive_survives_every_error(tough):
     conn = http.client.HTTPConnection('127.0.0.1', port, timeout=10)
     for method, path, body, status in [('POST', '/v1/nothing', b'{"input":"hi"}', 404),
                                        ('POST', '/v1/completions', b'{"prompt": 5}', 400),
-                                       ('POST', '/v1/completions', b'{nope', 400), ('GET', '/nowhere', None, 404),
+                                       ('POST', '/v1/completions', b'{nope', 400),
+                                       ('GET', '/nowhere', None, 404),
                                        ('DELETE', '/health', None, 405), ('GET', '/health', None, 200)]:
         conn.request(method, path, body, {'Content-Type': 'application/json'})
         r = conn.getresponse()
@@ -383,7 +392,8 @@ def test_options_and_head(tough):
 
 @pytest.mark.parametrize('key, value', [('response_format', {'type': 'json_object'}), ('best_of', 2),
                                         ('tool_choice', 'auto'), ('echo', True), ('logit_bias', {'1': 5}),
-                                        ('surprise', 1), ('messages', []), ('stream_options', {'bogus': True})])
+                                        ('surprise', 1), ('messages', []),
+                                        ('stream_options', {'bogus': True})])
 def test_parameters_it_cannot_honour_are_refused(tough, key, value):
     port, _ = tough
     param = 'stream_options' if key == 'stream_options' else key
@@ -398,8 +408,8 @@ def test_message_fields_it_cannot_honour_are_refused(tough):
 
 def test_neutral_values_of_unsupported_parameters_are_accepted(tough):
     port, _ = tough
-    body = {'prompt': 'hi', 'max_tokens': 2, 'best_of': 1, 'echo': False, 'logprobs': None, 'presence_penalty': 0,
-            'response_format': {'type': 'text'}, 'user': 'someone'}
+    body = {'prompt': 'hi', 'max_tokens': 2, 'best_of': 1, 'echo': False, 'logprobs': None,
+            'presence_penalty': 0, 'response_format': {'type': 'text'}, 'user': 'someone'}
     assert exchange(port, post('/v1/completions', body, port))[0] == 200
 
 
@@ -412,8 +422,8 @@ def test_abandoned_request_stops_generating(tough):
     assert_serving(port)
 
 
-@pytest.mark.parametrize('stop, param', [(['x'] * 5, 'stop'), ('y' * 65, 'stop'), (['a', 'z' * 250_000], 'stop'),
-                                         ([['a']], 'stop')])
+@pytest.mark.parametrize('stop, param', [(['x'] * 5, 'stop'), ('y' * 65, 'stop'),
+                                         (['a', 'z' * 250_000], 'stop'), ([['a']], 'stop')])
 def test_stop_strings_are_bounded(tough, stop, param):
     port, _ = tough
     assert_refused(exchange(port, post('/v1/completions', {'prompt': 'hi', 'stop': stop}, port)), 400, param)
@@ -423,7 +433,8 @@ def test_stop_strings_are_bounded(tough, stop, param):
 def test_stop_matcher_agrees_with_a_plain_search():
     rng = random.Random(0)
     for _ in range(300):
-        stops = [''.join(rng.choice('ab') for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 4))]
+        stops = [''.join(rng.choice('ab') for _ in range(rng.randint(1, 5)))
+                 for _ in range(rng.randint(1, 4))]
         text = ''.join(rng.choice('abc') for _ in range(rng.randint(0, 40)))
         m, seen, cut = engine.StopMatcher(stops), '', None
         for piece in [text[i:i + 3] for i in range(0, len(text), 3)]:
@@ -449,13 +460,15 @@ def test_long_stop_strings_cost_linear_time(tokenizer):
 
 
 @pytest.mark.parametrize('key, value', [('repetition_penalty', 'Infinity'), ('repetition_penalty', '1e999'),
-                                        ('repetition_penalty', '0'), ('temperature', 'NaN'), ('seed', str(2 ** 64)),
-                                        ('seed', '-1'), ('top_p', '-Infinity'), ('temperature', '1e999'),
+                                        ('repetition_penalty', '0'), ('temperature', 'NaN'),
+                                        ('seed', str(2 ** 64)), ('seed', '-1'), ('top_p', '-Infinity'),
+                                        ('temperature', '1e999'),
                                         ('frequency_penalty', '2.5'), ('presence_penalty', '-3'),
                                         ('frequency_penalty', '"high"')])
 def test_sampling_numbers_are_validated(tough, key, value):
     port, _ = tough
-    got, _, r = exchange(port, post('/v1/completions', f'{{"prompt": "hi", "{key}": {value}}}'.encode(), port))
+    got, _, r = exchange(port, post('/v1/completions', f'{{"prompt": "hi", "{key}": {value}}}'.encode(),
+                                    port))
     assert got == 400 and r['error']['param'] in (key, None), r  # None: a constant json itself refuses
     assert_serving(port)
 
@@ -467,7 +480,8 @@ def test_frequency_and_presence_penalties_are_honoured(tough, loaded):
     body = {'prompt': 'To be', 'max_tokens': 24, 'temperature': 0}
     texts = {}
     for fp in (0, 2):
-        got = exchange(port, post('/v1/completions', dict(body, frequency_penalty=fp, presence_penalty=fp / 4), port))
+        got = exchange(port, post('/v1/completions',
+                                  dict(body, frequency_penalty=fp, presence_penalty=fp / 4), port))
         assert got[0] == 200
         texts[fp] = got[2]['choices'][0]['text']
         ids = [BOS_ID] + tok.encode('To be')
@@ -495,7 +509,8 @@ def test_full_pool_answers_503(loaded):
         worker = http.client.HTTPConnection('127.0.0.1', port, timeout=10)
         worker.request('GET', '/health')  # answered: the worker now waits on this kept-alive connection
         assert worker.getresponse().read()
-        held = [worker, socket.create_connection(('127.0.0.1', port), timeout=10)]  # and this one in the queue
+        # and this one in the queue
+        held = [worker, socket.create_connection(('127.0.0.1', port), timeout=10)]
         for _ in range(100):
             if srv.pending.qsize() == 1:
                 break
@@ -546,23 +561,24 @@ def test_port_in_use_is_one_line(loaded, lively_checkpoint, tough):
     _, tok, _ = loaded
     with pytest.raises(ValueError, match=f'cannot listen on 127.0.0.1:{port}'):
         Server(None, tok, 64, greedy(4), port=port)
-    proc = subprocess.run([sys.executable, 'sample.py', '--serve', f'--ckpt={lively_checkpoint}', f'--port={port}'],
+    proc = subprocess.run([sys.executable, 'sample.py', '--serve', f'--ckpt={lively_checkpoint}',
+                           f'--port={port}'],
                           cwd=REPO, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and 'Traceback' not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f'error: cannot listen on 127.0.0.1:{port}')
 
 
 def test_serve_help_lists_its_options():
-    proc = subprocess.run([sys.executable, 'serve.py', '--help'], cwd=REPO, env=CHILD_ENV, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run([sys.executable, 'serve.py', '--help'], cwd=REPO, env=CHILD_ENV,
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     for key in SERVER_KEYS + ('ckpt', 'temperature', 'host'):
         assert f'--{key}=' in proc.stdout
 
 
 def test_serve_keys_are_the_server_options_and_the_sampling_and_model_keys():
-    # serve.py's --key=value reaches Server through SERVER_KEYS, and chooses the model and its sampling with the
-    # keys sample.py takes too (checkpoint.py's and engine.py's)
+    # serve.py's --key=value reaches Server through SERVER_KEYS, and chooses the model and its sampling with
+    # the keys sample.py takes too (checkpoint.py's and engine.py's)
     import serve
     assert set(SERVER_KEYS) <= set(serve.KEYS)
     shared = {k: v for k, v in S.KEYS.items() if k not in ('mode', 'system', 'prompt', 'serve')}

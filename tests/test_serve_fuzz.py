@@ -25,8 +25,9 @@ def server(lively_checkpoint):
     generate = lambda prompts, params, chat, seed: engine.stream_text(model, tok, prompts, params, chat,
                                                                  engine.make_generator(seed, 'cpu'))
     defaults = engine.Sampling(max_new_tokens=2, temperature=0.0, top_p=1.0)
-    srv = Server(generate, tok, model.cfg.block_size, defaults, 'lumi', port=0, quiet=True, max_tokens_limit=3,
-                 max_batch=2, max_body_bytes=BODY_LIMIT, header_timeout=0.5, body_timeout=0.5, workers=4)
+    srv = Server(generate, tok, model.cfg.block_size, defaults, 'lumi', port=0, quiet=True,
+                 max_tokens_limit=3, max_batch=2, max_body_bytes=BODY_LIMIT, header_timeout=0.5,
+                 body_timeout=0.5, workers=4)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv.server_address[1]
     srv.shutdown()
@@ -63,7 +64,8 @@ def valid_request(rng):
     if rng.random() < 0.5:
         return '/v1/completions', {'prompt': rng.choice(['To be', 'The quick', '', 'Hello']),
                                    'max_tokens': rng.randint(1, 3), 'temperature': 0}
-    return '/v1/chat/completions', {'messages': [{'role': 'user', 'content': rng.choice(['Hi', 'How are you?'])}],
+    return '/v1/chat/completions', {'messages': [{'role': 'user',
+                                                  'content': rng.choice(['Hi', 'How are you?'])}],
                                     'max_tokens': rng.randint(1, 3), 'stream': rng.random() < 0.3}
 
 
@@ -81,10 +83,12 @@ def mutate_body(rng, body):
         if kind == 0:  # a field of another type
             body[key] = rng.choice(ODD_VALUES)
         elif kind == 1:  # a field of another size
-            body[key] = rng.choice(['w ' * rng.randint(1, 300), ['s' * rng.randint(1, 400)] * rng.randint(1, 6)])
+            body[key] = rng.choice(['w ' * rng.randint(1, 300),
+                                    ['s' * rng.randint(1, 400)] * rng.randint(1, 6)])
         elif kind == 2:  # nested deep
             depth = rng.choice([2, 33, 100, 999, 5000])
-            body[key] = json.loads('[' * min(depth, 500) + '1' + ']' * min(depth, 500)) if depth <= 500 else None
+            body[key] = (json.loads('[' * min(depth, 500) + '1' + ']' * min(depth, 500)) if depth <= 500
+                         else None)
             if depth > 500:
                 text = json.dumps(body)[:-1] + f', "{key}x": ' + '[' * depth + ']' * depth + '}'
                 return text.encode()
@@ -115,15 +119,16 @@ def build(rng, port):
     path, body = valid_request(rng)
     data = mutate_body(rng, body) if rng.random() < 0.8 else json.dumps(body).encode()
     method = rng.choice(['POST'] * 8 + ['GET', 'HEAD', 'PUT', 'DELETE', 'PATCH', 'OPTIONS', 'BREW', 'G\x01T'])
-    path = rng.choice([path] * 8 + ['/health', '/', '/v1/models', '/v1/nothing', path + '?x=1', '/' + 'a' * 70000,
-                                    '/%ff%fe', '*'])
+    path = rng.choice([path] * 8 + ['/health', '/', '/v1/models', '/v1/nothing', path + '?x=1',
+                                    '/' + 'a' * 70000, '/%ff%fe', '*'])
     length, broken = str(len(data)), False
     headers = ['Host: 127.0.0.1', 'Content-Type: application/json']
     kind = rng.randrange(14)
     if kind == 0:
         length = None
     elif kind == 1:
-        length = rng.choice(['\u00b2', '١٢', '-5', '1e3', ' 12', '0x10', '9' * 30, f'{len(data)}, {len(data)}'])
+        length = rng.choice(['\u00b2', '١٢', '-5', '1e3', ' 12', '0x10', '9' * 30,
+                             f'{len(data)}, {len(data)}'])
     elif kind == 2:  # longer than the body: the server must give up on the rest
         length, broken = str(len(data) + rng.randint(1, 50)), True
     elif kind == 3:  # shorter: the rest looks like the next request
@@ -169,7 +174,8 @@ def health(port):
 def greedy_text(port):
     body = json.dumps({'prompt': 'Shall I compare', 'max_tokens': 3}).encode()
     c = Connection(port)
-    c.sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n' % len(body) + body)
+    c.sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n' % len(body)
+                   + body)
     status, _, answer = c.answer()
     c.close()
     assert status == 200
@@ -191,7 +197,8 @@ def test_fuzzed_requests_never_get_a_5xx(server):
             conn = Connection(port)
         try:
             conn.sock.sendall(data)
-            if broken and rng.random() < 0.9:  # mostly the client gives up on it at once; else the deadline ends it
+            # mostly the client gives up on it at once; else the deadline ends it
+            if broken and rng.random() < 0.9:
                 conn.sock.shutdown(socket.SHUT_WR)
             got = conn.answer(head_only)
         except (ConnectionResetError, BrokenPipeError):  # the server closed early on a request it refused
@@ -206,7 +213,8 @@ def test_fuzzed_requests_never_get_a_5xx(server):
         if status >= 400 and method_allows_body(data):
             error = json.loads(body)['error']
             assert set(error) == {'message', 'type', 'param', 'code'} and 'Traceback' not in error['message']
-        if broken or headers.get('connection') == 'close' or headers.get('content-type') == 'text/event-stream':
+        if (broken or headers.get('connection') == 'close'
+                or headers.get('content-type') == 'text/event-stream'):
             conn = conn.close()
     if conn:
         conn.close()

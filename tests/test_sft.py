@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+import optim
 import lora
 import checkpoint
-import training
 import lumi
 import sft
 from corpus import conversations
@@ -35,7 +35,8 @@ def _randomize_b(model, seed=1):
         if isinstance(m, LoRALinear):
             m.lora_b.data = torch.randn(m.lora_b.shape, generator=g) * 0.05
         if isinstance(m, TokenRows):
-            m.lora_rows.data += torch.randn(m.lora_rows.shape, generator=g) * 0.05  # tied: the same rows twice
+            # tied: the same rows twice
+            m.lora_rows.data += torch.randn(m.lora_rows.shape, generator=g) * 0.05
 
 
 def _idx(tiny_config, B=2, T=24):
@@ -48,8 +49,8 @@ def _idx(tiny_config, B=2, T=24):
 def test_lora_layers_init_and_shapes(tiny_config):
     model = apply_lora(_model(tiny_config), r=4, alpha=8.0, targets=ALL_TARGETS)
     layer = model.layers[0]
-    expect = {'q_proj': (64, 64), 'k_proj': (32, 64), 'v_proj': (32, 64), 'o_proj': (64, 64),  # GQA: k, v narrow
-              'gate_proj': (128, 64), 'up_proj': (128, 64), 'down_proj': (64, 128)}
+    expect = {'q_proj': (64, 64), 'k_proj': (32, 64), 'v_proj': (32, 64),  # GQA: k, v narrow
+              'o_proj': (64, 64), 'gate_proj': (128, 64), 'up_proj': (128, 64), 'down_proj': (64, 128)}
     for name, (out_f, in_f) in expect.items():
         m = getattr(layer.attn if name[0] in 'qkvo' else layer.mlp, name)
         assert isinstance(m, LoRALinear) and m.scale == 2.0
@@ -91,10 +92,11 @@ def test_merged_logits_equal_base_plus_adapter(tiny_config):
 def test_only_adapter_parameters_reach_the_optimizer(tiny_config):
     model = apply_lora(_model(tiny_config), r=4, alpha=8.0, targets=ALL_TARGETS, tokens=CHAT_IDS).train()
     cfg = lumi.Config(lumi.load_config(lumi.declared_keys('training.py'), []))
-    opt = training.make_optimizer(model, cfg, 'cpu')
+    opt = optim.make_optimizer(model, cfg, 'cpu')
     in_opt = {id(p) for g in opt.param_groups for p in g['params']}
     lora = {id(p) for n, p in model.named_parameters() if '.lora_' in n}
-    assert in_opt == lora and len(lora) == 2 * len(ALL_TARGETS) * tiny_config.n_layer + 1  # + the tied token rows
+    # + the tied token rows
+    assert in_opt == lora and len(lora) == 2 * len(ALL_TARGETS) * tiny_config.n_layer + 1
     before = {k: v.clone() for k, v in model.state_dict().items()}
     idx = _idx(tiny_config)
     idx[:, 5] = CHAT_IDS[3]
@@ -110,13 +112,17 @@ def test_only_adapter_parameters_reach_the_optimizer(tiny_config):
 
 
 def test_adapter_save_load_roundtrip_and_merge_command(tiny_checkpoint, tiny_config, tmp_path):
-    base = lumi.load_checkpoint(tiny_checkpoint)
+    base = checkpoint.load_checkpoint(tiny_checkpoint)
     tok = checkpoint.tokenizer_from_checkpoint(base)
-    model = apply_lora(checkpoint.model_from_checkpoint(base), r=4, alpha=8.0, targets=('q', 'v', 'down'), tokens=CHAT_IDS)
+    model = apply_lora(checkpoint.model_from_checkpoint(base), r=4, alpha=8.0, targets=('q', 'v', 'down'),
+                       tokens=CHAT_IDS)
     _randomize_b(model)
-    lora.save_adapter(str(tmp_path / 'adapter.pt'), model, tiny_checkpoint, tok)
-    assert os.path.getsize(tmp_path / 'adapter.pt') < os.path.getsize(tiny_checkpoint) / 4  # the adapter alone
-    loaded = lora.load_adapter(checkpoint.model_from_checkpoint(base), str(tmp_path / 'adapter.pt'), tiny_checkpoint, tok)
+    checkpoint.save_checkpoint(str(tmp_path / 'adapter.pt'), lora.adapter_state(model, tiny_checkpoint, tok))
+    # the adapter alone
+    assert os.path.getsize(tmp_path / 'adapter.pt') < os.path.getsize(tiny_checkpoint) / 4
+    path = str(tmp_path / 'adapter.pt')
+    adapter = lora.check_adapter(checkpoint.load_checkpoint(path), path, tiny_checkpoint, tok)
+    loaded = lora.apply_adapter(checkpoint.model_from_checkpoint(base), adapter, path)
     want, got = lora_state_dict(model), lora_state_dict(loaded)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     idx = _idx(tiny_config)
@@ -124,14 +130,14 @@ def test_adapter_save_load_roundtrip_and_merge_command(tiny_checkpoint, tiny_con
     with torch.no_grad():
         assert torch.equal(loaded.eval()(idx)[0], model.eval()(idx)[0])
     out = sft.main(['merge', tiny_checkpoint, str(tmp_path / 'adapter.pt'), str(tmp_path / 'merged.pt')])
-    merged_ckpt = lumi.load_checkpoint(out)
+    merged_ckpt = checkpoint.load_checkpoint(out)
     assert merged_ckpt['kind'] == 'sft' and merged_ckpt['lora'] == {}
     with torch.no_grad():
-        torch.testing.assert_close(checkpoint.model_from_checkpoint(merged_ckpt).eval()(idx)[0], model(idx)[0],
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(checkpoint.model_from_checkpoint(merged_ckpt).eval()(idx)[0],
+                                   model(idx)[0], rtol=0, atol=1e-5)
     # an adapter refuses a base it was not trained on
     other = dict(base, model={k: v + 1e-3 for k, v in base['model'].items()})
-    lumi.save_checkpoint(str(tmp_path / 'other.pt'), other)
+    checkpoint.save_checkpoint(str(tmp_path / 'other.pt'), other)
     with pytest.raises(ValueError, match='was trained on base'):
         checkpoint.load_model(str(tmp_path / 'other.pt'), adapter=str(tmp_path / 'adapter.pt'))
 
@@ -140,20 +146,25 @@ def test_adapter_save_load_roundtrip_and_merge_command(tiny_checkpoint, tiny_con
 # formats, in the shapes the public datasets ship
 
 ALPACA = [  # tatsu-lab/alpaca, LLaMA-Factory's alpaca_en_demo.json (system and history are LLaMA-Factory's)
-    {'instruction': 'Give three tips for staying healthy.', 'input': '', 'output': 'Eat well, sleep and walk.'},
+    {'instruction': 'Give three tips for staying healthy.', 'input': '',
+     'output': 'Eat well, sleep and walk.'},
     {'instruction': 'Add the numbers.', 'input': '4 and 6', 'output': 'The sum is 10.',
      'system': 'You are terse.', 'history': [['Hi there', 'Hello! How can I help?']]},
 ]
 DOLLY = [  # databricks-dolly-15k
-    {'instruction': 'When did the fox jump?', 'context': 'The quick brown fox jumps over the lazy dog at noon.',
+    {'instruction': 'When did the fox jump?',
+     'context': 'The quick brown fox jumps over the lazy dog at noon.',
      'response': 'At noon.', 'category': 'closed_qa'},
     {'instruction': 'Name a summer month.', 'context': '', 'response': 'July.', 'category': 'open_qa'},
 ]
 MESSAGES = [  # chat-format datasets; LLaMA-Factory v1_sft_demo.jsonl writes content as typed parts
-    {'messages': [{'role': 'system', 'content': 'Be kind.'}, {'role': 'user', 'content': 'How are you today?'},
+    {'messages': [{'role': 'system', 'content': 'Be kind.'},
+                  {'role': 'user', 'content': 'How are you today?'},
                   {'role': 'assistant', 'content': 'I am fine, thank you.'}]},
-    {'messages': [{'role': 'user', 'content': [{'type': 'text', 'value': 'Who are you?'}], 'loss_weight': 0.0},
-                  {'role': 'assistant', 'content': [{'type': 'text', 'value': 'I am {{name}}.'}], 'loss_weight': 1.0}]},
+    {'messages': [{'role': 'user', 'content': [{'type': 'text', 'value': 'Who are you?'}],
+                   'loss_weight': 0.0},
+                  {'role': 'assistant', 'content': [{'type': 'text', 'value': 'I am {{name}}.'}],
+                   'loss_weight': 1.0}]},
 ]
 SHAREGPT = [  # ShareGPT / LLaMA-Factory sharegpt
     {'conversations': [{'from': 'human', 'value': 'Hello'}, {'from': 'gpt', 'value': 'Hello, how are you?'},
@@ -169,20 +180,20 @@ CHITCHAT = {  # chitchat-dataset's dataset.json: {id: {messages: [[utterances of
         'prompt': 'How are you?', 'start': '2018-05-02T19:38:15Z'},
 }
 OASST_ROWS = [  # OpenAssistant/oasst1 rows: a tree of prompter/assistant messages, siblings ranked (0 best)
-    {'message_id': 'm1', 'parent_id': None, 'message_tree_id': 'm1', 'role': 'prompter', 'text': 'What is a fox?',
-     'rank': None, 'deleted': False, 'lang': 'en'},
-    {'message_id': 'm2', 'parent_id': 'm1', 'message_tree_id': 'm1', 'role': 'assistant', 'text': 'A bad answer.',
-     'rank': 1, 'deleted': False, 'lang': 'en'},
-    {'message_id': 'm5', 'parent_id': 'm3', 'message_tree_id': 'm1', 'role': 'prompter', 'text': 'Is it quick?',
-     'rank': 0, 'deleted': False, 'lang': 'en'},  # rows need not come in tree order
-    {'message_id': 'm3', 'parent_id': 'm1', 'message_tree_id': 'm1', 'role': 'assistant', 'text': 'A small wild dog.',
-     'rank': 0, 'deleted': False, 'lang': 'en'},
-    {'message_id': 'm4', 'parent_id': 'm1', 'message_tree_id': 'm1', 'role': 'assistant', 'text': 'Deleted.',
-     'rank': None, 'deleted': True, 'lang': 'en'},
-    {'message_id': 'm6', 'parent_id': 'm5', 'message_tree_id': 'm1', 'role': 'assistant', 'text': 'Very quick.',
-     'rank': None, 'deleted': False, 'lang': 'en'},
-    {'message_id': 'n1', 'parent_id': None, 'message_tree_id': 'n1', 'role': 'prompter', 'text': 'Unanswered?',
-     'rank': None, 'deleted': False, 'lang': 'en'},
+    {'message_id': 'm1', 'parent_id': None, 'message_tree_id': 'm1', 'role': 'prompter',
+     'text': 'What is a fox?', 'rank': None, 'deleted': False, 'lang': 'en'},
+    {'message_id': 'm2', 'parent_id': 'm1', 'message_tree_id': 'm1', 'role': 'assistant',
+     'text': 'A bad answer.', 'rank': 1, 'deleted': False, 'lang': 'en'},
+    {'message_id': 'm5', 'parent_id': 'm3', 'message_tree_id': 'm1', 'role': 'prompter',
+     'text': 'Is it quick?', 'rank': 0, 'deleted': False, 'lang': 'en'},  # rows need not come in tree order
+    {'message_id': 'm3', 'parent_id': 'm1', 'message_tree_id': 'm1', 'role': 'assistant',
+     'text': 'A small wild dog.', 'rank': 0, 'deleted': False, 'lang': 'en'},
+    {'message_id': 'm4', 'parent_id': 'm1', 'message_tree_id': 'm1', 'role': 'assistant',
+     'text': 'Deleted.', 'rank': None, 'deleted': True, 'lang': 'en'},
+    {'message_id': 'm6', 'parent_id': 'm5', 'message_tree_id': 'm1', 'role': 'assistant',
+     'text': 'Very quick.', 'rank': None, 'deleted': False, 'lang': 'en'},
+    {'message_id': 'n1', 'parent_id': None, 'message_tree_id': 'n1', 'role': 'prompter',
+     'text': 'Unanswered?', 'rank': None, 'deleted': False, 'lang': 'en'},
 ]
 OASST_TREE = {'message_tree_id': 't1', 'tree_state': 'ready_for_export', 'prompt': {  # *.trees.jsonl
     'message_id': 't1', 'role': 'prompter', 'text': 'Say hello.', 'replies': [
@@ -195,7 +206,8 @@ EXPECTED = {
                 ('user', 'Add the numbers.\n4 and 6'), ('assistant', 'The sum is 10.')]],
     'dolly': [[('user', 'When did the fox jump?\n\nThe quick brown fox jumps over the lazy dog at noon.'),
                ('assistant', 'At noon.')], [('user', 'Name a summer month.'), ('assistant', 'July.')]],
-    'messages': [[('system', 'Be kind.'), ('user', 'How are you today?'), ('assistant', 'I am fine, thank you.')],
+    'messages': [[('system', 'Be kind.'), ('user', 'How are you today?'),
+                  ('assistant', 'I am fine, thank you.')],
                  [('user', 'Who are you?'), ('assistant', 'I am Lumi.')]],
     'sharegpt': [[('system', 'You chat.'), ('user', 'Hello'), ('assistant', 'Hello, how are you?'),
                   ('user', 'Fine.'), ('assistant', 'Good to hear.')]],
@@ -218,7 +230,8 @@ def _write(path, records, jsonl):
 @pytest.fixture(scope='module')
 def format_files(tmp_path_factory):
     d = tmp_path_factory.mktemp('formats')
-    return {'alpaca': _write(d / 'alpaca.json', ALPACA, False), 'dolly': _write(d / 'dolly.jsonl', DOLLY, True),
+    return {'alpaca': _write(d / 'alpaca.json', ALPACA, False),
+            'dolly': _write(d / 'dolly.jsonl', DOLLY, True),
             'messages': _write(d / 'messages.jsonl', MESSAGES, True),
             'sharegpt': _write(d / 'sharegpt.json', SHAREGPT, False),
             'chitchat': _write(d / 'chitchat.json', CHITCHAT, False),
@@ -241,7 +254,8 @@ def _assistant_spans(tok, ids):
 @pytest.mark.parametrize('fmt', list(EXPECTED))
 def test_formats_render_with_the_mask_on_assistant_spans_only(fmt, format_files, tokenizer):
     stats = Counter()
-    convs = list(conversations.load_conversations(format_files[fmt], stats=stats, template_vars={'name': 'Lumi'}))
+    convs = list(conversations.load_conversations(format_files[fmt], stats=stats,
+                                                  template_vars={'name': 'Lumi'}))
     assert [[(m['role'], m['content']) for m in c] for c in convs] == EXPECTED[fmt]
     assert stats['conversations'] == len(convs)
     for msgs in convs:
@@ -279,7 +293,8 @@ def _chat_file(tmp_path, n=40, name='chats.jsonl'):
     words = 'the quick brown fox jumps over the lazy dog and a stitch in time saves nine'.split()
     rng = np.random.default_rng(0)
     recs = [{'conversations': [{'from': 'human', 'value': ' '.join(rng.choice(words, 3 + i % 5))},
-                               {'from': 'gpt', 'value': ' '.join(rng.choice(words, 2 + i % 7))}]} for i in range(n)]
+                               {'from': 'gpt', 'value': ' '.join(rng.choice(words, 2 + i % 7))}]}
+            for i in range(n)]
     recs.append(recs[0])  # an exact duplicate
     return _write(tmp_path / name, recs, True)
 
@@ -310,7 +325,8 @@ def test_batches_mask_targets_weight_sources_and_resume_exactly(tokenizer, tmp_p
         ids = prep['ids'][offsets[i]:offsets[i] + n].long()
         mask = prep['mask'][offsets[i]:offsets[i] + n]
         assert torch.equal(x[row, :n - 1], ids[:-1]) and (x[row, n - 1:] == PAD_ID).all()
-        assert torch.equal(y[row, :n - 1], torch.where(mask[1:], ids[1:], -1)) and (y[row, n - 1:] == -1).all()
+        assert (torch.equal(y[row, :n - 1], torch.where(mask[1:], ids[1:], -1))
+                and (y[row, n - 1:] == -1).all())
     for _ in range(len(batches) + 2):  # into the next epoch
         batches.next_batch()
     state = batches.state_dict()
@@ -325,7 +341,8 @@ def test_batches_mask_targets_weight_sources_and_resume_exactly(tokenizer, tmp_p
 
 
 def test_sft_loss_is_the_models_loss_on_assistant_tokens(tokenizer, tiny_config, tmp_path):
-    prep = sft.prepare_sft_data(tokenizer, [_chat_file(tmp_path, 12)], 48, str(tmp_path / 'cache'), val_frac=0.0)
+    prep = sft.prepare_sft_data(tokenizer, [_chat_file(tmp_path, 12)], 48, str(tmp_path / 'cache'),
+                                val_frac=0.0)
     x, y = sft.SFTBatches(prep, np.arange(12), [1.0], batch_size=6, seed=0).next_batch()
     model = apply_lora(_model(tiny_config), r=4, alpha=8.0, targets=ALL_TARGETS)
     _randomize_b(model)
@@ -355,12 +372,14 @@ class _AlwaysSays(torch.nn.Module):
 
 
 def test_format_check_counts_replies_that_end(tokenizer, tiny_config, tmp_path):
-    prep = sft.prepare_sft_data(tokenizer, [_chat_file(tmp_path, 12)], 48, str(tmp_path / 'cache'), val_frac=0.0)
+    prep = sft.prepare_sft_data(tokenizer, [_chat_file(tmp_path, 12)], 48, str(tmp_path / 'cache'),
+                                val_frac=0.0)
     model = _model(tiny_config)
     args = (tokenizer, prep, np.arange(12), 5)
     model.lm_head = _AlwaysSays(tokenizer.end_id, tiny_config.vocab_size)
     got = sft.format_check(model, *args, max_new_tokens=8, temperature=0.7, names=['chats'], batch_size=3)
-    assert got['format_prompts'] == 5 and got['format_end_rate'] == 1.0 and got['format_end_rate_chats'] == 1.0
+    assert (got['format_prompts'] == 5 and got['format_end_rate'] == 1.0
+            and got['format_end_rate_chats'] == 1.0)
     model.lm_head = _AlwaysSays(tokenizer.encode('fox')[0], tiny_config.vocab_size)
     got = sft.format_check(model, *args, max_new_tokens=2, temperature=0.7, names=['chats'], batch_size=3)
     assert got['format_end_rate'] == 0.0
@@ -391,18 +410,19 @@ def test_sft_end_to_end_writes_adapter_and_merged(tiny_checkpoint, tiny_config, 
     adapter = torch.load(out / 'adapter.pt', weights_only=True)
     assert adapter['kind'] == 'adapter' and adapter['lora']['r'] == 4
     assert adapter['base_sha256'] == lumi.sha256_file(tiny_checkpoint)
-    merged = lumi.load_checkpoint(merged_path)
+    merged = checkpoint.load_checkpoint(merged_path)
     assert merged['kind'] == 'sft' and merged['parent_sha256'] == adapter['base_sha256']
     idx = _idx(tiny_config)
     with torch.no_grad():
-        base_model = checkpoint.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint))
-        with_adapter = lora.load_adapter(base_model, str(out / 'adapter.pt'), tiny_checkpoint,
-                                         checkpoint.tokenizer_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint)))
-        with_adapter = with_adapter.eval()(idx)[0]
-        from_step_ckpt = checkpoint.model_from_checkpoint(lumi.load_checkpoint(checkpoint.latest_step(str(out)))).eval()(idx)[0]
-        torch.testing.assert_close(checkpoint.model_from_checkpoint(merged).eval()(idx)[0], with_adapter, rtol=0, atol=1e-5)
+        base_model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tiny_checkpoint))
+        path = str(out / 'adapter.pt')
+        with_adapter = lora.apply_adapter(base_model, checkpoint.load_checkpoint(path), path).eval()(idx)[0]
+        from_step_ckpt = checkpoint.model_from_checkpoint(
+            checkpoint.load_checkpoint(checkpoint.latest_step(str(out)))).eval()(idx)[0]
+        torch.testing.assert_close(checkpoint.model_from_checkpoint(merged).eval()(idx)[0], with_adapter,
+                                   rtol=0, atol=1e-5)
     assert torch.equal(from_step_ckpt, with_adapter)
-    base = lumi.load_checkpoint(tiny_checkpoint)['model']
+    base = checkpoint.load_checkpoint(tiny_checkpoint)['model']
     assert any(not torch.equal(base[k], v) for k, v in merged['model'].items())  # training moved something
     # killed after step 3: resuming from ckpt_3 redoes steps 4-6 exactly (sampler position, RNG, optimizer)
     os.remove(out / 'ckpt_0000006.pt')
@@ -423,8 +443,8 @@ def test_format_check_prompts_are_the_chat_so_far_each_once(tokenizer, tiny_conf
     model.lm_head = _AlwaysSays(tokenizer.end_id, tiny_config.vocab_size)
     mask = prep['mask'][:int(prep['lengths'][0])].tolist()
     first, last = [k for k in range(1, len(mask)) if mask[k] and not mask[k - 1]]
-    check = lambda new: sft.format_check(model, tokenizer, prep, np.arange(3), 10, max_new_tokens=new, temperature=0.7,
-                                         names=['chats'], batch_size=3, greedy=0)
+    check = lambda new: sft.format_check(model, tokenizer, prep, np.arange(3), 10, max_new_tokens=new,
+                                         temperature=0.7, names=['chats'], batch_size=3, greedy=0)
     assert check(64 - last)['format_prompts'] == 2  # the chat so far: two different prompts
     # room for the first reply only: every chat's prompt is the same "hi"
     assert check(64 - first)['format_prompts'] == 1 and check(64 - first)['format_end_rate'] == 1.0

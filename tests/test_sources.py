@@ -1,7 +1,7 @@
-"""Tests for corpus/sources.py beyond what tests/test_data.py covers through data.py: documents read as streams
-(pieces, bounded memory), parquet through pyarrow, gated hub sets (401/403 and HF_TOKEN), and the real source specs
-of configs/sources/ and the data-budget configs, loaded from small local files of the same formats served as the
-hub. The layers below have their own: tests/test_streams.py, tests/test_records.py."""
+"""Tests for corpus/sources.py beyond what tests/test_data.py covers through data.py: documents read as
+streams (pieces, bounded memory), parquet through pyarrow, gated hub sets (401/403 and HF_TOKEN), and the real
+source specs of configs/sources/ and the data-budget configs, loaded from small local files of the same
+formats served as the hub. The layers below have their own: tests/test_streams.py, tests/test_records.py."""
 import gzip
 import json
 import os
@@ -96,12 +96,14 @@ def test_parquet_text_column_field_and_records(tmp_path):
     recs = list(records.iter_records(str(tmp_path / 'a.parquet')))
     assert recs[3] == {'text': docs[3], 'id': 3}
     os.remove(tmp_path / 'b.parquet')
-    assert list(sources.iter_documents(str(tmp_path), max_chars=1 << 20)) == docs  # a folder yields its parquet files
+    # a folder yields its parquet files
+    assert list(sources.iter_documents(str(tmp_path), max_chars=1 << 20)) == docs
 
 
 def test_parquet_without_the_field_is_one_clear_error(tmp_path):
     write_parquet(str(tmp_path / 'b.parquet'), body=['some text here'], title=['t'])
-    with pytest.raises(ValueError, match=r"b\.parquet: parquet file has no column 'text' \(it has body, title\)"):
+    with pytest.raises(ValueError,
+                       match=r"b\.parquet: parquet file has no column 'text' \(it has body, title\)"):
         list(sources.iter_documents(str(tmp_path / 'b.parquet')))
     (tmp_path / 'junk.parquet').write_bytes(b'not parquet at all')
     with pytest.raises(ValueError, match=r'junk\.parquet: not a valid parquet file'):
@@ -128,13 +130,15 @@ def test_gated_set_401_names_hf_token_and_token_is_sent_not_shown(tmp_path, hub,
     assert 'hf_secret_value' not in str(e.value)
     assert hub.headers[-1]['Authorization'] == 'Bearer hf_secret_value'
     hub.files[path] = b'{"text": "a readable document"}\n'  # access granted: the same spec now loads
-    assert list(sources.iter_documents('hf:org/gated:train.jsonl', cache_dir=str(tmp_path))) == ['a readable document']
+    assert (list(sources.iter_documents('hf:org/gated:train.jsonl', cache_dir=str(tmp_path)))
+            == ['a readable document'])
     assert hub.headers[-1]['Authorization'] == 'Bearer hf_secret_value'
     # a redirect to another host (the hub's CDN) does not carry the token; one on the same host does
     port = hub.url.rsplit(':', 1)[1]
     hub.files['/datasets/org/big/resolve/main/x.txt'] = f'http://localhost:{port}/cdn/x.txt?signed=1'
     hub.files['/cdn/x.txt?signed=1'] = b'from the cdn'
-    assert list(streams.iter_files('hf:org/big:x.txt', cache_dir=str(tmp_path))) == [('org/big/x.txt', b'from the cdn')]
+    assert (list(streams.iter_files('hf:org/big:x.txt', cache_dir=str(tmp_path)))
+            == [('org/big/x.txt', b'from the cdn')])
     assert 'Authorization' in hub.headers[-2] and 'Authorization' not in hub.headers[-1]
     # a url: source never sends the hub's token
     hub.files['/plain.txt'] = b'plain text'
@@ -150,14 +154,17 @@ SETS = {  # the first file of each set, in its real format, with the columns / f
     'c4_en': lambda docs, path: open(path, 'wb').write(gzip.compress(''.join(
         json.dumps({'text': d, 'timestamp': '2019-04-25T12:57:54Z', 'url': f'https://x.org/{i}'}) + '\n'
         for i, d in enumerate(docs)).encode())),
-    'fineweb_edu': lambda docs, path: write_parquet(path, text=docs, id=[f'<urn:{i}>' for i in range(len(docs))],
+    'fineweb_edu': lambda docs, path: write_parquet(path, text=docs,
+                                                    id=[f'<urn:{i}>' for i in range(len(docs))],
                                                     score=[3.1] * len(docs)),
     'wikipedia_en': lambda docs, path: write_parquet(path, id=[str(i) for i in range(len(docs))],
-                                                     url=['u'] * len(docs), title=['T'] * len(docs), text=docs),
+                                                     url=['u'] * len(docs), title=['T'] * len(docs),
+                                                     text=docs),
     'openwebtext': lambda docs, path: write_parquet(path, text=docs),
     'gutenberg_en': lambda docs, path: write_parquet(
         path, id=['1'] * len(docs), text=[f"header\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\n{d}\n"
-                                         f"*** END OF THE PROJECT GUTENBERG EBOOK X ***\nlicense" for d in docs]),
+                                          f"*** END OF THE PROJECT GUTENBERG EBOOK X ***\nlicense"
+                                          for d in docs]),
 }
 
 
@@ -174,7 +181,8 @@ def test_every_source_set_parses_and_its_first_file_loads(tmp_path, hub):
         docs = make_docs(9, seed=len(name))
         write(docs, str(local))
         # a revision is one path segment: refs/convert/parquet travels as refs%2Fconvert%2Fparquet
-        hub.files[f"/datasets/{repo}/resolve/{(rev or 'main').replace('/', '%2F')}/{s.inner}"] = local.read_bytes()
+        hub.files[f"/datasets/{repo}/resolve/"
+                  f"{(rev or 'main').replace('/', '%2F')}/{s.inner}"] = local.read_bytes()
         got = [d.strip() for d in sources.iter_documents(pairs[0][0], cache_dir=str(tmp_path / 'cache'),
                                                       max_chars=1 << 20)]
         assert got == docs, name  # gutenberg: header and footer stripped

@@ -1,6 +1,6 @@
 """Tests for corpus/streams.py, a spec -> byte streams, beyond what tests/test_data.py covers through data.py
-(local files, globs, archives, budgets): a spec's #ADAPTER is carried up, not judged here, and a shard's `pick`
-keeps the files it does not own from ever being downloaded."""
+(local files, globs, archives, budgets): a spec's #ADAPTER is carried up, not judged here, and a shard's
+`pick` keeps the files it does not own from ever being downloaded."""
 import json
 import os
 import sys
@@ -23,18 +23,22 @@ def hub(monkeypatch):
 
 
 def test_split_spec_carries_the_adapter_unjudged():
-    # the adapters are sources.py's, above this layer: sources.parse_spec refuses an unknown one (test_sources.py)
+    # the adapters are sources.py's, above this layer: sources.parse_spec refuses an
+    # unknown one (test_sources.py)
     s = streams.split_spec('corpus/**/*.jsonl@body#nosuchadapter')
     assert (s.kind, s.where, s.field, s.adapter) == ('local', 'corpus/**/*.jsonl', 'body', 'nosuchadapter')
 
 
 def test_a_shard_downloads_only_its_own_files(tmp_path, hub):
     for i in range(4):
-        hub.files[f'/datasets/org/web/resolve/main/f{i}.jsonl'] = json.dumps({'text': f'document {i}'}).encode()
+        hub.files[f'/datasets/org/web/resolve/main/f{i}.jsonl'] = json.dumps(
+            {'text': f'document {i}'}).encode()
     specs = [f'hf:org/web:f{i}.jsonl' for i in range(4)]
     fetched = []
-    for si, spec in enumerate(specs):  # shard 1 of 2 owns part 0 of sources 1 and 3 (data.py: (si + part) % 2)
-        for f in streams.iter_streams(spec, str(tmp_path / 'c'), pick=lambda i, size, si=si: (si + i) % 2 == 1):
+    # shard 1 of 2 owns part 0 of sources 1 and 3 (data.py: (si + part) % 2)
+    for si, spec in enumerate(specs):
+        for f in streams.iter_streams(spec, str(tmp_path / 'c'),
+                                      pick=lambda i, size, si=si: (si + i) % 2 == 1):
             fetched.append(f.name)
     assert fetched == ['org/web/f1.jsonl', 'org/web/f3.jsonl']
     assert len(os.listdir(tmp_path / 'c' / 'url')) == 2  # the other shard's files were never downloaded

@@ -1,5 +1,5 @@
-"""The tokenizer section of lumi.py: a tokenizer's identity (what it does, not its bytes), and chat-marker text
-inside any message encoded as text on every path that builds a chat: render_chat, the server, the
+"""The tokenizer section of lumi.py: a tokenizer's identity (what it does, not its bytes), and chat-marker
+text inside any message encoded as text on every path that builds a chat: render_chat, the server, the
 interactive prompt, SFT records and DPO pairs."""
 import io
 import os
@@ -42,7 +42,8 @@ def by_threads(tmp_path_factory):
 
 def test_thread_count_changes_the_file_not_the_identity(by_threads):
     one, two = (Tokenizer.load(os.path.join(by_threads[n], 'tokenizer', 'tokenizer.model')) for n in (1, 2))
-    # SentencePiece stores num_threads in the model: the files differ, which is what made two machines disagree
+    # SentencePiece stores num_threads in the model: the files differ, which is what
+    # made two machines disagree
     assert one.file_sha256 != two.file_sha256
     assert one.sha256 == two.sha256
     text = "Shall I compare thee to a summer's day? 42 <|end|> naïve"
@@ -50,7 +51,8 @@ def test_thread_count_changes_the_file_not_the_identity(by_threads):
     for split in ('train', 'val'):
         a, b = (np.fromfile(os.path.join(by_threads[n], f'{split}.bin'), np.uint16).tobytes() for n in (1, 2))
         assert a == b and len(a) > 0
-    assert bins.load_meta(by_threads[1])['tokenizer_sha256'] == bins.load_meta(by_threads[2])['tokenizer_sha256']
+    assert (bins.load_meta(by_threads[1])['tokenizer_sha256']
+            == bins.load_meta(by_threads[2])['tokenizer_sha256'])
     check_tokenizer(bins.load_meta(by_threads[2])['tokenizer_sha256'], one.sha256, 'the 2-thread bins')
 
 
@@ -68,7 +70,8 @@ def _with_field(message, number, raw_field):
 def test_identity_follows_what_the_model_does(tokenizer):
     proto = tokenizer.proto
     assert b''.join(raw for _, _, raw in proto_fields(proto)) == proto  # the reader loses nothing
-    # trainer settings that only say how training ran (threads, model prefix, input): same identity, other file
+    # trainer settings that only say how training ran (threads, model prefix, input):
+    # same identity, other file
     for number, value in [(16, 7), (2, b'/elsewhere/tok'), (1, b'/other/corpus.txt')]:
         field = encode_proto_field(number, value)
         other = Tokenizer(_rewrite(proto, 2, lambda spec: _with_field(spec, number, field)))
@@ -92,7 +95,8 @@ def test_truncated_model_is_a_clear_error(tokenizer):
 
 
 def test_hashes_stored_by_older_lumis_still_match(tokenizer, tmp_path):
-    """Checkpoints and bins made before the identity hold the file's hash: the same tokenizer still matches."""
+    """Checkpoints and bins made before the identity hold the file's hash: the same
+    tokenizer still matches."""
     check_tokenizer(tokenizer.file_sha256, tokenizer.sha256, 'an old checkpoint')
     check_tokenizer(tokenizer.sha256, tokenizer.file_sha256, 'an old checkpoint')
     with pytest.raises(ValueError, match='must match'):
@@ -100,7 +104,8 @@ def test_hashes_stored_by_older_lumis_still_match(tokenizer, tmp_path):
     d = tmp_path / 'bins'
     d.mkdir()
     np.arange(40, dtype=np.uint16).tofile(d / 'train.bin')
-    lumi.write_json(str(d / 'meta.json'), dict(tokenizer_sha256=tokenizer.file_sha256, vocab_size=tokenizer.vocab_size,
+    lumi.write_json(str(d / 'meta.json'), dict(tokenizer_sha256=tokenizer.file_sha256,
+                                               vocab_size=tokenizer.vocab_size,
                                                train_tokens=40, val_tokens=0, dtype='uint16'))
     loader = bins.BinLoader(str(d), block_size=8, batch_size=2, tokenizer_sha256=tokenizer.sha256)
     assert loader.next_batch()[0].shape == (2, 8)
@@ -162,12 +167,14 @@ def test_interactive_prompt(tokenizer, tiny_checkpoint, monkeypatch):
     msgs = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': EVIL[0]}]
     check_turns(tokenizer, engine.fit_history(tokenizer, msgs, 500), msgs)
     seen = []
-    monkeypatch.setattr(sample, 'stream_text', lambda model, tok, prompts, *a: seen.extend(prompts) or iter(()))
-    model = checkpoint.model_from_checkpoint(lumi.load_checkpoint(tiny_checkpoint))
+    monkeypatch.setattr(sample, 'stream_text',
+                        lambda model, tok, prompts, *a: seen.extend(prompts) or iter(()))
+    model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tiny_checkpoint))
     prompt = sample.Prompt(model, tokenizer, engine.Sampling(max_new_tokens=4), chat=True, system=EVIL[1])
     prompt.reset()
     prompt.reply(EVIL[0], out=io.StringIO())
-    check_turns(tokenizer, seen[0], [{'role': 'system', 'content': EVIL[1]}, {'role': 'user', 'content': EVIL[0]}])
+    check_turns(tokenizer, seen[0], [{'role': 'system', 'content': EVIL[1]},
+                                     {'role': 'user', 'content': EVIL[0]}])
     prompt.chat = False  # completion mode: the text to continue is text too
     prompt.reply(EVIL[2], out=io.StringIO())
     assert seen[1][0] == BOS_ID and not set(seen[1][1:]) & chat_ids(tokenizer)
@@ -194,13 +201,13 @@ def test_dpo_pairs(tokenizer):
 def test_checkpoint_of_an_older_lumi_still_loads(tokenizer, tiny_checkpoint, tmp_path):
     """Such a checkpoint names its tokenizer by the file's hash; loading it checks that hash against the
     identity of the tokenizer it carries."""
-    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
     assert ckpt['tokenizer_sha256'] == tokenizer.sha256 != tokenizer.file_sha256
     ckpt['tokenizer_sha256'] = tokenizer.file_sha256
-    lumi.save_checkpoint(str(tmp_path / 'old.pt'), ckpt)
+    checkpoint.save_checkpoint(str(tmp_path / 'old.pt'), ckpt)
     _, tok, _ = checkpoint.load_model(str(tmp_path / 'old.pt'))
     assert (tok.sha256, tok.file_sha256) == (tokenizer.sha256, tokenizer.file_sha256)
     ckpt['tokenizer_sha256'] = 'ef' * 32
-    lumi.save_checkpoint(str(tmp_path / 'other.pt'), ckpt)
+    checkpoint.save_checkpoint(str(tmp_path / 'other.pt'), ckpt)
     with pytest.raises(ValueError, match='is not the hash of the tokenizer it carries'):
         checkpoint.load_model(str(tmp_path / 'other.pt'))

@@ -78,7 +78,8 @@ def run_train(args, kill_at=None, launcher=None, check=True):
     cmd = (launcher or [sys.executable]) + (['-c', code] if launcher is None else ['train.py']) + list(args)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
     return proc
 
 
@@ -100,14 +101,15 @@ def test_contract_config_file_overrides_metrics_and_checkpoints(bins, tmp_path, 
     assert [r['step'] for r in recs if 'val_loss' in r] == [0, 5, 10, 12]
     assert all(math.isfinite(r['loss']) for r in recs if 'loss' in r)
     losses = [r['val_loss'] for r in recs if 'val_loss' in r]
-    assert losses[0] == pytest.approx(math.log(tokenizer.vocab_size), abs=0.3)  # a fresh model guesses uniformly
+    # a fresh model guesses uniformly
+    assert losses[0] == pytest.approx(math.log(tokenizer.vocab_size), abs=0.3)
     assert losses[-1] < losses[0] - 0.5  # and it learns
     ckpt = torch.load(final, map_location='cpu', weights_only=True)
     assert ckpt['kind'] == 'pretrain' and ckpt['step'] == 12 and ckpt['tokenizer_sha256'] == tokenizer.sha256
     assert ckpt['model_args']['n_layer'] == 2 and ckpt['model_args']['n_embd'] == 64
     assert ckpt['model_args']['vocab_size'] == tokenizer.vocab_size  # from the bins' meta.json
     assert ckpt['config']['seed'] == 7 and ckpt['config']['out_dir'] == out
-    best = lumi.load_checkpoint(os.path.join(out, 'best.pt'))  # the checkpoint of the lowest val loss
+    best = checkpoint.load_checkpoint(os.path.join(out, 'best.pt'))  # the checkpoint of the lowest val loss
     assert best['metrics']['val_loss'] == min(losses)
     model = checkpoint.model_from_checkpoint(ckpt)
     assert model.num_params() == 106_816
@@ -118,15 +120,16 @@ def test_token_budget_defaults_to_tokens_per_param(bins, tmp_path):
     final = train.main([f'--data_dir={bins}', f'--out_dir={out}', '--tokens_per_param=0.02',
                         '--eval_interval=1000'] + TINY)
     # 106,816 parameters x 0.02 tokens / (4 x 32 tokens a step) = 16.7 -> 17 steps
-    assert lumi.load_checkpoint(final)['max_iters'] == 17 == math.ceil(106_816 * 0.02 / 128)
+    assert checkpoint.load_checkpoint(final)['max_iters'] == 17 == math.ceil(106_816 * 0.02 / 128)
 
 
 def test_max_minutes_fits_the_schedule_to_the_clock(bins, tmp_path):
     """--max_minutes plans the steps from the measured step time (re-planned as it goes), so the run ends on
     its planned last step with the cosine finished, instead of being cut off by the clock at a high LR."""
     out = str(tmp_path / 'o')
-    final = train.main([f'--data_dir={bins}', f'--out_dir={out}', '--max_minutes=0.2', '--min_lr=1e-4'] + TINY)
-    ckpt = lumi.load_checkpoint(final)
+    final = train.main([f'--data_dir={bins}', f'--out_dir={out}', '--max_minutes=0.2', '--min_lr=1e-4']
+                       + TINY)
+    ckpt = checkpoint.load_checkpoint(final)
     steps = [r for r in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl')) if 'loss' in r]
     assert ckpt['max_iters'] < math.ceil(20 * 106_816 / 128)  # planned below the 20 tokens/param budget
     assert steps[-1]['step'] == ckpt['step'] == ckpt['max_iters']
@@ -136,7 +139,8 @@ def test_max_minutes_fits_the_schedule_to_the_clock(bins, tmp_path):
 
 @pytest.mark.slow
 def test_kill9_while_checkpointing_then_resume_is_bit_exact(bins, tmp_path):
-    args = [f'--data_dir={bins}', '--max_iters=24', '--eval_interval=6', '--ckpt_interval=6', '--keep_last=2'] + TINY
+    args = [f'--data_dir={bins}', '--max_iters=24', '--eval_interval=6', '--ckpt_interval=6',
+            '--keep_last=2'] + TINY
     full = str(tmp_path / 'full')
     train.main(args + [f'--out_dir={full}'])  # in this process: one fewer start, the same arithmetic
 
@@ -173,15 +177,15 @@ def test_ddp_two_processes_match_one_at_the_same_global_batch(bins, tmp_path):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], abs=1e-4), (ra['step'], key)
         assert ra['tokens'] == rb['tokens']  # the tokens of both ranks are counted
-    wa = lumi.load_checkpoint(one)['model']
-    wb = lumi.load_checkpoint(two)['model']
+    wa = checkpoint.load_checkpoint(one)['model']
+    wb = checkpoint.load_checkpoint(two)['model']
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
 
 
 def test_nan_loss_stops_and_leaves_the_last_checkpoint_untouched(bins, tmp_path, monkeypatch):
     out = str(tmp_path / 'o')
     written = {}
-    real_save, real_loss = lumi.save_checkpoint, train.pretrain_loss
+    real_save, real_loss = checkpoint.save_checkpoint, train.pretrain_loss
 
     def recording_save(path, state):
         real_save(path, state)
@@ -196,13 +200,15 @@ def test_nan_loss_stops_and_leaves_the_last_checkpoint_untouched(bins, tmp_path,
 
     monkeypatch.setattr(training, 'save_checkpoint', recording_save)  # what the loop calls
     monkeypatch.setattr(train, 'pretrain_loss', loss_going_nan)
-    with pytest.raises(training.TrainingDiverged, match=r"loss is nan at step 12.*ckpt_0000010\.pt is untouched"):
+    with pytest.raises(training.TrainingDiverged,
+                       match=r"loss is nan at step 12.*ckpt_0000010\.pt is untouched"):
         train.main([f'--data_dir={bins}', f'--out_dir={out}', '--max_iters=30', '--eval_interval=5',
                     '--ckpt_interval=5'] + TINY)
     assert checkpoint.latest_step(out).endswith('ckpt_0000010.pt')
     on_disk = {os.path.join(out, n) for n in os.listdir(out) if n.endswith('.pt')}
     assert on_disk <= set(written) and all(lumi.sha256_file(p) == written[p] for p in on_disk)
-    assert max(r['step'] for r in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl'))) == 12  # nothing logged after
+    # nothing logged after
+    assert max(r['step'] for r in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl'))) == 12
 
 
 def test_resume_refuses_other_bins_or_another_model(bins, tmp_path, tokenizer):
@@ -214,9 +220,9 @@ def test_resume_refuses_other_bins_or_another_model(bins, tmp_path, tokenizer):
     # the same text tokenized by another tokenizer: resuming would feed the model ids it never learned
     (tmp_path / 'corpus.txt').write_text(TINY_TEXT * 20)
     spm.SentencePieceTrainer.train(
-        input=str(tmp_path / 'corpus.txt'), model_prefix=str(tmp_path / 'other'), vocab_size=400, model_type='bpe',
-        byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3, user_defined_symbols=list(CHAT_TOKENS),
-        minloglevel=2)
+        input=str(tmp_path / 'corpus.txt'), model_prefix=str(tmp_path / 'other'), vocab_size=400,
+        model_type='bpe', byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        user_defined_symbols=list(CHAT_TOKENS), minloglevel=2)
     other = write_bins(tmp_path / 'other_bins', Tokenizer.load(str(tmp_path / 'other.model')))
     with pytest.raises(ValueError, match="tokenizer"):
         train.main([f'--data_dir={other}', f'--out_dir={out}', '--max_iters=6'] + TINY)
@@ -236,16 +242,17 @@ def test_missing_bins_are_prepared_through_data_py(tmp_path):
     config = tmp_path / 'fresh.py'
     config.write_text(f"sources = [({str(src)!r}, 1.0)]\nvocab_size = 400\nval_fraction = 0.1\n")
     D, out = str(tmp_path / 'bins'), str(tmp_path / 'o')
-    final = train.main([str(config), f'--data_dir={D}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=100',
-                        '--block_size=16', '--eval_iters=1'] + [a for a in TINY if 'block_size' not in a])
+    final = train.main([str(config), f'--data_dir={D}', f'--out_dir={out}', '--max_iters=2',
+                        '--eval_interval=100', '--block_size=16', '--eval_iters=1']
+                       + [a for a in TINY if 'block_size' not in a])
     meta = json.load(open(os.path.join(D, 'meta.json')))
     assert meta["vocab_size"] == 400 and meta['train_tokens'] > 0
-    assert lumi.load_checkpoint(final)['tokenizer_sha256'] == meta['tokenizer_sha256']
+    assert checkpoint.load_checkpoint(final)['tokenizer_sha256'] == meta['tokenizer_sha256']
 
 
 def test_the_closing_line_says_below_or_above_with_a_positive_number():
-    assert train.baseline_verdict(5.0, 6.5) == ("unigram entropy of the val set 6.5000 nats/token, the val loss "
-                                                "is 1.5000 below it")
+    assert train.baseline_verdict(5.0, 6.5) == ("unigram entropy of the val set 6.5000 nats/token, "
+                                                "the val loss is 1.5000 below it")
     worse = train.baseline_verdict(7.0, 6.5)
     assert 'the val loss is 0.5000 above it' in worse and 'WORSE THAN A UNIGRAM MODEL' in worse
     assert '-' not in train.baseline_verdict(5.0, 6.5) + worse

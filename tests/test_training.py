@@ -1,7 +1,7 @@
-"""training.py: the loop's exact resume (an interrupted run logs what the uninterrupted one logs, bit for bit),
-best.pt after a kill at any write, a resume asked for more steps, a metrics.jsonl cut short by a kill, the named
-steps called alone (train_step, evaluate, save, plan_budget), the schedule, the CPU peak behind MFU, and the
-unigram entropy the pretraining report is held to."""
+"""training.py: the loop's exact resume (an interrupted run logs what the uninterrupted one logs, bit for
+bit), best.pt after a kill at any write, a resume asked for more steps, a metrics.jsonl cut short by a kill,
+the named steps called alone (train_step, evaluate, save, plan_budget), the schedule, the CPU peak behind MFU,
+and the unigram entropy the pretraining report is held to."""
 import math
 import os
 import xml.etree.ElementTree as ET
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import checkpoint
+import optim
 import lumi
 import training
 
@@ -42,13 +43,14 @@ class Crash(Exception):
 
 
 def _fit(out_dir, tiny_checkpoint, crash_at=None, resume='auto'):
-    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
     model = checkpoint.model_from_checkpoint(ckpt)
     model.cfg.dropout = 0.0
     tok = checkpoint.tokenizer_from_checkpoint(ckpt)
-    cfg = lumi.load_config(lumi.declared_keys('training.py'), [f'--out_dir={out_dir}', '--max_iters=12', '--eval_interval=5',
-                                                    '--ckpt_interval=4', '--warmup_iters=3', '--keep_last=1',
-                                                    '--device=cpu', '--dtype=float32', f'--resume={resume}'])
+    cfg = lumi.load_config(lumi.declared_keys('training.py'),
+                           [f'--out_dir={out_dir}', '--max_iters=12', '--eval_interval=5',
+                            '--ckpt_interval=4', '--warmup_iters=3', '--keep_last=1',
+                            '--device=cpu', '--dtype=float32', f'--resume={resume}'])
     val = RandomBatches(model.cfg.vocab_size, seed=99).next_batch()
     steps = []
 
@@ -71,7 +73,7 @@ def test_fit_resume_matches_the_uninterrupted_run(tmp_path, tiny_checkpoint):
     assert [r['step'] for r in full if 'loss' in r] == list(range(1, 13))
     with pytest.raises(Crash):  # dies during step 7, after the checkpoints of steps 4 (interval) and 5 (best)
         _fit(str(tmp_path / 'b'), tiny_checkpoint, crash_at=6)
-    assert lumi.load_checkpoint(checkpoint.latest_step(str(tmp_path / 'b')))['step'] == 5
+    assert checkpoint.load_checkpoint(checkpoint.latest_step(str(tmp_path / 'b')))['step'] == 5
     metrics = tmp_path / 'b' / 'metrics.jsonl'
     assert max(r['step'] for r in lumi.read_jsonl(str(metrics))) == 6  # 6 is redone
     with open(metrics, 'a') as f:  # and a kill during the next append left half a line
@@ -79,8 +81,8 @@ def test_fit_resume_matches_the_uninterrupted_run(tmp_path, tiny_checkpoint):
     path, resumed = _fit(str(tmp_path / 'b'), tiny_checkpoint)
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ('tokens_per_sec', 'mfu')} for r in rs]
     assert strip(resumed) == strip(full)  # losses, lr, grad norms and val losses: identical floats
-    a = lumi.load_checkpoint(checkpoint.latest_step(str(tmp_path / 'a')))['model']
-    b = lumi.load_checkpoint(path)['model']
+    a = checkpoint.load_checkpoint(checkpoint.latest_step(str(tmp_path / 'a')))['model']
+    b = checkpoint.load_checkpoint(path)['model']
     assert all(torch.equal(a[k], b[k]) for k in a)
     svg = ET.parse(tmp_path / 'b' / 'loss.svg')  # fit draws its curves at the end
     assert svg.getroot().tag == SVG + 'svg'
@@ -91,7 +93,8 @@ def test_fit_resume_matches_the_uninterrupted_run(tmp_path, tiny_checkpoint):
 
 
 class OneBatch(RandomBatches):
-    """The same batch every step, and as the val set: the model learns it, so the val loss falls at every eval."""
+    """The same batch every step, and as the val set: the model learns it, so the val
+    loss falls at every eval."""
 
     def __init__(self, vocab):
         super().__init__(vocab, seed=3)
@@ -102,15 +105,17 @@ class OneBatch(RandomBatches):
 
 
 def _fit_one_batch(out_dir, tiny_checkpoint, *flags, die_writing=None):
-    """training.fit on the tiny model with a val loss that falls at every eval; die_writing='best' or 'step': the
-    process dies (Crash) while writing the file of the last eval's improvement, the other not yet written."""
-    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    """training.fit on the tiny model with a val loss that falls at every eval; die_writing='best' or 'step':
+    the process dies (Crash) while writing the file of the last eval's improvement, the
+    other not yet written."""
+    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
     model = checkpoint.model_from_checkpoint(ckpt)
     tok = checkpoint.tokenizer_from_checkpoint(ckpt)
-    cfg = lumi.load_config(lumi.declared_keys('training.py'), [f'--out_dir={out_dir}', '--max_iters=10', '--eval_interval=5',
-                                                    '--ckpt_interval=100', '--warmup_iters=2', '--keep_last=0',
-                                                    '--device=cpu', '--dtype=float32', '--learning_rate=3e-3',
-                                                    *flags])
+    cfg = lumi.load_config(lumi.declared_keys('training.py'),
+                           [f'--out_dir={out_dir}', '--max_iters=10', '--eval_interval=5',
+                            '--ckpt_interval=100', '--warmup_iters=2', '--keep_last=0',
+                            '--device=cpu', '--dtype=float32', '--learning_rate=3e-3',
+                            *flags])
     batches = OneBatch(model.cfg.vocab_size)
     real_save = training.save_checkpoint  # what the loop calls
 
@@ -132,22 +137,23 @@ def _fit_one_batch(out_dir, tiny_checkpoint, *flags, die_writing=None):
 def _best_is_the_best(out_dir):
     evals = [r for r in lumi.read_jsonl(os.path.join(out_dir, 'metrics.jsonl')) if 'val_loss' in r]
     best = min(evals, key=lambda r: r['val_loss'])
-    saved = lumi.load_checkpoint(os.path.join(out_dir, 'best.pt'))
+    saved = checkpoint.load_checkpoint(os.path.join(out_dir, 'best.pt'))
     assert (saved['step'], saved['metrics']['val_loss']) == (best['step'], best['val_loss'])
-    step_ckpt = lumi.load_checkpoint(os.path.join(out_dir, f"ckpt_{best['step']:07d}.pt"))
+    step_ckpt = checkpoint.load_checkpoint(os.path.join(out_dir, f"ckpt_{best['step']:07d}.pt"))
     assert all(torch.equal(saved['model'][k], step_ckpt['model'][k]) for k in saved['model'])
 
 
 @pytest.mark.parametrize('die_writing', ['best', 'step'])
-def test_a_kill_between_best_and_step_checkpoint_leaves_best_consistent_after_resume(tmp_path, tiny_checkpoint,
-                                                                                       die_writing):
+def test_a_kill_between_best_and_step_checkpoint_leaves_best_consistent_after_resume(tmp_path,
+                                                                                     tiny_checkpoint,
+                                                                                     die_writing):
     out = str(tmp_path / die_writing)
     with pytest.raises(Crash):
         _fit_one_batch(out, tiny_checkpoint, die_writing=die_writing)
     assert checkpoint.latest_step(out).endswith('ckpt_0000005.pt')  # the step-10 checkpoint never landed
     _fit_one_batch(out, tiny_checkpoint)  # resumes at step 5 and does step 10 again: its eval improves again
     _best_is_the_best(out)
-    assert lumi.load_checkpoint(os.path.join(out, 'best.pt'))['step'] == 10
+    assert checkpoint.load_checkpoint(os.path.join(out, 'best.pt'))['step'] == 10
 
 
 def test_resume_with_more_steps_extends_the_run_and_says_so(tmp_path, tiny_checkpoint, capsys):
@@ -156,8 +162,9 @@ def test_resume_with_more_steps_extends_the_run_and_says_so(tmp_path, tiny_check
     capsys.readouterr()
     final = _fit_one_batch(out, tiny_checkpoint, '--max_iters=15')
     said = capsys.readouterr().out
-    assert 'max_iters=15: the checkpoint planned 10 steps; the learning-rate schedule is re-planned over 15' in said
-    assert final.endswith('ckpt_0000015.pt') and lumi.load_checkpoint(final)['max_iters'] == 15
+    assert ('max_iters=15: the checkpoint planned 10 steps; '
+            'the learning-rate schedule is re-planned over 15' in said)
+    assert final.endswith('ckpt_0000015.pt') and checkpoint.load_checkpoint(final)['max_iters'] == 15
     steps = [r['step'] for r in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl')) if 'loss' in r]
     assert steps == list(range(1, 16))
     with pytest.raises(lumi.LumiError, match=r"ckpt_0000015\.pt is at step 15, past max_iters=12"):
@@ -165,8 +172,9 @@ def test_resume_with_more_steps_extends_the_run_and_says_so(tmp_path, tiny_check
 
 
 def test_resume_from_a_file_that_is_no_training_checkpoint_is_refused(tmp_path, tiny_checkpoint):
-    with pytest.raises(lumi.LumiError, match=r"ckpt_0000000\.pt: not a training checkpoint to resume \(it has no "
-                                             r"optimizer, best_val, max_iters, sampler, rng\)"):
+    with pytest.raises(lumi.LumiError,
+                       match=r"ckpt_0000000\.pt: not a training checkpoint to resume \(it has no "
+                             r"optimizer, best_val, max_iters, sampler, rng\)"):
         _fit_one_batch(str(tmp_path / 'r'), tiny_checkpoint, f'--resume={tiny_checkpoint}')
 
 
@@ -213,11 +221,12 @@ def test_unigram_entropy_against_hand_computation(tmp_path):
 # the named steps, called alone, are the loop
 
 def _trainer(out_dir, tiny_checkpoint, *flags):
-    ckpt = lumi.load_checkpoint(tiny_checkpoint)
+    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
     model = checkpoint.model_from_checkpoint(ckpt)
     model.cfg.dropout = 0.0
-    cfg = lumi.load_config(lumi.declared_keys('training.py'), [f'--out_dir={out_dir}', '--max_iters=4', '--warmup_iters=2',
-                                                        '--device=cpu', '--dtype=float32', '--resume=never', *flags])
+    cfg = lumi.load_config(lumi.declared_keys('training.py'),
+                           [f'--out_dir={out_dir}', '--max_iters=4', '--warmup_iters=2',
+                            '--device=cpu', '--dtype=float32', '--resume=never', *flags])
     return cfg, model, checkpoint.tokenizer_from_checkpoint(ckpt)
 
 
@@ -228,23 +237,25 @@ def test_train_step_alone_takes_the_steps_fit_takes(tmp_path, tiny_checkpoint):
     by_fit = [r for r in lumi.read_jsonl(str(tmp_path / 'fit' / 'metrics.jsonl')) if 'loss' in r]
     cfg, model, tok = _trainer(str(tmp_path / 'alone'), tiny_checkpoint)
     run = training.Trainer(cfg, model, RandomBatches(model.cfg.vocab_size), lambda m, b: m(*b)[1])
-    alone = [run.train_step(training.lr_at(s, cfg.max_iters, cfg))[0] for s in range(cfg.max_iters)]
+    alone = [run.train_step(optim.lr_at(s, cfg.max_iters, cfg))[0] for s in range(cfg.max_iters)]
     assert [(r['step'], r['loss'], r['lr'], r['grad_norm']) for r in alone] == \
         [(r['step'], r['loss'], r['lr'], r['grad_norm']) for r in by_fit]
     assert run.step == 4 and run.tokens_seen == 4 * 4 * 32
     path = run.save({'val_loss': 1.5}, alone[-1], best=True)
-    saved = lumi.load_checkpoint(path)
+    saved = checkpoint.load_checkpoint(path)
     assert path.endswith('ckpt_0000004.pt') and saved['step'] == 4 and saved['metrics']['val_loss'] == 1.5
     assert torch.equal(saved['sampler']['g'], run.batches.state_dict()['g'])
-    assert lumi.load_checkpoint(str(tmp_path / 'alone' / 'best.pt'))['step'] == 4
+    assert checkpoint.load_checkpoint(str(tmp_path / 'alone' / 'best.pt'))['step'] == 4
     assert run.evaluate() == {}  # no evaluation given: nothing to report
     run.eval_fn = lambda m: {'val_loss': 2.0, 'training_mode': float(m.training)}
-    assert run.evaluate() == {'val_loss': 2.0, 'training_mode': 0.0} and model.training  # eval mode, then back
+    # eval mode, then back
+    assert run.evaluate() == {'val_loss': 2.0, 'training_mode': 0.0} and model.training
 
 
 def test_a_loss_that_is_not_finite_stops_before_the_optimizer_steps(tmp_path, tiny_checkpoint):
     cfg, model, _ = _trainer(str(tmp_path), tiny_checkpoint)
-    run = training.Trainer(cfg, model, RandomBatches(model.cfg.vocab_size), lambda m, b: m(*b)[1] * float('inf'))
+    run = training.Trainer(cfg, model, RandomBatches(model.cfg.vocab_size),
+                           lambda m, b: m(*b)[1] * float('inf'))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(training.TrainingDiverged, match=r"loss is inf at step 0.*\(none yet\)"):
         run.train_step(1e-3)
@@ -255,25 +266,8 @@ def test_plan_budget_fits_the_steps_left_to_the_clock(tmp_path, tiny_checkpoint)
     cfg, model, _ = _trainer(str(tmp_path), tiny_checkpoint, '--eval_interval=100')
     run = training.Trainer(cfg, model, RandomBatches(model.cfg.vocab_size), lambda m, b: m(*b)[1])
     run.step = 20
-    # 10 s budget, 2 s gone, the final eval takes 0.5 s: 7.5 s left at 0.1 s a step + 0.5 s / 100 steps of evals
+    # 10 s budget, 2 s gone, the final eval takes 0.5 s: 7.5 s left at 0.1 s a step +
+    # 0.5 s / 100 steps of evals
     assert run.plan_budget(10.0, 2.0, [0.1] * 10, 0.5, 10**12) == (20 + int(7.5 / 0.105), pytest.approx(0.1))
     assert run.plan_budget(10.0, 2.0, [0.1] * 10, 0.5, 50)[0] == 50         # never past the cap
     assert run.plan_budget(10.0, 12.0, [0.1, 0.3], 0.5, 10**12)[0] == 20    # out of time: stop here
-
-
-@pytest.mark.parametrize('schedule, step, want', [
-    ('cosine', 0, 1e-3 * 1 / 10), ('cosine', 9, 1e-3), ('cosine', 10, 1e-3),
-    ('cosine', 55, 1e-4 + 0.5 * (1 + math.cos(math.pi * 0.5)) * 9e-4), ('cosine', 100, 1e-4), ('cosine', 500, 1e-4),
-    ('wsd', 50, 1e-3), ('wsd', 79, 1e-3), ('wsd', 90, 1e-3 + 0.5 * (1e-4 - 1e-3)), ('wsd', 100, 1e-4),
-    ('constant', 5, 1e-3 * 6 / 10), ('constant', 99, 1e-3),
-])
-def test_learning_rate_schedules_against_hand_computation(schedule, step, want):
-    cfg = lumi.Config(lumi.load_config(lumi.declared_keys('training.py'), []), learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, decay_frac=0.2,
-                      lr_schedule=schedule)
-    assert training.lr_at(step, 100, cfg) == pytest.approx(want, rel=1e-12)
-
-
-def test_an_unknown_schedule_is_refused():
-    cfg = lumi.Config(lumi.load_config(lumi.declared_keys('training.py'), []), lr_schedule='linear', warmup_iters=0)
-    with pytest.raises(ValueError, match='cosine, wsd or constant'):
-        training.lr_at(5, 100, cfg)

@@ -115,8 +115,9 @@ def newest_checkpoint(*roots):
                 last = stages[stage]
         offers[run] = last
     if not offers:
-        raise FileNotFoundError(f"no model under {', '.join(r + '/' for r in roots)}: make one (python lumi.py "
-                                f"run configs/pipeline_cpu.py; or train.py, sft.py) or pass --ckpt=PATH")
+        raise FileNotFoundError(f"no model under {', '.join(r + '/' for r in roots)}: make one (python "
+                                f"lumi.py run configs/pipeline_cpu.py; or train.py, sft.py) "
+                                f"or pass --ckpt=PATH")
     return max(offers.values(), key=os.path.getmtime)
 
 

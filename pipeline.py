@@ -407,8 +407,8 @@ class Pipeline:
             lines += ["", "Chat with the result:", "", f"    python sample.py {chat}"]
             roots = [self.keys['sample'][k].default for k in ('out_root', 'runs_root')]
             if os.path.abspath(newest_checkpoint(*roots)) == os.path.abspath(final):
-                lines += ["", f"or, while it is the newest model under {' and '.join(r + '/' for r in roots)}, "
-                              f"with the settings in {os.path.join(self.run_dir, SAMPLE_ARGS)}:", "",
+                lines += ["", f"or, while it is the newest model under {' and '.join(r + '/' for r in roots)}"
+                              f", with the settings in {os.path.join(self.run_dir, SAMPLE_ARGS)}:", "",
                           "    python sample.py"]
         except (PipelineError, FileNotFoundError):
             pass

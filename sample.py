@@ -105,8 +105,8 @@ class Prompt:
         return HELP if name == 'help' else f"unknown command /{name}\n{HELP}"
 
     def reply(self, text, out=None):
-        """Stream the model's answer to text (a chat turn, or a text to continue) to out (stdout); Ctrl-C stops
-        it."""
+        """Stream the model's answer to text (a chat turn, or a text to continue) to out (stdout); Ctrl-C
+        stops it."""
         out = out or sys.stdout
         if self.chat:
             self.messages.append({'role': 'user', 'content': text})
@@ -168,7 +168,7 @@ def with_recommended(cfg, source, argv):
         names = [a[2:].partition('=')[0].replace('-', '_') for a in lumi.split_args(flags, KEYS)[1]]
         if set(names) & {'ckpt', 'adapter', 'out_root', 'runs_root', 'serve'}:
             raise lumi.LumiError("it may not choose the model")
-        values = lumi.load_config(KEYS, flags)
+        values = lumi.load_config(KEYS, flags, shares_with=())
     except lumi.LumiError as e:
         raise lumi.LumiError(f"{where}: {e}") from e
     given = lumi.load_config(KEYS, argv, shares_with=())
@@ -179,9 +179,10 @@ def with_recommended(cfg, source, argv):
 
 def describe_sampling(p):
     """A Sampling's settings in one line."""
-    return (f"temperature {p.temperature}, top_k {p.top_k}, top_p {p.top_p}, max_new_tokens {p.max_new_tokens}, "
-            f"repetition_penalty {p.repetition_penalty}, frequency_penalty {p.frequency_penalty}, "
-            f"presence_penalty {p.presence_penalty}, stop {list(p.stop)}")
+    return (f"temperature {p.temperature}, top_k {p.top_k}, top_p {p.top_p}, "
+            f"max_new_tokens {p.max_new_tokens}, repetition_penalty {p.repetition_penalty}, "
+            f"frequency_penalty {p.frequency_penalty}, presence_penalty {p.presence_penalty}, "
+            f"stop {list(p.stop)}")
 
 
 def main(argv=None):

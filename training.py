@@ -159,6 +159,50 @@ def unigram_entropy(path, vocab_size):
 
 
 # -----------------------------------------------------------------------------
+# what a plan costs: its duration on this machine, measured, and how often it reads its data
+
+# the ETA: the median of the last ETA_STEPS step times (one step slowed by a neighbour, or by a checkpoint
+# write, moves a median not at all; 50 steps follow a machine that slows down for good within ~25), said
+# once measured over MEASURED_STEPS steps after the first (which holds compilation and warm-up)
+ETA_STEPS, MEASURED_STEPS = 50, 5
+MAX_PASSES = 4  # past this many passes over the same data a model learns it by heart: say so
+
+
+def plan_seconds(step, max_iters, step_s, eval_interval, eval_s):
+    """Seconds the rest of a plan takes: the steps from step to max_iters at step_s each, and the held-out
+    evaluations still to come (one every eval_interval steps, and one at the end) at eval_s each."""
+    evals = max_iters // eval_interval - step // eval_interval + (max_iters % eval_interval != 0)
+    return max(0, max_iters - step) * step_s + max(0, evals) * eval_s
+
+
+def duration(seconds):
+    """A duration in words: '45 s', '12.5 minutes', '40.2 hours', '3.1 days'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} minutes"
+    return f"{seconds / 3600:.1f} hours" if seconds < 48 * 3600 else f"{seconds / 86400:.1f} days"
+
+
+def amount(n):
+    """A count in words: 7.0M, 294M, 12.3k, 950."""
+    for unit, size in (('B', 1e9), ('M', 1e6), ('k', 1e3)):
+        if n >= size:
+            return f"{n / size:.{1 if n < 10 * size else 0}f}{unit}"
+    return f"{n:,.0f}"
+
+
+def passes_warning(planned, available, unit, data, advice=''):
+    """A line saying that a plan of `planned` reads its `available` units of data (tokens, conversations,
+    pairs) more than MAX_PASSES times, or '' when it does not."""
+    passes = planned / max(available, 1)
+    if passes <= MAX_PASSES:
+        return ''
+    return (f"{amount(planned)} {unit} is {passes:.0f} passes over {data}'s {amount(available)}: expect "
+            f"overfitting" + (f"; {advice}" if advice else ''))
+
+
+# -----------------------------------------------------------------------------
 # what the fine-tuning stages share: the LM head at target positions only, and epochs of planned batches
 
 def unwrap(model):
@@ -423,8 +467,10 @@ class Trainer:
         self.last, self.eval_s, self.final_path = {}, 0.0, self.resumed_from
         self.resumed_at = self.step if self.resumed_from else -1  # that step was evaluated and saved before
         self.raw.train()
+        self.step_times = []  # the last ETA_STEPS step times: the ETA (the bar's own swings with its rate)
         self.bar = tqdm(total=self.max_iters or None, initial=self.step, disable=not self.master,
-                        dynamic_ncols=True, desc=cfg.out_dir)
+                        dynamic_ncols=True, desc=cfg.out_dir,
+                        bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]')
 
     def finished(self):
         """Whether the planned steps are done, or the clock ran out past the plan (a safety net: every rank
@@ -465,11 +511,35 @@ class Trainer:
         # the first step is not timed: it holds torch.compile's compilation (~30 s on 2 cores)
         if self.step > 1:
             self.recent = (self.recent + [dt])[-10:]
+        if self.step > max(self.resumed_at, 0) + 1:  # not this process's first step either
+            self.step_times = (self.step_times + [dt])[-ETA_STEPS:]
         if self.master:
             append_jsonl(self.metrics_path, last)
             self.bar.update(1)
+            eta = self.eta()
             self.bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_sec']:,.0f}",
-                                 mfu=f"{100 * last['mfu']:.1f}%")
+                                 mfu=f"{100 * last['mfu']:.1f}%", **({'eta': duration(eta)} if eta else {}))
+            if len(self.step_times) == MEASURED_STEPS and not self.replanning and self.max_iters:
+                self.bar.write(self.measured_plan(eta))
+
+    def eta(self):
+        """Seconds the rest of the plan takes, from the median of the recent step times (plan_seconds), or
+        None before MEASURED_STEPS steps are timed."""
+        if len(self.step_times) < MEASURED_STEPS or not self.max_iters:
+            return None
+        return plan_seconds(self.step, self.max_iters, float(np.median(self.step_times)),
+                            self.cfg.eval_interval, self.eval_s)
+
+    def measured_plan(self, eta):
+        """What the plan costs on this machine, said once its first steps are timed; on a CPU, with a plan of
+        more than an hour and no clock, where --max_minutes would cap it."""
+        first = self.step - MEASURED_STEPS + 1
+        text = (f"measured over steps {first}-{self.step}: {np.median(self.step_times):.3g} s a step"
+                f"{f' and {self.eval_s:.3g} s an evaluation' if self.eval_s else ''}; the plan of "
+                f"{self.max_iters:,} steps takes about {duration(eta)} more on this machine")
+        if self.device == 'cpu' and not self.budget_s and eta > 3600:
+            text += " (--max_minutes=N fits the learning-rate schedule to N minutes instead)"
+        return text
 
     def replan(self):
         """Re-fit max_iters to the clock after every step from the last ten step times, so that a machine that

@@ -4,7 +4,7 @@ against Hugging Face generate on the same exported weights, each beside the memo
 weights' bytes over this core's read bandwidth, measured in the same run, is the least time a step can take
 when it reads every weight once.
 
-    taskset -c 1 python benchmarks/bench_sample.py [--shapes="('cpu', '6x256')"] [--dtypes=...] [--batches=...]
+    taskset -c 1 python benchmarks/bench_sample.py [--shapes="('cpu', '6x256')"] [--dtypes=...] [--rounds=5]
 
 Shapes: 'cpu' is the CPU profile's model (configs/cpu.py: 4 layers x 128, context 256, vocab 4096), '6x256'
 6 layers x 256 with context 1024 and the same vocabulary. Weights: random, at ~40x the init scale (as

@@ -127,7 +127,8 @@ def test_sample_with_no_arguments_chats_with_the_runs_dpo_model_and_its_settings
     out, first = sample('--frequency_penalty=0')  # a flag wins over the run's setting
     assert out == reply(repetition_penalty=1.3) + '\n' and '(repetition_penalty as' in first
     out, first = sample('--ckpt=runs/pipeline_cpu/sft')  # and --ckpt over the newest
-    assert first.startswith('runs/pipeline_cpu/sft/merged.pt: sft model') and 'repetition_penalty 1.3' in first
+    assert first.startswith('runs/pipeline_cpu/sft/merged.pt: sft model')
+    assert 'repetition_penalty 1.3' in first
     with pytest.raises(FileNotFoundError, match=r'did you mean runs/pipeline_cpu/dpo/merged\.pt'):
         sample('--ckpt=runs/pipline_cpu/dpo')
     lumi.write_json('runs/pipeline_cpu/sample_args.json', dict(sample_args=['--ckpt=out/cpu']))

@@ -366,11 +366,13 @@ class DecodeWeights:
 
 
 def decode_weights(model):
-    """The DecodeWeights of model, or None where decode_step does not apply and forward() must decode: a model
-    in training mode, with LoRA or other layers in place of plain nn.Linear, or a config field decode_step
-    does not implement. A frozen model (checkpoint.load_model's, for inference) keeps them until its
+    """The DecodeWeights of model, or None where decode_step does not apply and forward() must decode: not a
+    GPT, in training mode, with LoRA or other layers in place of plain nn.Linear, or with a config field
+    decode_step does not implement. A frozen model (checkpoint.load_model's, for inference) keeps them until its
     parameters are replaced or moved (weights changed in place are not noticed: a frozen model's never are);
     any other model gets a fresh copy per call, as training changes its weights between generations."""
+    if not isinstance(model, GPT):
+        return None
     linears = [m for b in model.layers for m in (b.attn.q_proj, b.attn.k_proj, b.attn.v_proj, b.attn.o_proj,
                                                  b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj)]
     unknown = [f.name for f in fields(model.cfg)

@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import lumi
 from checkpoint import load_model, newest_checkpoint
-from engine import Sampling, fit_history, make_generator, model_device, stream_text
+from engine import Sampling, fit_conversation, make_generator, model_device, stream_text
 from tokenizer import BOS_ID
 
 # -----------------------------------------------------------------------------
@@ -108,8 +108,8 @@ class Prompt:
         """Stream the model's answer to text (a chat turn, or a text to continue) to out; Ctrl-C stops it."""
         if self.chat:
             self.messages.append({'role': 'user', 'content': text})
-            room = min(self.params.max_new_tokens, self.model.cfg.block_size // 2)
-            ids = fit_history(self.tok, self.messages, self.model.cfg.block_size - room)
+            ids, _ = fit_conversation(self.tok, self.messages, self.model.cfg.block_size,
+                                      self.params.max_new_tokens)
         else:
             ids = [BOS_ID] + self.tok.encode(text)
         answer, n, t0 = '', 0, time.time()

@@ -496,7 +496,7 @@ class HTTPServer:
             request, reply = job
             try:
                 self.handle(request, reply)
-                if not reply.answered:
+                if not reply.answered and not reply.gone():
                     raise RuntimeError(f"no answer to {request.method} {request.path}")
             except ConnectionError:
                 reply.close = True

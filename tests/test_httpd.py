@@ -213,14 +213,16 @@ def test_idle_connections_cost_no_worker():
             stop.set()
             holder.join()
         assert answered.count(200) >= 0.9 * len(answered), answered  # the acceptance line: 90 % within 5 s
-        assert all(path.startswith('/real/') for _, path in srv.handled)  # idle sockets never reached a worker
+        # and the idle sockets never reached a worker
+        assert all(path.startswith('/real/') for _, path in srv.handled)
 
 
 def test_the_listen_backlog_holds_a_burst_of_connections():
     # finding 6: http.server listened with a backlog of 5, so a burst past it waited for SYN retries
     srv = Echo()
     try:
-        socks = [socket.create_connection(('127.0.0.1', srv.server_address[1]), timeout=3) for _ in range(200)]
+        port = srv.server_address[1]
+        socks = [socket.create_connection(('127.0.0.1', port), timeout=3) for _ in range(200)]
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         socks[-1].sendall(b'GET /last HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n')
         assert socks[-1].recv(1 << 16).startswith(b'HTTP/1.1 200 ')
@@ -330,7 +332,8 @@ def test_pipelined_requests_are_answered_in_order_and_100_continue_is_sent():
     with serving() as (srv, port):
         with socket.create_connection(('127.0.0.1', port), timeout=10) as sock:
             f = sock.makefile('rb')
-            sock.sendall(b'GET /a HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /b HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n')
+            sock.sendall(b'GET /a HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n'
+                         b'GET /b HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n')
             assert [json.loads(read_answer(f)[2])['path'] for _ in range(2)] == ['/a', '/b']
             sock.sendall(b'POST /c HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n'
                          b'Content-Length: 2\r\n\r\n')

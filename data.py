@@ -216,7 +216,8 @@ def build_corpus(cfg):
     for m in metas:
         reports[m['source']].update(m['counts'])
     if not offsets[-1]:
-        raise ValueError(f"no document survived cleaning: {[dict(r) for r in reports]}")
+        raise ValueError("no document survived cleaning: " + '; '.join(f"{spec}: {dict(r)}"
+                                                                       for spec, r in zip(specs, reports)))
     # exact duplicates: sort the 16-byte keys; a stable sort puts the first copy first in its run
     t1 = time.time()
     rows = lsh_rows(cfg.num_perm, cfg.near_dup_threshold)
@@ -530,6 +531,13 @@ KEYS = lumi.declared_keys(__file__)
 
 def main(argv=None):
     cfg = lumi.load_config(KEYS, argv, shares_with=SHARES_WITH)
+    with lumi.disk_errors(cfg.data_dir):  # a full disk while writing parts, shards or bins: one line
+        return build_data(cfg)
+
+
+def build_data(cfg):
+    """data.py's work for a loaded config: the corpus, tokenizer and bins in cfg.data_dir (each step skipped
+    when its output exists for the same inputs); returns the data_dir."""
     if cfg.vocab_size > MAX_UINT16_VOCAB:
         raise ValueError(f"vocab_size {cfg.vocab_size} > {MAX_UINT16_VOCAB}: token ids would not fit the "
                          f"uint16 bins; pick a vocab of at most {MAX_UINT16_VOCAB}")

@@ -10,6 +10,7 @@ imports no other project file: the rest build on it.
 """
 import ast
 import difflib
+import errno
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import random
 import re
 import sys
 import tokenize
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 import numpy as np
@@ -375,20 +376,69 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+# errors that mean "no room to write": a full disk, a quota, a file size limit, a read-only mount
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+class _RecordedFile:
+    """A file that remembers why a write failed: torch.save turns the OSError of a full disk into a
+    RuntimeError ('unexpected pos 704 vs 598') that no longer says so."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 def atomic_write(path, write_fn, mode='wb'):
-    """Write a file so that a crash leaves either the old file or the new one, never half of one."""
+    """Write a file so that a crash leaves either the old file or the new one, never half of one. A write that
+    fails (a full disk, a quota) is an OSError whose one line names the file, and the old file stays as it
+    was."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp, recorded = f"{path}.tmp.{os.getpid()}", None
     try:
         with open(tmp, mode) as f:
-            write_fn(f)
+            recorded = _RecordedFile(f)
+            write_fn(recorded)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        cause = recorded.error if recorded and recorded.error else e
+        if not isinstance(cause, OSError):
+            raise
+        kept = 'the previous file is unchanged' if os.path.exists(path) else 'nothing was written'
+        raise OSError(f"cannot write {path}: {cause.strerror or cause} ({kept})") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     _fsync_dir(path)
+
+
+@contextmanager
+def disk_errors(where):
+    """Say a write under `where` that failed for want of room (DISK_FULL) in one line that names it (an
+    OSError still): the OSError of a plain write() names no file."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL or e.filename:
+            raise
+        raise OSError(f"cannot write under {where}: {e.strerror}; what was written before is intact "
+                        "(each file is written under a temporary name, then renamed), so free some space and "
+                        "run the same command again") from e
 
 
 def write_json(path, obj):
@@ -401,9 +451,14 @@ def read_json(path):
 
 
 def append_jsonl(path, record):
+    """Append one record as a line; a failed write (a full disk) is an OSError whose one line names the file,
+    whose earlier lines stay (a last line cut short is what read_jsonl skips)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    try:
+        with open(path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def read_jsonl(path):

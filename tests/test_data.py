@@ -258,6 +258,28 @@ def test_bad_input_is_reported_in_manifest_and_card(tmp_path):
     assert 'skipped_files 1' in card
 
 
+def test_a_surrogate_record_is_skipped_and_its_file_still_read(tmp_path):
+    # issue 28: a JSONL record holding "\ud800" stopped data.py with a UnicodeEncodeError naming neither the
+    # file nor the line; now the record is skipped, counted in the card, and the file's other records kept
+    docs = make_docs(8, seed=53)
+    lines = [json.dumps({'text': d}) for d in docs]
+    lines[3] = json.dumps({'text': docs[3]}).replace('. ', '. \\ud800 ', 1)
+    jl = tmp_path / 'recs.jsonl'
+    jl.write_text('\n'.join(lines[:5] + ['  ', ''] + lines[5:]) + '\n')
+    d = str(tmp_path / 'out')
+    with pytest.warns(UserWarning, match=r'recs.jsonl:4: a lone UTF-16 surrogate'):
+        data.main(small_args(d, str(jl)))
+    (s,) = lumi.read_json(os.path.join(d, 'corpus', 'manifest.json'))['sources']
+    assert (s['docs'], s['bad_unicode_records'], s['blank_lines']) == (7, 1, 2)
+    card = open(os.path.join(d, 'corpus', 'DATA_CARD.md')).read()
+    assert 'bad_unicode_records 1, blank_lines 2' in card
+    empty = tmp_path / 'bad.jsonl'
+    empty.write_text(lines[3] + '\n')
+    with pytest.warns(UserWarning), pytest.raises(ValueError,
+                                                  match=f"no document survived cleaning: {empty}: "):
+        data.main(small_args(str(tmp_path / 'out2'), str(empty)))
+
+
 @contextlib.contextmanager
 def time_limit(seconds):
     """Fail instead of hanging: the walks and bombs below once ran for minutes."""

@@ -45,7 +45,8 @@ max_body_bytes = 1 << 20    # [1, inf) a larger Content-Length is answered 413 b
 max_connections = 1024      # [1, inf) open connections in all; one more is answered 503
 max_client_connections = 256  # [1, inf) open connections from one client address; one more is answered 503
 workers = 16                # [1, inf) threads answering complete requests (a generation runs on one)
-queue_size = 32             # [0, inf) complete requests waiting for a worker; one more is answered 503
+queue_size = 128            # [0, inf) complete requests waiting for a worker (each holds its body, no
+                            # thread); one more is answered 503
 KEYS = lumi.declared_keys(__file__)
 HTTP_KEYS = tuple(KEYS)
 

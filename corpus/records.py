@@ -147,21 +147,21 @@ def _json_lines(name, lines, stats, lineno=0, warned=None):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            _skip(f"{name}:{lineno}", 'malformed_lines', f"malformed JSON line skipped ({e.msg})", stats,
-                  warned)
+            _skip_line(f"{name}:{lineno}", 'malformed_lines', f"malformed JSON line skipped ({e.msg})", stats,
+                       warned)
             continue
         if not isinstance(rec, dict):
             stats['not_objects'] += 1
             warn(f"{name}:{lineno}: a {type(rec).__name__}, not an object; skipped")
         elif not _valid_unicode(rec, line):
-            _skip(f"{name}:{lineno}", 'bad_unicode_records', "a lone UTF-16 surrogate (\\uD800-\\uDFFF "
-                  "unpaired); record skipped", stats, warned)
+            _skip_line(f"{name}:{lineno}", 'bad_unicode_records', "a lone UTF-16 surrogate (\\uD800-\\uDFFF "
+                       "unpaired); record skipped", stats, warned)
         else:
             yield rec
     return lineno
 
 
-def _skip(where, reason, message, stats, warned):
+def _skip_line(where, reason, message, stats, warned):
     """Count a skipped line by reason; warn naming where it is for the first five of a file, and the total at
     the end (_said_skips)."""
     stats[reason] += 1
@@ -199,8 +199,8 @@ def json_records(name, blocks, stats):
                     stats['not_objects'] += 1
                     warn(f"{name}: item {i} is a {type(rec).__name__}, not an object; skipped")
                 elif not _valid_unicode(rec, text):
-                    _skip(f"{name}: item {i}", 'bad_unicode_records', "a lone UTF-16 surrogate; record "
-                          "skipped", stats, warned)
+                    _skip_line(f"{name}: item {i}", 'bad_unicode_records', "a lone UTF-16 surrogate; record "
+                               "skipped", stats, warned)
                 else:
                     yield rec
             _said_skips(name, warned)

@@ -48,7 +48,8 @@ def test_a_lone_surrogate_skips_its_record_only_naming_file_and_line(tmp_path):
     messages = [str(w.message) for w in said]
     assert any(m.startswith(f"{tmp_path / 'a.jsonl'}:3: a lone UTF-16 surrogate") for m in messages)
     assert any(':6: a lone UTF-16 surrogate' in m for m in messages)
-    got, stats = records_of(tmp_path, 'b.json', b'[{"text": "ok"}, {"text": "bad \\udc00"}]')
+    with pytest.warns(UserWarning, match=r'b\.json: item 1: a lone UTF-16 surrogate'):
+        got, stats = records_of(tmp_path, 'b.json', b'[{"text": "ok"}, {"text": "bad \\udc00"}]')
     assert got == [{'text': 'ok'}] and stats['bad_unicode_records'] == 1
 
 

@@ -362,6 +362,8 @@ class Connection(asyncio.Protocol):
         self.state, self.buffer = 'closing', bytearray()
         if self.transport.is_closing():  # reset or aborted already
             return
+        if self.gone:  # the client has sent all it will: close once the answer is out
+            return self.transport.close()
         self.transport.resume_reading()
         if self.transport.can_write_eof():
             self.transport.write_eof()

@@ -743,6 +743,9 @@ def test_truncation_auto_keeps_a_chat_going_past_the_context(server, loaded, tok
     status, r = call(url, '/v1/chat/completions', body)
     assert status == 400 and r['error']['code'] == 'context_length_exceeded'
     ids, dropped = engine.fit_conversation(tok, messages, model.cfg.block_size, 8)
+    # the newest turns that fit, the system message kept: the prompt is theirs exactly
+    assert ids == render_chat(tok, messages[:1] + messages[1 + dropped:], add_generation_prompt=True)[0]
+    assert len(ids) <= model.cfg.block_size - 8
     want, _, _ = complete(model, tok, [ids], greedy(8), chat=True)[0]
     status, r = call(url, '/v1/chat/completions', dict(body, truncation='auto'))
     assert status == 200 and r['dropped_messages'] == dropped > 0 and r['usage']['prompt_tokens'] == len(ids)

@@ -178,11 +178,11 @@ def parse_request(body, server, chat):
     if chat:
         truncation = _body_field(body, 'truncation', (str,), 'disabled', lambda v: v in ('auto', 'disabled'),
                                  "'auto' or 'disabled'")
-        messages = chat_messages(body.get('messages'))
         if truncation == 'auto':  # the oldest turns that do not fit go, as in the terminal chat
+            messages = chat_messages(body.get('messages'))
             ids, dropped = fit_conversation(tok, messages, server.window, max_tokens)
         else:
-            ids, _ = render_chat(tok, messages, add_generation_prompt=True)
+            ids = render_messages(tok, body.get('messages'))
         prompts = [ids]
     else:
         texts = _body_field(body, 'prompt', (str, list), None, lambda v: isinstance(v, str) or (
@@ -201,6 +201,11 @@ def parse_request(body, server, chat):
                             f"{server.max_batch}", 'n', 'invalid_value')
     return dict(prompts=[p for p in prompts for _ in range(n)], prompt_tokens=sum(map(len, prompts)),
                 params=params, seed=seed, stream=stream, include_usage=include_usage, dropped=dropped)
+
+
+def render_messages(tok, messages):
+    """OpenAI chat messages to the chat template's ids."""
+    return render_chat(tok, chat_messages(messages), add_generation_prompt=True)[0]
 
 
 def chat_messages(messages):

@@ -1,7 +1,7 @@
 """formats.py: the hand-written safetensors writer and reader (a file built byte by byte, the layout, round
-trips, corrupt files refused), and the GGUF side's own pieces: llama.cpp's RoPE layout, and the one-line errors
-of an unknown dtype and a missing gguf package. The GGUF files themselves are tested through export.py, against
-transformers' GGUF loader (tests/test_export.py)."""
+trips, corrupt files refused), and the GGUF side's own pieces: llama.cpp's RoPE layout, and the one-line
+errors of an unknown dtype and a missing gguf package. The GGUF files themselves are tested through
+export.py, against transformers' GGUF loader (tests/test_export.py)."""
 import json
 import struct
 import sys
@@ -82,8 +82,8 @@ def test_reader_refuses_overlapping_tensors(tmp_path):
 # GGUF
 
 def rope_adjacent_pairs(x, cos, sin):
-    """llama.cpp's RoPE (GGML_ROPE_TYPE_NORM, the llama architecture's): dimensions 2i and 2i + 1 of a head turn
-    together, by the frequency of i."""
+    """llama.cpp's RoPE (GGML_ROPE_TYPE_NORM, the llama architecture's): dimensions 2i and 2i + 1 of a head
+    turn together, by the frequency of i."""
     half = x.size(-1) // 2
     c, s = cos[..., :half], sin[..., :half]
     even, odd = x[..., 0::2], x[..., 1::2]

@@ -264,12 +264,18 @@ GGUF_CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
 
 def export_gguf(ckpt_path, out_path, dtype='float32'):
     """One GGUF file (formats.write_gguf) of a checkpoint, LoRA merged first; returns its path (out_path, or
-    OUT/model.gguf when out_path is a directory or does not end in .gguf)."""
+    OUT/model.gguf when out_path is a directory or does not end in .gguf). llama.cpp's SentencePiece tokenizer
+    escapes spaces and adds the dummy prefix (after every control token, as render_chat's per-message encoding
+    does) but normalises nothing else: data.py's tokenizers (identity rule, whitespace kept) need nothing
+    else, and one trained with NFKC or whitespace folding differs from Lumi where those change the text."""
     if dtype not in GGUF_DTYPES:  # both before the model is loaded
         raise lumi.LumiError(f"--dtype for --format=gguf must be one of {', '.join(GGUF_DTYPES)}, "
                              f"got {dtype!r}")
     import_gguf()
     model, tok, ckpt = load_model(ckpt_path, adapters=False)
+    if tok.vocab_size != model.cfg.vocab_size:  # llama.cpp sizes the embedding by the tokenizer
+        raise ValueError(f"{ckpt['path']}: tokenizer has {tok.vocab_size} pieces but the model "
+                         f"{model.cfg.vocab_size} rows")
     pieces, _, norm = bpe_pieces_and_specs(tok, 'GGUF')
     types = [PIECE_CONTROL if p in CHAT_TOKENS else t for p, _, t in pieces]
     vocab = dict(pieces=[(p, s, t) for (p, s, _), t in zip(pieces, types)], merges=bpe_merges(pieces),
@@ -294,7 +300,9 @@ def export_peft(path, out_dir):
     ckpt = load_checkpoint(checkpoint_of(path))
     where = ckpt['path']
     if is_adapter(ckpt):
-        base = load_checkpoint(ckpt.get('base_path') or '')
+        if not ckpt.get('base_path'):
+            raise lumi.LumiError(f"adapter {where} does not name its base")
+        base = load_checkpoint(ckpt['base_path'])
         check_adapter(ckpt, where, base['path'], tokenizer_from_checkpoint(base))
         lora, state, model_args = ckpt['lora'], ckpt['lora_state'], base['model_args']
         base_path, base_sha, tok_sha = base['path'], ckpt['base_sha256'], ckpt['tokenizer_sha256']

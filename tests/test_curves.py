@@ -115,12 +115,18 @@ def wandb_history(run_dir):
     return rows, config
 
 
-def tensorboard_scalars(run_dir):
-    """{tag: {step: value}} as TensorBoard shows them (what a purge_step dropped is gone)."""
+def tensorboard_run(run_dir):
+    """({tag: {step: value}} as TensorBoard shows them (what a purge_step dropped is gone), {hyperparameter:
+    value} of its HPARAMS tab)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
     acc = EventAccumulator(os.path.join(run_dir, 'tensorboard'), size_guidance={'scalars': 0})
     acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()['scalars']}
+    scalars = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()['scalars']}
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        acc.PluginTagToContent('hparams')['_hparams_/session_start_info']).session_start_info
+    hparams = {k: v.WhichOneof('kind') and getattr(v, v.WhichOneof('kind')) for k, v in start.hparams.items()}
+    return scalars, hparams
 
 
 def jsonl_scalars(run_dir):
@@ -182,7 +188,8 @@ def test_trackers_show_metrics_jsonl_and_a_resumed_run_continues_them(tmp_path, 
     assert {'loss', 'lr', 'tokens', 'tokens_per_sec', 'mfu', 'grad_norm', 'margin',
             'val_loss'} <= set(expected)
     assert sorted(expected['loss']) == list(range(1, 13)) and sorted(expected['val_loss']) == [0, 5, 10, 12]
-    board = tensorboard_scalars(run)
+    board, hparams = tensorboard_run(run)
+    assert hparams['max_iters'] == 12 and hparams['out_dir'] == run and hparams['log'] == 'tensorboard,wandb'
     assert set(board) == set(expected)
     for tag, points in expected.items():  # the same steps (none twice) and values (float32 in event files)
         assert sorted(board[tag]) == sorted(points), tag
@@ -209,7 +216,7 @@ def test_a_fresh_run_starts_fresh_curves(tmp_path, tiny_checkpoint):
             os.remove(os.path.join(run, name))
     _fit_logged(run, tiny_checkpoint, 'tensorboard')
     assert len(os.listdir(os.path.join(run, 'tensorboard'))) == 1  # the old event file went with the old run
-    assert sorted(tensorboard_scalars(run)['loss']) == list(range(1, 13))
+    assert sorted(tensorboard_run(run)[0]['loss']) == list(range(1, 13))
 
 
 def test_a_failing_tracker_warns_once_and_training_goes_on(tmp_path, tiny_checkpoint, monkeypatch, capsys):

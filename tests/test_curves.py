@@ -112,6 +112,8 @@ def wandb_history(run_dir):
                     row.update({k: v for k, v in items.items() if not k.startswith('_')})
                 elif record.WhichOneof('record_type') == 'config':
                     config.update({i.key: json.loads(i.value_json) for i in record.config.update})
+                elif record.WhichOneof('record_type') == 'run':
+                    config['_project'] = record.run.project
     return rows, config
 
 
@@ -203,6 +205,7 @@ def test_trackers_show_metrics_jsonl_and_a_resumed_run_continues_them(tmp_path, 
             for step, value in points.items():
                 assert history[step][tag] == pytest.approx(value, rel=1e-12), (tag, step)
     assert config['max_iters'] == 12 and config['out_dir'] == run and config['log'] == 'tensorboard,wandb'
+    assert config['_project'] == 'lumi-tests'  # WANDB_PROJECT
     runs = glob.glob(os.path.join(run, 'wandb', 'offline-run-*'))
     assert len(runs) == 2 and all(r.endswith('-' + run_id) for r in runs)  # `wandb sync` makes them one run
 

@@ -44,8 +44,6 @@ is refused (use a new data_dir).
 Left out: a scheduler (the cluster's job system runs the commands), and dedupe against other corpora.
 """
 import hashlib
-import io
-import itertools
 import json
 import os
 import shutil
@@ -63,7 +61,7 @@ from corpus.clean import lsh_rows
 from corpus.fetch import remove_orphan_temps
 from corpus.sources import parse_spec, split_document
 from corpus.streams import LIMITS, local_files, read_bytes
-from tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, Tokenizer, UNK_ID
+from tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, Tokenizer, tokenizer_quality, train_sentencepiece
 
 # -----------------------------------------------------------------------------
 # keys: set in a config file or as --key=value. Also data.py's: max_doc_chars (corpus/sources.py) and the
@@ -297,18 +295,6 @@ def _training_text(cfg, manifest):
                 yield from split_document(para, 4000)
 
 
-def tokenizer_quality(tok, texts):
-    """Characters per token, unknown and byte-fallback rates, exact round trips, on held-out texts."""
-    ids = tok.encode_batch(texts)
-    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64)
-    is_byte = np.array([tok.sp.is_byte(i) for i in range(tok.vocab_size)])
-    return {'docs': len(texts), 'chars': sum(map(len, texts)), 'tokens': int(len(flat)),
-            'chars_per_token': round(sum(map(len, texts)) / max(1, len(flat)), 4),
-            'unk_rate': float((flat == UNK_ID).mean()) if len(flat) else 0.0,
-            'byte_fallback_rate': float(is_byte[flat].mean()) if len(flat) else 0.0,
-            'roundtrip_exact': sum(tok.decode(i) == t for i, t in zip(ids, texts)) / max(1, len(texts))}
-
-
 def _tokenizer_from(cfg):
     """The tokenizer.model that tokenizer_from names ('' when the tokenizer is trained)."""
     src = cfg.tokenizer_from
@@ -331,7 +317,6 @@ def _tokenizer_inputs(cfg, manifest):
 def build_tokenizer(cfg, manifest):
     """The tokenizer stage: train SentencePiece once on a sample of the corpus (or adopt tokenizer_from), then
     freeze."""
-    import sentencepiece as spm
     out = os.path.join(cfg.data_dir, 'tokenizer')
     model_path, card_path = os.path.join(out, 'tokenizer.model'), os.path.join(out, 'tokenizer.json')
     inputs, src = _tokenizer_inputs(cfg, manifest), _tokenizer_from(cfg)
@@ -352,21 +337,9 @@ def build_tokenizer(cfg, manifest):
         lumi.log(f"[tokenizer] training SentencePiece {cfg.tokenizer_type}, vocab {cfg.vocab_size}, on about "
                  f"{min(cfg.tokenizer_sample_chars, manifest['kept_chars']) / 1e6:.1f}M characters of train "
                  f"documents")
-        buf = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_text(cfg, manifest), model_writer=buf, model_type=cfg.tokenizer_type,
-            vocab_size=cfg.vocab_size, byte_fallback=True, character_coverage=0.9995, split_digits=True,
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            pad_piece='<pad>', unk_piece='<unk>', bos_piece='<s>', eos_piece='</s>',
-            user_defined_symbols=list(CHAT_TOKENS),
-            # identity normalisation and kept whitespace: decode(encode(text)) == text
-            normalization_rule_name='identity', remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True, max_sentence_length=16384,
-            num_threads=cfg.num_threads or os.cpu_count(), minloglevel=2)
-        proto = buf.getvalue()
+        proto = train_sentencepiece(_training_text(cfg, manifest), cfg.vocab_size, cfg.tokenizer_type,
+                                    cfg.num_threads or os.cpu_count())
     tok = Tokenizer(proto)
-    if [tok.sp.piece_to_id(t) for t in CHAT_TOKENS] != list(range(4, 4 + len(CHAT_TOKENS))):
-        raise ValueError(f"tokenizer: chat tokens {CHAT_TOKENS} must have ids 4..7")
     if tok.vocab_size > MAX_UINT16_VOCAB:
         raise ValueError(f"tokenizer vocab {tok.vocab_size} > {MAX_UINT16_VOCAB} does not fit uint16 bins")
     lumi.atomic_write(model_path, lambda f: f.write(proto))

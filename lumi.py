@@ -555,7 +555,7 @@ def resolve_compile(value, device):
 USAGE = """usage: python lumi.py COMMAND ...
   run [CONFIG] [--key=value ...]     every stage in order: data, pretrain, eval, SFT, eval, DPO, eval, \
 a sample
-  export CKPT OUT [--format=hf|pt]   a Hugging Face Llama directory (safetensors) or a plain state dict
+  export CKPT OUT [--format=F]       hf (transformers) | pt | gguf (llama.cpp, Ollama) | peft (an adapter)
   plot RUN [RUN ...] [--out=FILE]    train/val loss and LR against tokens as an SVG
   info CKPT                          config, parameters, tokenizer, tokens seen, last metrics
 every command takes --help; --debug shows the traceback of an error"""

@@ -26,9 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import curves
+import lumi
 from optim import lr_at, make_optimizer
 from checkpoint import latest_step, load_checkpoint, save_checkpoint, step_of, step_path
-from lumi import LumiError, append_jsonl, atomic_write, autocast, log, read_jsonl, resolve_compile, \
+from lumi import LumiError, append_jsonl, atomic_write, autocast, read_jsonl, resolve_compile, \
     resolve_dtype, setup_distributed
 
 # -----------------------------------------------------------------------------
@@ -58,6 +59,9 @@ ckpt_interval = 100         # [1, inf) steps between step checkpoints (an improv
 keep_last = 2               # [0, inf) step checkpoints kept besides best.pt
 resume = 'auto'             # auto: continue from the newest checkpoint in out_dir; never; or a path
 peak_flops = 0.0            # [0, inf) for MFU; 0 guesses from the device
+# (this key takes the name `log` in this file: its messages go through lumi.log)
+log = ''                    # trackers fed metrics.jsonl's scalars too: a comma list of tensorboard,
+                            # wandb; '' is none (curves.Trackers)
 
 
 def cpu_facts():
@@ -264,7 +268,7 @@ class Trainer:
         self.peak, how = ((cfg.peak_flops, f"peak_flops={cfg.peak_flops:.3g}") if cfg.peak_flops
                           else guess_peak_flops(self.device, self.dtype))
         if self.master:
-            log(f"MFU against {how}")
+            lumi.log(f"MFU against {how}")
         self.flops_per_token = model.flops_per_token() if hasattr(model, 'flops_per_token') else 0
 
     def _resume(self, path):
@@ -288,14 +292,14 @@ class Trainer:
         # the new one (a plan fitted to max_minutes is kept: the clock made it)
         if cfg.max_iters and cfg.max_iters != self.max_iters:
             if cfg.max_minutes:
-                log(f"keeping the checkpoint's plan of {self.max_iters} steps (fitted to max_minutes), not "
-                    f"max_iters={cfg.max_iters}; pass --max_minutes=0 for max_iters")
+                lumi.log(f"keeping the checkpoint's plan of {self.max_iters} steps (fitted to max_minutes), "
+                         f"not max_iters={cfg.max_iters}; pass --max_minutes=0 for max_iters")
             elif cfg.max_iters < self.step:
                 raise LumiError(f"{path} is at step {self.step}, past max_iters={cfg.max_iters}: "
                                 f"raise max_iters or start afresh with --resume=never")
             else:
-                log(f"max_iters={cfg.max_iters}: the checkpoint planned {self.max_iters} steps; "
-                    f"the learning-rate schedule is re-planned over {cfg.max_iters}")
+                lumi.log(f"max_iters={cfg.max_iters}: the checkpoint planned {self.max_iters} steps; "
+                         f"the learning-rate schedule is re-planned over {cfg.max_iters}")
                 self.max_iters = cfg.max_iters
         sampler, rank = ckpt['sampler'], self.rank
         self.batches.load_state_dict(sampler[rank] if isinstance(sampler, list) else sampler)
@@ -304,7 +308,7 @@ class Trainer:
             kept = [r for r in read_jsonl(self.metrics_path) if r.get('step', 0) <= self.step]
             atomic_write(self.metrics_path, lambda f: f.writelines(json.dumps(r) + '\n' for r in kept),
                          mode='w')
-        log(f"resumed from {path} at step {self.step}")
+        lumi.log(f"resumed from {path} at step {self.step}")
 
     def train_step(self, lr):
         """One optimizer step at learning rate lr over gradient_accumulation_steps micro-batches; returns the
@@ -414,6 +418,9 @@ class Trainer:
     def start(self):
         """Start the clock (max_minutes) and the progress bar."""
         cfg = self.cfg
+        # the trackers (rank 0's), on the same curves when resumed; a missing package stops the run here
+        self.tracker = curves.Trackers(cfg.get('log', '') if self.master else '', cfg.out_dir, dict(cfg),
+                                       self.step if self.resumed_from else None)
         self.t_start, self.budget_s = time.time(), cfg.max_minutes * 60
         # fit the schedule to the clock; a resumed run keeps its plan
         self.replanning = self.budget_s > 0 and not self.resumed_from
@@ -449,6 +456,7 @@ class Trainer:
             self.eval_s = time.time() - t0
             if val and self.master:
                 append_jsonl(self.metrics_path, dict(step=step, tokens=self.tokens_seen, **val))
+                self.tracker.log(dict(step=step, tokens=self.tokens_seen, **val))
                 self.bar.write(f"step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in val.items()
                                                            if isinstance(v, float)))
             improved = 'val_loss' in val and val['val_loss'] < self.best_val
@@ -467,6 +475,7 @@ class Trainer:
             self.recent = (self.recent + [dt])[-10:]
         if self.master:
             append_jsonl(self.metrics_path, last)
+            self.tracker.log(last)
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_sec']:,.0f}",
                                  mfu=f"{100 * last['mfu']:.1f}%")
@@ -481,8 +490,8 @@ class Trainer:
                                                     self.eval_s, self.cap)
         self.bar.total = self.max_iters
         if not self.planned:
-            log(f"max_minutes={self.cfg.max_minutes}: {per_step:.3f}s a step, "
-                f"planning {self.max_iters} steps")
+            lumi.log(f"max_minutes={self.cfg.max_minutes}: {per_step:.3f}s a step, "
+                     f"planning {self.max_iters} steps")
         self.planned = True
 
 
@@ -501,6 +510,7 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None):
             run.replan()
     finally:
         run.bar.close()
+        run.tracker.close()
     if run.master:
         curves.write_loss_plot(cfg.out_dir)  # never raises
     if run.world > 1:

@@ -382,7 +382,7 @@ class Server(HTTPServer):
                 self.send_json(request, reply, e.status, e.body, e.headers)
         except ConnectionError:  # the client left or stopped reading; its generation stopped with it
             reply.close = True
-        except Exception as e:  # a bug must not take the server down; the client learns what happened
+        except Exception:  # a bug must not take the server down; the client learns what happened
             traceback.print_exc()
             reply.close = True
             error = APIError(500, "internal error (the server's log has it)", kind='server_error').body

@@ -259,8 +259,8 @@ def load_model(path, device='cpu', dtype='float32', adapter='', tokenizer='', ad
 
     info is the checkpoint's dict without its weights, plus kind (an adapter pair is 'sft': a chat model),
     adapter (the adapter file applied, or '') and created (the file's time)."""
-    if dtype not in ('float32', 'bfloat16'):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     path = checkpoint_of(path)
     ckpt = load_checkpoint(path)
     if is_adapter(ckpt):

@@ -855,15 +855,17 @@ def test_scale_reference_counts_duplicates_across_sources(scale_ref):
                for s in meta['sources']) == 120
 
 
-def test_workers_give_identical_outputs(scale_ref, tmp_path, monkeypatch):
+@pytest.mark.parametrize('start', ['forkserver', 'spawn'])  # spawn: Windows has no other
+def test_workers_give_identical_outputs(scale_ref, tmp_path, monkeypatch, start):
     root, srcs, ref = scale_ref
     monkeypatch.setattr(data.parts, 'BATCH_DOCS', 4)  # c's 22 records: 6 batches, so the worker pool starts
+    monkeypatch.setattr(parts, 'START_METHOD', start)
     pools, real = [], parts.mp.get_context
     monkeypatch.setattr(parts.mp, 'get_context', lambda *a: pools.append(a) or real(*a))
     d = str(tmp_path / 'w2')
     with pytest.warns(UserWarning):
         data.main(_args(d, srcs, '--num_workers=2'))
-    assert pools == [('forkserver',)] and _outputs(d) == ref
+    assert pools == [(start,)] and _outputs(d) == ref
 
 
 def test_shards_then_merge_equal_one_machine(scale_ref, tmp_path, monkeypatch):

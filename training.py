@@ -106,9 +106,11 @@ def guess_peak_flops(device, dtype):
     """(peak FLOP/s, how it was found) for MFU: a table of GPUs, or the CPU's flags and clock."""
     if device.startswith('cuda'):
         name = torch.cuda.get_device_name(device)
-        dense_bf16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, '4090': 165e12}
-        peak = next((v for k, v in dense_bf16.items() if k in name), 100e12)
-        peak = peak if dtype == 'bfloat16' else peak / 2
+        # dense bf16 (fp16 as fast), and fp16 on the GPUs without bf16 units
+        dense_half = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, '4090': 165e12,
+                      'T4': 65e12, 'V100': 125e12}
+        peak = next((v for k, v in dense_half.items() if k in name), 100e12)
+        peak = peak if dtype in ('bfloat16', 'float16') else peak / 2
         return peak, f"{name}: {peak / 1e12:.0f} TFLOP/s dense {dtype}"
     # the cores used: torch's threads, but no more than this process may run on
     cores = min(torch.get_num_threads(),

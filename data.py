@@ -43,12 +43,14 @@ Once bins exist, new source weights only re-pack them; a change that would alter
 is refused (use a new data_dir).
 Left out: a scheduler (the cluster's job system runs the commands), and dedupe against other corpora.
 """
+import errno
 import hashlib
 import json
 import os
 import shutil
 import time
 from collections import Counter
+from contextlib import contextmanager
 
 import numpy as np
 from tqdm import tqdm
@@ -497,6 +499,24 @@ def _frozen_tokenizer(cfg, manifest):
     return Tokenizer.load(os.path.join(cfg.data_dir, 'tokenizer', 'tokenizer.model'))
 
 
+# errors that mean "no room to write": a full disk, a quota, a file size limit, a read-only mount
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+@contextmanager
+def disk_errors(where):
+    """Say a write under `where` that failed for want of room (DISK_FULL) in one line that names it (an
+    OSError still): the OSError of a plain write() names no file."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL or e.filename:
+            raise
+        raise OSError(f"cannot write under {where}: {e.strerror}; what was written before is intact "
+                      "(each file is written under a temporary name, then renamed), so free some space and "
+                      "run the same command again") from e
+
+
 SHARES_WITH = ('train.py', 'pipeline.py')  # configs/tiny.py holds the model's keys beside the data's; a lab
                                            # config given to `lumi.py run` is read by every stage it names
 KEYS = lumi.declared_keys(__file__)
@@ -504,7 +524,7 @@ KEYS = lumi.declared_keys(__file__)
 
 def main(argv=None):
     cfg = lumi.load_config(KEYS, argv, shares_with=SHARES_WITH)
-    with lumi.disk_errors(cfg.data_dir):  # a full disk while writing parts, shards or bins: one line
+    with disk_errors(cfg.data_dir):  # a full disk while writing parts, shards or bins: one line
         return build_data(cfg)
 
 

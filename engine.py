@@ -440,6 +440,6 @@ def target_logprobs(model, requests, device='cpu', dtype='float32', batch_tokens
             with autocast(device, dtype):
                 logits = model.lm_head(hidden[b_i[sl], p_i[sl]])
             logp = F.log_softmax(logits.float(), dim=-1).gather(1, t_i[sl, None]).squeeze(1)
-            sums.index_add_(0, r_i[sl].cpu(), logp.double().cpu())
+            sums.index_add_(0, r_i[sl].cpu(), logp.cpu().double())  # MPS has no float64
     return sums.numpy()
 

@@ -159,8 +159,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if '--serve' in argv or '--serve=True' in argv:  # serving is serve.py's: run it in this process's place
         rest = [a for a in argv if a not in ('--serve', '--serve=True')]
-        sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, os.path.join(lumi.ROOT, 'serve.py'), *rest])
+        lumi.run_script(os.path.join(lumi.ROOT, 'serve.py'), rest)
     cfg = lumi.load_config(KEYS, argv, shares_with=())
     if cfg.mode not in ('auto', 'chat', 'completion'):
         raise ValueError(f"mode must be auto, chat or completion, got {cfg.mode!r}")

@@ -29,7 +29,7 @@ import curves
 import lumi
 from optim import lr_at, make_optimizer
 from checkpoint import latest_step, load_checkpoint, save_checkpoint, step_of, step_path
-from lumi import LumiError, append_jsonl, atomic_write, autocast, read_jsonl, resolve_compile, \
+from lumi import LumiError, append_jsonl, atomic_write, autocast, loss_scaler, read_jsonl, resolve_compile, \
     resolve_dtype, setup_distributed
 
 # -----------------------------------------------------------------------------
@@ -38,6 +38,8 @@ KEY_FILES = ('lumi.py',)    # device and dtype
 out_dir = 'out/run'         # where checkpoints, metrics.jsonl and loss.svg go
 compile = 'auto'            # auto: torch.compile on CUDA only (on a CPU it costs minutes and gains
                             # nothing); True / False
+activation_checkpointing = False  # keep each block's input alone and recompute its activations in the
+                                  # backward: less memory (docs/BENCHMARKS.md, "Memory"), a second forward
 seed = 1337                 # [0, inf) seeds init, batches and dropout; a resumed run restores its RNGs
 batch_size = 8              # [1, inf) sequences per micro-step on each process
 gradient_accumulation_steps = 1  # [1, inf) micro-steps per optimizer step
@@ -69,7 +71,7 @@ def cpu_facts():
     missing."""
     facts = {}
     try:
-        with open('/proc/cpuinfo') as f:
+        with open('/proc/cpuinfo', encoding='utf-8') as f:
             for line in f:
                 key, _, value = line.partition(':')
                 facts.setdefault(key.strip(), value.strip())
@@ -77,7 +79,7 @@ def cpu_facts():
         pass
     mhz = float(facts.get('cpu MHz') or 0)
     try:  # the rated maximum, where the kernel exposes it, beats the momentary clock
-        with open('/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq') as f:
+        with open('/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq', encoding='utf-8') as f:
             mhz = int(f.read()) / 1000
     except (OSError, ValueError):
         pass
@@ -108,9 +110,11 @@ def guess_peak_flops(device, dtype):
     """(peak FLOP/s, how it was found) for MFU: a table of GPUs, or the CPU's flags and clock."""
     if device.startswith('cuda'):
         name = torch.cuda.get_device_name(device)
-        dense_bf16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, '4090': 165e12}
-        peak = next((v for k, v in dense_bf16.items() if k in name), 100e12)
-        peak = peak if dtype == 'bfloat16' else peak / 2
+        # dense bf16 (fp16 as fast), and fp16 on the GPUs without bf16 units
+        dense_half = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, '4090': 165e12,
+                      'T4': 65e12, 'V100': 125e12}
+        peak = next((v for k, v in dense_half.items() if k in name), 100e12)
+        peak = peak if dtype in ('bfloat16', 'float16') else peak / 2
         return peak, f"{name}: {peak / 1e12:.0f} TFLOP/s dense {dtype}"
     # the cores used: torch's threads, but no more than this process may run on
     cores = min(torch.get_num_threads(),
@@ -138,6 +142,8 @@ def rng_state():
              'numpy_pos': int(np.random.get_state()[2]), 'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        state['mps'] = torch.mps.get_rng_state()
     return state
 
 
@@ -148,6 +154,8 @@ def set_rng_state(state):
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
+    if 'mps' in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state['mps'])
 
 
 class TrainingDiverged(LumiError, RuntimeError):
@@ -239,6 +247,9 @@ class Trainer:
             cfg, model, batches, loss_fn, evaluate, meta
         self.device, self.rank, _, self.world = setup_distributed(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.scaler = loss_scaler(self.device, self.dtype)  # float16's; the other dtypes pass through it
+        self.skipped = 0  # float16 steps skipped because their gradients overflowed
+        model.activation_checkpointing = cfg.activation_checkpointing
         self.master = self.rank == 0
         os.makedirs(cfg.out_dir, exist_ok=True)
         if self.master:  # a kill during a checkpoint write leaves its temp file; it was never a checkpoint
@@ -288,6 +299,9 @@ class Trainer:
                             f"use another --out_dir or --resume=never") from e
         self.step, self.tokens_seen, self.best_val = ckpt['step'], ckpt['tokens_seen'], ckpt['best_val']
         self.max_iters = ckpt['max_iters']
+        if ckpt.get('scaler'):  # float16's loss scale and growth count, so the resumed steps scale the same
+            self.scaler.load_state_dict(ckpt['scaler'])
+        self.skipped = ckpt.get('skipped_steps', 0)
         # a resumed run keeps its plan unless asked for another length: then the schedule is re-planned over
         # the new one (a plan fitted to max_minutes is kept: the clock made it)
         if cfg.max_iters and cfg.max_iters != self.max_iters:
@@ -312,7 +326,8 @@ class Trainer:
 
     def train_step(self, lr):
         """One optimizer step at learning rate lr over gradient_accumulation_steps micro-batches; returns the
-        step's metrics (loss, lr, tokens, tokens_per_sec, mfu, the loss function's stats, grad_norm) and its
+        step's metrics (loss, lr, tokens, tokens_per_sec, mfu, the loss function's stats, grad_norm; under
+        float16 the loss scale and the steps skipped so far, a skipped step having no grad_norm) and its
         seconds. Raises TrainingDiverged on a loss that is not finite, before the optimizer steps."""
         cfg, device, world = self.cfg, self.device, self.world
         accum = cfg.gradient_accumulation_steps
@@ -327,7 +342,8 @@ class Trainer:
             with ctx, autocast(device, self.dtype):
                 out = self.loss_fn(self.model, batch)
                 loss, stats = out if isinstance(out, tuple) else (out, {})
-                (loss / accum).backward()  # scale the loss to account for gradient accumulation
+                # scale the loss to account for gradient accumulation (and by float16's loss scale)
+                self.scaler.scale(loss / accum).backward()
             loss_sum += loss.item()
             step_tokens += int(stats.pop('tokens',
                                          batch[0].numel() if isinstance(batch, (list, tuple)) else 0))
@@ -343,9 +359,16 @@ class Trainer:
             raise TrainingDiverged(f"loss is {loss_val} at step {self.step}: stopping. The last good "
                                    f"checkpoint {good or '(none yet)'} is untouched; lower learning_rate or "
                                    f"raise warmup_iters.")
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not float16's scaled ones
         params = self.raw.parameters()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
-        self.optimizer.step()
+        # float16: a step whose gradients overflowed is skipped and the scale halved (so it fell: skipped);
+        # DDP ranks agree, as they hold the same all-reduced gradients
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        skipped = self.scaler.get_scale() < scale
+        self.skipped += skipped
         self.optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         self.step += 1
@@ -354,8 +377,10 @@ class Trainer:
         last = dict(step=self.step, loss=loss_val, lr=lr, tokens=self.tokens_seen,
                     tokens_per_sec=round(tps, 1), mfu=round(self.flops_per_token * tps / self.peak, 5),
                     **{k: v / accum for k, v in stats_sum.items()})
-        if grad_norm is not None:
+        if grad_norm is not None and not skipped:
             last['grad_norm'] = float(grad_norm)
+        if self.scaler.is_enabled():
+            last.update(loss_scale=self.scaler.get_scale(), skipped_steps=self.skipped)
         return last, dt
 
     def evaluate(self):
@@ -390,6 +415,8 @@ class Trainer:
                      step=self.step, max_iters=self.max_iters, tokens_seen=self.tokens_seen,
                      best_val=self.best_val, sampler=samplers, rng=rngs, config=dict(cfg),
                      metrics=dict(last_metrics, **val_metrics))
+        if self.scaler.is_enabled():
+            state.update(scaler=self.scaler.state_dict(), skipped_steps=self.skipped)
         path = step_path(cfg.out_dir, self.step)
         # best.pt first: a kill before the step checkpoint resumes from an earlier one and redoes both
         if best:

@@ -193,7 +193,7 @@ def source_set(name, files=None, weight=1.0):
         known = sorted(n[:-3] for n in os.listdir(os.path.dirname(path)) if n.endswith('.py'))
         raise FileNotFoundError(f"no source set {name!r} in configs/sources (known: {', '.join(known)})")
     namespace = {}
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
         exec(compile(f.read(), path, 'exec'), namespace)
     specs = namespace['FILES'][:files]
     if files is not None and len(specs) < files:

@@ -4,6 +4,7 @@ url:/hf: run against a local HTTP server, pypi: against archives built here and 
 import contextlib
 import gzip
 import hashlib
+import errno
 import io
 import json
 import os
@@ -877,15 +878,17 @@ def test_scale_reference_counts_duplicates_across_sources(scale_ref):
                for s in meta['sources']) == 120
 
 
-def test_workers_give_identical_outputs(scale_ref, tmp_path, monkeypatch):
+@pytest.mark.parametrize('start', ['forkserver', 'spawn'])  # spawn: Windows has no other
+def test_workers_give_identical_outputs(scale_ref, tmp_path, monkeypatch, start):
     root, srcs, ref = scale_ref
     monkeypatch.setattr(data.parts, 'BATCH_DOCS', 4)  # c's 22 records: 6 batches, so the worker pool starts
+    monkeypatch.setattr(parts, 'START_METHOD', start)
     pools, real = [], parts.mp.get_context
     monkeypatch.setattr(parts.mp, 'get_context', lambda *a: pools.append(a) or real(*a))
     d = str(tmp_path / 'w2')
     with pytest.warns(UserWarning):
         data.main(_args(d, srcs, '--num_workers=2'))
-    assert pools == [('forkserver',)] and _outputs(d) == ref
+    assert pools == [(start,)] and _outputs(d) == ref
 
 
 def test_shards_then_merge_equal_one_machine(scale_ref, tmp_path, monkeypatch):
@@ -932,3 +935,12 @@ def test_killed_scan_redoes_only_unfinished_parts(scale_ref, tmp_path, monkeypat
     assert _outputs(d) == ref
     assert 0 < len(read) < 75  # shard 0's finished parts were not read again (the corpus has 103 files)
     assert all(os.path.getmtime(os.path.join(d, 'corpus', 'manifest.json')) > t for t in stamps.values())
+
+
+def test_a_full_disk_while_building_is_one_line_naming_the_folder(tmp_path):
+    with pytest.raises(OSError, match=r"cannot write under out/x: No space left on device; what was written"):
+        with data.disk_errors('out/x'):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+    with pytest.raises(FileNotFoundError):  # an error that names its own file passes through
+        with data.disk_errors('out/x'):
+            open(tmp_path / 'missing')

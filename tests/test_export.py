@@ -24,6 +24,8 @@ from model import GPT, ModelConfig
 from test_data import make_docs, write_corpus
 from tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, Tokenizer, UNK_ID, render_chat
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _checkpoint(path, tok, cfg, kind='pretrain', lora=False, seed=0):
     torch.manual_seed(seed)
@@ -250,6 +252,22 @@ def test_transformers_alone_loads_the_exported_tokenizer(tmp_path, tokenizer, ti
     plain, chat = json.loads(r.stdout.strip().splitlines()[-1])
     assert plain[:3] == [BOS_ID] + tokenizer.encode("Hello there")[:2]
     assert chat == render_chat(tokenizer, [{'role': 'user', 'content': text}])[0]
+
+
+def test_transformers_imports_beside_lumis_modules_from_the_repository_root(tmp_path, tokenizer, tiny_config):
+    """transformers 5.25 imports the `kernels` distribution; Lumi's kernels/ folder must not shadow it for a
+    user who runs Python from the repository root, where an export lands (tests/test_platforms.py holds the
+    general rule). The other tests here import transformers in this process, beside Lumi's modules."""
+    pytest.importorskip('transformers')
+    _checkpoint(tmp_path / 'ckpt.pt', tokenizer, tiny_config)
+    export.export_hf(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
+    code = ("import sys, checkpoint, export, model, training\n"
+            "from transformers import LlamaForCausalLM\n"
+            "print(LlamaForCausalLM.from_pretrained(sys.argv[1]).config.num_hidden_layers)\n")
+    proc = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'hf')], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == str(tiny_config.n_layer)
 
 
 def test_transformers_loads_the_export_with_equal_logits(tmp_path, tokenizer, tiny_config):

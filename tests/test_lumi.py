@@ -136,6 +136,7 @@ def test_render_chat_masks_exactly_the_assistant_replies(tokenizer):
 # one dtype rule, compile='auto', and the CPU peak behind the printed MFU
 
 def test_dtype_auto_means_one_thing_in_every_stage(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)  # an A100
     monkeypatch.setattr(lumi, 'native_bf16', lambda: True)
     assert (lumi.resolve_dtype('auto', 'cpu') == 'bfloat16'
             and lumi.resolve_dtype('auto', 'cuda:0') == 'bfloat16')
@@ -149,7 +150,8 @@ def test_dtype_auto_means_one_thing_in_every_stage(monkeypatch):
         assert 'def resolve_dtype' not in source and "dtype == 'auto'" not in source, name
 
 
-def test_compile_auto_compiles_on_cuda_only_and_takes_booleans():
+def test_compile_auto_compiles_on_cuda_only_and_takes_booleans(monkeypatch):
+    monkeypatch.setattr(lumi.importlib.util, 'find_spec', lambda name: object())  # triton imports
     assert lumi.resolve_compile('auto', 'cuda:0') is True and lumi.resolve_compile('auto', 'cpu') is False
     assert lumi.resolve_compile(True, 'cpu') is True and lumi.resolve_compile(False, 'cuda') is False
     defaults = dict(lumi.declared_keys('training.py'))
@@ -256,29 +258,7 @@ def test_native_bf16_needs_the_hardware_and_torch_allowed_to_use_it(monkeypatch)
     assert not lumi.native_bf16()
 
 
-def test_a_full_disk_is_one_line_naming_the_file_and_the_old_file_stays(tmp_path):
-    # issue 28: a full disk while saving a checkpoint ended in a 39-line traceback: torch.save turns the
-    # file's OSError into a RuntimeError ('unexpected pos ...'). A file size limit fails writes the same way
-    # (EFBIG) without needing a tmpfs, in a child process.
-    path = tmp_path / 'ckpt.pt'
-    script = f"""
-import resource, signal, sys, torch
-sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
-import checkpoint, lumi
-checkpoint.save_checkpoint({str(path)!r}, {{'w': torch.zeros(1000)}})  # 4 KB: fits
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, not a signal
-resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
-lumi.guard(lambda argv: checkpoint.save_checkpoint({str(path)!r}, {{'w': torch.zeros(1_000_000)}}), [])
-"""
-    r = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
-    assert r.stderr.strip() == f"error: cannot write {path}: File too large (the previous file is unchanged)"
-    import checkpoint
-    assert checkpoint.load_checkpoint(str(path))['w'].shape == (1000,)
-    assert os.listdir(tmp_path) == ['ckpt.pt']
-
-
-def test_a_failed_append_names_the_file_and_disk_errors_name_the_folder(tmp_path, monkeypatch):
+def test_a_failed_append_names_the_file(tmp_path, monkeypatch):
     import builtins
     import errno
     real_open = builtins.open
@@ -290,10 +270,4 @@ def test_a_failed_append_names_the_file_and_disk_errors_name_the_folder(tmp_path
     monkeypatch.setattr(builtins, 'open', full)
     with pytest.raises(OSError, match=f"cannot write {tmp_path}/m.jsonl: No space left on device"):
         lumi.append_jsonl(str(tmp_path / 'm.jsonl'), {'step': 1})
-    monkeypatch.undo()
-    with pytest.raises(OSError, match=r"cannot write under out/x: No space left on device; what was written"):
-        with lumi.disk_errors('out/x'):
-            raise OSError(errno.ENOSPC, 'No space left on device')
-    with pytest.raises(FileNotFoundError):  # an error that names its own file passes through
-        with lumi.disk_errors('out/x'):
-            open(tmp_path / 'missing')
+

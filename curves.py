@@ -249,7 +249,7 @@ class WandbLog:
         id_path = os.path.join(out_dir, WANDB_ID)
         run_id = None
         if resumed_step is not None and os.path.isfile(id_path):
-            with open(id_path) as f:
+            with open(id_path, encoding='utf-8') as f:
                 run_id = f.read().strip() or None
         self.run = wandb.init(project=os.environ.get('WANDB_PROJECT') or 'lumi', id=run_id, resume='allow',
                               dir=os.environ.get('WANDB_DIR') or out_dir,

@@ -288,7 +288,7 @@ def load_peft_adapter(path, model, base_path, tok):
     if missing:
         raise FileNotFoundError(f"{path}: no {' or '.join(missing)} (a PEFT adapter directory holds "
                                 f"adapter_config.json and adapter_model.safetensors)")
-    with open(files[0]) as f:
+    with open(files[0], encoding='utf-8') as f:
         config = json.load(f)
     tensors, meta = load_safetensors(files[1])
     lora, state = adapter_from_peft(config, tensors, model, path)

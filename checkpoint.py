@@ -175,11 +175,39 @@ def tensor_sha256(t):
     return h.hexdigest()
 
 
+class _RecordedFile:
+    """A file that remembers why a write failed: torch.save turns the OSError of a full disk into a
+    RuntimeError ('unexpected pos 704 vs 598') that no longer says so."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def _torch_save(state, f):
+    recorded = _RecordedFile(f)
+    try:
+        torch.save(state, recorded)
+    except RuntimeError:
+        if recorded.error is None:
+            raise
+        raise recorded.error from None  # the full disk, which atomic_write says in one line naming the file
+
+
 def save_checkpoint(path, state):
     """Write state to path atomically, with the SHA256 of every tensor in it, so that a flipped bit is
     found when the file is loaded instead of training or answering on silently wrong weights."""
     state = dict(state, tensor_sha256={name: tensor_sha256(t) for name, t in _tensors(state)})
-    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: _torch_save(state, f))
 
 
 def load_checkpoint(path, map_location='cpu'):
@@ -328,8 +356,8 @@ def load_model(path, device='cpu', dtype='float32', adapter='', tokenizer='', ad
 
     info is the checkpoint's dict without its weights, plus kind (an adapter pair is 'sft': a chat model),
     adapter (the adapter file applied, or '') and created (the file's time)."""
-    if dtype not in ('float32', 'bfloat16'):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     path = checkpoint_of(path)
     ckpt = load_checkpoint(path)
     if is_adapter(ckpt):

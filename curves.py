@@ -1,20 +1,25 @@
 """
-Pictures of a run: train/val loss and the learning rate against tokens, as an SVG written by hand (axes,
-ticks, a legend, one polyline per series), so a browser shows it and no plotting library is needed.
+How a run's curves are shown: train/val loss and the learning rate against tokens as an SVG written by hand
+(axes, ticks, a legend, one polyline per series), so a browser shows it and no plotting library is needed;
+and the trackers people already use, TensorBoard and Weights & Biases, fed the same scalars as metrics.jsonl.
 
-training.fit draws loss.svg at the end of every run through write_loss_plot, which never raises; run as a
-command it draws one or several runs together:
+training.fit draws loss.svg at the end of every run through write_loss_plot, which never raises, and logs to
+the trackers of its `log` key (`--log=tensorboard,wandb`) through Trackers; run as a command it draws one or
+several runs together:
 
     python lumi.py plot RUN [RUN ...] [--out=FILE.svg] [--title=TEXT]     # or python curves.py ...
 
-Deliberately left out: any picture but loss curves, and any output format but SVG.
+Deliberately left out: any picture but loss curves, any output format but SVG, and trackers beyond those two
+(metrics.jsonl is the record: MLflow, CSV and the rest read it).
 """
+import difflib
+import importlib.util
 import math
 import os
 from xml.sax.saxutils import escape, quoteattr
 
 import lumi
-from lumi import atomic_write, log, read_jsonl
+from lumi import LumiError, atomic_write, log, read_jsonl
 
 # -----------------------------------------------------------------------------
 # keys of `lumi.py plot`: --key=value
@@ -174,6 +179,124 @@ def write_loss_plot(out_dir):
         log(f"wrote {path}")
     except Exception as e:  # noqa: BLE001 - a picture is never worth a failed run
         log(f"could not draw {out_dir}/loss.svg: {type(e).__name__}: {e}")
+
+
+# -----------------------------------------------------------------------------
+# trackers: the run's scalars in TensorBoard and W&B too, each package imported only when asked for
+
+TRACKERS = {'tensorboard': 'tensorboard', 'wandb': 'wandb'}  # --log name -> the package to pip install
+WANDB_ID = 'wandb_run_id'  # in out_dir: the W&B run a resumed run goes on logging to
+
+
+def parse_trackers(spec):
+    """The tracker names of a --log value ('tensorboard,wandb'; '' is none), each once; a name that is not a
+    tracker is refused in one line that names the choices."""
+    names = [n.strip() for n in str(spec or '').split(',') if n.strip()]
+    for name in names:
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(name, TRACKERS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ''
+            raise LumiError(f"--log: unknown tracker {name!r}{hint}; choose from {', '.join(TRACKERS)}, "
+                            f"as a comma list, or '' for none")
+    return list(dict.fromkeys(names))
+
+
+def scalars(record):
+    """The numbers of a metrics record, by their metrics.jsonl names, but its step."""
+    return {k: float(v) for k, v in record.items()
+            if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _plain(config):
+    """A config as values every tracker takes: numbers, strings and bools as they are, the rest as text."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in config.items()}
+
+
+class TensorBoardLog:
+    """Event files in out_dir/tensorboard/. A fresh run removes the old ones; a resumed run appends, and its
+    purge_step tells TensorBoard to drop what the interrupted run logged after the checkpoint, as
+    metrics.jsonl drops it."""
+
+    def __init__(self, out_dir, config, resumed_step):
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+        logdir = os.path.join(out_dir, 'tensorboard')
+        if resumed_step is None and os.path.isdir(logdir):
+            for name in os.listdir(logdir):
+                if name.startswith('events.out.tfevents.'):
+                    os.remove(os.path.join(logdir, name))
+        self.writer = SummaryWriter(logdir, purge_step=None if resumed_step is None else resumed_step + 1)
+        if resumed_step is None:  # the resolved config as the run's hyperparameters (the HPARAMS tab)
+            for summary in hparams(_plain(config), {'loss': 0, 'val_loss': 0}):
+                self.writer.file_writer.add_summary(summary)
+
+    def log(self, record):
+        for key, value in scalars(record).items():
+            self.writer.add_scalar(key, value, record['step'])
+
+    def close(self):
+        self.writer.close()
+
+
+class WandbLog:
+    """A W&B run, whose id is kept in out_dir/wandb_run_id so that a resumed run goes on logging to it; W&B's
+    own environment decides the rest (WANDB_MODE=offline, WANDB_PROJECT, else project 'lumi'; WANDB_DIR, else
+    out_dir). A resumed run logs again what the interrupted one logged after the checkpoint, with the same
+    values (Lumi resumes exactly)."""
+
+    def __init__(self, out_dir, config, resumed_step):
+        import wandb
+        id_path = os.path.join(out_dir, WANDB_ID)
+        run_id = None
+        if resumed_step is not None and os.path.isfile(id_path):
+            with open(id_path, encoding='utf-8') as f:
+                run_id = f.read().strip() or None
+        self.run = wandb.init(project=os.environ.get('WANDB_PROJECT') or 'lumi', id=run_id, resume='allow',
+                              dir=os.environ.get('WANDB_DIR') or out_dir,
+                              name=os.path.basename(os.path.normpath(out_dir)))
+        if run_id is None:
+            atomic_write(id_path, lambda f: f.write(self.run.id + '\n'), mode='w')
+        self.run.config.update(_plain(config), allow_val_change=True)
+
+    def log(self, record):
+        self.run.log(scalars(record), step=record['step'])
+
+    def close(self):
+        self.run.finish()
+
+
+class Trackers:
+    """The trackers a run logs to besides metrics.jsonl, which stays the record: `spec` is the --log value.
+    A package that is missing is an error before training starts (its pip command in one line); a tracker that
+    fails later (no network, no login, a full disk) is said once and dropped, and training goes on.
+    resumed_step: the step a resumed run starts from, None for a fresh run."""
+
+    def __init__(self, spec, out_dir, config, resumed_step=None):
+        self.active = {}
+        for name in parse_trackers(spec):
+            if importlib.util.find_spec(TRACKERS[name]) is None:
+                package = TRACKERS[name]
+                raise LumiError(f"--log={name} needs the {package} package: pip install {package}")
+            kind = TensorBoardLog if name == 'tensorboard' else WandbLog
+            self._guarded(name, lambda: self.active.__setitem__(name, kind(out_dir, config, resumed_step)))
+
+    def _guarded(self, name, fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - a tracker is never worth a failed run
+            self.active.pop(name, None)
+            log(f"warning: --log={name} failed ({type(e).__name__}: {lumi.one_line(e)[:200]}); it is off for "
+                f"the rest of the run, which goes on (metrics.jsonl keeps every metric)")
+
+    def log(self, record):
+        """Log a metrics.jsonl record (it has a step) to every tracker."""
+        for name, tracker in list(self.active.items()):
+            self._guarded(name, lambda: tracker.log(record))
+
+    def close(self):
+        for name, tracker in list(self.active.items()):
+            self._guarded(name, tracker.close)
+        self.active = {}
 
 
 # -----------------------------------------------------------------------------

@@ -43,14 +43,14 @@ Once bins exist, new source weights only re-pack them; a change that would alter
 is refused (use a new data_dir).
 Left out: a scheduler (the cluster's job system runs the commands), and dedupe against other corpora.
 """
+import errno
 import hashlib
-import io
-import itertools
 import json
 import os
 import shutil
 import time
 from collections import Counter
+from contextlib import contextmanager
 
 import numpy as np
 from tqdm import tqdm
@@ -63,7 +63,7 @@ from corpus.clean import lsh_rows
 from corpus.fetch import remove_orphan_temps
 from corpus.sources import parse_spec, split_document
 from corpus.streams import LIMITS, local_files, read_bytes
-from tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, Tokenizer, UNK_ID
+from tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, Tokenizer, tokenizer_quality, train_sentencepiece
 
 # -----------------------------------------------------------------------------
 # keys: set in a config file or as --key=value. Also data.py's: max_doc_chars (corpus/sources.py) and the
@@ -216,7 +216,8 @@ def build_corpus(cfg):
     for m in metas:
         reports[m['source']].update(m['counts'])
     if not offsets[-1]:
-        raise ValueError(f"no document survived cleaning: {[dict(r) for r in reports]}")
+        raise ValueError("no document survived cleaning: " + '; '.join(f"{spec}: {dict(r)}"
+                                                                       for spec, r in zip(specs, reports)))
     # exact duplicates: sort the 16-byte keys; a stable sort puts the first copy first in its run
     t1 = time.time()
     rows = lsh_rows(cfg.num_perm, cfg.near_dup_threshold)
@@ -296,18 +297,6 @@ def _training_text(cfg, manifest):
                 yield from split_document(para, 4000)
 
 
-def tokenizer_quality(tok, texts):
-    """Characters per token, unknown and byte-fallback rates, exact round trips, on held-out texts."""
-    ids = tok.encode_batch(texts)
-    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64)
-    is_byte = np.array([tok.sp.is_byte(i) for i in range(tok.vocab_size)])
-    return {'docs': len(texts), 'chars': sum(map(len, texts)), 'tokens': int(len(flat)),
-            'chars_per_token': round(sum(map(len, texts)) / max(1, len(flat)), 4),
-            'unk_rate': float((flat == UNK_ID).mean()) if len(flat) else 0.0,
-            'byte_fallback_rate': float(is_byte[flat].mean()) if len(flat) else 0.0,
-            'roundtrip_exact': sum(tok.decode(i) == t for i, t in zip(ids, texts)) / max(1, len(texts))}
-
-
 def _tokenizer_from(cfg):
     """The tokenizer.model that tokenizer_from names ('' when the tokenizer is trained)."""
     src = cfg.tokenizer_from
@@ -330,7 +319,6 @@ def _tokenizer_inputs(cfg, manifest):
 def build_tokenizer(cfg, manifest):
     """The tokenizer stage: train SentencePiece once on a sample of the corpus (or adopt tokenizer_from), then
     freeze."""
-    import sentencepiece as spm
     out = os.path.join(cfg.data_dir, 'tokenizer')
     model_path, card_path = os.path.join(out, 'tokenizer.model'), os.path.join(out, 'tokenizer.json')
     inputs, src = _tokenizer_inputs(cfg, manifest), _tokenizer_from(cfg)
@@ -351,21 +339,9 @@ def build_tokenizer(cfg, manifest):
         lumi.log(f"[tokenizer] training SentencePiece {cfg.tokenizer_type}, vocab {cfg.vocab_size}, on about "
                  f"{min(cfg.tokenizer_sample_chars, manifest['kept_chars']) / 1e6:.1f}M characters of train "
                  f"documents")
-        buf = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_text(cfg, manifest), model_writer=buf, model_type=cfg.tokenizer_type,
-            vocab_size=cfg.vocab_size, byte_fallback=True, character_coverage=0.9995, split_digits=True,
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            pad_piece='<pad>', unk_piece='<unk>', bos_piece='<s>', eos_piece='</s>',
-            user_defined_symbols=list(CHAT_TOKENS),
-            # identity normalisation and kept whitespace: decode(encode(text)) == text
-            normalization_rule_name='identity', remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True, max_sentence_length=16384,
-            num_threads=cfg.num_threads or os.cpu_count(), minloglevel=2)
-        proto = buf.getvalue()
+        proto = train_sentencepiece(_training_text(cfg, manifest), cfg.vocab_size, cfg.tokenizer_type,
+                                    cfg.num_threads or os.cpu_count())
     tok = Tokenizer(proto)
-    if [tok.sp.piece_to_id(t) for t in CHAT_TOKENS] != list(range(4, 4 + len(CHAT_TOKENS))):
-        raise ValueError(f"tokenizer: chat tokens {CHAT_TOKENS} must have ids 4..7")
     if tok.vocab_size > MAX_UINT16_VOCAB:
         raise ValueError(f"tokenizer vocab {tok.vocab_size} > {MAX_UINT16_VOCAB} does not fit uint16 bins")
     lumi.atomic_write(model_path, lambda f: f.write(proto))
@@ -523,6 +499,24 @@ def _frozen_tokenizer(cfg, manifest):
     return Tokenizer.load(os.path.join(cfg.data_dir, 'tokenizer', 'tokenizer.model'))
 
 
+# errors that mean "no room to write": a full disk, a quota, a file size limit, a read-only mount
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+@contextmanager
+def disk_errors(where):
+    """Say a write under `where` that failed for want of room (DISK_FULL) in one line that names it (an
+    OSError still): the OSError of a plain write() names no file."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL or e.filename:
+            raise
+        raise OSError(f"cannot write under {where}: {e.strerror}; what was written before is intact "
+                      "(each file is written under a temporary name, then renamed), so free some space and "
+                      "run the same command again") from e
+
+
 SHARES_WITH = ('train.py', 'pipeline.py')  # configs/tiny.py holds the model's keys beside the data's; a lab
                                            # config given to `lumi.py run` is read by every stage it names
 KEYS = lumi.declared_keys(__file__)
@@ -530,6 +524,13 @@ KEYS = lumi.declared_keys(__file__)
 
 def main(argv=None):
     cfg = lumi.load_config(KEYS, argv, shares_with=SHARES_WITH)
+    with disk_errors(cfg.data_dir):  # a full disk while writing parts, shards or bins: one line
+        return build_data(cfg)
+
+
+def build_data(cfg):
+    """data.py's work for a loaded config: the corpus, tokenizer and bins in cfg.data_dir (each step skipped
+    when its output exists for the same inputs); returns the data_dir."""
     if cfg.vocab_size > MAX_UINT16_VOCAB:
         raise ValueError(f"vocab_size {cfg.vocab_size} > {MAX_UINT16_VOCAB}: token ids would not fit the "
                          f"uint16 bins; pick a vocab of at most {MAX_UINT16_VOCAB}")

@@ -363,14 +363,28 @@ def stream_text(model, tok, prompts, params, chat=False, generator=None):
 def fit_history(tok, messages, budget):
     """The chat prompt for messages in at most budget tokens: the oldest exchanges are dropped first, the
     system message stays. If the newest message alone is too long, its prompt keeps its last budget tokens."""
+    return fit_turns(tok, messages, budget)[0]
+
+
+def fit_turns(tok, messages, budget):
+    """fit_history's prompt and how many messages (after the system message) it dropped."""
     system = messages[:1] if messages and messages[0]['role'] == 'system' else []
     turns = messages[len(system):]
     starts = [i for i, m in enumerate(turns) if m['role'] == 'user'] or [0]
     for start in starts:
         ids, _ = render_chat(tok, system + turns[start:], add_generation_prompt=True)
         if len(ids) <= budget:
-            return ids
-    return ids[-budget:]
+            return ids, start
+    return ids[-budget:], start
+
+
+def fit_conversation(tok, messages, window, max_new_tokens):
+    """The one rule for a conversation longer than the model's context, which the terminal chat (sample.py)
+    and the chat page (serve.py's truncation='auto') both follow: room for the reply (max_new_tokens, at most
+    half the window), the rest for the newest turns that fit (fit_turns). Returns (prompt ids, messages
+    dropped)."""
+    room = min(max_new_tokens, window // 2)
+    return fit_turns(tok, messages, window - room)
 
 
 # -----------------------------------------------------------------------------
@@ -442,6 +456,6 @@ def target_logprobs(model, requests, device='cpu', dtype='float32', batch_tokens
             with autocast(device, dtype):
                 logits = model.lm_head(hidden[b_i[sl], p_i[sl]])
             logp = F.log_softmax(logits.float(), dim=-1).gather(1, t_i[sl, None]).squeeze(1)
-            sums.index_add_(0, r_i[sl].cpu(), logp.double().cpu())
+            sums.index_add_(0, r_i[sl].cpu(), logp.cpu().double())  # MPS has no float64
     return sums.numpy()
 

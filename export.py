@@ -5,138 +5,38 @@ The export stage: a Lumi checkpoint for the rest of the ecosystem.
 `LlamaForCausalLM`: config.json, model.safetensors, the tokenizer twice (tokenizer.json, a fast tokenizer that
 transformers loads alone and that gives Lumi's ids, and the SentencePiece tokenizer.model) with its config and
 chat template, and a generation config. `--format=pt` writes a plain state dict (Lumi's names, LoRA merged)
-for torch users.
+for torch users. `--format=gguf` writes one GGUF file for llama.cpp and Ollama (the `llama` architecture, the
+SentencePiece tokenizer and the chat template; `pip install gguf`), float32, float16, bfloat16 or q8_0.
+`--format=peft` writes a LoRA adapter (an adapter file, or an SFT or DPO out_dir) as PEFT's
+adapter_config.json and adapter_model.safetensors, for the `--format=hf` export of its base: what peft and
+vLLM's multi-LoRA serving load. The files themselves (safetensors by hand, GGUF) are formats.py's.
 
-The safetensors format is simple enough to write by hand, so Lumi does not take a dependency for it:
-8 bytes (little-endian u64) giving the length N of a JSON header, N bytes of that header, then the raw
-tensor bytes. The header maps each name to {dtype, shape, data_offsets: [begin, end)} relative to the start
-of the byte buffer, plus an optional "__metadata__" dict of strings. The buffer must be covered exactly,
-without holes or overlaps. A reader sits beside the writer so that an export can be checked bit for bit.
-
-Deliberately left out: other architectures' layouts, GGUF, quantisation, sharding into several files
-(Lumi's models are small), and unigram tokenizers (tokenizer.json's unigram model would match special pieces
-inside text, which SentencePiece never does).
+Deliberately left out: other architectures' layouts, quantisations but GGUF's q8_0, and unigram tokenizers
+(tokenizer.json's unigram model would match special pieces inside text, which SentencePiece never does, and
+llama.cpp reads a SentencePiece vocabulary as BPE).
 """
 import base64
 import json
 import os
 import struct
-import sys
 
 import torch
 
 import lumi
-from checkpoint import load_model
+from checkpoint import checkpoint_of, is_adapter, load_checkpoint, load_model, tokenizer_from_checkpoint
+from formats import GGUF_DTYPES, gguf_state_dict, import_gguf, save_safetensors, write_gguf
+from lora import check_adapter, peft_adapter
 from tokenizer import (BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, PIECE_CONTROL, PIECE_NORMAL, PIECE_UNKNOWN,
                        PIECE_USER_DEFINED, UNK_ID, proto_fields)
 
 # -----------------------------------------------------------------------------
 # keys: --key=value
-format = 'hf'       # hf: a Hugging Face Llama directory (safetensors); pt: a plain state dict for torch.load
-dtype = 'float32'   # the exported weights' dtype: float32 | bfloat16 | float16
+format = 'hf'       # hf: a Hugging Face Llama directory (safetensors); pt: a plain state dict for torch.load;
+                    # gguf: one file for llama.cpp and Ollama; peft: a LoRA adapter in PEFT's format
+dtype = 'float32'   # the exported weights' dtype: float32 | bfloat16 | float16, and q8_0 for gguf
 KEYS = lumi.declared_keys(__file__)
 
-# safetensors dtype names; the bytes are always little-endian
-SAFETENSORS_DTYPES = {
-    torch.float64: 'F64', torch.float32: 'F32', torch.float16: 'F16', torch.bfloat16: 'BF16',
-    torch.int64: 'I64', torch.int32: 'I32', torch.int16: 'I16', torch.int8: 'I8', torch.uint8: 'U8',
-    torch.bool: 'BOOL',
-}
-TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 EXPORT_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-HEADER_LIMIT = 100 * 1024 * 1024  # a header larger than this is a corrupt or hostile file, not a model
-
-if sys.byteorder != 'little':  # the raw bytes below are written and read as the machine holds them
-    raise RuntimeError("export.py writes safetensors from native memory and needs a little-endian machine")
-
-
-# -----------------------------------------------------------------------------
-# safetensors, by hand
-
-def _tensor_bytes(t):
-    t = t.detach().cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b''
-
-
-def save_safetensors(tensors, path, metadata=None):
-    """Write {name: tensor} to path in the safetensors format (atomically).
-
-    Tensors are laid out largest element size first, then by name: every tensor then starts at a multiple
-    of its own element size, and the header is padded with spaces to a multiple of 8 so that the buffer
-    itself starts aligned. Tensors that share memory (a tied head) must be passed once.
-    """
-    for name, t in tensors.items():
-        if not isinstance(name, str) or name == '__metadata__':
-            raise ValueError(f"invalid tensor name {name!r}")
-        if t.dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {name!r}: dtype {t.dtype} has no safetensors name")
-    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
-    header, offset = {}, 0
-    for name in order:
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {'dtype': SAFETENSORS_DTYPES[t.dtype], 'shape': list(t.shape),
-                        'data_offsets': [offset, offset + nbytes]}
-        offset += nbytes
-    if metadata:
-        header['__metadata__'] = {str(k): str(v) for k, v in metadata.items()}
-    blob = json.dumps(header, separators=(',', ':')).encode('utf-8')
-    blob += b' ' * (-len(blob) % 8)
-
-    def write(f):
-        f.write(len(blob).to_bytes(8, 'little'))
-        f.write(blob)
-        for name in order:
-            f.write(_tensor_bytes(tensors[name]))
-    lumi.atomic_write(path, write)
-    return path
-
-
-def load_safetensors(path):
-    """Read a safetensors file into ({name: tensor}, metadata), checking the header against the file."""
-    size = os.path.getsize(path)
-    with open(path, 'rb') as f:
-        if size < 8:
-            raise ValueError(f"{path}: {size} bytes is too short for a safetensors file")
-        n = int.from_bytes(f.read(8), 'little')
-        if n > HEADER_LIMIT or 8 + n > size:
-            raise ValueError(f"{path}: header length {n} does not fit a file of {size} bytes")
-        try:
-            header = json.loads(f.read(n).decode('utf-8'))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: the header is not valid JSON ({e})") from None
-        buf = bytearray(f.read())
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: the header must be a JSON object")
-    metadata = header.pop('__metadata__', None) or {}
-    spans, tensors = [], {}
-    for name, info in header.items():
-        where = f"{path}: tensor {name!r}"
-        try:
-            dtype = TORCH_DTYPES[info['dtype']]
-            shape = [int(s) for s in info['shape']]
-            begin, end = (int(o) for o in info['data_offsets'])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{where}: bad header entry {info!r} ({type(e).__name__}: {e})") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if end - begin != nbytes or begin < 0 or end > len(buf):
-            raise ValueError(f"{where}: offsets [{begin}, {end}) do not hold {shape} {info['dtype']} "
-                             f"({nbytes} bytes) inside a buffer of {len(buf)}")
-        spans.append((begin, end, name))
-        raw = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=begin) if nbytes else \
-            torch.empty(0, dtype=torch.uint8)
-        tensors[name] = raw.clone().view(dtype).reshape(shape)  # clone: aligned memory of its own
-    pos = 0
-    for begin, end, name in sorted(spans):
-        if begin != pos:
-            raise ValueError(f"{path}: tensor {name!r} starts at {begin}, expected {pos} (a hole or overlap)")
-        pos = end
-    if pos != len(buf):
-        raise ValueError(f"{path}: {len(buf) - pos} bytes after the last tensor")
-    return tensors, metadata
 
 
 # -----------------------------------------------------------------------------
@@ -225,17 +125,32 @@ def _replace(pattern, content, regex=False):
     return {'type': 'Replace', 'pattern': {'Regex' if regex else 'String': pattern}, 'content': content}
 
 
-def tokenizer_json(tok):
-    """The tokenizer.json of a fast tokenizer that encodes as tok does (tested against it)."""
+def bpe_pieces_and_specs(tok, what='tokenizer.json'):
+    """_spm_pieces_and_specs of a SentencePiece BPE model; another model is refused in one line."""
     pieces, trainer, norm = _spm_pieces_and_specs(tok)
     if trainer.get(3, 1) != 2:  # proto default: unigram
         # a unigram tokenizer.json would match '<|end|>' or '<0x3C>' in text as those pieces, which
         # SentencePiece never does: it cannot encode as Lumi does
         raise ValueError(f"tokenizer {tok.sha256[:12]} is not BPE: only SentencePiece BPE models export to "
-                         f"tokenizer.json (export with --format=pt, or train with tokenizer_type='bpe')")
+                         f"{what} (export with --format=pt, or train with tokenizer_type='bpe')")
     if trainer.get(24):
         raise ValueError(f"tokenizer {tok.sha256[:12]}: treat_whitespace_as_suffix "
-                         f"has no tokenizer.json form")
+                         f"has no {what} form")
+    return pieces, trainer, norm
+
+
+def bpe_merges(pieces):
+    """Every (left, right) split of every text piece into two text pieces, best first: the merges of a BPE
+    model that encodes as SentencePiece BPE does."""
+    # text pieces only: a merge never builds a control, byte or marker piece from text
+    rank = {p: (-s, i) for i, (p, s, t) in enumerate(pieces) if t == PIECE_NORMAL}
+    return sorted(((p[:k], p[k:]) for p in rank for k in range(1, len(p)) if p[:k] in rank and p[k:] in rank),
+                  key=lambda lr: (rank[lr[0] + lr[1]], rank[lr[0]]))
+
+
+def tokenizer_json(tok):
+    """The tokenizer.json of a fast tokenizer that encodes as tok does (tested against it)."""
+    pieces, trainer, norm = bpe_pieces_and_specs(tok)
     steps = [_replace('<' + ESCAPE, '<')]
     if norm.get(2):
         steps.append({'type': 'Precompiled', 'precompiled_charsmap': base64.b64encode(norm[2]).decode()})
@@ -251,11 +166,7 @@ def tokenizer_json(tok):
     added = [{'id': i, 'content': p, 'single_word': False, 'lstrip': False, 'rstrip': False,
               'normalized': False, 'special': t != PIECE_USER_DEFINED or p in CHAT_TOKENS}
              for i, (p, _, t) in enumerate(pieces) if t in whole]
-    # text pieces only: a merge never builds a control, byte or marker piece from text
-    rank = {p: (-s, i) for i, (p, s, t) in enumerate(pieces) if t == PIECE_NORMAL}
-    merges = sorted(((p[:k], p[k:]) for p in rank for k in range(1, len(p))
-                     if p[:k] in rank and p[k:] in rank),
-                    key=lambda lr: (rank[lr[0] + lr[1]], rank[lr[0]]))
+    merges = bpe_merges(pieces)
     model = {'type': 'BPE', 'dropout': None, 'unk_token': pieces[UNK_ID][0],
              'continuing_subword_prefix': None, 'end_of_word_suffix': None, 'fuse_unk': True,
              'byte_fallback': bool(trainer.get(35, 0)), 'ignore_merges': False,
@@ -340,17 +251,92 @@ def export_pt(ckpt_path, out_path):
     return out_path
 
 
-USAGE = "usage: python lumi.py export CKPT OUT [--format=hf|pt] [--dtype=float32|bfloat16|float16]"
+# -----------------------------------------------------------------------------
+# GGUF, for llama.cpp and Ollama
+
+# llama.cpp has no normalizer to turn the '<' + ESCAPE of CHAT_TEMPLATE back into '<', so the GGUF's template
+# writes messages as they are; its chat markers are control tokens, which llama.cpp reads from text only where
+# a chat template put them (parse_special), so '<|end|>' typed into a plain prompt stays text as in Lumi.
+GGUF_CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                      "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
+                      "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def export_gguf(ckpt_path, out_path, dtype='float32'):
+    """One GGUF file (formats.write_gguf) of a checkpoint, LoRA merged first; returns its path (out_path, or
+    OUT/model.gguf when out_path is a directory or does not end in .gguf). llama.cpp's SentencePiece tokenizer
+    escapes spaces and adds the dummy prefix (after every control token, as render_chat's per-message encoding
+    does) but normalises nothing else: data.py's tokenizers (identity rule, whitespace kept) need nothing
+    else, and one trained with NFKC or whitespace folding differs from Lumi where those change the text."""
+    if dtype not in GGUF_DTYPES:  # both before the model is loaded
+        raise lumi.LumiError(f"--dtype for --format=gguf must be one of {', '.join(GGUF_DTYPES)}, "
+                             f"got {dtype!r}")
+    import_gguf()
+    model, tok, ckpt = load_model(ckpt_path, adapters=False)
+    if tok.vocab_size != model.cfg.vocab_size:  # llama.cpp sizes the embedding by the tokenizer
+        raise ValueError(f"{ckpt['path']}: tokenizer has {tok.vocab_size} pieces but the model "
+                         f"{model.cfg.vocab_size} rows")
+    pieces, _, norm = bpe_pieces_and_specs(tok, 'GGUF')
+    types = [PIECE_CONTROL if p in CHAT_TOKENS else t for p, _, t in pieces]
+    vocab = dict(pieces=[(p, s, t) for (p, s, _), t in zip(pieces, types)], merges=bpe_merges(pieces),
+                 add_space_prefix=bool(norm.get(3, 1)), remove_extra_whitespaces=bool(norm.get(4, 1)),
+                 end_id=tok.end_id)
+    if os.path.isdir(out_path) or not out_path.endswith('.gguf'):
+        out_path = os.path.join(out_path, 'model.gguf')
+    name = f"lumi-{ckpt.get('kind', 'model')}"
+    return write_gguf(out_path, model.cfg, gguf_state_dict(model), vocab, GGUF_CHAT_TEMPLATE, dtype, name)
+
+
+# -----------------------------------------------------------------------------
+# PEFT adapters, for peft and vLLM
+
+def export_peft(path, out_dir):
+    """A LoRA adapter as PEFT's adapter_config.json and adapter_model.safetensors (lora.peft_adapter), for the
+    --format=hf export of its base; returns out_dir. path: an adapter file, a checkpoint that carries adapters
+    (an SFT or DPO step checkpoint), or a run directory (its adapter.pt). The safetensors metadata names the
+    base and its SHA256, which sft.py's --init_adapter checks."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, 'adapter.pt')):
+        path = os.path.join(path, 'adapter.pt')
+    ckpt = load_checkpoint(checkpoint_of(path))
+    where = ckpt['path']
+    if is_adapter(ckpt):
+        if not ckpt.get('base_path'):
+            raise lumi.LumiError(f"adapter {where} does not name its base")
+        base = load_checkpoint(ckpt['base_path'])
+        check_adapter(ckpt, where, base['path'], tokenizer_from_checkpoint(base))
+        lora, state, model_args = ckpt['lora'], ckpt['lora_state'], base['model_args']
+        base_path, base_sha, tok_sha = base['path'], ckpt['base_sha256'], ckpt['tokenizer_sha256']
+    elif ckpt.get('lora') and isinstance(ckpt.get('model'), dict):
+        lora, model_args = ckpt['lora'], ckpt['model_args']
+        state = {k: v for k, v in ckpt['model'].items() if '.lora_' in k}
+        base_path, base_sha = ckpt.get('parent', ''), ckpt.get('parent_sha256')
+        tok_sha = ckpt['tokenizer_sha256']
+    else:
+        raise lumi.LumiError(f"{where} has no LoRA adapters (kind {ckpt.get('kind', '?')!r}): --format=peft "
+                             f"exports the adapter.pt of an SFT or DPO run")
+    config, tensors = peft_adapter(lora, state, model_args.get('tie_embeddings', True))
+    meta = {'format': 'pt', 'lumi_base_path': base_path, 'lumi_tokenizer_sha256': tok_sha}
+    if base_sha:
+        meta['lumi_base_sha256'] = base_sha
+    os.makedirs(out_dir, exist_ok=True)
+    save_safetensors(tensors, os.path.join(out_dir, 'adapter_model.safetensors'), metadata=meta)
+    lumi.write_json(os.path.join(out_dir, 'adapter_config.json'), config)
+    return out_dir
+
+
+FORMATS = ('hf', 'pt', 'gguf', 'peft')
+USAGE = ("usage: python lumi.py export CKPT OUT [--format=hf|pt|gguf|peft] "
+         "[--dtype=float32|bfloat16|float16|q8_0]")
 
 
 def main(argv):
-    """`lumi.py export CKPT OUT [--format=hf|pt] [--dtype=float32|bfloat16|float16]`."""
+    """`lumi.py export CKPT OUT [--format=hf|pt|gguf|peft] [--dtype=...]`."""
     pos, flags = lumi.split_args(argv, KEYS)
     if len(pos) != 2:
         raise lumi.LumiError(USAGE)
     cfg = lumi.load_config(KEYS, flags, shares_with=())
-    if cfg.format not in ('hf', 'pt'):
-        raise lumi.LumiError(f"--format must be hf or pt, got {cfg.format!r}")
+    if cfg.format not in FORMATS:
+        raise lumi.LumiError(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     ckpt_path, out = pos
     if cfg.format == 'hf':
         export_hf(ckpt_path, out, cfg.dtype)
@@ -359,6 +345,14 @@ def main(argv):
     elif cfg.format == 'pt':
         path = export_pt(ckpt_path, out)
         lumi.log(f"wrote a plain state dict to {path}")
+    elif cfg.format == 'gguf':
+        path = export_gguf(ckpt_path, out, cfg.dtype)
+        lumi.log(f"wrote {path} ({cfg.dtype}): run it with llama.cpp (llama-cli -m {path} --jinja) or "
+                 f"Ollama (README.md, 'Using Lumi with other tools')")
+    else:
+        export_peft(ckpt_path, out)
+        lumi.log(f"wrote a PEFT adapter to {out}: load it with peft.PeftModel.from_pretrained(model, "
+                 f"{out!r}) onto the --format=hf export of its base")
     return out
 
 

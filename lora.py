@@ -3,11 +3,13 @@ LoRA written by hand: y = x W^T + (alpha / r) * dropout(x) A^T B^T with W frozen
 fresh adapter leaves the model exactly as it was. The layers (LoRALinear; TokenRows for the chat tokens'
 embedding rows), putting them into a model and folding them back out (apply_lora, merge_lora), and what an
 adapter file holds: the LoRA tensors alone, with the hash of the base they were trained on, checked and
-applied onto it.
+applied onto it. Also an adapter in PEFT's format, both ways: its config and tensors under transformers' Llama
+names (peft_adapter, which export.py writes) and a PEFT adapter directory read back (load_peft_adapter).
 
 Deliberately left out: the fused CUDA kernel (kernels/lora.py, chosen in model.low_rank_linear), training
-(sft.py, dpo.py), and merged checkpoints (checkpoint.save_merged).
+(sft.py, dpo.py), merged checkpoints (checkpoint.save_merged), and PEFT's other methods (DoRA, IA3, ...).
 """
+import json
 import math
 import os
 
@@ -15,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from formats import load_safetensors
 from lumi import LumiError, sha256_file
 from model import low_rank_linear
 from tokenizer import check_tokenizer
@@ -181,3 +184,117 @@ def apply_adapter(model, adapter, where):
     apply_lora(model, **adapter['lora'])
     model.load_state_dict(adapter['lora_state'], strict=False)
     return model
+
+
+# -----------------------------------------------------------------------------
+# PEFT's format: adapter_config.json and adapter_model.safetensors, by transformers' Llama names, for the
+# Hugging Face export of the adapter's base (export.py --format=hf). PEFT's LoRA is Lumi's: A (r, in) and B
+# (out, r), scale alpha / r; Lumi's trained token rows are PEFT's trainable tokens, whose "delta" holds the
+# rows' new values as lora_rows does (a tied head follows the embedding in both).
+
+PEFT_PREFIX = 'base_model.model.'
+PEFT_ROWS = 'token_adapter.trainable_tokens_delta'
+PEFT_MODULES = {'tok_emb': 'model.embed_tokens', 'lm_head': 'lm_head'}  # trainable-token modules
+
+
+def _peft_linear(name):
+    """'layers.3.attn.q_proj' -> 'model.layers.3.self_attn.q_proj' (transformers' LlamaForCausalLM)."""
+    layer, i, rest = name.split('.', 2)
+    return f"model.{layer}.{i}.{rest.replace('attn.', 'self_attn.')}"
+
+
+def peft_adapter(lora, lora_state, tie_embeddings):
+    """(adapter_config.json as a dict, {name: tensor} for adapter_model.safetensors) of an adapter's lora
+    config and tensors (adapter_state's), for a base whose head is tied to its embedding or not."""
+    tokens = list(lora.get('tokens', ()))
+    rows = ['tok_emb'] if tie_embeddings else ['tok_emb', 'lm_head']
+    config = dict(peft_type='LORA', task_type='CAUSAL_LM', base_model_name_or_path=None, r=lora['r'],
+                  lora_alpha=lora['alpha'], lora_dropout=lora.get('dropout', 0.0), bias='none',
+                  target_modules=sorted(LORA_TARGETS[t].split('.')[1] for t in lora['targets']),
+                  fan_in_fan_out=False, inference_mode=True, init_lora_weights=True, use_rslora=False,
+                  use_dora=False, modules_to_save=None, layers_to_transform=None, rank_pattern={},
+                  alpha_pattern={},
+                  trainable_token_indices={PEFT_MODULES[m].split('.')[-1]: tokens for m in rows} if tokens
+                  else None)
+    tensors = {}
+    for name, t in lora_state.items():
+        module, _, kind = name.rpartition('.')
+        if kind == 'lora_rows':
+            if module in rows:
+                tensors[f'{PEFT_PREFIX}{PEFT_MODULES[module]}.{PEFT_ROWS}'] = t
+        else:
+            tensors[f"{PEFT_PREFIX}{_peft_linear(module)}.lora_{kind[-1].upper()}.weight"] = t
+    return config, {k: v.detach().float().contiguous() for k, v in tensors.items()}
+
+
+def adapter_from_peft(config, tensors, model, where):
+    """The lora config and lora_state (Lumi's names) of a PEFT LoRA adapter made for the Hugging Face export
+    of `model`'s checkpoint. What Lumi's LoRA cannot hold is refused in one line: another PEFT method, DoRA,
+    biases, per-layer ranks or layers, modules saved whole, targets other than Lumi's projections."""
+    if config.get('peft_type') != 'LORA':
+        raise LumiError(f"{where}: a PEFT {config.get('peft_type')!r} adapter; Lumi reads LoRA adapters only")
+    unsupported = [k for k in ('use_dora', 'fan_in_fan_out', 'modules_to_save', 'layers_to_transform',
+                               'rank_pattern', 'alpha_pattern', 'layer_replication') if config.get(k)]
+    if config.get('bias', 'none') != 'none':
+        unsupported.append(f"bias={config['bias']!r}")
+    if unsupported:
+        raise LumiError(f"{where}: Lumi's LoRA has no {', '.join(unsupported)}")
+    names = {v.split('.')[1]: k for k, v in LORA_TARGETS.items()}  # 'q_proj' -> 'q'
+    modules = config.get('target_modules')
+    if not isinstance(modules, list) or not set(modules) <= set(names):
+        raise LumiError(f"{where}: target_modules {modules!r} must be a list of {sorted(names)}")
+    r, alpha = int(config['r']), float(config['lora_alpha'])
+    if config.get('use_rslora'):  # rsLoRA scales by alpha / sqrt(r): the same scale as Lumi's alpha / r with
+        alpha *= math.sqrt(r)     # alpha * sqrt(r)
+    token_modules = config.get('trainable_token_indices') or {}
+    if isinstance(token_modules, list):  # a plain list means the input embedding
+        token_modules = {'embed_tokens': token_modules}
+    tokens = tuple(int(t) for t in token_modules.get('embed_tokens', ()))
+    if set(token_modules) - {'embed_tokens', 'lm_head'} or any(
+            tuple(v) != tokens for v in token_modules.values()):
+        raise LumiError(f"{where}: trainable_token_indices {token_modules} must be the same tokens of "
+                        f"embed_tokens (and lm_head)")
+    state = {}
+    for module in ('tok_emb', 'lm_head') if tokens else ():
+        key = f'{PEFT_PREFIX}{PEFT_MODULES[module]}.{PEFT_ROWS}'
+        if key in tensors:
+            state[f'{module}.lora_rows'] = tensors.pop(key)
+    if tokens and 'lm_head.lora_rows' not in state:  # tied: the head's rows are the embedding's; untied and
+        # not trained: its rows as they are
+        state['lm_head.lora_rows'] = (state['tok_emb.lora_rows'] if model.cfg.tie_embeddings
+                                      else model.lm_head.weight.detach()[list(tokens)].clone())
+    for i in range(model.cfg.n_layer):
+        for t in (names[m] for m in modules):
+            lumi_name = f'layers.{i}.{LORA_TARGETS[t]}'
+            for part in ('a', 'b'):
+                key = f"{PEFT_PREFIX}{_peft_linear(lumi_name)}.lora_{part.upper()}.weight"
+                if key in tensors:
+                    state[f'{lumi_name}.lora_{part}'] = tensors.pop(key)
+    if tensors:
+        raise LumiError(f"{where}: tensors Lumi has no place for: {sorted(tensors)[:3]}")
+    lora = dict(r=r, alpha=alpha, dropout=float(config.get('lora_dropout') or 0.0),
+                targets=tuple(t for t in LORA_TARGETS if LORA_TARGETS[t].split('.')[1] in modules),
+                tokens=tokens)
+    return lora, state
+
+
+def load_peft_adapter(path, model, base_path, tok):
+    """A PEFT adapter directory (adapter_config.json, adapter_model.safetensors) as an adapter file's dict,
+    for apply_adapter onto `model`, the model of the checkpoint at base_path with tokenizer tok. One that Lumi
+    exported names its base's SHA256 and tokenizer in the safetensors metadata, and they must match
+    (check_adapter); one made elsewhere is held to the shapes alone."""
+    files = [os.path.join(path, n) for n in ('adapter_config.json', 'adapter_model.safetensors')]
+    missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(f"{path}: no {' or '.join(missing)} (a PEFT adapter directory holds "
+                                f"adapter_config.json and adapter_model.safetensors)")
+    with open(files[0], encoding='utf-8') as f:
+        config = json.load(f)
+    tensors, meta = load_safetensors(files[1])
+    lora, state = adapter_from_peft(config, tensors, model, path)
+    adapter = dict(kind='adapter', lora=lora, lora_state=state,
+                   base_path=meta.get('lumi_base_path', base_path))
+    if 'lumi_base_sha256' in meta:
+        adapter.update(base_sha256=meta['lumi_base_sha256'], tokenizer_sha256=meta['lumi_tokenizer_sha256'])
+        check_adapter(adapter, path, base_path, tok)
+    return adapter

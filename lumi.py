@@ -1,8 +1,8 @@
 """
-What every Lumi stage shares: configuration (each stage's keys declared as commented module constants, config
-files and --key=value overrides, ranges, --help, one-line user errors), files (atomic writes, hashes, JSON
-lines, logging, and the runtime (device, the one dtype rule, compile, distributed
-setup). `python lumi.py run|export|plot|info` runs the stage file that does it.
+What every Lumi stage shares: configuration (keys declared as commented module constants, config files and
+--key=value overrides, ranges, --help, one-line user errors), files (atomic writes, hashes, JSON lines),
+logging, and the runtime (device, the one dtype rule and its loss scaling, the optimizer kernel, compile,
+distributed setup). `python lumi.py run|export|plot|info` runs the stage file that does it.
 
 Deliberately left out: the tokenizer and chat template (tokenizer.py), checkpoints (checkpoint.py), the
 training loop (training.py), generation (engine.py), the model (model.py), data formats (corpus/). This file
@@ -11,10 +11,12 @@ imports no other project file: the rest build on it.
 import ast
 import difflib
 import hashlib
+import importlib.util
 import json
 import os
 import random
 import re
+import subprocess
 import sys
 import tokenize
 from contextlib import nullcontext
@@ -29,9 +31,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
 # the runtime keys of every stage that runs a model (its KEY_FILES name lumi.py)
 
-device = 'auto'             # auto: cuda when present, else cpu; or cpu | cuda | cuda:N
-dtype = 'auto'              # auto: bfloat16 on CUDA and on CPUs that compute it natively, else float32;
-                            # or bfloat16 | float32
+device = 'auto'             # auto: cuda when present, else mps (an Apple GPU), else cpu; or cpu | cuda |
+                            # cuda:N | mps
+dtype = 'auto'              # auto: bfloat16 where the device computes it natively (CUDA compute capability
+                            # 8.0+, CPUs with AVX512-BF16 or AMX), float16 with loss scaling on older CUDA
+                            # GPUs, else float32; or bfloat16 | float16 | float32
 
 # -----------------------------------------------------------------------------
 # configuration, as in nanoGPT: a stage's keys are its lowercase module constants, each with a comment saying
@@ -55,8 +59,7 @@ class Config(dict):
         except KeyError:
             raise AttributeError(key) from None
 
-    def __setattr__(self, key, value):
-        self[key] = value
+    __setattr__ = dict.__setitem__
 
 
 class Key(NamedTuple):
@@ -75,7 +78,7 @@ def is_key(name, value):
 def constants(path):
     """The top-level assignments of a Python file whose values follow from literals and the assignments
     before them (`x = 1 << 20`, `url = _BASE + 'a.jsonl'`), evaluated without importing the file."""
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
         tree = ast.parse(f.read(), path)
     namespace = {}
     for node in tree.body:
@@ -254,7 +257,7 @@ def load_config(keys, argv=None, shares_with=()):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
         namespace = {}
-        with open(path) as f:
+        with open(path, encoding='utf-8') as f:
             source = f.read()
         exec(compile(source, path, 'exec'), namespace)
         shared = {k for script in shares_with or () for k in declared_keys(script)}
@@ -287,7 +290,6 @@ def load_config(keys, argv=None, shares_with=()):
 
 # -----------------------------------------------------------------------------
 # the command line of every stage: --help from the comments beside the keys, and user errors in one line
-
 
 def config_help(keys, usage):
     """The --help text: usage, then every key with its default and the comment beside it."""
@@ -376,15 +378,21 @@ def _fsync_dir(path):
 
 
 def atomic_write(path, write_fn, mode='wb'):
-    """Write a file so that a crash leaves either the old file or the new one, never half of one."""
+    """Write a file so that a crash leaves either the old file or the new one, never half of one. A write that
+    fails (a full disk, a quota) is an OSError whose one line names the file, and the old file stays as it
+    was."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, mode) as f:
+        # text is UTF-8 on every platform (Python 3.11 on Windows would write the locale's code page, cp1252)
+        with open(tmp, mode, encoding=None if 'b' in mode else 'utf-8') as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        kept = 'the previous file is unchanged' if os.path.exists(path) else 'nothing was written'
+        raise OSError(f"cannot write {path}: {e.strerror or e} ({kept})") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -396,20 +404,25 @@ def write_json(path, obj):
 
 
 def read_json(path):
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
         return json.load(f)
 
 
 def append_jsonl(path, record):
+    """Append one record as a line; a failed write (a full disk) is an OSError whose one line names the file,
+    whose earlier lines stay (a last line cut short is what read_jsonl skips)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    try:
+        with open(path, 'a', encoding='utf-8') as f:
+            f.write(json.dumps(record) + '\n')
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def read_jsonl(path):
     """The records of a JSON-lines file. A last line cut short (what a kill during append_jsonl leaves) is
     skipped and said; a malformed line before it is refused in one line naming it."""
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
         lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     records = []
     for i, (n, line) in enumerate(lines):
@@ -429,14 +442,30 @@ def log(msg, rank=None):
 
 
 # -----------------------------------------------------------------------------
-# device, precision, seeding, distributed (the RNG state a checkpoint saves is training.py's)
+# device, precision, seeding, distributed: which device, dtype, loss scaling, optimizer kernel, compile and
+# process group a run gets is decided here for every stage (the RNG state a checkpoint saves is
+# training.py's). The MPS rules follow PyTorch 2.13's documentation; none of them has run on Apple hardware.
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
 
 def pick_device(name='auto'):
-    if name != 'auto':
-        return name
-    if torch.cuda.is_available():
-        return 'cuda'
-    return 'cpu'
+    """'auto' is CUDA when present, then an Apple GPU (MPS), then the CPU; a device named outright must be
+    here, or it is refused in one line."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == 'auto':
+        return 'cuda' if cuda else 'mps' if mps else 'cpu'
+    kind, colon, index = name.partition(':')
+    if kind == 'cuda' and (not colon or index.isdigit()):
+        if not cuda or colon and int(index) >= torch.cuda.device_count():
+            raise LumiError(f"--device={name}: no such CUDA GPU here ({torch.cuda.device_count()} visible to "
+                            f"torch {torch.__version__}); use --device=cpu or auto")
+    elif name == 'mps' and not mps:
+        raise LumiError("--device=mps: no Apple GPU here (MPS needs an Apple-silicon Mac and a torch built "
+                        "for it); use --device=cpu or auto")
+    elif name not in ('cpu', 'mps'):
+        raise LumiError(f"--device={name}: not a device; use auto, cpu, cuda, cuda:N or mps")
+    return name
 
 
 def seed_everything(seed):
@@ -446,23 +475,45 @@ def seed_everything(seed):
 
 
 def autocast(device, dtype_name):
-    """bf16 autocast where asked; 'float32' runs plain. (fp16 would need a grad scaler; Lumi uses bf16.)"""
-    if dtype_name in ('bfloat16', 'bf16'):
-        return torch.autocast(device_type=device.split(':')[0], dtype=torch.bfloat16)
-    if dtype_name not in ('float32', 'fp32'):
-        raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype_name!r}")
-    return nullcontext()
+    """Autocast to bf16 or fp16 where asked (fp16 training also needs loss_scaler); 'float32' runs plain."""
+    if dtype_name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
+    if dtype_name == 'float32':
+        return nullcontext()
+    return torch.autocast(device_type=device.split(':')[0], dtype=DTYPES[dtype_name])
+
+
+def loss_scaler(device, dtype_name):
+    """The GradScaler training steps through, enabled for float16 only (its small gradients would flush to
+    zero unscaled; bf16 has fp32's range); disabled, it passes the loss and the step through unchanged. torch
+    2.13 documents GradScaler for 'cuda' and 'cpu': float16 training elsewhere (MPS) is refused."""
+    kind = device.split(':')[0]
+    if dtype_name == 'float16' and kind not in ('cuda', 'cpu'):
+        raise LumiError(f"--dtype=float16 cannot train on {kind}: torch documents its loss scaling "
+                        f"(GradScaler) for cuda and cpu only; use --dtype=float32 (or bfloat16 on macOS 14+)")
+    return torch.amp.GradScaler(kind if kind in ('cuda', 'cpu') else 'cpu', enabled=dtype_name == 'float16')
+
+
+def fused_adamw(device):
+    """Whether AdamW takes torch's fused kernel: torch 2.13 has it for CUDA, CPU and MPS. On a 2-core CPU it
+    steps the tiny model's 14.7M parameters ~8x faster than the per-tensor loop (0.017 s against 0.14 s)."""
+    return device.split(':')[0] in ('cuda', 'cpu', 'mps')
 
 
 def setup_distributed(device_name='auto'):
-    """Initialise torch.distributed when launched by torchrun; returns (device, rank, local_rank, world)."""
+    """Initialise torch.distributed when launched by torchrun; returns (device, rank, local_rank, world).
+    NCCL where torch has it (Linux with CUDA), else gloo (CPU; Windows has no NCCL); torch 2.13 has no
+    backend for MPS, so torchrun on an Apple GPU is refused."""
     world = int(os.environ.get('WORLD_SIZE', 1))
     rank = int(os.environ.get('RANK', 0))
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     device = pick_device(device_name)
     if world > 1:
+        if device == 'mps':
+            raise LumiError("torchrun with --device=mps: torch.distributed has no backend for Apple GPUs")
         if not dist.is_initialized():
-            dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+            nccl = device.startswith('cuda') and dist.is_nccl_available()
+            dist.init_process_group(backend='nccl' if nccl else 'gloo')
         if device.startswith('cuda'):
             device = f'cuda:{local_rank}'
             torch.cuda.set_device(device)
@@ -479,28 +530,43 @@ def native_bf16():
 
 
 def resolve_dtype(name, device):
-    """The one meaning of dtype='auto' in every stage: bf16 on CUDA and on CPUs that compute it natively
-    (there bf16 autocast trained the tiny model 1.85x faster than fp32 and bf16 weights decode 1.24x faster:
-    docs/BENCHMARKS.md, "Training" and "Sampling"), fp32 elsewhere."""
-    if name != 'auto':
-        return name
-    return 'bfloat16' if device.startswith('cuda') or native_bf16() else 'float32'
+    """The one meaning of dtype='auto' in every stage; a dtype named outright that device cannot compute is
+    refused in one line. CUDA: bf16 where the GPU has bf16 units (compute capability 8.0+; a T4, V100 or
+    RTX 20-series emulates it), else fp16, loss-scaled in training. CPU: bf16 where native_bf16 (there bf16
+    autocast trained the tiny model 1.85x faster than fp32 and bf16 weights decode 1.24x faster:
+    docs/BENCHMARKS.md, "Training" and "Sampling"), else fp32. MPS: fp32, as torch 2.13 documents neither
+    autocast nor GradScaler for it; bfloat16 is there from macOS 14, float16 for inference (loss_scaler)."""
+    kind = device.split(':')[0]
+    if name == 'auto':
+        if kind == 'cuda':
+            return 'bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'float16'
+        return 'bfloat16' if kind == 'cpu' and native_bf16() else 'float32'
+    if name not in DTYPES:
+        raise LumiError(f"--dtype={name}: not a dtype; use auto, bfloat16, float16 or float32")
+    if name == 'bfloat16' and kind == 'cuda' and not torch.cuda.is_bf16_supported(including_emulation=True):
+        raise LumiError("--dtype=bfloat16: this GPU cannot compute bf16, not even emulated; use float16")
+    if name == 'bfloat16' and kind == 'mps' and not torch.backends.mps.is_macos_or_newer(14, 0):
+        raise LumiError("--dtype=bfloat16: Apple GPUs compute bf16 from macOS 14 on; use --dtype=float32")
+    return name
 
 
 def resolve_compile(value, device):
-    """compile='auto': on CUDA only. On a 2-core CPU compiling cost 57 s (AVX512-BF16) to ~3 minutes (AVX2)
-    of a short budget and gave no faster steps in bf16 (docs/BENCHMARKS.md, "Recipe")."""
-    return device.startswith('cuda') if value == 'auto' else bool(value)
+    """compile='auto': on CUDA where triton imports (torch.compile writes a GPU's code in Triton, which has
+    no Windows or macOS wheels). On a 2-core CPU compiling cost 57 s (AVX512-BF16) to ~3 minutes (AVX2) of a
+    short budget and gave no faster steps in bf16 (docs/BENCHMARKS.md, "Recipe")."""
+    if value != 'auto':
+        return bool(value)
+    return device.startswith('cuda') and importlib.util.find_spec('triton') is not None
 
 
 # =============================================================================
 # the lab's command line: `python lumi.py run | export | plot | info` runs the stage file that does it, in
-# this process's place (os.execv), so the core imports none of them
+# this process's place (run_script), so the core imports none of them
 
 USAGE = """usage: python lumi.py COMMAND ...
   run [CONFIG] [--key=value ...]     every stage in order: data, pretrain, eval, SFT, eval, DPO, eval, \
 a sample
-  export CKPT OUT [--format=hf|pt]   a Hugging Face Llama directory (safetensors) or a plain state dict
+  export CKPT OUT [--format=F]       hf (transformers) | pt | gguf (llama.cpp, Ollama) | peft (an adapter)
   plot RUN [RUN ...] [--out=FILE]    train/val loss and LR against tokens as an SVG
   info CKPT                          config, parameters, tokenizer, tokens seen, last metrics
 every command takes --help; --debug shows the traceback of an error"""
@@ -516,9 +582,17 @@ def main(argv=None):
     if not argv or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
         sys.exit(2)
-    script = os.path.join(ROOT, COMMANDS[argv[0]])
+    run_script(os.path.join(ROOT, COMMANDS[argv[0]]), argv[1:])
+
+
+def run_script(path, args):
+    """Run the Python file at path with args in this process's place, which ends with its exit status:
+    os.execv on POSIX; on Windows, where exec starts another process and hands the console back to the
+    shell at once (the exit status lost, the output arriving after the prompt), as a child it waits for."""
     sys.stdout.flush()
-    os.execv(sys.executable, [sys.executable, script, *argv[1:]])
+    if os.name == 'nt':
+        sys.exit(subprocess.call([sys.executable, path, *args]))
+    os.execv(sys.executable, [sys.executable, path, *args])
 
 
 if __name__ == '__main__':

@@ -8,12 +8,18 @@ dispatch points where a Triton kernel replaces torch (attention; the LoRA linear
 Deliberately left out: LoRA (lora.py), training, sampling policy and tokenization (training.py, engine.py,
 tokenizer.py). This file imports nothing from the rest of Lumi except the optional Triton kernels.
 """
+import functools
+import importlib.machinery
+import importlib.util
 import math
+import os
+import sys
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -60,20 +66,43 @@ class ModelConfig:
 
 
 # -----------------------------------------------------------------------------
-# the two dispatch points: attention and the LoRA linear take a Triton kernel on CUDA, torch elsewhere
+# the two dispatch points: attention and the LoRA linear take a Triton kernel on the GPUs the kernels support,
+# torch elsewhere
 
+KERNELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels')
+
+
+def kernel_module(name):
+    """Lumi's kernels/NAME.py, imported by its path as the module `lumi_kernels.NAME` (ImportError without
+    triton). kernels/ is no importable package on purpose: `kernels` is also a distribution on PyPI (which
+    transformers 5.25 imports), and a package of that name at the repository root would shadow it for
+    anyone running Python from here."""
+    if 'lumi_kernels' not in sys.modules:
+        spec = importlib.machinery.ModuleSpec('lumi_kernels', None, is_package=True)
+        spec.submodule_search_locations.append(KERNELS_DIR)
+        sys.modules['lumi_kernels'] = importlib.util.module_from_spec(spec)
+    return importlib.import_module(f'lumi_kernels.{name}')
+
+
+@functools.lru_cache(maxsize=None)
 def _kernel(name):
     try:
-        if name == 'attention':
-            from kernels.attention import flash_attention
-            return flash_attention
-        from kernels.lora import lora_linear
-        return lora_linear
+        module = kernel_module(name)
     except Exception:  # no triton, or an import error: the torch path is always correct
         return None
+    return module.flash_attention if name == 'attention' else module.lora_linear
 
 
 USE_KERNELS = True  # set False to force the torch path everywhere (tests, benchmarks)
+
+
+def kernels_fit(x):
+    """Whether the Triton kernels may replace torch for tensor x: on an NVIDIA GPU of compute capability 8.0
+    or newer, the hardware Triton's README supports ("NVIDIA GPUs (Compute Capability 8.0+)"; the kernels
+    were tuned for Ampere and Hopper tiles). A T4, a V100, AMD (ROCm), Apple GPUs and CPUs take SDPA and
+    torch."""
+    return (x.is_cuda and USE_KERNELS and torch.version.hip is None
+            and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 
 def attention(q, k, v, mask=None, dropout_p=0.0):
@@ -82,7 +111,7 @@ def attention(q, k, v, mask=None, dropout_p=0.0):
     mask None means plain causal attention with T == S. Otherwise mask is a bool (B, 1, T, S) tensor of
     the keys each query may see (decoding with a cache, left-padded batches).
     """
-    if mask is None and q.is_cuda and USE_KERNELS and dropout_p == 0.0 and q.size(-1) in (64, 128):
+    if mask is None and dropout_p == 0.0 and q.size(-1) in (64, 128) and kernels_fit(q):
         fn = _kernel('attention')
         if fn is not None:
             return fn(q, k, v)
@@ -92,9 +121,9 @@ def attention(q, k, v, mask=None, dropout_p=0.0):
 
 
 def low_rank_linear(x, weight, lora_a, lora_b, scale, dropout):
-    """x W^T + scale * dropout(x) A^T B^T (lora.LoRALinear): the fused Triton kernel on CUDA when no dropout
-    is active, torch elsewhere."""
-    if x.is_cuda and USE_KERNELS and (dropout.p == 0 or not dropout.training):
+    """x W^T + scale * dropout(x) A^T B^T (lora.LoRALinear): the fused Triton kernel where kernels_fit and no
+    dropout is active, torch elsewhere."""
+    if (dropout.p == 0 or not dropout.training) and kernels_fit(x):
         fn = _kernel('lora')
         if fn is not None:
             return fn(x, weight, lora_a, lora_b, scale)
@@ -239,6 +268,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.activation_checkpointing = False  # the training loop sets it (its activation_checkpointing key)
         cos, sin = rope_cache(cfg)
         self.register_buffer('rope_cos', cos, persistent=False)
         self.register_buffer('rope_sin', sin, persistent=False)
@@ -297,8 +327,13 @@ class GPT(nn.Module):
         pad = cache.pad if cache is not None else None
         cos, sin, mask = self._positions(B, T, start, pad, idx.device)
         x = self.drop(self.tok_emb(idx))
+        recompute = (self.activation_checkpointing and self.training and cache is None
+                     and torch.is_grad_enabled())
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
+            if recompute:  # keep each block's input alone; its activations are recomputed in the backward
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
         x = self.norm(x)
         if return_hidden:
             return x

@@ -9,16 +9,16 @@ import math
 
 import torch
 
+from lumi import fused_adamw
+
 
 def make_optimizer(model, cfg, device):
     """AdamW over the trainable parameters: matrices decay, norms and vectors do not."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg.weight_decay},
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-    # the fused kernel exists for CUDA and CPU; on a 2-core CPU it steps the tiny model's 14.7M parameters
-    # ~8x faster than the per-tensor loop (0.017 s against 0.14 s)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.split(':')[0] in ('cuda', 'cpu'))
+                             fused=fused_adamw(device))  # where torch has the fused kernel (lumi.py)
 
 
 def lr_at(step, max_iters, cfg):

@@ -247,7 +247,9 @@ class Pipeline:
         log(f"[{stage}] $ python {script}.py " + ' '.join(_quote(a) for a in argv))
         t0 = time.time()
         if stage == 'sample':  # its stdout is the reply, kept for the summary
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            # UTF-8 both ways: a pipe's default on Windows is the code page, which cannot hold most replies
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, encoding='utf-8',
+                                  env=dict(os.environ, PYTHONIOENCODING='utf-8'))
             print(proc.stdout, end='', flush=True)
             if proc.returncode == 0:
                 atomic_write(os.path.join(d, 'reply.txt'), lambda f: f.write(proc.stdout), mode='w')
@@ -391,7 +393,7 @@ class Pipeline:
                                 f"is at or below chance (0.5)")
         reply_path = os.path.join(self.dir('sample'), 'reply.txt')
         if os.path.isfile(reply_path):
-            with open(reply_path) as f:
+            with open(reply_path, encoding='utf-8') as f:
                 reply = f.read().strip()
             lines += ["", f"Sample ({self.cfg.sample_prompt!r}, greedy):", "",
                       "> " + reply.replace('\n', '\n> ')]

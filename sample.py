@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import lumi
 from checkpoint import load_model, newest_checkpoint, recommended_args
-from engine import Sampling, fit_history, make_generator, model_device, stream_text
+from engine import Sampling, fit_conversation, make_generator, model_device, stream_text
 from tokenizer import BOS_ID
 
 # -----------------------------------------------------------------------------
@@ -110,8 +110,8 @@ class Prompt:
         out = out or sys.stdout
         if self.chat:
             self.messages.append({'role': 'user', 'content': text})
-            room = min(self.params.max_new_tokens, self.model.cfg.block_size // 2)
-            ids = fit_history(self.tok, self.messages, self.model.cfg.block_size - room)
+            ids, _ = fit_conversation(self.tok, self.messages, self.model.cfg.block_size,
+                                      self.params.max_new_tokens)
         else:
             ids = [BOS_ID] + self.tok.encode(text)
         answer, n, t0 = '', 0, time.time()
@@ -189,8 +189,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if '--serve' in argv or '--serve=True' in argv:  # serving is serve.py's: run it in this process's place
         rest = [a for a in argv if a not in ('--serve', '--serve=True')]
-        sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, os.path.join(lumi.ROOT, 'serve.py'), *rest])
+        lumi.run_script(os.path.join(lumi.ROOT, 'serve.py'), rest)
     cfg = lumi.load_config(KEYS, argv, shares_with=())
     source = cfg.ckpt or cfg.adapter or newest_checkpoint(cfg.out_root, cfg.runs_root)
     cfg, recommended, where = with_recommended(cfg, source, argv)

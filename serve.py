@@ -1,63 +1,64 @@
 """
 The serving stage: OpenAI's completions and chat completions APIs, plain and streamed as server-sent
-events, with /v1/models, /health and a small chat page at / (assets/chat.html), on the standard library's HTTP
-server. `python serve.py --ckpt=...` (or `python sample.py --serve ...`) loads the model with sample.py's keys
-(checkpoint.load_model) and serves engine.stream_text; the Server itself is handed its generation, so it knows
-HTTP and OpenAI's shapes and nothing of models. The connections, worker threads and deadlines are
-httpd.py's.
+events, with /v1/models, /health and a small chat page at / (assets/chat.html, which keeps a conversation
+going past the model's context through truncation='auto'). `python serve.py --ckpt=...` (or `python sample.py
+--serve ...`) loads the model with sample.py's keys (checkpoint.load_model) and serves engine.stream_text; the
+Server itself is handed its generation, so it knows OpenAI's shapes and nothing of models. Connections,
+parsing, deadlines and caps are httpd.py's: a request reaches Server.handle only complete and valid.
 
 Hostile clients are expected: every request the server cannot or will not honour is answered 4xx with
-OpenAI's error body, a fixed pool of worker threads serves connections (a full queue is answered 503), and
-each request has deadlines for its headers and its body, so a slow client only ever holds a worker for those.
+OpenAI's error body. Who may call: a Host header that names this server (421 otherwise: DNS rebinding),
+`Authorization: Bearer KEY` on /v1/* when api_key is set (401), JSON bodies only (415: a cross-site form or
+text/plain post needs no preflight), and no foreign Origin (403). The model is shared in fair turns
+(Turns): a long request gives it up every turn_seconds to the next one in line.
 
-Deliberately left out: batching across requests (one generation runs at a time behind a lock; one request
-may carry several prompts, which share a batch), logprobs, tools, authentication, TLS, chunked bodies.
+Deliberately left out: batching across requests (one generation runs at a time; one request may carry several
+prompts, which share a batch), logprobs, tools, TLS.
 """
-import io
+import collections
+import contextlib
+import hmac
+import ipaddress
 import json
 import math
 import os
-import select
-import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import replace
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 
 import lumi
-from httpd import DeadlineReader, PooledHTTPServer
 from checkpoint import load_model, newest_checkpoint
-from engine import Sampling, make_generator, stream_text
+from engine import Sampling, fit_conversation, make_generator, stream_text
+from httpd import HTTP_KEYS, HTTPServer
 from tokenizer import BOS_ID, ROLES, render_chat
 
 # -----------------------------------------------------------------------------
 # keys: set in a config file or as --key=value. Which model is served and how it samples by default are
-# checkpoint.py's and engine.py's keys (as in sample.py); these say where it is served and bound what a
-# request may ask, and how long (the Server takes the SERVER_KEYS)
-KEY_FILES = ('checkpoint.py', 'engine.py')
-host = '127.0.0.1'          # the address to serve on; 0.0.0.0 for every interface
+# checkpoint.py's and engine.py's keys (as in sample.py), the connections' deadlines and caps httpd.py's;
+# these say where it is served, who may call and what a request may ask (the Server takes the SERVER_KEYS)
+KEY_FILES = ('checkpoint.py', 'engine.py', 'httpd.py')
+host = '127.0.0.1'          # the address to serve on; 0.0.0.0 for every interface (then set api_key)
 port = 8000                 # [0, 65535] the port to serve on; 0 picks a free one
 model_name = ''             # the id the server answers to; '' is lumi-<kind>
-max_tokens_limit = 4096     # [1, inf) the most new tokens one request may ask for
-max_batch = 8               # [1, inf) the most sequences (prompts x n) one request may ask for
-max_body_bytes = 1 << 20    # [1, inf) a larger request body gets 413
-max_json_depth = 32         # [1, inf) the deepest nesting of arrays and objects a request body may have
-max_stop_chars = 256        # [1, inf) the longest stop string a request may give (at most 4 of them)
-header_timeout = 10.0       # (0, inf) seconds for a request's line and headers, idle keep-alive
-                            # included (then 408)
-body_timeout = 30.0         # (0, inf) seconds to read a request's body, and for each write of the
-                            # answer (then 408)
-workers = 16                # [1, inf) threads serving connections: a connection holds one while it is open
-queue_size = 32             # [0, inf) connections waiting for a worker; one more is answered 503
-generation_wait = 120.0     # (0, inf) seconds a request waits for the generation in front of it (then 503)
+api_key = ''                # requests to /v1/* must carry 'Authorization: Bearer KEY' ('': no key needed;
+                            # LUMI_API_KEY in the environment sets it too, out of sight of ps)
+allowed_hosts = ''          # host names a request's Host may give besides IP addresses, localhost and
+                            # *.localhost, comma-separated ('.example.org' takes its subdomains; '*' any)
 cors_origin = ''            # a web origin besides the server's own that may call the API from a
                             # browser ('*': any)
+max_tokens_limit = 4096     # [1, inf) the most new tokens one request may ask for
+max_batch = 8               # [1, inf) the most sequences (prompts x n) one request may ask for
+max_json_depth = 32         # [1, inf) the deepest nesting of arrays and objects a request body may have
+max_stop_chars = 256        # [1, inf) the longest stop string a request may give (at most 4 of them)
+generation_wait = 120.0     # (0, inf) seconds a request waits for its first turn on the model (then 503)
+turn_seconds = 0.25         # [0, inf) seconds a request generates before the next one in line gets a turn
 KEYS = lumi.declared_keys(__file__)
-SERVER_KEYS = ('max_tokens_limit', 'max_batch', 'max_body_bytes', 'max_json_depth', 'max_stop_chars',
-               'header_timeout', 'body_timeout', 'workers', 'queue_size', 'generation_wait', 'cors_origin')
+API_KEYS = ('api_key', 'allowed_hosts', 'cors_origin', 'max_tokens_limit', 'max_batch', 'max_json_depth',
+            'max_stop_chars', 'generation_wait', 'turn_seconds')
+SERVER_KEYS = API_KEYS + HTTP_KEYS
 
 ALLOWED_METHODS = 'GET, HEAD, POST, OPTIONS'
 # parameters OpenAI's APIs have and this server cannot honour: accepted only with a value that
@@ -74,9 +75,10 @@ KNOWN = {'model', 'max_tokens', 'max_completion_tokens', 'temperature', 'top_k',
 class APIError(Exception):
     """A refused request, answered with OpenAI's error body."""
 
-    def __init__(self, status, message, param=None, code=None, kind='invalid_request_error'):
+    def __init__(self, status, message, param=None, code=None, kind='invalid_request_error', headers=()):
         super().__init__(message)
         self.status, self.body = status, {'error': dict(message=message, type=kind, param=param, code=code)}
+        self.headers = tuple(headers)
 
 
 def _body_field(body, key, types, default, valid=None, rule=''):
@@ -137,7 +139,7 @@ def parse_request(body, server, chat):
         if key in NEUTRAL:
             if value is not None and value not in NEUTRAL[key]:
                 raise APIError(400, f"'{key}' is not supported by this server", key, 'unsupported_parameter')
-        elif key not in KNOWN and key != ('messages' if chat else 'prompt'):
+        elif key not in KNOWN and key not in (('messages', 'truncation') if chat else ('prompt',)):
             raise APIError(400, f"unknown parameter '{key[:100]}'", key[:100], 'unknown_parameter')
     name = _body_field(body, 'model', (str,), server.model_name, rule='a string')
     if name != server.model_name:
@@ -172,9 +174,16 @@ def parse_request(body, server, chat):
                      "an object with only 'include_usage'")
     include_usage = _body_field(options, 'include_usage', (bool,), False, rule='a boolean')
 
-    tok = server.tok
+    tok, dropped = server.tok, None
     if chat:
-        prompts = [render_messages(tok, body.get('messages'))]
+        truncation = _body_field(body, 'truncation', (str,), 'disabled', lambda v: v in ('auto', 'disabled'),
+                                 "'auto' or 'disabled'")
+        if truncation == 'auto':  # the oldest turns that do not fit go, as in the terminal chat
+            messages = chat_messages(body.get('messages'))
+            ids, dropped = fit_conversation(tok, messages, server.window, max_tokens)
+        else:
+            ids = render_messages(tok, body.get('messages'))
+        prompts = [ids]
     else:
         texts = _body_field(body, 'prompt', (str, list), None, lambda v: isinstance(v, str) or (
             0 < len(v) <= server.max_batch and all(isinstance(t, str) for t in v)),
@@ -191,11 +200,17 @@ def parse_request(body, server, chat):
         raise APIError(400, f"{len(prompts)} prompts x n={n} is over this server's batch limit of "
                             f"{server.max_batch}", 'n', 'invalid_value')
     return dict(prompts=[p for p in prompts for _ in range(n)], prompt_tokens=sum(map(len, prompts)),
-                params=params, seed=seed, stream=stream, include_usage=include_usage)
+                params=params, seed=seed, stream=stream, include_usage=include_usage, dropped=dropped)
 
 
 def render_messages(tok, messages):
-    """OpenAI chat messages to the chat template's ids; content may be a string or a list of text parts."""
+    """OpenAI chat messages to the chat template's ids."""
+    return render_chat(tok, chat_messages(messages), add_generation_prompt=True)[0]
+
+
+def chat_messages(messages):
+    """OpenAI chat messages as the chat template's {role, content}; content may be a string or a list of text
+    parts, and 'developer' is the system."""
     if messages is None:
         raise APIError(400, "'messages' is required", 'messages', 'missing_required_parameter')
     if not isinstance(messages, list) or not messages:
@@ -217,265 +232,62 @@ def render_messages(tok, messages):
             raise APIError(400, f"messages[{i}] must be {{'role': one of {list(ROLES)}, 'content': text}}, "
                                 f"got {json.dumps(m)[:100]}", f'messages[{i}]', 'invalid_value')
         plain.append({'role': role, 'content': content})
-    return render_chat(tok, plain, add_generation_prompt=True)[0]
+    return plain
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.1'  # keep-alive for JSON answers; a stream ends by closing the connection
-    server_version = 'lumi'
-    default_request_version = 'HTTP/1.0'  # not 0.9, whose answers have no status line: requests without
-                                          # one are refused
+class Turns:
+    """The model's time, shared in fair turns: requests take it in the order they asked, and one that has
+    run for `seconds` gives it to the next in line, so a long request (n=8 x 4,096 tokens held the model for
+    18 s) delays a short one by a turn, not by all of itself. Each request's generation keeps its own KV cache
+    between its turns, and at most `workers` requests (httpd.py) hold one."""
 
-    def setup(self):
-        super().setup()
-        self.reader = DeadlineReader(self.connection)
-        self.rfile = io.BufferedReader(self.reader)
+    def __init__(self, seconds):
+        self.seconds, self.cond, self.line = seconds, threading.Condition(), collections.deque()
+        self.holder, self.since = None, 0.0
 
-    def finish(self):
-        # a lingering close: closing a socket with unread request bytes resets the connection, and the
-        # reset can destroy the answer before the client reads it, so take what the client still sends,
-        # briefly, first
-        try:
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)
-            self.reader.until, self.reader.got = time.monotonic() + 1, 0
-            while self.reader.got < 1 << 20 and self.reader.readinto(bytearray(1 << 16)):
-                pass
-        except OSError:
-            pass
-        super().finish()
-
-    def handle_one_request(self):
-        """The standard library's, with deadlines, no HTTP/0.9 (whose requests have no headers to wait for),
-        and every answer JSON; a request's body is read before its answer, or the connection closes after
-        it."""
-        s = self.server
-        self.reader.until, self.reader.got = time.monotonic() + s.header_timeout, 0
-        self.head_only = self.streaming = self.answered = self.body_pending = False
-        self.command, self.request_version, self.requestline, self.headers = None, 'HTTP/1.1', '', None
-        self.requests = getattr(self, 'requests', 0) + 1
-        try:
-            line = self.raw_requestline = self.rfile.readline(65537)
-            if not line:
-                self.close_connection = True
-                return
-            self.requestline = line.decode('iso-8859-1').rstrip('\r\n')[:200]
-            if len(line) > 65536:
-                return self.send_error(414, "the request line is over 65536 bytes")
-            if len(line.split()) != 3:
-                return self.send_error(400, f"a request line is 'METHOD PATH HTTP/1.1', "
-                                            f"got {self.requestline!r}")
-            if not self.parse_request():  # it answered already
-                return
-            self.body_pending = (self.headers.get('Content-Length', '0') != '0'
-                                 or 'Transfer-Encoding' in self.headers)
-            method = getattr(self, 'do_' + self.command, None)
-            if method is None:
-                return self.send_error(405, f"method {self.command!r} is not allowed: use {ALLOWED_METHODS}")
-            self.reader.until = time.monotonic() + s.body_timeout
-            self.connection.settimeout(s.body_timeout)  # for the answer's writes: a client that never reads
-            method()
-            self.wfile.flush()
-        except TimeoutError:
-            self.close_connection = True
-            # an idle keep-alive connection just closes: a 408 there could be read as the answer to the
-            # request the client is about to send
-            if not self.answered and (self.reader.got or self.requests == 1):
-                try:
-                    self.send_error(408, "the request was not received in time")
-                except OSError:
-                    pass
-        except OSError:  # the client reset or left
-            self.close_connection = True
-
-    def log_message(self, fmt, *args):
-        if not self.server.quiet:
-            super().log_message(fmt, *args)
-
-    def send_error(self, code, message=None, explain=None):
-        """Errors the standard library finds (bad request line, headers, version) as OpenAI's JSON: never 5xx,
-        which would blame the server for a client's request."""
-        code = 400 if code >= 500 else code
-        self.close_connection = True
-        phrase = HTTPStatus(code).phrase
-        headers = {'Allow': ALLOWED_METHODS} if code == 405 else {}
-        self.send_json(code, APIError(code, message or phrase, code=phrase.lower().replace(' ', '_')).body,
-                       **headers)
-
-    def cors_headers(self):
-        origin, s = self.headers and self.headers.get('Origin'), self.server
-        if origin and (origin in s.origins or s.cors_origin == '*'):
-            self.send_header('Access-Control-Allow-Origin', origin)
-            self.send_header('Vary', 'Origin')
-
-    def send_body(self, status, data, content_type='application/json', **headers):
-        self.answered = True
-        self.send_response(status)
-        if content_type:
-            self.send_header('Content-Type', content_type)
-        self.send_header('Content-Length', str(len(data)))
-        for key, value in headers.items():
-            self.send_header(key.replace('_', '-'), value)
-        self.cors_headers()
-        if self.body_pending or self.close_connection:  # unread bytes would be taken for the next request
-            self.send_header('Connection', 'close')
-        self.end_headers()
-        if not self.head_only:
-            self.wfile.write(data)
-
-    def send_json(self, status, obj, **headers):
-        self.send_body(status, json.dumps(obj).encode(), **headers)
-
-    def do_OPTIONS(self):  # a browser's CORS preflight
-        self.send_body(204, b'', None, Allow=ALLOWED_METHODS, Access_Control_Allow_Methods=ALLOWED_METHODS,
-                       Access_Control_Allow_Headers='Content-Type, Authorization',
-                       Access_Control_Max_Age='600')
-
-    def do_HEAD(self):
-        self.head_only = True
-        self.do_GET()
-
-    def do_GET(self):
-        s, path = self.server, self.path.split('?')[0]
-        if path == '/health':
-            self.send_json(200, {'status': 'ok', 'model': s.model_name})
-        elif path == '/v1/models':
-            self.send_json(200, {'object': 'list', 'data': [s.model_card()]})
-        elif path == f'/v1/models/{s.model_name}':
-            self.send_json(200, s.model_card())
-        elif path in ('/', '/index.html'):
-            page = CHAT_PAGE.replace('MODEL_NAME', json.dumps(s.model_name))
-            self.send_body(200, page.encode(), 'text/html; charset=utf-8')
-        else:
-            self.send_json(404, APIError(404, f"no such endpoint: GET {path[:200]}", code='not_found').body)
-
-    def do_POST(self):
-        path = self.path.split('?')[0]
-        try:
-            data = self.read_body()  # first, so that even a refused request leaves the connection clean
-            if path not in ('/v1/completions', '/v1/chat/completions'):
-                raise APIError(404, f"no such endpoint: POST {path[:200]}", code='not_found')
-            chat = path == '/v1/chat/completions'
-            self.generate(parse_request(parse_json(data, self.server.max_json_depth), self.server, chat),
-                          chat)
-        except APIError as e:
-            self.send_json(e.status, e.body)
-        except TimeoutError:  # answered 408 by handle_one_request if nothing went out yet
-            raise
-        except OSError:  # the client left; its generation stopped with it
-            self.close_connection = True
-        except Exception as e:  # a bug must not take the server down; the client learns what happened
-            self.log_error('%s', repr(e))
-            self.close_connection = True
-            error = APIError(500, "internal error (the server's log has it)", kind='server_error').body
-            if self.streaming:  # the 200 went out already: end the stream with an error event, as OpenAI does
-                self.sse(error)
-            elif not self.answered:
-                self.send_json(500, error)
-
-    def read_body(self):
-        if 'Transfer-Encoding' in self.headers:
-            raise APIError(411, "chunked bodies are not supported: send a Content-Length",
-                           code='length_required')
-        lengths = self.headers.get_all('Content-Length') or []
-        if not lengths:
-            raise APIError(411, "a Content-Length header is required", code='length_required')
-        length = lengths[0].strip()
-        # isdigit alone passes '²' and other digits int() refuses; 18 digits is far past any limit
-        if len(set(lengths)) > 1 or not (length.isascii() and length.isdigit() and len(length) <= 18):
-            raise APIError(400, f"bad Content-Length {', '.join(lengths)[:40]!r}", code='invalid_value')
-        length, limit = int(length), self.server.max_body_bytes
-        if length > limit:
-            self.close_connection = True  # the body stays unread unless small enough to drain
-            while 0 < length <= 16 * limit:  # so the client, still sending, gets to read the answer
-                chunk = self.rfile.read(min(length, 1 << 16))
-                length = length - len(chunk) if chunk else 0
-            raise APIError(413, f"the request body is over this server's limit of {limit} bytes",
-                           code='too_large')
-        data = self.rfile.read(length)
-        if len(data) < length:
-            raise ConnectionError("the client closed the connection before sending its whole body")
-        self.body_pending = False
-        return data
-
-    def client_gone(self):
-        """True once the client has closed its side of the connection (a pipelined request does not count). A
-        client that half-closes after sending and still reads counts as gone too: without writing to it, the
-        two look the same."""
-        try:
-            if not select.select([self.connection], [], [], 0)[0]:
+    def take(self, timeout=None):
+        """Wait for the model, at most timeout seconds (None: as long as it takes); whether it was had."""
+        me = object()
+        with self.cond:
+            self.line.append(me)
+            if not self.cond.wait_for(lambda: self.holder is None and self.line[0] is me, timeout):
+                self.line.remove(me)
+                self.cond.notify_all()
                 return False
-            return self.connection.recv(1, socket.MSG_PEEK) == b''
-        except OSError:
+            self.line.popleft()
+            self.holder, self.since = me, time.monotonic()
             return True
 
-    def sse(self, obj):
-        self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
-        self.wfile.flush()
+    def give(self):
+        with self.cond:
+            self.holder = None
+            self.cond.notify_all()
 
-    def generate(self, job, chat):
-        s, rid, created = (self.server, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-                           int(time.time()))
-        head = dict(id=rid, object='chat.completion' if chat else 'text_completion', created=created,
-                    model=s.model_name)
-        rows = len(job['prompts'])
-        texts, finish, tokens = [''] * rows, [None] * rows, [0] * rows
+    def share(self):
+        """Between two steps of the holder's generation: the next request in line gets the model if this
+        one's turn is over; this one then waits at the back of the line."""
+        if self.line and time.monotonic() - self.since >= self.seconds:
+            self.give()
+            self.take()
 
-        def usage():
-            return dict(prompt_tokens=job['prompt_tokens'], completion_tokens=sum(tokens),
-                        total_tokens=job['prompt_tokens'] + sum(tokens))
-
-        def choice(r, text, reason):
-            if chat:
-                return dict(index=r, delta=text, logprobs=None, finish_reason=reason)
-            return dict(index=r, text=text, logprobs=None, finish_reason=reason)
-
-        # one generation at a time: bounded memory, and each request runs at full speed
-        if not s.lock.acquire(timeout=s.generation_wait):
-            raise APIError(503, f"the server is busy: no generation slot within {s.generation_wait:g} s",
-                           code='overloaded', kind='server_error')
-        events = None
-        try:
-            events = s.generate(job['prompts'], job['params'], chat, job['seed'])
-            if not job['stream']:
-                for r, delta, reason, n in events:
-                    texts[r], finish[r], tokens[r] = texts[r] + delta, reason, n
-                    if self.client_gone():  # nobody will read the answer: free the model for the next request
-                        raise ConnectionAbortedError("the client left")
-                choices = [dict(index=r, message=dict(role='assistant', content=texts[r]), logprobs=None,
-                                finish_reason=finish[r]) if chat else choice(r, texts[r], finish[r])
-                           for r in range(rows)]
-                return self.send_json(200, dict(head, choices=choices, usage=usage()))
-            self.send_response(200)
-            self.send_header('Content-Type', 'text/event-stream')
-            self.send_header('Cache-Control', 'no-cache')
-            self.send_header('Connection', 'close')
-            self.cors_headers()
-            self.end_headers()
-            self.close_connection, self.streaming, self.answered = True, True, True
-            chunk = dict(head, object='chat.completion.chunk') if chat else head
-            if chat:
-                for r in range(rows):
-                    self.sse(dict(chunk, choices=[choice(r, {'role': 'assistant', 'content': ''}, None)]))
-            for r, delta, reason, n in events:
-                tokens[r] = n
-                if not chat:
-                    self.sse(dict(chunk, choices=[choice(r, delta, reason)]))
-                    continue
-                if delta:
-                    self.sse(dict(chunk, choices=[choice(r, {'content': delta}, None)]))
-                if reason:  # a chat stream ends each choice with an empty delta that carries the reason
-                    self.sse(dict(chunk, choices=[choice(r, {}, reason)]))
-            if job['include_usage']:
-                self.sse(dict(chunk, choices=[], usage=usage()))
-            self.wfile.write(b'data: [DONE]\n\n')
-        finally:
-            if events is not None:
-                events.close()  # stops the generation, if it is still running, before the next one starts
-            s.lock.release()
+    def busy(self):
+        return self.holder is not None
 
 
-class Server(PooledHTTPServer):
+def exposure_warning(host, api_key):
+    """What to tell someone who serves beyond this machine without a key ('' when bound to loopback or
+    keyed)."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == 'localhost'
+    if loopback or api_key:
+        return ''
+    return (f"warning: serving on {host} without an API key: anyone who can reach this machine can use the "
+            f"model and its compute; set LUMI_API_KEY (or --api_key) to require 'Authorization: Bearer KEY'")
+
+
+class Server(HTTPServer):
     """OpenAI's API on host:port (port 0 picks a free one) for one model.
 
     generate(prompts, params, chat, seed) runs a batch of token-id prompts with an engine.Sampling and yields
@@ -488,40 +300,224 @@ class Server(PooledHTTPServer):
         unknown = set(options) - set(SERVER_KEYS)
         if unknown:
             raise TypeError(f"unknown server options {sorted(unknown)}")
-        for key in SERVER_KEYS:
-            setattr(self, key, options.get(key, KEYS[key].default))
-        body = json.dumps(APIError(503, "the server is busy: too many connections", code='overloaded',
-                                   kind='server_error').body).encode()
-        busy = (b'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n'
-                b'Connection: close\r\nContent-Length: %d\r\n\r\n' % len(body) + body)
+        for key in API_KEYS:
+            setattr(self, key, options.pop(key, KEYS[key].default))
         try:
-            super().__init__((host, port), Handler, self.workers, self.queue_size, busy)
+            super().__init__((host, port), quiet, **options)
         except OSError as e:  # a user's error (port taken, no such address): one line, not a traceback
             raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
         self.generate, self.tok, self.window, self.defaults = generate, tok, window, defaults
-        self.model_name, self.created, self.quiet = model_name, created, quiet
+        self.model_name, self.created, self.turns = model_name, created, Turns(self.turn_seconds)
         port = self.server_address[1]
         self.origins = {f'http://{host}:{port}', f'http://localhost:{port}', f'http://127.0.0.1:{port}',
                         self.cors_origin}
-        self.lock = threading.Lock()
+        names = {h.strip().lower().rstrip('.') for h in self.allowed_hosts.split(',') if h.strip()}
+        self.host_names = names | {host.lower(), 'localhost'}
 
     def model_card(self):
         return dict(id=self.model_name, object='model', created=self.created, owned_by='lumi')
 
+    def error_body(self, status, message, code):
+        kind = 'server_error' if status >= 500 else 'invalid_request_error'
+        return json.dumps(APIError(status, message, code=code, kind=kind).body).encode()
+
+    # who may call
+
+    def host_allowed(self, authority):
+        """Whether a Host names this server: an IP address (a DNS-rebinding page's Host is its own domain,
+        never an address), localhost and *.localhost, the bound host and allowed_hosts."""
+        name = authority.rpartition(']')[0][1:] if authority.startswith('[') else authority.partition(':')[0]
+        name = name.lower().rstrip('.')
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            pass
+        return (not authority or '*' in self.host_names or name in self.host_names
+                or name.endswith('.localhost')
+                or any(n.startswith('.') and (name.endswith(n) or name == n[1:]) for n in self.host_names))
+
+    def origin_allowed(self, request, origin):
+        return (origin in self.origins or self.cors_origin == '*'
+                or origin in (f'http://{request.host}', f'https://{request.host}'))  # the page's own
+
+    def check_caller(self, request):
+        """Refuse a request to /v1/* that lacks the key, sends no JSON, or comes from a foreign web page."""
+        if self.api_key:
+            scheme, _, given = (request.header('authorization') or '').partition(' ')
+            given = given.strip().encode()
+            if scheme.lower() != 'bearer' or not hmac.compare_digest(given, self.api_key.encode()):
+                raise APIError(401, "Incorrect API key provided: send 'Authorization: Bearer KEY' with this "
+                                    "server's key" if given else "You didn't provide an API key: send "
+                                    "'Authorization: Bearer KEY'", code='invalid_api_key',
+                               headers=[('WWW-Authenticate', 'Bearer')])
+        origin = request.header('origin')
+        if origin and not self.origin_allowed(request, origin):
+            raise APIError(403, f"requests from the web page at {origin[:100]!r} are not allowed: start the "
+                                f"server with --cors_origin=ORIGIN to allow one", code='forbidden_origin')
+        if request.method == 'POST':
+            kind = (request.header('content-type') or '').partition(';')[0].strip().lower()
+            if kind != 'application/json':
+                raise APIError(415, f"the body must be JSON, sent with 'Content-Type: application/json', "
+                                    f"not {kind[:60] or 'no Content-Type'!r}", code='unsupported_media_type')
+
+    # answers
+
+    def send(self, request, reply, status, data, content_type='application/json', headers=()):
+        headers = list(headers) + ([('Content-Type', content_type)] if content_type else [])
+        origin = request.header('origin')
+        if origin and self.origin_allowed(request, origin):
+            headers += [('Access-Control-Allow-Origin', origin), ('Vary', 'Origin')]
+        reply.send(status, data, headers)
+
+    def send_json(self, request, reply, status, obj, headers=()):
+        self.send(request, reply, status, json.dumps(obj).encode(), headers=headers)
+
+    def handle(self, request, reply):
+        """Answer one complete request (httpd.py calls it on a worker thread)."""
+        try:
+            self.route(request, reply)
+        except APIError as e:
+            if not reply.answered:
+                self.send_json(request, reply, e.status, e.body, e.headers)
+        except ConnectionError:  # the client left or stopped reading; its generation stopped with it
+            reply.close = True
+        except Exception:  # a bug must not take the server down; the client learns what happened
+            traceback.print_exc()
+            reply.close = True
+            error = APIError(500, "internal error (the server's log has it)", kind='server_error').body
+            if reply.streaming:  # the 200 went out already: end the stream with an error event, as OpenAI
+                with contextlib.suppress(ConnectionError):
+                    reply.write(f"data: {json.dumps(error)}\n\n".encode())
+            elif not reply.answered:
+                self.send_json(request, reply, 500, error)
+
+    def route(self, request, reply):
+        path, method = request.path, request.method
+        if not self.host_allowed(request.host):
+            raise APIError(421, f"this server does not answer to the host {request.host[:100]!r}: start it "
+                                f"with --allowed_hosts=NAME to serve that name", code='misdirected_request')
+        if method == 'OPTIONS':  # a browser's CORS preflight
+            return self.send(request, reply, 204, b'', None, [
+                ('Allow', ALLOWED_METHODS), ('Access-Control-Allow-Methods', ALLOWED_METHODS),
+                ('Access-Control-Allow-Headers', 'Content-Type, Authorization'),
+                ('Access-Control-Max-Age', '600')])
+        if method not in ('GET', 'HEAD', 'POST'):
+            raise APIError(405, f"method {method!r} is not allowed: use {ALLOWED_METHODS}",
+                           code='method_not_allowed', headers=[('Allow', ALLOWED_METHODS)])
+        if path.startswith('/v1/'):
+            self.check_caller(request)
+        if method == 'POST':
+            if path not in ('/v1/completions', '/v1/chat/completions'):
+                raise APIError(404, f"no such endpoint: POST {path[:200]}", code='not_found')
+            chat = path == '/v1/chat/completions'
+            body = parse_json(request.body, self.max_json_depth)
+            return self.answer(request, reply, parse_request(body, self, chat), chat)
+        if path == '/health':
+            self.send_json(request, reply, 200, {'status': 'ok', 'model': self.model_name})
+        elif path == '/v1/models':
+            self.send_json(request, reply, 200, {'object': 'list', 'data': [self.model_card()]})
+        elif path == f'/v1/models/{self.model_name}':
+            self.send_json(request, reply, 200, self.model_card())
+        elif path in ('/', '/index.html'):
+            page = CHAT_PAGE.replace('MODEL_NAME', json.dumps(self.model_name))
+            self.send(request, reply, 200, page.encode(), 'text/html; charset=utf-8')
+        elif path == '/favicon.ico':
+            self.send(request, reply, 200, FAVICON, 'image/x-icon', [('Cache-Control', 'max-age=86400')])
+        else:
+            raise APIError(404, f"no such endpoint: {method} {path[:200]}", code='not_found')
+
+    def answer(self, request, reply, job, chat):
+        """Generate a request's completions in turns on the model, and answer them whole or as a stream."""
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        head = dict(id=rid, object='chat.completion' if chat else 'text_completion', created=int(time.time()),
+                    model=self.model_name)
+        if job['dropped'] is not None:  # truncation='auto': how many of the oldest messages did not fit
+            head['dropped_messages'] = job['dropped']
+        rows = len(job['prompts'])
+        texts, finish, tokens = [''] * rows, [None] * rows, [0] * rows
+
+        def usage():
+            return dict(prompt_tokens=job['prompt_tokens'], completion_tokens=sum(tokens),
+                        total_tokens=job['prompt_tokens'] + sum(tokens))
+
+        def choice(r, text, reason):
+            if chat:
+                return dict(index=r, delta=text, logprobs=None, finish_reason=reason)
+            return dict(index=r, text=text, logprobs=None, finish_reason=reason)
+
+        def sse(obj):
+            if not reply.writable():  # a client that does not read waits without holding the model
+                self.turns.give()
+                held[0] = False
+                if not reply.writable(self.body_timeout):
+                    raise ConnectionError("the client stopped reading its answer")
+                self.turns.take()
+                held[0] = True
+            reply.write(f"data: {json.dumps(obj)}\n\n".encode())
+
+        if not self.turns.take(self.generation_wait):
+            raise APIError(503, f"the server is busy: no turn on the model within {self.generation_wait:g} s",
+                           code='overloaded', kind='server_error', headers=[('Retry-After', '1')])
+        events, held = None, [True]
+        try:
+            events = self.generate(job['prompts'], job['params'], chat, job['seed'])
+            if not job['stream']:
+                for r, delta, reason, n in events:
+                    texts[r], finish[r], tokens[r] = texts[r] + delta, reason, n
+                    if reply.gone():  # nobody will read the answer: free the model for the next request
+                        raise ConnectionAbortedError("the client left")
+                    self.turns.share()
+                choices = [dict(index=r, message=dict(role='assistant', content=texts[r]), logprobs=None,
+                                finish_reason=finish[r]) if chat else choice(r, texts[r], finish[r])
+                           for r in range(rows)]
+                return self.send_json(request, reply, 200, dict(head, choices=choices, usage=usage()))
+            origin = request.header('origin')
+            cors = ([('Access-Control-Allow-Origin', origin), ('Vary', 'Origin')]
+                    if origin and self.origin_allowed(request, origin) else [])
+            reply.start(200, [('Content-Type', 'text/event-stream'), ('Cache-Control', 'no-cache'), *cors])
+            chunk = dict(head, object='chat.completion.chunk') if chat else head
+            if chat:
+                for r in range(rows):
+                    sse(dict(chunk, choices=[choice(r, {'role': 'assistant', 'content': ''}, None)]))
+            chunk.pop('dropped_messages', None)  # said once, in the first chunk
+            for r, delta, reason, n in events:
+                tokens[r] = n
+                if reply.gone():
+                    raise ConnectionAbortedError("the client left")
+                if not chat:
+                    sse(dict(chunk, choices=[choice(r, delta, reason)]))
+                elif delta:
+                    sse(dict(chunk, choices=[choice(r, {'content': delta}, None)]))
+                if chat and reason:  # a chat choice ends with an empty delta that carries the reason
+                    sse(dict(chunk, choices=[choice(r, {}, reason)]))
+                self.turns.share()
+            if job['include_usage']:
+                sse(dict(chunk, choices=[], usage=usage()))
+            reply.write(b'data: [DONE]\n\n')
+        finally:
+            if events is not None:
+                events.close()  # stops the generation, if it is still running
+            if held[0]:
+                self.turns.give()
+
 
 with open(os.path.join(lumi.ROOT, 'assets', 'chat.html'), encoding='utf-8') as _f:
     CHAT_PAGE = _f.read()
+with open(os.path.join(lumi.ROOT, 'assets', 'favicon.ico'), 'rb') as _f:
+    FAVICON = _f.read()
 # -----------------------------------------------------------------------------
 # the stage
 
-USAGE = """usage: python serve.py [--ckpt=PATH] [--host=127.0.0.1] [--port=8000] [--key=value ...] \
+USAGE = """usage: python serve.py [--ckpt=PATH] [--host=127.0.0.1] [--port=8000] [--key=value ...] \\
   (or sample.py --serve)
-Serves a model over OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models), /health and a \
+Serves a model over OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models), /health and a \\
 chat page at /."""
 
 
 def main(argv):
     cfg = lumi.load_config(KEYS, argv, shares_with=('sample.py',))
+    cfg.api_key = cfg.api_key or os.environ.get('LUMI_API_KEY', '')
     dev = lumi.pick_device(cfg.device)
     dt = lumi.resolve_dtype(cfg.dtype, dev)
     lumi.seed_everything(cfg.seed)
@@ -538,6 +534,8 @@ def main(argv):
     server = Server(generate, tok, model.cfg.block_size, params, cfg.model_name or f"lumi-{info['kind']}",
                     cfg.host, cfg.port, info['created'], **{key: cfg[key] for key in SERVER_KEYS})
     host, port = server.server_address[:2]
+    if warning := exposure_warning(cfg.host, cfg.api_key):
+        print(warning, file=sys.stderr)
     print(f"serving '{server.model_name}' at http://{host}:{port}/ (API under /v1)", file=sys.stderr,
           flush=True)
     try:

@@ -21,7 +21,8 @@ chosen by a hash of its text so it does not move when sources are added) gives t
 
 LoRA (lora.py): r, alpha, dropout on any of q, k, v, o, gate, up, down, plus trainable embedding rows for
 the four chat tokens (lora_chat_tokens): a base pretrained on plain text never saw them, and LoRA alone was
-slow to learn to say <|end|> (docs/BENCHMARKS.md). lora_r=0 is full fine-tuning.
+slow to learn to say <|end|> (docs/BENCHMARKS.md). lora_r=0 is full fine-tuning. --init_adapter=DIR starts
+from a PEFT adapter made for the base (lora.load_peft_adapter), from Lumi's --format=peft export or from peft.
 
 Outputs in out_dir: metrics.jsonl and ckpt_<step>.pt / best.pt as train.py writes them (these carry the
 adapters: checkpoint.model_from_checkpoint rebuilds them), adapter.pt (the adapter alone, with its base's path
@@ -51,7 +52,7 @@ import training
 from checkpoint import load_model, merge_adapter, save_merged
 from corpus.conversations import load_conversations
 from engine import Sampling, distinct_ngrams, generate_ids, make_generator, one_token_loop
-from lora import adapter_state, apply_lora
+from lora import adapter_state, apply_adapter, apply_lora, load_peft_adapter, merge_lora
 from tokenizer import EOS_ID, PAD_ID, ROLES, check_tokenizer, render_chat
 
 # -----------------------------------------------------------------------------
@@ -73,6 +74,9 @@ lora_dropout = 0.0              # [0, 1) > 0 forgoes the fused CUDA kernel while
 lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # the projections that get adapters
 lora_chat_tokens = True         # also train the embedding rows of <|system|> <|user|> <|assistant|> <|end|>,
                                 # which a base pretrained on plain text never saw (lora.TokenRows)
+init_adapter = ''               # a PEFT LoRA adapter directory made for init_from (its --format=hf export):
+                                # training starts from it, its r, alpha, targets and token rows in place of
+                                # the lora_ keys; with lora_r=0 it is merged and the model trained in full
 learning_rate = 1e-3            # LoRA wants a larger step than full fine-tuning (use ~1e-4 with lora_r=0)
 min_lr = 1e-4
 warmup_iters = 20
@@ -383,13 +387,18 @@ def main(argv=None):
     lumi.log(f"{len(train_ex)} train / {len(val_ex)} held-out conversations, mean {lengths.mean():.0f} "
              f"tokens, {prepared['mask'].float().mean():.0%} of them assistant tokens")
 
-    if cfg.lora_r > 0:
+    if cfg.init_adapter:  # a PEFT adapter (export.py --format=peft, or peft's own) to go on training
+        apply_adapter(model, load_peft_adapter(cfg.init_adapter, model, base['path'], tok), cfg.init_adapter)
+        if cfg.lora_r == 0:
+            merge_lora(model)
+    elif cfg.lora_r > 0:
         chat_ids = [tok.role_id[r] for r in ROLES] + [tok.end_id] if cfg.lora_chat_tokens else []
         apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                    targets=tuple(cfg.lora_targets), tokens=chat_ids)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    lumi.log(f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora_r else 'full fine-tuning'}: trainable "
+    lora_cfg = getattr(model, 'lora_config', None)
+    lumi.log(f"{'LoRA r=' + str(lora_cfg['r']) if lora_cfg else 'full fine-tuning'}: trainable "
              f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
     model.to(device)
 

@@ -8,11 +8,17 @@ A protobuf message is a run of fields, each a varint tag (number << 3 | wire typ
 bytes, or a varint length and that many bytes. ModelProto: 1 pieces (1 piece, 2 score, 3 type), 2
 trainer_spec, 3 normalizer_spec, 4 self_test_data, 5 denormalizer_spec.
 
-Deliberately left out: training a tokenizer (data.py), a general protobuf reader (groups, packed repeated
-fields: ModelProto has neither).
+Also here: training one with Lumi's reserved ids, and its quality on held-out text (data.py's tokenizer step
+caches, samples and freezes it).
+
+Deliberately left out: choosing what a tokenizer trains on (data.py), a general protobuf reader (groups,
+packed repeated fields: ModelProto has neither).
 """
 import hashlib
+import io
+import itertools
 
+import numpy as np
 import sentencepiece
 
 from lumi import LumiError
@@ -119,6 +125,43 @@ def check_tokenizer(expected_sha, actual_sha, what):
         raise LumiError(f"{what} was built with tokenizer {str(expected_sha)[:12]}…, but this model's "
                         f"tokenizer is {str(actual_sha)[:12]}…; they must match (re-run data.py or pick "
                         f"the matching checkpoint)")
+
+
+# -----------------------------------------------------------------------------
+# training one, with Lumi's reserved ids (data.py's tokenizer step), and measuring it
+
+def train_sentencepiece(sentences, vocab_size, model_type='bpe', num_threads=1):
+    """The bytes of a SentencePiece model trained on an iterator of texts, with Lumi's special ids (pad 0,
+    unk 1, bos 2, eos 3, the chat markers 4-7), byte fallback, and text kept as it is, so
+    decode(encode(text)) == text."""
+    buf = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=sentences, model_writer=buf, model_type=model_type,
+        vocab_size=vocab_size, byte_fallback=True, character_coverage=0.9995, split_digits=True,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        pad_piece='<pad>', unk_piece='<unk>', bos_piece='<s>', eos_piece='</s>',
+        user_defined_symbols=list(CHAT_TOKENS),
+        # identity normalisation and kept whitespace: decode(encode(text)) == text
+        normalization_rule_name='identity', remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, max_sentence_length=16384,
+        num_threads=num_threads, minloglevel=2)
+    proto = buf.getvalue()
+    sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    if [sp.piece_to_id(t) for t in CHAT_TOKENS] != list(range(4, 4 + len(CHAT_TOKENS))):
+        raise ValueError(f"tokenizer: chat tokens {CHAT_TOKENS} must have ids 4..7")
+    return proto
+
+
+def tokenizer_quality(tok, texts):
+    """Characters per token, unknown and byte-fallback rates, exact round trips, on held-out texts."""
+    ids = tok.encode_batch(texts)
+    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64)
+    is_byte = np.array([tok.sp.is_byte(i) for i in range(tok.vocab_size)])
+    return {'docs': len(texts), 'chars': sum(map(len, texts)), 'tokens': int(len(flat)),
+            'chars_per_token': round(sum(map(len, texts)) / max(1, len(flat)), 4),
+            'unk_rate': float((flat == UNK_ID).mean()) if len(flat) else 0.0,
+            'byte_fallback_rate': float(is_byte[flat].mean()) if len(flat) else 0.0,
+            'roundtrip_exact': sum(tok.decode(i) == t for i, t in zip(ids, texts)) / max(1, len(texts))}
 
 
 # -----------------------------------------------------------------------------

@@ -26,9 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import curves
+import lumi
 from optim import lr_at, make_optimizer
 from checkpoint import latest_step, load_checkpoint, save_checkpoint, step_of, step_path
-from lumi import LumiError, append_jsonl, atomic_write, autocast, log, read_jsonl, resolve_compile, \
+from lumi import LumiError, append_jsonl, atomic_write, autocast, loss_scaler, read_jsonl, resolve_compile, \
     resolve_dtype, setup_distributed
 
 # -----------------------------------------------------------------------------
@@ -37,6 +38,8 @@ KEY_FILES = ('lumi.py',)    # device and dtype
 out_dir = 'out/run'         # where checkpoints, metrics.jsonl and loss.svg go
 compile = 'auto'            # auto: torch.compile on CUDA only (on a CPU it costs minutes and gains
                             # nothing); True / False
+activation_checkpointing = False  # keep each block's input alone and recompute its activations in the
+                                  # backward: less memory (docs/BENCHMARKS.md, "Memory"), a second forward
 seed = 1337                 # [0, inf) seeds init, batches and dropout; a resumed run restores its RNGs
 batch_size = 8              # [1, inf) sequences per micro-step on each process
 gradient_accumulation_steps = 1  # [1, inf) micro-steps per optimizer step
@@ -58,6 +61,9 @@ ckpt_interval = 100         # [1, inf) steps between step checkpoints (an improv
 keep_last = 2               # [0, inf) step checkpoints kept besides best.pt
 resume = 'auto'             # auto: continue from the newest checkpoint in out_dir; never; or a path
 peak_flops = 0.0            # [0, inf) for MFU; 0 guesses from the device
+# (this key takes the name `log` in this file: its messages go through lumi.log)
+log = ''                    # trackers fed metrics.jsonl's scalars too: a comma list of tensorboard,
+                            # wandb; '' is none (curves.Trackers)
 
 
 def cpu_facts():
@@ -65,7 +71,7 @@ def cpu_facts():
     missing."""
     facts = {}
     try:
-        with open('/proc/cpuinfo') as f:
+        with open('/proc/cpuinfo', encoding='utf-8') as f:
             for line in f:
                 key, _, value = line.partition(':')
                 facts.setdefault(key.strip(), value.strip())
@@ -73,7 +79,7 @@ def cpu_facts():
         pass
     mhz = float(facts.get('cpu MHz') or 0)
     try:  # the rated maximum, where the kernel exposes it, beats the momentary clock
-        with open('/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq') as f:
+        with open('/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq', encoding='utf-8') as f:
             mhz = int(f.read()) / 1000
     except (OSError, ValueError):
         pass
@@ -104,9 +110,11 @@ def guess_peak_flops(device, dtype):
     """(peak FLOP/s, how it was found) for MFU: a table of GPUs, or the CPU's flags and clock."""
     if device.startswith('cuda'):
         name = torch.cuda.get_device_name(device)
-        dense_bf16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, '4090': 165e12}
-        peak = next((v for k, v in dense_bf16.items() if k in name), 100e12)
-        peak = peak if dtype == 'bfloat16' else peak / 2
+        # dense bf16 (fp16 as fast), and fp16 on the GPUs without bf16 units
+        dense_half = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, '4090': 165e12,
+                      'T4': 65e12, 'V100': 125e12}
+        peak = next((v for k, v in dense_half.items() if k in name), 100e12)
+        peak = peak if dtype in ('bfloat16', 'float16') else peak / 2
         return peak, f"{name}: {peak / 1e12:.0f} TFLOP/s dense {dtype}"
     # the cores used: torch's threads, but no more than this process may run on
     cores = min(torch.get_num_threads(),
@@ -134,6 +142,8 @@ def rng_state():
              'numpy_pos': int(np.random.get_state()[2]), 'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        state['mps'] = torch.mps.get_rng_state()
     return state
 
 
@@ -144,6 +154,8 @@ def set_rng_state(state):
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
+    if 'mps' in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state['mps'])
 
 
 class TrainingDiverged(LumiError, RuntimeError):
@@ -279,6 +291,9 @@ class Trainer:
             cfg, model, batches, loss_fn, evaluate, meta
         self.device, self.rank, _, self.world = setup_distributed(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.scaler = loss_scaler(self.device, self.dtype)  # float16's; the other dtypes pass through it
+        self.skipped = 0  # float16 steps skipped because their gradients overflowed
+        model.activation_checkpointing = cfg.activation_checkpointing
         self.master = self.rank == 0
         os.makedirs(cfg.out_dir, exist_ok=True)
         if self.master:  # a kill during a checkpoint write leaves its temp file; it was never a checkpoint
@@ -308,7 +323,7 @@ class Trainer:
         self.peak, how = ((cfg.peak_flops, f"peak_flops={cfg.peak_flops:.3g}") if cfg.peak_flops
                           else guess_peak_flops(self.device, self.dtype))
         if self.master:
-            log(f"MFU against {how}")
+            lumi.log(f"MFU against {how}")
         self.flops_per_token = model.flops_per_token() if hasattr(model, 'flops_per_token') else 0
 
     def _resume(self, path):
@@ -328,18 +343,21 @@ class Trainer:
                             f"use another --out_dir or --resume=never") from e
         self.step, self.tokens_seen, self.best_val = ckpt['step'], ckpt['tokens_seen'], ckpt['best_val']
         self.max_iters = ckpt['max_iters']
+        if ckpt.get('scaler'):  # float16's loss scale and growth count, so the resumed steps scale the same
+            self.scaler.load_state_dict(ckpt['scaler'])
+        self.skipped = ckpt.get('skipped_steps', 0)
         # a resumed run keeps its plan unless asked for another length: then the schedule is re-planned over
         # the new one (a plan fitted to max_minutes is kept: the clock made it)
         if cfg.max_iters and cfg.max_iters != self.max_iters:
             if cfg.max_minutes:
-                log(f"keeping the checkpoint's plan of {self.max_iters} steps (fitted to max_minutes), not "
-                    f"max_iters={cfg.max_iters}; pass --max_minutes=0 for max_iters")
+                lumi.log(f"keeping the checkpoint's plan of {self.max_iters} steps (fitted to max_minutes), "
+                         f"not max_iters={cfg.max_iters}; pass --max_minutes=0 for max_iters")
             elif cfg.max_iters < self.step:
                 raise LumiError(f"{path} is at step {self.step}, past max_iters={cfg.max_iters}: "
                                 f"raise max_iters or start afresh with --resume=never")
             else:
-                log(f"max_iters={cfg.max_iters}: the checkpoint planned {self.max_iters} steps; "
-                    f"the learning-rate schedule is re-planned over {cfg.max_iters}")
+                lumi.log(f"max_iters={cfg.max_iters}: the checkpoint planned {self.max_iters} steps; "
+                         f"the learning-rate schedule is re-planned over {cfg.max_iters}")
                 self.max_iters = cfg.max_iters
         sampler, rank = ckpt['sampler'], self.rank
         self.batches.load_state_dict(sampler[rank] if isinstance(sampler, list) else sampler)
@@ -348,11 +366,12 @@ class Trainer:
             kept = [r for r in read_jsonl(self.metrics_path) if r.get('step', 0) <= self.step]
             atomic_write(self.metrics_path, lambda f: f.writelines(json.dumps(r) + '\n' for r in kept),
                          mode='w')
-        log(f"resumed from {path} at step {self.step}")
+        lumi.log(f"resumed from {path} at step {self.step}")
 
     def train_step(self, lr):
         """One optimizer step at learning rate lr over gradient_accumulation_steps micro-batches; returns the
-        step's metrics (loss, lr, tokens, tokens_per_sec, mfu, the loss function's stats, grad_norm) and its
+        step's metrics (loss, lr, tokens, tokens_per_sec, mfu, the loss function's stats, grad_norm; under
+        float16 the loss scale and the steps skipped so far, a skipped step having no grad_norm) and its
         seconds. Raises TrainingDiverged on a loss that is not finite, before the optimizer steps."""
         cfg, device, world = self.cfg, self.device, self.world
         accum = cfg.gradient_accumulation_steps
@@ -367,7 +386,8 @@ class Trainer:
             with ctx, autocast(device, self.dtype):
                 out = self.loss_fn(self.model, batch)
                 loss, stats = out if isinstance(out, tuple) else (out, {})
-                (loss / accum).backward()  # scale the loss to account for gradient accumulation
+                # scale the loss to account for gradient accumulation (and by float16's loss scale)
+                self.scaler.scale(loss / accum).backward()
             loss_sum += loss.item()
             step_tokens += int(stats.pop('tokens',
                                          batch[0].numel() if isinstance(batch, (list, tuple)) else 0))
@@ -383,9 +403,16 @@ class Trainer:
             raise TrainingDiverged(f"loss is {loss_val} at step {self.step}: stopping. The last good "
                                    f"checkpoint {good or '(none yet)'} is untouched; lower learning_rate or "
                                    f"raise warmup_iters.")
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not float16's scaled ones
         params = self.raw.parameters()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
-        self.optimizer.step()
+        # float16: a step whose gradients overflowed is skipped and the scale halved (so it fell: skipped);
+        # DDP ranks agree, as they hold the same all-reduced gradients
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        skipped = self.scaler.get_scale() < scale
+        self.skipped += skipped
         self.optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         self.step += 1
@@ -394,8 +421,10 @@ class Trainer:
         last = dict(step=self.step, loss=loss_val, lr=lr, tokens=self.tokens_seen,
                     tokens_per_sec=round(tps, 1), mfu=round(self.flops_per_token * tps / self.peak, 5),
                     **{k: v / accum for k, v in stats_sum.items()})
-        if grad_norm is not None:
+        if grad_norm is not None and not skipped:
             last['grad_norm'] = float(grad_norm)
+        if self.scaler.is_enabled():
+            last.update(loss_scale=self.scaler.get_scale(), skipped_steps=self.skipped)
         return last, dt
 
     def evaluate(self):
@@ -430,6 +459,8 @@ class Trainer:
                      step=self.step, max_iters=self.max_iters, tokens_seen=self.tokens_seen,
                      best_val=self.best_val, sampler=samplers, rng=rngs, config=dict(cfg),
                      metrics=dict(last_metrics, **val_metrics))
+        if self.scaler.is_enabled():
+            state.update(scaler=self.scaler.state_dict(), skipped_steps=self.skipped)
         path = step_path(cfg.out_dir, self.step)
         # best.pt first: a kill before the step checkpoint resumes from an earlier one and redoes both
         if best:
@@ -458,6 +489,9 @@ class Trainer:
     def start(self):
         """Start the clock (max_minutes) and the progress bar."""
         cfg = self.cfg
+        # the trackers (rank 0's), on the same curves when resumed; a missing package stops the run here
+        self.tracker = curves.Trackers(cfg.get('log', '') if self.master else '', cfg.out_dir, dict(cfg),
+                                       self.step if self.resumed_from else None)
         self.t_start, self.budget_s = time.time(), cfg.max_minutes * 60
         # fit the schedule to the clock; a resumed run keeps its plan
         self.replanning = self.budget_s > 0 and not self.resumed_from
@@ -495,6 +529,7 @@ class Trainer:
             self.eval_s = time.time() - t0
             if val and self.master:
                 append_jsonl(self.metrics_path, dict(step=step, tokens=self.tokens_seen, **val))
+                self.tracker.log(dict(step=step, tokens=self.tokens_seen, **val))
                 self.bar.write(f"step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in val.items()
                                                            if isinstance(v, float)))
             improved = 'val_loss' in val and val['val_loss'] < self.best_val
@@ -515,6 +550,7 @@ class Trainer:
             self.step_times = (self.step_times + [dt])[-ETA_STEPS:]
         if self.master:
             append_jsonl(self.metrics_path, last)
+            self.tracker.log(last)
             self.bar.update(1)
             eta = self.eta()
             self.bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_sec']:,.0f}",
@@ -551,8 +587,8 @@ class Trainer:
                                                     self.eval_s, self.cap)
         self.bar.total = self.max_iters
         if not self.planned:
-            log(f"max_minutes={self.cfg.max_minutes}: {per_step:.3f}s a step, "
-                f"planning {self.max_iters} steps")
+            lumi.log(f"max_minutes={self.cfg.max_minutes}: {per_step:.3f}s a step, "
+                     f"planning {self.max_iters} steps")
         self.planned = True
 
 
@@ -571,6 +607,7 @@ def fit(cfg, model, batches, loss_fn, evaluate=None, meta=None):
             run.replan()
     finally:
         run.bar.close()
+        run.tracker.close()
     if run.master:
         curves.write_loss_plot(cfg.out_dir)  # never raises
     if run.world > 1:

@@ -16,16 +16,16 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import fields
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import eval as ev
 import engine
+import eval as ev
 import lumi
+from corpus import tasks
 from model import GPT, ModelConfig
 from tokenizer import CHAT_TOKENS, Tokenizer
 
@@ -44,7 +44,7 @@ def make_tokenizer(path, vocab_size):
         return Tokenizer.load(path), path
     import sentencepiece as spm
     buf = io.BytesIO()
-    text = [c for c, _, _ in ev.load_examples('boolq', ev.boolq_source)[0]]
+    text = [c for c, _, _ in tasks.load_examples('boolq', ev.boolq_source)[0]]
     spm.SentencePieceTrainer.train(  # data.py's settings; 2 MB of text may not fill the vocabulary
         sentence_iterator=iter(text), model_writer=buf, model_type='bpe', vocab_size=vocab_size,
         hard_vocab_limit=False, byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
@@ -76,11 +76,11 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    defaults = {f.name: f.default for f in fields(ModelConfig)}
+    defaults = dict(vocab_size=32768, **{k: v.default for k, v in lumi.declared_keys('model.py').items()})
     shape_from = cfg.model_config if os.path.exists(cfg.model_config) else 'ModelConfig defaults'
     margs = lumi.load_config(defaults, [cfg.model_config] if os.path.exists(cfg.model_config) else [])
     margs.pop('config_file', None)
-    examples, _ = ev.load_examples('boolq', ev.boolq_source, cfg.n)
+    examples, _ = tasks.load_examples('boolq', ev.boolq_source, cfg.n)
     tok, tok_from = make_tokenizer(cfg.tokenizer, margs['vocab_size'])
     margs['vocab_size'] = max(margs['vocab_size'], tok.vocab_size)
     model = GPT(ModelConfig(**margs)).eval()

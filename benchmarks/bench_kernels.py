@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import lumi  # noqa: E402
+from model import kernel_module  # noqa: E402
 
 seq_lens = (512, 1024, 2048, 4096, 8192)
 head_dims = (64, 128)
@@ -76,7 +77,7 @@ def forward_backward(fn, inputs, grad_out):
 
 
 def bench_attention(cfg):
-    from kernels.attention import flash_attention
+    flash_attention = kernel_module('attention').flash_attention
     print(f"\nattention: causal, bf16, batch x seq = {cfg.tokens_per_launch}, "
           f"heads x head_dim = {cfg.model_width}")
     print(f"{'head_dim':>8} {'seq':>5} {'batch':>5} {'heads':>5} | {'forward ms':>10} {'TFLOP/s':>7} "
@@ -114,7 +115,7 @@ def unfused_lora(x, weight, lora_a, lora_b, scale):
 
 
 def bench_lora(cfg):
-    from kernels.lora import lora_linear
+    lora_linear = kernel_module('lora').lora_linear
     print(f"\nLoRA linear: bf16, W frozen, scale {cfg.lora_scale}; baseline x @ W.T + s * (x @ A.T) @ B.T")
     print(f"{'width':>5} {'layer':>6} {'in':>5} {'out':>5} {'rank':>4} {'tokens':>6} | {'forward ms':>10} "
           f"{'TFLOP/s':>7} {'torch ms':>8} {'speed':>6} | {'fwd+bwd ms':>10} {'TFLOP/s':>7} {'torch ms':>8} "

@@ -11,14 +11,16 @@ data flows up through one way, bytes -> records -> documents. Each module import
                       long documents, the named source sets of configs/sources/
     conversations.py  records -> chats and preference pairs for sft.py and dpo.py
                       (beside sources.py, not on it)
+    tasks.py          records -> the multiple-choice examples eval.py scores (beside sources.py too)
     clean.py          documents -> cleaned, filtered, keyed and signed documents (MinHash, LSH)
     bins.py           the token bins every training stage reads (BinLoader, load_meta, data_ready)
     parts.py          the corpus step's work on disk in parts: sources.py's documents through clean.py,
                       deduplicated, encoded into parts of the bins
     card.py           DATA_CARD.md, from what parts.py and data.py wrote (bins.py's meta)
 
-data.py, the stage, runs them; train.py, eval.py, sft.py and dpo.py read through bins.py, sources.py and
-conversations.py. This file imports nothing, so `from corpus import sources` loads only what sources.py needs.
+data.py, the stage, runs them; train.py, eval.py, sft.py and dpo.py read through bins.py, sources.py,
+conversations.py and tasks.py. This file imports nothing, so `from corpus import sources` loads only what
+sources.py needs.
 
 Left out: anything that runs a step or decides what a corpus keeps across runs (data.py).
 """

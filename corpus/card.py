@@ -1,7 +1,8 @@
 """
 DATA_CARD.md: what went into a data_dir and what came out, and why, from corpus/manifest.json, the tokenizer
-card and meta.json: counts per source and reason, the processing settings, the tokenizer's held-out quality,
-the bins' split and shares, and a sample of each source.
+card and meta.json: counts per source and reason (every line, record, file and archive member dropped), the
+processing settings, the tokenizer's held-out quality, the bins' split and shares, and a sample of each
+source.
 
 Left out: computing any of it (data.py writes the inputs).
 """
@@ -10,7 +11,9 @@ import os
 import lumi
 from corpus.bins import load_meta
 from corpus.parts import iter_corpus
-from corpus.sources import LOADER_COUNTS
+
+# what the table shows in columns of their own; every other count of a source goes under "other"
+COLUMNS = ('spec', 'files', 'bytes', 'docs', 'kept_docs', 'kept_chars')
 
 
 def write_data_card(data_dir):
@@ -28,7 +31,8 @@ def write_data_card(data_dir):
              "| source | files | MB in | docs in | kept | " + " | ".join(reasons) + " | other |",
              "|---" * (6 + len(reasons)) + "|"]
     for s in man['sources']:
-        other = {k: v for k, v in s.items() if k in LOADER_COUNTS}
+        # every other count, so that whatever a loader drops shows (LOADER_COUNTS, and any it adds later)
+        other = {k: v for k, v in s.items() if k not in COLUMNS and not k.startswith('rejected_') and v}
         lines.append(f"| `{s['spec']}` | {s.get('files', 0)} | {s.get('bytes', 0) / 1e6:.2f} | "
                      f"{s.get('docs', 0):,} | {s.get('kept_docs', 0):,} | "
                      + " | ".join(f"{s.get('rejected_' + r, 0):,}" for r in reasons)

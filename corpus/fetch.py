@@ -37,6 +37,16 @@ CACHE_DIR = os.environ.get('LUMI_CACHE') or os.path.join(lumi.ROOT, 'cache')  # 
 
 
 def _pid_alive(pid):
+    if os.name == 'nt':  # there os.kill(pid, 0) sends Ctrl-C (0 is CTRL_C_EVENT): ask the kernel instead
+        import ctypes
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return kernel32.GetLastError() == 5  # ERROR_ACCESS_DENIED: it exists, as another user's
+        code = ctypes.c_ulong()
+        kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:

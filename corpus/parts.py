@@ -24,6 +24,9 @@ from tokenizer import BOS_ID, EOS_ID
 
 PART_BYTES = 32 << 20  # bytes of input files (as stored) per scanned part
 BATCH_DOCS = 512  # documents a worker cleans at a time
+# forkserver: workers start from a clean process, not a copy of this one; Windows has neither fork nor
+# forkserver, and spawn gives the same bytes (tests/test_data.py), each worker importing its modules afresh
+START_METHOD = 'forkserver' if 'forkserver' in mp.get_all_start_methods() else 'spawn'
 CLEAN_KEYS = ('min_doc_chars', 'min_alpha_ratio', 'max_dup_line_frac', 'scrub_urls', 'scrub_emails',
               'num_perm', 'shingle_words')
 
@@ -33,7 +36,7 @@ def iter_corpus(data_dir, shards=None):
     manifest = lumi.read_json(os.path.join(data_dir, 'corpus', 'manifest.json'))
     for shard in manifest['shards']:
         if shards is None or shard['name'] in shards:
-            with open(os.path.join(data_dir, 'corpus', shard['name'])) as f:
+            with open(os.path.join(data_dir, 'corpus', shard['name']), encoding='utf-8') as f:
                 for line in f:
                     yield json.loads(line)
 
@@ -61,8 +64,8 @@ class Workers:
         if self.n <= 1 or len(head) < 2:
             yield from (fn(item, *args) for item in itertools.chain(head, items))
             return
-        if self.pool is None:  # forkserver: workers start from a clean process, not a copy of this one
-            self.pool = mp.get_context('forkserver').Pool(self.n)
+        if self.pool is None:
+            self.pool = mp.get_context(START_METHOD).Pool(self.n)
         pending = collections.deque()
         for item in itertools.chain(head, items):
             pending.append(self.pool.apply_async(fn, (item, *args)))
@@ -163,7 +166,8 @@ def _scan_source(cfg, folder, si, spec, opts, rows, dtype, workers, mine):
         # what a folder left out is counted before its file 0 (read by one shard, once), so it lands here
         counts = {k: v - prev.get(k, 0) for k, v in stats.items() if v != prev.get(k, 0)}
         prev = Counter(stats)
-        with open(f"{path}.json.tmp", 'w') as f:  # plain writes and a rename: parts are many, fsync is slow
+        # plain writes and a rename: parts are many, fsync is slow
+        with open(f"{path}.json.tmp", 'w', encoding='utf-8') as f:
             json.dump({'source': si, 'docs': n[0], 'counts': counts}, f)
         os.replace(f"{path}.json.tmp", f"{path}.json")
     for f in iter_streams(spec, cfg.cache_dir or None, stats, cfg, pick):

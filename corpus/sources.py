@@ -11,7 +11,8 @@ document per chapter). Every document longer than max_chars is split at paragrap
 space boundaries.
 
 Every count the loaders keep (LOADER_COUNTS, those of streams.py and records.py with missing_field: a record
-without the adapter's field) is given to the `stats` Counter of iter_documents, with docs (documents out).
+without the adapter's field, and blank_docs: an adapter's piece that is only whitespace) is given to the
+`stats` Counter of iter_documents, with docs (documents out).
 
 Left out: fetching (fetch.py), byte streams, archives and budgets (streams.py), decoding text and reading
 records (records.py), cleaning and deduplication (clean.py), and anything that writes a corpus (data.py,
@@ -29,8 +30,9 @@ from corpus.streams import iter_streams, split_spec, warn
 max_doc_chars = 8000        # [1, inf) longer texts are split into documents of at most this many characters
 WHOLE_TEXT_CHARS = 32 << 20  # a text file up to this long reaches its adapter whole
                              # (a Gutenberg header and footer)
-LOADER_COUNTS = ('empty_files', 'bad_utf8_files', 'bad_utf8_chars', 'malformed_lines', 'malformed_files',
-                 'not_objects', 'missing_field', 'skipped_files', 'skipped_links')
+LOADER_COUNTS = ('empty_files', 'bad_utf8_files', 'bad_utf8_chars', 'not_utf8_files', 'blank_lines',
+                 'malformed_lines', 'bad_unicode_records', 'malformed_files', 'not_objects', 'missing_field',
+                 'blank_docs', 'skipped_files', 'skipped_links', 'skipped_members')
 
 _GUT_START = re.compile(r'^\*{3} ?START OF (?:THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$',
                         re.M | re.I)
@@ -191,7 +193,7 @@ def source_set(name, files=None, weight=1.0):
         known = sorted(n[:-3] for n in os.listdir(os.path.dirname(path)) if n.endswith('.py'))
         raise FileNotFoundError(f"no source set {name!r} in configs/sources (known: {', '.join(known)})")
     namespace = {}
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
         exec(compile(f.read(), path, 'exec'), namespace)
     specs = namespace['FILES'][:files]
     if files is not None and len(specs) < files:
@@ -222,6 +224,8 @@ def documents_of(f, spec, stats, max_chars=None):
             if piece.strip():
                 stats['docs'] += 1
                 yield piece
+            else:  # a blank line of the lines adapter, the space after a text's last <|endoftext|>
+                stats['blank_docs'] += 1
 
 
 def iter_documents(spec, cache_dir=None, stats=None, max_chars=None, limits=None):

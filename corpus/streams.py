@@ -32,7 +32,8 @@ decompression budget that stops a bomb within a chunk.
 @FIELD and #ADAPTER are carried in the Spec for the layers above, which read them: this one never looks at
 them, and sources.parse_spec is where an unknown adapter is refused. What a folder leaves out is counted in
 the `stats` Counter given to iter_streams (skipped_files: not text, unreadable folders; skipped_links:
-broken, looping) with a warning. Archive members and .gz files are read in chunks and refused as soon as
+broken, looping; skipped_members: archive members the spec names that are links, devices or pipes, not files)
+with a warning. Archive members and .gz files are read in chunks and refused as soon as
 one passes max_member_bytes or the archive max_expand_ratio x its size.
 
 Left out: what the bytes mean (records.py, sources.py) and how they are fetched (fetch.py).
@@ -218,19 +219,26 @@ def _decompressed(s, limits):
     return Stream(inner, f, _Budget(s.name, s.size, limits), os.path.basename(inner), errors, index=s.index)
 
 
-def _archive_members(path, pattern, sdist, limits, pick):
+def _archive_members(path, pattern, sdist, limits, pick, stats):
     """(name, Stream) for each archive member matching pattern, one open at a time; pick(i, size) False skips
-    the i-th match unread."""
+    the i-th match unread. Matching members that are not files (links, devices, pipes) are counted in stats
+    as skipped_members by whoever reads match 0, as local_files' notes are."""
     rx = _glob_regex(pattern)
     matches = lambda m: rx.fullmatch(m) or (sdist and '/' in m and rx.fullmatch(m.split('/', 1)[1]))
-    budget, names, hits = _Budget(path, os.path.getsize(path), limits), [], 0
+    budget, names, hits, special, first = _Budget(path, os.path.getsize(path), limits), [], 0, [], False
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
-                names = [i.filename for i in z.infolist() if not i.is_dir()]
+                infos = [i for i in z.infolist() if not i.is_dir()]
+                # a symlink is a member whose Unix mode says so; its bytes are the path it points at
+                special = [i.filename for i in infos if (i.external_attr >> 16) & 0o170000 == 0o120000
+                           and matches(i.filename)]
+                names = [i.filename for i in infos if i.filename not in special]
                 for n in filter(matches, names):
                     hits += 1
-                    if pick(hits - 1, z.getinfo(n).file_size):
+                    take = pick(hits - 1, z.getinfo(n).file_size)
+                    first = first or (hits == 1 and take)
+                    if take:
                         with z.open(n) as f:
                             yield n, Stream(n, f, budget, n, size=z.getinfo(n).file_size, index=hits - 1)
         else:
@@ -238,11 +246,15 @@ def _archive_members(path, pattern, sdist, limits, pick):
                 # one member at a time: the next header is read only if this member fits the budget
                 for m in t:
                     budget.check(m.name, 0, m.offset_data + m.size)
-                    if m.isfile():
+                    if not m.isfile() and not m.isdir() and matches(m.name):
+                        special.append(m.name)
+                    elif m.isfile():
                         names.append(m.name)
                         if matches(m.name):
                             hits += 1
-                            if pick(hits - 1, m.size):
+                            take = pick(hits - 1, m.size)
+                            first = first or (hits == 1 and take)
+                            if take:
                                 yield m.name, Stream(m.name, t.extractfile(m), budget, m.name, size=m.size,
                                                      index=hits - 1)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
@@ -250,6 +262,10 @@ def _archive_members(path, pattern, sdist, limits, pick):
     if not hits:
         raise FileNotFoundError(f"no file in {os.path.basename(path)} matches {pattern!r}; it holds e.g. "
                                 f"{', '.join(names[:8])}")
+    if special and first:
+        stats['skipped_members'] += len(special)
+        warn(f"{path}: skipped {len(special)} members that are links, devices or pipes, not files "
+             f"(e.g. {special[0]})")
 
 
 def local_files(path, max_files):
@@ -370,7 +386,7 @@ def iter_streams(spec, cache_dir=None, stats=None, limits=None, pick=None):
         if s.sha256 and lumi.sha256_file(archive) != s.sha256:
             raise ValueError(f"{s.raw}: SHA256 mismatch: expected {s.sha256}, "
                              f"got {lumi.sha256_file(archive)} for {archive}")
-        for n, f in _archive_members(archive, s.inner, sdist, limits, pick):
+        for n, f in _archive_members(archive, s.inner, sdist, limits, pick, stats):
             f.name = f"{s.where}:{n}"
             yield _decompressed(f, limits)
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import TUNE, compute_dtype, kernel_flags
+from .common import TUNE, compute_dtype, kernel_flags
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e))
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import INTERPRET, TUNE, compute_dtype, kernel_flags
+from .common import INTERPRET, TUNE, compute_dtype, kernel_flags
 
 # (block_m, block_n, block_k, num_warps, num_stages): the usual Hopper/Ampere bf16 GEMM tiles; the
 # interpreter gets one small config.

@@ -6,6 +6,8 @@ a tokenizer hash that does not match the tokenizer bytes, model_args that do not
 consistent after a kill at any write, a resume asked for more steps than its checkpoint planned.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -269,3 +271,23 @@ def test_info_reports_the_checkpoint(tmp_path, tokenizer, tiny_checkpoint, capsy
     assert (f"{model.num_params():,}" in out and tokenizer.sha256 in out and '12,345' in out
             and 'batch_size' in out)
 
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_old_file_stays(tmp_path):
+    # issue 28: a full disk while saving a checkpoint ended in a 39-line traceback: torch.save turns the
+    # file's OSError into a RuntimeError ('unexpected pos ...'). A file size limit fails writes the same way
+    # (EFBIG) without needing a tmpfs, in a child process.
+    path = tmp_path / 'ckpt.pt'
+    script = f"""
+import resource, signal, sys, torch
+sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+import checkpoint, lumi
+checkpoint.save_checkpoint({str(path)!r}, {{'w': torch.zeros(1000)}})  # 4 KB: fits
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, not a signal
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+lumi.guard(lambda argv: checkpoint.save_checkpoint({str(path)!r}, {{'w': torch.zeros(1_000_000)}}), [])
+"""
+    r = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
+    assert r.stderr.strip() == f"error: cannot write {path}: File too large (the previous file is unchanged)"
+    assert checkpoint.load_checkpoint(str(path))['w'].shape == (1000,)
+    assert os.listdir(tmp_path) == ['ckpt.pt']

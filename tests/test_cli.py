@@ -6,6 +6,7 @@ an unusable checkpoint or adapter in one line naming the file. Also eval.py's --
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -305,6 +306,18 @@ def test_a_missing_file_and_a_bad_flag_are_one_line_too(tmp_path):
     assert_one_line_error(run('sample.py', '--max_new_tokens', '-1'), "'max_new_tokens' must be in [1, inf)")
     assert_one_line_error(run('lumi.py', 'info', str(tmp_path / 'nope.pt')), 'checkpoint not found')
     assert_one_line_error(run('data.py', '--vocab_sise=512'), "did you mean vocab_size?")
+
+
+def test_a_device_that_is_not_here_a_bad_dtype_and_a_mistyped_flag_are_one_line(tmp_path, tiny_checkpoint):
+    # this machine has no Apple GPU; float16 where torch cannot train in it is tests/test_platforms.py's
+    assert_one_line_error(run('train.py', '--device=mps', f'--out_dir={tmp_path}'),
+                          '--device=mps: no Apple GPU here')
+    assert_one_line_error(run('eval.py', tiny_checkpoint, '--dtype=float8'), '--dtype=float8: not a dtype')
+    wrong = "'activation_checkpointing' must be bool (default False), got str 'maybe'"
+    assert_one_line_error(run('sft.py', '--activation_checkpointing=maybe'), wrong)
+    for stage in (train, dpo):  # the training loop's key: every stage that trains takes it
+        with pytest.raises(lumi.LumiError, match=re.escape(wrong)):
+            lumi.load_config(stage.KEYS, ['--activation_checkpointing=maybe'])
 
 
 def test_a_corrupt_sft_cache_is_rebuilt(tmp_path, tokenizer, capsys):

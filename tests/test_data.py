@@ -4,6 +4,7 @@ url:/hf: run against a local HTTP server, pypi: against archives built here and 
 import contextlib
 import gzip
 import hashlib
+import errno
 import io
 import json
 import os
@@ -256,6 +257,28 @@ def test_bad_input_is_reported_in_manifest_and_card(tmp_path):
     card = open(os.path.join(d, 'corpus', 'DATA_CARD.md')).read()
     assert 'empty_files 1' in card and 'malformed_lines 1' in card and 'missing_field 1' in card
     assert 'skipped_files 1' in card
+
+
+def test_a_surrogate_record_is_skipped_and_its_file_still_read(tmp_path):
+    # issue 28: a JSONL record holding "\ud800" stopped data.py with a UnicodeEncodeError naming neither the
+    # file nor the line; now the record is skipped, counted in the card, and the file's other records kept
+    docs = make_docs(8, seed=53)
+    lines = [json.dumps({'text': d}) for d in docs]
+    lines[3] = json.dumps({'text': docs[3]}).replace('. ', '. \\ud800 ', 1)
+    jl = tmp_path / 'recs.jsonl'
+    jl.write_text('\n'.join(lines[:5] + ['  ', ''] + lines[5:]) + '\n')
+    d = str(tmp_path / 'out')
+    with pytest.warns(UserWarning, match=r'recs.jsonl:4: a lone UTF-16 surrogate'):
+        data.main(small_args(d, str(jl)))
+    (s,) = lumi.read_json(os.path.join(d, 'corpus', 'manifest.json'))['sources']
+    assert (s['docs'], s['bad_unicode_records'], s['blank_lines']) == (7, 1, 2)
+    card = open(os.path.join(d, 'corpus', 'DATA_CARD.md')).read()
+    assert 'bad_unicode_records 1, blank_lines 2' in card
+    empty = tmp_path / 'bad.jsonl'
+    empty.write_text(lines[3] + '\n')
+    with pytest.warns(UserWarning), pytest.raises(ValueError,
+                                                  match=f"no document survived cleaning: {empty}: "):
+        data.main(small_args(str(tmp_path / 'out2'), str(empty)))
 
 
 @contextlib.contextmanager
@@ -855,15 +878,17 @@ def test_scale_reference_counts_duplicates_across_sources(scale_ref):
                for s in meta['sources']) == 120
 
 
-def test_workers_give_identical_outputs(scale_ref, tmp_path, monkeypatch):
+@pytest.mark.parametrize('start', ['forkserver', 'spawn'])  # spawn: Windows has no other
+def test_workers_give_identical_outputs(scale_ref, tmp_path, monkeypatch, start):
     root, srcs, ref = scale_ref
     monkeypatch.setattr(data.parts, 'BATCH_DOCS', 4)  # c's 22 records: 6 batches, so the worker pool starts
+    monkeypatch.setattr(parts, 'START_METHOD', start)
     pools, real = [], parts.mp.get_context
     monkeypatch.setattr(parts.mp, 'get_context', lambda *a: pools.append(a) or real(*a))
     d = str(tmp_path / 'w2')
     with pytest.warns(UserWarning):
         data.main(_args(d, srcs, '--num_workers=2'))
-    assert pools == [('forkserver',)] and _outputs(d) == ref
+    assert pools == [(start,)] and _outputs(d) == ref
 
 
 def test_shards_then_merge_equal_one_machine(scale_ref, tmp_path, monkeypatch):
@@ -910,3 +935,12 @@ def test_killed_scan_redoes_only_unfinished_parts(scale_ref, tmp_path, monkeypat
     assert _outputs(d) == ref
     assert 0 < len(read) < 75  # shard 0's finished parts were not read again (the corpus has 103 files)
     assert all(os.path.getmtime(os.path.join(d, 'corpus', 'manifest.json')) > t for t in stamps.values())
+
+
+def test_a_full_disk_while_building_is_one_line_naming_the_folder(tmp_path):
+    with pytest.raises(OSError, match=r"cannot write under out/x: No space left on device; what was written"):
+        with data.disk_errors('out/x'):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+    with pytest.raises(FileNotFoundError):  # an error that names its own file passes through
+        with data.disk_errors('out/x'):
+            open(tmp_path / 'missing')

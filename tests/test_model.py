@@ -255,3 +255,49 @@ def test_dropout_only_in_training(tiny_config):
         c = model(idx)[0]
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, c)
+
+
+# -----------------------------------------------------------------------------
+# activation checkpointing
+
+@pytest.mark.parametrize('dropout, dtype', [(0.0, 'float32'), (0.1, 'float32'), (0.1, 'bfloat16')])
+def test_activation_checkpointing_gives_bit_identical_losses_and_gradients(tiny_config, dropout, dtype):
+    """The blocks recomputed in the backward pass (their dropout masks redrawn from the same RNG state, under
+    the same autocast) give the very floats of the run that kept every activation."""
+    import lumi
+    cfg = replace(tiny_config, dropout=dropout)
+    idx = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for recompute in (False, True):
+        model = make(cfg).train()
+        model.activation_checkpointing = recompute
+        torch.manual_seed(7)  # the dropout masks
+        with lumi.autocast('cpu', dtype):
+            loss = model(idx[:, :-1], idx[:, 1:])[1]
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = runs
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+
+
+def test_activation_checkpointing_keeps_only_block_inputs_for_the_backward(tiny_config):
+    """What autograd saves for the backward pass: with checkpointing, the blocks' activations are not kept
+    (only the inputs of each block and what lies outside the blocks: embedding, final norm, head, loss)."""
+    saved = {}
+    for recompute in (False, True):
+        model = make(tiny_config).train()
+        model.activation_checkpointing = recompute
+        idx = torch.randint(0, tiny_config.vocab_size, (2, 48))
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(idx[:, :-1], idx[:, 1:])[1].backward()
+        saved[recompute] = sum(sizes)
+    assert saved[True] < 0.6 * saved[False], saved
+    with torch.no_grad():  # no gradients, nothing to recompute: the plain path
+        model.eval()
+        torch.testing.assert_close(model(idx)[0], make(tiny_config)(idx)[0])

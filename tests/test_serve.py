@@ -4,6 +4,7 @@ urllib (and the official openai client when it is installed), answers equal to e
 several prompts and n in one request, concurrent clients, malformed requests answered 4xx with OpenAI's error
 body while the server keeps serving, and `python sample.py --serve` (which runs serve.py) on its port.
 """
+import contextlib
 import http.client
 import json
 import os
@@ -23,6 +24,7 @@ import pytest
 import checkpoint
 import engine
 import sample as S
+import serve
 from serve import SERVER_KEYS, Server
 from test_engine import complete
 from tokenizer import BOS_ID, render_chat
@@ -46,8 +48,10 @@ def server(loaded):
     model, tok, _ = loaded
     generate = lambda prompts, params, chat, seed: engine.stream_text(model, tok, prompts, params, chat,
                                                                  engine.make_generator(seed, 'cpu'))
+    # turn_seconds=0: requests that arrive together take turns every token, so each concurrent test
+    # checks that interleaved generations keep apart
     srv = Server(generate, tok, model.cfg.block_size, greedy(16), 'lumi-pretrain', port=0,
-                 max_tokens_limit=64, max_batch=4, max_body_bytes=4096, quiet=True)
+                 max_tokens_limit=64, max_batch=4, max_body_bytes=4096, quiet=True, turn_seconds=0)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield f'http://127.0.0.1:{srv.server_address[1]}', srv
@@ -262,7 +266,7 @@ def exchange(port, data, timeout=10, half_close=False):
 
 def post(path, body, port, headers=''):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return (f'POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}'
+    return (f'POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{headers}'
             f'Content-Length: {len(data)}\r\n\r\n').encode() + data
 
 
@@ -307,7 +311,8 @@ def test_lone_surrogates_are_refused_naming_the_field(tough):
 @pytest.mark.parametrize('length', ['\u00b2', '\u0661\u0662', '1' * 5000, '-1', '12, 13'])
 def test_bad_content_length_is_refused(tough, length):
     port, _ = tough
-    data = f'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n{{}}'.encode()
+    data = (f'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {length}\r\n\r\n'
+            '{}').encode()
     got, r, body = exchange(port, data)
     assert got == 400 and body['error']['code'] == 'invalid_value' and r.getheader('Connection') == 'close'
     assert_serving(port)
@@ -372,11 +377,12 @@ def test_keep_alive_survives_every_error(tough):
 def test_options_and_head(tough):
     port, _ = tough
     origin = f'http://127.0.0.1:{port}'
-    got, r, body = exchange(port, f'OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\n'
-                                  'Access-Control-Request-Method: POST\r\n\r\n'.encode())
+    got, r, body = exchange(port, f'OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+                                  f'Origin: {origin}\r\nAccess-Control-Request-Method: POST\r\n\r\n'.encode())
     assert got == 204 and r.getheader('Access-Control-Allow-Origin') == origin and body == b''
     assert 'POST' in r.getheader('Access-Control-Allow-Methods')
-    got, r, _ = exchange(port, b'OPTIONS / HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\n\r\n')
+    got, r, _ = exchange(port, b'OPTIONS / HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+                               b'Origin: http://evil.example\r\n\r\n')
     assert got == 204 and r.getheader('Access-Control-Allow-Origin') is None
     conn = http.client.HTTPConnection('127.0.0.1', port, timeout=10)
     conn.request('GET', '/health')
@@ -499,28 +505,25 @@ def test_tiny_temperature_samples_as_greedy(tough):
     assert tiny[0] == 200 and tiny[2]['choices'][0]['text'] == greedy_text['choices'][0]['text']
 
 
-def test_full_pool_answers_503(loaded):
+def test_too_many_connections_answer_503_with_openais_body(loaded):
+    # idle connections cost no worker now (tests/test_httpd.py); what bounds them is a cap per client address
     model, tok, _ = loaded
-    srv = Server(None, tok, model.cfg.block_size, greedy(4), port=0, quiet=True, workers=1, queue_size=1,
-                 header_timeout=5)
+    srv = Server(None, tok, model.cfg.block_size, greedy(4), port=0, quiet=True, max_client_connections=2)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     port = srv.server_address[1]
     try:
-        worker = http.client.HTTPConnection('127.0.0.1', port, timeout=10)
-        worker.request('GET', '/health')  # answered: the worker now waits on this kept-alive connection
-        assert worker.getresponse().read()
-        # and this one in the queue
-        held = [worker, socket.create_connection(('127.0.0.1', port), timeout=10)]
+        held = [socket.create_connection(('127.0.0.1', port), timeout=10) for _ in range(2)]
         for _ in range(100):
-            if srv.pending.qsize() == 1:
+            if len(srv.connections) == 2:
                 break
             time.sleep(0.05)
         got, r, body = exchange(port, b'')
-        assert got == 503 and body['error']['code'] == 'overloaded' and r.getheader('Connection') == 'close'
+        assert got == 503 and r.getheader('Connection') == 'close' and r.getheader('Retry-After') == '1'
+        assert body['error']['code'] == 'overloaded' and body['error']['type'] == 'server_error'
         for sock in held:
             sock.close()
-        for _ in range(100):  # the worker notices both are gone
-            if srv.pending.qsize() == 0 and not srv.open:
+        for _ in range(100):
+            if not srv.connections:
                 break
             time.sleep(0.05)
         assert call(f'http://127.0.0.1:{port}', '/health', timeout=NEXT_WITHIN)[0] == 200
@@ -543,7 +546,7 @@ def test_waiting_for_the_generation_is_bounded_with_503(loaded):
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(call, url, '/v1/completions', {'prompt': 'hi'})
             for _ in range(200):
-                if srv.lock.locked():
+                if srv.turns.busy():
                     break
                 time.sleep(0.01)
             status, r = call(url, '/v1/completions', {'prompt': 'hi'})
@@ -588,3 +591,178 @@ def test_serve_keys_are_the_server_options_and_the_sampling_and_model_keys():
         assert server.workers == 1 and server.max_batch == serve.KEYS['max_batch'].default == 8
     finally:
         server.server_close()
+
+
+# -----------------------------------------------------------------------------
+# who may call (issue 28, finding 3), fair turns (finding 7), a chat past the context and the page's assets
+# (issue 29)
+
+
+@contextlib.contextmanager
+def fake_server(tok, generate=None, **options):
+    """A Server whose generation is `generate` (default: two events) and counts its calls."""
+    calls = []
+
+    def counted(prompts, params, chat, seed):
+        calls.append(prompts)
+        return (generate or (lambda *a: iter([(0, 'x', None, 1), (0, 'y', 'stop', 2)])))(prompts, params,
+                                                                                       chat, seed)
+    srv = Server(counted, tok, 64, greedy(4), 'lumi', port=0, quiet=True, **options)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv, srv.server_address[1], calls
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_an_api_key_is_required_when_set(tokenizer):
+    with fake_server(tokenizer, api_key='s3cret') as (srv, port, calls):
+        url, body = f'http://127.0.0.1:{port}', {'prompt': 'hi'}
+        for auth in (None, 'Bearer wrong', 's3cret', 'Basic s3cret'):
+            headers = {'Content-Type': 'application/json', **({'Authorization': auth} if auth else {})}
+            status, r = call(url, '/v1/completions', raw=json.dumps(body).encode(), headers=headers)
+            assert status == 401 and r['error']['code'] == 'invalid_api_key', (auth, r)
+        assert call(url, '/v1/models')[0] == 401 and calls == []
+        ok = {'Content-Type': 'application/json', 'Authorization': 'Bearer s3cret'}
+        assert call(url, '/v1/completions', raw=json.dumps(body).encode(), headers=ok)[0] == 200
+        assert call(url, '/v1/models', headers={'Authorization': 'Bearer s3cret'})[0] == 200
+        assert call(url, '/health')[0] == 200 and call(url, '/')[0] == 200  # the page asks for the key itself
+    openai = pytest.importorskip('openai')
+    with fake_server(tokenizer, api_key='s3cret') as (srv, port, calls):
+        client = openai.OpenAI(base_url=f'http://127.0.0.1:{port}/v1', api_key='s3cret')
+        assert client.completions.create(model='lumi', prompt='hi', max_tokens=2).choices[0].text == 'xy'
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f'http://127.0.0.1:{port}/v1', api_key='nope').models.list()
+
+
+@pytest.mark.parametrize('host, allowed, status', [
+    ('evil.example', '', 421), ('evil.example:8000', '', 421), ('localhost:8000', '', 200),
+    ('127.0.0.1', '', 200), ('[::1]:8000', '', 200), ('192.168.1.7:8000', '', 200),
+    ('app.localhost', '', 200),
+    ('lumi.example.org', 'lumi.example.org', 200), ('a.example.org', '.example.org', 200),
+    ('example.org.evil.example', '.example.org', 421), ('anything', '*', 200)])
+def test_a_foreign_host_is_refused(tokenizer, host, allowed, status):
+    # DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 still sends its own Host
+    with fake_server(tokenizer, allowed_hosts=allowed) as (srv, port, calls):
+        got, _, r = exchange(port, post('/v1/completions', {'prompt': 'hi'}, port).replace(
+            b'Host: 127.0.0.1', b'Host: ' + host.encode()))
+        assert got == status, r
+        if status == 421:
+            assert r['error']['code'] == 'misdirected_request' and calls == []
+
+
+@pytest.mark.parametrize('kind', ['text/plain', 'application/x-www-form-urlencoded',
+                                  'multipart/form-data; b=x', None])
+def test_a_cross_site_simple_post_is_refused(tokenizer, kind):
+    # a form or a text/plain fetch from any web page needs no preflight: only JSON bodies are taken
+    with fake_server(tokenizer) as (srv, port, calls):
+        data = post('/v1/completions', {'prompt': 'hi'}, port, 'Origin: http://evil.example\r\n')
+        data = data.replace(b'Content-Type: application/json\r\n', b'' if kind is None else
+                            f'Content-Type: {kind}\r\n'.encode())
+        got, r, body = exchange(port, data)
+        assert got in (403, 415) and calls == [] and r.getheader('Access-Control-Allow-Origin') is None
+        got, _, body = exchange(port, data.replace(b'Origin: http://evil.example\r\n', b''))
+        assert got == 415 and body['error']['code'] == 'unsupported_media_type' and calls == []
+        got, _, body = exchange(port, post('/v1/completions', {'prompt': 'hi'}, port,
+                                           'Origin: http://evil.example\r\n'))
+        assert got == 403 and body['error']['code'] == 'forbidden_origin' and calls == []
+        own = post('/v1/completions', {'prompt': 'hi'}, port, f'Origin: http://127.0.0.1:{port}\r\n')
+        assert exchange(port, own)[0] == 200 and len(calls) == 1
+
+
+def test_binding_beyond_loopback_without_a_key_warns():
+    assert serve.exposure_warning('0.0.0.0', '').startswith('warning: serving on 0.0.0.0 without an API key')
+    assert serve.exposure_warning('192.168.1.7', '') and serve.exposure_warning('lumi.example.org', '')
+    assert not serve.exposure_warning('0.0.0.0', 'k') and not serve.exposure_warning('127.0.0.1', '')
+    assert not serve.exposure_warning('localhost', '') and not serve.exposure_warning('::1', '')
+
+
+def test_a_long_request_gives_the_model_up_in_turns(tokenizer):
+    # finding 7: n=8 x 4096 tokens held the model 18 s while short requests waited. Here a long generation
+    # (10,000 steps) is running when a short one (3 steps) arrives: the short one ends long before the long
+    # one has made many more steps.
+    steps, started = {'long': 0}, threading.Event()
+
+    def generate(prompts, params, chat, seed):
+        if params.max_new_tokens == 3:
+            for i in range(3):
+                yield 0, 's', 'length' if i == 2 else None, i + 1
+            return
+        for i in range(10_000):
+            steps['long'] = i
+            started.set()
+            time.sleep(0.001)
+            yield 0, 'l', 'length' if i == 9_999 else None, i + 1
+    with fake_server(tokenizer, generate, turn_seconds=0.05, max_tokens_limit=10_000) as (srv, port, calls):
+        url = f'http://127.0.0.1:{port}'
+        with ThreadPoolExecutor(1) as pool:
+            long = pool.submit(call, url, '/v1/completions', {'prompt': 'a', 'max_tokens': 10_000},
+                               timeout=120)
+            started.wait(10)
+            at = steps['long']
+            status, r = call(url, '/v1/completions', {'prompt': 'b', 'max_tokens': 3})
+            waited = steps['long'] - at
+            assert status == 200 and r['choices'][0]['text'] == 'sss'
+            assert long.result()[1]['choices'][0]['text'] == 'l' * 10_000
+    assert waited < 1000, waited  # about one turn: 0.05 s of the long one's steps, not the rest of 10,000
+
+
+def test_a_stream_the_client_leaves_stops_generating(tokenizer):
+    # the chat page's Stop button closes the stream; the generation behind it ends with it
+    made = []
+
+    def generate(prompts, params, chat, seed):
+        for i in range(100_000):
+            made.append(i)
+            time.sleep(0.001)
+            yield 0, 'x', None, i + 1
+    with fake_server(tokenizer, generate, max_tokens_limit=100_000) as (srv, port, calls):
+        body = {'messages': [{'role': 'user', 'content': 'hi'}], 'stream': True, 'max_tokens': 100_000}
+        with socket.create_connection(('127.0.0.1', port), timeout=10) as sock:
+            sock.sendall(post('/v1/chat/completions', body, port))
+            assert sock.recv(1 << 16).startswith(b'HTTP/1.1 200 ')
+        for _ in range(200):
+            if not srv.turns.busy():
+                break
+            time.sleep(0.05)
+        assert not srv.turns.busy() and len(made) < 100_000
+
+
+def test_truncation_auto_keeps_a_chat_going_past_the_context(server, loaded, tokenizer):
+    # the chat page sends its whole history with truncation='auto': the server drops the oldest turns by
+    # engine.fit_conversation, the terminal chat's rule, and says how many it dropped
+    url, srv = server
+    model, tok, _ = loaded
+    messages = [{'role': 'system', 'content': 'Be brief.'}]
+    for i in range(8):
+        messages += [{'role': 'user', 'content': f'question {i} about the fox'},
+                     {'role': 'assistant', 'content': f'answer {i} about the dog'}]
+    messages.append({'role': 'user', 'content': 'last question'})
+    body = {'messages': messages, 'max_tokens': 8}
+    status, r = call(url, '/v1/chat/completions', body)
+    assert status == 400 and r['error']['code'] == 'context_length_exceeded'
+    ids, dropped = engine.fit_conversation(tok, messages, model.cfg.block_size, 8)
+    # the newest turns that fit, the system message kept: the prompt is theirs exactly
+    assert ids == render_chat(tok, messages[:1] + messages[1 + dropped:], add_generation_prompt=True)[0]
+    assert len(ids) <= model.cfg.block_size - 8
+    want, _, _ = complete(model, tok, [ids], greedy(8), chat=True)[0]
+    status, r = call(url, '/v1/chat/completions', dict(body, truncation='auto'))
+    assert status == 200 and r['dropped_messages'] == dropped > 0 and r['usage']['prompt_tokens'] == len(ids)
+    assert r['choices'][0]['message']['content'] == want
+    status, events = call(url, '/v1/chat/completions', dict(body, truncation='auto', stream=True))
+    assert events[0]['dropped_messages'] == dropped and 'dropped_messages' not in events[-1]
+    assert streamed_text(events) == want
+    status, r = call(url, '/v1/chat/completions', dict(body, messages=messages[-1:], truncation='auto'))
+    assert status == 200 and r['dropped_messages'] == 0
+    assert call(url, '/v1/completions', {'prompt': 'x', 'truncation': 'auto'})[0] == 400  # chat only
+    assert call(url, '/v1/chat/completions', dict(body, truncation='middle'))[0] == 400
+
+
+def test_the_page_and_its_favicon_are_served(server):
+    url, _ = server
+    with urllib.request.urlopen(url + '/favicon.ico', timeout=10) as r:
+        assert r.status == 200 and r.headers['Content-Type'] == 'image/x-icon'
+        assert r.read()[:4] == b'\x00\x00\x01\x00'  # an ICO file's header
+    status, page = call(url, '/')
+    assert "truncation: 'auto'" in page and 'AbortController' in page and 'Authorization' in page

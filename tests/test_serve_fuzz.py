@@ -165,7 +165,7 @@ def rss_kib():
 
 def health(port):
     c = Connection(port)
-    c.sock.sendall(b'GET /health HTTP/1.1\r\nHost: x\r\n\r\n')
+    c.sock.sendall(b'GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n')
     status, _, body = c.answer()
     c.close()
     return status, json.loads(body)
@@ -174,7 +174,8 @@ def health(port):
 def greedy_text(port):
     body = json.dumps({'prompt': 'Shall I compare', 'max_tokens': 3}).encode()
     c = Connection(port)
-    c.sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n' % len(body)
+    c.sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n'
+                   b'Content-Length: %d\r\n\r\n' % len(body)
                    + body)
     status, _, answer = c.answer()
     c.close()

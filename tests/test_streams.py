@@ -1,9 +1,12 @@
 """Tests for corpus/streams.py, a spec -> byte streams, beyond what tests/test_data.py covers through data.py
 (local files, globs, archives, budgets): a spec's #ADAPTER is carried up, not judged here, and a shard's
 `pick` keeps the files it does not own from ever being downloaded."""
+import io
 import json
 import os
 import sys
+import tarfile
+from collections import Counter
 
 import pytest
 
@@ -42,3 +45,28 @@ def test_a_shard_downloads_only_its_own_files(tmp_path, hub):
             fetched.append(f.name)
     assert fetched == ['org/web/f1.jsonl', 'org/web/f3.jsonl']
     assert len(os.listdir(tmp_path / 'c' / 'url')) == 2  # the other shard's files were never downloaded
+
+
+def test_archive_members_that_are_not_files_are_counted(tmp_path):
+    # issue 28: links and devices inside an archive were dropped without a count in the data card
+    folder = tmp_path / 'cache' / 'pypi' / 'odd-1.0-sdist'
+    folder.mkdir(parents=True)
+    with tarfile.open(folder / 'odd-1.0.tar.gz', 'w:gz') as t:
+        raw = b'{"text": "a real file"}\n'
+        info = tarfile.TarInfo('odd-1.0/data/a.jsonl')
+        info.size = len(raw)
+        t.addfile(info, io.BytesIO(raw))
+        for name, kind in (('link.jsonl', tarfile.SYMTYPE), ('hard.jsonl', tarfile.LNKTYPE),
+                           ('dev.jsonl', tarfile.CHRTYPE), ('fifo.jsonl', tarfile.FIFOTYPE)):
+            info = tarfile.TarInfo(f'odd-1.0/data/{name}')
+            info.type, info.linkname = kind, 'odd-1.0/data/a.jsonl' if kind in (tarfile.SYMTYPE,
+                                                                                 tarfile.LNKTYPE) else ''
+            t.addfile(info)
+        info = tarfile.TarInfo('odd-1.0/other/elsewhere')  # not named by the spec: not counted
+        info.type, info.linkname = tarfile.SYMTYPE, 'x'
+        t.addfile(info)
+    stats = Counter()
+    with pytest.warns(UserWarning, match='skipped 4 members that are links, devices or pipes'):
+        got = [f.name for f in streams.iter_streams('pypi-sdist:odd==1.0:data/*.jsonl',
+                                                    str(tmp_path / 'cache'), stats)]
+    assert got == ['odd==1.0:odd-1.0/data/a.jsonl'] and stats['skipped_members'] == 4

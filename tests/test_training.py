@@ -305,6 +305,37 @@ def test_a_loss_that_is_not_finite_stops_before_the_optimizer_steps(tmp_path, ti
     assert run.step == 0 and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_float16_skips_a_step_whose_gradients_overflow_counts_it_and_checkpoints_the_scale(tmp_path,
+                                                                                          tiny_checkpoint):
+    """--dtype=float16 (on the CPU here): a step whose scaled gradients overflow leaves the weights as they
+    were, halves the loss scale and is counted in the step's metrics; the scale and the count are saved in the
+    checkpoint and restored by a resumed run."""
+    cfg, model, _ = _trainer(str(tmp_path), tiny_checkpoint, '--dtype=float16')
+    blow_up = []  # a loss of ~1e30 is finite in fp32, but its scaled gradients are not in fp16
+    run = training.Trainer(cfg, model, RandomBatches(model.cfg.vocab_size),
+                           lambda m, b: m(*b)[1] * (1e30 if blow_up else 1.0))
+    first = run.train_step(1e-3)[0]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    blow_up.append(True)
+    second = run.train_step(1e-3)[0]
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert second['skipped_steps'] == first['skipped_steps'] + 1 and 'grad_norm' not in second
+    assert second['loss_scale'] == first['loss_scale'] / 2 and run.step == 2
+    blow_up.clear()
+    third = run.train_step(1e-3)[0]
+    assert third['skipped_steps'] == second['skipped_steps'] and math.isfinite(third['grad_norm'])
+    assert not all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    path = run.save({}, third)
+    saved = checkpoint.load_checkpoint(path)
+    assert (saved['scaler']['scale'], saved['skipped_steps']) == (third['loss_scale'], third['skipped_steps'])
+    cfg, model, _ = _trainer(str(tmp_path), tiny_checkpoint, '--dtype=float16', f'--resume={path}')
+    resumed = training.Trainer(cfg, model, RandomBatches(model.cfg.vocab_size), lambda m, b: m(*b)[1])
+    assert resumed.scaler.get_scale() == third['loss_scale'] and resumed.skipped == third['skipped_steps']
+    cfg, model, _ = _trainer(str(tmp_path / 'fp32'), tiny_checkpoint)
+    plain = training.Trainer(cfg, model, RandomBatches(model.cfg.vocab_size), lambda m, b: m(*b)[1])
+    assert not plain.scaler.is_enabled() and 'skipped_steps' not in plain.train_step(1e-3)[0]
+
+
 def test_plan_budget_fits_the_steps_left_to_the_clock(tmp_path, tiny_checkpoint):
     cfg, model, _ = _trainer(str(tmp_path), tiny_checkpoint, '--eval_interval=100')
     run = training.Trainer(cfg, model, RandomBatches(model.cfg.vocab_size), lambda m, b: m(*b)[1])

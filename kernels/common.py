@@ -1,6 +1,10 @@
 """
-Lumi's Triton kernels, each beside the plain torch reference it is tested against:
-kernels.attention.flash_attention and kernels.lora.lora_linear. This file holds the few helpers both share.
+Lumi's Triton kernels, each beside the plain torch reference it is tested against: attention.py's
+flash_attention and lora.py's lora_linear. This file holds the few helpers both share.
+
+kernels/ has no __init__.py on purpose: `kernels` is also a distribution on PyPI (transformers 5.25 imports
+it), and a package of that name at the repository root would shadow it. model.kernel_module imports these
+files by path, as the package `lumi_kernels`, so they import each other relatively (`from .common import`).
 
 Deliberately left out: choosing a kernel or its reference (model.py does, at one dispatch point).
 """

@@ -392,8 +392,8 @@ class DecodeWeights:
                         lay(b.mlp.down_proj.weight.detach())) for b in model.layers]
         self.head = normed(model.norm, model.lm_head)
         self.root_eps = torch.tensor(math.sqrt(c.n_embd * c.norm_eps), dtype=dtype, device=self.head.device)
-        # RoPE at position p is x @ rotations[p], (D, D): x * cos + cat(x2, x1) * (sign * sin) in rotate-half's
-        # layout, for every position at once (block_size x D x D: 16 MB at 1024 x 64, read 16 KB a step)
+        # RoPE at position p is x @ rotations[p], (D, D): x * cos + cat(x2, x1) * (sign * sin) in
+        # rotate-half's layout, for every position at once (block_size x D x D: 16 MB at 1024 x 64)
         half, cos, sin = c.head_dim // 2, model.rope_cos.float(), model.rope_sin.float()
         sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(sin.device)
         eye = torch.eye(c.head_dim, device=sin.device)
@@ -403,9 +403,9 @@ class DecodeWeights:
 def decode_weights(model):
     """The DecodeWeights of model, or None where decode_step does not apply and forward() must decode: not a
     GPT, in training mode, with LoRA or other layers in place of plain nn.Linear, or with a config field
-    decode_step does not implement. A frozen model (checkpoint.load_model's, for inference) keeps them until its
-    parameters are replaced or moved (weights changed in place are not noticed: a frozen model's never are);
-    any other model gets a fresh copy per call, as training changes its weights between generations."""
+    decode_step does not implement. A frozen model (checkpoint.load_model's, for inference) keeps them until
+    its parameters are replaced or moved (weights changed in place are not noticed: a frozen model's never
+    are); any other model gets a fresh copy per call, as training changes its weights between generations."""
     if not isinstance(model, GPT):
         return None
     linears = [m for b in model.layers for m in (b.attn.q_proj, b.attn.k_proj, b.attn.v_proj, b.attn.o_proj,

@@ -173,11 +173,9 @@ def unigram_entropy(path, vocab_size):
 # -----------------------------------------------------------------------------
 # what a plan costs: its duration on this machine, measured, and how often it reads its data
 
-# the ETA: the median of the last ETA_STEPS step times (one step slowed by a neighbour, or by a checkpoint
-# write, moves a median not at all; 50 steps follow a machine that slows down for good within ~25), said
-# once measured over MEASURED_STEPS steps after the first (which holds compilation and warm-up)
-ETA_STEPS, MEASURED_STEPS = 50, 5
-MAX_PASSES = 4  # past this many passes over the same data a model learns it by heart: say so
+# the ETA is the median of the last ETA_STEPS step times (a step slowed by a neighbour moves it not at all; a
+# machine slowed for good moves it within ~25), said once MEASURED_STEPS steps after the first are timed
+ETA_STEPS, MEASURED_STEPS, MAX_PASSES = 50, 5, 4  # past MAX_PASSES over its data a model learns it by heart
 
 
 def plan_seconds(step, max_iters, step_s, eval_interval, eval_s):
@@ -187,31 +185,20 @@ def plan_seconds(step, max_iters, step_s, eval_interval, eval_s):
     return max(0, max_iters - step) * step_s + max(0, evals) * eval_s
 
 
-def duration(seconds):
+def duration(s):
     """A duration in words: '45 s', '12.5 minutes', '40.2 hours', '3.1 days'."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.1f} minutes"
-    return f"{seconds / 3600:.1f} hours" if seconds < 48 * 3600 else f"{seconds / 86400:.1f} days"
-
-
-def amount(n):
-    """A count in words: 7.0M, 294M, 12.3k, 950."""
-    for unit, size in (('B', 1e9), ('M', 1e6), ('k', 1e3)):
-        if n >= size:
-            return f"{n / size:.{1 if n < 10 * size else 0}f}{unit}"
-    return f"{n:,.0f}"
+    size, unit = (1, 's') if s < 90 else (60, 'minutes') if s < 5400 else (3600, 'hours') if s < 172800 \
+        else (86400, 'days')
+    return f"{s / size:.{0 if size == 1 else 1}f} {unit}"
 
 
 def passes_warning(planned, available, unit, data, advice=''):
-    """A line saying that a plan of `planned` reads its `available` units of data (tokens, conversations,
-    pairs) more than MAX_PASSES times, or '' when it does not."""
-    passes = planned / max(available, 1)
-    if passes <= MAX_PASSES:
-        return ''
-    return (f"{amount(planned)} {unit} is {passes:.0f} passes over {data}'s {amount(available)}: expect "
-            f"overfitting" + (f"; {advice}" if advice else ''))
+    """A line saying that a plan of `planned` units (tokens, batches, pairs) reads the `available` ones of its
+    data more than MAX_PASSES times over, or ''."""
+    short = lambda n: f"{n / 1e6:.{1 if n < 1e7 else 0}f}M" if n >= 1e6 else f"{n:,.0f}"
+    return '' if planned <= MAX_PASSES * available else (
+        f"{short(planned)} {unit} is {planned / available:.0f} passes over {data}'s {short(available)}: "
+        f"expect overfitting" + (f"; {advice}" if advice else ''))
 
 
 # -----------------------------------------------------------------------------
@@ -503,8 +490,8 @@ class Trainer:
         self.raw.train()
         self.step_times = []  # the last ETA_STEPS step times: the ETA (the bar's own swings with its rate)
         self.bar = tqdm(total=self.max_iters or None, initial=self.step, disable=not self.master,
-                        dynamic_ncols=True, desc=cfg.out_dir,
-                        bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]')
+                        dynamic_ncols=True, desc=cfg.out_dir, bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} '
+                                                                        '[{elapsed}{postfix}]')
 
     def finished(self):
         """Whether the planned steps are done, or the clock ran out past the plan (a safety net: every rank
@@ -559,18 +546,15 @@ class Trainer:
                 self.bar.write(self.measured_plan(eta))
 
     def eta(self):
-        """Seconds the rest of the plan takes, from the median of the recent step times (plan_seconds), or
-        None before MEASURED_STEPS steps are timed."""
-        if len(self.step_times) < MEASURED_STEPS or not self.max_iters:
-            return None
-        return plan_seconds(self.step, self.max_iters, float(np.median(self.step_times)),
-                            self.cfg.eval_interval, self.eval_s)
+        """Seconds the rest of the plan takes (plan_seconds), once MEASURED_STEPS steps are timed."""
+        if len(self.step_times) >= MEASURED_STEPS and self.max_iters:
+            return plan_seconds(self.step, self.max_iters, float(np.median(self.step_times)),
+                                self.cfg.eval_interval, self.eval_s)
 
     def measured_plan(self, eta):
-        """What the plan costs on this machine, said once its first steps are timed; on a CPU, with a plan of
-        more than an hour and no clock, where --max_minutes would cap it."""
-        first = self.step - MEASURED_STEPS + 1
-        text = (f"measured over steps {first}-{self.step}: {np.median(self.step_times):.3g} s a step"
+        """The plan's cost on this machine; on a CPU, past an hour with no clock, where the cap is."""
+        text = (f"measured over steps {self.step - MEASURED_STEPS + 1}-{self.step}: "
+                f"{np.median(self.step_times):.3g} s a step"
                 f"{f' and {self.eval_s:.3g} s an evaluation' if self.eval_s else ''}; the plan of "
                 f"{self.max_iters:,} steps takes about {duration(eta)} more on this machine")
         if self.device == 'cpu' and not self.budget_s and eta > 3600:

@@ -233,7 +233,7 @@ def test_passes_warning_is_the_issues_arithmetic():
     assert said == "294M tokens is 42 passes over data/starter's 7.0M: expect overfitting; prepare more"
     assert training.passes_warning(28_000_000, 7_000_000, 'tokens', 'data/starter') == ''  # 4 passes: fine
     assert training.passes_warning(2400, 200, 'batches', 'the SFT set').startswith(
-        "2.4k batches is 12 passes over the SFT set's 200")
+        "2,400 batches is 12 passes over the SFT set's 200")
     assert [training.duration(s) for s in (45, 750, 40.2 * 3600, 4 * 86400)] == \
         ['45 s', '12.5 minutes', '40.2 hours', '4.0 days']
 

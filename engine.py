@@ -1,16 +1,16 @@
 """
 The engine that runs a model over token ids. Generation: sampling filters as small pure functions (CTRL's
 repetition penalty, OpenAI's frequency and presence penalties, temperature, top-k, nucleus), one left-padded
-batch of prompts prefilled into model.KVCache and decoded one token at a time (rows that finish leave the
-batch; a full window slides), stop strings matched in streamed text, and the chat prompt that fits a
-conversation into the window. sample.py (the interactive prompt), serve.py (the HTTP API), eval.py (the smoke
-test) and sft.py (the format check) all generate through it, so each sees what users will. Scoring: the summed
-log-probabilities of given targets, many requests per forward pass (eval.py's choice tasks and perplexity).
-Also the sampling keys that sample.py and serve.py take, and the Sampling built from them.
+batch of prompts prefilled into model.KVCache and decoded one token at a time by model.decode_step (rows that
+finish leave the batch; a full window slides), stop strings matched in streamed text, and the chat prompt that
+fits a conversation into the window. sample.py (the interactive prompt), serve.py (the HTTP API), eval.py (the
+smoke test) and sft.py (the format check) all generate through it, so each sees what users will. Scoring: the
+summed log-probabilities of given targets, many requests per forward pass (eval.py's choice tasks and
+perplexity). Also the sampling keys that sample.py and serve.py take, and the Sampling built from them.
 
 Deliberately left out: loading a model (checkpoint.load_model), beam search, speculative decoding, logprobs
-of generated tokens, and continuous batching (requests that arrive separately never share a batch; one
-request's prompts do).
+of generated tokens, CUDA graphs (no GPU was lent to measure them), and continuous batching (requests that
+arrive separately never share a batch; one request's prompts do).
 """
 import os
 from dataclasses import dataclass, fields

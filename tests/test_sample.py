@@ -200,6 +200,20 @@ class Terminal:
         raise AssertionError("the prompt did not exit")
 
 
+def test_the_prompt_decodes_through_decode_step(loaded, monkeypatch, capsys):
+    # sample.py's model comes from load_model, frozen: it decodes through model.decode_step, not forward()
+    model, tok, _ = loaded
+    steps, real = [], engine.decode_step
+    monkeypatch.setattr(engine, 'decode_step', lambda *a: steps.append(1) or real(*a))
+    session = sample_stage.Prompt(model, tok, greedy(6, ignore_eos=True), chat=True)
+    session.reset()
+    session.reply('hello there')
+    assert len(steps) == 5  # the first token comes from the prefill
+    ids, _ = render_chat(tok, [{'role': 'user', 'content': 'hello there'}], add_generation_prompt=True)
+    want = complete(model, tok, [ids], greedy(6, ignore_eos=True), chat=True)[0][0]
+    assert capsys.readouterr().out == want + '\n'
+
+
 def test_interactive_chat_slash_command_ctrl_c_and_quit(loaded, sft_checkpoint):
     model, tok, _ = loaded
     run_dir = os.path.dirname(os.path.dirname(os.path.dirname(sft_checkpoint)))  # holds out/sft/ckpt_*.pt

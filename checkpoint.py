@@ -10,6 +10,7 @@ checksummed.
 Deliberately left out: what a training checkpoint holds to resume (training.py), what an adapter file holds
 (lora.py), and any format but torch's own (export.py writes safetensors).
 """
+import difflib
 import glob
 import hashlib
 import math
@@ -19,18 +20,19 @@ from dataclasses import asdict
 import torch
 
 from lora import apply_adapter, apply_lora, check_adapter, merge_lora
-from lumi import LumiError, atomic_write, cli, log, read_jsonl, sha256_bytes, sha256_file, short_repr, \
-    split_args
+from lumi import LumiError, atomic_write, cli, log, read_json, read_jsonl, sha256_bytes, sha256_file, \
+    short_repr, split_args
 from model import GPT, ModelConfig
 from tokenizer import Tokenizer, check_tokenizer
 
 # -----------------------------------------------------------------------------
 # the keys that choose a model to run (sample.py, serve.py)
 KEY_FILES = ('lumi.py',)   # device and dtype
-ckpt = ''                  # checkpoint file or directory; '' = the newest .pt under out_root/*/
+ckpt = ''                  # checkpoint file or directory; '' = the newest model under out_root and runs_root
 adapter = ''               # a LoRA adapter file (sft.py) applied on top of ckpt, or alone (its base_path)
 tokenizer = ''             # a tokenizer.model or data dir: refuse a checkpoint built with another tokenizer
-out_root = 'out'           # where ckpt='' looks for the newest checkpoint
+out_root = 'out'           # where ckpt='' looks: the stages' out_dirs (out/<name>/)
+runs_root = 'runs'         # where ckpt='' looks too: lumi.py run's runs (runs/<config>/<stage>/)
 
 # -----------------------------------------------------------------------------
 # which checkpoint a directory means
@@ -69,17 +71,84 @@ def checkpoint_of(path):
         return os.path.join(path, MERGED)
     found = latest_step(path)
     if found is None:
-        raise FileNotFoundError(f"no checkpoint (merged.pt or ckpt_<step>.pt) in {path}")
+        raise FileNotFoundError(f"no checkpoint (merged.pt or ckpt_<step>.pt) in {path}{could_mean(path)}")
     return found
 
 
-def newest_checkpoint(root):
-    """The most recently written .pt in root/ or root/*/: whatever was trained last, checkpoint or adapter."""
-    found = glob.glob(os.path.join(root, '*.pt')) + glob.glob(os.path.join(root, '*', '*.pt'))
-    if not found:
-        raise FileNotFoundError(f"no checkpoint under {root}/: train one (train.py, sft.py) "
+# the stages of a run, in the order each is tuned from the one before: the folders `lumi.py run` makes in a
+# run (runs/<config>/pretrain/, ...), and the stages' default out_dirs (out/pretrain/, out/sft/, out/dpo/)
+RUN_STAGES = ('pretrain', 'sft', 'dpo')
+# the sample.py flags a run recommends for its models (a small model's repetition penalties), written by
+# pipeline.py beside them: a model's folder or its run's
+SAMPLE_ARGS = 'sample_args.json'
+
+
+def model_dirs(root):
+    """The folders root/, root/*/ and root/*/*/ that hold a model (checkpoint_of finds one in them)."""
+    found = []
+    for d in [root] + sorted(glob.glob(os.path.join(root, '*', ''))) + \
+            sorted(glob.glob(os.path.join(root, '*', '*', ''))):
+        d = os.path.normpath(d)
+        if os.path.isfile(os.path.join(d, MERGED)) or latest_step(d):
+            found.append(d)
+    return found
+
+
+def newest_checkpoint(*roots):
+    """The one rule for the model that ckpt='' means: the newest this checkout made under roots (out_root,
+    runs_root), as the checkpoint file checkpoint_of picks in its folder.
+
+    A run (a folder holding stage folders named as RUN_STAGES) offers its last stage: dpo/merged.pt before
+    sft's and pretrain's, except a stage older than the one it was tuned from (left from before that one
+    ran again). Any other folder offers its own model. Of those, the most recently written wins."""
+    offers, runs = {}, {}
+    for d in dict.fromkeys(d for root in roots for d in model_dirs(root)):
+        parent, name = os.path.split(d)
+        if name in RUN_STAGES:
+            runs.setdefault(parent, {})[name] = checkpoint_of(d)
+        else:
+            offers[d] = checkpoint_of(d)
+    for run, stages in runs.items():
+        last = None
+        for stage in (s for s in RUN_STAGES if s in stages):
+            if last is None or os.path.getmtime(stages[stage]) >= os.path.getmtime(last):
+                last = stages[stage]
+        offers[run] = last
+    if not offers:
+        raise FileNotFoundError(f"no model under {', '.join(r + '/' for r in roots)}: make one (python "
+                                f"lumi.py run configs/pipeline_cpu.py; or train.py, sft.py) "
                                 f"or pass --ckpt=PATH")
-    return max(found, key=os.path.getmtime)
+    return max(offers.values(), key=os.path.getmtime)
+
+
+def recommended_args(path):
+    """(flags, file): the sample.py flags recorded beside the model at path (SAMPLE_ARGS in its folder, else
+    in its run's), and the file that holds them; ([], None) where there is none."""
+    here = os.path.dirname(os.path.normpath(checkpoint_of(path) if os.path.isdir(path) else path))
+    for d in dict.fromkeys((here, os.path.dirname(here))):
+        found = os.path.join(d, SAMPLE_ARGS)
+        if os.path.isfile(found):
+            args = read_json(found).get('sample_args', [])
+            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+                raise LumiError(f"{found}: sample_args must be a list of --key=value strings, got {args!r}")
+            return args, found
+    return [], None
+
+
+def could_mean(path, roots=(out_root, runs_root)):
+    """The checkpoints that a path which names none could have meant: the .pt files under its nearest
+    existing folder and under roots, closest to it first (at most five), as text for an error message."""
+    near = os.path.relpath(path)
+    while near not in ('', '.') and not os.path.isdir(near):
+        near = os.path.dirname(near)
+    # below the working directory only: a mistyped absolute path must not walk the whole disk
+    where = [near] if near not in ('', '.') and not near.startswith('..') else []
+    files = {os.path.normpath(f) for root in dict.fromkeys(where + [r for r in roots if os.path.isdir(r)])
+             for depth in range(4) for f in glob.glob(os.path.join(root, *['*'] * depth, '*.pt'))}
+    if not files:
+        return f"; there is no checkpoint under {', '.join(r + '/' for r in roots)}"
+    close = sorted(files, key=lambda f: -difflib.SequenceMatcher(None, os.path.normpath(path), f).ratio())
+    return f"; did you mean {', '.join(close[:5])}?"
 
 
 # -----------------------------------------------------------------------------
@@ -148,7 +217,7 @@ def load_checkpoint(path, map_location='cpu'):
     beyond plain data, a tensor whose bytes changed."""
     path = checkpoint_of(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"checkpoint not found: {path}{could_mean(path)}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch says why in several types: UnpicklingError, RuntimeError, EOFError, ...

@@ -440,9 +440,14 @@ def main(argv=None):
     how = 'LoRA r=%d, reference = adapters off' % cfg.lora_r if cfg.lora_r else 'full, reference cached'
     lumi.log(f"policy: {model.num_params() / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable ({how})")
 
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
     if not cfg.max_iters:  # epochs set the length; max_minutes, if given, can only shorten it
-        per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
         cfg.max_iters = max(1, math.ceil(cfg.epochs * len(train) / per_step))
+    passes = training.passes_warning(cfg.max_iters * per_step, len(train), 'pairs', 'the DPO set',
+                                     "lower max_iters or epochs, or add pairs")
+    if passes:
+        lumi.log(f"warning: {passes}" + (" at most (max_minutes may stop it sooner)" if cfg.max_minutes
+                                         else ''))
     held_out = val_batches(val, cfg)
 
     def loss_fn(m, batch):

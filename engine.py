@@ -1,16 +1,16 @@
 """
 The engine that runs a model over token ids. Generation: sampling filters as small pure functions (CTRL's
 repetition penalty, OpenAI's frequency and presence penalties, temperature, top-k, nucleus), one left-padded
-batch of prompts prefilled into model.KVCache and decoded one token at a time (rows that finish leave the
-batch; a full window slides), stop strings matched in streamed text, and the chat prompt that fits a
-conversation into the window. sample.py (the interactive prompt), serve.py (the HTTP API), eval.py (the smoke
-test) and sft.py (the format check) all generate through it, so each sees what users will. Scoring: the summed
-log-probabilities of given targets, many requests per forward pass (eval.py's choice tasks and perplexity).
-Also the sampling keys that sample.py and serve.py take, and the Sampling built from them.
+batch of prompts prefilled into model.KVCache and decoded one token at a time by model.decode_step (rows that
+finish leave the batch; a full window slides), stop strings matched in streamed text, and the chat prompt that
+fits a conversation into the window. sample.py (the interactive prompt), serve.py (the HTTP API), eval.py (the
+smoke test) and sft.py (the format check) all generate through it, so each sees what users will. Scoring: the
+summed log-probabilities of given targets, many requests per forward pass (eval.py's choice tasks and
+perplexity). Also the sampling keys that sample.py and serve.py take, and the Sampling built from them.
 
 Deliberately left out: loading a model (checkpoint.load_model), beam search, speculative decoding, logprobs
-of generated tokens, and continuous batching (requests that arrive separately never share a batch; one
-request's prompts do).
+of generated tokens, CUDA graphs (no GPU was lent to measure them), and continuous batching (requests that
+arrive separately never share a batch; one request's prompts do).
 """
 import os
 from dataclasses import dataclass, fields
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lumi import autocast
-from model import KVCache
+from model import KVCache, decode_step, decode_weights
 from tokenizer import BOS_ID, EOS_ID, PAD_ID, render_chat
 
 # -----------------------------------------------------------------------------
@@ -91,7 +91,7 @@ GREEDY_BELOW = 1e-6
 def sample_next(logits, counts, made, params, generator=None):
     """The next token of each row: argmax at temperature 0, else a draw from the filtered distribution.
     counts: each token's uses in the context (prompt and reply, stop tokens left out); made: in the reply
-    alone."""
+    alone; either may be None while its penalty is off."""
     logits = apply_repetition_penalty(logits.float(), counts, params.repetition_penalty)
     logits = apply_frequency_penalty(logits, made, params.frequency_penalty, params.presence_penalty)
     if params.temperature < GREEDY_BELOW:
@@ -163,52 +163,68 @@ def generate_ids(model, prompts, params, stop_ids=(), generator=None, finished=N
     row still generating and the token it just got.
 
     The prompts form one left-padded batch with one KV cache: a single forward pass over all prompt tokens
-    (prefill), then one pass per step over the newest token alone. A row ends after a token in stop_ids, after
+    (prefill), then one model.decode_step per step over the newest token alone (forward() where decode_step
+    does not apply: LoRA layers, training mode). A row ends after a token in stop_ids, after
     params.max_new_tokens, or when the caller adds its index to `finished` (a stop string, found in text), and
     leaves the batch. A prompt longer than the window keeps its end; when the cache fills, the newest half of
     the window is prefilled again (a context shift), so generation runs on past block_size. The model runs in
-    its weights' dtype (load_model casts them), and so does the cache.
+    its weights' dtype (load_model casts them), and so does the cache. A step allocates no more than its
+    activations, and waits on the device once: for the tokens it yields.
     """
     device, cfg, dtype = model_device(model), model.cfg, next(model.parameters()).dtype
     generator = generator if generator is not None else make_generator(None, device)
     finished = set() if finished is None else finished
     prompts = [list(p[-cfg.block_size:]) or [BOS_ID] for p in prompts]
     width = max(len(p) for p in prompts)
-    seq = torch.tensor([[PAD_ID] * (width - len(p)) + p for p in prompts], device=device)
-    pad = torch.tensor([width - len(p) for p in prompts], device=device)
-    counts = torch.zeros(len(prompts), cfg.vocab_size, dtype=torch.int32, device=device)
-    counts.scatter_add_(1, seq, (torch.arange(width, device=device)[None] >= pad[:, None]).int())
-    unpenalized(counts, stop_ids)
-    made = torch.zeros_like(counts)
-    rows = torch.arange(len(prompts), device=device)
+    # each row's context so far, left-padded: what a context shift prefills again
+    seqs = [[PAD_ID] * (width - len(p)) + p for p in prompts]
+    pads, rows = [width - len(p) for p in prompts], list(range(len(prompts)))
+    # the penalties' counts are kept only when a penalty is on: two scatters a step saved otherwise
+    penalized = (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
+                 or params.presence_penalty != 0.0)
+    counts = made = None
+    if penalized:
+        seq, pad = torch.tensor(seqs, device=device), torch.tensor(pads, device=device)
+        counts = torch.zeros(len(prompts), cfg.vocab_size, dtype=torch.int32, device=device)
+        counts.scatter_add_(1, seq, (torch.arange(width, device=device)[None] >= pad[:, None]).int())
+        unpenalized(counts, stop_ids)
+        made = torch.zeros_like(counts)
+        one = torch.ones(len(prompts), 1, dtype=torch.int32, device=device)
+    weights = decode_weights(model)  # None: forward() decodes
 
-    def prefill(seq, pad, left):
+    def prefill(seqs, pads, left):
+        seq, pad = torch.tensor(seqs, device=device), torch.tensor(pads, device=device)
         cache = KVCache(cfg, seq.size(0), min(cfg.block_size, seq.size(1) + left), device, dtype,
-                        pad=pad if bool(pad.any()) else None)
+                        pad=pad if any(pads) else None)
         return cache, _last_logits(model, seq, cache)
 
-    cache, logits = prefill(seq, pad, params.max_new_tokens)
+    cache, logits = prefill(seqs, pads, params.max_new_tokens)
     for step in range(params.max_new_tokens):
         token = sample_next(logits, counts, made, params, generator)
-        counts[torch.arange(len(rows), device=device), token] += 1
-        made[torch.arange(len(rows), device=device), token] += 1
-        row_list, token_list = rows.tolist(), token.tolist()
-        yield row_list, token_list
+        if penalized:
+            counts.scatter_add_(1, token[:, None], one)
+            made.scatter_add_(1, token[:, None], one)
+        tokens = token.tolist()
+        yield list(rows), tokens
         left = params.max_new_tokens - step - 1
-        keep = [i for i, (r, t) in enumerate(zip(row_list, token_list))
-                if t not in stop_ids and r not in finished]
+        keep = [i for i, (r, t) in enumerate(zip(rows, tokens)) if t not in stop_ids and r not in finished]
         if not keep or not left:
             return
-        seq = torch.cat([seq, token[:, None]], dim=1)
-        if len(keep) < len(row_list):  # finished rows leave the batch
+        for s, t in zip(seqs, tokens):
+            s.append(t)
+        if len(keep) < len(rows):  # finished rows leave the batch
             index = torch.tensor(keep, device=device)
-            rows, seq, pad, token = rows[index], seq[index], pad[index], token[index]
-            counts, made = counts[index], made[index]
+            rows, seqs, pads = [rows[i] for i in keep], [seqs[i] for i in keep], [pads[i] for i in keep]
+            token = token[index]
+            if penalized:
+                counts, made, one = counts[index], made[index], one[:len(keep)]
             cache.reorder(index)
         if cache.pos == cache.max_len:  # the window is full: slide it, keeping its newest half
-            dropped = seq.size(1) - cfg.block_size // 2
-            seq, pad = seq[:, dropped:], (pad - dropped).clamp(min=0)
-            cache, logits = prefill(seq, pad, left)
+            dropped = len(seqs[0]) - cfg.block_size // 2
+            seqs, pads = [s[dropped:] for s in seqs], [max(0, p - dropped) for p in pads]
+            cache, logits = prefill(seqs, pads, left)
+        elif weights is not None:
+            logits = decode_step(model, weights, token, cache)
         else:
             logits = _last_logits(model, token[:, None], cache)
 

@@ -2,8 +2,8 @@
 A compact LLaMA-style decoder: token embedding, N blocks of (RMSNorm -> causal self-attention with RoPE and
 grouped-query heads -> residual, RMSNorm -> SwiGLU MLP -> residual), final RMSNorm, LM head. No biases.
 
-Also here: the KV cache used for decoding, and the two dispatch points where a Triton kernel replaces torch
-(attention; the LoRA linear, whose layers are lora.py's).
+Also here: the KV cache and the decoding step (one token a row, on the matrices laid out for it), and the two
+dispatch points where a Triton kernel replaces torch (attention; the LoRA linear, whose layers are lora.py's).
 
 Deliberately left out: LoRA (lora.py), training, sampling policy and tokenization (training.py, engine.py,
 tokenizer.py). This file imports nothing from the rest of Lumi except the optional Triton kernels.
@@ -14,7 +14,7 @@ import importlib.util
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -234,6 +234,9 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len, self.pos = max_len, 0
         self.pad = pad.to(device) if pad is not None else None
+        # the keys each padded row may see, made once: a decoding step takes a view, [..., :pos + 1]
+        self.real = None if pad is None else \
+            (torch.arange(max_len, device=device)[None] >= self.pad[:, None])[:, None, None]
 
     def update(self, layer, k, v):
         T = k.size(2)
@@ -248,7 +251,7 @@ class KVCache:
         """Keep only the rows in index (a finished row can leave the batch)."""
         self.k, self.v = self.k[:, index], self.v[:, index]
         if self.pad is not None:
-            self.pad = self.pad[index]
+            self.pad, self.real = self.pad[index], self.real[index]
 
 
 # -----------------------------------------------------------------------------
@@ -349,3 +352,105 @@ class GPT(nn.Module):
         # the head is a matmul (tied or not); the input embedding is a lookup and costs no FLOPs
         n = self.num_params(embeddings=False) + c.vocab_size * c.n_embd
         return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+# -----------------------------------------------------------------------------
+# decoding: one new token a row through the KV cache, on the weights laid out for it
+# A decoding step reads every weight once to do little arithmetic with it (1.6M parameters: 3 MFLOP a token),
+# so its time is memory traffic and the cost of each torch call (3-8 us on a shared AVX2 core, as much as a
+# 128 x 384 product). forward() spends ~50 calls a block; decode_step ~30: a block is 4 matrix products (q, k
+# and v as one, gate and up as one, the residual adds folded into addmm), each RMSNorm's weight is folded into
+# the matrix after it (3 calls, not F.rms_norm's ~10), and RoPE is one small product (not 5 calls).
+
+# the ModelConfig fields the decoding step implements; a model that sets any other field away from its default
+# decodes through forward() until decode_step learns what that field changes
+DECODED_FIELDS = ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden', 'block_size',
+                  'dropout', 'tie_embeddings', 'rope_theta', 'norm_eps')
+
+
+class DecodeWeights:
+    """A model's matrices as decode_step multiplies them, each the right operand b of torch.mm(x, b): q, k and
+    v stacked into one, gate and up into another, and every matrix that reads an RMSNorm's output scaled by
+    that norm's weight (times sqrt(n_embd), so the norm is x / hypot(|x|, sqrt(n_embd * eps))).
+
+    In float32 each matrix is a copy stored (in, out): for a single row MKL streams that layout 2x faster than
+    nn.Linear's (out, in) on one AVX2 core (0.45 against 0.96 ms for the CPU profile's matrices,
+    docs/BENCHMARKS.md "Sampling"). In bfloat16 the (out, in) layout is the fast one (a bf16 (in, out)
+    product was 4-8x slower there), so b is a transposed view of the copy. Either way the copy costs the
+    weights' memory once more, for as long as the model keeps it (decode_weights)."""
+
+    def __init__(self, model):
+        c, dtype = model.cfg, model.tok_emb.weight.dtype
+        lay = (lambda m: m.t().contiguous()) if dtype == torch.float32 else (lambda m: m.contiguous().t())
+
+        def normed(norm, *linears):  # W diag(g) sqrt(d), in float32, then in the weights' dtype
+            m = torch.cat([lin.weight.detach().float() for lin in linears])
+            return lay((m * (norm.weight.detach().float() * math.sqrt(c.n_embd))).to(dtype))
+        self.blocks = [(normed(b.attn_norm, b.attn.q_proj, b.attn.k_proj, b.attn.v_proj),
+                        lay(b.attn.o_proj.weight.detach()),
+                        normed(b.mlp_norm, b.mlp.gate_proj, b.mlp.up_proj),
+                        lay(b.mlp.down_proj.weight.detach())) for b in model.layers]
+        self.head = normed(model.norm, model.lm_head)
+        self.root_eps = torch.tensor(math.sqrt(c.n_embd * c.norm_eps), dtype=dtype, device=self.head.device)
+        # RoPE at position p is x @ rotations[p], (D, D): x * cos + cat(x2, x1) * (sign * sin) in
+        # rotate-half's layout, for every position at once (block_size x D x D: 16 MB at 1024 x 64)
+        half, cos, sin = c.head_dim // 2, model.rope_cos.float(), model.rope_sin.float()
+        sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(sin.device)
+        eye = torch.eye(c.head_dim, device=sin.device)
+        self.rotations = (eye * cos[:, None] + eye.roll(half, 0) * (sign * sin)[:, None]).to(dtype)
+
+
+def decode_weights(model):
+    """The DecodeWeights of model, or None where decode_step does not apply and forward() must decode: not a
+    GPT, in training mode, with LoRA or other layers in place of plain nn.Linear, or with a config field
+    decode_step does not implement. A frozen model (checkpoint.load_model's, for inference) keeps them until
+    its parameters are replaced or moved (weights changed in place are not noticed: a frozen model's never
+    are); any other model gets a fresh copy per call, as training changes its weights between generations."""
+    if not isinstance(model, GPT):
+        return None
+    linears = [m for b in model.layers for m in (b.attn.q_proj, b.attn.k_proj, b.attn.v_proj, b.attn.o_proj,
+                                                 b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj)]
+    unknown = [f.name for f in fields(model.cfg)
+               if f.name not in DECODED_FIELDS and getattr(model.cfg, f.name) != f.default]
+    if model.training or unknown or any(type(m) is not nn.Linear for m in linears + [model.lm_head]):
+        return None
+    params = list(model.parameters())
+    if any(p.requires_grad for p in params):
+        return DecodeWeights(model)
+    key = tuple((p.data_ptr(), p.dtype) for p in params)
+    kept = model.__dict__.get('_decode_weights')
+    if kept is None or kept[0] != key:
+        kept = model.__dict__['_decode_weights'] = (key, DecodeWeights(model))
+    return kept[1]
+
+
+def decode_step(model, weights, token, cache):
+    """The logits (B, vocab) of what follows token (B,), one new token a row that continues the cached
+    sequence: forward() for one position, on weights (decode_weights(model)). It writes the token's keys and
+    values into the cache at cache.pos and advances it; it allocates only activations and never waits on the
+    device (the position is a Python int, the padded rows' mask a view of the cache's)."""
+    c, w, p = model.cfg, weights, cache.pos
+    if p >= min(cache.max_len, c.block_size):
+        raise ValueError(f"position {p} is past the cache ({cache.max_len}) or block_size {c.block_size}")
+    B, H, K, D, f = token.size(0), c.n_head, c.n_kv_head, c.head_dim, c.ffn_hidden
+    if cache.pad is None:  # every row at position p
+        rotation, mask = w.rotations[p], None
+    else:  # a row's position is p less its padding, and it sees its real keys alone
+        rotation, mask = w.rotations[(p - cache.pad).clamp(min=0)], cache.real[..., :p + 1]
+
+    def normed_mm(x, m):  # RMSNorm(x) @ m, the norm's weight being m's: x @ m / sqrt(x.x + eps)
+        return torch.mm(x, m).div_(torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), w.root_eps))
+    x = F.embedding(token, model.tok_emb.weight)
+    keys, values = cache.k.unbind(0), cache.v.unbind(0)
+    for i, (qkv_w, o_w, gate_up_w, down_w) in enumerate(w.blocks):
+        qkv = normed_mm(x, qkv_w)
+        qk = torch.matmul(qkv[:, :(H + K) * D].view(B, H + K, D), rotation)
+        keys[i].select(2, p).copy_(qk[:, H:])
+        values[i].select(2, p).copy_(qkv[:, (H + K) * D:].view(B, K, D))
+        y = F.scaled_dot_product_attention(qk[:, :H, None], keys[i].narrow(2, 0, p + 1),
+                                           values[i].narrow(2, 0, p + 1), attn_mask=mask, enable_gqa=H != K)
+        x = torch.addmm(x, y.reshape(B, H * D), o_w)
+        gate_up = normed_mm(x, gate_up_w)
+        x = torch.addmm(x, F.silu(gate_up[:, :f], inplace=True).mul_(gate_up[:, f:]), down_w)
+    cache.pos = p + 1
+    return normed_mm(x, w.head)

@@ -20,7 +20,7 @@ import sys
 import time
 
 import lumi
-from checkpoint import checkpoint_info, checkpoint_of
+from checkpoint import SAMPLE_ARGS, checkpoint_info, checkpoint_of, newest_checkpoint
 from corpus import bins
 from lumi import (ROOT, LumiError, atomic_write, declared_keys, load_config, log, read_json, read_jsonl,
                   sha256_bytes, sha256_file, split_args, write_json)
@@ -273,6 +273,8 @@ class Pipeline:
         signal.signal(signal.SIGTERM, terminated)
         t0 = time.time()
         log(f"lumi run: {', '.join(self.stages)} -> {self.run_dir} (data {self.data_dir})")
+        # the chat settings this run's models want, beside them: `python sample.py` applies them
+        write_json(os.path.join(self.run_dir, SAMPLE_ARGS), dict(sample_args=list(self.cfg.sample_args)))
         for stage in self.stages:
             self.report[stage] = self.run_stage(stage)
         summary = self.summary(time.time() - t0)
@@ -405,7 +407,12 @@ class Pipeline:
             # the reply's settings
             chat = ' '.join([f'--ckpt={final}'] + [_quote(a) for a in self.cfg.sample_args])
             lines += ["", "Chat with the result:", "", f"    python sample.py {chat}"]
-        except PipelineError:
+            roots = [self.keys['sample'][k].default for k in ('out_root', 'runs_root')]
+            if os.path.abspath(newest_checkpoint(*roots)) == os.path.abspath(final):
+                lines += ["", f"or, while it is the newest model under {' and '.join(r + '/' for r in roots)}"
+                              f", with the settings in {os.path.join(self.run_dir, SAMPLE_ARGS)}:", "",
+                          "    python sample.py"]
+        except (PipelineError, FileNotFoundError):
             pass
         return '\n'.join(lines) + '\n'
 

@@ -2,13 +2,17 @@
 The sampling stage: a model's replies, at the interactive prompt or for one prompt, what users touch last and
 most.
 
-    python sample.py                                      # newest checkpoint under out/, interactive prompt
+    python sample.py                                      # the newest model this checkout made, interactive
     python sample.py --ckpt=out/sft --prompt="Hello"      # print one completion and exit
     python sample.py --serve --ckpt=out/sft --port=8000   # the same as
                                                           # python serve.py --ckpt=out/sft --port=8000
 
+With no --ckpt it runs the newest model under out/ and runs/ (checkpoint.newest_checkpoint: a run's DPO model
+before its SFT and pretrained ones), with the sample.py flags its run recorded beside it as defaults (a small
+model's repetition penalties; recommended_args); its first line says which model and settings it chose.
 Loading is checkpoint.load_model (a checkpoint, or a base + LoRA adapter pair); generation is engine.py's
-(sampling filters, the KV-cached batch, stop strings); this file is the interactive prompt and main().
+(sampling filters, the KV-cached batch and decoding step, stop strings); this file is the interactive prompt
+and main().
 `--serve` hands the whole command line to serve.py, the OpenAI-compatible HTTP server.
 
 Deliberately left out: beam search, speculative decoding, logprobs (the engine has none).
@@ -19,7 +23,7 @@ import time
 from dataclasses import replace
 
 import lumi
-from checkpoint import load_model, newest_checkpoint
+from checkpoint import load_model, newest_checkpoint, recommended_args
 from engine import Sampling, fit_conversation, make_generator, model_device, stream_text
 from tokenizer import BOS_ID
 
@@ -97,15 +101,13 @@ class Prompt:
             self.reset()
             return "new chat" if self.chat else "ok"
         if name == 'settings':
-            p = self.params
-            return (f"mode {'chat' if self.chat else 'completion'}, temperature {p.temperature}, "
-                    f"top_k {p.top_k}, top_p {p.top_p}, max_new_tokens {p.max_new_tokens}, "
-                    f"repetition_penalty {p.repetition_penalty}, frequency_penalty {p.frequency_penalty}, "
-                    f"presence_penalty {p.presence_penalty}, stop {list(p.stop)}")
+            return f"mode {'chat' if self.chat else 'completion'}, {describe_sampling(self.params)}"
         return HELP if name == 'help' else f"unknown command /{name}\n{HELP}"
 
-    def reply(self, text, out=sys.stdout):
-        """Stream the model's answer to text (a chat turn, or a text to continue) to out; Ctrl-C stops it."""
+    def reply(self, text, out=None):
+        """Stream the model's answer to text (a chat turn, or a text to continue) to out (stdout); Ctrl-C
+        stops it."""
+        out = out or sys.stdout
         if self.chat:
             self.messages.append({'role': 'user', 'content': text})
             ids, _ = fit_conversation(self.tok, self.messages, self.model.cfg.block_size,
@@ -155,25 +157,56 @@ class Prompt:
 
 # -----------------------------------------------------------------------------
 
+def with_recommended(cfg, source, argv):
+    """(cfg, keys, file): cfg again with the sample.py flags recorded beside the model at source
+    (checkpoint.recommended_args) as its defaults, so that a config file and the command line still win; the
+    keys whose values came from them, and the file. A recorded flag that chooses the model is refused."""
+    flags, where = recommended_args(source)
+    if not flags:
+        return cfg, [], None
+    try:
+        names = [a[2:].partition('=')[0].replace('-', '_') for a in lumi.split_args(flags, KEYS)[1]]
+        if set(names) & {'ckpt', 'adapter', 'out_root', 'runs_root', 'serve'}:
+            raise lumi.LumiError("it may not choose the model")
+        values = lumi.load_config(KEYS, flags, shares_with=())
+    except lumi.LumiError as e:
+        raise lumi.LumiError(f"{where}: {e}") from e
+    given = lumi.load_config(KEYS, argv, shares_with=())
+    keys = {k: key._replace(default=values[k]) if k in names else key for k, key in KEYS.items()}
+    cfg = lumi.load_config(keys, argv, shares_with=())
+    return cfg, [k for k in dict.fromkeys(names) if cfg[k] == values[k] != given[k]], where
+
+
+def describe_sampling(p):
+    """A Sampling's settings in one line."""
+    return (f"temperature {p.temperature}, top_k {p.top_k}, top_p {p.top_p}, "
+            f"max_new_tokens {p.max_new_tokens}, repetition_penalty {p.repetition_penalty}, "
+            f"frequency_penalty {p.frequency_penalty}, presence_penalty {p.presence_penalty}, "
+            f"stop {list(p.stop)}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if '--serve' in argv or '--serve=True' in argv:  # serving is serve.py's: run it in this process's place
         rest = [a for a in argv if a not in ('--serve', '--serve=True')]
         lumi.run_script(os.path.join(lumi.ROOT, 'serve.py'), rest)
     cfg = lumi.load_config(KEYS, argv, shares_with=())
+    source = cfg.ckpt or cfg.adapter or newest_checkpoint(cfg.out_root, cfg.runs_root)
+    cfg, recommended, where = with_recommended(cfg, source, argv)
     if cfg.mode not in ('auto', 'chat', 'completion'):
         raise ValueError(f"mode must be auto, chat or completion, got {cfg.mode!r}")
     dev = lumi.pick_device(cfg.device)
     dt = lumi.resolve_dtype(cfg.dtype, dev)
     lumi.seed_everything(cfg.seed)
-    source = cfg.ckpt or cfg.adapter or newest_checkpoint(cfg.out_root)
     model, tok, info = load_model(source, dev, dt, adapter=cfg.adapter if cfg.ckpt else '',
                                   tokenizer=cfg.tokenizer)
     chat = (info['kind'] in CHAT_KINDS or bool(info['adapter'])) if cfg.mode == 'auto' else cfg.mode == 'chat'
     params = Sampling.from_config(cfg)
     what = info['path'] + (f" + adapter {info['adapter']}" if info['adapter'] else '')
-    print(f"{what}: {info['kind']} model, {model.num_params() / 1e6:.1f}M parameters, {dev} {dt}",
-          file=sys.stderr)
+    why = '' if cfg.ckpt or cfg.adapter else f" (the newest model under {cfg.out_root}/ and {cfg.runs_root}/)"
+    print(f"{what}{why}: {info['kind']} model, {model.num_params() / 1e6:.1f}M parameters, {dev} {dt}; "
+          f"{describe_sampling(params)}" + (f" ({', '.join(recommended)} as {where} recommends; flags win)"
+                                   if recommended else ''), file=sys.stderr, flush=True)
     session = Prompt(model, tok, params, chat, cfg.system, cfg.seed)
     if cfg.prompt:
         session.reset()

@@ -411,6 +411,12 @@ def main(argv=None):
     if not cfg.max_iters and not cfg.max_minutes:
         cfg.max_iters = max(1, math.ceil(cfg.epochs * len(batches) / cfg.gradient_accumulation_steps))
         lumi.log(f"max_iters={cfg.max_iters} ({cfg.epochs} epochs)")
+    if cfg.max_iters and not cfg.max_minutes:
+        passes = training.passes_warning(cfg.max_iters * cfg.gradient_accumulation_steps, len(batches),
+                                         'batches', 'the SFT set',
+                                         "lower max_iters or epochs, or add sources")
+        if passes:
+            lumi.log(f"warning: {passes}")
     names = [source_name(s) for s in prepared['sources']]
     evaluate = (make_sft_evaluate(prepared, val_ex, cfg.batch_size, cfg.eval_iters, names) if len(val_ex)
                 else None)

@@ -138,6 +138,24 @@ def pretrain_loss(model, batch):
     return model(x, y)[1]
 
 
+def plan_warnings(cfg, device, tokens, data_tokens):
+    """What to say about a plan before it starts: that it reads the data too many times over (a plan fitted
+    to max_minutes is known only once measured), and on a CPU without a clock, where the cheap paths are.
+    How long it takes follows once its first steps are timed (training.Trainer.measured_plan)."""
+    lines = []
+    passes = training.passes_warning(tokens, data_tokens, 'tokens', cfg.data_dir,
+                                     "`python data.py configs/data_tiny.py` prepares the design's 500M-token "
+                                     "corpus (then --data_dir=data/web_tiny)")
+    if passes and not cfg.max_minutes:
+        lines.append(f"warning: {passes}")
+    if device == 'cpu' and not cfg.max_minutes:
+        profile = os.path.basename(cfg.get('config_file') or '') == 'cpu.py'
+        lines.append("on a CPU: --max_minutes=N fits the learning-rate schedule to N minutes"
+                     + ('' if profile else "; configs/cpu.py is the model sized for 2 cores (`python lumi.py "
+                                           "run configs/pipeline_cpu.py` runs the whole lab in ~15 minutes)"))
+    return lines
+
+
 def baseline_verdict(val_loss, entropy):
     """The val loss beside the unigram entropy in words, with a positive number: below it is learning."""
     gap = entropy - val_loss
@@ -186,6 +204,8 @@ def main(argv=None):
         budget += f", or fewer: the schedule is fitted to {cfg.max_minutes:g} minutes"
     lumi.log(f"budget: {budget} ({cfg.max_iters * tokens_per_step / n_params:.2f} tokens per parameter; "
              f"{cfg.tokens_per_param:g} is compute-optimal)")
+    for line in plan_warnings(cfg, device, cfg.max_iters * tokens_per_step, meta['train_tokens']):
+        lumi.log(line)
 
     batches = make_batches(cfg, 'train', cfg.seed, rank, world)
     ckpt_meta = checkpoint.checkpoint_meta(model, tok, 'pretrain', data_dir=cfg.data_dir)

@@ -171,6 +171,37 @@ def unigram_entropy(path, vocab_size):
 
 
 # -----------------------------------------------------------------------------
+# what a plan costs: its duration on this machine, measured, and how often it reads its data
+
+# the ETA is the median of the last ETA_STEPS step times (a step slowed by a neighbour moves it not at all; a
+# machine slowed for good moves it within ~25), said once MEASURED_STEPS steps after the first are timed
+ETA_STEPS, MEASURED_STEPS, MAX_PASSES = 50, 5, 4  # past MAX_PASSES over its data a model learns it by heart
+
+
+def plan_seconds(step, max_iters, step_s, eval_interval, eval_s):
+    """Seconds the rest of a plan takes: the steps from step to max_iters at step_s each, and the held-out
+    evaluations still to come (one every eval_interval steps, and one at the end) at eval_s each."""
+    evals = max_iters // eval_interval - step // eval_interval + (max_iters % eval_interval != 0)
+    return max(0, max_iters - step) * step_s + max(0, evals) * eval_s
+
+
+def duration(s):
+    """A duration in words: '45 s', '12.5 minutes', '40.2 hours', '3.1 days'."""
+    size, unit = (1, 's') if s < 90 else (60, 'minutes') if s < 5400 else (3600, 'hours') if s < 172800 \
+        else (86400, 'days')
+    return f"{s / size:.{0 if size == 1 else 1}f} {unit}"
+
+
+def passes_warning(planned, available, unit, data, advice=''):
+    """A line saying that a plan of `planned` units (tokens, batches, pairs) reads the `available` ones of its
+    data more than MAX_PASSES times over, or ''."""
+    short = lambda n: f"{n / 1e6:.{1 if n < 1e7 else 0}f}M" if n >= 1e6 else f"{n:,.0f}"
+    return '' if planned <= MAX_PASSES * available else (
+        f"{short(planned)} {unit} is {planned / available:.0f} passes over {data}'s {short(available)}: "
+        f"expect overfitting" + (f"; {advice}" if advice else ''))
+
+
+# -----------------------------------------------------------------------------
 # what the fine-tuning stages share: the LM head at target positions only, and epochs of planned batches
 
 def unwrap(model):
@@ -457,8 +488,10 @@ class Trainer:
         self.last, self.eval_s, self.final_path = {}, 0.0, self.resumed_from
         self.resumed_at = self.step if self.resumed_from else -1  # that step was evaluated and saved before
         self.raw.train()
+        self.step_times = []  # the last ETA_STEPS step times: the ETA (the bar's own swings with its rate)
         self.bar = tqdm(total=self.max_iters or None, initial=self.step, disable=not self.master,
-                        dynamic_ncols=True, desc=cfg.out_dir)
+                        dynamic_ncols=True, desc=cfg.out_dir, bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} '
+                                                                        '[{elapsed}{postfix}]')
 
     def finished(self):
         """Whether the planned steps are done, or the clock ran out past the plan (a safety net: every rank
@@ -500,12 +533,33 @@ class Trainer:
         # the first step is not timed: it holds torch.compile's compilation (~30 s on 2 cores)
         if self.step > 1:
             self.recent = (self.recent + [dt])[-10:]
+        if self.step > max(self.resumed_at, 0) + 1:  # not this process's first step either
+            self.step_times = (self.step_times + [dt])[-ETA_STEPS:]
         if self.master:
             append_jsonl(self.metrics_path, last)
             self.tracker.log(last)
             self.bar.update(1)
+            eta = self.eta()
             self.bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_sec']:,.0f}",
-                                 mfu=f"{100 * last['mfu']:.1f}%")
+                                 mfu=f"{100 * last['mfu']:.1f}%", **({'eta': duration(eta)} if eta else {}))
+            if len(self.step_times) == MEASURED_STEPS and not self.replanning and self.max_iters:
+                self.bar.write(self.measured_plan(eta))
+
+    def eta(self):
+        """Seconds the rest of the plan takes (plan_seconds), once MEASURED_STEPS steps are timed."""
+        if len(self.step_times) >= MEASURED_STEPS and self.max_iters:
+            return plan_seconds(self.step, self.max_iters, float(np.median(self.step_times)),
+                                self.cfg.eval_interval, self.eval_s)
+
+    def measured_plan(self, eta):
+        """The plan's cost on this machine; on a CPU, past an hour with no clock, where the cap is."""
+        text = (f"measured over steps {self.step - MEASURED_STEPS + 1}-{self.step}: "
+                f"{np.median(self.step_times):.3g} s a step"
+                f"{f' and {self.eval_s:.3g} s an evaluation' if self.eval_s else ''}; the plan of "
+                f"{self.max_iters:,} steps takes about {duration(eta)} more on this machine")
+        if self.device == 'cpu' and not self.budget_s and eta > 3600:
+            text += " (--max_minutes=N fits the learning-rate schedule to N minutes instead)"
+        return text
 
     def replan(self):
         """Re-fit max_iters to the clock after every step from the last ten step times, so that a machine that

@@ -1,131 +1,187 @@
 """
-Decode speed of the generation engine (engine.py: KV cache, one prefill, then one token per forward pass)
-against recomputing the whole context for every new token (nanoGPT's sample.py), at 128, 512 and 1024 new
-tokens; then, with the cache, a batch of 8 prompts of different lengths against one prompt, and bf16 weights
-against fp32. Goal: >= 5x at 512 new tokens on a CPU for the tiny model.
+Decode speed of the generation engine (engine.generate_ids: one prefill, then model.decode_step per token)
+against Hugging Face generate on the same exported weights, each beside the memory-bandwidth floor: the
+weights' bytes over this core's read bandwidth, measured in the same run, is the least time a step can take
+when it reads every weight once.
 
-    python benchmarks/bench_sample.py [--lengths=(128,512,1024)] [--threads=1] [--device=cpu]
+    taskset -c 1 python benchmarks/bench_sample.py [--shapes="('cpu', '6x256')"] [--dtypes=...] [--rounds=5]
 
-Both paths run in lockstep, one token of each in turn, each token timed on its own, so a neighbour's load
-falls on both alike; tokens/s are given by the wall clock and by this process's CPU time (which, with one
-thread, is what an idle core would take). Model: the shape of configs/tiny.py (ModelConfig defaults when
-that file is missing), random init, fp32; speed does not depend on the weights. Greedy, no stop tokens, so
-every run makes exactly its tokens. Both paths compute the LM head at the last position only, so the ratio
-is the cache's alone. Past the window (block_size) the engine slides it by half and the baseline crops the
-context, so their tokens are checked to agree only while the context fits.
+Shapes: 'cpu' is the CPU profile's model (configs/cpu.py: 4 layers x 128, context 256, vocab 4096), '6x256'
+6 layers x 256 with context 1024 and the same vocabulary. Weights: random, at ~40x the init scale (as
+tests/conftest.py's lively model) so that each token depends on the whole context and the greedy tokens are
+a real check; speed does not depend on the values. They are exported with export.py (hf_state_dict, hf_config,
+save_safetensors) and loaded back with LlamaForCausalLM.from_pretrained: the baseline runs what `lumi.py
+export --format=hf` writes. Greedy, no stop tokens, a 16-token prompt (batch 8: 8 prompts of 16), and as many
+new tokens as fit the context, at most 256, so both sides see the same positions.
 
-Deliberately left out: sampling filters (they cost the same on both paths) and serving overhead.
+Three arms, alternating in one process, a whole generation each in turn, `rounds` times: Hugging Face
+generate; the engine with forward() for each new token (how Lumi decoded before issue 29, with today's
+engine loop); the engine with decode_step (DecodeWeights: stacked, transposed matrices with the norms folded
+in, RoPE as one product). tok/s are by this process's CPU time (one thread: what an idle core would do; run it
+pinned, `taskset -c 1`, on a shared machine) and are the median over rounds; "x HF" is the median of each
+round's ratio. "same" counts the greedy tokens equal to Hugging Face's.
+
+Deliberately left out: sampling filters (they cost the same on both sides), prefill speed, serving overhead,
+and torch.compile (on this CPU it took 64-105 s to compile the decoding step and made it no faster:
+docs/BENCHMARKS.md, "Sampling").
 """
 import copy
+import json
+import math
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402
+import export  # noqa: E402
 import lumi  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 
-model_config = 'configs/tiny.py'
-lengths = (128, 512, 1024)
+shapes = ('cpu', '6x256')
+dtypes = ('float32', 'bfloat16')
+batches = (1, 8)
+max_new = 256        # new tokens at most; fewer where prompt + new would pass the context
 prompt_tokens = 16
-batch = 8
-threads = 1        # 0: torch's default; 1 keeps CPU time equal to an idle core's wall time
-device = 'cpu'
+rounds = 5
+threads = 1          # 1: CPU time is what an idle core would take
+arms = ('hf', 'forward', 'decode_step')
 seed = 0
 
+SHAPES = {'cpu': dict(n_layer=4, n_head=2, n_kv_head=2, n_embd=128, ffn_hidden=512, block_size=256),
+          '6x256': dict(n_layer=6, n_head=4, n_kv_head=4, n_embd=256, ffn_hidden=1024, block_size=1024)}
+VOCAB = 4096
 
-def timed(fn):
-    """(result, wall seconds, CPU seconds) of fn()."""
-    t0, c0 = time.perf_counter(), time.process_time()
+
+def cpu_time(fn):
+    """(fn(), CPU seconds it took)."""
+    c0 = time.process_time()
     out = fn()
-    return out, time.perf_counter() - t0, time.process_time() - c0
+    return out, time.process_time() - c0
 
 
-def race(n, runners):
-    """Advance each token generator one token in turn, n times; (tokens, wall s, CPU s) of each."""
-    tokens, wall, cpu = [[] for _ in runners], [0.0] * len(runners), [0.0] * len(runners)
-    for _ in range(n):
-        for i, run in enumerate(runners):
-            t, w, c = timed(lambda: next(run))
-            tokens[i].append(t)
-            wall[i] += w
-            cpu[i] += c
-    return tokens, wall, cpu
+def read_bandwidth(nbytes, repeats=30):
+    """Bytes a second this process reads from a buffer of nbytes (the best of repeats sums over it): the
+    rate at which a decoding step could at best stream weights of that size."""
+    buf = torch.ones(max(1, nbytes // 4))
+    buf.sum()
+    return nbytes / min(cpu_time(buf.sum)[1] for _ in range(repeats))
 
 
-@torch.no_grad()
-def recompute_greedy(model, prompt, n):
-    """nanoGPT's decoding, the baseline: no cache, the whole context (its last block_size tokens) run again
-    for every new token."""
-    seq = list(prompt)
-    for _ in range(n):
-        token = int(model(torch.tensor([seq[-model.cfg.block_size:]]))[0][0, -1].argmax())
-        yield token
-        seq.append(token)
+def lively_model(shape, seed):
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(vocab_size=VOCAB, **SHAPES[shape]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:  # ~40x the init's 0.02 for a 128-wide input: every token depends on the context
+                p.normal_(0, 1.5 / math.sqrt(p.size(1)))
+    return model.eval().requires_grad_(False)
+
+
+def hf_model(model, dtype, where):
+    """LlamaForCausalLM.from_pretrained on what export.py writes for model (weights and config)."""
+    import transformers
+    export.save_safetensors(export.hf_state_dict(model, getattr(torch, dtype)),
+                            os.path.join(where, 'model.safetensors'), metadata={'format': 'pt'})
+    lumi.write_json(os.path.join(where, 'config.json'), export.hf_config(model.cfg, dtype))
+    hf = transformers.LlamaForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype))
+    return hf.eval().requires_grad_(False)
+
+
+def lumi_model(model, dtype):
+    """model with its weights cast as checkpoint.load_model casts them (a tied head stays tied)."""
+    out = copy.deepcopy(model)
+    for p in out.parameters():
+        p.data = p.data.to(getattr(torch, dtype))
+    return out
+
+
+def run_arm(arm, lumi_net, hf, prompts, n):
+    """The greedy tokens of each prompt, from one whole generation by arm."""
+    if arm == 'hf':
+        ids = hf.generate(torch.tensor(prompts), attention_mask=torch.ones(len(prompts), len(prompts[0]),
+                                                                            dtype=torch.long),
+                          max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return ids[:, len(prompts[0]):].tolist()
+    greedy = engine.Sampling(max_new_tokens=n, temperature=0.0, top_p=1.0)
+    real = engine.decode_weights
+    if arm == 'forward':  # the engine without its decoding step: forward() for every new token
+        engine.decode_weights = lambda model: None
+    try:
+        out = [[] for _ in prompts]
+        for rows, tokens in engine.generate_ids(lumi_net, prompts, greedy):
+            for r, t in zip(rows, tokens):
+                out[r].append(t)
+        return out
+    finally:
+        engine.decode_weights = real
+
+
+def machine():
+    info = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
+    fields = dict(line.split(':', 1) for line in info.splitlines() if ':' in line)
+    flags = fields.get('Flags', '').split()
+    wanted = [f for f in ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags]
+    return (f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} cores, flags {' '.join(wanted)}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+            f"affinity {sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}")
 
 
 def main(argv=None):
     cfg = lumi.load_config(lumi.declared_keys(__file__), argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    defaults = dict(vocab_size=32768, **{k: v.default for k, v in lumi.declared_keys('model.py').items()})
-    found = os.path.exists(cfg.model_config)
-    margs = lumi.load_config(defaults, [cfg.model_config] if found else [])
-    margs.pop('config_file', None)
-    model = GPT(ModelConfig(**margs)).eval().to(cfg.device)
-    block = model.cfg.block_size
-    cpu = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
-    cpu = next((l.split(':', 1)[1].strip() for l in cpu.splitlines() if l.startswith('Model name')), '?')
-    print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {cfg.device}")
-    print(f"model: {cfg.model_config if found else 'ModelConfig defaults'} "
-          f"({model.num_params():,} parameters, block {block}), random init, fp32; "
-          f"prompt {cfg.prompt_tokens} tokens, greedy")
+    import transformers
+    print(f"machine: {machine()}; transformers {transformers.__version__}")
+    print(f"{'shape':>6} {'dtype':>9} {'B':>2} {'new':>4} | " + ' | '.join(f"{a:>16}" for a in cfg.arms)
+          + f" | {'floor':>14} | same as HF")
+    results = []
+    for shape in cfg.shapes:
+        base = lively_model(shape, cfg.seed)
+        block = base.cfg.block_size
+        n = min(cfg.max_new, block - cfg.prompt_tokens)
+        g = torch.Generator().manual_seed(cfg.seed)
+        all_prompts = torch.randint(8, VOCAB, (max(cfg.batches), cfg.prompt_tokens), generator=g).tolist()
+        for dtype in cfg.dtypes:
+            net = lumi_model(base, dtype)
+            nbytes = sum(p.numel() * p.element_size() for p in net.parameters())
+            with tempfile.TemporaryDirectory() as where:
+                hf = hf_model(base, dtype, where)
+            for batch in cfg.batches:
+                prompts = all_prompts[:batch]
+                for arm in cfg.arms:  # warm-up: allocators, MKL's buffers, the decode weights
+                    run_arm(arm, net, hf, prompts, 8)
+                tokens, seconds = {}, {a: [] for a in cfg.arms}
+                for _ in range(cfg.rounds):
+                    for arm in cfg.arms:
+                        tokens[arm], s = cpu_time(lambda: run_arm(arm, net, hf, prompts, n))
+                        seconds[arm].append(s)
+                bandwidth = read_bandwidth(nbytes)
+                floor = batch * bandwidth / nbytes  # tok/s if a step cost only reading the weights once
+                rate = {a: statistics.median(batch * n / s for s in seconds[a]) for a in cfg.arms}
+                ratio = {a: statistics.median(h / s for h, s in zip(seconds['hf'], seconds[a]))
+                         for a in cfg.arms if 'hf' in cfg.arms}
+                same = {a: sum(x == y for r, h in zip(tokens[a], tokens['hf']) for x, y in zip(r, h))
+                        for a in cfg.arms if 'hf' in cfg.arms and a != 'hf'}
+                row = dict(shape=shape, dtype=dtype, batch=batch, new_tokens=n, weight_bytes=nbytes,
+                           bandwidth_gb_s=round(bandwidth / 1e9, 2), floor_tok_s=round(floor, 1),
+                           tok_s={a: round(v, 1) for a, v in rate.items()},
+                           x_hf={a: round(v, 2) for a, v in ratio.items()}, same_as_hf=same,
+                           of=batch * n)
+                results.append(row)
+                cells = [f"{rate[a]:>7.1f}" + (f" {ratio[a]:>5.2f}x HF" if a in ratio and a != 'hf'
+                                                 else ' ' * 9) for a in cfg.arms]
+                print(f"{shape:>6} {dtype:>9} {batch:>2} {n:>4} | " + ' | '.join(cells)
+                      + f" | {floor:>6.0f} ({bandwidth / 1e9:.1f} GB/s) | "
+                      + ', '.join(f"{a} {v}/{batch * n}" for a, v in same.items()), flush=True)
+    print(json.dumps(results))
+    return results
 
-    g = torch.Generator().manual_seed(cfg.seed)
-    prompt = torch.randint(8, model.cfg.vocab_size, (cfg.prompt_tokens,), generator=g).tolist()
-    greedy = lambda n: engine.Sampling(max_new_tokens=n, temperature=0.0, top_p=1.0)
-    cached = lambda n, prompts=(prompt,), net=model: (
-        ts for _, ts in engine.generate_ids(net, list(prompts), greedy(n)))
-    recompute = lambda n: recompute_greedy(model, prompt, n)
-    race(16, [cached(16), recompute(16)])  # warm-up
-
-    print(f"\n{'new tokens':>10} | {'cache tok/s':>18} | {'recompute tok/s':>18} | {'speed-up':>15} | "
-          f"agree while it fits")
-    print(f"{'':>10} | {'wall':>8} {'CPU':>9} | {'wall':>8} {'CPU':>9} | {'wall':>6} {'CPU':>8} |")
-    for n in cfg.lengths:
-        (fast, slow), wall, cpu = race(n, [cached(n), recompute(n)])
-        fits = min(n, block - len(prompt) + 1)
-        fast = [ts[0] for ts in fast]  # the engine yields each step's tokens of the batch, here of one row
-        same = next((i for i, (a, b) in enumerate(zip(fast[:fits], slow[:fits])) if a != b), fits)
-        print(f"{n:>10} | {n / wall[0]:>8.1f} {n / cpu[0]:>9.1f} | {n / wall[1]:>8.1f} {n / cpu[1]:>9.1f} | "
-              f"{wall[1] / wall[0]:>5.1f}x {cpu[1] / cpu[0]:>7.1f}x | {same}/{fits} tokens", flush=True)
-
-    n = max(cfg.lengths[0], 128)
-    prompts = [torch.randint(8, model.cfg.vocab_size, (cfg.prompt_tokens * (1 + i % 4),),
-                             generator=g).tolist()
-               for i in range(cfg.batch)]
-    (one, many), wall, cpu = race(n, [cached(n), cached(n, prompts)])
-    rate = lambda tokens, seconds: sum(len(t) for t in tokens) / seconds
-    print(f"\nbatch of {cfg.batch} prompts of {cfg.prompt_tokens}-{4 * cfg.prompt_tokens} tokens "
-          f"(left-padded), {n} new tokens each: "
-          f"{rate(many, wall[1]):.1f} tok/s wall, {rate(many, cpu[1]):.1f} CPU, against "
-          f"{rate(one, wall[0]):.1f} / {rate(one, cpu[0]):.1f} for one prompt: "
-          f"{rate(many, cpu[1]) / rate(one, cpu[0]):.1f}x by CPU time")
-
-    half = copy.deepcopy(model)
-    for p in half.parameters():  # what checkpoint.load_model does for --dtype=bfloat16
-        p.data = p.data.to(torch.bfloat16)
-    (fp32, bf16), wall, cpu = race(n, [cached(n), cached(n, net=half)])
-    same = sum(a == b for a, b in zip(fp32, bf16))
-    print(f"bf16 weights (--dtype=bfloat16), one prompt, {n} new tokens: {n / wall[1]:.1f} tok/s wall, "
-          f"{n / cpu[1]:.1f} CPU, against {n / wall[0]:.1f} / {n / cpu[0]:.1f} in fp32: "
-          f"{cpu[0] / cpu[1]:.2f}x by CPU time; {same}/{n} greedy tokens equal to fp32's")
 
 if __name__ == '__main__':
     main()

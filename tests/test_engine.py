@@ -1,11 +1,15 @@
 """engine.py against references: the sampling filters on hand-made logits, KV-cache generation against
 recomputing the whole context (greedy and seeded sampling, a ragged batch, rows ending early, the context
 shift), streamed text against plain decoding, stop strings, history trimming, and target scoring."""
+from dataclasses import dataclass, replace
+
 import pytest
 import torch
 
 import checkpoint
 import engine
+from lora import apply_lora
+from model import GPT, KVCache, ModelConfig, decode_step, decode_weights
 from tokenizer import BOS_ID, render_chat
 
 NEG = float('-inf')
@@ -238,6 +242,70 @@ def test_bfloat16_weights_decode_with_a_bfloat16_cache(lively_checkpoint, loaded
     assert sum(a == b for g, w in zip(got, want) for a, b in zip(g, w)) >= 30  # bf16 rounding flips a few
     with pytest.raises(ValueError, match='dtype'):
         checkpoint.load_model(lively_checkpoint, dtype='float64')  # float16 loads (T4s decode in it)
+
+
+@pytest.mark.parametrize('n_kv_head', [4, 2])
+@pytest.mark.parametrize('padded', [False, True])
+def test_decode_step_equals_forward_and_fills_the_cache_alike(tiny_config, n_kv_head, padded):
+    # decode_step is forward() for one position on the stacked, transposed, norm-folded matrices: the same
+    # numbers up to float32 rounding (relative to the largest)
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+    model = GPT(replace(tiny_config, n_kv_head=n_kv_head)).eval().requires_grad_(False)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, p.size(-1) ** -0.5) if p.dim() == 2 else p.uniform_(0.5, 1.5)  # norms' too
+    weights = decode_weights(model)
+    assert weights is not None
+    idx = torch.randint(8, tiny_config.vocab_size, (3, 20))
+    pad = torch.tensor([0, 5, 2]) if padded else None
+    caches = [KVCache(model.cfg, 3, 32, 'cpu', pad=pad) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(idx[:, :12], cache=cache)
+        for t in range(12, 20):
+            want = model.lm_head(model(idx[:, t:t + 1], cache=caches[0], return_hidden=True)[:, -1])
+            got = decode_step(model, weights, idx[:, t], caches[1])
+            close(got, want)
+    assert caches[1].pos == caches[0].pos == 20
+    close(caches[1].k, caches[0].k)
+    close(caches[1].v, caches[0].v)
+    full = KVCache(model.cfg, 3, 20, 'cpu')
+    full.pos = 20
+    with pytest.raises(ValueError, match='past the cache'):
+        decode_step(model, weights, idx[:, 0], full)
+
+
+def test_decode_weights_only_where_decode_step_applies(tiny_config, loaded):
+    model = loaded[0]
+    assert decode_weights(model) is decode_weights(model)  # a frozen model keeps them
+    half = GPT(tiny_config).eval().requires_grad_(False)
+    kept = decode_weights(half)
+    half.to(torch.bfloat16)  # new parameters: built again, in the new dtype
+    assert decode_weights(half) is not kept and decode_weights(half).head.dtype == torch.bfloat16
+    trained = GPT(tiny_config)
+    assert decode_weights(trained) is None  # training mode: forward() decodes
+    trained.eval()
+    assert decode_weights(trained) is not decode_weights(trained)  # not frozen: a fresh copy each time
+    assert decode_weights(apply_lora(GPT(tiny_config), r=2).eval()) is None  # LoRA layers
+
+    @dataclass
+    class Grown(ModelConfig):  # a config key decode_step does not know yet
+        qk_norm: bool = False
+    grown = GPT(tiny_config).eval()
+    grown.cfg = Grown(**vars(tiny_config))
+    assert decode_weights(grown) is not None  # at its default the architecture is the same
+    grown.cfg.qk_norm = True
+    assert decode_weights(grown) is None
+
+
+def test_the_forward_path_generates_what_decode_step_does(loaded, monkeypatch):
+    model, _, _ = loaded
+    prompts = prompts_of([5, 17, 30], model.cfg.vocab_size)
+    params = greedy(40, repetition_penalty=1.3, frequency_penalty=0.2)
+    fast = run_cached(model, prompts, params)
+    monkeypatch.setattr(engine, 'decode_weights', lambda model: None)
+    assert run_cached(model, prompts, params) == fast
 
 
 # -----------------------------------------------------------------------------

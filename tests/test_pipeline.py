@@ -220,6 +220,9 @@ def test_run_interrupted_resumes_then_skips_everything(tmp_path):
     assert ('parameters' in summary and 'boolq' in summary and 'SFT held-out' in summary
             and 'DPO held-out' in summary)
     assert f"python sample.py --ckpt={run / 'dpo' / 'merged.pt'}" in summary
+    # `python sample.py` with no --ckpt finds the run's DPO model, and the settings the run records beside it
+    assert checkpoint.newest_checkpoint(str(tmp_path)) == str(run / 'dpo' / 'merged.pt')
+    assert checkpoint.recommended_args(str(run / 'dpo')) == ([], str(run / 'sample_args.json'))
     assert (run / 'pretrain' / 'loss.svg').read_text().lstrip().startswith(('<svg', '<?xml'))
     # 3. and again: every stage is skipped, no stage process starts, nothing is rewritten
     stamps = {p: p.stat().st_mtime_ns for p in run.glob('*/.lumi_stage.json')}

@@ -16,6 +16,8 @@ import torch
 
 import checkpoint
 import engine
+import lumi
+import sample as sample_stage
 from test_engine import complete
 from tokenizer import BOS_ID, render_chat
 
@@ -51,6 +53,88 @@ def greedy(n, **kw):
 
 # -----------------------------------------------------------------------------
 # loading
+
+def made(path, t, state=None):
+    """A file at path written at time t: a checkpoint of state, or empty (the newest-model rule reads names
+    and times alone)."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    if state is None:
+        open(path, 'w').close()
+    else:
+        checkpoint.save_checkpoint(path, state)
+    os.utime(path, (t, t))
+
+
+def test_no_ckpt_means_the_newest_model_a_runs_last_stage_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    newest = lambda: checkpoint.newest_checkpoint('out', 'runs')
+    for stage, t in (('pretrain/ckpt_0000100.pt', 100), ('sft/merged.pt', 110), ('dpo/merged.pt', 120)):
+        made(f'runs/old/{stage}', t)
+    assert newest() == 'runs/old/dpo/merged.pt'
+    made('out/cpu/ckpt_0000200.pt', 200)
+    made('out/cpu/best.pt', 201)  # one --ckpt away, not what the folder means
+    assert newest() == 'out/cpu/ckpt_0000200.pt'
+    # a newer run: its DPO model, though the adapter and the step checkpoint beside it were written after it
+    for stage, t in (('pretrain/ckpt_0000060.pt', 300), ('sft/merged.pt', 310), ('dpo/ckpt_0000010.pt', 319),
+                     ('dpo/merged.pt', 320), ('dpo/adapter.pt', 321)):
+        made(f'runs/new/{stage}', t)
+    assert newest() == 'runs/new/dpo/merged.pt'
+    # pretraining and SFT ran again: the DPO model left from before is older than the SFT it would tune
+    made('runs/new/pretrain/ckpt_0000090.pt', 400)
+    made('runs/new/sft/merged.pt', 410)
+    assert newest() == 'runs/new/sft/merged.pt'
+    # the stages' default out_dirs (out/pretrain, out/sft, out/dpo) are a run too
+    made('out/pretrain/ckpt_0000050.pt', 500)
+    made('out/dpo/merged.pt', 490)  # from an earlier pretrain and SFT
+    assert newest() == 'out/pretrain/ckpt_0000050.pt'
+    made('out/sft/merged.pt', 510)
+    made('out/dpo/merged.pt', 520)
+    assert newest() == 'out/dpo/merged.pt'
+    made('out/sft_cpu/merged.pt', 600)  # any other out_dir is a model of its own: the newest wins
+    assert newest() == 'out/sft_cpu/merged.pt'
+    with pytest.raises(FileNotFoundError, match='lumi.py run'):
+        checkpoint.newest_checkpoint('nowhere', 'nothing')
+
+
+def test_sample_with_no_arguments_chats_with_the_runs_dpo_model_and_its_settings(
+        tmp_path, monkeypatch, capsys, lively_checkpoint):
+    monkeypatch.chdir(tmp_path)
+    state = torch.load(lively_checkpoint, weights_only=True)
+    state.pop('tensor_sha256')
+    made('out/cpu/ckpt_0000200.pt', 100, dict(state, kind='pretrain'))  # an older model of another run
+    for stage, name, t in (('pretrain', 'ckpt_0000060.pt', 200), ('sft', 'merged.pt', 210),
+                           ('dpo', 'merged.pt', 220)):
+        made(f'runs/pipeline_cpu/{stage}/{name}', t, dict(state, kind=stage))
+    lumi.write_json('runs/pipeline_cpu/sample_args.json',  # as pipeline.py records them
+                    dict(sample_args=['--repetition_penalty=1.3', '--frequency_penalty', '0.3']))
+    model, tok, _ = checkpoint.load_model('runs/pipeline_cpu/dpo/merged.pt')
+    ids, _ = render_chat(tok, [{'role': 'user', 'content': 'hello there'}], add_generation_prompt=True)
+    reply = lambda **kw: complete(model, tok, [ids], greedy(12, ignore_eos=True, **kw), chat=True)[0][0]
+
+    def sample(*flags):
+        sample_stage.main(['--prompt=hello there', '--temperature=0', '--max_new_tokens=12', '--ignore_eos',
+                           *flags])
+        out, err = capsys.readouterr()
+        return out, err.splitlines()[0]
+    out, first = sample()
+    assert first.startswith('runs/pipeline_cpu/dpo/merged.pt (the newest model under out/ and runs/): dpo '
+                            'model')
+    assert 'repetition_penalty 1.3, frequency_penalty 0.3' in first
+    assert first.endswith('(repetition_penalty, frequency_penalty as runs/pipeline_cpu/sample_args.json '
+                          'recommends; flags win)')
+    assert out == reply(repetition_penalty=1.3, frequency_penalty=0.3) + '\n'
+    assert reply(repetition_penalty=1.3, frequency_penalty=0.3) != reply()  # the settings show in the reply
+    out, first = sample('--frequency_penalty=0')  # a flag wins over the run's setting
+    assert out == reply(repetition_penalty=1.3) + '\n' and '(repetition_penalty as' in first
+    out, first = sample('--ckpt=runs/pipeline_cpu/sft')  # and --ckpt over the newest
+    assert first.startswith('runs/pipeline_cpu/sft/merged.pt: sft model')
+    assert 'repetition_penalty 1.3' in first
+    with pytest.raises(FileNotFoundError, match=r'did you mean runs/pipeline_cpu/dpo/merged\.pt'):
+        sample('--ckpt=runs/pipline_cpu/dpo')
+    lumi.write_json('runs/pipeline_cpu/sample_args.json', dict(sample_args=['--ckpt=out/cpu']))
+    with pytest.raises(lumi.LumiError, match='sample_args.json: it may not choose the model'):
+        sample()
+
 
 
 # -----------------------------------------------------------------------------
@@ -116,13 +200,27 @@ class Terminal:
         raise AssertionError("the prompt did not exit")
 
 
+def test_the_prompt_decodes_through_decode_step(loaded, monkeypatch, capsys):
+    # sample.py's model comes from load_model, frozen: it decodes through model.decode_step, not forward()
+    model, tok, _ = loaded
+    steps, real = [], engine.decode_step
+    monkeypatch.setattr(engine, 'decode_step', lambda *a: steps.append(1) or real(*a))
+    session = sample_stage.Prompt(model, tok, greedy(6, ignore_eos=True), chat=True)
+    session.reset()
+    session.reply('hello there')
+    assert len(steps) == 5  # the first token comes from the prefill
+    ids, _ = render_chat(tok, [{'role': 'user', 'content': 'hello there'}], add_generation_prompt=True)
+    want = complete(model, tok, [ids], greedy(6, ignore_eos=True), chat=True)[0][0]
+    assert capsys.readouterr().out == want + '\n'
+
+
 def test_interactive_chat_slash_command_ctrl_c_and_quit(loaded, sft_checkpoint):
     model, tok, _ = loaded
     run_dir = os.path.dirname(os.path.dirname(os.path.dirname(sft_checkpoint)))  # holds out/sft/ckpt_*.pt
     term = Terminal([os.path.join(REPO, 'sample.py'), '--max_new_tokens=8', '--temperature=0',
                      '--ignore_eos'], run_dir)
     try:
-        term.expect('out/sft/ckpt_0000001.pt: sft model')  # no --ckpt: the newest checkpoint under out/
+        term.expect('out/sft/ckpt_0000001.pt (the newest model under out/ and runs/): sft model')  # no --ckpt
         term.expect('chat mode')
         term.expect('you> ')
         term.send('hello there\n')

@@ -275,6 +275,18 @@ def test_missing_bins_are_prepared_through_data_py(tmp_path):
     assert checkpoint.load_checkpoint(final)['tokenizer_sha256'] == meta['tokenizer_sha256']
 
 
+def test_a_plan_that_rereads_its_data_says_so_and_a_cpu_hears_of_its_profile():
+    cfg = lumi.Config(data_dir='data/starter', max_minutes=0.0, config_file='configs/tiny.py')
+    lines = train.plan_warnings(cfg, 'cpu', 71_697 * 4 * 1024, 7_000_000)
+    assert lines[0] == ("warning: 294M tokens is 42 passes over data/starter's 7.0M: expect overfitting; "
+                        "`python data.py configs/data_tiny.py` prepares the design's 500M-token corpus "
+                        "(then --data_dir=data/web_tiny)")
+    assert '--max_minutes=N' in lines[1] and 'configs/pipeline_cpu.py' in lines[1]
+    assert train.plan_warnings(cfg, 'cuda', 20_000_000, 7_000_000) == []  # 3 passes, and a GPU
+    cfg.max_minutes = 10.0  # a plan fitted to the clock: its passes are known once measured
+    assert train.plan_warnings(cfg, 'cpu', 71_697 * 4 * 1024, 7_000_000) == []
+
+
 def test_the_closing_line_says_below_or_above_with_a_positive_number():
     assert train.baseline_verdict(5.0, 6.5) == ("unigram entropy of the val set 6.5000 nats/token, "
                                                 "the val loss is 1.5000 below it")

@@ -218,6 +218,49 @@ def test_unigram_entropy_against_hand_computation(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# what a plan costs: its measured duration, and how often it reads its data
+
+def test_plan_seconds_counts_the_steps_and_the_evaluations_left():
+    # step 100 of 1000 at 2 s, an evaluation every 100 steps at 3 s: 900 steps, evals at 200 ... 1000
+    assert training.plan_seconds(100, 1000, 2.0, 100, 3.0) == 900 * 2.0 + 9 * 3.0
+    # a plan that does not end on an interval still evaluates at its end
+    assert training.plan_seconds(100, 1050, 2.0, 100, 3.0) == 950 * 2.0 + 10 * 3.0
+    assert training.plan_seconds(1000, 1000, 2.0, 100, 3.0) == 0.0
+
+
+def test_passes_warning_is_the_issues_arithmetic():
+    said = training.passes_warning(71_697 * 4 * 1024, 7_000_000, 'tokens', 'data/starter', 'prepare more')
+    assert said == "294M tokens is 42 passes over data/starter's 7.0M: expect overfitting; prepare more"
+    assert training.passes_warning(28_000_000, 7_000_000, 'tokens', 'data/starter') == ''  # 4 passes: fine
+    assert training.passes_warning(2400, 200, 'batches', 'the SFT set').startswith(
+        "2,400 batches is 12 passes over the SFT set's 200")
+    assert [training.duration(s) for s in (45, 750, 40.2 * 3600, 4 * 86400)] == \
+        ['45 s', '12.5 minutes', '40.2 hours', '4.0 days']
+
+
+def test_the_eta_is_the_median_of_the_recent_steps_said_once_measured(tmp_path, tiny_checkpoint, capsys):
+    cfg, model, _ = _trainer(str(tmp_path), tiny_checkpoint, '--max_iters=1000', '--eval_interval=100')
+    run = training.Trainer(cfg, model, RandomBatches(model.cfg.vocab_size), lambda m, b: m(*b)[1])
+    run.start()
+    run.eval_s = 3.0
+    # step times as a shared machine gives them: the first holds the warm-up, one more a neighbour's burst
+    times = [300.0, 20.0, 21.0, 19.0, 400.0, 20.0, 22.0, 18.0]
+    for i, dt in enumerate(times):
+        run.step = i + 1
+        assert run.eta() is None or i >= training.MEASURED_STEPS
+        run.record(dict(step=run.step, loss=1.0, tokens_per_sec=1.0, mfu=0.0), dt)
+    run.bar.close()
+    assert run.step_times == times[1:]  # the first step is not timed
+    median = float(np.median(times[1:]))  # 20: the 400 s step moves it not at all
+    assert run.eta() == training.plan_seconds(8, 1000, median, 100, 3.0) == 992 * 20.0 + 10 * 3.0
+    out = capsys.readouterr().out
+    assert out.count('measured over steps') == 1
+    assert ("measured over steps 2-6: 20 s a step and 3 s an evaluation; the plan of 1,000 steps takes about "
+            "5.5 hours more on this machine") in out  # 994 x 20 s + 10 x 3 s
+    assert '--max_minutes=N fits' in out  # a CPU, more than an hour, no clock: where the cap is
+
+
+# -----------------------------------------------------------------------------
 # the named steps, called alone, are the loop
 
 def _trainer(out_dir, tiny_checkpoint, *flags):

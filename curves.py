@@ -265,6 +265,17 @@ class WandbLog:
         self.run.finish()
 
 
+def check_trackers(spec):
+    """parse_trackers, and each tracker's package importable: the stages call it first, so that a misspelt
+    or missing tracker costs a second, not the minutes of loading data and a model before Trackers."""
+    names = parse_trackers(spec)
+    for name in names:
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            package = TRACKERS[name]
+            raise LumiError(f"--log={name} needs the {package} package: pip install {package}")
+    return names
+
+
 class Trackers:
     """The trackers a run logs to besides metrics.jsonl, which stays the record: `spec` is the --log value.
     A package that is missing is an error before training starts (its pip command in one line); a tracker that
@@ -273,10 +284,7 @@ class Trackers:
 
     def __init__(self, spec, out_dir, config, resumed_step=None):
         self.active = {}
-        for name in parse_trackers(spec):
-            if importlib.util.find_spec(TRACKERS[name]) is None:
-                package = TRACKERS[name]
-                raise LumiError(f"--log={name} needs the {package} package: pip install {package}")
+        for name in check_trackers(spec):
             kind = TensorBoardLog if name == 'tensorboard' else WandbLog
             self._guarded(name, lambda: self.active.__setitem__(name, kind(out_dir, config, resumed_step)))
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import curves
 import lumi
 import training
 from checkpoint import checkpoint_meta, load_model, save_checkpoint, save_merged
@@ -411,6 +412,7 @@ def val_batches(val, cfg):
 
 def main(argv=None):
     cfg = lumi.load_config(KEYS, argv, shares_with=())
+    curves.check_trackers(cfg.log)
     device, rank, _, world = lumi.setup_distributed(cfg.device)
     dtype = lumi.resolve_dtype(cfg.dtype, device)
     lumi.seed_everything(cfg.seed)

@@ -154,8 +154,8 @@ class Pipeline:
         return load_config(self.keys[script], args, shares_with=SHARES_WITH)
 
     def _resolved(self, script, args):
-        cfg = self._config(script, args)
-        return {k: v for k, v in cfg.items() if k not in ('config_file', 'resume')}
+        cfg = self._config(script, args)  # where a run is watched (log) changes nothing it makes
+        return {k: v for k, v in cfg.items() if k not in ('config_file', 'resume', 'log')}
 
     def _trainer_args(self, stage, config, minutes, extra, forced):
         script = STAGE_SCRIPT[stage]

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint
+import curves
 import lumi
 import training
 from checkpoint import load_model, merge_adapter, save_merged
@@ -360,6 +361,7 @@ def main(argv=None):
             raise lumi.LumiError("usage: python sft.py merge BASE_CKPT ADAPTER OUT")
         return merge_adapter(*argv[1:])
     cfg = lumi.load_config(KEYS, argv, shares_with=())
+    curves.check_trackers(cfg.log)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device, rank, _, world = lumi.setup_distributed(cfg.device)

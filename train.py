@@ -26,6 +26,7 @@ from dataclasses import fields
 import torch
 
 import checkpoint
+import curves
 import lumi
 import training
 from corpus import bins
@@ -169,6 +170,7 @@ def baseline_verdict(val_loss, entropy):
 def main(argv=None):
     """Train; returns the path of the final checkpoint (None on ranks other than 0)."""
     cfg = lumi.load_config(KEYS, argv, shares_with=SHARES_WITH)
+    curves.check_trackers(cfg.log)
     device, rank, _, world = lumi.setup_distributed(cfg.device)
     cfg.dtype = lumi.resolve_dtype(cfg.dtype, device)
     if cfg.num_threads:

@@ -265,3 +265,15 @@ def test_training_calls_lumi_log_never_the_log_key():
     bare = [n.lineno for n in ast.walk(tree)
             if isinstance(n, ast.Call) and getattr(n.func, 'id', '') == 'log']
     assert not bare, f"training.py calls log(...) at lines {bare}: use lumi.log"
+
+
+@pytest.mark.parametrize('stage', ['train', 'sft', 'dpo'])
+def test_each_stage_refuses_a_tracker_typo_before_it_loads_anything(stage, tmp_path, capsys):
+    # --init_from and --data_dir name nothing: the stage must stop at --log before it looks for them
+    module = importlib.import_module(stage)
+    missing = f'--data_dir={tmp_path}/none' if stage == 'train' else f'--init_from={tmp_path}/none.pt'
+    argv = ['--log=tensorbord', f'--out_dir={tmp_path}/out', missing]
+    with pytest.raises(SystemExit) as exit:
+        lumi.guard(module.main, argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 1 and err.startswith("error: --log: unknown tracker 'tensorbord'"), err

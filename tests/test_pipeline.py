@@ -254,6 +254,16 @@ def test_run_routes_overrides_and_refuses_unknown_keys(tmp_path, capsys):
         assert e.value.code == 1 and message in capsys.readouterr().err
 
 
+def test_watching_a_run_in_tensorboard_does_not_make_its_stages_run_again(tmp_path):
+    plain = pipeline.Pipeline([f'--run_dir={tmp_path}'])
+    watched = pipeline.Pipeline(['--log=tensorboard', f'--run_dir={tmp_path}'])
+    assert '--log=tensorboard' in watched.routed['train']
+    for stage in ('train', 'sft', 'dpo'):
+        assert watched._resolved(stage, watched.routed[stage]) == plain._resolved(stage, plain.routed[stage])
+    assert (pipeline.Pipeline(['--n_layer=3', f'--run_dir={tmp_path}'])._resolved('train', ['--n_layer=3'])
+            != plain._resolved('train', plain.routed['train']))
+
+
 def test_run_names_a_missing_stage(monkeypatch, capsys):
     monkeypatch.setitem(pipeline.STAGE_SCRIPT, 'sample', 'no_such_stage')
     with pytest.raises(SystemExit) as e:

@@ -31,6 +31,12 @@ dropout = 0.0               # [0, 1) on attention and MLP outputs while training
 tie_embeddings = True       # the LM head shares the token embedding's weights
 rope_theta = 10000.0        # (0, inf) RoPE base frequency
 norm_eps = 1e-5             # (0, inf) RMSNorm's epsilon
+qk_norm = False             # RMSNorm (with weights) over each head's queries and keys before RoPE, as Qwen3
+                            # does: attention logits stay bounded however large q_proj and k_proj grow; the
+                            # Hugging Face export is then Qwen3ForCausalLM
+zero_init_proj = False      # the projections into the residual stream (o_proj, down_proj) start at zero, so
+                            # every block starts as the identity (init only; the export is unchanged)
+logit_softcap = 0.0         # [0, inf) EXPERIMENT > 0: logits = cap * tanh(logits / cap) in training only
 
 
 @dataclass
@@ -47,6 +53,9 @@ class ModelConfig:
     tie_embeddings: bool = tie_embeddings
     rope_theta: float = rope_theta
     norm_eps: float = norm_eps
+    qk_norm: bool = qk_norm
+    zero_init_proj: bool = zero_init_proj
+    logit_softcap: float = logit_softcap
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -149,6 +158,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
         self.v_proj = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * hd, d, bias=False)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(hd, cfg.norm_eps), RMSNorm(hd, cfg.norm_eps)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         B, T, _ = x.shape
@@ -156,6 +167,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.cfg.n_head, hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.cfg.n_kv_head, hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.cfg.n_kv_head, hd).transpose(1, 2)
+        if self.cfg.qk_norm:  # per head, before the rotation (Qwen3's order, which its export needs)
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
@@ -245,6 +258,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(('o_proj.weight', 'down_proj.weight')):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                if cfg.zero_init_proj:
+                    nn.init.zeros_(p)
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -300,6 +315,8 @@ class GPT(nn.Module):
         if return_hidden:
             return x
         logits = self.lm_head(x)
+        if self.cfg.logit_softcap:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         if targets is None:
             return logits, None
         if loss_mask is not None:

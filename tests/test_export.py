@@ -182,6 +182,14 @@ def test_lora_checkpoint_is_merged_before_export(tmp_path, tokenizer, tiny_confi
         torch.testing.assert_close(_from_hf(weights, tiny_config)(idx)[0], model(idx)[0], rtol=0, atol=1e-5)
 
 
+def test_a_model_no_transformers_class_computes_is_refused_before_anything_is_written(tmp_path, tokenizer,
+                                                                                     tiny_config):
+    _checkpoint(tmp_path / 'ckpt.pt', tokenizer, ModelConfig(**{**tiny_config.__dict__, 'logit_softcap': 15.0}))
+    with pytest.raises(ValueError, match='logit_softcap=15.0 has no Llama or Qwen3 form'):
+        export.export_hf(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
+    assert not (tmp_path / 'hf').exists()
+
+
 def test_adapter_file_is_refused(tmp_path, tokenizer):
     checkpoint.save_checkpoint(str(tmp_path / 'adapter.pt'),
                                dict(kind='adapter', lora={'r': 4}, lora_state={},
@@ -311,11 +319,16 @@ def test_transformers_alone_loads_the_exported_tokenizer(tmp_path, tokenizer, ti
     assert chat == render_chat(tokenizer, [{'role': 'user', 'content': text}])[0]
 
 
-def test_transformers_loads_the_export_with_equal_logits(tmp_path, tokenizer, tiny_config):
+# QK-norm is Qwen3's (Llama with an RMSNorm over each head's queries and keys before RoPE)
+@pytest.mark.parametrize('options, arch', [({}, 'LlamaForCausalLM'),
+                                           ({'qk_norm': True}, 'Qwen3ForCausalLM'),
+                                           ({'qk_norm': True, 'tie_embeddings': False}, 'Qwen3ForCausalLM')])
+def test_transformers_loads_the_export_with_equal_logits(tmp_path, tokenizer, tiny_config, options, arch):
     transformers = pytest.importorskip('transformers')
-    model = _checkpoint(tmp_path / 'ckpt.pt', tokenizer, tiny_config)
+    model = _checkpoint(tmp_path / 'ckpt.pt', tokenizer, ModelConfig(**{**tiny_config.__dict__, **options}))
     export.export_hf(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
-    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / 'hf'), torch_dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'hf'), dtype=torch.float32).eval()
+    assert type(hf).__name__ == arch
     idx = torch.randint(0, tiny_config.vocab_size, (2, tiny_config.block_size))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)

@@ -4,8 +4,8 @@ The export stage: a Lumi checkpoint for the rest of the ecosystem.
 `python lumi.py export CKPT OUT --format=hf` writes a directory that Hugging Face `transformers` loads as
 `LlamaForCausalLM` (`Qwen3ForCausalLM` for a model with QK-norm): config.json, model.safetensors, the
 tokenizer twice (tokenizer.json, a fast tokenizer that transformers loads alone and that gives Lumi's ids, and
-the SentencePiece tokenizer.model) with its config and chat template, and a generation config. `--format=pt` writes a plain state dict (Lumi's names, LoRA merged)
-for torch users.
+the SentencePiece tokenizer.model) with its config and chat template, and a generation config. `--format=pt`
+writes a plain state dict (Lumi's names, LoRA merged) for torch users.
 
 The safetensors format is simple enough to write by hand, so Lumi does not take a dependency for it:
 8 bytes (little-endian u64) giving the length N of a JSON header, N bytes of that header, then the raw

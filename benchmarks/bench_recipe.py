@@ -149,6 +149,295 @@ def run_cpu_arm(name, args, out):
     return row
 
 
+# -----------------------------------------------------------------------------
+# the optimizer and architecture (issue 25): Muon and today's small-model recipe against today's AdamW recipe
+# and against nanochat's own model and optimizer, on configs/cpu.py's bins, batches and shape
+
+# today's recipe (configs/cpu.py until issue 25) as overrides: it stays an arm when configs/cpu.py moves
+ADAMW = ['--optimizer=adamw', '--learning_rate=2e-3', '--min_lr=1e-4', '--warmup_iters=20',
+         '--lr_schedule=cosine', '--weight_decay=0.1', '--grad_clip=1.0', '--lr_groups={}', '--qk_norm=False',
+         '--tie_embeddings=True', '--zero_init_proj=False', '--logit_softcap=0.0']
+MUON = ADAMW[1:] + ['--optimizer=muon', '--matrix_lr=0.02', '--muon_momentum=0.95',
+                    '--muon_momentum_start=0.85', '--muon_momentum_warmup=300', '--ns_steps=5']
+
+
+def muon(*changes):
+    """MUON with some keys changed: --key=value overrides replace the same key's."""
+    keys = {c.split('=', 1)[0] for c in changes}
+    return [a for a in MUON if a.split('=', 1)[0] not in keys] + list(changes)
+
+
+# name: train.py overrides of configs/cpu.py, or the nanochat variant (run_nanochat)
+RECIPE_ARMS = {
+    'adamw': ADAMW,
+    'muon': MUON,
+    'muon_lr01': muon('--matrix_lr=0.01'),
+    'muon_lr04': muon('--matrix_lr=0.04'),
+    'muon_emb': muon("--lr_groups={'tok_emb.*': 0.01}"),
+    'muon_wsd': muon('--lr_schedule=wsd', '--decay_frac=0.5'),
+    'muon_nomw': muon('--muon_momentum_warmup=0'),
+    'muon_wd0': muon('--weight_decay=0.0'),
+    'muon_noclip': muon('--grad_clip=0.0'),
+    'muon_ns3': muon('--ns_steps=3'),
+    'muon_qk': muon('--qk_norm=True'),
+    'muon_untied': muon('--tie_embeddings=False'),
+    'muon_zero': muon('--zero_init_proj=True'),
+    'muon_cap': muon('--logit_softcap=15.0'),
+    'nanochat': 'nanochat',                 # base_train.py's learning rates and weight decay as they stand
+    'nanochat_scaled': 'nanochat_scaled',   # ... scaled to batch 4 x 256 by base_train.py's own rules
+}
+
+
+def cpu_data():
+    d = os.path.join(ROOT, 'data', 'cpu')
+    if not os.path.isfile(os.path.join(d, 'meta.json')):
+        subprocess.run([sys.executable, 'data.py', 'configs/cpu.py'], cwd=ROOT, check=True)
+    return d
+
+
+def run_recipe_arm(name, args, out):
+    """One arm from scratch on configs/cpu.py's bins: --steps of training (equal steps) or --minutes of it
+    (equal time, the schedule fitted to the steps that fit), then the one scorer."""
+    d, pin = cpu_data(), ['taskset', '-c', args.cores] if args.cores else []
+    t0, c0 = time.time(), os.times()
+    if isinstance(RECIPE_ARMS[name], str):  # nanochat: the worker trains and scores in one pinned process
+        subprocess.run(pin + [sys.executable, __file__, f'--nanochat_worker={RECIPE_ARMS[name]}',
+                              f'--nanochat={args.nanochat}', f'--out={out}', f'--steps={args.steps}',
+                              f'--minutes={args.minutes}', f'--threads={args.threads}',
+                              f'--dtype={args.dtype}'],
+                       cwd=ROOT, check=True)
+        row = lumi.read_json(os.path.join(out, 'row.json'))
+    else:
+        budget = [f'--max_iters={args.steps}', '--max_minutes=0'] if args.steps else \
+            [f'--max_minutes={args.minutes}']
+        subprocess.run(pin + [sys.executable, 'train.py', 'configs/cpu.py', f'--data_dir={d}',
+                              f'--out_dir={out}', *budget, f'--num_threads={args.threads}',
+                              f'--dtype={args.dtype}', '--compile=False', '--resume=never',
+                              '--eval_interval=1000000', '--ckpt_interval=1000000', *RECIPE_ARMS[name]],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        last = [r for r in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl')) if 'loss' in r][-1]
+        row = dict(steps=last['step'], tokens=last['tokens'])
+        score(row, checkpoint.latest_step(out), d, HELDOUT_MIX, args, pin)
+    c1 = os.times()
+    cpu = (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
+    row = dict(arm=name, **row, wall_s=round(time.time() - t0, 1), cpu_s=round(cpu, 1),
+               unigram=round(training.unigram_entropy(os.path.join(d, 'val.bin'), 4096), 4))
+    row['below_unigram'] = round(row['unigram'] - row['val_loss'], 4)
+    return row
+
+
+# --- nanochat's model and optimizer, read from its repository at run time (never copied into Lumi)
+
+NANOCHAT_FILES = ('__init__.py', 'common.py', 'flash_attention.py', 'optim.py', 'gpt.py')
+
+
+def import_nanochat(source, dtype):
+    """nanochat's gpt module (its GPT, GPTConfig and, through it, MuonAdamW) and its revision, read from
+    source: a checkout, or the git directory of a fetched snapshot (HEAD's files)."""
+    import tempfile
+    os.environ['NANOCHAT_DTYPE'] = dtype  # its compute dtype, as Lumi's arms train in
+    git = os.path.isfile(os.path.join(source, 'HEAD'))
+    tmp = tempfile.mkdtemp(prefix='nanochat_')
+    os.makedirs(os.path.join(tmp, 'nanochat'))
+    for name in NANOCHAT_FILES:
+        if git:
+            text = subprocess.run(['git', f'--git-dir={source}', 'show', f'HEAD:nanochat/{name}'],
+                                  capture_output=True, text=True, check=True).stdout
+        else:
+            with open(os.path.join(source, 'nanochat', name)) as f:
+                text = f.read()
+        with open(os.path.join(tmp, 'nanochat', name), 'w') as f:
+            f.write(text)
+    rev = subprocess.run(['git', f'--git-dir={source}' if git else f'-C{source}', 'rev-parse', 'HEAD'],
+                         capture_output=True, text=True).stdout.strip() or source
+    sys.path.insert(0, tmp)
+    from nanochat import gpt
+    return gpt, rev[:12]
+
+
+def nanochat_schedule(it, n, warmup=40, warmdown_ratio=0.65, final_frac=0.05):
+    """scripts/base_train.py's schedule at step it of n (its defaults): (learning-rate multiplier: warmup,
+    flat, linear warmdown over the last 65 % to 5 %; Muon momentum: 0.85 -> 0.97 over 400 steps, to 0.90
+    in the warmdown; weight-decay multiplier: cosine to 0)."""
+    down = round(warmdown_ratio * n)
+    if it < warmup:
+        lrm = (it + 1) / warmup
+    elif it <= n - down:
+        lrm = 1.0
+    else:
+        frac = (n - it) / down
+        lrm = frac + (1 - frac) * final_frac
+    if it < 400:
+        mom = 0.85 + (0.97 - 0.85) * it / 400
+    elif it >= n - down:
+        mom = 0.97 + (0.90 - 0.97) * (it - (n - down)) / down
+    else:
+        mom = 0.97
+    return lrm, mom, 0.5 * (1 + math.cos(math.pi * it / n))
+
+
+def nanochat_model(gpt, cfg, vocab, variant):
+    """nanochat's GPT at configs/cpu.py's shape (full-context attention, as its CPU run), initialised its
+    way, and a maker of its optimizer with base_train.py's rates: as they stand ('nanochat'), or scaled to
+    this batch and horizon by base_train.py's own rules ('nanochat_scaled': rates x sqrt(B / 2^19), weight
+    decay x sqrt(B / 2^19) x D_ref / D, D = 12 x its scaling parameters)."""
+    import torch
+    conf = dict(sequence_len=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, window_pattern='L')
+    with torch.device('meta'):
+        model = gpt.GPT(gpt.GPTConfig(**conf))
+        ref = gpt.GPT(gpt.GPTConfig(**dict(conf, n_layer=12, n_embd=768, n_head=6, n_kv_head=6)))  # its d12
+    model.to_empty(device='cpu')
+    model.init_weights()
+    lr_scale, wd = 1.0, 0.28
+    if variant == 'nanochat_scaled':
+        scaling = lambda m: m.num_scaling_params()['transformer_matrices'] + m.num_scaling_params()['lm_head']
+        batch = cfg.batch_size * cfg.block_size
+        lr_scale = (batch / 2**19) ** 0.5
+        wd = 0.28 * lr_scale * scaling(ref) / scaling(model)
+    make = lambda: model.setup_optimizer(unembedding_lr=0.008 * lr_scale, embedding_lr=0.3 * lr_scale,
+                                         scalar_lr=0.5 * lr_scale, matrix_lr=0.02 * lr_scale, weight_decay=wd)
+    return model, make, wd
+
+
+def nanochat_setup(args, cfg, vocab):
+    """nanochat's model compiled with its optimizer and schedule, the compilation warmed off the clock (two
+    steps on val batches, then the initial weights back: "its compile cached", as in any longer run).
+    Returns (model, step(opt, x, y, it, n) -> loss, make_optimizer, weight decay, revision, compile s)."""
+    import copy
+    import torch
+    import train
+    gpt, rev = import_nanochat(args.nanochat, lumi.resolve_dtype(args.dtype, 'cpu'))
+    torch.manual_seed(cfg.seed)
+    model, make_optimizer, wd = nanochat_model(gpt, cfg, vocab, args.nanochat_worker or 'nanochat')
+    compiled = torch.compile(model, dynamic=False)
+
+    def step(opt, x, y, it, n):
+        loss = compiled(x, y)
+        loss.backward()
+        lrm, mom, wdf = nanochat_schedule(it, n)
+        for g in opt.param_groups:
+            g['lr'] = g['initial_lr'] * lrm
+            if g['kind'] == 'muon':
+                g['momentum'], g['weight_decay'] = mom, wd * wdf
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        return loss.item()
+
+    start, warm, opt = copy.deepcopy(model.state_dict()), train.make_batches(cfg, 'val', cfg.seed, 0, 1), \
+        make_optimizer()
+    t0 = time.time()
+    for it in range(2):
+        step(opt, *warm.next_batch(), it, 100)
+    compile_s = time.time() - t0
+    model.load_state_dict(start)
+    return model, step, make_optimizer, wd, rev, compile_s
+
+
+def cpu_config(*overrides):
+    """train.py's config from configs/cpu.py on data/cpu, with overrides, as train.py resolves it."""
+    import train
+    from corpus import bins
+    d = cpu_data()
+    cfg = lumi.load_config(train.KEYS, [os.path.join(ROOT, 'configs', 'cpu.py'), f'--data_dir={d}',
+                                        *overrides], shares_with=train.SHARES_WITH)
+    meta = bins.load_meta(d)
+    cfg.tokenizer_sha256 = meta['tokenizer_sha256']
+    return cfg, meta
+
+
+def nanochat_worker(args):
+    """Train nanochat's model with its optimizer and schedule on Lumi's batches (train.py's, in its order),
+    then score it with eval.py's functions, the scorer of every arm."""
+    import types
+    import torch
+    import eval as ev
+    import train
+    from corpus import sources
+    from tokenizer import Tokenizer
+    torch.set_num_threads(args.threads)
+    cfg, meta = cpu_config()
+    d, dtype = cfg.data_dir, lumi.resolve_dtype(args.dtype, 'cpu')
+    model, step, make_optimizer, wd, rev, compile_s = nanochat_setup(args, cfg, meta['vocab_size'])
+    opt, batches = make_optimizer(), train.make_batches(cfg, 'train', cfg.seed, 0, 1)
+    budget, n, used, recent, it, losses = args.minutes * 60, args.steps or 10**9, 0.0, [], 0, []
+    cpu0 = time.process_time()
+    while it < n:
+        t = time.time()
+        losses.append(step(opt, *batches.next_batch(), it, n))
+        recent, it = (recent + [time.time() - t])[-10:], it + 1
+        used += recent[-1]
+        if not args.steps and len(recent) >= 2:  # fit the schedule to the clock, as train.py does
+            n = it + int(max(0.0, budget - used) / (sum(recent) / len(recent)))
+    row = dict(steps=it, tokens=it * cfg.batch_size * cfg.block_size,
+               train_loss=round(sum(losses[-20:]) / 20, 4), compile_s=round(compile_s, 1),
+               train_s=round(used, 1), train_cpu_s=round(time.process_time() - cpu0, 1), nanochat=rev,
+               weight_decay=round(wd, 4))
+
+    class Scored(torch.nn.Module):  # what eval.py's scorers call: hidden states, then the head; here logits
+        def __init__(self):
+            super().__init__()
+            self.inner, self.lm_head, self.cfg = model, torch.nn.Identity(), types.SimpleNamespace(
+                block_size=cfg.block_size)
+
+        def forward(self, idx, return_hidden=True):
+            return self.inner(idx)
+    scored, tok = Scored(), Tokenizer.load(os.path.join(d, 'tokenizer', 'tokenizer.model'))
+    with torch.no_grad():
+        for what, spec in [('val', '')] + list(HELDOUT_MIX.items()):
+            if spec:
+                docs = sources.iter_documents(spec, max_chars=1 << 62)
+                r = ev.ppl_documents(scored, tok, docs, source=spec, dtype=dtype)
+            else:
+                r = ev.ppl_bins(scored, tok, d, dtype=dtype)
+            row[f'{what}_loss'], row[f'{what}_bpb'] = round(r['loss'], 4), round(r['bpb'], 4)
+    lumi.write_json(os.path.join(args.out, 'row.json'), row)
+
+
+def step_time(args, rounds=6, steps=10):
+    """CPU seconds a training step of each arm, all built in this one process (pin it with taskset), the arms
+    taking turns for `rounds` rounds of `steps` steps (the order reversed every other round), so that a change
+    in the machine's load tilts none of them; nanochat's steps compiled, after its warm-up."""
+    import statistics
+    import tempfile
+    import torch
+    import optim
+    import train
+    from model import GPT, ModelConfig
+    torch.set_num_threads(args.threads)
+    names, run = args.step_time.split(','), {}
+    for name in names:
+        if isinstance(RECIPE_ARMS[name], str):
+            args.nanochat_worker = RECIPE_ARMS[name]
+            cfg, meta = cpu_config()
+            model, step, make_optimizer, *_ = nanochat_setup(args, cfg, meta['vocab_size'])
+            opt, batches = make_optimizer(), train.make_batches(cfg, 'train', cfg.seed, 0, 1)
+            run[name] = lambda it, step=step, opt=opt, b=batches: step(opt, *b.next_batch(), it, 10**6)
+            continue
+        cfg, meta = cpu_config(*RECIPE_ARMS[name], '--device=cpu', f'--dtype={args.dtype}', '--compile=False',
+                               '--resume=never', f'--out_dir={tempfile.mkdtemp(prefix="step_time_")}')
+        torch.manual_seed(cfg.seed)
+        model = GPT(ModelConfig(**{k: cfg[k] for k in train.MODEL_KEYS}, vocab_size=meta['vocab_size']))
+        trainer = training.Trainer(cfg, model, train.make_batches(cfg, 'train', cfg.seed, 0, 1),
+                                   train.pretrain_loss)
+        run[name] = lambda it, t=trainer, c=cfg: t.train_step(optim.lr_at(it, 10**6, c))
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            for _ in range(steps):
+                c = time.process_time()
+                run[name](len(times[name]))
+                times[name].append(time.process_time() - c)
+    print(f"{cpu_facts()}; {args.threads} thread(s), dtype {lumi.resolve_dtype(args.dtype, 'cpu')}, "
+          f"load {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M')}; "
+          f"{rounds} x {steps} steps an arm")
+    base = statistics.median(times[names[0]][steps:])  # the first round warms the caches
+    print("arm | median CPU s a step | against " + names[0])
+    for name in names:
+        med = statistics.median(times[name][steps:])
+        print(f"{name} | {med:.4f} | {med / base:.3f}x")
+
+
 def cpu_facts():
     import torch
     name = next((line.split(':', 1)[1].strip() for line in subprocess.run(
@@ -216,11 +505,12 @@ def table(args, names, known, results_file, cols, run, what=''):
         sys.exit(f"unknown arm(s) {unknown}; known: {', '.join(known)}")
     path = os.path.join(args.out, results_file)
     results = lumi.read_json(path) if os.path.isfile(path) else {}
-    print(f"{cpu_facts()}; {what}{args.minutes:g} min per arm on cores {args.cores or 'any'}, {args.threads} "
+    budget = f"{args.steps} steps" if getattr(args, 'steps', 0) else f"{args.minutes:g} min"
+    print(f"{cpu_facts()}; {what}{budget} per arm on cores {args.cores or 'any'}, {args.threads} "
           f"thread(s), dtype {args.dtype}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     print(' | '.join(cols), flush=True)
     for name in names:
-        key = f"{name}@{args.minutes:g}min/{args.threads}t/{args.dtype}"
+        key = f"{name}@{budget.replace(' ', '')}/{args.threads}t/{args.dtype}"
         if key not in results or args.fresh:
             results[key] = dict(run(name, key.replace('/', '_')), load=round(os.getloadavg()[0], 2))
             lumi.write_json(path, results)
@@ -243,7 +533,31 @@ def main():
                     help='configs/cpu.py compiled vs eager, same minutes')
     ap.add_argument('--cpu_arms', default='',
                     help=f"comma-separated arms on configs/cpu.py: {', '.join(CPU_ARMS)}")
+    ap.add_argument('--recipe_arms', default='',
+                    help=f"comma-separated optimizer/architecture arms: {', '.join(RECIPE_ARMS)}")
+    ap.add_argument('--steps', type=int, default=0, help='--recipe_arms: this many steps each (equal steps), '
+                                                         'not --minutes (equal time)')
+    ap.add_argument('--nanochat', default=os.environ.get('NANOCHAT', ''),
+                    help='a nanochat checkout, or the git directory of a fetched snapshot ($NANOCHAT)')
+    ap.add_argument('--nanochat_worker', default='', help=argparse.SUPPRESS)
+    ap.add_argument('--step_time', default='', help='comma-separated recipe arms: CPU seconds a step, '
+                                                     'alternating arms in this one process')
     args = ap.parse_args()
+    if args.nanochat_worker:
+        os.makedirs(args.out, exist_ok=True)
+        return nanochat_worker(args)
+    if args.step_time:
+        return step_time(args)
+    if args.recipe_arms:
+        names = args.recipe_arms.split(',')
+        if any(isinstance(RECIPE_ARMS.get(n), str) for n in names) and not args.nanochat:
+            sys.exit("a nanochat arm needs --nanochat=PATH (a checkout, or a fetched snapshot's git dir)")
+        cols = ('arm', 'steps', 'tokens', 'cpu_s', 'val_loss', 'below_unigram', 'val_bpb', 'bbc_bpb',
+                'lee_bpb')
+        table(args, names, RECIPE_ARMS, 'recipe_arms.json', cols,
+              lambda name, key: run_recipe_arm(name, args, os.path.join(args.out, 'recipe_' + key)),
+              'configs/cpu.py, ')
+        return
     if args.compile_check:
         return compile_check(args)
     if args.cpu_arms:

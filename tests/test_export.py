@@ -184,7 +184,8 @@ def test_lora_checkpoint_is_merged_before_export(tmp_path, tokenizer, tiny_confi
 
 def test_a_model_no_transformers_class_computes_is_refused_before_anything_is_written(tmp_path, tokenizer,
                                                                                      tiny_config):
-    _checkpoint(tmp_path / 'ckpt.pt', tokenizer, ModelConfig(**{**tiny_config.__dict__, 'logit_softcap': 15.0}))
+    capped = ModelConfig(**{**tiny_config.__dict__, 'logit_softcap': 15.0})
+    _checkpoint(tmp_path / 'ckpt.pt', tokenizer, capped)
     with pytest.raises(ValueError, match='logit_softcap=15.0 has no Llama or Qwen3 form'):
         export.export_hf(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
     assert not (tmp_path / 'hf').exists()

@@ -24,6 +24,21 @@ shipped in gensim's wheel as test data), so that a mix is not chosen for the one
 --compile_check trains the CPU profile (configs/cpu.py) twice for the same minutes, compile=True and False,
 and prints the steps each made, the first step (which holds the compilation) and the median step after it.
 
+--recipe_arms (issue 25) trains configs/cpu.py's shape on data/cpu with other optimizers and architecture
+options (RECIPE_ARMS: 'cpu' is the profile as it stands, 'adamw' the profile before Muon, muon_* one change
+each), or nanochat's own model, optimizer and schedule ('nanochat': its gpt.py and optim.py read at run time
+from --nanochat, a checkout or the git directory of a fetched snapshot; compiled, the compilation warmed off
+the clock), all on the same batches in the same order, and scores every arm with eval.py's functions on
+val.bin, BBC 001-019 and the Lee corpus. --steps=N compares at equal steps (quality per step, whatever the
+machine's load), --minutes at equal time; --side_by_side runs the arms in pairs, one on each core;
+--step_time=a,b,... times a step of each arm, the arms alternating in one process (pin it with taskset):
+
+    python benchmarks/bench_recipe.py --recipe_arms=adamw,cpu,nanochat --steps=400 --cores=1 --dtype=float32 \
+        --nanochat=/path/to/nanochat
+    python benchmarks/bench_recipe.py --recipe_arms=cpu,nanochat,adamw,cpu --minutes=8 --side_by_side \
+        --dtype=float32 --nanochat=/path/to/nanochat
+    taskset -c 1 python benchmarks/bench_recipe.py --step_time=adamw,cpu,nanochat --nanochat=/path/to/nanochat
+
 Prints one row per arm and writes them to runs/bench_recipe/results.json (arms already there are not run
 again unless --fresh). Say which CPU you ran on: the script prints `lscpu`'s model name and whether the CPU
 has AVX512-BF16 (dtype 'auto' then trains in bf16).
@@ -161,28 +176,23 @@ MUON = ADAMW[1:] + ['--optimizer=muon', '--matrix_lr=0.02', '--muon_momentum=0.9
                     '--muon_momentum_start=0.85', '--muon_momentum_warmup=300', '--ns_steps=5']
 
 
-def muon(*changes):
-    """MUON with some keys changed: --key=value overrides replace the same key's."""
-    keys = {c.split('=', 1)[0] for c in changes}
-    return [a for a in MUON if a.split('=', 1)[0] not in keys] + list(changes)
-
-
-# name: train.py overrides of configs/cpu.py, or the nanochat variant (run_nanochat)
+# name: train.py overrides of configs/cpu.py (a later one wins), or nanochat's variant (nanochat_model)
 RECIPE_ARMS = {
+    'cpu': [],
     'adamw': ADAMW,
     'muon': MUON,
-    'muon_lr01': muon('--matrix_lr=0.01'),
-    'muon_lr04': muon('--matrix_lr=0.04'),
-    'muon_emb': muon("--lr_groups={'tok_emb.*': 0.01}"),
-    'muon_wsd': muon('--lr_schedule=wsd', '--decay_frac=0.5'),
-    'muon_nomw': muon('--muon_momentum_warmup=0'),
-    'muon_wd0': muon('--weight_decay=0.0'),
-    'muon_noclip': muon('--grad_clip=0.0'),
-    'muon_ns3': muon('--ns_steps=3'),
-    'muon_qk': muon('--qk_norm=True'),
-    'muon_untied': muon('--tie_embeddings=False'),
-    'muon_zero': muon('--zero_init_proj=True'),
-    'muon_cap': muon('--logit_softcap=15.0'),
+    'muon_lr01': MUON + ['--matrix_lr=0.01'],
+    'muon_lr04': MUON + ['--matrix_lr=0.04'],
+    'muon_emb': MUON + ["--lr_groups={'tok_emb.*': 0.01}"],
+    'muon_wsd': MUON + ['--lr_schedule=wsd', '--decay_frac=0.5'],
+    'muon_nomw': MUON + ['--muon_momentum_warmup=0'],
+    'muon_wd0': MUON + ['--weight_decay=0.0'],
+    'muon_noclip': MUON + ['--grad_clip=0.0'],
+    'muon_ns3': MUON + ['--ns_steps=3'],
+    'muon_qk': MUON + ['--qk_norm=True'],
+    'muon_untied': MUON + ['--tie_embeddings=False'],
+    'muon_zero': MUON + ['--zero_init_proj=True'],
+    'muon_cap': MUON + ['--logit_softcap=15.0'],
     'nanochat': 'nanochat',                 # base_train.py's learning rates and weight decay as they stand
     'nanochat_scaled': 'nanochat_scaled',   # ... scaled to batch 4 x 256 by base_train.py's own rules
 }
@@ -195,64 +205,89 @@ def cpu_data():
     return d
 
 
-def run_recipe_arm(name, args, out):
-    """One arm from scratch on configs/cpu.py's bins: --steps of training (equal steps) or --minutes of it
-    (equal time, the schedule fitted to the steps that fit), then the one scorer."""
-    d, pin = cpu_data(), ['taskset', '-c', args.cores] if args.cores else []
-    t0, c0 = time.time(), os.times()
+def run_child(cmd, **kw):
+    """Run cmd to the end, check its exit; its CPU seconds (user + system, its own rusage: another arm
+    running beside it on the other core is not counted)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, **kw)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_recipe_arm(name, args, out, cores=None):
+    """One arm from scratch on configs/cpu.py's bins, pinned to cores (default --cores): --steps of training
+    (equal steps) or --minutes of it (equal time, the schedule fitted to the steps that fit), then the one
+    scorer (eval.py's functions)."""
+    cores = args.cores if cores is None else cores
+    d, pin = cpu_data(), ['taskset', '-c', cores] if cores else []
+    t0 = time.time()
     if isinstance(RECIPE_ARMS[name], str):  # nanochat: the worker trains and scores in one pinned process
-        subprocess.run(pin + [sys.executable, __file__, f'--nanochat_worker={RECIPE_ARMS[name]}',
-                              f'--nanochat={args.nanochat}', f'--out={out}', f'--steps={args.steps}',
-                              f'--minutes={args.minutes}', f'--threads={args.threads}',
-                              f'--dtype={args.dtype}'],
-                       cwd=ROOT, check=True)
+        run_child(pin + [sys.executable, __file__, f'--nanochat_worker={RECIPE_ARMS[name]}',
+                         f'--nanochat={args.nanochat}', f'--out={out}', f'--steps={args.steps}',
+                         f'--minutes={args.minutes}', f'--threads={args.threads}', f'--dtype={args.dtype}'])
         row = lumi.read_json(os.path.join(out, 'row.json'))
     else:
         budget = [f'--max_iters={args.steps}', '--max_minutes=0'] if args.steps else \
             [f'--max_minutes={args.minutes}']
-        subprocess.run(pin + [sys.executable, 'train.py', 'configs/cpu.py', f'--data_dir={d}',
-                              f'--out_dir={out}', *budget, f'--num_threads={args.threads}',
-                              f'--dtype={args.dtype}', '--compile=False', '--resume=never',
-                              '--eval_interval=1000000', '--ckpt_interval=1000000', *RECIPE_ARMS[name]],
-                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cpu = run_child(pin + [sys.executable, 'train.py', 'configs/cpu.py', f'--data_dir={d}',
+                               f'--out_dir={out}', *budget, f'--num_threads={args.threads}',
+                               f'--dtype={args.dtype}', '--compile=False', '--resume=never',
+                               '--eval_interval=1000000', '--ckpt_interval=1000000', *RECIPE_ARMS[name]],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         last = [r for r in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl')) if 'loss' in r][-1]
-        row = dict(steps=last['step'], tokens=last['tokens'])
+        row = dict(steps=last['step'], tokens=last['tokens'], train_cpu_s=round(cpu, 1))
         score(row, checkpoint.latest_step(out), d, HELDOUT_MIX, args, pin)
-    c1 = os.times()
-    cpu = (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
-    row = dict(arm=name, **row, wall_s=round(time.time() - t0, 1), cpu_s=round(cpu, 1),
+    row = dict(arm=name, **row, wall_s=round(time.time() - t0, 1), cores=cores,
                unigram=round(training.unigram_entropy(os.path.join(d, 'val.bin'), 4096), 4))
     row['below_unigram'] = round(row['unigram'] - row['val_loss'], 4)
     return row
 
 
+def side_by_side(args, names, cols):
+    """The arms two at a time, the first of a pair pinned to core 0 and the second to core 1 (--cores is
+    ignored), each pair started together: both get the same minutes of an otherwise idle machine. Rows go to
+    recipe_pairs.json under name@budget/core."""
+    from concurrent.futures import ThreadPoolExecutor
+    path = os.path.join(args.out, 'recipe_pairs.json')
+    results = lumi.read_json(path) if os.path.isfile(path) else {}
+    budget = f"{args.steps}steps" if args.steps else f"{args.minutes:g}min"
+    print(f"{cpu_facts()}; configs/cpu.py, {budget} per arm, two arms side by side on cores 0 and 1, "
+          f"{args.threads} thread(s), dtype {args.dtype}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    print(' | '.join(cols), flush=True)
+    for i in range(0, len(names), 2):
+        pair = [(name, str(core)) for core, name in enumerate(names[i:i + 2])]
+        keys = [f"{name}@{budget}/{args.threads}t/{args.dtype}/core{core}" for name, core in pair]
+        with ThreadPoolExecutor(2) as pool:
+            rows = list(pool.map(lambda nk: run_recipe_arm(nk[0][0], args, os.path.join(
+                args.out, 'pair_' + nk[1].replace('/', '_')), nk[0][1]), zip(pair, keys)))
+        for key, row in zip(keys, rows):
+            results[key] = dict(row, load=round(os.getloadavg()[0], 2))
+            print(' | '.join(str(row.get(c, '-')) for c in cols), flush=True)
+        lumi.write_json(path, results)
+
+
 # --- nanochat's model and optimizer, read from its repository at run time (never copied into Lumi)
 
-NANOCHAT_FILES = ('__init__.py', 'common.py', 'flash_attention.py', 'optim.py', 'gpt.py')
-
-
 def import_nanochat(source, dtype):
-    """nanochat's gpt module (its GPT, GPTConfig and, through it, MuonAdamW) and its revision, read from
-    source: a checkout, or the git directory of a fetched snapshot (HEAD's files)."""
+    """nanochat's gpt module (its GPT, GPTConfig and, through it, MuonAdamW) and its revision, from source:
+    a checkout, or the git directory of a fetched snapshot (HEAD's nanochat/ folder, unpacked to a temp
+    dir)."""
+    import io
+    import tarfile
     import tempfile
-    os.environ['NANOCHAT_DTYPE'] = dtype  # its compute dtype, as Lumi's arms train in
-    git = os.path.isfile(os.path.join(source, 'HEAD'))
-    tmp = tempfile.mkdtemp(prefix='nanochat_')
-    os.makedirs(os.path.join(tmp, 'nanochat'))
-    for name in NANOCHAT_FILES:
-        if git:
-            text = subprocess.run(['git', f'--git-dir={source}', 'show', f'HEAD:nanochat/{name}'],
-                                  capture_output=True, text=True, check=True).stdout
-        else:
-            with open(os.path.join(source, 'nanochat', name)) as f:
-                text = f.read()
-        with open(os.path.join(tmp, 'nanochat', name), 'w') as f:
-            f.write(text)
-    rev = subprocess.run(['git', f'--git-dir={source}' if git else f'-C{source}', 'rev-parse', 'HEAD'],
-                         capture_output=True, text=True).stdout.strip() or source
-    sys.path.insert(0, tmp)
+    os.environ['NANOCHAT_DTYPE'] = dtype  # its compute dtype: the one Lumi's arms train in
+    bare = os.path.isfile(os.path.join(source, 'HEAD'))
+    git = ['git', f'--git-dir={source}'] if bare else ['git', '-C', source]
+    rev = subprocess.run(git + ['rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip()[:12]
+    if bare:
+        tar = subprocess.run(git + ['archive', 'HEAD', 'nanochat'], capture_output=True, check=True).stdout
+        source = tempfile.mkdtemp(prefix='nanochat_')
+        tarfile.open(fileobj=io.BytesIO(tar)).extractall(source, filter='data')
+    sys.path.insert(0, source)
     from nanochat import gpt
-    return gpt, rev[:12]
+    return gpt, rev or source
 
 
 def nanochat_schedule(it, n, warmup=40, warmdown_ratio=0.65, final_frac=0.05):
@@ -260,19 +295,10 @@ def nanochat_schedule(it, n, warmup=40, warmdown_ratio=0.65, final_frac=0.05):
     flat, linear warmdown over the last 65 % to 5 %; Muon momentum: 0.85 -> 0.97 over 400 steps, to 0.90
     in the warmdown; weight-decay multiplier: cosine to 0)."""
     down = round(warmdown_ratio * n)
-    if it < warmup:
-        lrm = (it + 1) / warmup
-    elif it <= n - down:
-        lrm = 1.0
-    else:
-        frac = (n - it) / down
-        lrm = frac + (1 - frac) * final_frac
-    if it < 400:
-        mom = 0.85 + (0.97 - 0.85) * it / 400
-    elif it >= n - down:
-        mom = 0.97 + (0.90 - 0.97) * (it - (n - down)) / down
-    else:
-        mom = 0.97
+    frac = (n - it) / down  # of the warmdown still to come
+    lrm = (it + 1) / warmup if it < warmup else 1.0 if it <= n - down else frac + (1 - frac) * final_frac
+    mom = (0.85 + 0.12 * it / 400 if it < 400 else
+           0.97 - 0.07 * (it - (n - down)) / down if it >= n - down else 0.97)
     return lrm, mom, 0.5 * (1 + math.cos(math.pi * it / n))
 
 
@@ -540,6 +566,8 @@ def main():
     ap.add_argument('--nanochat', default=os.environ.get('NANOCHAT', ''),
                     help='a nanochat checkout, or the git directory of a fetched snapshot ($NANOCHAT)')
     ap.add_argument('--nanochat_worker', default='', help=argparse.SUPPRESS)
+    ap.add_argument('--side_by_side', action='store_true',
+                    help='--recipe_arms two at a time, one on core 0 and one on core 1 (an idle machine)')
     ap.add_argument('--step_time', default='', help='comma-separated recipe arms: CPU seconds a step, '
                                                      'alternating arms in this one process')
     args = ap.parse_args()
@@ -552,8 +580,10 @@ def main():
         names = args.recipe_arms.split(',')
         if any(isinstance(RECIPE_ARMS.get(n), str) for n in names) and not args.nanochat:
             sys.exit("a nanochat arm needs --nanochat=PATH (a checkout, or a fetched snapshot's git dir)")
-        cols = ('arm', 'steps', 'tokens', 'cpu_s', 'val_loss', 'below_unigram', 'val_bpb', 'bbc_bpb',
+        cols = ('arm', 'steps', 'tokens', 'train_cpu_s', 'val_loss', 'below_unigram', 'val_bpb', 'bbc_bpb',
                 'lee_bpb')
+        if args.side_by_side:
+            return side_by_side(args, names, cols + ('cores',))
         table(args, names, RECIPE_ARMS, 'recipe_arms.json', cols,
               lambda name, key: run_recipe_arm(name, args, os.path.join(args.out, 'recipe_' + key)),
               'configs/cpu.py, ')

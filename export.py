@@ -24,6 +24,7 @@ import struct
 import sys
 
 import torch
+import torch.nn.functional as F
 
 import lumi
 from checkpoint import load_model
@@ -147,10 +148,15 @@ def hf_state_dict(model, dtype=torch.float32):
     """Lumi's weights under transformers' Llama names. RoPE needs no permutation: Lumi rotates halves
     (x1, x2) -> (-x2, x1) exactly as LlamaAttention does, with the same inverse frequencies."""
     c = model.cfg
-    sd = model.state_dict()
+    sd = dict(model.state_dict())
     names = {'tok_emb.weight': 'model.embed_tokens.weight', 'norm.weight': 'model.norm.weight'}
     if not c.tie_embeddings:  # a tied head is the embedding; transformers re-ties it from the config
         names['lm_head.weight'] = 'lm_head.weight'
+    if c.embed_norm:  # Llama has no norm after the lookup: every row normalised once here, the head untied
+        names['lm_head.weight'] = 'lm_head.weight'  # the raw embedding, where Lumi ties them
+        with torch.no_grad():
+            sd['tok_emb.weight'] = F.rms_norm(sd['tok_emb.weight'], (c.n_embd,), sd.pop('emb_norm.weight'),
+                                              c.norm_eps)
     for i in range(c.n_layer):
         src, dst = f'layers.{i}.', f'model.layers.{i}.'
         for p in ('q', 'k', 'v', 'o'):
@@ -187,7 +193,7 @@ def hf_config(cfg, dtype_name):
         'num_key_value_heads': cfg.n_kv_head, 'head_dim': cfg.head_dim, 'hidden_act': 'silu',
         'max_position_embeddings': cfg.block_size, 'rms_norm_eps': cfg.norm_eps, 'rope_theta': cfg.rope_theta,
         'rope_scaling': None, 'attention_bias': False, 'mlp_bias': False, 'attention_dropout': 0.0,
-        'tie_word_embeddings': cfg.tie_embeddings, 'initializer_range': 0.02, 'use_cache': True,
+        'tie_word_embeddings': cfg.tie_embeddings and not cfg.embed_norm, 'initializer_range': 0.02, 'use_cache': True,
         'bos_token_id': BOS_ID, 'eos_token_id': EOS_ID, 'pad_token_id': PAD_ID,
         'torch_dtype': dtype_name,
         **({'use_sliding_window': False, 'sliding_window': None} if cfg.qk_norm else {}),

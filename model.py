@@ -35,7 +35,11 @@ qk_norm = False             # RMSNorm (with weights) over each head's queries an
                             # does: attention logits stay bounded however large q_proj and k_proj grow; the
                             # Hugging Face export is then Qwen3ForCausalLM
 zero_init_proj = False      # the projections into the residual stream (o_proj, down_proj) start at zero, so
-                            # every block starts as the identity (init only; the export is unchanged)
+                            # every block starts as the identity; an untied LM head starts at zero too
+                            # (init only)
+embed_norm = False          # RMSNorm (with weights) on the token embedding before the first block, as
+                            # nanochat does: the stream starts at RMS 1 however far a fast-learning embedding
+                            # grows; the export folds it into the embedding rows (Llama has no such norm)
 logit_softcap = 0.0         # [0, inf) EXPERIMENT > 0: logits = cap * tanh(logits / cap) in training only
 
 
@@ -55,6 +59,7 @@ class ModelConfig:
     norm_eps: float = norm_eps
     qk_norm: bool = qk_norm
     zero_init_proj: bool = zero_init_proj
+    embed_norm: bool = embed_norm
     logit_softcap: float = logit_softcap
 
     def __post_init__(self):
@@ -243,6 +248,8 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.embed_norm:
+            self.emb_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
@@ -260,6 +267,8 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
                 if cfg.zero_init_proj:
                     nn.init.zeros_(p)
+        if cfg.zero_init_proj and not cfg.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -308,7 +317,8 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         pad = cache.pad if cache is not None else None
         cos, sin, mask = self._positions(B, T, start, pad, idx.device)
-        x = self.drop(self.tok_emb(idx))
+        x = self.tok_emb(idx)
+        x = self.drop(self.emb_norm(x) if self.cfg.embed_norm else x)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
         x = self.norm(x)

@@ -320,10 +320,14 @@ def test_transformers_alone_loads_the_exported_tokenizer(tmp_path, tokenizer, ti
     assert chat == render_chat(tokenizer, [{'role': 'user', 'content': text}])[0]
 
 
-# QK-norm is Qwen3's (Llama with an RMSNorm over each head's queries and keys before RoPE)
+# QK-norm is Qwen3's (Llama with an RMSNorm over each head's queries and keys before RoPE); the embedding's
+# norm is folded into the exported rows (the head, tied in Lumi, is then a tensor of its own)
 @pytest.mark.parametrize('options, arch', [({}, 'LlamaForCausalLM'),
                                            ({'qk_norm': True}, 'Qwen3ForCausalLM'),
-                                           ({'qk_norm': True, 'tie_embeddings': False}, 'Qwen3ForCausalLM')])
+                                           ({'qk_norm': True, 'tie_embeddings': False}, 'Qwen3ForCausalLM'),
+                                           ({'embed_norm': True}, 'LlamaForCausalLM'),
+                                           ({'embed_norm': True, 'qk_norm': True, 'tie_embeddings': False},
+                                            'Qwen3ForCausalLM')])
 def test_transformers_loads_the_export_with_equal_logits(tmp_path, tokenizer, tiny_config, options, arch):
     transformers = pytest.importorskip('transformers')
     model = _checkpoint(tmp_path / 'ckpt.pt', tokenizer, ModelConfig(**{**tiny_config.__dict__, **options}))

@@ -287,3 +287,15 @@ def test_zero_init_proj_starts_every_block_as_the_identity(tiny_config):
     idx = torch.randint(0, cfg.vocab_size, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], model.lm_head(model.norm(model.tok_emb(idx))))
+
+
+def test_embed_norm_normalises_the_stream_before_the_first_block_and_an_untied_head_can_start_at_zero(
+        tiny_config):
+    model = make(replace(tiny_config, embed_norm=True, zero_init_proj=True, tie_embeddings=False))
+    assert not model.lm_head.weight.any()  # uniform predictions at step 0
+    with torch.no_grad():
+        model.emb_norm.weight.uniform_(0.5, 1.5)
+        model.tok_emb.weight.mul_(50)  # a grown embedding: the stream starts at the norm's scale all the same
+        idx = torch.randint(0, tiny_config.vocab_size, (2, 9))
+        x = F.rms_norm(model.tok_emb(idx), (tiny_config.n_embd,), model.emb_norm.weight, tiny_config.norm_eps)
+        torch.testing.assert_close(model(idx, return_hidden=True), model.norm(x))  # the blocks are identities

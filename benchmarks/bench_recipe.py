@@ -171,10 +171,11 @@ def run_cpu_arm(name, args, out):
 # today's recipe (configs/cpu.py until issue 25) as overrides: it stays an arm when configs/cpu.py moves
 ADAMW = ['--optimizer=adamw', '--learning_rate=2e-3', '--min_lr=1e-4', '--warmup_iters=20',
          '--lr_schedule=cosine', '--weight_decay=0.1', '--grad_clip=1.0', '--lr_groups={}', '--qk_norm=False',
-         '--tie_embeddings=True', '--zero_init_proj=False', '--logit_softcap=0.0']
+         '--tie_embeddings=True', '--zero_init_proj=False', '--embed_norm=False', '--logit_softcap=0.0']
 MUON = ADAMW[1:] + ['--optimizer=muon', '--matrix_lr=0.02', '--muon_momentum=0.95',
                     '--muon_momentum_start=0.85', '--muon_momentum_warmup=300', '--ns_steps=5']
 
+UNTIED = MUON + ['--tie_embeddings=False', "--lr_groups={'tok_emb.*': 0.03, 'lm_head.*': 0.004}"]
 
 # name: train.py overrides of configs/cpu.py (a later one wins), or nanochat's variant (nanochat_model)
 RECIPE_ARMS = {
@@ -193,6 +194,23 @@ RECIPE_ARMS = {
     'muon_untied': MUON + ['--tie_embeddings=False'],
     'muon_zero': MUON + ['--zero_init_proj=True'],
     'muon_cap': MUON + ['--logit_softcap=15.0'],
+    # round 2: an untied head, the embedding and the head at rates of their own, then one change each
+    'untied': UNTIED,
+    'untied_emb01': UNTIED + ["--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.004}"],
+    'untied_emb001': UNTIED + ["--lr_groups={'tok_emb.*': 0.01, 'lm_head.*': 0.004}"],
+    'untied_head002': UNTIED + ["--lr_groups={'tok_emb.*': 0.03, 'lm_head.*': 0.002}"],
+    'untied_head008': UNTIED + ["--lr_groups={'tok_emb.*': 0.03, 'lm_head.*': 0.008}"],
+    'untied_embnorm': UNTIED + ['--embed_norm=True'],
+    'untied_embnorm01': UNTIED + ['--embed_norm=True', "--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.004}"],
+    'untied_zero': UNTIED + ['--zero_init_proj=True'],
+    'untied_qk': UNTIED + ['--qk_norm=True'],
+    'untied_lr04': UNTIED + ['--matrix_lr=0.04'],
+    # round 3: the two that won round 2 together, then the schedule and Muon's rate on top
+    'uqk_emb01': UNTIED + ['--qk_norm=True', "--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.004}"],
+    'uqk_emb01_wsd': UNTIED + ['--qk_norm=True', "--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.004}",
+                               '--lr_schedule=wsd', '--min_lr=0.0'],
+    'uqk_emb01_lr03': UNTIED + ['--qk_norm=True', "--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.004}",
+                                '--matrix_lr=0.03'],
     'nanochat': 'nanochat',                 # base_train.py's learning rates and weight decay as they stand
     'nanochat_scaled': 'nanochat_scaled',   # ... scaled to batch 4 x 256 by base_train.py's own rules
 }

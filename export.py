@@ -2,14 +2,15 @@
 The export stage: a Lumi checkpoint for the rest of the ecosystem.
 
 `python lumi.py export CKPT OUT --format=hf` writes a directory that Hugging Face `transformers` loads as
-`LlamaForCausalLM`: config.json, model.safetensors, the tokenizer twice (tokenizer.json, a fast tokenizer that
-transformers loads alone and that gives Lumi's ids, and the SentencePiece tokenizer.model) with its config and
-chat template, and a generation config. `--format=pt` writes a plain state dict (Lumi's names, LoRA merged)
-for torch users. `--format=gguf` writes one GGUF file for llama.cpp and Ollama (the `llama` architecture, the
-SentencePiece tokenizer and the chat template; `pip install gguf`), float32, float16, bfloat16 or q8_0.
-`--format=peft` writes a LoRA adapter (an adapter file, or an SFT or DPO out_dir) as PEFT's
-adapter_config.json and adapter_model.safetensors, for the `--format=hf` export of its base: what peft and
-vLLM's multi-LoRA serving load. The files themselves (safetensors by hand, GGUF) are formats.py's.
+`LlamaForCausalLM` (`Qwen3ForCausalLM` for a model with QK-norm): config.json, model.safetensors, the
+tokenizer twice (tokenizer.json, a fast tokenizer that transformers loads alone and that gives Lumi's ids, and
+the SentencePiece tokenizer.model) with its config and chat template, and a generation config. `--format=pt`
+writes a plain state dict (Lumi's names, LoRA merged) for torch users. `--format=gguf` writes one GGUF file
+for llama.cpp and Ollama (the `llama` architecture, the SentencePiece tokenizer and the chat template;
+`pip install gguf`), float32, float16, bfloat16 or q8_0. `--format=peft` writes a LoRA adapter (an adapter
+file, or an SFT or DPO out_dir) as PEFT's adapter_config.json and adapter_model.safetensors, for the
+`--format=hf` export of its base: what peft and vLLM's multi-LoRA serving load. The files themselves
+(safetensors by hand, GGUF) are formats.py's.
 
 Deliberately left out: other architectures' layouts, quantisations but GGUF's q8_0, and unigram tokenizers
 (tokenizer.json's unigram model would match special pieces inside text, which SentencePiece never does, and
@@ -21,6 +22,7 @@ import os
 import struct
 
 import torch
+import torch.nn.functional as F
 
 import lumi
 from checkpoint import checkpoint_of, is_adapter, load_checkpoint, load_model, tokenizer_from_checkpoint
@@ -47,10 +49,15 @@ def hf_state_dict(model, dtype=torch.float32):
     """Lumi's weights under transformers' Llama names. RoPE needs no permutation: Lumi rotates halves
     (x1, x2) -> (-x2, x1) exactly as LlamaAttention does, with the same inverse frequencies."""
     c = model.cfg
-    sd = model.state_dict()
+    sd = dict(model.state_dict())
     names = {'tok_emb.weight': 'model.embed_tokens.weight', 'norm.weight': 'model.norm.weight'}
     if not c.tie_embeddings:  # a tied head is the embedding; transformers re-ties it from the config
         names['lm_head.weight'] = 'lm_head.weight'
+    if c.embed_norm:  # Llama has no norm after the lookup: every row normalised once here, the head untied
+        names['lm_head.weight'] = 'lm_head.weight'  # the raw embedding, where Lumi ties them
+        with torch.no_grad():
+            sd['tok_emb.weight'] = F.rms_norm(sd['tok_emb.weight'], (c.n_embd,), sd.pop('emb_norm.weight'),
+                                              c.norm_eps)
     for i in range(c.n_layer):
         src, dst = f'layers.{i}.', f'model.layers.{i}.'
         for p in ('q', 'k', 'v', 'o'):
@@ -58,6 +65,9 @@ def hf_state_dict(model, dtype=torch.float32):
         for p in ('gate', 'up', 'down'):
             names[f'{src}mlp.{p}_proj.weight'] = f'{dst}mlp.{p}_proj.weight'
         names[f'{src}attn_norm.weight'] = f'{dst}input_layernorm.weight'
+        if c.qk_norm:  # Qwen3's q_norm / k_norm: per head, before RoPE, as Lumi's
+            names[f'{src}attn.q_norm.weight'] = f'{dst}self_attn.q_norm.weight'
+            names[f'{src}attn.k_norm.weight'] = f'{dst}self_attn.k_norm.weight'
         names[f'{src}mlp_norm.weight'] = f'{dst}post_attention_layernorm.weight'
     unmapped = set(sd) - set(names) - ({'lm_head.weight'} if c.tie_embeddings else set())
     if unmapped:  # a weight Llama has no place for (unmerged adapters, a new layer type) must not vanish
@@ -66,17 +76,29 @@ def hf_state_dict(model, dtype=torch.float32):
     return {dst: sd[src].detach().to(dtype).clone() for src, dst in names.items()}
 
 
+def hf_architecture(cfg):
+    """(architecture, model_type) of the transformers class that computes what cfg's model computes: Llama,
+    or Qwen3 (Llama with QK-norm) when cfg.qk_norm. Refuses what neither computes."""
+    if cfg.logit_softcap:
+        raise ValueError(f"logit_softcap={cfg.logit_softcap} has no Llama or Qwen3 form (Gemma 2's also adds "
+                         f"norms after each block): export with --format=pt")
+    return ('Qwen3ForCausalLM', 'qwen3') if cfg.qk_norm else ('LlamaForCausalLM', 'llama')
+
+
 def hf_config(cfg, dtype_name):
+    arch, model_type = hf_architecture(cfg)
     return {
-        'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
+        'architectures': [arch], 'model_type': model_type,
         'vocab_size': cfg.vocab_size, 'hidden_size': cfg.n_embd, 'intermediate_size': cfg.ffn_hidden,
         'num_hidden_layers': cfg.n_layer, 'num_attention_heads': cfg.n_head,
         'num_key_value_heads': cfg.n_kv_head, 'head_dim': cfg.head_dim, 'hidden_act': 'silu',
         'max_position_embeddings': cfg.block_size, 'rms_norm_eps': cfg.norm_eps, 'rope_theta': cfg.rope_theta,
         'rope_scaling': None, 'attention_bias': False, 'mlp_bias': False, 'attention_dropout': 0.0,
-        'tie_word_embeddings': cfg.tie_embeddings, 'initializer_range': 0.02, 'use_cache': True,
+        'tie_word_embeddings': cfg.tie_embeddings and not cfg.embed_norm, 'initializer_range': 0.02,
+        'use_cache': True,
         'bos_token_id': BOS_ID, 'eos_token_id': EOS_ID, 'pad_token_id': PAD_ID,
         'torch_dtype': dtype_name,
+        **({'use_sliding_window': False, 'sliding_window': None} if cfg.qk_norm else {}),
     }
 
 
@@ -227,7 +249,8 @@ def export_hf(ckpt_path, out_dir, dtype='float32'):
     if tok.vocab_size != cfg.vocab_size:
         raise ValueError(f"{ckpt['path']}: tokenizer has {tok.vocab_size} pieces but the model "
                          f"{cfg.vocab_size} rows")
-    write_hf_tokenizer(tok, out_dir, cfg.block_size)  # first: it refuses a tokenizer it cannot write
+    hf_architecture(cfg)  # first, with the tokenizer: each refuses what it cannot write before anything is
+    write_hf_tokenizer(tok, out_dir, cfg.block_size)
     weights = hf_state_dict(model, EXPORT_DTYPES[dtype])
     save_safetensors(weights, os.path.join(out_dir, 'model.safetensors'),
                      metadata={'format': 'pt', 'lumi_kind': ckpt.get('kind', ''),
@@ -340,8 +363,9 @@ def main(argv):
     ckpt_path, out = pos
     if cfg.format == 'hf':
         export_hf(ckpt_path, out, cfg.dtype)
-        lumi.log(f"wrote a Hugging Face Llama directory to {out}: load it with "
-                 f"transformers.LlamaForCausalLM.from_pretrained({out!r})")
+        arch = lumi.read_json(os.path.join(out, 'config.json'))['architectures'][0]
+        lumi.log(f"wrote a Hugging Face {arch} directory to {out}: load it with "
+                 f"transformers.AutoModelForCausalLM.from_pretrained({out!r})")
     elif cfg.format == 'pt':
         path = export_pt(ckpt_path, out)
         lumi.log(f"wrote a plain state dict to {path}")

@@ -146,6 +146,13 @@ GGUF_BLOCK_NAMES = {'attn_norm.weight': 'attn_norm', 'attn.q_proj.weight': 'attn
                     'mlp.gate_proj.weight': 'ffn_gate', 'mlp.up_proj.weight': 'ffn_up',
                     'mlp.down_proj.weight': 'ffn_down'}
 GGUF_NAMES = {'tok_emb.weight': 'token_embd', 'norm.weight': 'output_norm', 'lm_head.weight': 'output'}
+QK_NORM_NAMES = {'attn.q_norm.weight': 'attn_q_norm', 'attn.k_norm.weight': 'attn_k_norm'}  # qwen3's
+
+
+def gguf_architecture(cfg):
+    """llama.cpp's architecture for a model shape: qwen3 (llama with QK-norm, and rotate-half RoPE as Lumi's)
+    when cfg.qk_norm, else llama."""
+    return 'qwen3' if cfg.qk_norm else 'llama'
 
 
 def import_gguf():
@@ -164,22 +171,32 @@ def rope_interleave(w, n_heads):
 
 
 def gguf_state_dict(model):
-    """A plain model's weights under llama.cpp's names, float32, q and k in its RoPE layout. A tied head is
-    the embedding: llama.cpp and transformers both use token_embd for it when `output` is absent."""
-    c, sd = model.cfg, model.state_dict()
+    """A plain model's weights under llama.cpp's names, float32, q and k in its RoPE layout (llama's; qwen3
+    rotates halves as Lumi does). A tied head is the embedding: llama.cpp and transformers both use
+    token_embd for it when `output` is absent. An embedding norm (embed_norm) is folded into the embedding's
+    rows, as the Hugging Face export does, and the head is then a tensor of its own."""
+    c, sd = model.cfg, dict(model.state_dict())
+    if c.embed_norm:
+        sd['lm_head.weight'] = model.lm_head.weight
+        sd['tok_emb.weight'] = torch.nn.functional.rms_norm(model.tok_emb.weight.float(), (c.n_embd,),
+                                                            model.emb_norm.weight.float(), c.norm_eps)
+        del sd['emb_norm.weight']
+    block_names = {**GGUF_BLOCK_NAMES, **(QK_NORM_NAMES if c.qk_norm else {})}
+    llama = gguf_architecture(c) == 'llama'
     out = {}
     for name, t in sd.items():
-        if name == 'lm_head.weight' and c.tie_embeddings:
+        if name == 'lm_head.weight' and c.tie_embeddings and not c.embed_norm:
             continue
         if name in GGUF_NAMES:
             out[GGUF_NAMES[name] + '.weight'] = t
             continue
         parts = name.split('.', 2)
-        if parts[0] != 'layers' or parts[2] not in GGUF_BLOCK_NAMES:  # unmerged adapters, a new layer type
+        if parts[0] != 'layers' or parts[2] not in block_names:  # unmerged adapters, a new layer type
             raise ValueError(f"no GGUF name for {name}")
-        t = (rope_interleave(t, c.n_head) if parts[2] == 'attn.q_proj.weight' else
-             rope_interleave(t, c.n_kv_head) if parts[2] == 'attn.k_proj.weight' else t)
-        out[f'blk.{parts[1]}.{GGUF_BLOCK_NAMES[parts[2]]}.weight'] = t
+        if llama:
+            t = (rope_interleave(t, c.n_head) if parts[2] == 'attn.q_proj.weight' else
+                 rope_interleave(t, c.n_kv_head) if parts[2] == 'attn.k_proj.weight' else t)
+        out[f'blk.{parts[1]}.{block_names[parts[2]]}.weight'] = t
     return {k: v.detach().float().contiguous() for k, v in out.items()}
 
 
@@ -197,17 +214,17 @@ def _gguf_tensor(gguf, t, dtype):
 
 
 def write_gguf(path, cfg, tensors, vocab, chat_template, dtype='float32', name='lumi'):
-    """Write a llama-architecture GGUF (atomically): the model shape cfg (model.ModelConfig), tensors from
-    gguf_state_dict, and the tokenizer as vocab, a dict of pieces, scores and types (SentencePiece's, in id
-    order), merges (pairs of pieces, best first: llama.cpp merges by score, transformers' GGUF loader reads
-    them), add_space_prefix, remove_extra_whitespaces and end_id (the chat turn's end, where a chat reply
-    stops). Returns path."""
+    """Write a llama- or qwen3-architecture GGUF (gguf_architecture; atomically): the model shape cfg
+    (model.ModelConfig), tensors from gguf_state_dict, and the tokenizer as vocab, a dict of pieces, scores
+    and types (SentencePiece's, in id order), merges (pairs of pieces, best first: llama.cpp merges by score,
+    transformers' GGUF loader reads them), add_space_prefix, remove_extra_whitespaces and end_id (the chat
+    turn's end, where a chat reply stops). Returns path."""
     if dtype not in GGUF_DTYPES:
         raise LumiError(f"--dtype for --format=gguf must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
     gguf = import_gguf()
     file_type = {'float32': gguf.LlamaFileType.ALL_F32, 'float16': gguf.LlamaFileType.MOSTLY_F16,
                  'bfloat16': gguf.LlamaFileType.MOSTLY_BF16, 'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
-    w = gguf.GGUFWriter(None, 'llama')
+    w = gguf.GGUFWriter(None, gguf_architecture(cfg))
     w.add_name(name)
     w.add_file_type(int(file_type))
     if dtype == 'q8_0':

@@ -37,6 +37,16 @@ dropout = 0.0               # [0, 1) on attention and MLP outputs while training
 tie_embeddings = True       # the LM head shares the token embedding's weights
 rope_theta = 10000.0        # (0, inf) RoPE base frequency
 norm_eps = 1e-5             # (0, inf) RMSNorm's epsilon
+qk_norm = False             # RMSNorm (with weights) over each head's queries and keys before RoPE, as Qwen3
+                            # does: attention logits stay bounded however large q_proj and k_proj grow; the
+                            # Hugging Face export is then Qwen3ForCausalLM
+zero_init_proj = False      # the projections into the residual stream (o_proj, down_proj) start at zero, so
+                            # every block starts as the identity; an untied LM head starts at zero too
+                            # (init only)
+embed_norm = False          # RMSNorm (with weights) on the token embedding before the first block, as
+                            # nanochat does: the stream starts at RMS 1 however far a fast-learning embedding
+                            # grows; the export folds it into the embedding rows (Llama has no such norm)
+logit_softcap = 0.0         # [0, inf) EXPERIMENT > 0: logits = cap * tanh(logits / cap) in training only
 
 
 @dataclass
@@ -53,6 +63,10 @@ class ModelConfig:
     tie_embeddings: bool = tie_embeddings
     rope_theta: float = rope_theta
     norm_eps: float = norm_eps
+    qk_norm: bool = qk_norm
+    zero_init_proj: bool = zero_init_proj
+    embed_norm: bool = embed_norm
+    logit_softcap: float = logit_softcap
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -178,6 +192,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
         self.v_proj = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * hd, d, bias=False)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(hd, cfg.norm_eps), RMSNorm(hd, cfg.norm_eps)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         B, T, _ = x.shape
@@ -185,6 +201,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.cfg.n_head, hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.cfg.n_kv_head, hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.cfg.n_kv_head, hd).transpose(1, 2)
+        if self.cfg.qk_norm:  # per head, before the rotation (Qwen3's order, which its export needs)
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
@@ -262,6 +280,8 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.embed_norm:
+            self.emb_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
@@ -278,6 +298,10 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(('o_proj.weight', 'down_proj.weight')):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                if cfg.zero_init_proj:
+                    nn.init.zeros_(p)
+        if cfg.zero_init_proj and not cfg.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -326,7 +350,8 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         pad = cache.pad if cache is not None else None
         cos, sin, mask = self._positions(B, T, start, pad, idx.device)
-        x = self.drop(self.tok_emb(idx))
+        x = self.tok_emb(idx)
+        x = self.drop(self.emb_norm(x) if self.cfg.embed_norm else x)
         recompute = (self.activation_checkpointing and self.training and cache is None
                      and torch.is_grad_enabled())
         for layer in self.layers:
@@ -338,6 +363,8 @@ class GPT(nn.Module):
         if return_hidden:
             return x
         logits = self.lm_head(x)
+        if self.cfg.logit_softcap:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         if targets is None:
             return logits, None
         if loss_mask is not None:
@@ -365,7 +392,8 @@ class GPT(nn.Module):
 # the ModelConfig fields the decoding step implements; a model that sets any other field away from its default
 # decodes through forward() until decode_step learns what that field changes
 DECODED_FIELDS = ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden', 'block_size',
-                  'dropout', 'tie_embeddings', 'rope_theta', 'norm_eps')
+                  'dropout', 'tie_embeddings', 'rope_theta', 'norm_eps', 'qk_norm', 'zero_init_proj',
+                  'embed_norm')
 
 
 class DecodeWeights:
@@ -391,6 +419,10 @@ class DecodeWeights:
                         normed(b.mlp_norm, b.mlp.gate_proj, b.mlp.up_proj),
                         lay(b.mlp.down_proj.weight.detach())) for b in model.layers]
         self.head = normed(model.norm, model.lm_head)
+        # QK-norm's weights, one row per query head then per key head (H + K, D), as qkv lays the heads out
+        self.qk_norms = [torch.cat([b.attn.q_norm.weight.detach().expand(c.n_head, -1),
+                                    b.attn.k_norm.weight.detach().expand(c.n_kv_head, -1)])
+                         for b in model.layers] if c.qk_norm else None
         self.root_eps = torch.tensor(math.sqrt(c.n_embd * c.norm_eps), dtype=dtype, device=self.head.device)
         # RoPE at position p is x @ rotations[p], (D, D): x * cos + cat(x2, x1) * (sign * sin) in
         # rotate-half's layout, for every position at once (block_size x D x D: 16 MB at 1024 x 64)
@@ -441,10 +473,15 @@ def decode_step(model, weights, token, cache):
     def normed_mm(x, m):  # RMSNorm(x) @ m, the norm's weight being m's: x @ m / sqrt(x.x + eps)
         return torch.mm(x, m).div_(torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), w.root_eps))
     x = F.embedding(token, model.tok_emb.weight)
+    if c.embed_norm:
+        x = model.emb_norm(x)
     keys, values = cache.k.unbind(0), cache.v.unbind(0)
     for i, (qkv_w, o_w, gate_up_w, down_w) in enumerate(w.blocks):
         qkv = normed_mm(x, qkv_w)
-        qk = torch.matmul(qkv[:, :(H + K) * D].view(B, H + K, D), rotation)
+        qk = qkv[:, :(H + K) * D].view(B, H + K, D)
+        if w.qk_norms is not None:
+            qk = F.rms_norm(qk, (D,), eps=c.norm_eps).mul_(w.qk_norms[i])
+        qk = torch.matmul(qk, rotation)
         keys[i].select(2, p).copy_(qk[:, H:])
         values[i].select(2, p).copy_(qkv[:, (H + K) * D:].view(B, K, D))
         y = F.scaled_dot_product_attention(qk[:, :H, None], keys[i].narrow(2, 0, p + 1),

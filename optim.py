@@ -1,24 +1,204 @@
 """
-The optimizer and the learning-rate schedule the training loop steps with: AdamW over the trainable
-parameters, matrices decayed and norms and vectors not, and warmup then cosine, warmup-stable-decay or a
-constant rate. Their keys (learning_rate, weight_decay, lr_schedule, ...) are training.py's, among the loop's.
+The optimizers and the learning-rate schedule the training loop steps with: AdamW over every trainable
+parameter (matrices decayed, norms and vectors not), or Muon for the hidden matrices beside AdamW for the
+rest; every group at its own peak rate (lr_groups), all following one schedule: warmup then cosine,
+warmup-stable-decay or a constant rate.
 
-Deliberately left out: when and how often the loop steps (training.py), and any optimizer but AdamW.
+Muon (Keller Jordan, 2024; the optimizer of the modded-nanogpt speedruns and of nanochat) is SGD with
+Nesterov momentum whose update, for each weight matrix of a hidden linear layer, is replaced by the nearest
+semi-orthogonal matrix (U V^T of the update's SVD U S V^T, approximated by a Newton-Schulz iteration): every
+direction of the update moves by about as much, so directions a small batch's gradient barely shows are
+learned as fast as the common ones. The embedding and the LM head (lookups and a softmax over the vocabulary,
+not hidden maps), norms and vectors stay with AdamW.
+
+Keys: the optimizer's own are here (optimizer, matrix_lr, lr_groups, Muon's momentum and iterations); the
+schedule's and AdamW's (learning_rate, min_lr, lr_schedule, warmup_iters, weight_decay, beta1, beta2) are
+training.py's, which takes these (its KEY_FILES).
+
+Deliberately left out: when and how often the loop steps (training.py); Muon's own sharding across ranks
+(DDP averages the gradients first, so every rank runs the same update on whole matrices); the refinements
+nanochat adds on top of Muon (Polar Express coefficients, NorMuon's per-neuron scaling, cautious weight
+decay), which its benchmark arm brings along (benchmarks/bench_recipe.py).
 """
 import math
+import re
+from fnmatch import fnmatch
 
 import torch
 
-from lumi import fused_adamw
+from lumi import LumiError, fused_adamw
+
+# -----------------------------------------------------------------------------
+# the optimizer's keys, which training.py takes (KEY_FILES) and so train.py, sft.py and dpo.py
+optimizer = 'adamw'         # adamw: AdamW for every parameter; muon: Muon for the hidden matrices (every
+                            # linear layer's weight but the LM head's), AdamW for the embedding, head, norms
+matrix_lr = 0.02            # [0, inf) Muon's peak learning rate (optimizer=muon); the schedule scales it as
+                            # it scales learning_rate
+lr_groups = {}              # {name pattern: peak learning rate}: parameters whose name matches the pattern
+                            # (fnmatch: 'tok_emb.*', 'layers.*.mlp.*') learn at their own peak, which the
+                            # schedule scales alike; the first match wins, the rest keep learning_rate
+                            # (AdamW) or matrix_lr (Muon); a pattern that matches nothing is an error
+muon_momentum = 0.95        # [0, 1) Muon's Nesterov momentum, once warmed up
+muon_momentum_start = 0.85  # [0, 1) Muon's momentum at step 0, rising linearly to muon_momentum
+muon_momentum_warmup = 300  # [0, inf) steps of that rise (a high momentum early averages gradients of a
+                            # model that no longer exists)
+ns_steps = 5                # [1, inf) Newton-Schulz iterations per Muon update
+
+OPTIMIZERS = ('adamw', 'muon')
+
+
+# -----------------------------------------------------------------------------
+# Muon
+
+# Keller Jordan's quintic: a, b, c make the slope at zero as steep as the iteration allows while every
+# singular value still lands in about [0.7, 1.2] within five steps, from any start in (0, 1]. It does not
+# converge to exactly 1 (U S' V^T, not U V^T), which trains as well and costs half the steps of the cubic
+# iteration that does.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(G, steps=5):
+    """Approximately the nearest semi-orthogonal matrix to each matrix in G (..., m, n): U S' V^T where
+    G = U S V^T is its SVD and S' holds singular values in about [0.7, 1.2] (those of G above ~1e-3 of its
+    norm; smaller ones grow, but not as far). fp32 on a CPU, bf16 on a GPU, as in the float of G's device."""
+    a, b, c = NS_COEFFS
+    X = G.bfloat16() if G.is_cuda else G.float()
+    tall = X.size(-2) > X.size(-1)
+    if tall:  # iterate on the wide side: X X^T is then the smaller Gram matrix
+        X = X.mT
+    # the Frobenius norm bounds the spectral norm: every singular value starts in (0, 1], the iteration's
+    # range
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    mm = torch.addmm if X.dim() == 2 else torch.baddbmm  # beta * M + alpha * (P @ Q) in one call
+    for _ in range(steps):
+        A = X @ X.mT
+        X = mm(X, mm(A, A, A, beta=b, alpha=c), X, beta=a)  # a X + (b A + c A^2) X
+    return (X.mT if tall else X).to(G.dtype)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for the groups of kind 'muon' (2-D weights), AdamW for those of kind 'adamw', in one optimizer
+    whose state_dict holds both (so a checkpoint resumes either exactly).
+
+    A Muon group: lr, weight_decay (decoupled, as AdamW's), momentum, momentum_start, momentum_warmup (the
+    momentum at a parameter's step t is momentum_start + (momentum - momentum_start) * min(1, t / warmup)),
+    ns_steps. An AdamW group: lr, weight_decay, betas, eps, with torch.optim.AdamW's arithmetic."""
+
+    def __init__(self, groups):
+        for g in groups:
+            if g.get('kind') not in ('muon', 'adamw'):
+                raise ValueError(f"a group's kind must be muon or adamw, got {g.get('kind')!r}")
+            if g['kind'] == 'muon' and any(p.dim() != 2 for p in g['params']):
+                raise ValueError("Muon takes 2-D weights only")
+        super().__init__(groups, {})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group['params'] if p.grad is not None]
+            if params:
+                (self._muon if group['kind'] == 'muon' else self._adamw)(group, params)
+
+    def _muon(self, group, params):
+        states = [self.state[p] for p in params]
+        for p, s in zip(params, states):
+            if not s:
+                s['step'], s['momentum_buffer'] = 0, torch.zeros_like(p)
+        t = states[0]['step']
+        warm = min(1.0, t / group['momentum_warmup']) if group['momentum_warmup'] else 1.0
+        mu = group['momentum_start'] + (group['momentum'] - group['momentum_start']) * warm
+        grads, bufs = [p.grad for p in params], [s['momentum_buffer'] for s in states]
+        torch._foreach_lerp_(bufs, grads, 1 - mu)  # buf = mu buf + (1 - mu) g
+        updates = torch._foreach_lerp(grads, bufs, mu)  # Nesterov: g + mu (buf - g), momentum looked ahead
+        # one matrix at a time: on a CPU core a batched bmm over same-shaped matrices was slower than single
+        # addmm calls (0.12 s against 0.08 s a step for configs/cpu.py's 28 matrices)
+        for p, u in zip(params, updates):
+            # a semi-orthogonal step moves each weight by ~1/sqrt(max(in, out)): x sqrt(out/in) for a tall
+            # matrix, so that every weight moves by ~1/sqrt(in) whatever the shape (Keller Jordan's rule)
+            scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+            p.mul_(1 - group['lr'] * group['weight_decay'])
+            p.add_(orthogonalize(u, group['ns_steps']), alpha=-group['lr'] * scale)
+        for s in states:
+            s['step'] += 1
+
+    def _adamw(self, group, params):
+        beta1, beta2 = group['betas']
+        lr, eps, wd = group['lr'], group['eps'], group['weight_decay']
+        for p in params:
+            s = self.state[p]
+            if not s:
+                s['step'], s['exp_avg'], s['exp_avg_sq'] = 0, torch.zeros_like(p), torch.zeros_like(p)
+            s['step'] += 1
+            g = p.grad
+            p.mul_(1 - lr * wd)
+            s['exp_avg'].lerp_(g, 1 - beta1)
+            s['exp_avg_sq'].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (s['exp_avg_sq'].sqrt() / math.sqrt(1 - beta2 ** s['step'])).add_(eps)
+            p.addcdiv_(s['exp_avg'], denom, value=-lr / (1 - beta1 ** s['step']))
+
+
+# -----------------------------------------------------------------------------
+# the groups, the optimizer and the schedule the loop uses
+
+def hidden_matrices(model):
+    """The weights Muon takes: every nn.Linear's but the LM head's (the embedding is no nn.Linear; LoRA's
+    matrices are parameters of lora.LoRALinear, so they stay with AdamW)."""
+    return {id(m.weight) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.split('.')[-1] != 'lm_head'}
+
+
+def parameter_groups(model, cfg):
+    """The trainable parameters in groups of one kind (muon or adamw), decay and peak learning rate, in the
+    order of model.named_parameters(): [{'params', 'kind', 'weight_decay', 'peak_lr'}]. Refuses an unknown
+    optimizer and an lr_groups pattern that matches no trainable parameter, in one line."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise LumiError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    patterns = dict(cfg.lr_groups)
+    for pattern, lr in patterns.items():
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
+            raise LumiError(f"lr_groups: {pattern!r} must map to a learning rate >= 0, got {lr!r}")
+        if not any(fnmatch(n, pattern) for n, _ in named):
+            names = ', '.join(sorted({re.sub(r'\.\d+\.', '.N.', n) for n, _ in named}))
+            raise LumiError(f"lr_groups: {pattern!r} matches no trainable parameter (they are {names})")
+    muon = hidden_matrices(model) if cfg.optimizer == 'muon' else set()
+    groups = {}
+    for name, p in named:
+        kind = 'muon' if id(p) in muon else 'adamw'
+        pattern = next((pat for pat in patterns if fnmatch(name, pat)), None)
+        lr = float(patterns[pattern] if pattern is not None else
+                   cfg.matrix_lr if kind == 'muon' else cfg.learning_rate)
+        decay = cfg.weight_decay if p.dim() >= 2 else 0.0
+        groups.setdefault((kind, decay, lr), []).append(p)
+    return [{'params': ps, 'kind': kind, 'weight_decay': decay, 'peak_lr': lr, 'lr': lr}
+            for (kind, decay, lr), ps in groups.items()]
 
 
 def make_optimizer(model, cfg, device):
-    """AdamW over the trainable parameters: matrices decay, norms and vectors do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg.weight_decay},
-              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=fused_adamw(device))  # where torch has the fused kernel (lumi.py)
+    """cfg.optimizer over the trainable parameters: torch's AdamW (matrices decay, norms and vectors do not),
+    or MuonAdamW (Muon for the hidden matrices, AdamW for the rest); every group at its own peak rate
+    (parameter_groups)."""
+    groups = parameter_groups(model, cfg)
+    if cfg.optimizer == 'adamw':
+        for g in groups:
+            del g['kind']
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                 fused=fused_adamw(device))  # where torch has the fused kernel (lumi.py)
+    for g in groups:
+        if g['kind'] == 'muon':
+            g.update(momentum=cfg.muon_momentum, momentum_start=cfg.muon_momentum_start,
+                     momentum_warmup=cfg.muon_momentum_warmup, ns_steps=cfg.ns_steps)
+        else:
+            g.update(betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    return MuonAdamW(groups)
+
+
+def set_lr(optimizer, lr, peak):
+    """Each group at lr / peak of its own peak rate: the schedule lr_at computes for learning_rate (peak)
+    scales every group alike. A group restored from a checkpoint of before per-group rates peaks at peak."""
+    scale = lr / peak if peak else 0.0
+    for group in optimizer.param_groups:
+        group['lr'] = group.get('peak_lr', peak) * scale
 
 
 def lr_at(step, max_iters, cfg):

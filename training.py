@@ -27,14 +27,14 @@ from tqdm import tqdm
 
 import curves
 import lumi
-from optim import lr_at, make_optimizer
+from optim import lr_at, make_optimizer, set_lr
 from checkpoint import latest_step, load_checkpoint, save_checkpoint, step_of, step_path
 from lumi import LumiError, append_jsonl, atomic_write, autocast, loss_scaler, read_jsonl, resolve_compile, \
     resolve_dtype, setup_distributed
 
 # -----------------------------------------------------------------------------
 # the training loop's keys, which train.py, sft.py and dpo.py take (KEY_FILES) and may set otherwise
-KEY_FILES = ('lumi.py',)    # device and dtype
+KEY_FILES = ('lumi.py', 'optim.py')  # device and dtype; the optimizer (adamw or muon) and its groups
 out_dir = 'out/run'         # where checkpoints, metrics.jsonl and loss.svg go
 compile = 'auto'            # auto: torch.compile on CUDA only (on a CPU it costs minutes and gains
                             # nothing); True / False
@@ -362,8 +362,7 @@ class Trainer:
         seconds. Raises TrainingDiverged on a loss that is not finite, before the optimizer steps."""
         cfg, device, world = self.cfg, self.device, self.world
         accum = cfg.gradient_accumulation_steps
-        for group in self.optimizer.param_groups:
-            group['lr'] = lr
+        set_lr(self.optimizer, lr, cfg.learning_rate)  # each group at its own peak, scaled alike
         t0 = time.time()
         loss_sum, stats_sum, step_tokens = 0.0, {}, 0
         for micro in range(accum):

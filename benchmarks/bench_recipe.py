@@ -24,6 +24,21 @@ shipped in gensim's wheel as test data), so that a mix is not chosen for the one
 --compile_check trains the CPU profile (configs/cpu.py) twice for the same minutes, compile=True and False,
 and prints the steps each made, the first step (which holds the compilation) and the median step after it.
 
+--recipe_arms (issue 25) trains configs/cpu.py's shape on data/cpu with other optimizers and architecture
+options (RECIPE_ARMS: 'cpu' is the profile as it stands, 'adamw' the profile before Muon, muon_* one change
+each), or nanochat's own model, optimizer and schedule ('nanochat': its gpt.py and optim.py read at run time
+from --nanochat, a checkout or the git directory of a fetched snapshot; compiled, the compilation warmed off
+the clock), all on the same batches in the same order, and scores every arm with eval.py's functions on
+val.bin, BBC 001-019 and the Lee corpus. --steps=N compares at equal steps (quality per step, whatever the
+machine's load), --minutes at equal time; --side_by_side runs the arms in pairs, one on each core;
+--step_time=a,b,... times a step of each arm, the arms alternating in one process (pin it with taskset):
+
+    python benchmarks/bench_recipe.py --recipe_arms=adamw,cpu,nanochat --steps=400 --cores=1 --dtype=float32 \
+        --nanochat=/path/to/nanochat
+    python benchmarks/bench_recipe.py --recipe_arms=cpu,nanochat,adamw,cpu --minutes=8 --side_by_side \
+        --dtype=float32 --nanochat=/path/to/nanochat
+    taskset -c 1 python benchmarks/bench_recipe.py --step_time=adamw,cpu,nanochat --nanochat=/path/to/nanochat
+
 Prints one row per arm and writes them to runs/bench_recipe/results.json (arms already there are not run
 again unless --fresh). Say which CPU you ran on: the script prints `lscpu`'s model name and whether the CPU
 has AVX512-BF16 (dtype 'auto' then trains in bf16).
@@ -149,6 +164,324 @@ def run_cpu_arm(name, args, out):
     return row
 
 
+# -----------------------------------------------------------------------------
+# the optimizer and architecture (issue 25): Muon and today's small-model recipe against today's AdamW recipe
+# and against nanochat's own model and optimizer, on configs/cpu.py's bins, batches and shape
+
+# today's recipe (configs/cpu.py until issue 25) as overrides: it stays an arm when configs/cpu.py moves
+ADAMW = ['--optimizer=adamw', '--learning_rate=2e-3', '--min_lr=1e-4', '--warmup_iters=20',
+         '--lr_schedule=cosine', '--weight_decay=0.1', '--grad_clip=1.0', '--lr_groups={}', '--qk_norm=False',
+         '--tie_embeddings=True', '--zero_init_proj=False', '--embed_norm=False', '--logit_softcap=0.0']
+MUON = ADAMW[1:] + ['--optimizer=muon', '--matrix_lr=0.02', '--muon_momentum=0.95',
+                    '--muon_momentum_start=0.85', '--muon_momentum_warmup=300', '--ns_steps=5']
+
+UNTIED = MUON + ['--tie_embeddings=False', "--lr_groups={'tok_emb.*': 0.03, 'lm_head.*': 0.004}"]
+
+# name: train.py overrides of configs/cpu.py (a later one wins), or nanochat's variant (nanochat_model)
+RECIPE_ARMS = {
+    'cpu': [],
+    'adamw': ADAMW,
+    'muon': MUON,
+    'muon_lr01': MUON + ['--matrix_lr=0.01'],
+    'muon_lr04': MUON + ['--matrix_lr=0.04'],
+    'muon_emb': MUON + ["--lr_groups={'tok_emb.*': 0.01}"],
+    'muon_wsd': MUON + ['--lr_schedule=wsd', '--decay_frac=0.5'],
+    'muon_nomw': MUON + ['--muon_momentum_warmup=0'],
+    'muon_wd0': MUON + ['--weight_decay=0.0'],
+    'muon_noclip': MUON + ['--grad_clip=0.0'],
+    'muon_ns3': MUON + ['--ns_steps=3'],
+    'muon_qk': MUON + ['--qk_norm=True'],
+    'muon_untied': MUON + ['--tie_embeddings=False'],
+    'muon_zero': MUON + ['--zero_init_proj=True'],
+    'muon_cap': MUON + ['--logit_softcap=15.0'],
+    # round 2: an untied head, the embedding and the head at rates of their own, then one change each
+    'untied': UNTIED,
+    'untied_emb01': UNTIED + ["--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.004}"],
+    'untied_emb001': UNTIED + ["--lr_groups={'tok_emb.*': 0.01, 'lm_head.*': 0.004}"],
+    'untied_head002': UNTIED + ["--lr_groups={'tok_emb.*': 0.03, 'lm_head.*': 0.002}"],
+    'untied_head008': UNTIED + ["--lr_groups={'tok_emb.*': 0.03, 'lm_head.*': 0.008}"],
+    'untied_embnorm': UNTIED + ['--embed_norm=True'],
+    'untied_embnorm01': UNTIED + ['--embed_norm=True', "--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.004}"],
+    'untied_zero': UNTIED + ['--zero_init_proj=True'],
+    'untied_qk': UNTIED + ['--qk_norm=True'],
+    'untied_lr04': UNTIED + ['--matrix_lr=0.04'],
+    # round 3: the two that won round 2 together, then the schedule and Muon's rate on top
+    'uqk_emb01': UNTIED + ['--qk_norm=True', "--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.004}"],
+    'uqk_emb01_wsd': UNTIED + ['--qk_norm=True', "--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.004}",
+                               '--lr_schedule=wsd', '--min_lr=0.0'],
+    'uqk_emb01_lr03': UNTIED + ['--qk_norm=True', "--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.004}",
+                                '--matrix_lr=0.03'],
+    'nanochat': 'nanochat',                 # base_train.py's learning rates and weight decay as they stand
+    'nanochat_scaled': 'nanochat_scaled',   # ... scaled to batch 4 x 256 by base_train.py's own rules
+}
+
+
+def cpu_data():
+    d = os.path.join(ROOT, 'data', 'cpu')
+    if not os.path.isfile(os.path.join(d, 'meta.json')):
+        subprocess.run([sys.executable, 'data.py', 'configs/cpu.py'], cwd=ROOT, check=True)
+    return d
+
+
+def run_child(cmd, **kw):
+    """Run cmd to the end, check its exit; its CPU seconds (user + system, its own rusage: another arm
+    running beside it on the other core is not counted)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, **kw)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_recipe_arm(name, args, out, cores=None):
+    """One arm from scratch on configs/cpu.py's bins, pinned to cores (default --cores): --steps of training
+    (equal steps) or --minutes of it (equal time, the schedule fitted to the steps that fit), then the one
+    scorer (eval.py's functions)."""
+    cores = args.cores if cores is None else cores
+    d, pin = cpu_data(), ['taskset', '-c', cores] if cores else []
+    t0 = time.time()
+    if isinstance(RECIPE_ARMS[name], str):  # nanochat: the worker trains and scores in one pinned process
+        run_child(pin + [sys.executable, __file__, f'--nanochat_worker={RECIPE_ARMS[name]}',
+                         f'--nanochat={args.nanochat}', f'--out={out}', f'--steps={args.steps}',
+                         f'--minutes={args.minutes}', f'--threads={args.threads}', f'--dtype={args.dtype}'])
+        row = lumi.read_json(os.path.join(out, 'row.json'))
+    else:
+        budget = [f'--max_iters={args.steps}', '--max_minutes=0'] if args.steps else \
+            [f'--max_minutes={args.minutes}']
+        cpu = run_child(pin + [sys.executable, 'train.py', 'configs/cpu.py', f'--data_dir={d}',
+                               f'--out_dir={out}', *budget, f'--num_threads={args.threads}',
+                               f'--dtype={args.dtype}', '--compile=False', '--resume=never',
+                               '--eval_interval=1000000', '--ckpt_interval=1000000', *RECIPE_ARMS[name]],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        last = [r for r in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl')) if 'loss' in r][-1]
+        row = dict(steps=last['step'], tokens=last['tokens'], train_cpu_s=round(cpu, 1))
+        score(row, checkpoint.latest_step(out), d, HELDOUT_MIX, args, pin)
+    row = dict(arm=name, **row, wall_s=round(time.time() - t0, 1), cores=cores,
+               unigram=round(training.unigram_entropy(os.path.join(d, 'val.bin'), 4096), 4))
+    row['below_unigram'] = round(row['unigram'] - row['val_loss'], 4)
+    return row
+
+
+def side_by_side(args, names, cols):
+    """The arms two at a time, the first of a pair pinned to core 0 and the second to core 1 (--cores is
+    ignored), each pair started together: both get the same minutes of an otherwise idle machine. Rows go to
+    recipe_pairs.json under name@budget/core."""
+    from concurrent.futures import ThreadPoolExecutor
+    path = os.path.join(args.out, 'recipe_pairs.json')
+    results = lumi.read_json(path) if os.path.isfile(path) else {}
+    budget = f"{args.steps}steps" if args.steps else f"{args.minutes:g}min"
+    print(f"{cpu_facts()}; configs/cpu.py, {budget} per arm, two arms side by side on cores 0 and 1, "
+          f"{args.threads} thread(s), dtype {args.dtype}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    print(' | '.join(cols), flush=True)
+    for i in range(0, len(names), 2):
+        pair = [(name, str(core)) for core, name in enumerate(names[i:i + 2])]
+        keys = [f"{name}@{budget}/{args.threads}t/{args.dtype}/core{core}" for name, core in pair]
+        with ThreadPoolExecutor(2) as pool:
+            rows = list(pool.map(lambda nk: run_recipe_arm(nk[0][0], args, os.path.join(
+                args.out, 'pair_' + nk[1].replace('/', '_')), nk[0][1]), zip(pair, keys)))
+        for key, row in zip(keys, rows):
+            results[key] = dict(row, load=round(os.getloadavg()[0], 2))
+            print(' | '.join(str(row.get(c, '-')) for c in cols), flush=True)
+        lumi.write_json(path, results)
+
+
+# --- nanochat's model and optimizer, read from its repository at run time (never copied into Lumi)
+
+def import_nanochat(source, dtype):
+    """nanochat's gpt module (its GPT, GPTConfig and, through it, MuonAdamW) and its revision, from source:
+    a checkout, or the git directory of a fetched snapshot (HEAD's nanochat/ folder, unpacked to a temp
+    dir)."""
+    import io
+    import tarfile
+    import tempfile
+    os.environ['NANOCHAT_DTYPE'] = dtype  # its compute dtype: the one Lumi's arms train in
+    bare = os.path.isfile(os.path.join(source, 'HEAD'))
+    git = ['git', f'--git-dir={source}'] if bare else ['git', '-C', source]
+    rev = subprocess.run(git + ['rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip()[:12]
+    if bare:
+        tar = subprocess.run(git + ['archive', 'HEAD', 'nanochat'], capture_output=True, check=True).stdout
+        source = tempfile.mkdtemp(prefix='nanochat_')
+        tarfile.open(fileobj=io.BytesIO(tar)).extractall(source, filter='data')
+    sys.path.insert(0, source)
+    from nanochat import gpt
+    return gpt, rev or source
+
+
+def nanochat_schedule(it, n, warmup=40, warmdown_ratio=0.65, final_frac=0.05):
+    """scripts/base_train.py's schedule at step it of n (its defaults): (learning-rate multiplier: warmup,
+    flat, linear warmdown over the last 65 % to 5 %; Muon momentum: 0.85 -> 0.97 over 400 steps, to 0.90
+    in the warmdown; weight-decay multiplier: cosine to 0)."""
+    down = round(warmdown_ratio * n)
+    frac = (n - it) / down  # of the warmdown still to come
+    lrm = (it + 1) / warmup if it < warmup else 1.0 if it <= n - down else frac + (1 - frac) * final_frac
+    mom = (0.85 + 0.12 * it / 400 if it < 400 else
+           0.97 - 0.07 * (it - (n - down)) / down if it >= n - down else 0.97)
+    return lrm, mom, 0.5 * (1 + math.cos(math.pi * it / n))
+
+
+def nanochat_model(gpt, cfg, vocab, variant):
+    """nanochat's GPT at configs/cpu.py's shape (full-context attention, as its CPU run), initialised its
+    way, and a maker of its optimizer with base_train.py's rates: as they stand ('nanochat'), or scaled to
+    this batch and horizon by base_train.py's own rules ('nanochat_scaled': rates x sqrt(B / 2^19), weight
+    decay x sqrt(B / 2^19) x D_ref / D, D = 12 x its scaling parameters)."""
+    import torch
+    conf = dict(sequence_len=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, window_pattern='L')
+    with torch.device('meta'):
+        model = gpt.GPT(gpt.GPTConfig(**conf))
+        ref = gpt.GPT(gpt.GPTConfig(**dict(conf, n_layer=12, n_embd=768, n_head=6, n_kv_head=6)))  # its d12
+    model.to_empty(device='cpu')
+    model.init_weights()
+    lr_scale, wd = 1.0, 0.28
+    if variant == 'nanochat_scaled':
+        scaling = lambda m: m.num_scaling_params()['transformer_matrices'] + m.num_scaling_params()['lm_head']
+        batch = cfg.batch_size * cfg.block_size
+        lr_scale = (batch / 2**19) ** 0.5
+        wd = 0.28 * lr_scale * scaling(ref) / scaling(model)
+    make = lambda: model.setup_optimizer(unembedding_lr=0.008 * lr_scale, embedding_lr=0.3 * lr_scale,
+                                         scalar_lr=0.5 * lr_scale, matrix_lr=0.02 * lr_scale, weight_decay=wd)
+    return model, make, wd
+
+
+def nanochat_setup(args, cfg, vocab):
+    """nanochat's model compiled with its optimizer and schedule, the compilation warmed off the clock (two
+    steps on val batches, then the initial weights back: "its compile cached", as in any longer run).
+    Returns (model, step(opt, x, y, it, n) -> loss, make_optimizer, weight decay, revision, compile s)."""
+    import copy
+    import torch
+    import train
+    gpt, rev = import_nanochat(args.nanochat, lumi.resolve_dtype(args.dtype, 'cpu'))
+    torch.manual_seed(cfg.seed)
+    model, make_optimizer, wd = nanochat_model(gpt, cfg, vocab, args.nanochat_worker or 'nanochat')
+    compiled = torch.compile(model, dynamic=False)
+
+    def step(opt, x, y, it, n):
+        loss = compiled(x, y)
+        loss.backward()
+        lrm, mom, wdf = nanochat_schedule(it, n)
+        for g in opt.param_groups:
+            g['lr'] = g['initial_lr'] * lrm
+            if g['kind'] == 'muon':
+                g['momentum'], g['weight_decay'] = mom, wd * wdf
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        return loss.item()
+
+    start, warm, opt = copy.deepcopy(model.state_dict()), train.make_batches(cfg, 'val', cfg.seed, 0, 1), \
+        make_optimizer()
+    t0 = time.time()
+    for it in range(2):
+        step(opt, *warm.next_batch(), it, 100)
+    compile_s = time.time() - t0
+    model.load_state_dict(start)
+    return model, step, make_optimizer, wd, rev, compile_s
+
+
+def cpu_config(*overrides):
+    """train.py's config from configs/cpu.py on data/cpu, with overrides, as train.py resolves it."""
+    import train
+    from corpus import bins
+    d = cpu_data()
+    cfg = lumi.load_config(train.KEYS, [os.path.join(ROOT, 'configs', 'cpu.py'), f'--data_dir={d}',
+                                        *overrides], shares_with=train.SHARES_WITH)
+    meta = bins.load_meta(d)
+    cfg.tokenizer_sha256 = meta['tokenizer_sha256']
+    return cfg, meta
+
+
+def nanochat_worker(args):
+    """Train nanochat's model with its optimizer and schedule on Lumi's batches (train.py's, in its order),
+    then score it with eval.py's functions, the scorer of every arm."""
+    import types
+    import torch
+    import eval as ev
+    import train
+    from corpus import sources
+    from tokenizer import Tokenizer
+    torch.set_num_threads(args.threads)
+    cfg, meta = cpu_config()
+    d, dtype = cfg.data_dir, lumi.resolve_dtype(args.dtype, 'cpu')
+    model, step, make_optimizer, wd, rev, compile_s = nanochat_setup(args, cfg, meta['vocab_size'])
+    opt, batches = make_optimizer(), train.make_batches(cfg, 'train', cfg.seed, 0, 1)
+    budget, n, used, recent, it, losses = args.minutes * 60, args.steps or 10**9, 0.0, [], 0, []
+    cpu0 = time.process_time()
+    while it < n:
+        t = time.time()
+        losses.append(step(opt, *batches.next_batch(), it, n))
+        recent, it = (recent + [time.time() - t])[-10:], it + 1
+        used += recent[-1]
+        if not args.steps and len(recent) >= 2:  # fit the schedule to the clock, as train.py does
+            n = it + int(max(0.0, budget - used) / (sum(recent) / len(recent)))
+    row = dict(steps=it, tokens=it * cfg.batch_size * cfg.block_size,
+               train_loss=round(sum(losses[-20:]) / 20, 4), compile_s=round(compile_s, 1),
+               train_s=round(used, 1), train_cpu_s=round(time.process_time() - cpu0, 1), nanochat=rev,
+               weight_decay=round(wd, 4))
+
+    class Scored(torch.nn.Module):  # what eval.py's scorers call: hidden states, then the head; here logits
+        def __init__(self):
+            super().__init__()
+            self.inner, self.lm_head, self.cfg = model, torch.nn.Identity(), types.SimpleNamespace(
+                block_size=cfg.block_size)
+
+        def forward(self, idx, return_hidden=True):
+            return self.inner(idx)
+    scored, tok = Scored(), Tokenizer.load(os.path.join(d, 'tokenizer', 'tokenizer.model'))
+    with torch.no_grad():
+        for what, spec in [('val', '')] + list(HELDOUT_MIX.items()):
+            if spec:
+                docs = sources.iter_documents(spec, max_chars=1 << 62)
+                r = ev.ppl_documents(scored, tok, docs, source=spec, dtype=dtype)
+            else:
+                r = ev.ppl_bins(scored, tok, d, dtype=dtype)
+            row[f'{what}_loss'], row[f'{what}_bpb'] = round(r['loss'], 4), round(r['bpb'], 4)
+    lumi.write_json(os.path.join(args.out, 'row.json'), row)
+
+
+def step_time(args, rounds=6, steps=10):
+    """CPU seconds a training step of each arm, all built in this one process (pin it with taskset), the arms
+    taking turns for `rounds` rounds of `steps` steps (the order reversed every other round), so that a change
+    in the machine's load tilts none of them; nanochat's steps compiled, after its warm-up."""
+    import statistics
+    import tempfile
+    import torch
+    import optim
+    import train
+    from model import GPT, ModelConfig
+    torch.set_num_threads(args.threads)
+    names, run = args.step_time.split(','), {}
+    for name in names:
+        if isinstance(RECIPE_ARMS[name], str):
+            args.nanochat_worker = RECIPE_ARMS[name]
+            cfg, meta = cpu_config()
+            model, step, make_optimizer, *_ = nanochat_setup(args, cfg, meta['vocab_size'])
+            opt, batches = make_optimizer(), train.make_batches(cfg, 'train', cfg.seed, 0, 1)
+            run[name] = lambda it, step=step, opt=opt, b=batches: step(opt, *b.next_batch(), it, 10**6)
+            continue
+        cfg, meta = cpu_config(*RECIPE_ARMS[name], '--device=cpu', f'--dtype={args.dtype}', '--compile=False',
+                               '--resume=never', f'--out_dir={tempfile.mkdtemp(prefix="step_time_")}')
+        torch.manual_seed(cfg.seed)
+        model = GPT(ModelConfig(**{k: cfg[k] for k in train.MODEL_KEYS}, vocab_size=meta['vocab_size']))
+        trainer = training.Trainer(cfg, model, train.make_batches(cfg, 'train', cfg.seed, 0, 1),
+                                   train.pretrain_loss)
+        run[name] = lambda it, t=trainer, c=cfg: t.train_step(optim.lr_at(it, 10**6, c))
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            for _ in range(steps):
+                c = time.process_time()
+                run[name](len(times[name]))
+                times[name].append(time.process_time() - c)
+    print(f"{cpu_facts()}; {args.threads} thread(s), dtype {lumi.resolve_dtype(args.dtype, 'cpu')}, "
+          f"load {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M')}; "
+          f"{rounds} x {steps} steps an arm")
+    base = statistics.median(times[names[0]][steps:])  # the first round warms the caches
+    print("arm | median CPU s a step | against " + names[0])
+    for name in names:
+        med = statistics.median(times[name][steps:])
+        print(f"{name} | {med:.4f} | {med / base:.3f}x")
+
+
 def cpu_facts():
     import torch
     name = next((line.split(':', 1)[1].strip() for line in subprocess.run(
@@ -216,11 +549,12 @@ def table(args, names, known, results_file, cols, run, what=''):
         sys.exit(f"unknown arm(s) {unknown}; known: {', '.join(known)}")
     path = os.path.join(args.out, results_file)
     results = lumi.read_json(path) if os.path.isfile(path) else {}
-    print(f"{cpu_facts()}; {what}{args.minutes:g} min per arm on cores {args.cores or 'any'}, {args.threads} "
+    budget = f"{args.steps} steps" if getattr(args, 'steps', 0) else f"{args.minutes:g} min"
+    print(f"{cpu_facts()}; {what}{budget} per arm on cores {args.cores or 'any'}, {args.threads} "
           f"thread(s), dtype {args.dtype}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     print(' | '.join(cols), flush=True)
     for name in names:
-        key = f"{name}@{args.minutes:g}min/{args.threads}t/{args.dtype}"
+        key = f"{name}@{budget.replace(' ', '')}/{args.threads}t/{args.dtype}"
         if key not in results or args.fresh:
             results[key] = dict(run(name, key.replace('/', '_')), load=round(os.getloadavg()[0], 2))
             lumi.write_json(path, results)
@@ -243,7 +577,35 @@ def main():
                     help='configs/cpu.py compiled vs eager, same minutes')
     ap.add_argument('--cpu_arms', default='',
                     help=f"comma-separated arms on configs/cpu.py: {', '.join(CPU_ARMS)}")
+    ap.add_argument('--recipe_arms', default='',
+                    help=f"comma-separated optimizer/architecture arms: {', '.join(RECIPE_ARMS)}")
+    ap.add_argument('--steps', type=int, default=0, help='--recipe_arms: this many steps each (equal steps), '
+                                                         'not --minutes (equal time)')
+    ap.add_argument('--nanochat', default=os.environ.get('NANOCHAT', ''),
+                    help='a nanochat checkout, or the git directory of a fetched snapshot ($NANOCHAT)')
+    ap.add_argument('--nanochat_worker', default='', help=argparse.SUPPRESS)
+    ap.add_argument('--side_by_side', action='store_true',
+                    help='--recipe_arms two at a time, one on core 0 and one on core 1 (an idle machine)')
+    ap.add_argument('--step_time', default='', help='comma-separated recipe arms: CPU seconds a step, '
+                                                     'alternating arms in this one process')
     args = ap.parse_args()
+    if args.nanochat_worker:
+        os.makedirs(args.out, exist_ok=True)
+        return nanochat_worker(args)
+    if args.step_time:
+        return step_time(args)
+    if args.recipe_arms:
+        names = args.recipe_arms.split(',')
+        if any(isinstance(RECIPE_ARMS.get(n), str) for n in names) and not args.nanochat:
+            sys.exit("a nanochat arm needs --nanochat=PATH (a checkout, or a fetched snapshot's git dir)")
+        cols = ('arm', 'steps', 'tokens', 'train_cpu_s', 'val_loss', 'below_unigram', 'val_bpb', 'bbc_bpb',
+                'lee_bpb')
+        if args.side_by_side:
+            return side_by_side(args, names, cols + ('cores',))
+        table(args, names, RECIPE_ARMS, 'recipe_arms.json', cols,
+              lambda name, key: run_recipe_arm(name, args, os.path.join(args.out, 'recipe_' + key)),
+              'configs/cpu.py, ')
+        return
     if args.compile_check:
         return compile_check(args)
     if args.cpu_arms:

@@ -246,11 +246,13 @@ def test_bfloat16_weights_decode_with_a_bfloat16_cache(lively_checkpoint, loaded
 
 @pytest.mark.parametrize('n_kv_head', [4, 2])
 @pytest.mark.parametrize('padded', [False, True])
-def test_decode_step_equals_forward_and_fills_the_cache_alike(tiny_config, n_kv_head, padded):
+@pytest.mark.parametrize('options', [{}, {'qk_norm': True, 'embed_norm': True, 'tie_embeddings': False}],
+                         ids=['llama', 'qk_norm+embed_norm+untied'])
+def test_decode_step_equals_forward_and_fills_the_cache_alike(tiny_config, n_kv_head, padded, options):
     # decode_step is forward() for one position on the stacked, transposed, norm-folded matrices: the same
     # numbers up to float32 rounding (relative to the largest)
     close = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
-    model = GPT(replace(tiny_config, n_kv_head=n_kv_head)).eval().requires_grad_(False)
+    model = GPT(replace(tiny_config, n_kv_head=n_kv_head, **options)).eval().requires_grad_(False)
     torch.manual_seed(5)
     with torch.no_grad():
         for p in model.parameters():
@@ -291,11 +293,11 @@ def test_decode_weights_only_where_decode_step_applies(tiny_config, loaded):
 
     @dataclass
     class Grown(ModelConfig):  # a config key decode_step does not know yet
-        qk_norm: bool = False
+        value_embeddings: bool = False
     grown = GPT(tiny_config).eval()
     grown.cfg = Grown(**vars(tiny_config))
     assert decode_weights(grown) is not None  # at its default the architecture is the same
-    grown.cfg.qk_norm = True
+    grown.cfg.value_embeddings = True
     assert decode_weights(grown) is None
 
 

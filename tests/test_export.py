@@ -125,6 +125,15 @@ def test_lora_checkpoint_is_merged_before_export(tmp_path, tokenizer, tiny_confi
         torch.testing.assert_close(_from_hf(weights, tiny_config)(idx)[0], model(idx)[0], rtol=0, atol=1e-5)
 
 
+def test_a_model_no_transformers_class_computes_is_refused_before_anything_is_written(tmp_path, tokenizer,
+                                                                                     tiny_config):
+    capped = ModelConfig(**{**tiny_config.__dict__, 'logit_softcap': 15.0})
+    _checkpoint(tmp_path / 'ckpt.pt', tokenizer, capped)
+    with pytest.raises(ValueError, match='logit_softcap=15.0 has no Llama or Qwen3 form'):
+        export.export_hf(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
+    assert not (tmp_path / 'hf').exists()
+
+
 def test_adapter_file_is_refused(tmp_path, tokenizer):
     checkpoint.save_checkpoint(str(tmp_path / 'adapter.pt'),
                                dict(kind='adapter', lora={'r': 4}, lora_state={},
@@ -270,11 +279,20 @@ def test_transformers_imports_beside_lumis_modules_from_the_repository_root(tmp_
     assert proc.stdout.split()[-1] == str(tiny_config.n_layer)
 
 
-def test_transformers_loads_the_export_with_equal_logits(tmp_path, tokenizer, tiny_config):
+# QK-norm is Qwen3's (Llama with an RMSNorm over each head's queries and keys before RoPE); the embedding's
+# norm is folded into the exported rows (the head, tied in Lumi, is then a tensor of its own)
+@pytest.mark.parametrize('options, arch', [({}, 'LlamaForCausalLM'),
+                                           ({'qk_norm': True}, 'Qwen3ForCausalLM'),
+                                           ({'qk_norm': True, 'tie_embeddings': False}, 'Qwen3ForCausalLM'),
+                                           ({'embed_norm': True}, 'LlamaForCausalLM'),
+                                           ({'embed_norm': True, 'qk_norm': True, 'tie_embeddings': False},
+                                            'Qwen3ForCausalLM')])
+def test_transformers_loads_the_export_with_equal_logits(tmp_path, tokenizer, tiny_config, options, arch):
     transformers = pytest.importorskip('transformers')
-    model = _checkpoint(tmp_path / 'ckpt.pt', tokenizer, tiny_config)
+    model = _checkpoint(tmp_path / 'ckpt.pt', tokenizer, ModelConfig(**{**tiny_config.__dict__, **options}))
     export.export_hf(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
-    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / 'hf'), torch_dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'hf'), dtype=torch.float32).eval()
+    assert type(hf).__name__ == arch
     idx = torch.randint(0, tiny_config.vocab_size, (2, tiny_config.block_size))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
@@ -299,22 +317,30 @@ PROSE = ["Shall I compare thee to a summer's day? Thou art more lovely and more 
          "12345 67.89 and naïve café"]
 
 
-def _from_gguf(transformers, path):
+def _from_gguf(transformers, path, **config):
     return transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32, **config).eval()
 
 
-@pytest.mark.parametrize('dtype, tied', [('float32', True), ('float32', False), ('float16', True),
-                                         ('bfloat16', True), ('q8_0', False)])
-def test_gguf_gives_lumis_logits_in_transformers(tmp_path, tokenizer, tiny_config, dtype, tied):
+@pytest.mark.parametrize('dtype, tied, options', [('float32', True, {}), ('float32', False, {}),
+                                                  ('float16', True, {}), ('bfloat16', True, {}),
+                                                  ('q8_0', False, {}), ('float32', True, {'qk_norm': True}),
+                                                  ('float32', True, {'qk_norm': True, 'embed_norm': True})])
+def test_gguf_gives_lumis_logits_in_transformers(tmp_path, tokenizer, tiny_config, dtype, tied, options):
     transformers = pytest.importorskip('transformers')
-    pytest.importorskip('gguf')
-    cfg = ModelConfig(**{**tiny_config.__dict__, 'tie_embeddings': tied})
+    gguf = pytest.importorskip('gguf')
+    cfg = ModelConfig(**{**tiny_config.__dict__, 'tie_embeddings': tied, **options})
     model = _checkpoint(tmp_path / 'ckpt.pt', tokenizer, cfg)
     path = str(tmp_path / f'model-{dtype}.gguf')
     assert export.main([str(tmp_path / 'ckpt.pt'), path, '--format=gguf', f'--dtype={dtype}']) == path
-    hf = _from_gguf(transformers, path)
-    assert hf.config.tie_word_embeddings == tied
+    # transformers' GGUF reader (5.25) leaves qwen3.attention.key_length unread and takes Qwen3's default
+    # head_dim, 128; llama.cpp reads it. The file holds it (checked here); the loader is told it
+    reader = gguf.GGUFReader(path)
+    arch = 'qwen3' if cfg.qk_norm else 'llama'
+    assert int(reader.fields[f'{arch}.attention.key_length'].contents()) == cfg.head_dim
+    hf = _from_gguf(transformers, path, **({'head_dim': cfg.head_dim} if cfg.qk_norm else {}))
+    assert type(hf).__name__ == ('Qwen3ForCausalLM' if cfg.qk_norm else 'LlamaForCausalLM')
+    assert hf.config.tie_word_embeddings == (tied and not cfg.embed_norm)
     idx = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
     with torch.no_grad():
         hf_logits, lumi_logits = hf(idx).logits, model(idx)[0]

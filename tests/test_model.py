@@ -301,3 +301,47 @@ def test_activation_checkpointing_keeps_only_block_inputs_for_the_backward(tiny_
     with torch.no_grad():  # no gradients, nothing to recompute: the plain path
         model.eval()
         torch.testing.assert_close(model(idx)[0], make(tiny_config)(idx)[0])
+
+
+# -----------------------------------------------------------------------------
+# architecture options (issue 25), each off by default
+
+def test_qk_norm_normalises_each_heads_queries_and_keys_before_rope_and_decodes_with_the_cache(tiny_config):
+    cfg = replace(tiny_config, qk_norm=True)
+    model = make(cfg)
+    attn = model.layers[0].attn
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (cfg.head_dim,)
+    seen = []
+    attn.q_norm.register_forward_hook(lambda m, i, o: seen.append(o) and None)
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        full, _ = model(idx)
+        x = model.layers[0].attn_norm(model.tok_emb(idx))  # the first block's queries, by hand
+        q = attn.q_proj(x).view(2, 12, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        torch.testing.assert_close(seen[0], F.rms_norm(q, (cfg.head_dim,), eps=cfg.norm_eps))
+        inc = decode_step_by_step(model, idx, 5, KVCache(cfg, 2, cfg.block_size, 'cpu'))
+    torch.testing.assert_close(inc, full, rtol=0, atol=1e-5)
+
+
+def test_zero_init_proj_starts_every_block_as_the_identity(tiny_config):
+    cfg = replace(tiny_config, zero_init_proj=True)
+    model = make(cfg)
+    for layer in model.layers:
+        assert not layer.attn.o_proj.weight.any() and not layer.mlp.down_proj.weight.any()
+    # the other weights are drawn as without the option: the same random stream
+    assert torch.equal(model.layers[1].attn.q_proj.weight, make(tiny_config).layers[1].attn.q_proj.weight)
+    idx = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], model.lm_head(model.norm(model.tok_emb(idx))))
+
+
+def test_embed_norm_normalises_the_stream_before_the_first_block_and_an_untied_head_can_start_at_zero(
+        tiny_config):
+    model = make(replace(tiny_config, embed_norm=True, zero_init_proj=True, tie_embeddings=False))
+    assert not model.lm_head.weight.any()  # uniform predictions at step 0
+    with torch.no_grad():
+        model.emb_norm.weight.uniform_(0.5, 1.5)
+        model.tok_emb.weight.mul_(50)  # a grown embedding: the stream starts at the norm's scale all the same
+        idx = torch.randint(0, tiny_config.vocab_size, (2, 9))
+        x = F.rms_norm(model.tok_emb(idx), (tiny_config.n_embd,), model.emb_norm.weight, tiny_config.norm_eps)
+        torch.testing.assert_close(model(idx, return_hidden=True), model.norm(x))  # the blocks are identities

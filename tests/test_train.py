@@ -27,6 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--n_layer=2', '--n_embd=64', '--n_head=4', '--n_kv_head=2', '--ffn_hidden=128', '--block_size=32',
         '--batch_size=4', '--eval_iters=2', '--device=cpu', '--dtype=float32', '--compile=False',
         '--warmup_iters=5', '--learning_rate=3e-3']
+# the recipe with Muon, QK-norm and a group at its own rate: its state must resume and average as AdamW's does
+MUON = ['--optimizer=muon', '--qk_norm=True', '--muon_momentum_warmup=20', "--lr_groups={'tok_emb.*': 0.01}"]
 TIMING = ('tokens_per_sec', 'mfu')  # the only fields that may differ between two runs of the same steps
 
 
@@ -138,10 +140,12 @@ def test_max_minutes_fits_the_schedule_to_the_clock(bins, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('dtype', ['float32', 'float16'])  # float16: its loss scale resumes too
-def test_kill9_while_checkpointing_then_resume_is_bit_exact(bins, tmp_path, dtype):
+# float16: its loss scale resumes too; muon: its momentum buffers, through the optimizer's state_dict
+@pytest.mark.parametrize('dtype, recipe', [('float32', []), ('float16', []), ('float32', MUON)],
+                         ids=['float32', 'float16', 'muon'])
+def test_kill9_while_checkpointing_then_resume_is_bit_exact(bins, tmp_path, dtype, recipe):
     args = [f'--data_dir={bins}', '--max_iters=24', '--eval_interval=6', '--ckpt_interval=6',
-            '--keep_last=2'] + TINY + [f'--dtype={dtype}']
+            '--keep_last=2'] + TINY + [f'--dtype={dtype}'] + recipe
     full = str(tmp_path / 'full')
     train.main(args + [f'--out_dir={full}'])  # in this process: one fewer start, the same arithmetic
 
@@ -182,14 +186,16 @@ def test_activation_checkpointing_trains_the_same_floats(bins, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('dtype, tol', [('float32', 1e-4), ('float16', 2e-3)])
-def test_ddp_two_processes_match_one_at_the_same_global_batch(bins, tmp_path, dtype, tol):
+@pytest.mark.parametrize('dtype, tol, recipe', [('float32', 1e-4, []), ('float16', 2e-3, []),
+                                                ('float32', 1e-4, MUON)], ids=['float32', 'float16', 'muon'])
+def test_ddp_two_processes_match_one_at_the_same_global_batch(bins, tmp_path, dtype, tol, recipe):
     """torchrun --nproc_per_node=2 (gloo) with batch 2 per rank against one process with batch 4: the same
     rows each step (GlobalBatches), so the losses agree up to fp32 summation order. Tolerance 1e-4 nats; a run
     that failed to average gradients across ranks, or fed both ranks the same rows, would be off by ~1e-2.
-    float16: fp16 rounding on top (2e-3), and the ranks skip the same steps as the one process."""
+    float16: fp16 rounding on top (2e-3), and the ranks skip the same steps as the one process. Muon
+    orthogonalises the averaged gradient's momentum on every rank alike."""
     args = [f'--data_dir={bins}', '--max_iters=8', '--eval_interval=4', '--ckpt_interval=4'] + TINY
-    args += [f'--dtype={dtype}']
+    args += [f'--dtype={dtype}'] + recipe
     one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
     train.main(args + [f'--out_dir={one}'])
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']

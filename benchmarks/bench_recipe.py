@@ -211,6 +211,22 @@ RECIPE_ARMS = {
                                '--lr_schedule=wsd', '--min_lr=0.0'],
     'uqk_emb01_lr03': UNTIED + ['--qk_norm=True', "--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.004}",
                                 '--matrix_lr=0.03'],
+    # round 4: the embedding and the head at nanochat's rates (0.3 and 0.008 at width 768, x 2.45 at 128)
+    'uqk_e03': UNTIED + ['--qk_norm=True', "--lr_groups={'tok_emb.*': 0.3, 'lm_head.*': 0.004}"],
+    'uqk_e03_h01': UNTIED + ['--qk_norm=True', "--lr_groups={'tok_emb.*': 0.3, 'lm_head.*': 0.01}"],
+    'uqk_e01_h01': UNTIED + ['--qk_norm=True', "--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.01}"],
+    'uqk_e01_h02': UNTIED + ['--qk_norm=True', "--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.02}"],
+    # round 5: around the best of round 4 (uqk_e01_h02)
+    'uqk_e01_h04': UNTIED + ['--qk_norm=True', "--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.04}"],
+    'uqk_e02_h02': UNTIED + ['--qk_norm=True', "--lr_groups={'tok_emb.*': 0.2, 'lm_head.*': 0.02}"],
+    'uqk_e005_h02': UNTIED + ['--qk_norm=True', "--lr_groups={'tok_emb.*': 0.05, 'lm_head.*': 0.02}"],
+    'uqk_e01_h02_wd0': UNTIED + ['--qk_norm=True', "--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.02}",
+                                 '--weight_decay=0.0'],
+    # round 6: the head faster still, without weight decay
+    'uqk_e01_h04_wd0': UNTIED + ['--qk_norm=True', "--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.04}",
+                                 '--weight_decay=0.0'],
+    'uqk_e01_h08_wd0': UNTIED + ['--qk_norm=True', "--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.08}",
+                                 '--weight_decay=0.0'],
     'nanochat': 'nanochat',                 # base_train.py's learning rates and weight decay as they stand
     'nanochat_scaled': 'nanochat_scaled',   # ... scaled to batch 4 x 256 by base_train.py's own rules
 }

@@ -39,14 +39,22 @@ n_embd = 128
 ffn_hidden = 512
 block_size = 256            # chats and verses are short; attention over 1024 would cost steps, not loss
 dropout = 0.0
-tie_embeddings = True
+# issue 25's recipe, one change at a time at 400 equal steps (benchmarks/bench_recipe.py --recipe_arms; val
+# loss / held-out BBC bits per byte; docs/BENCHMARKS.md "Optimizer and architecture"): AdamW 5.440 / 2.558;
+# Muon on the hidden matrices 5.213 / 2.426; an untied head with rates of its own 4.902 / 2.213; QK-norm
+# 4.860 / 2.195; the embedding at 0.1 4.849 / 2.184; the head at 0.04 4.804 / 2.143 (nanochat's own recipe
+# 4.839 / 2.156). Lost: zero-initialised projections, the embedding norm, wsd, Muon at 0.03, softcapping
+tie_embeddings = False      # the head learns at a rate of its own (lr_groups); Llama and Qwen3 allow it
+qk_norm = True              # exported as Qwen3ForCausalLM (GGUF: qwen3)
 
 # training: bf16 autocast where the CPU has it (dtype auto), no compile (auto: it
 # costs 1-3 minutes of the budget on a CPU and gave no faster steps)
 batch_size = 4             # 4 x 256 tokens a step: on 2 cores more, smaller steps learn more per minute
                            # (4 beat 8 at equal CPU time on AVX2, 8 beat 16 on AVX512-BF16), at the same
                            # tokens per second
-learning_rate = 2e-3
+optimizer = 'muon'          # Muon for the hidden matrices at matrix_lr (0.02), AdamW for the rest
+lr_groups = {'tok_emb.*': 0.1, 'lm_head.*': 0.04}  # AdamW's peaks for the embedding and the head
+learning_rate = 2e-3        # AdamW's peak for what is left: the norms
 min_lr = 1e-4
 warmup_iters = 20
 lr_schedule = 'cosine'

@@ -227,6 +227,10 @@ RECIPE_ARMS = {
                                  '--weight_decay=0.0'],
     'uqk_e01_h08_wd0': UNTIED + ['--qk_norm=True', "--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.08}",
                                  '--weight_decay=0.0'],
+    # at equal minutes (configs/cpu.py is round 5's uqk_e01_h04): nanochat's schedule shape (flat, then 65 %
+    # linear decay to 5 %), and a cheaper step (SwiGLU at 3 x width, 3 Newton-Schulz iterations)
+    'cpu_wsd65': ['--lr_schedule=wsd', '--decay_frac=0.65'],
+    'cpu_ffn384_ns3': ['--ffn_hidden=384', '--ns_steps=3'],
     'nanochat': 'nanochat',                 # base_train.py's learning rates and weight decay as they stand
     'nanochat_scaled': 'nanochat_scaled',   # ... scaled to batch 4 x 256 by base_train.py's own rules
 }

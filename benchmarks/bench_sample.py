@@ -6,13 +6,14 @@ when it reads every weight once.
 
     taskset -c 1 python benchmarks/bench_sample.py [--shapes="('cpu', '6x256')"] [--dtypes=...] [--rounds=5]
 
-Shapes: 'cpu' is the CPU profile's model (configs/cpu.py: 4 layers x 128, context 256, vocab 4096), '6x256'
+Shapes: 'cpu' is the CPU profile's model (configs/cpu.py: 4 layers x 128, context 256, vocab 4096, QK-norm,
+an untied head), 'cpu_llama' the same without QK-norm and tied (the profile before issue 25), '6x256'
 6 layers x 256 with context 1024 and the same vocabulary. Weights: random, at ~40x the init scale (as
 tests/conftest.py's lively model) so that each token depends on the whole context and the greedy tokens are
 a real check; speed does not depend on the values. They are exported with export.py (hf_state_dict, hf_config,
-save_safetensors) and loaded back with LlamaForCausalLM.from_pretrained: the baseline runs what `lumi.py
-export --format=hf` writes. Greedy, no stop tokens, a 16-token prompt (batch 8: 8 prompts of 16), and as many
-new tokens as fit the context, at most 256, so both sides see the same positions.
+save_safetensors) and loaded back with AutoModelForCausalLM.from_pretrained (Llama or Qwen3): the baseline
+runs what `lumi.py export --format=hf` writes. Greedy, no stop tokens, a 16-token prompt (batch 8: 8 prompts
+of 16), and as many new tokens as fit the context, at most 256, so both sides see the same positions.
 
 Three arms, alternating in one process, a whole generation each in turn, `rounds` times: Hugging Face
 generate; the engine with forward() for each new token (how Lumi decoded before issue 29, with today's
@@ -53,7 +54,11 @@ threads = 1          # 1: CPU time is what an idle core would take
 arms = ('hf', 'forward', 'decode_step')
 seed = 0
 
-SHAPES = {'cpu': dict(n_layer=4, n_head=2, n_kv_head=2, n_embd=128, ffn_hidden=512, block_size=256),
+# 'cpu' is configs/cpu.py's model as it stands (issue 25: QK-norm and an untied head, exported as Qwen3);
+# 'cpu_llama' the same shape as a plain Llama (tied, no QK-norm), the CPU profile before issue 25
+SHAPES = {'cpu': dict(n_layer=4, n_head=2, n_kv_head=2, n_embd=128, ffn_hidden=512, block_size=256,
+                      qk_norm=True, tie_embeddings=False),
+          'cpu_llama': dict(n_layer=4, n_head=2, n_kv_head=2, n_embd=128, ffn_hidden=512, block_size=256),
           '6x256': dict(n_layer=6, n_head=4, n_kv_head=4, n_embd=256, ffn_hidden=1024, block_size=1024)}
 VOCAB = 4096
 
@@ -84,12 +89,13 @@ def lively_model(shape, seed):
 
 
 def hf_model(model, dtype, where):
-    """LlamaForCausalLM.from_pretrained on what export.py writes for model (weights and config)."""
+    """AutoModelForCausalLM.from_pretrained (Llama, or Qwen3 with QK-norm) on what export.py writes for
+    model (weights and config)."""
     import transformers
     export.save_safetensors(export.hf_state_dict(model, getattr(torch, dtype)),
                             os.path.join(where, 'model.safetensors'), metadata={'format': 'pt'})
     lumi.write_json(os.path.join(where, 'config.json'), export.hf_config(model.cfg, dtype))
-    hf = transformers.LlamaForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype))
     return hf.eval().requires_grad_(False)
 
 

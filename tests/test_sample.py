@@ -7,6 +7,7 @@ the command line, and the interactive prompt through a pseudo-terminal. The serv
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -153,13 +154,22 @@ def test_cli_prompt_prints_the_greedy_completion(loaded, lively_checkpoint):
     assert bad.returncode == 1 and 'not found' in bad.stderr
 
 
+def default_ctrl_c():
+    """SIGINT at its default in a child about to exec: an ignored or blocked SIGINT is inherited across exec
+    (and Python installs no KeyboardInterrupt handler over an ignored one), so whatever the test process's own
+    signal state after hundreds of tests, the child meets Ctrl-C as it would from a shell."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 class Terminal:
     """A child process on a pseudo-terminal: what it prints is read as a screen, keys are written to it."""
 
     def __init__(self, argv, cwd):
         self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # the child: exec at once
+        if self.pid == 0:  # the child: exec at once, Ctrl-C delivered as a shell would deliver it
             os.chdir(cwd)
+            default_ctrl_c()
             os.execve(sys.executable, [sys.executable] + argv, CHILD_ENV)
         self.screen, self.pos = '', 0
 

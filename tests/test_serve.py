@@ -27,6 +27,7 @@ import sample as S
 import serve
 from serve import SERVER_KEYS, Server
 from test_engine import complete
+from test_sample import default_ctrl_c
 from tokenizer import BOS_ID, render_chat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,7 +210,8 @@ def test_openai_client_plain_and_streamed(server):
 def test_cli_serve_answers_on_its_port(lively_checkpoint):
     proc = subprocess.Popen([sys.executable, 'sample.py', '--serve', f'--ckpt={lively_checkpoint}',
                              '--port=0', '--temperature=0'],
-                            cwd=REPO, env=CHILD_ENV, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=CHILD_ENV, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_ctrl_c)  # the Ctrl-C below reaches it as from a shell
     try:
         line = ''
         while 'serving' not in line:

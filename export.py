@@ -22,12 +22,12 @@ import os
 import struct
 
 import torch
-import torch.nn.functional as F
 
 import lumi
 from checkpoint import checkpoint_of, is_adapter, load_checkpoint, load_model, tokenizer_from_checkpoint
 from formats import GGUF_DTYPES, gguf_state_dict, import_gguf, save_safetensors, write_gguf
 from lora import check_adapter, peft_adapter
+from model import exported_embedding
 from tokenizer import (BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, PIECE_CONTROL, PIECE_NORMAL, PIECE_UNKNOWN,
                        PIECE_USER_DEFINED, UNK_ID, proto_fields)
 
@@ -55,9 +55,8 @@ def hf_state_dict(model, dtype=torch.float32):
         names['lm_head.weight'] = 'lm_head.weight'
     if c.embed_norm:  # Llama has no norm after the lookup: every row normalised once here, the head untied
         names['lm_head.weight'] = 'lm_head.weight'  # the raw embedding, where Lumi ties them
-        with torch.no_grad():
-            sd['tok_emb.weight'] = F.rms_norm(sd['tok_emb.weight'], (c.n_embd,), sd.pop('emb_norm.weight'),
-                                              c.norm_eps)
+        sd['tok_emb.weight'] = exported_embedding(model)
+        del sd['emb_norm.weight']
     for i in range(c.n_layer):
         src, dst = f'layers.{i}.', f'model.layers.{i}.'
         for p in ('q', 'k', 'v', 'o'):

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from lumi import LumiError, atomic_write
+from model import exported_embedding
 from tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 # safetensors dtype names; the bytes are always little-endian
@@ -178,8 +179,7 @@ def gguf_state_dict(model):
     c, sd = model.cfg, dict(model.state_dict())
     if c.embed_norm:
         sd['lm_head.weight'] = model.lm_head.weight
-        sd['tok_emb.weight'] = torch.nn.functional.rms_norm(model.tok_emb.weight.float(), (c.n_embd,),
-                                                            model.emb_norm.weight.float(), c.norm_eps)
+        sd['tok_emb.weight'] = exported_embedding(model)
         del sd['emb_norm.weight']
     block_names = {**GGUF_BLOCK_NAMES, **(QK_NORM_NAMES if c.qk_norm else {})}
     llama = gguf_architecture(c) == 'llama'

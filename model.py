@@ -381,6 +381,14 @@ class GPT(nn.Module):
         return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
 
 
+@torch.no_grad()
+def exported_embedding(model):
+    """The embedding rows for a format with no norm after the lookup (Llama, Qwen3, GGUF): with embed_norm,
+    every row normalised once by the model's norm; otherwise the rows as they are."""
+    c, w = model.cfg, model.tok_emb.weight
+    return F.rms_norm(w, (c.n_embd,), model.emb_norm.weight, c.norm_eps) if c.embed_norm else w
+
+
 # -----------------------------------------------------------------------------
 # decoding: one new token a row through the KV cache, on the weights laid out for it
 # A decoding step reads every weight once to do little arithmetic with it (1.6M parameters: 3 MFLOP a token),

@@ -15,10 +15,15 @@ Keys: the optimizer's own are here (optimizer, matrix_lr, lr_groups, Muon's mome
 schedule's and AdamW's (learning_rate, min_lr, lr_schedule, warmup_iters, weight_decay, beta1, beta2) are
 training.py's, which takes these (its KEY_FILES).
 
+NorMuon (Li et al. 2025, as nanochat uses it) on top: Muon's orthogonal update still moves some neurons more
+than others, so each row along the matrix's longer side is divided by the root of its own running mean
+square, and the whole update is scaled back to the Frobenius norm it had. At configs/cpu.py's 1,200 steps it
+ended 0.027 nats lower on val than Muon alone (docs/BENCHMARKS.md, "Optimizer and architecture").
+
 Deliberately left out: when and how often the loop steps (training.py); Muon's own sharding across ranks
-(DDP averages the gradients first, so every rank runs the same update on whole matrices); the refinements
-nanochat adds on top of Muon (Polar Express coefficients, NorMuon's per-neuron scaling, cautious weight
-decay), which its benchmark arm brings along (benchmarks/bench_recipe.py).
+(DDP averages the gradients first, so every rank runs the same update on whole matrices); nanochat's other
+refinements of Muon (Polar Express coefficients, row equilibration with a norm snap, cautious weight decay),
+which lost at equal steps here, together or alone.
 """
 import math
 import re
@@ -43,6 +48,8 @@ muon_momentum_start = 0.85  # [0, 1) Muon's momentum at step 0, rising linearly 
 muon_momentum_warmup = 300  # [0, inf) steps of that rise (a high momentum early averages gradients of a
                             # model that no longer exists)
 ns_steps = 5                # [1, inf) Newton-Schulz iterations per Muon update
+muon_beta2 = 0.9            # [0, 1) NorMuon's decay of each neuron's mean square update (nanochat's 0.9);
+                            # 0: off, plain Muon
 
 OPTIMIZERS = ('adamw', 'muon')
 
@@ -76,13 +83,27 @@ def orthogonalize(G, steps=5):
     return (X.mT if tall else X).to(G.dtype)
 
 
+def normalize_neurons(O, state, beta2):
+    """NorMuon: O (m, n) with each row along its longer side divided by the root of that row's running mean
+    square (state['second_moment'], decayed by beta2), then scaled back to O's Frobenius norm: rows that Muon
+    keeps moving far are slowed and the rest sped up, the step's size unchanged."""
+    dim = -1 if O.size(0) >= O.size(1) else -2  # one statistic per row of a tall matrix, per column of a wide
+    mean_sq = O.square().mean(dim=dim, keepdim=True)
+    if 'second_moment' not in state:
+        state['second_moment'] = torch.zeros_like(mean_sq)
+    state['second_moment'].lerp_(mean_sq, 1 - beta2)
+    N = O * state['second_moment'].clamp_min(1e-10).rsqrt()
+    return N * (O.norm() / N.norm().clamp_min(1e-10))
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Muon for the groups of kind 'muon' (2-D weights), AdamW for those of kind 'adamw', in one optimizer
     whose state_dict holds both (so a checkpoint resumes either exactly).
 
     A Muon group: lr, weight_decay (decoupled, as AdamW's), momentum, momentum_start, momentum_warmup (the
     momentum at a parameter's step t is momentum_start + (momentum - momentum_start) * min(1, t / warmup)),
-    ns_steps. An AdamW group: lr, weight_decay, betas, eps, with torch.optim.AdamW's arithmetic."""
+    ns_steps, beta2 (NorMuon's; 0 or absent: plain Muon, as in a checkpoint from before it). An AdamW group:
+    lr, weight_decay, betas, eps, with torch.optim.AdamW's arithmetic."""
 
     def __init__(self, groups):
         for g in groups:
@@ -116,8 +137,11 @@ class MuonAdamW(torch.optim.Optimizer):
             # a semi-orthogonal step moves each weight by ~1/sqrt(max(in, out)): x sqrt(out/in) for a tall
             # matrix, so that every weight moves by ~1/sqrt(in) whatever the shape (Keller Jordan's rule)
             scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+            update = orthogonalize(u, group['ns_steps'])
+            if group.get('beta2'):
+                update = normalize_neurons(update, self.state[p], group['beta2'])
             p.mul_(1 - group['lr'] * group['weight_decay'])
-            p.add_(orthogonalize(u, group['ns_steps']), alpha=-group['lr'] * scale)
+            p.add_(update, alpha=-group['lr'] * scale)
         for s in states:
             s['step'] += 1
 
@@ -187,7 +211,7 @@ def make_optimizer(model, cfg, device):
     for g in groups:
         if g['kind'] == 'muon':
             g.update(momentum=cfg.muon_momentum, momentum_start=cfg.muon_momentum_start,
-                     momentum_warmup=cfg.muon_momentum_warmup, ns_steps=cfg.ns_steps)
+                     momentum_warmup=cfg.muon_momentum_warmup, ns_steps=cfg.ns_steps, beta2=cfg.muon_beta2)
         else:
             g.update(betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     return MuonAdamW(groups)

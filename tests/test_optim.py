@@ -112,6 +112,32 @@ def test_a_muon_step_is_weight_decay_then_the_orthogonalised_nesterov_momentum()
     assert opt.state[w]['step'] == 3
 
 
+@pytest.mark.parametrize('shape', [(24, 8), (8, 24)])
+def test_normuon_divides_each_neuron_by_its_running_rms_and_keeps_the_step_size(shape):
+    """NorMuon by hand, a row (or column) at a time: each row along the longer side divided by the root of
+    its running mean square of orthogonalised updates (decayed by beta2), the whole rescaled to the norm it
+    had."""
+    w = torch.nn.Parameter(torch.randn(*shape))
+    want = w.detach().clone()
+    opt = optim.MuonAdamW([{'params': [w], 'kind': 'muon', 'lr': 0.02, 'weight_decay': 0.0, 'momentum': 0.9,
+                            'momentum_start': 0.9, 'momentum_warmup': 0, 'ns_steps': 5, 'beta2': 0.8}])
+    tall = shape[0] >= shape[1]
+    rows = shape[0] if tall else shape[1]
+    moment, buf = [0.0] * rows, torch.zeros(shape)
+    for g in [torch.randn(shape) for _ in range(3)]:
+        buf = 0.9 * buf + 0.1 * g
+        O = optim.orthogonalize(g + 0.9 * (buf - g))
+        lines = [O[i] if tall else O[:, i] for i in range(rows)]
+        moment = [0.8 * m + 0.2 * float((line ** 2).mean()) for m, line in zip(moment, lines)]
+        scaled = [line / m ** 0.5 for line, m in zip(lines, moment)]
+        N = torch.stack(scaled) if tall else torch.stack(scaled, dim=1)
+        want -= 0.02 * max(1.0, shape[0] / shape[1]) ** 0.5 * N * (O.norm() / N.norm())
+        w.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(w.detach(), want, rtol=0, atol=1e-6)
+    assert opt.state[w]['second_moment'].shape == ((rows, 1) if tall else (1, rows))
+
+
 def _cfg_muon(**kw):
     return _cfg(optimizer='muon', **kw)
 

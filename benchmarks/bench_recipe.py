@@ -171,11 +171,15 @@ def run_cpu_arm(name, args, out):
 # today's recipe (configs/cpu.py until issue 25) as overrides: it stays an arm when configs/cpu.py moves
 ADAMW = ['--optimizer=adamw', '--learning_rate=2e-3', '--min_lr=1e-4', '--warmup_iters=20',
          '--lr_schedule=cosine', '--weight_decay=0.1', '--grad_clip=1.0', '--lr_groups={}', '--qk_norm=False',
-         '--tie_embeddings=True', '--zero_init_proj=False', '--embed_norm=False', '--logit_softcap=0.0']
+         '--tie_embeddings=True', '--zero_init_proj=False', '--embed_norm=False', '--logit_softcap=0.0',
+         '--beta1=0.9']
 MUON = ADAMW[1:] + ['--optimizer=muon', '--matrix_lr=0.02', '--muon_momentum=0.95',
-                    '--muon_momentum_start=0.85', '--muon_momentum_warmup=300', '--ns_steps=5']
+                    '--muon_momentum_start=0.85', '--muon_momentum_warmup=300', '--ns_steps=5',
+                    '--muon_beta2=0.0']
 
 UNTIED = MUON + ['--tie_embeddings=False', "--lr_groups={'tok_emb.*': 0.03, 'lm_head.*': 0.004}"]
+# round 5's winner, configs/cpu.py until round 7 (plain Muon, weight decay 0.1, beta1 0.9)
+R5 = ['--muon_beta2=0.0', '--weight_decay=0.1', '--beta1=0.9']
 
 # name: train.py overrides of configs/cpu.py (a later one wins), or nanochat's variant (nanochat_model)
 RECIPE_ARMS = {
@@ -229,9 +233,17 @@ RECIPE_ARMS = {
                                  '--weight_decay=0.0'],
     # at equal minutes (configs/cpu.py is round 5's uqk_e01_h04): nanochat's schedule shape (flat, then 65 %
     # linear decay to 5 %), and a cheaper step (SwiGLU at 3 x width, 3 Newton-Schulz iterations)
-    'cpu_wsd65': ['--lr_schedule=wsd', '--decay_frac=0.65'],
-    'cpu_ffn384_ns3': ['--ffn_hidden=384', '--ns_steps=3'],
+    'cpu_wsd65': R5 + ['--lr_schedule=wsd', '--decay_frac=0.65'],
+    'cpu_ffn384_ns3': R5 + ['--ffn_hidden=384', '--ns_steps=3'],
+    # round 7 (1,200 equal steps): round 5's recipe (configs/cpu.py until round 7), then NorMuon, no weight
+    # decay and AdamW's beta1 at 0.8, one at a time and together (configs/cpu.py now)
+    'r5': R5,
+    'r5_normuon': R5 + ['--muon_beta2=0.9'],
+    'r5_wd0': R5 + ['--weight_decay=0.0'],
+    'r5_b08': R5 + ['--beta1=0.8'],
+    'r5_normuon_wd0': R5 + ['--muon_beta2=0.9', '--weight_decay=0.0'],
     'nanochat': 'nanochat',                 # base_train.py's learning rates and weight decay as they stand
+    'nanochat_nove': 'nanochat_nove',       # ... without its value embeddings (they cannot be exported)
     'nanochat_scaled': 'nanochat_scaled',   # ... scaled to batch 4 x 256 by base_train.py's own rules
 }
 
@@ -346,6 +358,8 @@ def nanochat_model(gpt, cfg, vocab, variant):
     this batch and horizon by base_train.py's own rules ('nanochat_scaled': rates x sqrt(B / 2^19), weight
     decay x sqrt(B / 2^19) x D_ref / D, D = 12 x its scaling parameters)."""
     import torch
+    if variant == 'nanochat_nove':  # its value embeddings off: what they add to its recipe
+        gpt.has_ve = lambda layer_idx, n_layer: False
     conf = dict(sequence_len=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
                 n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, window_pattern='L')
     with torch.device('meta'):

@@ -60,8 +60,8 @@ learning_rate = 2e-3        # AdamW's peak for what is left: the norms
 min_lr = 1e-4
 warmup_iters = 20
 lr_schedule = 'cosine'
-weight_decay = 0.0          # with NorMuon, 4.442 -> 4.395 (the embedding at lr 0.1 x decay 0.1 lost 1 % a step
-                            # at the peak; at 400 steps, round 6, decay made no difference)
+weight_decay = 0.0          # with NorMuon, 4.442 -> 4.395 (the embedding at lr 0.1 x decay 0.1 lost 1 % a
+                            # step at the peak; at 400 steps, round 6, decay made no difference)
 beta1 = 0.8                 # AdamW's (nanochat's for its embedding and head): 4.395 -> 4.374
 grad_clip = 1.0
 compile = 'auto'

@@ -18,7 +18,7 @@ training.py's, which takes these (its KEY_FILES).
 NorMuon (Li et al. 2025, as nanochat uses it) on top: Muon's orthogonal update still moves some neurons more
 than others, so each row along the matrix's longer side is divided by the root of its own running mean
 square, and the whole update is scaled back to the Frobenius norm it had. At configs/cpu.py's 1,200 steps it
-ended 0.027 nats lower on val than Muon alone (docs/BENCHMARKS.md, "Optimizer and architecture").
+ended 0.027 nats lower on val than Muon alone (docs/BENCHMARKS.md, "Optimizer refinements").
 
 Deliberately left out: when and how often the loop steps (training.py); Muon's own sharding across ranks
 (DDP averages the gradients first, so every rank runs the same update on whole matrices); nanochat's other

@@ -16,8 +16,10 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 import tokenize
 from contextlib import nullcontext
 from typing import NamedTuple
@@ -216,9 +218,7 @@ def split_args(argv, keys):
         key = key.replace('-', '_')
         flag = key in defaults and (isinstance(defaults[key], bool) or key in AUTO_OR_BOOL)
         if not eq and key in defaults and i < len(argv) and not argv[i].startswith('--'):
-            if not flag:
-                arg, i = f'--{key}={argv[i]}', i + 1
-            elif argv[i] in ('True', 'False', 'auto'):
+            if not flag or argv[i] in ('True', 'False', 'auto'):
                 arg, i = f'--{key}={argv[i]}', i + 1
         elif not eq and key in defaults and not flag:
             raise LumiError(f"--{key} needs a value: --{key}=VALUE or --{key} VALUE")
@@ -302,16 +302,14 @@ def config_help(keys, usage):
     return '\n'.join(lines)
 
 
-# What counts as the user's error: a bad flag, value, file or checkpoint (LumiError and the ValueErrors of
-# parsing), a file that is missing or unreadable, a port in use (OSError). Anything else is a bug in Lumi
-# and keeps its traceback.
+# The user's errors: a bad flag, value, file or checkpoint (LumiError, parsing's ValueErrors), a missing or
+# unreadable file, a port in use (OSError). Anything else is a bug in Lumi and keeps its traceback.
 USER_ERRORS = (LumiError, ValueError, OSError)
 
 
 def guard(main, argv, interrupted='interrupted'):
-    """main(argv), with a user error said in one line on stderr (`error: ...`, exit 1) and Ctrl-C in one
-    (exit 130). --debug in argv (or LUMI_DEBUG=1) shows the traceback instead, in the stages a pipeline runs
-    too, which inherit the variable."""
+    """main(argv), a user error said in one line on stderr (`error: ...`, exit 1), Ctrl-C in one (exit
+    130). --debug in argv (or LUMI_DEBUG=1, which a pipeline's stages inherit) shows the traceback instead."""
     if '--debug' in argv:
         os.environ['LUMI_DEBUG'] = '1'
         argv = [a for a in argv if a != '--debug']
@@ -378,9 +376,8 @@ def _fsync_dir(path):
 
 
 def atomic_write(path, write_fn, mode='wb'):
-    """Write a file so that a crash leaves either the old file or the new one, never half of one. A write that
-    fails (a full disk, a quota) is an OSError whose one line names the file, and the old file stays as it
-    was."""
+    """Write a file so that a crash leaves either the old file or the new one, never half of one. A failed
+    write (a full disk, a quota) is an OSError whose one line names the file; the old file stays as it was."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -484,9 +481,8 @@ def autocast(device, dtype_name):
 
 
 def loss_scaler(device, dtype_name):
-    """The GradScaler training steps through, enabled for float16 only (its small gradients would flush to
-    zero unscaled; bf16 has fp32's range); disabled, it passes the loss and the step through unchanged. torch
-    2.13 documents GradScaler for 'cuda' and 'cpu': float16 training elsewhere (MPS) is refused."""
+    """The GradScaler training steps through: on for float16 only (its small gradients flush to zero
+    unscaled; bf16 has fp32's range), else a pass-through. torch 2.13 documents it for cuda and cpu only."""
     kind = device.split(':')[0]
     if dtype_name == 'float16' and kind not in ('cuda', 'cpu'):
         raise LumiError(f"--dtype=float16 cannot train on {kind}: torch documents its loss scaling "
@@ -521,9 +517,8 @@ def setup_distributed(device_name='auto'):
 
 
 def native_bf16():
-    """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX), and may torch use it? Without it torch
-    emulates bf16, slower than fp32. ATEN_CPU_CAPABILITY=avx2 (how an AVX2-only CPU is imitated on a newer
-    one) keeps torch's kernels off AVX-512, so there bf16 would be emulated too."""
+    """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX), and may torch use it? Else torch emulates
+    bf16, slower than fp32, as under ATEN_CPU_CAPABILITY=avx2 (an AVX2-only CPU imitated on a newer one)."""
     hardware = any(getattr(torch.cpu, f, lambda: False)()
                    for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
     return hardware and torch.backends.cpu.get_cpu_capability().startswith('AVX512')
@@ -550,13 +545,19 @@ def resolve_dtype(name, device):
     return name
 
 
-def resolve_compile(value, device):
-    """compile='auto': on CUDA where triton imports (torch.compile writes a GPU's code in Triton, which has
-    no Windows or macOS wheels). On a 2-core CPU compiling cost 57 s (AVX512-BF16) to ~3 minutes (AVX2) of a
-    short budget and gave no faster steps in bf16 (docs/BENCHMARKS.md, "Recipe")."""
+def resolve_compile(value, device, one_shape=False, minutes=0.0):
+    """compile='auto': on CUDA where triton imports (no Windows or macOS wheels); on a Linux CPU with native
+    bf16, a C++ compiler and Python's headers (inductor's), for batches of one shape (pretraining's; SFT's
+    would compile anew at each length) and max_minutes >= 3, as compiling takes ~40 s (an unknown length, as
+    in tests, stays eager). A CPU-profile step: 115 ms, not 183 (docs/BENCHMARKS.md, "Compiled on an AMX
+    CPU"); without native bf16 it cost minutes and gained nothing."""
     if value != 'auto':
         return bool(value)
-    return device.startswith('cuda') and importlib.util.find_spec('triton') is not None
+    if device.startswith('cuda'):
+        return importlib.util.find_spec('triton') is not None
+    return (device == 'cpu' and one_shape and minutes >= 3 and native_bf16()
+            and sys.platform == 'linux' and shutil.which(os.environ.get('CXX') or 'g++') is not None
+            and os.path.isfile(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))
 
 
 # =============================================================================

@@ -101,6 +101,8 @@ class GlobalBatches:
     its own rows. So N processes train on exactly the batches one process with N times the batch size sees,
     and a DDP run reproduces a single-process run (tests/test_train.py holds them to each other)."""
 
+    one_shape = True  # every batch is (batch_size, block_size): torch.compile compiles once (resolve_compile)
+
     def __init__(self, loader, rank, world):
         self.loader, self.rank, self.world = loader, rank, world
 
@@ -200,7 +202,7 @@ def main(argv=None):
              f"{model_args['vocab_size']}")
     lumi.log(f"data: {cfg.data_dir}, {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens; "
              f"{tokens_per_step:,} tokens a step on {world} process(es), {device} {cfg.dtype}"
-             f"{', compiled' if lumi.resolve_compile(cfg.compile, device) else ''}")
+             f"{', compiled' if lumi.resolve_compile(cfg.compile, device, True, cfg.max_minutes) else ''}")
     budget = f"{cfg.max_iters:,} steps = {cfg.max_iters * tokens_per_step / 1e6:,.1f}M tokens"
     if cfg.max_minutes:
         budget += f", or fewer: the schedule is fitted to {cfg.max_minutes:g} minutes"

@@ -36,8 +36,8 @@ from lumi import LumiError, append_jsonl, atomic_write, autocast, loss_scaler, r
 # the training loop's keys, which train.py, sft.py and dpo.py take (KEY_FILES) and may set otherwise
 KEY_FILES = ('lumi.py', 'optim.py')  # device and dtype; the optimizer (adamw or muon) and its groups
 out_dir = 'out/run'         # where checkpoints, metrics.jsonl and loss.svg go
-compile = 'auto'            # auto: torch.compile on CUDA only (on a CPU it costs minutes and gains
-                            # nothing); True / False
+compile = 'auto'            # auto: torch.compile on CUDA, and on a CPU where it pays (bf16 native, one batch
+                            # shape, max_minutes >= 3: lumi.resolve_compile); True / False
 activation_checkpointing = False  # keep each block's input alone and recompute its activations in the
                                   # backward: less memory (docs/BENCHMARKS.md, "Memory"), a second forward
 seed = 1337                 # [0, inf) seeds init, batches and dropout; a resumed run restores its RNGs
@@ -301,7 +301,7 @@ class Trainer:
             os.remove(self.metrics_path)  # a fresh run starts a fresh log
 
         self.model = model
-        if resolve_compile(cfg.compile, self.device):
+        if resolve_compile(cfg.compile, self.device, getattr(batches, 'one_shape', False), cfg.max_minutes):
             self.model = torch.compile(self.model)
         if self.world > 1:
             self.model = DistributedDataParallel(

@@ -20,8 +20,8 @@ tie_embeddings = True
 
 # training: 4 x 1024 tokens a step. On a CPU a short run is step-bound, so a small batch and a high peak
 # learning rate buy more updates; dtype auto is bf16 autocast on a CPU with AVX512-BF16 (1.85x faster there)
-# and fp32 elsewhere; compile auto leaves a CPU run uncompiled, where it cost minutes and gave no faster steps
-# (docs/BENCHMARKS.md, "Recipe").
+# and fp32 elsewhere; compile auto compiles a CPU run only with native bf16 and --max_minutes >= 3 (elsewhere
+# it cost minutes and gave no faster steps: docs/BENCHMARKS.md, "Recipe"; lumi.resolve_compile).
 batch_size = 4
 gradient_accumulation_steps = 1
 learning_rate = 2e-3
@@ -30,7 +30,7 @@ warmup_iters = 20
 lr_schedule = 'cosine'
 weight_decay = 0.1
 grad_clip = 1.0
-compile = 'auto'            # torch.compile on CUDA, not on a CPU (lumi.resolve_compile)
+compile = 'auto'            # torch.compile on CUDA; on a CPU where it pays (lumi.resolve_compile)
 dtype = 'auto'
 eval_interval = 100
 eval_iters = 5              # 5 x 4 x 1024 = 20k val tokens an eval: evals cost a short run little

@@ -150,9 +150,26 @@ def test_dtype_auto_means_one_thing_in_every_stage(monkeypatch):
         assert 'def resolve_dtype' not in source and "dtype == 'auto'" not in source, name
 
 
-def test_compile_auto_compiles_on_cuda_only_and_takes_booleans(monkeypatch):
+def test_compile_auto_compiles_on_cuda_and_where_it_pays_on_a_cpu_and_takes_booleans(monkeypatch):
     monkeypatch.setattr(lumi.importlib.util, 'find_spec', lambda name: object())  # triton imports
     assert lumi.resolve_compile('auto', 'cuda:0') is True and lumi.resolve_compile('auto', 'cpu') is False
+    # a CPU: only with native bf16, on Linux with a C++ compiler and Python's headers, batches of one shape
+    # and a budget of at least 3 minutes
+    monkeypatch.setattr(lumi, 'native_bf16', lambda: True)
+    monkeypatch.setattr(lumi.sys, 'platform', 'linux')
+    monkeypatch.setattr(lumi.shutil, 'which', lambda name: '/usr/bin/' + name)
+    monkeypatch.setattr(lumi.os.path, 'isfile', lambda path: path.endswith('Python.h'))
+    assert lumi.resolve_compile('auto', 'cpu', one_shape=True, minutes=9.0) is True
+    assert lumi.resolve_compile('auto', 'cpu', one_shape=False, minutes=9.0) is False  # SFT's, DPO's batches
+    assert lumi.resolve_compile('auto', 'cpu', one_shape=True, minutes=2.0) is False
+    assert lumi.resolve_compile('auto', 'cpu', one_shape=True) is False  # no budget: a run of unknown length
+    assert lumi.resolve_compile('auto', 'mps', one_shape=True, minutes=9.0) is False
+    for name, value in (('native_bf16', lambda: False), ('os.path.isfile', lambda path: False)):
+        with monkeypatch.context() as m:
+            m.setattr(lumi if name == 'native_bf16' else lumi.os.path, name.split('.')[-1], value)
+            assert lumi.resolve_compile('auto', 'cpu', one_shape=True, minutes=9.0) is False, name
+    monkeypatch.setattr(lumi.sys, 'platform', 'win32')  # inductor would need MSVC
+    assert lumi.resolve_compile('auto', 'cpu', one_shape=True, minutes=9.0) is False
     assert lumi.resolve_compile(True, 'cpu') is True and lumi.resolve_compile(False, 'cuda') is False
     defaults = dict(lumi.declared_keys('training.py'))
     assert lumi.load_config(defaults, ['--compile=True']).compile is True

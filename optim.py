@@ -112,7 +112,7 @@ class MuonAdamW(torch.optim.Optimizer):
             if g['kind'] == 'muon' and any(p.dim() != 2 for p in g['params']):
                 raise ValueError("Muon takes 2-D weights only")
         super().__init__(groups, {})
-        self.ns_dtype = None  # Newton-Schulz's float, chosen at the first step by the device (_orthogonalize_all)
+        self.ns_dtype = None  # Newton-Schulz's float, chosen at the first step (_orthogonalize_all)
 
     @torch.no_grad()
     def step(self):

@@ -242,6 +242,17 @@ RECIPE_ARMS = {
     'r5_wd0': R5 + ['--weight_decay=0.0'],
     'r5_b08': R5 + ['--beta1=0.8'],
     'r5_normuon_wd0': R5 + ['--muon_beta2=0.9', '--weight_decay=0.0'],
+    # round 8 (1,200 equal steps, on an AVX512-BF16 CPU in bf16): configs/cpu.py, then one change each
+    'c_mlr03': ['--matrix_lr=0.03'],
+    'c_mlr015': ['--matrix_lr=0.015'],
+    'c_e02': ["--lr_groups={'tok_emb.*': 0.2, 'lm_head.*': 0.04}"],
+    'c_h02': ["--lr_groups={'tok_emb.*': 0.1, 'lm_head.*': 0.02}"],
+    'c_mom097': ['--muon_momentum=0.97'],
+    'c_nb095': ['--muon_beta2=0.95'],
+    'c_minlr0': ['--min_lr=0.0'],
+    'c_warm40': ['--warmup_iters=40'],
+    'c_b2_099': ['--beta2=0.99'],
+    'c_compile': ['--compile=True'],
     'nanochat': 'nanochat',                 # base_train.py's learning rates and weight decay as they stand
     'nanochat_nove': 'nanochat_nove',       # ... without its value embeddings (they cannot be exported)
     'nanochat_scaled': 'nanochat_scaled',   # ... scaled to batch 4 x 256 by base_train.py's own rules

@@ -162,7 +162,7 @@ def test_muon_stacks_same_shaped_updates_in_bf16_where_the_cpu_has_it(monkeypatc
         one = optim.orthogonalize(0.19 * gr, 5, dtype)  # g + 0.9 (0.1 g - g): Nesterov's first step
         exact = optim.orthogonalize(0.19 * gr, 5, torch.float32)
         step = (start - w.detach()) / (0.02 * scale)
-        torch.testing.assert_close(step, one, rtol=0, atol=0.02 if native else 1e-4)  # step: w's change, / 0.02
+        torch.testing.assert_close(step, one, rtol=0, atol=0.02 if native else 1e-4)  # w moved, / lr
         assert (step - exact).norm() / exact.norm() < (0.03 if native else 1e-5)
 
 

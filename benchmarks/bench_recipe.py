@@ -28,7 +28,8 @@ and prints the steps each made, the first step (which holds the compilation) and
 options (RECIPE_ARMS: 'cpu' is the profile as it stands, 'adamw' the profile before Muon, muon_* one change
 each), or nanochat's own model, optimizer and schedule ('nanochat': its gpt.py and optim.py read at run time
 from --nanochat, a checkout or the git directory of a fetched snapshot; compiled, the compilation warmed off
-the clock), all on the same batches in the same order, and scores every arm with eval.py's functions on
+the clock; Lumi's arms compile as configs/cpu.py's compile='auto' decides, on the clock), all on the same
+batches in the same order, and scores every arm with eval.py's functions on
 val.bin, BBC 001-019 and the Lee corpus. --steps=N compares at equal steps (quality per step, whatever the
 machine's load), --minutes at equal time; --side_by_side runs the arms in pairs, one on each core;
 --step_time=a,b,... times a step of each arm, the arms alternating in one process (pin it with taskset):
@@ -294,7 +295,7 @@ def run_recipe_arm(name, args, out, cores=None):
             [f'--max_minutes={args.minutes}']
         cpu = run_child(pin + [sys.executable, 'train.py', 'configs/cpu.py', f'--data_dir={d}',
                                f'--out_dir={out}', *budget, f'--num_threads={args.threads}',
-                               f'--dtype={args.dtype}', '--compile=False', '--resume=never',
+                               f'--dtype={args.dtype}', '--resume=never',  # compile: configs/cpu.py's auto
                                '--eval_interval=1000000', '--ckpt_interval=1000000', *RECIPE_ARMS[name]],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         last = [r for r in lumi.read_jsonl(os.path.join(out, 'metrics.jsonl')) if 'loss' in r][-1]

@@ -105,14 +105,14 @@ class MuonAdamW(torch.optim.Optimizer):
     ns_steps, beta2 (NorMuon's; 0 or absent: plain Muon, as in a checkpoint from before it). An AdamW group:
     lr, weight_decay, betas, eps, with torch.optim.AdamW's arithmetic."""
 
-    def __init__(self, groups):
+    def __init__(self, groups, ns_dtype=None):
         for g in groups:
             if g.get('kind') not in ('muon', 'adamw'):
                 raise ValueError(f"a group's kind must be muon or adamw, got {g.get('kind')!r}")
             if g['kind'] == 'muon' and any(p.dim() != 2 for p in g['params']):
                 raise ValueError("Muon takes 2-D weights only")
         super().__init__(groups, {})
-        self.ns_dtype = None  # Newton-Schulz's float, chosen at the first step (_orthogonalize_all)
+        self.ns_dtype = ns_dtype  # Newton-Schulz's float; None: orthogonalize's default (_orthogonalize_all)
 
     @torch.no_grad()
     def step(self):
@@ -145,14 +145,10 @@ class MuonAdamW(torch.optim.Optimizer):
             s['step'] += 1
 
     def _orthogonalize_all(self, updates, steps):
-        """orthogonalize each update. Where bf16 is native (a GPU; a CPU with AVX512-BF16 or AMX) in bf16,
-        the updates of one shape stacked into one batched call: configs/cpu.py's 28 matrices took 14 ms a
-        step against 33 ms one at a time in fp32 on an AMX core. Elsewhere one fp32 matrix at a time: on an
-        AVX2 core, batching was slower (0.12 s against 0.08 s a step) and bf16 is emulated."""
-        if self.ns_dtype is None:
-            device = updates[0].device
-            self.ns_dtype = (torch.bfloat16 if device.type == 'cuda' or device.type == 'cpu' and native_bf16()
-                             else torch.float32)
+        """orthogonalize each update. In bf16 (make_optimizer's choice where bf16 is native), the updates of
+        one shape stacked into one batched call: configs/cpu.py's 28 matrices took 14 ms a step against 33 ms
+        one at a time in fp32 on an AMX core. Otherwise one matrix at a time: on an AVX2 core, batching fp32
+        was slower (0.12 s against 0.08 s a step)."""
         if self.ns_dtype != torch.bfloat16:
             return [orthogonalize(u, steps, self.ns_dtype) for u in updates]
         by_shape, out = {}, [None] * len(updates)
@@ -217,10 +213,11 @@ def parameter_groups(model, cfg):
             for (kind, decay, lr), ps in groups.items()]
 
 
-def make_optimizer(model, cfg, device):
+def make_optimizer(model, cfg, device, dtype='float32'):
     """cfg.optimizer over the trainable parameters: torch's AdamW (matrices decay, norms and vectors do not),
     or MuonAdamW (Muon for the hidden matrices, AdamW for the rest); every group at its own peak rate
-    (parameter_groups)."""
+    (parameter_groups). Muon's Newton-Schulz runs in bf16 on a GPU, and on a CPU where the run (dtype, as
+    resolved) trains in bf16 natively (AVX512-BF16 or AMX); an fp32 run keeps it fp32."""
     groups = parameter_groups(model, cfg)
     if cfg.optimizer == 'adamw':
         for g in groups:
@@ -233,7 +230,8 @@ def make_optimizer(model, cfg, device):
                      momentum_warmup=cfg.muon_momentum_warmup, ns_steps=cfg.ns_steps, beta2=cfg.muon_beta2)
         else:
             g.update(betas=(cfg.beta1, cfg.beta2), eps=1e-8)
-    return MuonAdamW(groups)
+    bf16 = device.startswith('cuda') or device == 'cpu' and dtype == 'bfloat16' and native_bf16()
+    return MuonAdamW(groups, torch.bfloat16 if bf16 else None)
 
 
 def set_lr(optimizer, lr, peak):

@@ -288,7 +288,7 @@ class Trainer:
                 if name.startswith(('ckpt_', 'best.pt')) and '.tmp.' in name:
                     os.remove(os.path.join(cfg.out_dir, name))
         self.metrics_path = os.path.join(cfg.out_dir, 'metrics.jsonl')
-        self.optimizer = make_optimizer(model, cfg, self.device)
+        self.optimizer = make_optimizer(model, cfg, self.device, self.dtype)
         self.step, self.tokens_seen, self.best_val, self.max_iters = 0, 0, float('inf'), cfg.max_iters
         self.resumed_from = None
         if cfg.resume == 'auto':

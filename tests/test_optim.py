@@ -100,7 +100,6 @@ def test_a_muon_step_is_weight_decay_then_the_orthogonalised_nesterov_momentum()
     w0 = w.detach().clone()
     opt = optim.MuonAdamW([{'params': [w], 'kind': 'muon', 'lr': 0.02, 'weight_decay': 0.1, 'momentum': 0.95,
                             'momentum_start': 0.85, 'momentum_warmup': 10, 'ns_steps': 5}])
-    opt.ns_dtype = torch.float32  # as on a CPU without native bf16, whatever this one has
     grads = [torch.randn(24, 8) for _ in range(3)]
     buf, want = torch.zeros(24, 8), w0.clone()
     for t, g in enumerate(grads):
@@ -122,7 +121,6 @@ def test_normuon_divides_each_neuron_by_its_running_rms_and_keeps_the_step_size(
     want = w.detach().clone()
     opt = optim.MuonAdamW([{'params': [w], 'kind': 'muon', 'lr': 0.02, 'weight_decay': 0.0, 'momentum': 0.9,
                             'momentum_start': 0.9, 'momentum_warmup': 0, 'ns_steps': 5, 'beta2': 0.8}])
-    opt.ns_dtype = torch.float32
     tall = shape[0] >= shape[1]
     rows = shape[0] if tall else shape[1]
     moment, buf = [0.0] * rows, torch.zeros(shape)
@@ -140,30 +138,36 @@ def test_normuon_divides_each_neuron_by_its_running_rms_and_keeps_the_step_size(
     assert opt.state[w]['second_moment'].shape == ((rows, 1) if tall else (1, rows))
 
 
-@pytest.mark.parametrize('native', [True, False])
-def test_muon_stacks_same_shaped_updates_in_bf16_where_the_cpu_has_it(monkeypatch, native):
-    """Where bf16 is native, Newton-Schulz runs in bf16 on the updates of one shape stacked: the same
-    update, to bf16's rounding, as each matrix on its own; elsewhere fp32, one at a time."""
-    monkeypatch.setattr(optim, 'native_bf16', lambda: native)
+@pytest.mark.parametrize('bf16', [True, False])
+def test_muon_stacks_same_shaped_updates_in_bf16(bf16):
+    """Newton-Schulz in bf16 runs on the updates of one shape stacked: the same update, to bf16's rounding,
+    as each matrix on its own; by default (fp32 on a CPU) one at a time, exactly orthogonalize's."""
     g = torch.Generator().manual_seed(3)
     shapes = [(24, 8), (8, 24), (24, 8), (16, 16), (24, 8)]
     ws = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
     w0 = [w.detach().clone() for w in ws]
     opt = optim.MuonAdamW([{'params': ws, 'kind': 'muon', 'lr': 0.02, 'weight_decay': 0.0, 'momentum': 0.9,
-                            'momentum_start': 0.9, 'momentum_warmup': 0, 'ns_steps': 5}])
+                            'momentum_start': 0.9, 'momentum_warmup': 0, 'ns_steps': 5}],
+                          torch.bfloat16 if bf16 else None)
     grads = [torch.randn(*s, generator=g) for s in shapes]
     for w, gr in zip(ws, grads):
         w.grad = gr.clone()
     opt.step()
-    dtype = torch.bfloat16 if native else torch.float32
-    assert opt.ns_dtype == dtype
     for w, start, gr in zip(ws, w0, grads):
         scale = max(1.0, w.size(0) / w.size(1)) ** 0.5
-        one = optim.orthogonalize(0.19 * gr, 5, dtype)  # g + 0.9 (0.1 g - g): Nesterov's first step
-        exact = optim.orthogonalize(0.19 * gr, 5, torch.float32)
-        step = (start - w.detach()) / (0.02 * scale)
-        torch.testing.assert_close(step, one, rtol=0, atol=0.02 if native else 1e-4)  # w moved, / lr
-        assert (step - exact).norm() / exact.norm() < (0.03 if native else 1e-5)
+        exact = optim.orthogonalize(0.19 * gr, 5, torch.float32)  # g + 0.9 (0.1 g - g): Nesterov's first step
+        one = optim.orthogonalize(0.19 * gr, 5, torch.bfloat16) if bf16 else exact
+        step = (start - w.detach()) / (0.02 * scale)  # how far w moved, in units of the learning rate
+        torch.testing.assert_close(step, one, rtol=0, atol=0.02 if bf16 else 1e-4)
+        assert (step - exact).norm() / exact.norm() < (0.03 if bf16 else 1e-5)
+
+
+@pytest.mark.parametrize('native, dtype, want', [(True, 'bfloat16', torch.bfloat16), (True, 'float32', None),
+                                                 (False, 'bfloat16', None), (False, 'float32', None)])
+def test_make_optimizer_runs_newton_schulz_in_bf16_only_where_the_run_trains_in_native_bf16(
+        monkeypatch, native, dtype, want):
+    monkeypatch.setattr(optim, 'native_bf16', lambda: native)
+    assert optim.make_optimizer(_tiny(), _cfg_muon(), 'cpu', dtype).ns_dtype == want
 
 
 def _cfg_muon(**kw):

@@ -200,9 +200,10 @@ def main(argv=None):
     lumi.log(f"model: {n_params:,} parameters ({n_body:,} without embeddings), {cfg.n_layer} layers x "
              f"{cfg.n_embd}, {cfg.n_head} heads ({cfg.n_kv_head} kv), context {cfg.block_size}, vocab "
              f"{model_args['vocab_size']}")
+    compiled = lumi.resolve_compile(cfg.compile, device, GlobalBatches.one_shape, cfg.max_minutes)
     lumi.log(f"data: {cfg.data_dir}, {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens; "
              f"{tokens_per_step:,} tokens a step on {world} process(es), {device} {cfg.dtype}"
-             f"{', compiled' if lumi.resolve_compile(cfg.compile, device, True, cfg.max_minutes) else ''}")
+             f"{', compiled' if compiled else ''}")
     budget = f"{cfg.max_iters:,} steps = {cfg.max_iters * tokens_per_step / 1e6:,.1f}M tokens"
     if cfg.max_minutes:
         budget += f", or fewer: the schedule is fitted to {cfg.max_minutes:g} minutes"

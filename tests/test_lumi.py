@@ -164,10 +164,15 @@ def test_compile_auto_compiles_on_cuda_and_where_it_pays_on_a_cpu_and_takes_bool
     assert lumi.resolve_compile('auto', 'cpu', one_shape=True, minutes=2.0) is False
     assert lumi.resolve_compile('auto', 'cpu', one_shape=True) is False  # no budget: a run of unknown length
     assert lumi.resolve_compile('auto', 'mps', one_shape=True, minutes=9.0) is False
-    for name, value in (('native_bf16', lambda: False), ('os.path.isfile', lambda path: False)):
-        with monkeypatch.context() as m:
-            m.setattr(lumi if name == 'native_bf16' else lumi.os.path, name.split('.')[-1], value)
-            assert lumi.resolve_compile('auto', 'cpu', one_shape=True, minutes=9.0) is False, name
+    with monkeypatch.context() as m:
+        m.setattr(lumi, 'native_bf16', lambda: False)  # bf16 emulated: compiling gained nothing
+        assert lumi.resolve_compile('auto', 'cpu', one_shape=True, minutes=9.0) is False
+    with monkeypatch.context() as m:
+        m.setattr(lumi.os.path, 'isfile', lambda path: False)  # no Python.h
+        assert lumi.resolve_compile('auto', 'cpu', one_shape=True, minutes=9.0) is False
+    with monkeypatch.context() as m:
+        m.setattr(lumi.shutil, 'which', lambda name: None)  # no C++ compiler
+        assert lumi.resolve_compile('auto', 'cpu', one_shape=True, minutes=9.0) is False
     monkeypatch.setattr(lumi.sys, 'platform', 'win32')  # inductor would need MSVC
     assert lumi.resolve_compile('auto', 'cpu', one_shape=True, minutes=9.0) is False
     assert lumi.resolve_compile(True, 'cpu') is True and lumi.resolve_compile(False, 'cuda') is False

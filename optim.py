@@ -146,9 +146,9 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _orthogonalize_all(self, updates, steps):
         """orthogonalize each update. In bf16 (make_optimizer's choice where bf16 is native), the updates of
-        one shape stacked into one batched call: configs/cpu.py's 28 matrices took 14 ms a step against 33 ms
-        one at a time in fp32 on an AMX core. Otherwise one matrix at a time: on an AVX2 core, batching fp32
-        was slower (0.12 s against 0.08 s a step)."""
+        one shape stacked into one batched call: configs/cpu.py's 28 matrices took 15 ms a step against
+        34 ms one at a time in fp32 on an AMX core (bench_recipe.py --ns_time). Otherwise one matrix at a
+        time: on an AVX2 core, batching fp32 was slower (0.12 s against 0.08 s a step)."""
         if self.ns_dtype != torch.bfloat16:
             return [orthogonalize(u, steps, self.ns_dtype) for u in updates]
         by_shape, out = {}, [None] * len(updates)

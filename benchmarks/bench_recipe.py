@@ -39,6 +39,7 @@ machine's load), --minutes at equal time; --side_by_side runs the arms in pairs,
     python benchmarks/bench_recipe.py --recipe_arms=cpu,nanochat,adamw,cpu --minutes=8 --side_by_side \
         --dtype=float32 --nanochat=/path/to/nanochat
     taskset -c 1 python benchmarks/bench_recipe.py --step_time=adamw,cpu,nanochat --nanochat=/path/to/nanochat
+    taskset -c 1 python benchmarks/bench_recipe.py --ns_time     # Newton-Schulz: fp32 against bf16 stacked
 
 Prints one row per arm and writes them to runs/bench_recipe/results.json (arms already there are not run
 again unless --fresh). Say which CPU you ran on: the script prints `lscpu`'s model name and whether the CPU
@@ -484,6 +485,38 @@ def nanochat_worker(args):
     lumi.write_json(os.path.join(args.out, 'row.json'), row)
 
 
+def ns_time(args, rounds=20):
+    """CPU seconds of Muon's Newton-Schulz over configs/cpu.py's hidden matrices a step: fp32 one matrix at
+    a time (a CPU without native bf16, an fp32 run) against bf16 stacked by shape (MuonAdamW's path where the
+    run trains in native bf16), the two alternating in this one process (pin it with taskset)."""
+    import statistics
+    import torch
+    import optim
+    import train
+    from model import GPT, ModelConfig
+    torch.set_num_threads(args.threads)
+    cfg, meta = cpu_config()
+    model = GPT(ModelConfig(**{k: cfg[k] for k in train.MODEL_KEYS}, vocab_size=meta['vocab_size']))
+    hidden = optim.hidden_matrices(model)
+    matrices = [p for p in model.parameters() if id(p) in hidden]
+    updates, group = [torch.randn_like(p) for p in matrices], [{'params': matrices, 'kind': 'muon'}]
+    paths = {'fp32, one at a time': optim.MuonAdamW(group, None),
+             'bf16, stacked by shape': optim.MuonAdamW(group, torch.bfloat16)}
+    times = {name: [] for name in paths}
+    for r in range(rounds):
+        for name, opt in (paths.items() if r % 2 == 0 else list(paths.items())[::-1]):
+            c = time.process_time()
+            opt._orthogonalize_all(updates, cfg.ns_steps)
+            times[name].append(time.process_time() - c)
+    print(f"{cpu_facts()}; {args.threads} thread(s), {len(updates)} matrices, {cfg.ns_steps} iterations, "
+          f"load {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M')}")
+    base = statistics.median(times['fp32, one at a time'][2:])  # the first rounds warm the caches
+    print("path | median CPU ms a step | against fp32, one at a time")
+    for name in paths:
+        med = statistics.median(times[name][2:])
+        print(f"{name} | {med * 1e3:.1f} | {med / base:.3f}x")
+
+
 def step_time(args, rounds=6, steps=10):
     """CPU seconds a training step of each arm, all built in this one process (pin it with taskset), the arms
     taking turns for `rounds` rounds of `steps` steps (the order reversed every other round), so that a change
@@ -632,6 +665,8 @@ def main():
     ap.add_argument('--nanochat_worker', default='', help=argparse.SUPPRESS)
     ap.add_argument('--side_by_side', action='store_true',
                     help='--recipe_arms two at a time, one on core 0 and one on core 1 (an idle machine)')
+    ap.add_argument('--ns_time', action='store_true',
+                    help="Muon's Newton-Schulz a step: fp32 one at a time against bf16 stacked by shape")
     ap.add_argument('--step_time', default='', help='comma-separated recipe arms: CPU seconds a step, '
                                                      'alternating arms in this one process')
     args = ap.parse_args()
@@ -640,6 +675,8 @@ def main():
         return nanochat_worker(args)
     if args.step_time:
         return step_time(args)
+    if args.ns_time:
+        return ns_time(args)
     if args.recipe_arms:
         names = args.recipe_arms.split(',')
         if any(isinstance(RECIPE_ARMS.get(n), str) for n in names) and not args.nanochat:

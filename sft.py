@@ -297,13 +297,14 @@ def make_sft_evaluate(prepared, val_examples, batch_size, max_batches, names):
 # the format check: do sampled replies to held-out prompts end with <|end|>?
 
 def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperature, names, batch_size=64,
-                 greedy=20, penalties=None):
+                 greedy=20, penalties=None, seed=0):
     """Sample replies to n held-out chat prompts and count those that end with <|end|> within max_new_tokens,
     overall and per source; the same count for the reference replies shows what the data itself allows. Then
     greedy replies to the first `greedy` of those prompts: how many are one token repeated, and their
     distinct-bigram ratio. A prompt is a held-out conversation up to its last reply that leaves room for
     max_new_tokens, so the model answers with the chat so far in view, as it does in use; each prompt counts
-    once (many chats open with the same "hi"). penalties: engine.Sampling's penalty fields, for both."""
+    once (many chats open with the same "hi"). penalties: engine.Sampling's penalty fields, for both; seed:
+    the sampling's, so one model can be scored again at other draws (benchmarks/bench_format.py)."""
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), prepared['lengths'].cumsum(0)])
     prompts, ref_ok, src, seen = [], [], [], set()
     for i in val_examples:
@@ -331,7 +332,7 @@ def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperat
         for s in range(0, len(prompts), batch_size):
             rows = [[] for _ in prompts[s:s + batch_size]]
             for idx, tokens in generate_ids(model, prompts[s:s + batch_size], params,
-                                            (tok.end_id, EOS_ID), make_generator(s, device)):
+                                            (tok.end_id, EOS_ID), make_generator(seed + s, device)):
                 for r, t in zip(idx, tokens):
                     rows[r].append(t)
             out += rows

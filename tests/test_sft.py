@@ -389,6 +389,34 @@ def test_format_check_counts_replies_that_end(tokenizer, tiny_config, tmp_path):
     assert got['format_reference_end_rate'] == np.mean([n <= 2 for n in reply_len])
 
 
+class _EvenOdds(torch.nn.Module):
+    """An LM head that splits the probability evenly between some tokens."""
+    def __init__(self, tokens, vocab):
+        super().__init__()
+        self.tokens, self.vocab = list(tokens), vocab
+
+    def forward(self, h):
+        logits = torch.zeros(*h.shape[:-1], self.vocab)
+        logits[..., self.tokens] = 100.0
+        return logits
+
+
+def test_format_check_seed_picks_the_draws(tokenizer, tiny_config, tmp_path):
+    """Every reply is <|end|> or 'fox' at even odds: one seed gives the same count each time, and other seeds
+    other draws (bench_format.py scores one model at several)."""
+    prep = sft.prepare_sft_data(tokenizer, [_chat_file(tmp_path, 12)], 48, str(tmp_path / 'cache'),
+                                val_frac=0.0)
+    model = _model(tiny_config)
+    end, fox = tokenizer.end_id, tokenizer.encode('fox')[0]
+    model.lm_head = _EvenOdds((end, fox), tiny_config.vocab_size)
+    rate = lambda seed: sft.format_check(model, tokenizer, prep, np.arange(12), 12, max_new_tokens=1,
+                                         temperature=1.0, names=['chats'], greedy=0,
+                                         seed=seed)['format_end_rate']
+    assert rate(0) == rate(0)
+    rates = [rate(1000 * k) for k in range(5)]
+    assert len(set(rates)) > 1 and all(0 < r < 1 for r in rates)
+
+
 # -----------------------------------------------------------------------------
 # end to end through training.fit
 

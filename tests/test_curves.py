@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import struct
 import xml.etree.ElementTree as ET
 
@@ -206,8 +207,10 @@ def test_trackers_show_metrics_jsonl_and_a_resumed_run_continues_them(tmp_path, 
                 assert history[step][tag] == pytest.approx(value, rel=1e-12), (tag, step)
     assert config['max_iters'] == 12 and config['out_dir'] == run and config['log'] == 'tensorboard,wandb'
     assert config['_project'] == 'lumi-tests'  # WANDB_PROJECT
+    # both runs' folders carry the one id, so `wandb sync` makes them one run; wandb adds '-1' to the second
+    # folder's name when both started within the same second
     runs = glob.glob(os.path.join(run, 'wandb', 'offline-run-*'))
-    assert len(runs) == 2 and all(r.endswith('-' + run_id) for r in runs)  # `wandb sync` makes them one run
+    assert len(runs) == 2 and all(re.search(rf'-{run_id}(-\d+)?$', r) for r in runs), runs
 
 
 def test_a_fresh_run_starts_fresh_curves(tmp_path, tiny_checkpoint):

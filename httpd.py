@@ -334,11 +334,20 @@ class Connection(asyncio.Protocol):
         if not self.transport.is_closing():
             self.transport.write(data)
 
-    def finished(self, close):
-        """A worker's answer has been queued whole: read the next request, or close."""
+    def answer(self, data):
+        """A worker's whole answer goes out, and with it the request's place in the queue: a client that reads
+        it and asks again at once must not be refused for the moment the worker takes to return."""
+        self.write(data)
+        self.release()
+
+    def release(self):
         if self.counted:
             self.server.in_flight -= 1
             self.counted = False
+
+    def finished(self, close):
+        """A worker's answer has been queued whole: read the next request, or close."""
+        self.release()
         self.answered += 1
         if close or self.gone:
             return self.close()
@@ -391,7 +400,7 @@ class Reply:
     def send(self, status, body=b'', headers=()):
         close = self.close
         self._put(answer_bytes(status, headers, len(body), close)
-                  + (b'' if self.request.method == 'HEAD' else body), status)
+                  + (b'' if self.request.method == 'HEAD' else body), status, whole=True)
 
     def start(self, status, headers=()):
         self.streaming = self.close = True
@@ -401,7 +410,7 @@ class Reply:
         if self.request.method != 'HEAD':
             self._put(data)
 
-    def _put(self, data, status=None):
+    def _put(self, data, status=None, whole=False):
         conn = self.conn
         if not self.writable(conn.server.body_timeout):
             raise ConnectionError("the client left" if conn.gone else "the client stopped reading its answer")
@@ -409,7 +418,7 @@ class Reply:
             self.answered = True
             conn.server.log(conn.client, self.request.method, self.request.path, status)
         try:
-            conn.server.loop.call_soon_threadsafe(conn.write, data)
+            conn.server.loop.call_soon_threadsafe(conn.answer if whole else conn.write, data)
         except RuntimeError:  # the loop has closed: the server is stopping
             raise ConnectionError("the server is closing") from None
 

@@ -20,7 +20,8 @@ from httpd import HTTPError, HTTPServer, parse_head
 
 class Echo(HTTPServer):
     """Answers every request with what it saw; `handled` lists (method, path) of each request it was given.
-    A path of /hold waits for `release`; /stream writes until the client goes or stops reading."""
+    A path of /hold waits for `release` before answering, /linger after; /stream writes until the client goes
+    or stops reading."""
 
     def __init__(self, **options):
         super().__init__(('127.0.0.1', 0), quiet=True, **options)
@@ -44,6 +45,8 @@ class Echo(HTTPServer):
         body = json.dumps({'method': request.method, 'path': request.path, 'host': request.host,
                            'body': len(request.body)}).encode()
         reply.send(200, body, [('Content-Type', 'application/json')])
+        if request.path == '/linger':
+            self.release.wait(20)
 
 
 @contextlib.contextmanager
@@ -264,6 +267,21 @@ def test_a_full_worker_queue_answers_503_and_keeps_the_connection():
         conn.request('GET', '/third')  # the same connection
         assert conn.getresponse().status == 200
         conn.close()
+
+
+def test_an_answered_request_frees_its_place_before_its_worker_returns():
+    # CI once saw the test above get 503 for /third: the client had its answer while the worker, not yet back
+    # from handle(), still held the one place. /linger keeps the worker there until release.
+    with serving(workers=1, queue_size=0) as (srv, port):
+        assert get(port, '/linger')[0] == 200
+        later = []
+        second = threading.Thread(target=lambda: later.append(get(port, '/second')[0]))
+        second.start()
+        while srv.jobs.qsize() == 0 and second.is_alive():  # queued for the worker, or refused
+            time.sleep(0.01)
+        srv.release.set()
+        second.join()
+        assert later == [200] and [p for _, p in srv.handled] == ['/linger', '/second']
 
 
 def test_header_floods_are_refused_and_their_memory_returned():

@@ -352,6 +352,12 @@ def format_check(model, tok, prepared, val_examples, n, max_new_tokens, temperat
     return out
 
 
+def per_source(fc, fmt='.0%'):
+    """format_check's end rate per source, as 'chats 98% of 43, demos 100% of 7'."""
+    return ', '.join(f"{k[16:]} {v:{fmt}} of {fc['format_prompts_' + k[16:]]}" for k, v in fc.items()
+                     if k.startswith('format_end_rate_'))
+
+
 # -----------------------------------------------------------------------------
 # the stage
 
@@ -441,11 +447,9 @@ def main(argv=None):
                          frequency_penalty=cfg.format_frequency_penalty)
         fc = format_check(model, tok, prepared, val_ex, cfg.format_samples, cfg.format_max_new_tokens,
                           cfg.format_temperature, names, penalties=penalties)
-        per_source = ', '.join(f"{k[16:]} {v:.0%} of {fc['format_prompts_' + k[16:]]}" for k, v in fc.items()
-                               if k.startswith('format_end_rate_'))
         lumi.log(f"format check: {fc['format_end_rate']:.1%} of {fc['format_prompts']} sampled replies to "
                  f"held-out prompts (T={cfg.format_temperature}) end with <|end|> within "
-                 f"{cfg.format_max_new_tokens} tokens ({per_source}); reference replies: "
+                 f"{cfg.format_max_new_tokens} tokens ({per_source(fc)}); reference replies: "
                  f"{fc['format_reference_end_rate']:.1%}")
         if 'greedy_prompts' in fc:
             lumi.log(f"greedy replies to {fc['greedy_prompts']} of those prompts: {fc['greedy_loops']} one "

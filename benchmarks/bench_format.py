@@ -48,10 +48,8 @@ def main():
                               cfg.format_temperature, names, greedy=0, penalties=penalties, seed=1000 * k)
         ended += round(fc['format_end_rate'] * fc['format_prompts'])
         prompts += fc['format_prompts']
-        per_source = ', '.join(f"{key[16:]} {v:.1%} of {fc['format_prompts_' + key[16:]]}"
-                               for key, v in fc.items() if key.startswith('format_end_rate_'))
         print(f"seed {1000 * k}: {fc['format_end_rate']:.1%} of {fc['format_prompts']} end within "
-              f"{cfg.format_max_new_tokens} tokens ({per_source}); "
+              f"{cfg.format_max_new_tokens} tokens ({sft.per_source(fc, '.1%')}); "
               f"references {fc['format_reference_end_rate']:.1%}")
     print(f"pooled: {ended} of {prompts} replies end ({ended / max(1, prompts):.1%}), {args.seeds} seeds, "
           f"T={cfg.format_temperature}, {args.ckpt}")

@@ -361,36 +361,8 @@ def test_sft_loss_is_the_models_loss_on_assistant_tokens(tokenizer, tiny_config,
     assert got['val_loss_chats'] == got['val_loss']
 
 
-class _AlwaysSays(torch.nn.Module):
-    """An LM head that puts all the probability on one token."""
-    def __init__(self, token, vocab):
-        super().__init__()
-        self.token, self.vocab = token, vocab
-
-    def forward(self, h):
-        return torch.nn.functional.one_hot(torch.full(h.shape[:-1], self.token), self.vocab).float() * 100
-
-
-def test_format_check_counts_replies_that_end(tokenizer, tiny_config, tmp_path):
-    prep = sft.prepare_sft_data(tokenizer, [_chat_file(tmp_path, 12)], 48, str(tmp_path / 'cache'),
-                                val_frac=0.0)
-    model = _model(tiny_config)
-    args = (tokenizer, prep, np.arange(12), 5)
-    model.lm_head = _AlwaysSays(tokenizer.end_id, tiny_config.vocab_size)
-    got = sft.format_check(model, *args, max_new_tokens=8, temperature=0.7, names=['chats'], batch_size=3)
-    assert (got['format_prompts'] == 5 and got['format_end_rate'] == 1.0
-            and got['format_end_rate_chats'] == 1.0)
-    model.lm_head = _AlwaysSays(tokenizer.encode('fox')[0], tiny_config.vocab_size)
-    got = sft.format_check(model, *args, max_new_tokens=2, temperature=0.7, names=['chats'], batch_size=3)
-    assert got['format_end_rate'] == 0.0
-    # the reference replies: a reply of n tokens ends within the limit when n + 1 (its <|end|>) <= 2
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), prep['lengths'].cumsum(0)])
-    reply_len = [int(prep['mask'][offsets[i]:offsets[i + 1]].sum()) for i in range(5)]
-    assert got['format_reference_end_rate'] == np.mean([n <= 2 for n in reply_len])
-
-
-class _EvenOdds(torch.nn.Module):
-    """An LM head that splits the probability evenly between some tokens."""
+class _Says(torch.nn.Module):
+    """An LM head that puts all the probability on some tokens, evenly: one token, or a coin between two."""
     def __init__(self, tokens, vocab):
         super().__init__()
         self.tokens, self.vocab = list(tokens), vocab
@@ -401,6 +373,24 @@ class _EvenOdds(torch.nn.Module):
         return logits
 
 
+def test_format_check_counts_replies_that_end(tokenizer, tiny_config, tmp_path):
+    prep = sft.prepare_sft_data(tokenizer, [_chat_file(tmp_path, 12)], 48, str(tmp_path / 'cache'),
+                                val_frac=0.0)
+    model = _model(tiny_config)
+    args = (tokenizer, prep, np.arange(12), 5)
+    model.lm_head = _Says([tokenizer.end_id], tiny_config.vocab_size)
+    got = sft.format_check(model, *args, max_new_tokens=8, temperature=0.7, names=['chats'], batch_size=3)
+    assert (got['format_prompts'] == 5 and got['format_end_rate'] == 1.0
+            and got['format_end_rate_chats'] == 1.0)
+    model.lm_head = _Says(tokenizer.encode('fox')[:1], tiny_config.vocab_size)
+    got = sft.format_check(model, *args, max_new_tokens=2, temperature=0.7, names=['chats'], batch_size=3)
+    assert got['format_end_rate'] == 0.0
+    # the reference replies: a reply of n tokens ends within the limit when n + 1 (its <|end|>) <= 2
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), prep['lengths'].cumsum(0)])
+    reply_len = [int(prep['mask'][offsets[i]:offsets[i + 1]].sum()) for i in range(5)]
+    assert got['format_reference_end_rate'] == np.mean([n <= 2 for n in reply_len])
+
+
 def test_format_check_seed_picks_the_draws(tokenizer, tiny_config, tmp_path):
     """Every reply is <|end|> or 'fox' at even odds: one seed gives the same count each time, and other seeds
     other draws (bench_format.py scores one model at several)."""
@@ -408,7 +398,7 @@ def test_format_check_seed_picks_the_draws(tokenizer, tiny_config, tmp_path):
                                 val_frac=0.0)
     model = _model(tiny_config)
     end, fox = tokenizer.end_id, tokenizer.encode('fox')[0]
-    model.lm_head = _EvenOdds((end, fox), tiny_config.vocab_size)
+    model.lm_head = _Says((end, fox), tiny_config.vocab_size)
     rate = lambda seed: sft.format_check(model, tokenizer, prep, np.arange(12), 12, max_new_tokens=1,
                                          temperature=1.0, names=['chats'], greedy=0,
                                          seed=seed)['format_end_rate']
@@ -468,7 +458,7 @@ def test_format_check_prompts_are_the_chat_so_far_each_once(tokenizer, tiny_conf
     spec = _write(tmp_path / 'multi.jsonl', [{'conversations': c} for c in chats], True)
     prep = sft.prepare_sft_data(tokenizer, [spec], 64, str(tmp_path / 'cache'), val_frac=0.0)
     model = _model(tiny_config)
-    model.lm_head = _AlwaysSays(tokenizer.end_id, tiny_config.vocab_size)
+    model.lm_head = _Says([tokenizer.end_id], tiny_config.vocab_size)
     mask = prep['mask'][:int(prep['lengths'][0])].tolist()
     first, last = [k for k in range(1, len(mask)) if mask[k] and not mask[k - 1]]
     check = lambda new: sft.format_check(model, tokenizer, prep, np.arange(3), 10, max_new_tokens=new,

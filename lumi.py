@@ -549,8 +549,8 @@ def resolve_compile(value, device, one_shape=False, minutes=0.0):
     """compile='auto': on CUDA where triton imports (no Windows or macOS wheels); on a Linux CPU with native
     bf16, a C++ compiler and Python's headers (inductor's), for batches of one shape (pretraining's; SFT's
     would compile anew at each length) and max_minutes >= 3, as compiling takes ~40 s (an unknown length, as
-    in tests, stays eager). A CPU-profile step: 115-129 ms, not 159 (docs/BENCHMARKS.md, "Compiled on an
-    AMX CPU"); without native bf16 it cost minutes and gained nothing."""
+    in tests, stays eager). The CPU profile made 24 % more steps in 8 minutes, compiling included (BENCHMARKS,
+    "Compiled on an AMX CPU", pairs 8-9); without native bf16 it cost minutes and gained nothing."""
     if value != 'auto':
         return bool(value)
     if device.startswith('cuda'):

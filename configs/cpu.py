@@ -49,7 +49,8 @@ tie_embeddings = False      # the head learns at a rate of its own (lr_groups); 
 qk_norm = True              # exported as Qwen3ForCausalLM (GGUF: qwen3)
 
 # training: bf16 autocast where the CPU has it (dtype auto), and there torch.compile too (auto: with native
-# bf16 it took a step from 159 to 115-129 ms; without, it cost minutes and gave no faster steps)
+# bf16, 24 % more steps in 8 minutes, compiling included (3,015 -> 3,733; docs/BENCHMARKS.md, "Compiled on an
+# AMX CPU", pairs 8-9); without, it cost minutes and gave no faster steps)
 batch_size = 4             # 4 x 256 tokens a step: on 2 cores more, smaller steps learn more per minute
                            # (4 beat 8 at equal CPU time on AVX2, 8 beat 16 on AVX512-BF16), at the same
                            # tokens per second
